@@ -1,0 +1,181 @@
+"""Plugin base classes: Estimator, Filter, Attribution, Executor, and the contexts they receive.
+
+A plugin is a subclass with a ``name``, a one-line ``description`` and declared ``options``;
+it is registered through a hook in :mod:`inflq.hookspecs`. See ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .engine import GradientEngine, TrackedModule
+from .options import Option, resolve_options
+from .passes import Pass, Shard
+from .progress import Monitor
+
+
+class Plugin:
+    """Common to every plugin kind: a name, a description and typed options."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        self.settings: dict[str, Any] = resolve_options(f"{self.kind} {self.name}", self.options, options)
+
+    kind: ClassVar[str] = "plugin"
+
+    def spec(self) -> str:
+        """The spec string that recreates this plugin with its non-default settings."""
+        given = {o.name: self.settings[o.name] for o in self.options if self.settings[o.name] != o.default}
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in given.items()) if given else "")
+
+
+# -- estimators ------------------------------------------------------------------------------------
+@dataclass
+class FitContext:
+    """What an estimator's ``fit`` may use: the engine's tracked modules, the fitting data as
+    passes run by the executor, a seed and a monitor."""
+
+    engine: GradientEngine
+    run_pass: Callable[[Pass], dict[str, torch.Tensor]]
+    num_sequences: int
+    seed: int
+    monitor: Monitor
+
+    @property
+    def tracked(self) -> list[TrackedModule]:
+        return self.engine.tracked
+
+
+class Estimator(Plugin):
+    """An inverse-Hessian approximation (the *preconditioner*) and, optionally, fitted factors.
+
+    Contract:
+      * ``fit(ctx)`` computes the factors from fitting data and returns them as a flat dict of
+        tensors (inflq caches them as a safetensors artifact addressed by ``factor_settings()``,
+        the model and the fitting data). Estimators with ``fits_factors = False`` skip it.
+      * ``load_factors(tensors)`` restores them.
+      * ``precondition(grads)`` maps gradients ``{module: [n, out, in_dim]}`` to
+        ``(G + λI)⁻¹ grads``. Scores are ``⟨precondition(∇ measurement loss), ∇ training loss⟩``,
+        positive when the training sequence makes the completion more likely.
+      * ``describe()`` returns what a result must record (e.g. the damping used).
+    """
+
+    kind = "estimator"
+    fits_factors: ClassVar[bool] = False
+
+    def factor_settings(self) -> dict[str, Any]:
+        """Settings that determine the factors (part of the factors' cache key)."""
+        return {}
+
+    def fit(self, ctx: FitContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_factors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.settings)
+
+
+# -- filters ---------------------------------------------------------------------------------------
+@dataclass
+class FilterContext:
+    """What a filter may use to choose candidates for a batch of queries."""
+
+    num_sequences: int
+    query_tokens: list[np.ndarray]
+    query_completion_starts: list[int]
+    sequences: Callable[[np.ndarray], list[np.ndarray]]
+    metadata: Callable[[str], np.ndarray]
+    artifacts_dir: Path
+    corpus_fingerprint: str
+    tokenizer_fingerprint: str
+    seed: int
+    monitor: Monitor
+    make_filter: Callable[[str], Filter] = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+class Filter(Plugin):
+    """Chooses, per query, the candidate training sequences to score.
+
+    ``candidates(ctx)`` returns one sorted ``int64`` array of corpus indices per query.
+    Sequences that are not candidates get NaN scores, never zero.
+    """
+
+    kind = "filter"
+
+    def candidates(self, ctx: FilterContext) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+# -- attributions ----------------------------------------------------------------------------------
+@dataclass
+class AttributionResult:
+    """Parts of one score: ``labels[i]`` carries ``values[i]``; the values sum to ``total``."""
+
+    kind: str
+    labels: list[str]
+    values: np.ndarray
+    total: float
+
+
+@dataclass
+class AttributionContext:
+    """One (query, training sequence) pair: per-module scores and per-module, per-token scores."""
+
+    tracked: list[TrackedModule]
+    module_scores: np.ndarray  # [M]
+    token_module_scores: Callable[[], np.ndarray]  # -> [T, M], computed on demand
+    tokens: list[str]
+
+
+class Attribution(Plugin):
+    """Splits a score into parts (layers, tokens, ...): ``attribute(ctx) -> AttributionResult``."""
+
+    kind = "attribution"
+
+    def attribute(self, ctx: AttributionContext) -> AttributionResult:
+        raise NotImplementedError
+
+
+# -- executors -------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """A pass to run over shards. ``worker`` describes how to build the model and corpus on a
+    worker (picklable); ``local`` is the driver's already-built context, for in-process executors."""
+
+    pass_: Pass
+    worker: Any
+    batch_size: int
+    local: Any = None
+
+
+class Executor(Plugin):
+    """Runs a job's pass over shards, calling ``on_result(shard, tensors)`` in the driver as each
+    shard finishes (in any order). Must stop within one batch once ``monitor`` is cancelled."""
+
+    kind = "executor"
+
+    def map(
+        self,
+        job: Job,
+        shards: list[Shard],
+        on_result: Callable[[Shard, dict[str, torch.Tensor]], None],
+        monitor: Monitor,
+    ) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,208 @@
+"""The project catalog: one SQLite file, written through sqlite-utils, upgraded by numbered
+migrations applied on open. WAL mode and a busy timeout let the UI read while a run writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from .errors import InflqError
+
+MIGRATION_SET = "inflq"
+migrations = Migrations(MIGRATION_SET)
+
+
+@migrations(name="0001_initial")
+def m0001_initial(db: sqlite_utils.Database) -> None:
+    db["meta"].create({"key": str, "value": str}, pk="key")
+    db["investigations"].create(
+        {"id": int, "name": str, "description": str, "created_at": str}, pk="id", not_null={"name"}
+    )
+    db["investigations"].create_index(["name"], unique=True)
+    db["queries"].create(
+        {
+            "id": int,
+            "investigation_id": int,
+            "position": int,
+            "prompt": str,
+            "completion": str,
+            "chat": int,
+            "tags": str,
+            "notes": str,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("investigation_id", "investigations", "id")],
+    )
+    db["probes"].create(
+        {"id": int, "query_id": int, "text": str, "label": str, "created_at": str},
+        pk="id",
+        foreign_keys=[("query_id", "queries", "id")],
+    )
+    db["sequences"].create(
+        {"idx": int, "seq_id": str, "doc_id": str, "chunk": int, "n_tokens": int, "source": str, "meta": str},
+        pk="idx",
+    )
+    db["sequences"].create_index(["seq_id"], unique=True)
+    db["factor_sets"].create(
+        {
+            "id": int,
+            "key": str,
+            "estimator": str,
+            "settings": str,
+            "modules": str,
+            "model_fingerprint": str,
+            "data_fingerprint": str,
+            "num_sequences": int,
+            "seed": int,
+            "path": str,
+            "checksum": str,
+            "seconds": float,
+            "created_at": str,
+        },
+        pk="id",
+    )
+    db["factor_sets"].create_index(["key"], unique=True)
+    db["runs"].create(
+        {
+            "id": int,
+            "investigation_id": int,
+            "kind": str,
+            "estimator": str,
+            "filter": str,
+            "executor": str,
+            "settings": str,
+            "status": str,
+            "phase": str,
+            "done": int,
+            "total": int,
+            "factor_set_id": int,
+            "model_fingerprint": str,
+            "corpus_fingerprint": str,
+            "started_at": str,
+            "finished_at": str,
+            "seconds": float,
+            "error": str,
+        },
+        pk="id",
+        foreign_keys=[("investigation_id", "investigations", "id")],
+    )
+    db["run_shards"].create(
+        {"run_id": int, "shard": int, "n": int, "path": str, "checksum": str, "seconds": float},
+        pk=("run_id", "shard"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+    db["result_sets"].create(
+        {
+            "id": int,
+            "run_id": int,
+            "investigation_id": int,
+            "name": str,
+            "estimator": str,
+            "filter": str,
+            "settings": str,
+            "num_candidates": int,
+            "scores_path": str,
+            "scores_checksum": str,
+            "queries_path": str,
+            "queries_checksum": str,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("run_id", "runs", "id"), ("investigation_id", "investigations", "id")],
+    )
+    db["results"].create(
+        {
+            "result_set_id": int,
+            "query_id": int,
+            "side": str,
+            "rank": int,
+            "seq_idx": int,
+            "seq_id": str,
+            "score": float,
+            "module_scores": str,
+            "layer_scores": str,
+            "text": str,
+        },
+        pk=("result_set_id", "query_id", "side", "rank"),
+        foreign_keys=[("result_set_id", "result_sets", "id"), ("query_id", "queries", "id")],
+    )
+    db["sequence_tags"].create(
+        {"id": int, "investigation_id": int, "seq_id": str, "tag": str, "note": str, "created_at": str},
+        pk="id",
+    )
+    db["file_hashes"].create({"path": str, "size": int, "mtime_ns": int, "sha256": str}, pk="path")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+
+
+def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqlite_utils.Database:
+    """Open (and migrate) the catalog at ``path``. A catalog from a newer inflq is refused."""
+    path = Path(path)
+    if not create and not path.exists():
+        raise InflqError(f"{path.parent} has no catalog ({path.name}); create a project with `inflq init`")
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        db = sqlite_utils.Database(conn)
+        if not readonly:
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.DatabaseError as exc:
+        raise InflqError(f"cannot open the catalog {path}: {exc}; check the file is an inflq catalog") from None
+    try:
+        check_version(db)
+        pending = migrations.pending(db)
+        if pending and not readonly:
+            if path.exists() and path.stat().st_size > 0 and migrations.applied(db):
+                backup = path.with_name(path.name + f".bak-{int(time.time())}")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                shutil.copy2(path, backup)
+            migrations.apply(db)
+        elif pending:
+            raise InflqError(f"the catalog {path} needs upgrading, but it is read-only; open it once with write access")
+    except sqlite3.OperationalError as exc:
+        msg = str(exc)
+        if "locked" in msg or "busy" in msg:
+            raise InflqError(f"the catalog {path} is locked by another process; wait for it or close it") from None
+        if "readonly" in msg or "read-only" in msg:
+            raise InflqError(f"the catalog {path} is read-only; copy the project somewhere writable") from None
+        raise InflqError(f"catalog {path}: {msg}") from None
+    except sqlite3.DatabaseError as exc:
+        raise InflqError(f"the catalog {path} is damaged or not a database ({exc}); restore it from a backup") from None
+    return db
+
+
+def check_version(db: sqlite_utils.Database) -> None:
+    """Refuse a catalog that has migrations this inflq does not know (written by a newer inflq)."""
+    known = {m.name for m in migrations._migrations}
+    applied = {m.name for m in migrations.applied(db)}
+    unknown = sorted(applied - known)
+    if unknown:
+        raise InflqError(
+            f"this project was written by a newer inflq (catalog migration {unknown[-1]}); upgrade inflq to open it"
+        )
+
+
+def get_meta(db: sqlite_utils.Database, key: str, default: Any = None) -> Any:
+    try:
+        row = db["meta"].get(key)
+    except sqlite_utils.db.NotFoundError:
+        return default
+    return json.loads(row["value"])
+
+
+def set_meta(db: sqlite_utils.Database, key: str, value: Any) -> None:
+    db["meta"].upsert({"key": key, "value": json.dumps(value)}, pk="key")

@@ -1,0 +1,299 @@
+"""The shared gradient engine: every estimator, filter-free score and attribution goes through it.
+
+It runs a causal LM on a batch of token sequences and captures, for each *tracked* linear module,
+the per-token input activations ``ā_t`` (with a trailing 1 where the module has a bias) and the
+per-token gradients ``g_t`` of a loss with respect to the module's outputs. Everything the method
+needs is a contraction of these two: covariances (``Σ ā āᵀ``, ``Σ g gᵀ``), per-sequence gradients
+(``DW = Σ_t g_t ā_tᵀ``), and scores (``Σ_t g_tᵀ Q ā_t``).
+
+Weight gradients are never formed by autograd: parameters are frozen while capturing and the input
+embeddings are made to require grad instead, so the backward pass computes activation gradients only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InflqError, NumericalError
+
+try:  # GPT-2 style models use a transposed linear layer ("Conv1D"); tracked natively.
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers always ships it today
+    Conv1D = ()  # type: ignore[assignment]
+
+PRESETS = ("all", "mlp", "attention")
+_MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|moe|block_sparse_moe)(\.|$)")
+_ATTN = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|cross_attn)(\.|$)")
+_LAYER = re.compile(r"\.(\d+)(\.|$)")
+
+
+@dataclass
+class TrackedModule:
+    """A linear module whose Gauss-Newton block inflq models (weights ``out × in_dim``)."""
+
+    name: str
+    module: nn.Module = field(repr=False)
+    in_features: int
+    out_features: int
+    bias: bool
+    layer: int | None
+
+    @property
+    def in_dim(self) -> int:
+        """Width of ``ā``: the input features plus one for the bias."""
+        return self.in_features + int(self.bias)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_dim)
+
+    def gradient_from_weights(self) -> torch.Tensor:
+        """The module's ``.grad`` in inflq's ``out × in_dim`` layout (for tests and baselines)."""
+        w = self.module.weight.grad
+        w = w.T if isinstance(self.module, Conv1D) else w
+        if self.bias:
+            w = torch.cat([w, self.module.bias.grad[:, None]], dim=1)
+        return w
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.bias is not None
+    if Conv1D and isinstance(module, Conv1D):
+        # Conv1D stores its weight as (in, out) and computes x @ W + b.
+        return module.weight.shape[0], module.weight.shape[1], module.bias is not None
+    return None
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a module belongs to: the first integer in its dotted name."""
+    m = _LAYER.search("." + name)
+    return int(m.group(1)) if m else None
+
+
+def select_modules(model: nn.Module, modules: str | Sequence[str] | None = None) -> list[TrackedModule]:
+    """Choose the linear modules to track.
+
+    ``modules`` is a preset (``all``: every linear layer inside the transformer blocks, the default;
+    ``mlp``: the paper's choice; ``attention``) or comma-separated glob patterns over module names
+    (``transformer.h.*.mlp.*``). Embeddings and the LM head are outside the blocks, so no preset
+    picks them.
+    """
+    if modules is None or modules == "":
+        modules = "all"
+    patterns = [p.strip() for p in modules.split(",")] if isinstance(modules, str) else list(modules)
+    named = list(model.named_modules())
+    chosen: list[TrackedModule] = []
+    for name, mod in named:
+        if not name:
+            continue
+        shape = _linear_shape(mod)
+        wanted = False
+        for p in patterns:
+            if p in PRESETS:
+                in_block = layer_index(name) is not None
+                wanted |= in_block and shape is not None and (
+                    p == "all" or (p == "mlp" and bool(_MLP.search(name))) or (p == "attention" and bool(_ATTN.search(name)))
+                )
+            elif fnmatch.fnmatchcase(name, p):
+                if shape is None:
+                    if any(True for _ in mod.children()):
+                        continue  # a container matched by a broad glob; its children decide
+                    raise InflqError(
+                        f"module {name} matches {p!r} but is a {type(mod).__name__}; inflq tracks linear "
+                        "layers only (nn.Linear, GPT-2 Conv1D): narrow the pattern"
+                    )
+                wanted = True
+        if wanted and shape is not None:
+            in_f, out_f, bias = shape
+            chosen.append(TrackedModule(name, mod, in_f, out_f, bias, layer_index(name)))
+    if not chosen:
+        examples = [n for n, m in named if _linear_shape(m) is not None][:4]
+        raise InflqError(
+            f"no linear module matches {','.join(patterns)!r}; use a preset (all, mlp, attention) or "
+            f"a glob over names such as {', '.join(examples) or '(the model has no linear layers)'}"
+        )
+    return chosen
+
+
+@dataclass
+class Batch:
+    """Right-padded token sequences and where the loss is taken.
+
+    ``loss_mask[b, t]`` says whether position ``t``'s prediction (of token ``t + 1``) counts.
+    ``sample_seeds[b]`` seeds the labels sampled for the true Fisher (one generator per sequence,
+    so results do not depend on how sequences are batched).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    sample_seeds: list[int] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def make_batch(
+    sequences: Sequence[Sequence[int] | np.ndarray],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+    loss_from: Sequence[int] | None = None,
+    sample_seeds: Sequence[int] | None = None,
+) -> Batch:
+    """Pad ``sequences`` on the right. Loss is on every next-token prediction, or, where
+    ``loss_from[b]`` is given, only on predictions of tokens at positions ``>= loss_from[b]``
+    (a query's completion)."""
+    if not sequences:
+        raise InflqError("an empty batch of sequences")
+    T = max(len(s) for s in sequences)
+    B = len(sequences)
+    ids = torch.full((B, T), int(pad_id), dtype=torch.long)
+    att = torch.zeros((B, T), dtype=torch.long)
+    for b, s in enumerate(sequences):
+        n = len(s)
+        ids[b, :n] = torch.as_tensor(np.asarray(s, dtype=np.int64))
+        att[b, :n] = 1
+    loss = torch.zeros((B, T), dtype=torch.bool)
+    loss[:, :-1] = (att[:, :-1] * att[:, 1:]).bool()
+    if loss_from is not None:
+        pos = torch.arange(T)[None, :]
+        start = torch.as_tensor(list(loss_from))[:, None]
+        loss &= pos + 1 >= start
+    return Batch(ids.to(device), att.to(device), loss.to(device), list(sample_seeds) if sample_seeds is not None else None)
+
+
+@dataclass
+class Captured:
+    """Per-token activations ``A[b, t, in_dim]`` and output gradients ``G[b, t, out]`` (float32)."""
+
+    activations: torch.Tensor
+    gradients: torch.Tensor
+
+
+class GradientEngine:
+    """Runs a model and captures what every estimator needs from its tracked modules.
+
+    Labels: ``"data"`` uses the sequence's own next tokens (the training loss, or a query's
+    measurement when the batch's loss mask covers the completion only); ``"sampled"`` draws
+    labels from the model's own predictive distribution at every real position (the true Fisher,
+    equal to the Gauss-Newton matrix for softmax cross-entropy).
+    """
+
+    def __init__(self, model: nn.Module, tracked: list[TrackedModule]) -> None:
+        self.model = model
+        self.tracked = tracked
+        self.device = next(model.parameters()).device
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tracked]
+
+    @contextlib.contextmanager
+    def _hooks(self, store: dict[str, list[torch.Tensor | None]]) -> Iterator[None]:
+        handles = []
+        saved = [(p, p.requires_grad) for p in self.model.parameters()]
+
+        def embed_hook(_mod, _args, out):
+            return out.requires_grad_(True) if not out.requires_grad else out
+
+        def make_hook(tm: TrackedModule):
+            def hook(_mod, args, out):
+                if store[tm.name][0] is not None:
+                    raise InflqError(f"module {tm.name} ran twice in one forward pass; untrack it (--modules)")
+                store[tm.name][0] = args[0].detach()
+
+                def grad_hook(g):
+                    store[tm.name][1] = g.detach()
+
+                if out.requires_grad:
+                    out.register_hook(grad_hook)
+
+            return hook
+
+        try:
+            for p, _ in saved:
+                p.requires_grad_(False)
+            emb = self.model.get_input_embeddings()
+            handles.append(emb.register_forward_hook(embed_hook))
+            for tm in self.tracked:
+                handles.append(tm.module.register_forward_hook(make_hook(tm)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p, flag in saved:
+                p.requires_grad_(flag)
+
+    def losses(self, logits: torch.Tensor, batch: Batch, labels: str) -> torch.Tensor:
+        """Per-position cross-entropy ``[B, T]`` (zero where the loss mask is off)."""
+        logits = logits.float()
+        B, T, V = logits.shape
+        if labels == "data":
+            targets = torch.zeros_like(batch.input_ids)
+            targets[:, :-1] = batch.input_ids[:, 1:]
+            mask = batch.loss_mask
+        elif labels == "sampled":
+            if batch.sample_seeds is None:
+                raise ValueError("sampled labels need per-sequence seeds")
+            mask = batch.attention_mask.bool()
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach(), dim=-1)
+                targets = torch.zeros((B, T), dtype=torch.long, device=logits.device)
+                for b, seed in enumerate(batch.sample_seeds):
+                    gen = torch.Generator(device=logits.device)
+                    gen.manual_seed(int(seed) % (2**63 - 1))
+                    targets[b] = torch.multinomial(probs[b], 1, generator=gen).squeeze(-1)
+        else:
+            raise ValueError(f"unknown labels {labels!r}")
+        ce = nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
+        return ce * mask
+
+    def capture(self, batch: Batch, labels: str = "data") -> tuple[dict[str, Captured], torch.Tensor]:
+        """One forward and backward pass; returns the captures and per-sequence losses ``[B]``."""
+        store: dict[str, list[torch.Tensor | None]] = {t.name: [None, None] for t in self.tracked}
+        self.model.eval()
+        with self._hooks(store), torch.enable_grad():
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            per_token = self.losses(out.logits, batch, labels)
+            seq_loss = per_token.sum(dim=1)
+            total = seq_loss.sum()
+            if not torch.isfinite(total):
+                raise NumericalError(
+                    "the loss is not finite (overflow in low precision?): run with --dtype float32 or bfloat16"
+                )
+            if total.requires_grad:
+                total.backward()
+        captured: dict[str, Captured] = {}
+        valid = batch.attention_mask.to(torch.float32)[..., None]
+        for tm in self.tracked:
+            a, g = store[tm.name]
+            if a is None:
+                raise InflqError(f"module {tm.name} did not run in the forward pass; untrack it (--modules)")
+            a = a.to(torch.float32)
+            if tm.bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            a = a * valid  # padding counts nowhere
+            if g is None:
+                g = torch.zeros(a.shape[:-1] + (tm.out_features,), device=a.device)
+            g = g.to(torch.float32) * valid
+            if not torch.isfinite(g).all():
+                raise NumericalError(
+                    f"non-finite gradients in {tm.name} (overflow in low precision?): run with --dtype float32 or bfloat16"
+                )
+            captured[tm.name] = Captured(a, g)
+        return captured, seq_loss.detach()
+
+    def sequence_gradients(self, batch: Batch, labels: str = "data") -> dict[str, torch.Tensor]:
+        """Per-sequence loss gradients ``DW[b] = Σ_t g_t ā_tᵀ`` for each module, ``[B, out, in_dim]``."""
+        caps, _ = self.capture(batch, labels)
+        return {n: torch.einsum("bto,bti->boi", c.gradients, c.activations) for n, c in caps.items()}

@@ -1,0 +1,39 @@
+"""The whole plugin API of inflq: each hook receives a ``register`` callable.
+
+Built-in estimators, filters, attributions and executors are registered through these same hooks
+and the same ``inflq`` entry-point group that third-party plugins use (see ``docs/plugins.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("inflq")
+hookimpl = pluggy.HookimplMarker("inflq")
+
+
+@hookspec
+def register_estimators(register: Callable[[type], None]) -> None:
+    """Register :class:`inflq.Estimator` subclasses: ``register(MyEstimator)``."""
+
+
+@hookspec
+def register_filters(register: Callable[[type], None]) -> None:
+    """Register :class:`inflq.Filter` subclasses (candidate selection): ``register(MyFilter)``."""
+
+
+@hookspec
+def register_attributions(register: Callable[[type], None]) -> None:
+    """Register :class:`inflq.Attribution` subclasses (layer, token, ...): ``register(MyAttribution)``."""
+
+
+@hookspec
+def register_executors(register: Callable[[type], None]) -> None:
+    """Register :class:`inflq.Executor` subclasses (where passes run): ``register(MyExecutor)``."""
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add click commands to the ``inflq`` command group: ``@cli.command() def mine(): ...``."""

@@ -1,0 +1,145 @@
+"""Loading models and tokenizers from local folders, choosing devices, and fingerprints.
+
+Nothing is ever fetched from a model hub and no code from a model folder runs:
+``trust_remote_code`` is always off and weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .errors import InflqError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None = "auto") -> torch.device:
+    """``auto``: cuda, then mps, then cpu. Otherwise the named device, checked to exist."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InflqError(f"device {device} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InflqError(f"device {device} asked for, but MPS is not available here; use --device cpu")
+    return dev
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        return torch.float32
+    if dtype not in DTYPES:
+        raise InflqError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_model_dir(path: Path) -> None:
+    path = Path(path)
+    if not path.is_dir():
+        raise InflqError(f"model folder {path} does not exist; give a local Hugging Face model folder")
+    if not (path / "config.json").is_file():
+        raise InflqError(f"{path} has no config.json; give a folder saved with save_pretrained()")
+    if not any(path.glob("*.safetensors")):
+        raise InflqError(
+            f"{path} has no .safetensors weights (inflq never loads pickled weights); re-save with "
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        raise InflqError(f"no usable tokenizer in {path} ({type(exc).__name__}); save one there with tokenizer.save_pretrained()") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token_id is None:
+        raise InflqError(f"the tokenizer in {path} has no pad, eos or unk token to pad with; add a pad token")
+    return tok
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:
+        raise InflqError(f"cannot read {path}/config.json ({_short(exc)}); is it a Hugging Face model folder?") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), config=config, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=dtype
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
+            raise InflqError(
+                f"{path} holds a {type(config).__name__.replace('Config', '')} model, which is not a causal language model; "
+                "inflq needs AutoModelForCausalLM to load it"
+            ) from None
+        raise InflqError(f"cannot load the model in {path}: {_short(exc)}") from None
+    except Exception as exc:
+        raise InflqError(f"cannot load the model in {path}: {_short(exc)}") from None
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def fingerprint_files(files: list[Path], hash_file: Callable[[Path], str] = sha256_file) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        h.update(f.name.encode())
+        h.update(hash_file(f).encode())
+    return h.hexdigest()[:32]
+
+
+def model_files(path: Path) -> list[Path]:
+    path = Path(path)
+    files = [path / n for n in MODEL_FILES if (path / n).is_file()]
+    files += sorted(path.glob("*.safetensors"))
+    return files
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    path = Path(path)
+    return [path / n for n in MODEL_FILES if n != "config.json" and (path / n).is_file()]
+
+
+def describe_config(path: Path) -> dict:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except Exception:
+        return {}
+    return {k: cfg.get(k) for k in ("model_type", "architectures", "n_layer", "num_hidden_layers", "hidden_size", "n_embd") if k in cfg}

@@ -1,0 +1,156 @@
+"""Passes: streamed loops over training sequences, the unit of work that executors distribute.
+
+A pass turns one batch of captures into tensors. Results over a shard are combined by summing
+(factor statistics) or concatenating (per-sequence scores); executors reduce shards the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from .engine import Batch, Captured, GradientEngine, make_batch
+from .errors import InflqError
+from .progress import Monitor
+
+if TYPE_CHECKING:
+    from .base import Estimator
+    from .scoring import QueryGradients
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A numbered slice of the sequences a pass visits (indices into the corpus)."""
+
+    index: int
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+
+def make_shards(indices: np.ndarray, shard_size: int) -> list[Shard]:
+    indices = np.asarray(indices, dtype=np.int64)
+    return [Shard(i, indices[s : s + shard_size]) for i, s in enumerate(range(0, len(indices), shard_size))]
+
+
+class Pass:
+    """One streamed pass. Subclasses set ``phase``, ``labels``, ``combine`` and implement ``process``."""
+
+    phase: ClassVar[str] = "pass"
+    labels: ClassVar[str] = "data"  # "data" or "sampled"
+    combine: ClassVar[str] = "sum"  # "sum" or "concat"
+    seed: int = 0
+
+    def process(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def combine_results(kind: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Reduce per-batch (or per-shard) results: elementwise sum, or concatenation along dim 0."""
+    if not parts:
+        return {}
+    if kind == "sum":
+        out = {k: v.clone() for k, v in parts[0].items()}
+        for p in parts[1:]:
+            for k, v in p.items():
+                out[k] += v
+        return out
+    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+def sequence_seed(seed: int, phase: str, index: int) -> int:
+    """A per-sequence seed for sampled labels, independent of batching and sharding."""
+    h = (int(seed) * 1_000_003 + sum(map(ord, phase)) * 7919 + int(index)) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+def run_shard(
+    engine: GradientEngine,
+    sequences: callable,
+    pass_: Pass,
+    shard: Shard,
+    pad_id: int,
+    batch_size: int,
+    monitor: Monitor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run ``pass_`` over one shard in batches. ``sequences(indices)`` returns token arrays.
+
+    A batch that does not fit in device memory is halved and retried, down to one sequence.
+    """
+    parts: list[dict[str, torch.Tensor]] = []
+    pos = 0
+    idx = shard.indices
+    size = max(1, int(batch_size))
+    while pos < len(idx):
+        chunk = idx[pos : pos + size]
+        toks = sequences(chunk)
+        seeds = [sequence_seed(pass_.seed, pass_.phase, int(i)) for i in chunk]
+        batch = make_batch(toks, pad_id, engine.device, sample_seeds=seeds)
+        try:
+            captures, _ = engine.capture(batch, pass_.labels)
+            result = pass_.process(engine, batch, captures)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise InflqError("one sequence does not fit in device memory: use a shorter context or a larger device") from None
+            size = max(1, size // 2)
+            if engine.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        parts.append({k: v.detach().to("cpu") for k, v in result.items()})
+        pos += len(chunk)
+        if monitor is not None:
+            monitor.advance(len(chunk))
+    return combine_results(pass_.combine, parts)
+
+
+class ScorePass(Pass):
+    """Scores training sequences against a batch of preconditioned query gradients.
+
+    Produces ``scores [B, nq]`` and, when ``per_module``, ``module_scores [B, nq, M]`` in
+    ``query_gradients.names`` order.
+    """
+
+    phase = "scoring"
+    labels = "data"
+    combine = "concat"
+
+    def __init__(self, query_gradients: QueryGradients, per_module: bool = False) -> None:
+        self.query_gradients = query_gradients
+        self.per_module = per_module
+        self._on_device: QueryGradients | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_on_device"] = None
+        return state
+
+    def process(self, engine, batch, captures):
+        if self._on_device is None or next(iter({**self._on_device.full, **self._on_device.left}.values())).device != engine.device:
+            self._on_device = self.query_gradients.to(engine.device)
+        qg = self._on_device
+        per = [qg.module_scores(name, captures[name]) for name in qg.names]
+        out = {"scores": torch.stack(per, dim=-1).sum(-1)}
+        if self.per_module:
+            out["module_scores"] = torch.stack(per, dim=-1)
+        return out
+
+
+class SelfInfluencePass(Pass):
+    """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` for each training sequence, through the estimator's preconditioner."""
+
+    phase = "self-influence"
+    labels = "data"
+    combine = "concat"
+
+    def __init__(self, estimator: Estimator) -> None:
+        self.estimator = estimator
+
+    def process(self, engine, batch, captures):
+        grads = {n: torch.einsum("bto,bti->boi", c.gradients, c.activations) for n, c in captures.items()}
+        pre = self.estimator.precondition(grads)
+        total = sum((pre[n] * grads[n]).sum(dim=(1, 2)) for n in grads)
+        return {"scores": total[:, None]}

@@ -1,0 +1,69 @@
+"""Queries: a prompt and a completion, tokenized exactly as the model sees the joined text.
+
+The measurement is ``log p(completion | prompt)``: the summed log-likelihood of the completion
+tokens only. Prompt and completion are joined verbatim, except that a single space is put between
+them when neither side has whitespace at the join.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InflqError
+
+
+@dataclass
+class TokenizedQuery:
+    """Token ids of the joined text; tokens at positions ``>= completion_start`` are measured."""
+
+    tokens: np.ndarray
+    completion_start: int
+    text: str
+
+    @property
+    def num_measured(self) -> int:
+        return len(self.tokens) - self.completion_start
+
+
+def join(prompt: str, completion: str) -> tuple[str, int]:
+    """The joined text and the character offset where the completion starts."""
+    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+        prompt = prompt + " "
+    return prompt + completion, len(prompt)
+
+
+def tokenize_query(tokenizer, prompt: str, completion: str, *, chat: bool = False, max_length: int | None = None, add_bos: bool | None = None) -> TokenizedQuery:
+    if not completion or not completion.strip():
+        raise InflqError("the completion is empty; a query needs a completion to measure")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InflqError("this tokenizer has no chat template; add the query without --chat")
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text, start_char = prompt + completion, len(prompt)
+        specials = False  # the template already wrote the special tokens
+    else:
+        text, start_char = join(prompt, completion)
+        specials = True
+    enc = tokenizer(text, add_special_tokens=specials, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = enc.get("offset_mapping")
+    special = set(tokenizer.all_special_ids)
+    if add_bos is True and tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+        offsets = [(0, 0)] + list(offsets) if offsets is not None else None
+    if offsets is not None:
+        start = next(
+            (i for i, (tok, (s, e)) in enumerate(zip(ids, offsets)) if e > start_char and not (tok in special and s == e)),
+            len(ids),
+        )
+    else:  # slow tokenizers: count the prompt's tokens instead
+        start = len(tokenizer(text[:start_char], add_special_tokens=specials)["input_ids"])
+    if start >= len(ids):
+        raise InflqError(f"the completion {completion!r} tokenizes to nothing measurable; check the prompt and completion")
+    if start == 0:
+        raise InflqError("the prompt is empty and the tokenizer adds no BOS token; give a prompt so the first completion token has context")
+    if max_length is not None and len(ids) > max_length:
+        raise InflqError(f"the query is {len(ids)} tokens, longer than the model's context of {max_length}; shorten it")
+    return TokenizedQuery(np.asarray(ids, dtype=np.int64), int(start), text)

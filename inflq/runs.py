@@ -1,0 +1,385 @@
+"""Runs: fit (or reuse) an estimator's factors, compute the queries' preconditioned gradients,
+choose candidates, and score them shard by shard. Each finished shard is committed at once, so a
+crash or Ctrl-C loses at most the shard in flight and ``resume`` continues from there."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import catalog
+from .artifacts import load_tensors, save_tensors
+from .base import Estimator, Executor, FilterContext, FitContext, Job
+from .engine import GradientEngine, make_batch
+from .errors import Cancelled, InflqError
+from .options import parse_spec, parse_specs
+from .passes import Pass, ScorePass, Shard, combine_results, make_shards, run_shard
+from .progress import Monitor
+from .project import ARTIFACTS, Project
+from .scoring import QueryGradients
+
+
+@dataclass
+class RunSettings:
+    """Everything that determines a run's result (stored with the run, reused on resume)."""
+
+    estimator: str = "ekfac"
+    filter: str = "all"
+    executor: str = "local"
+    modules: str | None = None
+    rank: int | None = 32
+    top_k: int = 20
+    fit_sequences: int | None = None
+    seed: int = 0
+    batch_size: int = 8
+    shard_size: int = 512
+    query_batch: int = 64
+    refit: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    result_set_id: int
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class LocalWorker:
+    """The in-process worker context: the project's model, engine and token store."""
+
+    def __init__(self, project: Project, engine: GradientEngine) -> None:
+        self.engine = engine
+        self.corpus = project.corpus
+        self.pad_id = project.pad_id
+
+    def run(self, pass_: Pass, shard: Shard, batch_size: int, monitor: Monitor | None) -> dict[str, torch.Tensor]:
+        return run_shard(self.engine, self.corpus.many, pass_, shard, self.pad_id, batch_size, monitor)
+
+
+def worker_spec(project: Project, modules: str | None) -> dict[str, Any]:
+    """A picklable description from which a remote worker can rebuild the local context."""
+    return {
+        "root": str(project.root.resolve()),
+        "model": str(project.model_path.resolve()),
+        "device": project.config.device,
+        "dtype": project.config.dtype,
+        "modules": modules or project.config.modules,
+    }
+
+
+def make_estimator(project: Project, spec: str) -> Estimator:
+    s = parse_spec(spec)
+    return project.registry.create("estimator", s.name, s.options)  # type: ignore[return-value]
+
+
+def make_executor(project: Project, spec: str) -> Executor:
+    s = parse_spec(spec)
+    return project.registry.create("executor", s.name, s.options)  # type: ignore[return-value]
+
+
+def make_filter(project: Project, spec: str):
+    parts = parse_specs(spec)
+    if len(parts) == 1:
+        return project.registry.create("filter", parts[0].name, parts[0].options)
+    union = project.registry.get("filter", "union")
+    return union(of=spec)
+
+
+def _fit_indices(n: int, fit_sequences: int | None, seed: int) -> np.ndarray:
+    if fit_sequences is None or fit_sequences >= n:
+        return np.arange(n, dtype=np.int64)
+    if fit_sequences <= 0:
+        raise InflqError("--fit-sequences must be positive")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=fit_sequences, replace=False)).astype(np.int64)
+
+
+def ensure_factors(
+    project: Project,
+    estimator: Estimator,
+    engine: GradientEngine,
+    executor: Executor,
+    settings: RunSettings,
+    monitor: Monitor,
+) -> int | None:
+    """Load the estimator's cached factors, or fit and cache them. Returns the factor set id."""
+    if not estimator.fits_factors:
+        return None
+    store = project.corpus
+    indices = _fit_indices(len(store), settings.fit_sequences, settings.seed)
+    data_fp = hashlib.sha256(store.fingerprint.encode() + indices.tobytes()).hexdigest()[:32]
+    key_src = {
+        "estimator": estimator.name,
+        "settings": estimator.factor_settings(),
+        "modules": engine.names,
+        "model": project.model_fingerprint,
+        "data": data_fp,
+        "seed": settings.seed,
+        "dtype": str(next(engine.model.parameters()).dtype),
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
+    row = next(project.db["factor_sets"].rows_where("key = ?", [key]), None)
+    if row is not None and not settings.refit:
+        estimator.load_factors(load_tensors(project.root, row["path"], row["checksum"], "factor artifact"))
+        return row["id"]
+    tokens = int(store.lengths()[indices].sum())
+    widest = max(max(t.in_dim, t.out_features) for t in engine.tracked)
+    if tokens < 2 * widest:
+        monitor.warn(
+            f"only {tokens} fitting tokens for covariances up to {widest} wide; factors will be unstable: fit on more data (--fit-sequences)"
+        )
+    shards = make_shards(indices, settings.shard_size)
+    worker = LocalWorker(project, engine)
+
+    def run_pass(pass_: Pass) -> dict[str, torch.Tensor]:
+        parts: list[dict[str, torch.Tensor]] = []
+        monitor.start(pass_.phase, len(indices))
+        pass_.seed = settings.seed
+        job = Job(pass_, worker_spec(project, settings.modules), settings.batch_size, local=worker)
+        executor.map(job, shards, lambda shard, out: parts.append(out), monitor)
+        return combine_results(pass_.combine, parts)
+
+    started = time.perf_counter()
+    tensors = estimator.fit(FitContext(engine, run_pass, len(indices), settings.seed, monitor))
+    seconds = time.perf_counter() - started
+    rel = f"{ARTIFACTS}/factors/{estimator.name}-{key}.safetensors"
+    checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True)})
+    with project.db.atomic():
+        if row is not None:
+            project.db.execute("DELETE FROM factor_sets WHERE id = ?", [row["id"]])
+        return project.db["factor_sets"].insert({
+            "key": key, "estimator": estimator.name, "settings": json.dumps(estimator.factor_settings(), sort_keys=True),
+            "modules": json.dumps(engine.names), "model_fingerprint": project.model_fingerprint, "data_fingerprint": data_fp,
+            "num_sequences": len(indices), "seed": settings.seed, "path": rel, "checksum": checksum, "seconds": seconds,
+            "created_at": catalog.now(),
+        }).last_pk
+
+
+def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
+    """Gradients of each query's measurement loss ``-log p(completion | prompt)``: ``[nq, out, in_dim]``."""
+    toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
+    parts = []
+    for s in range(0, len(toks), max(1, batch_size)):
+        chunk = toks[s : s + batch_size]
+        batch = make_batch([t.tokens for t in chunk], project.pad_id, engine.device, loss_from=[t.completion_start for t in chunk])
+        parts.append(engine.sequence_gradients(batch, "data"))
+    return {n: torch.cat([p[n] for p in parts]) for n in engine.names}
+
+
+def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
+    pre = estimator.precondition(grads)
+    for name, q in pre.items():
+        if not torch.isfinite(q).all():
+            raise InflqError(f"the preconditioned query gradient of {name} is not finite; increase the damping")
+    return QueryGradients.from_preconditioned(pre, rank)
+
+
+def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
+    inv = project.investigation(investigation)
+    with project.db.atomic():
+        return project.db["runs"].insert({
+            "investigation_id": inv["id"], "kind": kind, "estimator": settings.estimator, "filter": settings.filter,
+            "executor": settings.executor, "settings": settings.to_json(), "status": "running", "phase": "starting",
+            "done": 0, "total": 0, "model_fingerprint": project.model_fingerprint,
+            "corpus_fingerprint": project.corpus_fingerprint_recorded, "started_at": catalog.now(),
+        }).last_pk
+
+
+def _record_progress(project: Project, run_id: int, monitor: Monitor, inner):
+    last = [0.0]
+
+    def on_progress(ev):
+        if inner is not None:
+            inner(ev)
+        now = time.perf_counter()
+        if now - last[0] > 0.5 or ev.done >= ev.total:
+            last[0] = now
+            try:
+                with project.db.atomic():
+                    project.db["runs"].update(run_id, {"phase": ev.phase, "done": ev.done, "total": ev.total})
+            except Exception:
+                pass  # progress is advisory; a busy catalog must not fail the run
+
+    return on_progress
+
+
+def run_investigation(
+    project: Project,
+    investigation: str,
+    settings: RunSettings | None = None,
+    monitor: Monitor | None = None,
+    resume: int | None = None,
+) -> RunResult:
+    """Score the investigation's queries against the candidates. ``resume``: a run id to continue."""
+    monitor = monitor or Monitor()
+    if resume is not None:
+        row = next(project.db["runs"].rows_where("id = ?", [resume]), None)
+        if row is None:
+            raise InflqError(f"no run {resume} to resume; see `inflq runs`")
+        if row["status"] == "done":
+            raise InflqError(f"run {resume} is already complete")
+        settings = RunSettings(**json.loads(row["settings"]))
+        investigation = project.investigation(row["investigation_id"])["name"]
+        run_id = resume
+    else:
+        settings = settings or RunSettings()
+        run_id = None
+    project.require_model()
+    queries = project.queries(investigation)
+    if not queries:
+        raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
+    estimator = make_estimator(project, settings.estimator)
+    filt = make_filter(project, settings.filter)
+    executor = make_executor(project, settings.executor)
+    store = project.corpus
+    if run_id is None:
+        run_id = start_run(project, investigation, settings)
+    else:
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "running", "error": None})
+    monitor.on_progress = _record_progress(project, run_id, monitor, monitor.on_progress)
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    try:
+        engine = project.engine(settings.modules)
+        t = time.perf_counter()
+        factor_set = ensure_factors(project, estimator, engine, executor, settings, monitor)
+        phases["factors"] = time.perf_counter() - t
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"factor_set_id": factor_set})
+        # Candidates are fixed at the first attempt and reused on resume.
+        cand_rel = f"{ARTIFACTS}/runs/{run_id}/candidates.safetensors"
+        t = time.perf_counter()
+        if (project.root / cand_rel).exists():
+            c = load_tensors(project.root, cand_rel, None, "candidate list")
+            cand, mask = c["indices"].numpy(), c["mask"].numpy().astype(bool)
+        else:
+            toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in queries]
+            ctx = FilterContext(
+                num_sequences=len(store), query_tokens=[q.tokens for q in toks],
+                query_completion_starts=[q.completion_start for q in toks], sequences=store.many,
+                metadata=project.metadata_column, artifacts_dir=project.root / ARTIFACTS,
+                corpus_fingerprint=store.fingerprint, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
+                seed=settings.seed, monitor=monitor, make_filter=lambda s: make_filter(project, s),
+            )
+            per_query = filt.candidates(ctx)
+            cand = np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in per_query])) if per_query else np.zeros(0, np.int64)
+            mask = np.zeros((len(queries), len(cand)), dtype=bool)
+            for qi, p in enumerate(per_query):
+                mask[qi, np.searchsorted(cand, np.asarray(p, dtype=np.int64))] = True
+            save_tensors(project.root, cand_rel, {"indices": torch.from_numpy(cand), "mask": torch.from_numpy(mask.astype(np.uint8))})
+        phases["candidates"] = time.perf_counter() - t
+        if len(cand) == 0:
+            raise InflqError("the filter chose no candidate sequences; loosen it (e.g. --filter all)")
+        # Preconditioned query gradients, low rank, saved for on-demand attribution.
+        t = time.perf_counter()
+        monitor.start("query gradients", len(queries))
+        grads = query_gradients(project, engine, queries, settings.batch_size)
+        qg = preconditioned_queries(estimator, grads, settings.rank)
+        monitor.advance(len(queries))
+        q_rel = f"{ARTIFACTS}/runs/{run_id}/queries.safetensors"
+        q_sum = save_tensors(project.root, q_rel, qg.tensors(), {"rank": json.dumps(settings.rank)})
+        phases["query gradients"] = time.perf_counter() - t
+        # Score in shards, committing each one.
+        t = time.perf_counter()
+        shards = make_shards(cand, settings.shard_size)
+        done = {r["shard"] for r in project.db["run_shards"].rows_where("run_id = ?", [run_id])}
+        todo = [s for s in shards if s.index not in done]
+        monitor.start("scoring", len(cand))
+        monitor.advance(sum(len(s) for s in shards if s.index in done))
+
+        def commit(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+            rel = f"{ARTIFACTS}/runs/{run_id}/shard-{shard.index:06d}.safetensors"
+            checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32)})
+            with project.db.atomic():
+                project.db["run_shards"].upsert({"run_id": run_id, "shard": shard.index, "n": len(shard), "path": rel, "checksum": checksum, "seconds": 0.0}, pk=("run_id", "shard"))
+
+        job = Job(ScorePass(qg), worker_spec(project, settings.modules), settings.batch_size, local=LocalWorker(project, engine))
+        executor.map(job, todo, commit, monitor)
+        phases["scoring"] = time.perf_counter() - t
+        # Assemble the score matrix from committed shards.
+        rows = {r["shard"]: r for r in project.db["run_shards"].rows_where("run_id = ?", [run_id])}
+        scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()
+        scores = np.where(mask, scores, np.nan).astype(np.float32)
+        t = time.perf_counter()
+        rs_id = _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor)
+        phases["top results"] = time.perf_counter() - t
+        seconds = time.perf_counter() - started
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "done", "phase": "done", "finished_at": catalog.now(), "seconds": seconds})
+        return RunResult(run_id, rs_id, seconds, phases)
+    except Cancelled:
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "cancelled", "finished_at": catalog.now(), "seconds": time.perf_counter() - started})
+        raise
+    except BaseException as exc:
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "failed", "error": str(exc) or type(exc).__name__, "finished_at": catalog.now()})
+        raise
+    finally:
+        executor.close()
+
+
+def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor) -> int:
+    """Save the full score matrix and the top and bottom K per query with per-module scores."""
+    k = max(1, settings.top_k)
+    picks: list[tuple[int, str, int, int]] = []  # (query row, side, rank, column)
+    for qi in range(len(queries)):
+        row = scores[qi]
+        valid = np.flatnonzero(~np.isnan(row))
+        order = valid[np.argsort(-row[valid], kind="stable")]
+        for r, col in enumerate(order[:k]):
+            picks.append((qi, "top", r + 1, int(col)))
+        for r, col in enumerate(order[::-1][:k]):
+            picks.append((qi, "bottom", r + 1, int(col)))
+    cols = sorted({p[3] for p in picks})
+    seq_idx = cand[cols]
+    monitor.start("layer breakdown", len(cols))
+    worker = LocalWorker(project, engine)
+    parts = worker.run(ScorePass(qg, per_module=True), Shard(0, seq_idx), settings.batch_size, monitor)
+    module_scores = parts["module_scores"].numpy()  # [len(cols), nq, M]
+    where = {c: i for i, c in enumerate(cols)}
+    names = qg.names
+    layers = {n: t.layer for n, t in zip(engine.names, engine.tracked)}
+    seqs = project.sequence_rows(list(map(int, seq_idx)))
+    store = project.corpus
+    rs_rel = f"{ARTIFACTS}/results/run-{run_id}.safetensors"
+    rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
+    inv = project.investigation(investigation)
+    text_cache: dict[int, str] = {}
+    with project.db.atomic():
+        rs_id = project.db["result_sets"].insert({
+            "run_id": run_id, "investigation_id": inv["id"], "name": f"run {run_id}: {settings.estimator} / {settings.filter}",
+            "estimator": settings.estimator, "filter": filt.spec() if hasattr(filt, "spec") else settings.filter,
+            "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names}, default=float),
+            "num_candidates": int(len(cand)), "scores_path": rs_rel, "scores_checksum": rs_sum,
+            "queries_path": q_rel, "queries_checksum": q_sum, "created_at": catalog.now(),
+        }).last_pk
+        out_rows = []
+        for qi, side, rank, col in picks:
+            idx = int(cand[col])
+            ms = module_scores[where[col], qi]
+            by_layer: dict[str, float] = {}
+            for n, v in zip(names, ms):
+                key = str(layers[n]) if layers[n] is not None else n
+                by_layer[key] = by_layer.get(key, 0.0) + float(v)
+            if idx not in text_cache:
+                text_cache[idx] = project.decode(store.get(idx))
+            out_rows.append({
+                "result_set_id": rs_id, "query_id": queries[qi]["id"], "side": side, "rank": rank, "seq_idx": idx,
+                "seq_id": seqs[idx]["seq_id"], "score": float(scores[qi, col]),
+                "module_scores": json.dumps(dict(zip(names, map(float, ms)))), "layer_scores": json.dumps(by_layer),
+                "text": text_cache[idx],
+            })
+        project.db["results"].insert_all(out_rows, batch_size=1000)
+    return rs_id

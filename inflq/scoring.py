@@ -1,0 +1,118 @@
+"""Query gradients and the contractions that turn training-token captures into scores.
+
+A training sequence's score against a query is ``Σ_modules Σ_t g_tᵀ Q ā_t`` with ``Q`` the query's
+preconditioned gradient. Which way to contract is chosen per module by counting multiply-adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .engine import Captured
+
+
+@dataclass
+class QueryGradients:
+    """Preconditioned gradients of a batch of queries' measurements, one entry per tracked module.
+
+    A module is held either at full rank (``full[name]``: ``[nq, out, in_dim]``) or as a rank-``r``
+    factorisation ``Q ≈ left @ rightᵀ`` (``left[name]``: ``[nq, out, r]``, ``right[name]``:
+    ``[nq, in_dim, r]``), the paper's query batching. Full rank is kept wherever it is no larger.
+    """
+
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+    left: dict[str, torch.Tensor] = field(default_factory=dict)
+    right: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank: int | None = None
+    _dense_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_preconditioned(cls, grads: dict[str, torch.Tensor], rank: int | None = 32) -> QueryGradients:
+        """Compress ``grads`` (``[nq, out, in_dim]`` per module) to rank ``rank`` (``None``: keep full)."""
+        qg = cls(rank=rank)
+        for name, q in grads.items():
+            q = q.to(torch.float32)
+            nq, out, inn = q.shape
+            if rank is None or rank >= min(out, inn) or rank * (out + inn) >= out * inn:
+                qg.full[name] = q.contiguous()
+                continue
+            u, s, vh = torch.linalg.svd(q.to(torch.float64), full_matrices=False)
+            qg.left[name] = (u[..., :rank] * s[:, None, :rank]).to(torch.float32).contiguous()
+            qg.right[name] = vh[:, :rank, :].transpose(1, 2).to(torch.float32).contiguous()
+        return qg
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.full) + list(self.left)
+
+    @property
+    def num_queries(self) -> int:
+        t = next(iter(self.full.values()), None)
+        if t is None:
+            t = next(iter(self.left.values()))
+        return int(t.shape[0])
+
+    def dense(self, name: str) -> torch.Tensor:
+        """``Q`` at full size (reconstructed from its factors where compressed)."""
+        if name in self.full:
+            return self.full[name]
+        if name not in self._dense_cache:
+            self._dense_cache[name] = torch.einsum("qor,qir->qoi", self.left[name], self.right[name])
+        return self._dense_cache[name]
+
+    def to(self, device: torch.device | str) -> QueryGradients:
+        return QueryGradients(
+            {k: v.to(device) for k, v in self.full.items()},
+            {k: v.to(device) for k, v in self.left.items()},
+            {k: v.to(device) for k, v in self.right.items()},
+            self.rank,
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict for a safetensors artifact."""
+        out = {f"full/{k}": v for k, v in self.full.items()}
+        out.update({f"left/{k}": v for k, v in self.left.items()})
+        out.update({f"right/{k}": v for k, v in self.right.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
+        qg = cls(rank=rank)
+        for key, v in tensors.items():
+            kind, _, name = key.partition("/")
+            getattr(qg, kind)[name] = v
+        return qg
+
+    # -- contractions -------------------------------------------------------------------------
+    def contraction(self, name: str, batch: int, tokens: int) -> str:
+        """``"dw"`` (form each sequence's gradient, then dot) or ``"lowrank"`` (per-token factors)."""
+        nq = self.num_queries
+        if name in self.full:
+            return "dw"
+        out, r = self.left[name].shape[1:]
+        inn = self.right[name].shape[1]
+        cost_dw = batch * out * inn * (tokens + nq)
+        cost_lr = batch * tokens * nq * r * (out + inn + 1)
+        return "dw" if cost_dw < cost_lr else "lowrank"
+
+    def module_scores(self, name: str, cap: Captured) -> torch.Tensor:
+        """Scores ``[B, nq]`` of the captured sequences from one module."""
+        A, G = cap.activations, cap.gradients
+        B, T, _ = A.shape
+        if self.contraction(name, B, T) == "dw":
+            dw = torch.einsum("bto,bti->boi", G, A).reshape(B, -1)
+            return dw @ self.dense(name).reshape(self.num_queries, -1).T
+        gu = torch.einsum("bto,qor->btqr", G, self.left[name])
+        av = torch.einsum("bti,qir->btqr", A, self.right[name])
+        return (gu * av).sum(dim=(1, 3))
+
+    def token_scores(self, name: str, cap: Captured) -> torch.Tensor:
+        """Per-token contributions ``[B, T, nq]`` from one module; they sum to :meth:`module_scores`."""
+        A, G = cap.activations, cap.gradients
+        if name in self.full:
+            return torch.einsum("bto,qoi,bti->btq", G, self.full[name], A)
+        gu = torch.einsum("bto,qor->btqr", G, self.left[name])
+        av = torch.einsum("bti,qir->btqr", A, self.right[name])
+        return (gu * av).sum(dim=3)
