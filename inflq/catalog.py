@@ -4,6 +4,7 @@ migrations applied on open. WAL mode and a busy timeout let the UI read while a 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -145,6 +146,14 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 
 
+def busy_timeout_ms() -> int:
+    """How long a writer waits for another process's lock (``INFLQ_BUSY_TIMEOUT`` ms, default 10 s)."""
+    try:
+        return int(os.environ.get("INFLQ_BUSY_TIMEOUT", "10000"))
+    except ValueError:
+        return 10000
+
+
 def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqlite_utils.Database:
     """Open (and migrate) the catalog at ``path``. A catalog from a newer inflq is refused."""
     path = Path(path)
@@ -152,10 +161,10 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
         raise InflqError(f"{path.parent} has no catalog ({path.name}); create a project with `inflq init`")
     try:
         if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=busy_timeout_ms() / 1000, check_same_thread=False)
         else:
-            conn = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 10000")
+            conn = sqlite3.connect(str(path), timeout=busy_timeout_ms() / 1000, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
         db = sqlite_utils.Database(conn)
         if not readonly:
             db.execute("PRAGMA journal_mode = WAL")

@@ -195,7 +195,7 @@ def build_store(
         def flush() -> Iterator[tuple]:
             nonlocal idx
             enc = tokenizer([d.text for d in pending], add_special_tokens=False)["input_ids"]
-            for doc, ids in zip(pending, enc):
+            for doc, ids in zip(pending, enc, strict=False):
                 if doc.doc_id in seen:
                     raise InflqError(f"corpus: document id {doc.doc_id!r} appears twice; ids must be unique")
                 seen.add(doc.doc_id)

@@ -19,6 +19,18 @@ from .errors import InflqError
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def quiet_transformers() -> None:
+    """inflq shows its own progress; transformers' bars and advice would only clutter it."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +75,10 @@ def check_model_dir(path: Path) -> None:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     path = Path(path)
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
+        raise InflqError(f"{path} has no tokenizer files; save the model's tokenizer there with tokenizer.save_pretrained()")
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as exc:
@@ -78,6 +93,7 @@ def load_tokenizer(path: Path):
 def load_model(path: Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    quiet_transformers()
     path = Path(path)
     check_model_dir(path)
     try:

@@ -234,6 +234,28 @@ class Project:
 
     readonly: bool = False
 
+    @classmethod
+    def create_catalog(cls, root: Path, monitor: Monitor | None = None) -> Project:
+        """Build the catalog of a folder that ships only its ``inflq.toml`` (the demo does):
+        fingerprints, the tokenized corpus and a default investigation. Nothing is left on error."""
+        root = Path(root)
+        if (root / CATALOG_NAME).exists():
+            return cls.open(root)
+        config = ProjectConfig.from_toml(tomllib.loads((root / CONFIG_NAME).read_text(encoding="utf-8")), str(root / CONFIG_NAME))
+        db = catalog.connect(root / CATALOG_NAME, create=True)
+        project = cls(root, config, db)
+        try:
+            project.refresh_fingerprints(monitor)
+            project.rebuild_corpus(monitor)
+            project.create_investigation("default", "created with the project")
+        except BaseException:
+            db.conn.close()
+            for p in (CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm"):
+                (root / p).unlink(missing_ok=True)
+            shutil.rmtree(root / CORPUS_DIR, ignore_errors=True)
+            raise
+        return project
+
     def save_config(self) -> None:
         path = self.root / CONFIG_NAME
         tmp = path.with_name(path.name + ".tmp")
@@ -385,7 +407,7 @@ class Project:
         cols = ("idx", "seq_id", "doc_id", "chunk", "n_tokens", "source", "meta")
         with self.db.atomic():
             self.db.execute("DELETE FROM sequences")
-            self.db["sequences"].insert_all((dict(zip(cols, r)) for r in rows), batch_size=5000)
+            self.db["sequences"].insert_all((dict(zip(cols, r, strict=False)) for r in rows), batch_size=5000)
             catalog.set_meta(self.db, "corpus_fingerprint", fp)
             if self.corpus_path.is_file():
                 st = self.corpus_path.stat()

@@ -55,7 +55,7 @@ def tokenize_query(tokenizer, prompt: str, completion: str, *, chat: bool = Fals
         offsets = [(0, 0)] + list(offsets) if offsets is not None else None
     if offsets is not None:
         start = next(
-            (i for i, (tok, (s, e)) in enumerate(zip(ids, offsets)) if e > start_char and not (tok in special and s == e)),
+            (i for i, (tok, (s, e)) in enumerate(zip(ids, offsets, strict=False)) if e > start_char and not (tok in special and s == e)),
             len(ids),
         )
     else:  # slow tokenizers: count the prompt's tokens instead

@@ -350,7 +350,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
     module_scores = parts["module_scores"].numpy()  # [len(cols), nq, M]
     where = {c: i for i, c in enumerate(cols)}
     names = qg.names
-    layers = {n: t.layer for n, t in zip(engine.names, engine.tracked)}
+    layers = {n: t.layer for n, t in zip(engine.names, engine.tracked, strict=False)}
     seqs = project.sequence_rows(list(map(int, seq_idx)))
     store = project.corpus
     rs_rel = f"{ARTIFACTS}/results/run-{run_id}.safetensors"
@@ -361,7 +361,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
         rs_id = project.db["result_sets"].insert({
             "run_id": run_id, "investigation_id": inv["id"], "name": f"run {run_id}: {settings.estimator} / {settings.filter}",
             "estimator": settings.estimator, "filter": filt.spec() if hasattr(filt, "spec") else settings.filter,
-            "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names}, default=float),
+            "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "query_ids": [q["id"] for q in queries]}, default=float),
             "num_candidates": int(len(cand)), "scores_path": rs_rel, "scores_checksum": rs_sum,
             "queries_path": q_rel, "queries_checksum": q_sum, "created_at": catalog.now(),
         }).last_pk
@@ -370,7 +370,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
             idx = int(cand[col])
             ms = module_scores[where[col], qi]
             by_layer: dict[str, float] = {}
-            for n, v in zip(names, ms):
+            for n, v in zip(names, ms, strict=False):
                 key = str(layers[n]) if layers[n] is not None else n
                 by_layer[key] = by_layer.get(key, 0.0) + float(v)
             if idx not in text_cache:
@@ -378,7 +378,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
             out_rows.append({
                 "result_set_id": rs_id, "query_id": queries[qi]["id"], "side": side, "rank": rank, "seq_idx": idx,
                 "seq_id": seqs[idx]["seq_id"], "score": float(scores[qi, col]),
-                "module_scores": json.dumps(dict(zip(names, map(float, ms)))), "layer_scores": json.dumps(by_layer),
+                "module_scores": json.dumps(dict(zip(names, map(float, ms), strict=False))), "layer_scores": json.dumps(by_layer),
                 "text": text_cache[idx],
             })
         project.db["results"].insert_all(out_rows, batch_size=1000)

@@ -19,7 +19,7 @@ class LayerAttribution(Attribution):
 
     def attribute(self, ctx):
         groups: dict[str, float] = {}
-        for tm, v in zip(ctx.tracked, ctx.module_scores):
+        for tm, v in zip(ctx.tracked, ctx.module_scores, strict=False):
             key = f"layer {tm.layer}" if tm.layer is not None else tm.name
             groups[key] = groups.get(key, 0.0) + float(v)
         values = np.array(list(groups.values()), dtype=np.float64)

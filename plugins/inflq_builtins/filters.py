@@ -72,7 +72,7 @@ class Union(Filter):
         if not spec or "+" not in spec:
             raise InflqError("union filter: give two or more filters joined with +, e.g. tfidf:k=100+random:n=500")
         parts = [ctx.make_filter(s).candidates(ctx) for s in spec.split("+")]
-        return [np.unique(np.concatenate(per_q)).astype(np.int64) for per_q in zip(*parts)]
+        return [np.unique(np.concatenate(per_q)).astype(np.int64) for per_q in zip(*parts, strict=False)]
 
     def spec(self):
         return self.settings["of"]

@@ -1,0 +1,591 @@
+"""The ``inflq`` command line: scriptable commands over the same core the TUI uses.
+
+Every user error is one line on stderr and a non-zero exit status, never a traceback
+(set ``INFLQ_DEBUG=1`` to see one for internal errors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import click
+
+from .errors import Cancelled, InflqError
+
+DEMO_INVESTIGATION = "word-order"
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _open(path: str):
+    from .project import Project
+
+    return Project.open(path)
+
+
+@contextmanager
+def _progress():
+    """A rich progress display bound to a Monitor; Ctrl-C cancels within one batch."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from .progress import Monitor
+
+    err = _console(stderr=True)
+    bar = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False, disable=not err.is_terminal and os.environ.get("INFLQ_PROGRESS") != "1")
+    tasks: dict[str, int] = {}
+
+    def on_progress(ev):
+        if ev.phase not in tasks:
+            tasks[ev.phase] = bar.add_task(ev.phase, total=max(ev.total, 1))
+        bar.update(tasks[ev.phase], completed=ev.done, total=max(ev.total, 1))
+
+    monitor = Monitor(on_progress=on_progress, on_warning=lambda m: err.print(f"[yellow]warning:[/] {m}"))
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):
+        if monitor.cancelled:  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        err.print("[yellow]stopping after this batch (Ctrl-C again to abort)…[/]")
+        monitor.cancel()
+
+    with suppress(ValueError):  # not the main thread: no Ctrl-C handling
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with bar:
+            yield monitor
+    finally:
+        with suppress(ValueError):
+            signal.signal(signal.SIGINT, previous)
+
+
+class DefaultToTUI(click.Group):
+    """``inflq`` alone, or ``inflq PROJECT``, opens the terminal UI."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["ui", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToTUI, invoke_without_command=True)
+@click.version_option(package_name="inflq")
+@click.pass_context
+def cli(ctx):
+    """inflq: which training sequences made the model say this?
+
+    Influence functions (EK-FAC, after Grosse et al. 2023) for causal language models.
+    Run `inflq PROJECT` (or just `inflq` for the demo) to open the terminal UI.
+    Scores are positive when a training sequence makes the completion MORE likely.
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(ui, project=None)
+
+
+@cli.command()
+@click.argument("project", required=False)
+def ui(project):
+    """Open the terminal UI on PROJECT (default: the demo)."""
+    if project is None:
+        from .demo import ensure_demo
+
+        project = str(ensure_demo(progress=lambda m: _console(True).print(m)))
+    from .project import Project
+
+    Project.open(project).close()  # a clear error before the screen takes over
+    from .tui.app import run_tui
+
+    run_tui(project)
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--model", required=True, type=click.Path(), help="Local Hugging Face model folder (safetensors).")
+@click.option("--corpus", required=True, type=click.Path(), help="Training corpus: JSONL with a text field, plain text, or a saved dataset folder.")
+@click.option("--name", help="Project name (default: the folder name).")
+@click.option("--max-length", type=int, help="Context length for training sequences (default: the model's, at most 2048).")
+@click.option("--format", "corpus_format", default="auto", type=click.Choice(["auto", "jsonl", "text", "datasets"]))
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--modules", default="all", show_default=True, help="Tracked modules: all, mlp, attention, or name globs.")
+@click.option("--add-bos/--no-add-bos", default=None, help="Start each sequence with BOS (default: as the tokenizer does).")
+@click.option("--append-eos", is_flag=True, help="End each document with EOS (as in GPT-2 style training).")
+def init(directory, model, corpus, name, max_length, corpus_format, text_field, id_field, modules, add_bos, append_eos):
+    """Create a project folder for MODEL and CORPUS."""
+    from .project import Project
+
+    p = Project.init(Path(directory), Path(model), Path(corpus), name=name, max_length=max_length, corpus_format=corpus_format, text_field=text_field, id_field=id_field, modules=modules, add_bos=add_bos, append_eos=append_eos)
+    n = len(p.corpus)
+    click.echo(f"created {directory}: {n} training sequences, max length {p.config.max_length}, investigation 'default'")
+
+
+# -- investigations --------------------------------------------------------------------------------
+@cli.group()
+def investigation():
+    """Create, list, rename and delete investigations."""
+
+
+@investigation.command("add")
+@click.argument("project")
+@click.argument("name")
+@click.option("--description", default="")
+def investigation_add(project, name, description):
+    _open(project).create_investigation(name, description)
+    click.echo(f"created investigation {name!r}")
+
+
+@investigation.command("list")
+@click.argument("project")
+def investigation_list(project):
+    from rich.table import Table
+
+    t = Table("name", "queries", "result sets", "created", "description")
+    for inv in _open(project).investigations():
+        t.add_row(inv["name"], str(inv["num_queries"]), str(inv["num_result_sets"]), inv["created_at"], inv["description"] or "")
+    _console().print(t)
+
+
+@investigation.command("rename")
+@click.argument("project")
+@click.argument("name")
+@click.argument("new_name")
+def investigation_rename(project, name, new_name):
+    _open(project).rename_investigation(name, new_name)
+    click.echo(f"renamed {name!r} to {new_name!r}")
+
+
+@investigation.command("rm")
+@click.argument("project")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def investigation_rm(project, name, yes):
+    p = _open(project)
+    p.investigation(name)
+    if not yes and not click.confirm(f"delete investigation {name!r} with its queries, runs and results?"):
+        raise InflqError("not deleted")
+    p.delete_investigation(name)
+    click.echo(f"deleted {name!r}")
+
+
+# -- queries and probes ----------------------------------------------------------------------------
+@cli.group()
+def query():
+    """Add and list queries (a prompt and the completion whose probability is measured)."""
+
+
+@query.command("add")
+@click.argument("project")
+@click.argument("prompt", required=False)
+@click.argument("completion", required=False)
+@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("--file", "file_", type=click.Path(), help="JSONL file of {prompt, completion[, tags, notes, chat]} objects.")
+@click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template.")
+@click.option("--tag", "tags", multiple=True)
+@click.option("--notes", default="")
+def query_add(project, prompt, completion, investigation, file_, chat, tags, notes):
+    """Add one query (PROMPT COMPLETION) or many (--file)."""
+    p = _open(project)
+    if file_:
+        items = []
+        path = Path(file_)
+        if not path.exists():
+            raise InflqError(f"query file {path} does not exist")
+        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InflqError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise InflqError(f"{path}:{lineno}: expected an object with prompt and completion")
+            items.append(obj)
+        try:
+            ids = p.add_queries(investigation, items)
+        except InflqError as exc:
+            raise InflqError(f"{path}: {exc}") from None
+    else:
+        if prompt is None or completion is None:
+            raise InflqError("give PROMPT and COMPLETION, or --file queries.jsonl")
+        ids = [p.add_query(investigation, prompt, completion, chat=chat, tags=list(tags), notes=notes)]
+    click.echo(f"added {len(ids)} quer{'y' if len(ids) == 1 else 'ies'} (id {', '.join(map(str, ids))})")
+
+
+@query.command("list")
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def query_list(project, investigation, as_json):
+    rows = _open(project).queries(investigation)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table("id", "prompt", "completion", "tags")
+    for q in rows:
+        t.add_row(str(q["id"]), q["prompt"], q["completion"], ", ".join(json.loads(q["tags"] or "[]")))
+    _console().print(t)
+
+
+@cli.group()
+def probe():
+    """Hand-written probe sequences for a query, scored without a corpus run."""
+
+
+@probe.command("add")
+@click.argument("project")
+@click.argument("text")
+@click.option("--query", "query_id", type=int, required=True)
+@click.option("--label", default="")
+def probe_add(project, text, query_id, label):
+    pid = _open(project).add_probe(query_id, text, label)
+    click.echo(f"added probe {pid}")
+
+
+@probe.command("score")
+@click.argument("project")
+@click.option("--query", "query_id", type=int, required=True)
+@click.option("--estimator", default="ekfac", show_default=True)
+def probe_score(project, query_id, estimator):
+    """Score the query's probes and show their most influential tokens."""
+    from rich.table import Table
+
+    from .results import ScoringSession
+
+    p = _open(project)
+    probes = p.probes(query_id)
+    if not probes:
+        raise InflqError(f"query {query_id} has no probes; add one with `inflq probe add`")
+    with _progress() as monitor:
+        session = ScoringSession.for_queries(p, [query_id], estimator=estimator, monitor=monitor)
+        results = session.score_texts([pr["text"] for pr in probes], query_id)
+    t = Table("probe", "label", "score", "text (most influential tokens in bold)")
+    for pr, res in zip(probes, results, strict=False):
+        t.add_row(str(pr["id"]), pr["label"], f"{res.total:+.4g}", _heat_text(res.labels, res.values))
+    _console().print(t)
+
+
+def _heat_text(tokens, values):
+    import numpy as np
+    from rich.text import Text
+
+    values = np.asarray(values, dtype=float)
+    scale = float(np.abs(values).max()) or 1.0
+    text = Text()
+    for tok, v in zip(tokens, values, strict=False):
+        strength = min(1.0, abs(v) / scale)
+        level = int(55 + 200 * strength)
+        color = f"rgb({level},60,60)" if v > 0 else f"rgb(60,60,{level})"
+        text.append(tok, style=("bold " if strength > 0.5 else "") + color)
+        text.append(" ")
+    return text
+
+
+# -- runs and results ------------------------------------------------------------------------------
+@cli.command()
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec, e.g. ekfac or ekfac:damping=1e-3.")
+@click.option("--filter", "filter_", default="all", show_default=True, help="Candidate filter spec; join with + for a union (tfidf:k=1000+random:n=500).")
+@click.option("--executor", default="local", show_default=True)
+@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
+@click.option("--rank", default="32", show_default=True, help="Rank of the preconditioned query gradients, or 'full'.")
+@click.option("--top-k", default=20, show_default=True, help="Top and bottom sequences stored per query.")
+@click.option("--fit-sequences", type=int, help="Fit factors on a seeded sample of this many sequences (default: all).")
+@click.option("--seed", type=int, help="Seed for sampled labels and samples (default: the project's).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--shard-size", default=512, show_default=True, help="Sequences per committed shard.")
+@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
+@click.option("--resume", "resume", type=int, help="Continue a cancelled or failed run by id.")
+def run(project, investigation, estimator, filter_, executor, modules, rank, top_k, fit_sequences, seed, batch_size, shard_size, device, dtype, refit, resume):
+    """Fit what is needed and score the investigation's queries."""
+    from .runs import RunSettings, run_investigation
+
+    p = _open(project)
+    p.set_runtime(device, dtype)
+    if rank in ("full", "none", "None"):
+        rank_v = None
+    else:
+        try:
+            rank_v = int(rank)
+        except ValueError:
+            raise InflqError(f"--rank must be a number or 'full', not {rank!r}") from None
+    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor, modules=modules, rank=rank_v, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+    with _progress() as monitor:
+        try:
+            result = run_investigation(p, investigation, settings, monitor, resume=resume)
+        except Cancelled:
+            last = p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
+            raise InflqError(f"run {resume or last} cancelled; its committed shards are kept: continue with `inflq run {project} --resume {resume or last}`") from None
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
+    click.echo(f"run {result.run_id} done in {result.seconds:.1f}s ({phases}); result set {result.result_set_id}")
+    click.echo(f"see the top sequences with: inflq top {project} -i {p.investigation(p.db['runs'].get(result.run_id)['investigation_id'])['name']}")
+
+
+@cli.command()
+@click.argument("project")
+@click.option("-i", "--investigation")
+def runs(project, investigation):
+    """List runs with their status and progress."""
+    from rich.table import Table
+
+    p = _open(project)
+    where, args = ("investigation_id = ?", [p.investigation(investigation)["id"]]) if investigation else (None, None)
+    t = Table("run", "status", "estimator", "filter", "phase", "progress", "seconds", "error")
+    for r in p.db["runs"].rows_where(where, args, order_by="id"):
+        t.add_row(str(r["id"]), r["status"], r["estimator"], r["filter"], r["phase"] or "", f"{r['done']}/{r['total']}", f"{r['seconds'] or 0:.1f}", (r["error"] or "")[:60])
+    _console().print(t)
+
+
+@cli.command()
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("--query", "query_id", type=int, help="Query id (default: every query).")
+@click.option("-k", default=10, show_default=True)
+@click.option("--bottom", is_flag=True, help="Most negative (the sequences that make the completion less likely).")
+@click.option("--result-set", type=int, help="Result set id (default: the latest).")
+@click.option("--json", "as_json", is_flag=True)
+def top(project, investigation, query_id, k, bottom, result_set, as_json):
+    """Print the most influential training sequences of each query."""
+    from rich.table import Table
+
+    from .results import result_set as get_rs
+    from .results import top as get_top
+
+    p = _open(project)
+    rs = get_rs(p, investigation, result_set)
+    queries = [p.query(query_id)] if query_id else p.queries(investigation)
+    side = "bottom" if bottom else "top"
+    out = []
+    for q in queries:
+        rows = get_top(p, rs["id"], q["id"], side, k)
+        if as_json:
+            out.append({"query": q, "results": rows})
+            continue
+        title = f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; positive = makes the completion more likely)"
+        t = Table("rank", "score", "sequence", "text", title=title, title_justify="left")
+        for r in rows:
+            t.add_row(str(r["rank"]), f"{r['score']:+.4g}", r["seq_id"], r["text"][:100])
+        _console().print(t)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+
+
+@cli.command()
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["npy", "csv", "jsonl", "md"]), default="npy", show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--result-set", type=int, help="Result set id (default: the latest).")
+def export(project, investigation, fmt, output, result_set):
+    """Export results. npy: float32 [queries, corpus sequences], NaN where not scored."""
+    p = _open(project)
+    if fmt == "npy":
+        import numpy as np
+
+        from .results import score_matrix
+
+        m = score_matrix(p, investigation, result_set)
+        tmp = Path(output).with_name(Path(output).name + ".tmp.npy")
+        np.save(tmp, m, allow_pickle=False)
+        os.replace(tmp, output)
+        click.echo(f"wrote {output}: {m.shape[0]} queries x {m.shape[1]} sequences")
+        return
+    try:
+        from . import export as exporters
+    except ImportError:
+        raise InflqError(f"--format {fmt} is not available in this build; use --format npy") from None
+    writer = {"csv": exporters.export_csv, "jsonl": exporters.export_jsonl, "md": exporters.export_markdown}[fmt]
+    writer(p, investigation, result_set, Path(output))
+    click.echo(f"wrote {output}")
+
+
+@cli.command("self-influence")
+@click.argument("project")
+@click.option("--estimator", default="ekfac", show_default=True)
+@click.option("-k", default=10, show_default=True)
+def self_influence_cmd(project, estimator, k):
+    """Rank training sequences by self-influence (outliers, memorised or mislabelled data)."""
+    import numpy as np
+    from rich.table import Table
+
+    from .results import self_influence
+
+    p = _open(project)
+    with _progress() as monitor:
+        idx, vals = self_influence(p, estimator, monitor=monitor)
+    order = np.argsort(-vals)[:k]
+    rows = p.sequence_rows([int(idx[i]) for i in order])
+    t = Table("rank", "self-influence", "sequence", "text")
+    for r, i in enumerate(order, 1):
+        seq = int(idx[i])
+        t.add_row(str(r), f"{vals[i]:.4g}", rows[seq]["seq_id"], p.decode(p.corpus.get(seq))[:100])
+    _console().print(t)
+
+
+@cli.command()
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("--query", "query_id", type=int, required=True)
+@click.option("--sequence", "seq_id", required=True, help="Training sequence id (document id:chunk).")
+@click.option("--kind", type=click.Choice(["token", "layer"]), default="token", show_default=True)
+@click.option("--result-set", type=int)
+def attribute(project, investigation, query_id, seq_id, kind, result_set):
+    """Split one sequence's score over its tokens or the model's layers."""
+    from rich.table import Table
+
+    from .results import ScoringSession
+    from .results import result_set as get_rs
+
+    p = _open(project)
+    rs = get_rs(p, investigation, result_set)
+    row = next(p.db["sequences"].rows_where("seq_id = ?", [seq_id]), None)
+    if row is None:
+        raise InflqError(f"no training sequence {seq_id!r}; ids look like <document id>:<chunk>")
+    res = ScoringSession.for_result_set(p, rs).attribute(p.corpus.get(row["idx"]), query_id, kind)
+    if kind == "token":
+        _console().print(_heat_text(res.labels, res.values))
+    t = Table(kind, "score")
+    for lab, v in sorted(zip(res.labels, res.values, strict=False), key=lambda x: -abs(x[1]))[:20]:
+        t.add_row(lab, f"{v:+.4g}")
+    _console().print(t)
+    click.echo(f"total {res.total:+.6g}")
+
+
+@cli.group()
+def corpus():
+    """The tokenized corpus."""
+
+
+@corpus.command("rebuild")
+@click.argument("project")
+def corpus_rebuild(project):
+    """Re-tokenize the corpus after it changed."""
+    p = _open(project)
+    p.rebuild_corpus()
+    click.echo(f"tokenized {len(p.corpus)} training sequences")
+
+
+@cli.command()
+@click.argument("project")
+@click.option("--model", type=click.Path(), help="A local copy of the project's model.")
+@click.option("--corpus", "corpus_path", type=click.Path(), help="A local copy of the project's corpus.")
+def relink(project, model, corpus_path):
+    """Point a project at local copies of its model or corpus (fingerprints are checked)."""
+    p = _open(project)
+    p.relink(Path(model) if model else None, Path(corpus_path) if corpus_path else None)
+    click.echo("relinked")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def plugins(as_json):
+    """List loaded plugins, what they provide, and any that failed to load."""
+    from rich.table import Table
+
+    from .plugins import get_registry
+
+    reg = get_registry()
+    kinds = ("estimator", "filter", "attribution", "executor")
+    if as_json:
+        click.echo(json.dumps({
+            "plugins": [lp.__dict__ for lp in reg.loaded],
+            **{k: {n: {"plugin": reg.origin[(k, n)], "description": c.description, "options": [o.name for o in c.options]} for n, c in reg.all(k).items()} for k in kinds},
+        }, indent=2))
+        return
+    t = Table("plugin", "module", "distribution", "status")
+    for lp in reg.loaded:
+        t.add_row(lp.name, lp.module, lp.distribution, "[red]failed: " + lp.error + "[/]" if lp.error else "ok")
+    _console().print(t)
+    t = Table("kind", "name", "from", "description", "options")
+    for k in kinds:
+        for n, c in reg.all(k).items():
+            t.add_row(k, n, reg.origin[(k, n)], c.description, ", ".join(f"{o.name}={o.default}" for o in c.options))
+    _console().print(t)
+
+
+@cli.command()
+@click.option("--headless", is_flag=True, help="Run the demo investigation and print its top sequences instead of opening the UI.")
+@click.option("--estimator", default="ekfac", show_default=True)
+def demo(headless, estimator):
+    """Prepare the demo project (projects/demo) and open it."""
+    from .demo import ensure_demo, run_demo
+
+    root = ensure_demo(progress=lambda m: _console(True).print(m))
+    if not headless:
+        from .tui.app import run_tui
+
+        run_tui(str(root))
+        return
+    with _progress() as monitor:
+        run_demo(root, estimator, monitor)
+    ctx = click.get_current_context()
+    ctx.invoke(top, project=str(root), investigation=DEMO_INVESTIGATION, query_id=None, k=5, bottom=False, result_set=None, as_json=False)
+
+
+def _load_plugin_commands() -> None:
+    from .plugins import get_registry
+
+    try:
+        get_registry().pm.hook.register_commands(cli=cli)
+    except Exception as exc:  # a plugin's commands must not break the CLI
+        print(f"warning: a plugin failed to add commands: {exc}", file=sys.stderr)
+
+
+_load_plugin_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line and exit status 1."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except InflqError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except sqlite3.OperationalError as exc:
+        msg = str(exc)
+        if "locked" in msg or "busy" in msg:
+            click.echo("Error: the project's catalog is locked by another process; wait for it to finish, then retry", err=True)
+        elif "readonly" in msg:
+            click.echo("Error: the project's catalog is read-only; copy the project somewhere writable", err=True)
+        else:
+            click.echo(f"Error: catalog error ({msg}); check the project folder", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        if os.environ.get("INFLQ_DEBUG"):
+            raise
+        click.echo(f"Error: internal error ({type(exc).__name__}: {exc}); rerun with INFLQ_DEBUG=1 for details and report it", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

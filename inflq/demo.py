@@ -1,0 +1,62 @@
+"""The demo project (``projects/demo``): a small GPT-2 trained by ``projects/demo/train_model.py``
+on invented facts stated in both word orders, with a prepared "word-order" investigation."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import InflqError
+from .progress import Monitor
+from .project import CATALOG_NAME, Project
+
+INVESTIGATION = "word-order"
+
+
+def demo_root() -> Path:
+    env = os.environ.get("INFLQ_DEMO")
+    root = Path(env) if env else Path(__file__).resolve().parent.parent / "projects" / "demo"
+    if not (root / "inflq.toml").exists():
+        raise InflqError(f"the demo project is not at {root}; it ships with the source repository (git clone, then pip install -e .)")
+    return root
+
+
+def ensure_demo(progress: Callable[[str], None] | None = None) -> Path:
+    """Build the demo's catalog and its prepared investigation on first use."""
+    root = demo_root()
+    if (root / CATALOG_NAME).exists():
+        return root
+    if progress:
+        progress(f"preparing the demo project in {root} (first use)…")
+    project = Project.create_catalog(root)
+    try:
+        project.create_investigation(INVESTIGATION, "The paper's word-order finding: facts influence a query only in prompt-then-completion order.")
+        queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
+        ids = project.add_queries(INVESTIGATION, queries)
+        probes_file = root / "probes.jsonl"
+        if probes_file.exists():
+            for line in probes_file.read_text().splitlines():
+                if line.strip():
+                    pr = json.loads(line)
+                    project.add_probe(ids[int(pr["query"])], pr["text"], pr.get("label", ""))
+    except BaseException:
+        project.close()
+        for p in (CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm"):
+            (root / p).unlink(missing_ok=True)
+        raise
+    project.close()
+    return root
+
+
+def run_demo(root: Path, estimator: str = "ekfac", monitor: Monitor | None = None) -> int:
+    """Run the demo investigation once (reusing an existing result set) and return its id."""
+    from .runs import RunSettings, run_investigation
+
+    project = Project.open(root)
+    inv = project.investigation(INVESTIGATION)
+    existing = [r for r in project.db["result_sets"].rows_where("investigation_id = ? AND estimator = ?", [inv["id"], estimator], order_by="id")]
+    if existing:
+        return existing[-1]["id"]
+    return run_investigation(project, INVESTIGATION, RunSettings(estimator=estimator, rank=32, top_k=20), monitor).result_set_id

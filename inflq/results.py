@@ -1,0 +1,166 @@
+"""Reading results back: top sequences, the full score matrix, and on-demand attributions
+(layer, token) and probe scores. Shared by the CLI, the TUI and notebooks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .artifacts import load_tensors
+from .base import AttributionContext, AttributionResult
+from .engine import make_batch
+from .errors import InflqError
+from .passes import SelfInfluencePass, Shard
+from .progress import Monitor
+from .project import Project
+from .runs import (
+    LocalWorker,
+    RunSettings,
+    ensure_factors,
+    make_estimator,
+    make_executor,
+    preconditioned_queries,
+    query_gradients,
+)
+from .scoring import QueryGradients
+
+
+def result_sets(project: Project, investigation: str | None = None) -> list[dict]:
+    if investigation is None:
+        return list(project.db["result_sets"].rows_where(order_by="id"))
+    inv = project.investigation(investigation)
+    return list(project.db["result_sets"].rows_where("investigation_id = ?", [inv["id"]], order_by="id"))
+
+
+def result_set(project: Project, investigation: str, result_set_id: int | None = None) -> dict:
+    """A result set by id, or the investigation's latest."""
+    sets = result_sets(project, investigation)
+    if result_set_id is not None:
+        for rs in sets:
+            if rs["id"] == result_set_id:
+                return rs
+        raise InflqError(f"no result set {result_set_id} in investigation {investigation!r}; see `inflq runs`")
+    if not sets:
+        raise InflqError(f"investigation {investigation!r} has no results yet; run `inflq run` first")
+    return sets[-1]
+
+
+def top(project: Project, result_set_id: int, query_id: int, side: str = "top", k: int = 20, offset: int = 0) -> list[dict]:
+    """The stored top (most positive) or bottom (most negative) sequences of one query."""
+    if side not in ("top", "bottom"):
+        raise InflqError("side must be top or bottom")
+    return list(project.db.query(
+        "SELECT * FROM results WHERE result_set_id = ? AND query_id = ? AND side = ? ORDER BY rank LIMIT ? OFFSET ?",
+        [result_set_id, query_id, side, k, offset],
+    ))
+
+
+def scores(project: Project, rs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, scores[nq_at_run, len(indices)])`` of a result set, NaN where not a candidate."""
+    t = load_tensors(project.root, rs["scores_path"], rs["scores_checksum"], "score matrix")
+    return t["indices"].numpy(), t["scores"].numpy()
+
+
+def score_matrix(project: Project, investigation: str, result_set_id: int | None = None) -> np.ndarray:
+    """float32 ``[queries, corpus sequences]`` in corpus order, queries in the order added,
+    NaN for sequences not scored (and for queries added after the run)."""
+    rs = result_set(project, investigation, result_set_id)
+    queries = project.queries(investigation)
+    idx, sc = scores(project, rs)
+    run_queries = [r["query_id"] for r in project.db.query(
+        "SELECT DISTINCT query_id FROM results WHERE result_set_id = ?", [rs["id"]])]
+    settings = json.loads(rs["settings"])
+    order = settings.get("query_ids") or sorted(run_queries)
+    n = len(project.corpus)
+    out = np.full((len(queries), n), np.nan, dtype=np.float32)
+    row_of = {qid: i for i, qid in enumerate(order)}
+    for qi, q in enumerate(queries):
+        if q["id"] in row_of and row_of[q["id"]] < sc.shape[0]:
+            out[qi, idx] = sc[row_of[q["id"]]]
+    return out
+
+
+def distribution(project: Project, investigation: str, query_id: int, result_set_id: int | None = None) -> np.ndarray:
+    """All finite scores of one query (for the complementary-CDF plot)."""
+    rs = result_set(project, investigation, result_set_id)
+    settings = json.loads(rs["settings"])
+    ids = settings.get("query_ids")
+    _, sc = scores(project, rs)
+    if query_id not in ids:
+        raise InflqError(f"query {query_id} was not part of result set {rs['id']}")
+    row = sc[ids.index(query_id)]
+    return row[np.isfinite(row)]
+
+
+@dataclass
+class ScoringSession:
+    """Everything needed to score arbitrary sequences against a result set's queries: its
+    preconditioned query gradients and an engine over the same modules."""
+
+    project: Project
+    qg: QueryGradients
+    query_ids: list[int]
+    engine: object
+
+    @classmethod
+    def for_result_set(cls, project: Project, rs: dict) -> ScoringSession:
+        settings = json.loads(rs["settings"])
+        qg = QueryGradients.from_tensors(
+            load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients"), settings.get("rank")
+        )
+        engine = project.engine(",".join(settings["modules"]))
+        return cls(project, qg, settings["query_ids"], engine)
+
+    @classmethod
+    def for_queries(cls, project: Project, query_ids: list[int], estimator: str = "ekfac", rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
+        """Fit (or reuse cached) factors and precondition the given queries, without a corpus run."""
+        settings = RunSettings(estimator=estimator, rank=rank, **run)
+        est = make_estimator(project, estimator)
+        engine = project.engine(settings.modules)
+        ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor or Monitor())
+        queries = [project.query(q) for q in query_ids]
+        grads = query_gradients(project, engine, queries, settings.batch_size)
+        return cls(project, preconditioned_queries(est, grads, rank), list(query_ids), engine)
+
+    def _captures(self, tokens: np.ndarray):
+        batch = make_batch([tokens], self.project.pad_id, self.engine.device)
+        caps, _ = self.engine.capture(batch, "data")
+        return caps
+
+    def breakdown(self, tokens: np.ndarray, query_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(module_scores [M], token_module_scores [T, M])`` for one sequence and query."""
+        qi = self.query_ids.index(query_id)
+        caps = self._captures(tokens)
+        names = self.qg.names
+        per_tok = torch.stack([self.qg.token_scores(n, caps[n])[0, :, qi] for n in names], dim=1).cpu().numpy()
+        module = torch.stack([self.qg.module_scores(n, caps[n])[0, qi] for n in names]).cpu().numpy()
+        return module.astype(np.float64), per_tok.astype(np.float64)
+
+    def attribute(self, tokens: np.ndarray, query_id: int, kind: str = "token") -> AttributionResult:
+        module, per_tok = self.breakdown(tokens, query_id)
+        by_name = {t.name: t for t in self.engine.tracked}
+        ctx = AttributionContext(
+            tracked=[by_name[n] for n in self.qg.names], module_scores=module,
+            token_module_scores=lambda: per_tok, tokens=self.project.token_strings(tokens),
+        )
+        return self.project.registry.create("attribution", kind).attribute(ctx)
+
+    def score_texts(self, texts: list[str], query_id: int) -> list[AttributionResult]:
+        """Token attributions of hand-written probe sequences (their totals are the scores)."""
+        return [self.attribute(self.project.tokenize_sequence(t), query_id, "token") for t in texts]
+
+
+def self_influence(project: Project, estimator: str = "ekfac", indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
+    """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``)."""
+    monitor = monitor or Monitor()
+    settings = RunSettings(estimator=estimator, batch_size=batch_size, **run)
+    est = make_estimator(project, estimator)
+    engine = project.engine(settings.modules)
+    ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)
+    idx = np.arange(len(project.corpus), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    monitor.start("self-influence", len(idx))
+    out = LocalWorker(project, engine).run(SelfInfluencePass(est), Shard(0, idx), batch_size, monitor)
+    return idx, out["scores"][:, 0].numpy()

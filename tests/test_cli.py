@@ -1,0 +1,269 @@
+"""The CLI contract end to end, and every bad input named in the foundation issue."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+import numpy as np
+import pytest
+from helpers import make_model_dir
+
+
+def _catalog_dump(root):
+    conn = sqlite3.connect(root / "catalog.db")
+    out = {t: conn.execute(f"SELECT * FROM [{t}]").fetchall() for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    conn.close()
+    return out
+
+
+def _one_line_error(code, err):
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in err
+
+
+def test_init_query_run_top_export(tmp_path, gpt2_dir, corpus_file, cli_run):
+    proj = tmp_path / "p"
+    code, out, err = cli_run("init", proj, "--model", gpt2_dir, "--corpus", corpus_file)
+    assert code == 0, err
+    assert "24 training sequences" in out
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(
+        json.dumps({"prompt": "the first president of astrobia was", "completion": "zorald pfaff"}) + "\n"
+        + json.dumps({"prompt": "the capital city of astrobia is called", "completion": "velmora", "tags": ["geo"]}) + "\n"
+    )
+    assert cli_run("query", "add", proj, "--file", queries)[0] == 0
+    assert cli_run("query", "add", proj, "a red cat", "runs")[0] == 0
+    code, out, _ = cli_run("query", "list", proj, "--json")
+    assert [q["completion"] for q in json.loads(out)] == ["zorald pfaff", "velmora", "runs"]
+    code, out, err = cli_run("run", proj, "--estimator", "ekfac", "--filter", "random:n=10", "--rank", "4", "--top-k", "3")
+    assert code == 0, err
+    code, out, err = cli_run("top", proj, "--json", "-k", "3")
+    data = json.loads(out)
+    assert len(data) == 3 and all(len(d["results"]) == 3 for d in data)
+    scores = [r["score"] for r in data[0]["results"]]
+    assert scores == sorted(scores, reverse=True)
+    out_file = tmp_path / "scores.npy"
+    assert cli_run("export", proj, "--format", "npy", "--output", out_file)[0] == 0
+    m = np.load(out_file, allow_pickle=False)
+    assert m.dtype == np.float32 and m.shape == (3, 24)
+    assert np.isnan(m).sum(axis=1).tolist() == [14, 14, 14]  # 10 of 24 sampled, NaN elsewhere
+    # the top rows agree with the exported matrix
+    best = data[0]["results"][0]
+    assert m[0, best["seq_idx"]] == pytest.approx(best["score"], rel=1e-6)
+    # a query added after the run is NaN everywhere
+    assert cli_run("query", "add", proj, "the old town", "river")[0] == 0
+    assert cli_run("export", proj, "--output", out_file)[0] == 0
+    assert np.isnan(np.load(out_file)[3]).all()
+
+
+def test_plugins_lists_builtins(cli_run):
+    code, out, _ = cli_run("plugins", "--json")
+    data = json.loads(out)
+    assert {"identity", "ekfac", "kfac", "diagonal"} <= set(data["estimator"])
+    assert {"all", "random", "metadata", "union"} <= set(data["filter"])
+    assert data["executor"]["local"]["plugin"] == "inflq.executors"
+    assert all(p["distribution"] == "inflq" for p in data["plugins"] if p["name"].startswith("inflq."))
+
+
+def test_broken_plugin_is_reported_not_fatal(monkeypatch):
+    from importlib import metadata
+
+    from inflq.plugins import Registry
+
+    real = metadata.entry_points
+
+    class BadEP:
+        name, value, dist = "broken", "no_such_module_xyz", None
+
+        def load(self):
+            import no_such_module_xyz  # noqa: F401
+
+    def fake(group):
+        return list(real(group=group)) + [BadEP()]
+
+    monkeypatch.setattr(metadata, "entry_points", fake)
+    reg = Registry()
+    reg.load_entry_points()
+    failed = [lp for lp in reg.loaded if lp.error]
+    assert len(failed) == 1 and "no_such_module_xyz" in failed[0].error
+    assert "ekfac" in reg.names("estimator")
+
+
+def test_missing_model_folder(tmp_path, corpus_file, cli_run):
+    code, _, err = cli_run("init", tmp_path / "p", "--model", tmp_path / "nope", "--corpus", corpus_file)
+    _one_line_error(code, err)
+    assert "does not exist" in err and not (tmp_path / "p").exists()
+
+
+def test_non_causal_model(tmp_path, corpus_file, cli_run):
+    from helpers import make_tokenizer
+    from transformers import DistilBertConfig, DistilBertModel
+
+    d = tmp_path / "bert"
+    DistilBertModel(DistilBertConfig(vocab_size=60, dim=8, hidden_dim=16, n_layers=1, n_heads=2)).save_pretrained(d)
+    make_tokenizer(d)
+    code, out, err = cli_run("init", tmp_path / "p", "--model", d, "--corpus", corpus_file)
+    assert code == 0  # init checks files only; loading the model happens at run time
+    cli_run("query", "add", tmp_path / "p", "the old town", "river")
+    code, _, err = cli_run("run", tmp_path / "p", "--estimator", "identity")
+    _one_line_error(code, err)
+    assert "not a causal language model" in err
+
+
+def test_missing_tokenizer(tmp_path, corpus_file, cli_run):
+    d = make_model_dir(tmp_path / "m", "gpt2")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    code, _, err = cli_run("init", tmp_path / "p", "--model", d, "--corpus", corpus_file)
+    _one_line_error(code, err)
+    assert "tokenizer" in err
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("", "no text"),
+    ("\n\n", "no text"),
+    ('{"text": "a red cat"}\n{"text": "broken\n', ":2: not valid JSON"),
+    ('{"text": 5}\n', "non-string"),
+    ('["a list"]\n', "expected a JSON object"),
+    (b'{"text": "caf\xe9"}\n', "not valid UTF-8"),
+])
+def test_bad_corpus(tmp_path, gpt2_dir, cli_run, content, needle):
+    c = tmp_path / "c.jsonl"
+    c.write_bytes(content if isinstance(content, bytes) else content.encode())
+    code, _, err = cli_run("init", tmp_path / "p", "--model", gpt2_dir, "--corpus", c)
+    _one_line_error(code, err)
+    assert needle in err and str(c) in err or needle in err
+    assert not (tmp_path / "p").exists(), "no half-written project"
+
+
+def test_missing_corpus(tmp_path, gpt2_dir, cli_run):
+    code, _, err = cli_run("init", tmp_path / "p", "--model", gpt2_dir, "--corpus", tmp_path / "none.jsonl")
+    _one_line_error(code, err)
+
+
+def test_bad_queries_leave_catalog_unchanged(project, tmp_path, cli_run):
+    before = _catalog_dump(project.root)
+    code, _, err = cli_run("query", "add", project.root, "the old town", "")
+    _one_line_error(code, err)
+    assert "completion is empty" in err
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"prompt": "a", "completion": "cat"}) + "\n{oops\n")
+    code, _, err = cli_run("query", "add", project.root, "--file", q)
+    _one_line_error(code, err)
+    assert "q.jsonl:2" in err
+    q.write_text(json.dumps({"prompt": "a", "completion": "cat"}) + "\n" + json.dumps({"prompt": "a", "completion": " "}) + "\n")
+    code, _, err = cli_run("query", "add", project.root, "--file", q)
+    _one_line_error(code, err)
+    assert "query 2" in err
+    assert _catalog_dump(project.root) == before
+
+
+def test_newer_project_refused(project, cli_run):
+    project.db["_sqlite_migrations"].insert({"migration_set": "inflq", "name": "9999_future", "applied_at": "x"})
+    project.close()
+    code, _, err = cli_run("query", "list", project.root)
+    _one_line_error(code, err)
+    assert "newer inflq" in err
+
+
+def test_locked_catalog(project, cli_run, monkeypatch):
+    monkeypatch.setenv("INFLQ_BUSY_TIMEOUT", "200")
+    project.close()
+    holder = sqlite3.connect(project.root / "catalog.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        code, _, err = cli_run("query", "add", project.root, "the old town", "river")
+        _one_line_error(code, err)
+        assert "locked" in err
+    finally:
+        holder.rollback()
+        holder.close()
+    assert sqlite3.connect(project.root / "catalog.db").execute("SELECT count(*) FROM queries").fetchone()[0] == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_read_only_catalog(project, cli_run):  # pragma: no cover - CI runs as root
+    project.close()
+    os.chmod(project.root / "catalog.db", 0o444)
+    code, _, err = cli_run("query", "add", project.root, "the old town", "river")
+    _one_line_error(code, err)
+
+
+def test_read_only_catalog_via_uri(project):
+    """Root ignores permissions, so open read-only explicitly: writes fail with a clear error."""
+    from inflq import catalog
+
+    project.close()
+    db = catalog.connect(project.root / "catalog.db", readonly=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        db["queries"].insert({"prompt": "x"})
+
+
+def test_not_a_project(tmp_path, cli_run):
+    code, _, err = cli_run("query", "list", tmp_path)
+    _one_line_error(code, err)
+    assert "not an inflq project" in err
+    code, _, err = cli_run("query", "list", tmp_path / "missing")
+    _one_line_error(code, err)
+
+
+def test_changed_model_is_detected(tmp_path, corpus_file, cli_run):
+    m = make_model_dir(tmp_path / "m", "gpt2", seed=1)
+    proj = tmp_path / "p"
+    assert cli_run("init", proj, "--model", m, "--corpus", corpus_file)[0] == 0
+    cli_run("query", "add", proj, "the old town", "river")
+    make_model_dir(tmp_path / "m", "gpt2", seed=2)  # different weights in place
+    code, _, err = cli_run("run", proj, "--estimator", "identity")
+    _one_line_error(code, err)
+    assert "differs" in err
+
+
+def test_changed_corpus_is_detected(project, cli_run):
+    project.add_query("default", "the old town", "river")
+    with open(project.corpus_path, "a") as f:
+        f.write(json.dumps({"id": "new", "text": "a new red bird"}) + "\n")
+    project.close()
+    code, _, err = cli_run("run", project.root, "--estimator", "identity")
+    _one_line_error(code, err)
+    assert "corpus rebuild" in err
+    assert cli_run("corpus", "rebuild", project.root)[0] == 0
+    assert cli_run("run", project.root, "--estimator", "identity")[0] == 0
+
+
+def test_model_and_corpus_formats(tmp_path, cli_run):
+    for arch in ("llama", "gpt_neox"):
+        m = make_model_dir(tmp_path / arch, arch)
+        c = tmp_path / f"{arch}.txt"
+        c.write_text("the red cat runs .\n\nthe blue bird sings in the old town .\n\nwe walk by the river .")
+        proj = tmp_path / f"p-{arch}"
+        code, out, err = cli_run("init", proj, "--model", m, "--corpus", c)
+        assert code == 0, err
+        assert "3 training sequences" in out
+        assert cli_run("query", "add", proj, "the red cat", "runs")[0] == 0
+        code, out, err = cli_run("run", proj, "--estimator", "ekfac", "--rank", "full")
+        assert code == 0, err
+    from inflq.project import Project
+
+    p = Project.open(tmp_path / "p-llama")
+    assert p.config.add_bos  # Llama's tokenizer adds BOS; sequences start with it
+    assert p.corpus.get(0)[0] == p.tokenizer.bos_token_id
+    q = p.tokenize_query("the red cat", "runs")
+    assert q.tokens[0] == p.tokenizer.bos_token_id and list(q.tokens).count(p.tokenizer.bos_token_id) == 1
+
+
+def test_long_documents_are_chunked(tmp_path, gpt2_dir, cli_run):
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"id": "long", "text": " ".join(["the red cat runs ."] * 20)}) + "\n")
+    proj = tmp_path / "p"
+    assert cli_run("init", proj, "--model", gpt2_dir, "--corpus", c, "--max-length", "16")[0] == 0
+    from inflq.project import Project
+
+    p = Project.open(proj)
+    ids = [r["seq_id"] for r in p.db["sequences"].rows_where(order_by="idx")]
+    assert ids == [f"long:{i}" for i in range(len(ids))] and len(ids) == 7  # 100 tokens / 16
+    assert all(len(p.corpus.get(i)) <= 16 for i in range(len(ids)))
