@@ -246,9 +246,8 @@ def search_depth_command(project, investigation, result_set, query_ids, m, repea
     """How many unfiltered sequences must be searched to find influences as large as the TF-IDF
     candidates' (the paper's search depth). Scores are positive when a sequence makes the
     completion more likely."""
-    from inflq.search_depth import search_depth_for_result_set
-
     from inflq.project import Project
+    from inflq.search_depth import search_depth_for_result_set
 
     try:
         proj = Project.open(project)
@@ -268,17 +267,21 @@ def search_depth_command(project, investigation, result_set, query_ids, m, repea
 
 
 def _plot(r) -> str:
-    import plotext as plt
+    """The curve in the terminal (x: log10 of the sequences searched; the horizontal line is the
+    TF-IDF candidates' top-m mean, the vertical one the estimate)."""
+    import plotext
 
-    plt.clear_figure()
-    plt.plot_size(72, 18)
-    plt.xscale("log")
-    plt.plot([float(s) for s in r.sizes], [float(v) for v in r.statistic], label="random unfiltered sample", marker="dot")
-    xs = [float(r.sizes[0]), float(max(r.sizes[-1], r.estimate or r.sizes[-1]))]
-    plt.plot(xs, [r.target, r.target], label=f"TF-IDF candidates (top-{r.m} mean)")
-    if r.estimate is not None:
-        plt.vertical_line(float(r.estimate))
-    plt.title(f"query {r.query_id}: search depth")
-    plt.xlabel("sequences searched")
-    plt.ylabel(f"mean of top {r.m} influences")
-    return plt.build()
+    try:
+        fig = plotext.figure
+        fig.clear()
+        fig.plot_size(72, 18)
+        x = [float(v) for v in np.log10(r.sizes)]
+        fig.draw(fig.signal(x, [float(v) for v in r.statistic], marker="dot"))
+        fig.line(float(r.target))
+        if r.estimate is not None and r.estimate > 0:
+            fig.line(float(np.log10(r.estimate)), orientation="vertical")
+        fig.title(f"query {r.query_id}: unfiltered top-{r.m} mean vs. TF-IDF candidates (horizontal line)")
+        fig.label("log10(sequences searched)", "x")
+        return fig.build().string(colorless=True)
+    except Exception as exc:  # plotext's API changes between majors; the table above has the data
+        return f"(no plot: plotext {getattr(plotext, '__version__', '')} failed: {exc})"
