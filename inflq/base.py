@@ -6,7 +6,7 @@ it is registered through a hook in :mod:`inflq.hookspecs`. See ``docs/plugins.md
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .engine import GradientEngine, TrackedModule
+from .engine import Batch, GradientEngine, TrackedModule, make_batch
 from .options import Option, resolve_options
 from .passes import Pass, Shard
 from .progress import Monitor
@@ -49,10 +49,26 @@ class FitContext:
     num_sequences: int
     seed: int
     monitor: Monitor
+    indices: np.ndarray | None = None
+    sequences: Callable[[np.ndarray], list[np.ndarray]] | None = None
+    pad_id: int = 0
+    project: Any = None
 
     @property
     def tracked(self) -> list[TrackedModule]:
         return self.engine.tracked
+
+    def batches(self, batch_size: int, seed: int | None = None) -> Iterator[Batch]:
+        """Endless shuffled mini-batches of the fitting data (for iterative estimators such as LiSSA)."""
+        if self.indices is None or self.sequences is None:
+            raise RuntimeError("this context carries no fitting data")
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        while True:
+            order = rng.permutation(self.indices)
+            for s in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+                chunk = order[s : s + batch_size]
+                seeds = [int(x) for x in rng.integers(0, 2**62, size=len(chunk))]
+                yield make_batch(self.sequences(chunk), self.pad_id, self.engine.device, sample_seeds=seeds)
 
 
 class Estimator(Plugin):
@@ -81,6 +97,10 @@ class Estimator(Plugin):
 
     def load_factors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+    def prepare(self, ctx: FitContext) -> None:
+        """Called before preconditioning on every run, after factors are fitted or loaded.
+        Estimators that need the model and fitting data at precondition time (LiSSA) keep ``ctx``."""
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

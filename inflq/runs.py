@@ -66,6 +66,20 @@ class LocalWorker:
         return run_shard(self.engine, self.corpus.many, pass_, shard, self.pad_id, batch_size, monitor)
 
 
+_WORKERS: dict[str, LocalWorker] = {}
+
+
+def build_worker(spec: dict[str, Any]) -> LocalWorker:
+    """Rebuild (once per process) the worker context that :func:`worker_spec` describes, e.g. on
+    a remote executor's worker. The project folder and model path must be readable there."""
+    key = json.dumps(spec, sort_keys=True)
+    if key not in _WORKERS:
+        project = Project.open(spec["root"])
+        project.set_runtime(spec.get("device"), spec.get("dtype"))
+        _WORKERS[key] = LocalWorker(project, project.engine(spec.get("modules")))
+    return _WORKERS[key]
+
+
 def worker_spec(project: Project, modules: str | None) -> dict[str, Any]:
     """A picklable description from which a remote worker can rebuild the local context."""
     return {
@@ -113,10 +127,22 @@ def ensure_factors(
     monitor: Monitor,
 ) -> int | None:
     """Load the estimator's cached factors, or fit and cache them. Returns the factor set id."""
-    if not estimator.fits_factors:
-        return None
     store = project.corpus
     indices = _fit_indices(len(store), settings.fit_sequences, settings.seed)
+    worker = LocalWorker(project, engine)
+
+    def run_pass(pass_: Pass) -> dict[str, torch.Tensor]:
+        parts: list[dict[str, torch.Tensor]] = []
+        monitor.start(pass_.phase, len(indices))
+        pass_.seed = settings.seed
+        job = Job(pass_, worker_spec(project, settings.modules), settings.batch_size, local=worker)
+        executor.map(job, make_shards(indices, settings.shard_size), lambda shard, out: parts.append(out), monitor)
+        return combine_results(pass_.combine, parts)
+
+    ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.pad_id, project=project)
+    if not estimator.fits_factors:
+        estimator.prepare(ctx)
+        return None
     data_fp = hashlib.sha256(store.fingerprint.encode() + indices.tobytes()).hexdigest()[:32]
     key_src = {
         "estimator": estimator.name,
@@ -131,6 +157,7 @@ def ensure_factors(
     row = next(project.db["factor_sets"].rows_where("key = ?", [key]), None)
     if row is not None and not settings.refit:
         estimator.load_factors(load_tensors(project.root, row["path"], row["checksum"], "factor artifact"))
+        estimator.prepare(ctx)
         return row["id"]
     tokens = int(store.lengths()[indices].sum())
     widest = max(max(t.in_dim, t.out_features) for t in engine.tracked)
@@ -138,31 +165,22 @@ def ensure_factors(
         monitor.warn(
             f"only {tokens} fitting tokens for covariances up to {widest} wide; factors will be unstable: fit on more data (--fit-sequences)"
         )
-    shards = make_shards(indices, settings.shard_size)
-    worker = LocalWorker(project, engine)
-
-    def run_pass(pass_: Pass) -> dict[str, torch.Tensor]:
-        parts: list[dict[str, torch.Tensor]] = []
-        monitor.start(pass_.phase, len(indices))
-        pass_.seed = settings.seed
-        job = Job(pass_, worker_spec(project, settings.modules), settings.batch_size, local=worker)
-        executor.map(job, shards, lambda shard, out: parts.append(out), monitor)
-        return combine_results(pass_.combine, parts)
-
     started = time.perf_counter()
-    tensors = estimator.fit(FitContext(engine, run_pass, len(indices), settings.seed, monitor))
+    tensors = estimator.fit(ctx)
     seconds = time.perf_counter() - started
     rel = f"{ARTIFACTS}/factors/{estimator.name}-{key}.safetensors"
     checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True)})
     with project.db.atomic():
         if row is not None:
             project.db.execute("DELETE FROM factor_sets WHERE id = ?", [row["id"]])
-        return project.db["factor_sets"].insert({
+        fs_id = project.db["factor_sets"].insert({
             "key": key, "estimator": estimator.name, "settings": json.dumps(estimator.factor_settings(), sort_keys=True),
             "modules": json.dumps(engine.names), "model_fingerprint": project.model_fingerprint, "data_fingerprint": data_fp,
             "num_sequences": len(indices), "seed": settings.seed, "path": rel, "checksum": checksum, "seconds": seconds,
             "created_at": catalog.now(),
         }).last_pk
+    estimator.prepare(ctx)
+    return fs_id
 
 
 def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
