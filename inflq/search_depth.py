@@ -86,7 +86,6 @@ def search_depth(
     sizes: list[int] | None = None,
     repeats: int = 20,
     seed: int = 0,
-    fit_points: int = 4,
 ) -> SearchDepth:
     """The search-depth curve and estimate for one query.
 
@@ -96,7 +95,9 @@ def search_depth(
     the unfiltered scores are drawn and the mean of their top-``m`` means is recorded. The estimate
     is where the curve reaches the candidates' top-``m`` mean: interpolated linearly in log(size)
     between the two sizes around it, or, if the largest size falls short, extrapolated along a
-    least-squares line in log(size) through the last ``fit_points`` points.
+    least-squares line in log(size) through the sizes from ``2m`` to half the sample. Each doubling
+    extrapolated adds noise: on exponential scores, 2 doublings past a 4,096 sample land within a
+    factor of 2; confirm a far extrapolation with a larger random sample.
     """
     if m < 1:
         raise InflqError("search depth: top-m must be at least 1")
@@ -138,8 +139,15 @@ def search_depth(
             return SearchDepth(**common, estimate=float(sizes[0]), extrapolated=False, reached_at_smallest=True)
         frac = (target - y[i - 1]) / (y[i] - y[i - 1])
         return SearchDepth(**common, estimate=float(np.exp(x[i - 1] + frac * (x[i] - x[i - 1]))), extrapolated=False)
-    k = min(len(sizes), max(2, fit_points))
-    slope, intercept = np.polyfit(x[-k:], y[-k:], 1)
+    # Subsamples of more than half the sample share most of its top scores, so the curve flattens
+    # there for no reason but the sample's finiteness; fit the part below (and above m, where a
+    # top-m mean is still a mean of everything).
+    sizes_a = np.asarray(sizes)
+    fit = (sizes_a >= 2 * m) & (sizes_a <= n // 2)
+    if fit.sum() < 2:
+        fit = np.zeros(len(sizes), dtype=bool)
+        fit[-2:] = True
+    slope, intercept = np.polyfit(x[fit], y[fit], 1)
     if not slope > 0:
         return SearchDepth(**common, estimate=None, extrapolated=True,
                            note="the unfiltered curve does not grow with the sample size, so the depth cannot be extrapolated; score a larger random sample")
