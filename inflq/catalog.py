@@ -142,6 +142,18 @@ def m0001_initial(db: sqlite_utils.Database) -> None:
     db["file_hashes"].create({"path": str, "size": int, "mtime_ns": int, "sha256": str}, pk="path")
 
 
+@migrations(name="0004_fit_shards")
+def m0004_fit_shards(db: sqlite_utils.Database) -> None:
+    # A factor-fitting pass's partial sums, one row per committed shard, so that a run killed
+    # during fitting resumes there. ``pass_key`` is "<pass number>:<phase>"; ``factor_key`` is the
+    # factor set being fitted (shards of another key are stale and ignored).
+    db["fit_shards"].create(
+        {"run_id": int, "pass_key": str, "shard": int, "n": int, "factor_key": str, "path": str, "checksum": str, "seconds": float},
+        pk=("run_id", "pass_key", "shard"),
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 

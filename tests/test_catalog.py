@@ -23,6 +23,7 @@ EXPECTED = {
     "results": ["result_set_id", "query_id", "side", "rank", "seq_idx", "seq_id", "score", "module_scores", "layer_scores", "text"],
     "sequence_tags": ["id", "investigation_id", "seq_id", "tag", "note", "created_at"],
     "file_hashes": ["path", "size", "mtime_ns", "sha256"],
+    "fit_shards": ["run_id", "pass_key", "shard", "n", "factor_key", "path", "checksum", "seconds"],
     "_sqlite_migrations": ["id", "migration_set", "name", "applied_at"],
 }
 
@@ -33,13 +34,15 @@ def test_schema_is_exact(tmp_path):
     for table, cols in EXPECTED.items():
         assert [c.name for c in db[table].columns] == cols, table
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [m.name for m in catalog.migrations.applied(db)] == ["0001_initial"]
+    applied = [m.name for m in catalog.migrations.applied(db)]
+    assert applied[0] == "0001_initial" and "0004_fit_shards" in applied
+    assert applied == [m.name for m in catalog.migrations._migrations]
 
 
 def test_reopen_applies_nothing_twice(tmp_path):
     catalog.connect(tmp_path / "c.db", create=True).conn.close()
     db = catalog.connect(tmp_path / "c.db")
-    assert len(catalog.migrations.applied(db)) == 1
+    assert len(catalog.migrations.applied(db)) == len(catalog.migrations._migrations)
 
 
 def test_newer_catalog_is_refused_and_untouched(tmp_path):
