@@ -73,6 +73,12 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
+def _weighted_leaf(module: nn.Module) -> bool:
+    """A leaf module with a matrix (or larger) weight: a layer that a Gauss-Newton block would need."""
+    w = getattr(module, "weight", None)
+    return not any(True for _ in module.children()) and isinstance(w, torch.Tensor) and w.dim() >= 2
+
+
 def layer_index(name: str) -> int | None:
     """The transformer block a module belongs to: the first integer in its dotted name."""
     m = _LAYER.search("." + name)
@@ -99,22 +105,27 @@ def select_modules(model: nn.Module, modules: str | Sequence[str] | None = None)
         wanted = False
         for p in patterns:
             if p in PRESETS:
-                in_block = layer_index(name) is not None
-                wanted |= in_block and shape is not None and (
+                wanted |= layer_index(name) is not None and (
                     p == "all" or (p == "mlp" and bool(_MLP.search(name))) or (p == "attention" and bool(_ATTN.search(name)))
                 )
             elif fnmatch.fnmatchcase(name, p):
-                if shape is None:
-                    if any(True for _ in mod.children()):
-                        continue  # a container matched by a broad glob; its children decide
-                    raise InflqError(
-                        f"module {name} matches {p!r} but is a {type(mod).__name__}; inflq tracks linear "
-                        "layers only (nn.Linear, GPT-2 Conv1D): narrow the pattern"
-                    )
                 wanted = True
-        if wanted and shape is not None:
-            in_f, out_f, bias = shape
-            chosen.append(TrackedModule(name, mod, in_f, out_f, bias, layer_index(name)))
+                if shape is None and not any(ch in p for ch in "*?["):
+                    raise InflqError(
+                        f"module {name} is a {type(mod).__name__}; inflq tracks linear layers only (nn.Linear, GPT-2 Conv1D): "
+                        "choose linear modules"
+                    )
+        if not wanted:
+            continue
+        if shape is None:
+            if _weighted_leaf(mod) and not isinstance(mod, nn.Embedding):
+                raise InflqError(
+                    f"module {name} is a {type(mod).__name__}, a layer type inflq cannot track (only nn.Linear and GPT-2 "
+                    "Conv1D); exclude it with narrower --modules patterns"
+                )
+            continue  # norms, dropout, activations and containers carry no Gauss-Newton block here
+        in_f, out_f, bias = shape
+        chosen.append(TrackedModule(name, mod, in_f, out_f, bias, layer_index(name)))
     if not chosen:
         examples = [n for n, m in named if _linear_shape(m) is not None][:4]
         raise InflqError(

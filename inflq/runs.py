@@ -39,7 +39,6 @@ class RunSettings:
     seed: int = 0
     batch_size: int = 8
     shard_size: int = 512
-    query_batch: int = 64
     refit: bool = False
 
     def to_json(self) -> str:
@@ -125,19 +124,49 @@ def ensure_factors(
     executor: Executor,
     settings: RunSettings,
     monitor: Monitor,
+    run_id: int | None = None,
 ) -> int | None:
-    """Load the estimator's cached factors, or fit and cache them. Returns the factor set id."""
+    """Load the estimator's cached factors, or fit and cache them. Returns the factor set id.
+
+    With a ``run_id``, each shard's partial sums of every fitting pass are committed as they
+    arrive (``fit_shards``), so a run killed during fitting resumes from its last committed shard.
+    Shards are always reduced in shard order, so a resumed fit equals an uninterrupted one."""
     store = project.corpus
     indices = _fit_indices(len(store), settings.fit_sequences, settings.seed)
     worker = LocalWorker(project, engine)
+    factor_key: str | None = None  # set below once the factors' cache key is known
+    pass_count = [0]
 
     def run_pass(pass_: Pass) -> dict[str, torch.Tensor]:
-        parts: list[dict[str, torch.Tensor]] = []
-        monitor.start(pass_.phase, len(indices))
+        pass_key = f"{pass_count[0]}:{pass_.phase}"
+        pass_count[0] += 1
         pass_.seed = settings.seed
+        shards = make_shards(indices, settings.shard_size)
+        parts: dict[int, dict[str, torch.Tensor]] = {}
+        committing = run_id is not None and factor_key is not None
+        if committing:
+            for r in project.db["fit_shards"].rows_where("run_id = ? AND pass_key = ?", [run_id, pass_key]):
+                if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]]):
+                    parts[r["shard"]] = load_tensors(project.root, r["path"], r["checksum"], "fitting shard")
+        monitor.start(pass_.phase, len(indices))
+        monitor.advance(sum(len(shards[i]) for i in parts))
+
+        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+            parts[shard.index] = out
+            if committing:
+                rel = f"{ARTIFACTS}/runs/{run_id}/fit-{pass_key.split(':')[0]}-{shard.index:06d}.safetensors"
+                checksum = save_tensors(project.root, rel, out)
+                with project.db.atomic():
+                    project.db["fit_shards"].upsert({
+                        "run_id": run_id, "pass_key": pass_key, "shard": shard.index, "n": len(shard),
+                        "factor_key": factor_key, "path": rel, "checksum": checksum, "seconds": 0.0,
+                    }, pk=("run_id", "pass_key", "shard"))
+
         job = Job(pass_, worker_spec(project, settings.modules), settings.batch_size, local=worker)
-        executor.map(job, make_shards(indices, settings.shard_size), lambda shard, out: parts.append(out), monitor)
-        return combine_results(pass_.combine, parts)
+        executor.map(job, [s for s in shards if s.index not in parts], on_result, monitor)
+        if len(parts) != len(shards):
+            raise InflqError(f"the executor returned {len(parts)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
+        return combine_results(pass_.combine, [parts[i] for i in sorted(parts)])
 
     ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.pad_id, project=project)
     if not estimator.fits_factors:
@@ -154,6 +183,7 @@ def ensure_factors(
         "dtype": str(next(engine.model.parameters()).dtype),
     }
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
+    factor_key = key
     row = next(project.db["factor_sets"].rows_where("key = ?", [key]), None)
     if row is not None and not settings.refit:
         estimator.load_factors(load_tensors(project.root, row["path"], row["checksum"], "factor artifact"))
@@ -179,6 +209,12 @@ def ensure_factors(
             "num_sequences": len(indices), "seed": settings.seed, "path": rel, "checksum": checksum, "seconds": seconds,
             "created_at": catalog.now(),
         }).last_pk
+        if run_id is not None:
+            stale = [r["path"] for r in project.db["fit_shards"].rows_where("run_id = ?", [run_id])]
+            project.db.execute("DELETE FROM fit_shards WHERE run_id = ?", [run_id])
+    if run_id is not None:  # the factor set now holds what the fitting shards were kept for
+        for rel_path in stale:
+            (project.root / rel_path).unlink(missing_ok=True)
     estimator.prepare(ctx)
     return fs_id
 
@@ -237,8 +273,10 @@ def run_investigation(
     settings: RunSettings | None = None,
     monitor: Monitor | None = None,
     resume: int | None = None,
+    executor: str | None = None,
 ) -> RunResult:
-    """Score the investigation's queries against the candidates. ``resume``: a run id to continue."""
+    """Score the investigation's queries against the candidates. ``resume``: a run id to continue.
+    ``executor``: an executor spec that overrides the settings' (e.g. to resume a run elsewhere)."""
     monitor = monitor or Monitor()
     if resume is not None:
         row = next(project.db["runs"].rows_where("id = ?", [resume]), None)
@@ -252,6 +290,8 @@ def run_investigation(
     else:
         settings = settings or RunSettings()
         run_id = None
+    if executor is not None:  # where shards run never changes their result
+        settings.executor = executor
     project.require_model()
     queries = project.queries(investigation)
     if not queries:
@@ -264,14 +304,14 @@ def run_investigation(
         run_id = start_run(project, investigation, settings)
     else:
         with project.db.atomic():
-            project.db["runs"].update(run_id, {"status": "running", "error": None})
+            project.db["runs"].update(run_id, {"status": "running", "error": None, "executor": settings.executor, "settings": settings.to_json()})
     monitor.on_progress = _record_progress(project, run_id, monitor, monitor.on_progress)
     started = time.perf_counter()
     phases: dict[str, float] = {}
     try:
         engine = project.engine(settings.modules)
         t = time.perf_counter()
-        factor_set = ensure_factors(project, estimator, engine, executor, settings, monitor)
+        factor_set = ensure_factors(project, estimator, engine, executor, settings, monitor, run_id=run_id)
         phases["factors"] = time.perf_counter() - t
         with project.db.atomic():
             project.db["runs"].update(run_id, {"factor_set_id": factor_set})

@@ -8,6 +8,7 @@ import sqlite3
 
 import numpy as np
 import pytest
+
 from helpers import make_model_dir
 
 
@@ -101,8 +102,9 @@ def test_missing_model_folder(tmp_path, corpus_file, cli_run):
 
 
 def test_non_causal_model(tmp_path, corpus_file, cli_run):
-    from helpers import make_tokenizer
     from transformers import DistilBertConfig, DistilBertModel
+
+    from helpers import make_tokenizer
 
     d = tmp_path / "bert"
     DistilBertModel(DistilBertConfig(vocab_size=60, dim=8, hidden_dim=16, n_layers=1, n_heads=2)).save_pretrained(d)

@@ -1,0 +1,138 @@
+"""Tracked-module selection, factor caching, and the engine's bad-input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import make_model_dir
+from inflq.engine import select_modules
+from inflq.errors import InflqError, NumericalError
+from inflq.modeling import load_model
+from inflq.progress import Monitor
+from inflq.runs import RunSettings, run_investigation
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {a: load_model(make_model_dir(root / a, a), torch.device("cpu"), torch.float32) for a in ("gpt2", "llama", "gpt_neox")}
+
+
+def names(model, spec):
+    return [t.name for t in select_modules(model, spec)]
+
+
+def test_gpt2_presets_track_conv1d_natively(models):
+    m = models["gpt2"]
+    assert names(m, "all") == [f"transformer.h.{i}.{n}" for i in range(2) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert names(m, "mlp") == [f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")]
+    assert names(m, "attention") == [f"transformer.h.{i}.attn.{n}" for i in range(2) for n in ("c_attn", "c_proj")]
+    tm = select_modules(m, "transformer.h.0.mlp.c_fc")[0]
+    assert (tm.in_features, tm.out_features, tm.bias, tm.layer) == (16, 64, True, 0)  # Conv1D weight is (in, out)
+
+
+def test_llama_and_neox_presets(models):
+    llama = names(models["llama"], "all")
+    assert "lm_head" not in llama and not any("embed" in n for n in llama)
+    assert names(models["llama"], "mlp") == [f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj")]
+    assert len(names(models["llama"], "attention")) == 8
+    neox = names(models["gpt_neox"], "all")
+    assert "embed_out" not in neox
+    assert names(models["gpt_neox"], "mlp") == [f"gpt_neox.layers.{i}.mlp.{n}" for i in range(2) for n in ("dense_h_to_4h", "dense_4h_to_h")]
+
+
+def test_glob_patterns_and_errors(models):
+    m = models["gpt2"]
+    assert names(m, "transformer.h.1.*") == ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    with pytest.raises(InflqError, match="no linear module matches"):
+        select_modules(m, "decoder.*")
+    with pytest.raises(InflqError, match="tracks linear layers only"):
+        select_modules(m, "transformer.wte")
+    with pytest.raises(InflqError, match="tracks linear layers only"):
+        select_modules(m, "transformer.h.0.ln_1")
+
+
+def test_unsupported_layer_type_among_selected(models):
+    class Odd(torch.nn.Module):  # a weight-bearing layer inflq has no Gauss-Newton block for
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4, 4))
+
+    model = models["gpt2"]
+    model.transformer.h[1].mlp.odd = Odd()
+    try:
+        with pytest.raises(InflqError, match="cannot track"):
+            select_modules(model, "mlp")
+        assert len(select_modules(model, "attention")) == 4  # unaffected elsewhere
+    finally:
+        del model.transformer.h[1].mlp.odd
+
+
+def test_factors_are_cached_reused_and_verified(project):
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None))
+    assert project.db["factor_sets"].count == 1
+    fs = next(project.db["factor_sets"].rows)
+    mtime = (project.root / fs["path"]).stat().st_mtime_ns
+    r2 = run_investigation(project, "default", RunSettings(estimator="ekfac:damping_factor=0.5", rank=None))
+    assert project.db["factor_sets"].count == 1  # damping does not change the factors: reused
+    assert (project.root / fs["path"]).stat().st_mtime_ns == mtime
+    assert r2.phases["factors"] < 1.0
+    # a corrupted artifact is an error naming it, never silently recomputed
+    path = project.root / fs["path"]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(InflqError, match="fails its checksum"):
+        run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None))
+    run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None, refit=True))
+    assert project.db["factor_sets"].count == 1
+    run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None))  # verifies again
+
+
+def test_different_seed_or_sample_is_a_different_factor_set(project):
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    run_investigation(project, "default", RunSettings(estimator="kfac", seed=1))
+    run_investigation(project, "default", RunSettings(estimator="kfac", seed=2))
+    run_investigation(project, "default", RunSettings(estimator="kfac", seed=2, fit_sequences=10))
+    assert project.db["factor_sets"].count == 3
+
+
+def test_too_few_fitting_tokens_warns(project):
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    monitor = Monitor()
+    run_investigation(project, "default", RunSettings(estimator="ekfac", fit_sequences=1), monitor)
+    assert any("fitting tokens" in w for w in monitor.warnings)
+
+
+def test_query_longer_than_context(project):
+    with pytest.raises(InflqError, match="longer than the model's context"):
+        project.add_query("default", " ".join(["the red cat"] * 20), "runs")
+
+
+def test_non_finite_gradients_are_reported(project):
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    model = project.model
+    block = model.transformer.h[0].mlp.c_fc
+    handle = block.register_forward_hook(lambda mod, args, out: out * torch.tensor(float("inf")))
+    try:
+        with pytest.raises(NumericalError, match="not finite"):
+            run_investigation(project, "default", RunSettings(estimator="identity"))
+    finally:
+        handle.remove()
+    status = project.db.execute("SELECT status, error FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    assert status[0] == "failed" and "dtype" in status[1]
+
+
+def test_self_influence_matches_definition(project):
+    """Self-influence through the identity estimator is the squared gradient norm."""
+    from inflq.engine import make_batch
+    from inflq.results import self_influence
+
+    idx, vals = self_influence(project, "identity", indices=np.array([0, 3]))
+    engine = project.engine()
+    for i, v in zip(idx, vals):
+        g = engine.sequence_gradients(make_batch([project.corpus.get(int(i))], project.pad_id))
+        assert v == pytest.approx(sum(float((t**2).sum()) for t in g.values()), rel=1e-4)
