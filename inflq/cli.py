@@ -29,8 +29,13 @@ def _console(stderr: bool = False):
 
 def _open(path: str):
     from .project import Project
+    from .trust import load_project_plugins, untrusted_notice
 
-    return Project.open(path)
+    project = Project.open(path)
+    untrusted = load_project_plugins(project)  # only if the user trusted this folder
+    if untrusted:
+        click.echo(f"note: {untrusted_notice(project, untrusted)}", err=True)
+    return project
 
 
 @contextmanager
@@ -551,6 +556,11 @@ def _load_plugin_commands() -> None:
     except Exception as exc:  # a plugin's commands must not break the CLI
         print(f"warning: a plugin failed to add commands: {exc}", file=sys.stderr)
 
+
+from .sharing_cli import COMMANDS as _SHARING_COMMANDS  # noqa: E402 (pack, unpack, trust, untrust, check)
+
+for _command in _SHARING_COMMANDS:
+    cli.add_command(_command)
 
 _load_plugin_commands()
 

@@ -1,0 +1,294 @@
+"""Checking a project's artifacts against the checksums in its catalog, saying which results
+depend on a missing or altered one, and recomputing what can be recomputed (``inflq check``).
+
+A damaged artifact is never used silently: :func:`inflq.artifacts.load_tensors` refuses it, and
+this module finds all of them at once and says what they affect.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import InflqError
+from .modeling import sha256_file
+from .progress import Monitor
+
+
+@dataclass
+class Artifact:
+    """A file the catalog references. ``owner`` says which row: (table, id[, detail])."""
+
+    kind: str
+    path: str
+    checksum: str | None
+    owner: tuple
+
+
+@dataclass
+class Problem:
+    artifact: Artifact
+    problem: str  # "missing", "checksum" or "unreadable"
+    affected: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        what = {"missing": "is missing", "checksum": "fails its checksum", "unreadable": "cannot be read"}[self.problem]
+        aff = "; affects " + ", ".join(self.affected) if self.affected else ""
+        return f"{self.artifact.kind} {self.artifact.path} {what}{aff}"
+
+
+def _conn(db) -> sqlite3.Connection:
+    return getattr(db, "conn", db)
+
+
+def _rows(db, sql: str, args=()) -> list[dict]:
+    cur = _conn(db).execute(sql, args)
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+def referenced_artifacts(db) -> list[Artifact]:
+    """Every artifact file the catalog (a sqlite-utils Database or a sqlite3 connection) references."""
+    out: list[Artifact] = []
+    for r in _rows(db, "SELECT id, estimator, path, checksum FROM factor_sets ORDER BY id"):
+        out.append(Artifact("factor set", r["path"], r["checksum"], ("factor_sets", r["id"])))
+    for r in _rows(db, "SELECT run_id, shard, path, checksum FROM run_shards ORDER BY run_id, shard"):
+        out.append(Artifact("score shard", r["path"], r["checksum"], ("run_shards", r["run_id"], r["shard"])))
+    for r in _rows(db, "SELECT id, run_id, scores_path, scores_checksum, queries_path, queries_checksum FROM result_sets ORDER BY id"):
+        if r["scores_path"]:
+            out.append(Artifact("score matrix", r["scores_path"], r["scores_checksum"], ("result_sets", r["id"], "scores")))
+        if r["queries_path"]:
+            out.append(Artifact("query gradients", r["queries_path"], r["queries_checksum"], ("result_sets", r["id"], "queries")))
+    # Candidates carry no checksum in the catalog; they must at least exist and read once scoring began.
+    for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id"):
+        out.append(Artifact("candidate list", f"artifacts/runs/{r['run_id']}/candidates.safetensors", None, ("runs", r["run_id"], "candidates")))
+    return out
+
+
+def _affected(db, art: Artifact) -> list[str]:
+    table, key = art.owner[0], art.owner[1]
+    if table == "factor_sets":
+        runs = [r["id"] for r in _rows(db, "SELECT id FROM runs WHERE factor_set_id = ? ORDER BY id", [key])]
+        sets = [r["id"] for r in _rows(db, f"SELECT id FROM result_sets WHERE run_id IN ({','.join('?' * len(runs))}) ORDER BY id", runs)] if runs else []
+        out = [f"run {r}" for r in runs] + [f"result set {s} (attribution and probes)" for s in sets]
+        return out or ["no run (refit on the next run that needs it)"]
+    if table == "result_sets":
+        rs = _rows(db, "SELECT run_id FROM result_sets WHERE id = ?", [key])
+        use = "export and score distributions" if art.owner[2] == "scores" else "attribution and probes"
+        return [f"result set {key} ({use}; its top sequences stay browsable)"] + ([f"run {rs[0]['run_id']}"] if rs else [])
+    run = _rows(db, "SELECT id, status FROM runs WHERE id = ?", [key])
+    status = run[0]["status"] if run else "deleted"
+    return [f"run {key} ({status}{'; resuming it' if status != 'done' else ''})"]
+
+
+def _verify(root: Path, art: Artifact) -> str | None:
+    path = Path(root) / art.path
+    if not path.is_file():
+        return "missing"
+    if art.checksum is not None:
+        return None if sha256_file(path) == art.checksum else "checksum"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            list(f.keys())
+    except Exception:
+        return "unreadable"
+    return None
+
+
+def check(project, monitor: Monitor | None = None) -> list[Problem]:
+    """Verify every referenced artifact and the token store; returns the problems found."""
+    monitor = monitor or Monitor()
+    arts = referenced_artifacts(project.db)
+    problems = []
+    monitor.start("checking", len(arts))
+    for art in arts:
+        monitor.check()
+        bad = _verify(project.root, art)
+        if bad:
+            problems.append(Problem(art, bad, _affected(project.db, art)))
+        monitor.advance(1)
+    store = _store_problem(project)
+    if store:
+        problems.append(store)
+    return problems
+
+
+def _store_problem(project) -> Problem | None:
+    from .corpus import CorpusStore
+    from .project import CORPUS_DIR
+
+    folder = project.root / CORPUS_DIR
+    art = Artifact("token store", CORPUS_DIR, None, ("sequences", None))
+    if not folder.exists():
+        return Problem(art, "missing", ["every run, attribution and export (rebuilt from the corpus file)"])
+    try:
+        store = CorpusStore(folder)
+    except InflqError:
+        return Problem(art, "unreadable", ["every run, attribution and export"])
+    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != project.db["sequences"].count:
+        return Problem(art, "checksum", ["every run, attribution and export"])
+    return None
+
+
+# -- repair ---------------------------------------------------------------------------------------
+def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> list[str]:
+    """Recompute what ``problems`` name, where possible. Returns one line per action or refusal."""
+    from .runs import RunSettings
+
+    monitor = monitor or Monitor()
+    notes: list[str] = []
+    if any(p.artifact.kind == "token store" for p in problems):
+        if not project.corpus_path.exists():
+            notes.append(f"cannot rebuild the token store: the corpus {project.corpus_path} is missing; `inflq relink {project.root} --corpus FILE` first")
+        else:
+            project.rebuild_corpus(monitor)
+            notes.append("rebuilt the token store from the corpus")
+    project.require_model()
+    for p in problems:
+        if p.artifact.owner[0] == "factor_sets":
+            notes.append(_refit(project, p.artifact.owner[1], monitor))
+    runs: dict[int, list[Problem]] = {}
+    for p in problems:
+        table = p.artifact.owner[0]
+        if table in ("run_shards", "runs"):
+            runs.setdefault(p.artifact.owner[1], []).append(p)
+        elif table == "result_sets":
+            rs = project.db["result_sets"].get(p.artifact.owner[1])
+            runs.setdefault(rs["run_id"], []).append(p)
+    for run_id, probs in sorted(runs.items()):
+        row = next(project.db["runs"].rows_where("id = ?", [run_id]), None)
+        if row is None:
+            notes.append(f"run {run_id} no longer exists; nothing to recompute")
+            continue
+        settings = RunSettings(**json.loads(row["settings"]))
+        if row["status"] != "done":
+            notes.append(_resume(project, row, probs, monitor))
+        else:
+            notes.append(_recompute_done_run(project, row, settings, probs, monitor))
+    return notes
+
+
+def _run_using(project, factor_set_id: int) -> dict | None:
+    return next(project.db["runs"].rows_where("factor_set_id = ?", [factor_set_id], order_by="id desc"), None)
+
+
+def _refit(project, fs_id: int, monitor: Monitor) -> str:
+    from .runs import RunSettings, ensure_factors, make_estimator, make_executor
+
+    old = project.db["factor_sets"].get(fs_id)
+    run = _run_using(project, fs_id)
+    if run is None:
+        with project.db.atomic():
+            project.db.execute("DELETE FROM factor_sets WHERE id = ?", [fs_id])
+        (project.root / old["path"]).unlink(missing_ok=True)
+        return f"factor set {fs_id} was used by no run: removed (it is refit when next needed)"
+    settings = RunSettings(**{**json.loads(run["settings"]), "refit": True, "executor": "local"})
+    est = make_estimator(project, settings.estimator)
+    engine = project.engine(settings.modules)
+    new_id = ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)
+    new = project.db["factor_sets"].get(new_id)
+    if new["key"] != old["key"]:
+        return f"factor set {fs_id} could not be reproduced (the model or corpus changed since); refit as factor set {new_id} for new runs"
+    with project.db.atomic():
+        project.db.execute("UPDATE runs SET factor_set_id = ? WHERE factor_set_id = ?", [new_id, fs_id])
+    moved = f" (now factor set {new_id})" if new_id != fs_id else ""
+    return f"refit factor set {fs_id}{moved} with its run's settings"
+
+
+def _resume(project, run: dict, probs: list[Problem], monitor: Monitor) -> str:
+    from .runs import run_investigation
+
+    rid = run["id"]
+    drop_all = any(p.artifact.kind == "candidate list" for p in probs)
+    with project.db.atomic():
+        for p in probs:
+            if p.artifact.owner[0] == "run_shards" and not drop_all:
+                project.db.execute("DELETE FROM run_shards WHERE run_id = ? AND shard = ?", [rid, p.artifact.owner[2]])
+        if drop_all:
+            project.db.execute("DELETE FROM run_shards WHERE run_id = ?", [rid])
+    if drop_all:
+        (project.root / f"artifacts/runs/{rid}/candidates.safetensors").unlink(missing_ok=True)
+    res = run_investigation(project, "", resume=rid, monitor=monitor)
+    return f"resumed run {rid}: recomputed its missing shards (result set {res.result_set_id})"
+
+
+def _recompute_done_run(project, run: dict, settings, probs: list[Problem], monitor: Monitor) -> str:
+    """A finished run: recompute its query gradients, candidates, shards and score matrix as needed,
+    keeping its result set (and so every stored top sequence) in place."""
+    from .artifacts import load_tensors, save_tensors
+    from .passes import ScorePass, make_shards
+    from .runs import (
+        LocalWorker,
+        ensure_factors,
+        make_estimator,
+        make_executor,
+        preconditioned_queries,
+        query_gradients,
+    )
+    from .scoring import QueryGradients
+
+    rid = run["id"]
+    rs = next(project.db["result_sets"].rows_where("run_id = ?", [rid]), None)
+    if rs is None:
+        return f"run {rid} has no result set; nothing to recompute"
+    kinds = {p.artifact.kind for p in probs}
+    rs_settings = json.loads(rs["settings"])
+    engine = project.engine(settings.modules)
+    done: list[str] = []
+    if "query gradients" in kinds:
+        try:
+            queries = [project.query(q) for q in rs_settings["query_ids"]]
+        except InflqError:
+            return f"run {rid}: a query it scored was deleted, so its query gradients cannot be recomputed; rerun the investigation"
+        est = make_estimator(project, settings.estimator)
+        ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)
+        qg = preconditioned_queries(est, query_gradients(project, engine, queries, settings.batch_size), settings.rank)
+        checksum = save_tensors(project.root, rs["queries_path"], qg.tensors(), {"rank": json.dumps(settings.rank)})
+        with project.db.atomic():
+            project.db["result_sets"].update(rs["id"], {"queries_checksum": checksum})
+        rs["queries_checksum"] = checksum
+        done.append("query gradients")
+    cand_rel = f"artifacts/runs/{rid}/candidates.safetensors"
+    if "candidate list" in kinds:
+        if "score matrix" in kinds:
+            return f"run {rid}: both its candidate list and its score matrix are damaged; rerun the investigation"
+        t = load_tensors(project.root, rs["scores_path"], rs["scores_checksum"], "score matrix")
+        idx, mask = t["indices"].numpy(), np.isfinite(t["scores"].numpy())
+        save_tensors(project.root, cand_rel, {"indices": torch.from_numpy(idx), "mask": torch.from_numpy(mask.astype(np.uint8))})
+        done.append("candidate list")
+    c = load_tensors(project.root, cand_rel, None, "candidate list")
+    cand, mask = c["indices"].numpy(), c["mask"].numpy().astype(bool)
+    shards = make_shards(cand, settings.shard_size)
+    bad_shards = {p.artifact.owner[2] for p in probs if p.artifact.kind == "score shard"}
+    if bad_shards or "score matrix" in kinds:
+        qg = QueryGradients.from_tensors(load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients"), settings.rank)
+        worker = LocalWorker(project, engine)
+        have = {r["shard"]: r for r in project.db["run_shards"].rows_where("run_id = ?", [rid])}
+        for s in shards:
+            row = have.get(s.index)
+            intact = row is not None and s.index not in bad_shards and _verify(project.root, Artifact("score shard", row["path"], row["checksum"], ())) is None
+            if intact:
+                continue
+            out = worker.run(ScorePass(qg), s, settings.batch_size, monitor)
+            rel = f"artifacts/runs/{rid}/shard-{s.index:06d}.safetensors"
+            checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32)})
+            with project.db.atomic():
+                project.db["run_shards"].upsert({"run_id": rid, "shard": s.index, "n": len(s), "path": rel, "checksum": checksum, "seconds": 0.0}, pk=("run_id", "shard"))
+        if bad_shards:
+            done.append(f"{len(bad_shards)} score shard(s)")
+    if "score matrix" in kinds:
+        rows = {r["shard"]: r for r in project.db["run_shards"].rows_where("run_id = ?", [rid])}
+        scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()
+        scores = np.where(mask, scores, np.nan).astype(np.float32)
+        checksum = save_tensors(project.root, rs["scores_path"], {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
+        with project.db.atomic():
+            project.db["result_sets"].update(rs["id"], {"scores_checksum": checksum})
+        done.append("score matrix")
+    return f"run {rid}: recomputed {', '.join(done)}"
