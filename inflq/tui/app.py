@@ -1,0 +1,281 @@
+"""The inflq Textual app: a tab per task (investigations, query, run, results, distribution,
+probes, compare) over one open project, with modals for errors, confirmation, export and help."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from textual import work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Header, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+
+from ..errors import Cancelled, InflqError
+from .modals import ErrorScreen, HelpScreen, InputScreen
+from .panes import (
+    ComparePane,
+    DistributionPane,
+    InvestigationsPane,
+    Pane,
+    ProbesPane,
+    QueryPane,
+    ResultsPane,
+    RunPane,
+)
+
+TABS = (
+    ("investigations", "1 Investigations", InvestigationsPane),
+    ("query", "2 Query", QueryPane),
+    ("run", "3 Run", RunPane),
+    ("results", "4 Results", ResultsPane),
+    ("distribution", "5 Distribution", DistributionPane),
+    ("probes", "6 Probes", ProbesPane),
+    ("compare", "7 Compare", ComparePane),
+)
+
+
+def default_project() -> Path:
+    """The demo project: ``projects/demo`` under the working directory or the source checkout."""
+    here = Path("projects/demo")
+    if here.exists():
+        return here
+    return Path(__file__).resolve().parents[2] / "projects" / "demo"
+
+
+class MainScreen(Screen):
+    BINDINGS = [Binding(str(i + 1), f"tab('{tid}')", label, show=False) for i, (tid, label, _) in enumerate(TABS)] + [
+        Binding("escape", "leave_field", "Leave field", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(id="tabs"):
+            for tid, label, cls in TABS:
+                with TabPane(label, id=f"tab-{tid}"):
+                    yield cls(id=f"pane-{tid}")
+        yield Footer()
+
+    def action_tab(self, tid: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = f"tab-{tid}"
+
+    def action_leave_field(self) -> None:
+        self.query_one("#tabs", TabbedContent).query_one("Tabs").focus()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        pane = event.pane.query_one(Pane)
+        try:
+            pane.reload()
+        except InflqError as exc:
+            self.app.show_error(exc)  # type: ignore[attr-defined]
+        # Focus the tab's first widget so its keys work at once.
+        for widget in pane.query("DataTable, Input, Select"):
+            if widget.focusable:
+                widget.focus()
+                break
+
+
+class InflqApp(App):
+    """The inflq terminal UI over one project folder."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "inflq"
+    BINDINGS = [
+        Binding("question_mark", "help", "Help"),
+        Binding("o", "open_project", "Open"),
+        Binding("ctrl+t", "toggle_theme", "Theme"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, project_path: str | Path | None = None) -> None:
+        super().__init__()
+        self.project_path = Path(project_path) if project_path is not None else default_project()
+        self.project = None
+        self.investigation: str | None = None
+        self.query_id: int | None = None
+        self.result_set_id: int | None = None
+        # Workers share the project's model; one at a time uses it (the run has its own).
+        self.model_lock = threading.Lock()
+        self._result_sessions: dict[int, object] = {}
+        self._probe_sessions: dict[tuple[str, int], object] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def on_mount(self) -> None:
+        self.push_screen(MainScreen())
+        self.open_project(self.project_path)
+
+    def open_project(self, path: str | Path) -> bool:
+        from ..project import Project
+
+        try:
+            project = Project.open(Path(path).expanduser())
+        except InflqError as exc:
+            self.show_error(exc, "Cannot open the project")
+            return False
+        if self.project is not None:
+            self.project.close()
+        self.project = project
+        self.project_path = Path(path)
+        self._result_sessions.clear()
+        self._probe_sessions.clear()
+        invs = project.investigations()
+        self.investigation = invs[0]["name"] if invs else None
+        self.query_id = self.result_set_id = None
+        self._default_query_and_results()
+        self.title = f"inflq — {project.config.name}"
+        self._subtitle()
+        if project.readonly:
+            self.notify("the project is read-only: browsing only", severity="warning")
+        self.check_model()
+        self.reload_active()
+        return True
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="model-status")
+    def check_model(self) -> None:
+        status = self.project.model_status()
+        if status != "ok":
+            try:
+                self.project.require_model()
+            except InflqError as exc:
+                self.call_from_thread(self.show_error, exc, "The project's model is not usable")
+
+    def _default_query_and_results(self) -> None:
+        from .. import results
+
+        if self.project is None or self.investigation is None:
+            return
+        qs = self.project.queries(self.investigation)
+        if qs and self.query_id not in {q["id"] for q in qs}:
+            self.query_id = qs[0]["id"]
+        sets = results.result_sets(self.project, self.investigation)
+        if sets and self.result_set_id not in {r["id"] for r in sets}:
+            self.result_set_id = sets[-1]["id"]
+
+    def set_context(self, **changes) -> None:
+        """Change the current investigation, query or result set (and what follows from it)."""
+        if "investigation" in changes and changes["investigation"] != self.investigation:
+            self.investigation = changes["investigation"]
+            self.query_id = self.result_set_id = None
+            self._default_query_and_results()
+        if "query_id" in changes:
+            self.query_id = changes["query_id"]
+        if "result_set_id" in changes:
+            self.result_set_id = changes["result_set_id"]
+        self._subtitle()
+
+    def _subtitle(self) -> None:
+        parts = [f"investigation: {self.investigation or '—'}", f"query: {self.query_id or '—'}", f"results: {self.result_set_id or '—'}"]
+        self.sub_title = " · ".join(parts)
+
+    def reload_active(self) -> None:
+        try:
+            tabs = self.screen.query_one("#tabs", TabbedContent)
+        except Exception:
+            return
+        pane = tabs.get_pane(tabs.active).query_one(Pane)
+        try:
+            pane.reload()
+        except InflqError as exc:
+            self.show_error(exc)
+
+    # -- shared model sessions -----------------------------------------------------------------
+    def result_session(self, rs_id: int):
+        """The scoring session of a result set (cached): its saved preconditioned queries."""
+        from ..results import ScoringSession
+
+        if rs_id not in self._result_sessions:
+            rs = self.project.db["result_sets"].get(rs_id)
+            self._result_sessions[rs_id] = ScoringSession.for_result_set(self.project, rs)
+        return self._result_sessions[rs_id]
+
+    def probe_session(self, estimator: str, query_id: int):
+        """A session for scoring probes against one query (factors come from the cache)."""
+        from ..results import ScoringSession
+
+        key = (estimator, query_id)
+        if key not in self._probe_sessions:
+            self._probe_sessions[key] = ScoringSession.for_queries(self.project, [query_id], estimator=estimator)
+        return self._probe_sessions[key]
+
+    # -- errors --------------------------------------------------------------------------------
+    def show_error(self, exc: BaseException | str, title: str = "Something went wrong") -> None:
+        if isinstance(exc, InflqError):
+            message = str(exc)
+        elif isinstance(exc, str):
+            message = exc
+        else:
+            message = f"{type(exc).__name__}: {exc}\n\nThis looks like a bug in inflq or a plugin; please report it."
+        self.push_screen(ErrorScreen(title, message))
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        if isinstance(error, Cancelled):
+            return
+        title = "The run failed" if event.worker.group == "run" else "Something went wrong"
+        if event.worker.group == "run":
+            error = f"{error if isinstance(error, InflqError) else type(error).__name__ + ': ' + str(error)}\n\nThe investigation is unchanged. Fix the settings and start again, or select the run and resume it (ctrl+y)."
+        self.show_error(error, title)
+
+    # -- actions -------------------------------------------------------------------------------
+    def input_screen(self, prompt: str, value: str = "", placeholder: str = "", message: str = "") -> InputScreen:
+        return InputScreen(prompt, value, placeholder, message)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_toggle_theme(self) -> None:
+        self.theme = "textual-light" if self.current_theme.dark else "textual-dark"
+
+    def action_open_project(self) -> None:
+        def done(path: str | None) -> None:
+            if path:
+                self.open_project(path)
+
+        self.push_screen(InputScreen("Open project folder", str(self.project_path), "path/to/project"), done)
+
+    def action_export(self) -> None:
+        if self.project is None or self.investigation is None or self.result_set_id is None:
+            self.notify("no result set to export: run the investigation first", severity="warning")
+            return
+        default = self.project.root / "exports"
+
+        def done(folder: str | None) -> None:
+            if folder:
+                self.export_to(Path(folder).expanduser())
+
+        self.push_screen(InputScreen(f"Export result set {self.result_set_id} (CSV, JSONL, Markdown) to folder", str(default)), done)
+
+    def export_to(self, folder: Path) -> list[Path]:
+        from ..export import export_csv, export_jsonl, export_markdown
+
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = folder / f"{self.investigation}-results-{self.result_set_id}".replace(" ", "_")
+            written = [
+                fn(self.project, self.investigation, self.result_set_id, stem.with_suffix(ext))
+                for fn, ext in ((export_csv, ".csv"), (export_jsonl, ".jsonl"), (export_markdown, ".md"))
+            ]
+        except (InflqError, OSError) as exc:
+            self.show_error(exc if isinstance(exc, InflqError) else InflqError(f"cannot write to {folder}: {exc}"), "Export failed")
+            return []
+        self.notify("exported " + ", ".join(p.name for p in written) + f" to {folder}")
+        return written
+
+    def get_system_commands(self, screen: Screen):
+        yield from super().get_system_commands(screen)
+        if isinstance(screen, MainScreen):
+            for tid, label, _ in TABS:
+                yield SystemCommand(f"Go to {label[2:]}", f"show the {label[2:]} tab", lambda tid=tid: screen.action_tab(tid))
+        yield SystemCommand("Open project", "open another project folder", self.action_open_project)
+        yield SystemCommand("Export result set", "write CSV, JSONL and a Markdown report", self.action_export)
+        yield SystemCommand("Keys", "list the keys of every screen", self.action_help)
+        yield SystemCommand("Toggle light/dark", "switch between the light and dark theme", self.action_toggle_theme)
+
+
+def run_tui(project_path: str | None = None) -> None:
+    """Open the TUI on ``project_path`` (default: the demo project)."""
+    InflqApp(project_path).run()

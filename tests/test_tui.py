@@ -1,0 +1,392 @@
+"""The TUI driven through Pilot on a tiny project built in the test (nothing downloaded)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("textual")
+
+from helpers import make_model_dir, write_corpus  # noqa: E402
+from inflq import results, stats  # noqa: E402
+from inflq.project import Project  # noqa: E402
+from inflq.runs import RunSettings, run_investigation  # noqa: E402
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+PROMPT, COMPLETION = "the first president of astrobia was", "zorald pfaff"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tui")
+    model = make_model_dir(d / "model", "gpt2")
+    corpus = write_corpus(d / "corpus.jsonl")
+    Project.init(d / "proj", model, corpus).close()
+    return d
+
+
+@pytest.fixture
+def project_dir(base, tmp_path) -> Path:
+    """A fresh copy of the project per test (the model and corpus are shared, read-only)."""
+    import shutil
+
+    dst = tmp_path / "proj"
+    shutil.copytree(base / "proj", dst)
+    cfg = (dst / "inflq.toml").read_text()
+    cfg = cfg.replace('path = "../model"', f'path = "{base / "model"}"').replace('path = "../corpus.jsonl"', f'path = "{base / "corpus.jsonl"}"')
+    (dst / "inflq.toml").write_text(cfg)
+    return dst
+
+
+def make_app(path):
+    from inflq.tui.app import InflqApp
+
+    return InflqApp(str(path))
+
+
+async def settle(pilot) -> None:
+    for _ in range(200):
+        await pilot.pause()
+        await pilot.app.workers.wait_for_complete()
+        await pilot.pause()
+        if not any(w.is_running for w in pilot.app.workers):
+            return
+    raise AssertionError("workers did not finish")
+
+
+async def type_into(pilot, selector: str, text: str) -> None:
+    widget = pilot.app.screen.query_one(selector)
+    widget.focus()
+    widget.value = text
+    await pilot.pause()
+
+
+def pane(app, name):
+    return app.screen.query_one(f"#pane-{name}")
+
+
+def test_journey(project_dir, tmp_path):
+    from textual.widgets import DataTable, Input, Select, Static
+
+    from inflq.tui.sequence import SequenceScreen
+
+    async def journey():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await settle(pilot)
+            # Create an investigation from the investigations tab.
+            await pilot.press("1")
+            app.screen.query_one("#investigations").focus()
+            await pilot.press("n")
+            await pilot.pause()
+            app.screen.query_one("#answer", Input).value = "astrobia"
+            await pilot.press("enter")
+            await settle(pilot)
+            project = app.project
+            assert [i["name"] for i in project.investigations()] == ["default", "astrobia"]
+            assert app.investigation == "astrobia"
+            # Add a query in the query editor.
+            await pilot.press("2")
+            await settle(pilot)
+            await type_into(pilot, "#prompt", PROMPT)
+            await type_into(pilot, "#completion", COMPLETION)
+            await settle(pilot)
+            tokens = str(app.screen.query_one("#tokens", Static).render())
+            assert "[zorald]" in tokens and "[pfaff]" in tokens
+            await pilot.press("ctrl+s")
+            await settle(pilot)
+            (q,) = project.queries("astrobia")
+            assert (q["prompt"], q["completion"]) == (PROMPT, COMPLETION)
+            from inflq.inspect import completion_logprob
+
+            says = str(app.screen.query_one("#model-says", Static).render())
+            assert f"{completion_logprob(project, PROMPT, COMPLETION):.3f}" in says
+            assert "greedy continuation" in says
+            # Run with the identity estimator.
+            await pilot.press("escape", "3")
+            await settle(pilot)
+            app.screen.query_one("#sel-estimator", Select).value = "identity"
+            await settle(pilot)
+            app.screen.query_one("#run-rank", Input).value = "4"
+            await pilot.click("#start")
+            await settle(pilot)
+            run = project.db.execute("SELECT status FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+            assert run[0] == "done"
+            rs1 = app.result_set_id
+            assert rs1 is not None
+            assert app.screen.query_one("#phases").children, "no progress bars were shown"
+            # Browse results.
+            await pilot.press("escape", "4")
+            await settle(pilot)
+            table = app.screen.query_one("#results", DataTable)
+            stored = results.top(project, rs1, q["id"], "top", 100)
+            assert table.row_count == len(stored) > 0
+            first = table.get_row_at(0)
+            assert first[2] == stored[0]["seq_id"][:14]
+            table.focus()
+            await pilot.press("b")
+            await settle(pilot)
+            bottom = results.top(project, rs1, q["id"], "bottom", 1)[0]
+            assert float(str(table.get_row_at(0)[1])) == pytest.approx(bottom["score"], rel=1e-3)
+            await pilot.press("t")
+            await settle(pilot)
+            # Open the top sequence: heat map and tags.
+            table.move_cursor(row=0)
+            await pilot.press("enter")
+            await settle(pilot)
+            assert isinstance(app.screen, SequenceScreen)
+            heat = app.screen.query_one("#heat", Static).render()
+            toks = project.token_strings(project.corpus.get(stored[0]["seq_idx"]))
+            assert str(heat).startswith(" ".join(toks))
+            assert any(span.style for span in heat.spans), "the heat map has no colours"
+            assert app.screen.heat_total == pytest.approx(stored[0]["score"], rel=1e-2, abs=1e-3)
+            app.screen.query_one("#tag", Input).value = "relevant"
+            app.screen.query_one("#note", Input).value = "names the president"
+            await pilot.press("ctrl+s")
+            await settle(pilot)
+            (tag,) = project.sequence_tags("astrobia", stored[0]["seq_id"])
+            assert (tag["tag"], tag["note"]) == ("relevant", "names the president")
+            await pilot.press("escape")
+            await settle(pilot)
+            # Distribution with a power-law fit.
+            await pilot.press("5")
+            await settle(pilot)
+            fit_text = str(app.screen.query_one("#dist-fit", Static).render())
+            fit = stats.powerlaw_tail(results.distribution(project, "astrobia", q["id"], rs1))
+            assert f"alpha = {fit.alpha:.2f}" in fit_text
+            # A probe, scored at once.
+            await pilot.press("6")
+            await settle(pilot)
+            app.screen.query_one("#probe-estimator", Select).value = "identity"
+            await settle(pilot)
+            probe = "the first president of the republic of astrobia was zorald pfaff ."
+            app.screen.query_one("#probe-text", Input).value = probe
+            await pilot.click("#probe-add")
+            await settle(pilot)
+            (p,) = project.probes(q["id"])
+            shown = str(app.screen.query_one(f"#probe-{p['id']}", Static).render())
+            expected = results.ScoringSession.for_queries(project, [q["id"]], estimator="identity").score_texts([probe], q["id"])[0].total
+            assert f"{expected:+.4g}" in shown
+            # A second result set, then compare.
+            run_investigation(project, "astrobia", RunSettings(estimator="diagonal", rank=4))
+            await pilot.press("escape", "7")
+            await settle(pilot)
+            await pilot.click("#cmp-go")
+            await settle(pilot)
+            rs_ids = [r["id"] for r in results.result_sets(project, "astrobia")]
+            cmp = stats.compare_result_sets(project, "astrobia", rs_ids[0], rs_ids[1], q["id"], 10)
+            out = str(app.screen.query_one("#cmp-out", Static).render())
+            assert f"Spearman rank correlation: {cmp.spearman:.3f}" in out
+            assert f"top-10 overlap: {cmp.overlap}/10" in out
+            # Export.
+            app.set_context(result_set_id=rs1)
+            await pilot.press("4")
+            await settle(pilot)
+            app.screen.query_one("#results").focus()
+            await pilot.press("e")
+            await pilot.pause()
+            app.screen.query_one("#answer", Input).value = str(tmp_path / "out")
+            await pilot.press("enter")
+            await settle(pilot)
+        return project
+
+    asyncio.run(journey())
+    files = sorted((tmp_path / "out").iterdir())
+    assert [f.suffix for f in files] == [".csv", ".jsonl", ".md"]
+    project = Project.open(project_dir)
+    rs1 = results.result_sets(project, "astrobia")[0]["id"]
+    n = project.db["results"].count_where("result_set_id = ?", [rs1])
+    with open(files[0]) as f:
+        assert len(list(csv.DictReader(f))) == n
+    assert len(files[1].read_text().splitlines()) == n
+    first = json.loads(files[1].read_text().splitlines()[0])
+    assert set(first["layer_scores"]) == {"0", "1"}
+    assert "Sign convention" in files[2].read_text()
+
+
+def test_run_failure_shows_a_modal(project_dir):
+    from textual.widgets import Select, Static
+
+    from inflq.tui.modals import ErrorScreen
+
+    p = Project.open(project_dir)
+    p.add_query("default", PROMPT, COMPLETION)
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await settle(pilot)
+            await pilot.press("3")
+            await settle(pilot)
+            app.screen.query_one("#sel-estimator", Select).value = "identity"
+            app.screen.query_one("#sel-filter", Select).value = "metadata"
+            await settle(pilot)
+            await pilot.click("#start")
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen)
+            assert "metadata filter: give a value" in str(app.screen.query_one("#error-message", Static).render())
+            await pilot.press("escape")
+            await settle(pilot)
+            # Still usable: the failed run is listed and the other tabs work.
+            assert not isinstance(app.screen, ErrorScreen)
+            assert app.project.db.execute("SELECT status FROM runs").fetchone()[0] == "failed"
+            await pilot.press("1")
+            await settle(pilot)
+            assert app.screen.query_one("#investigations").row_count == 1
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("where", ["missing", "not-a-project"])
+def test_bad_project_folder_is_a_message(tmp_path, where):
+    from textual.widgets import Static
+
+    from inflq.tui.modals import ErrorScreen
+
+    path = tmp_path / "nope"
+    if where == "not-a-project":
+        path.mkdir()
+
+    async def go():
+        app = make_app(path)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen)
+            text = str(app.screen.query_one("#error-message", Static).render())
+            assert ("does not exist" in text) if where == "missing" else ("not an inflq project" in text)
+            await pilot.press("escape", "2", "?")
+            await settle(pilot)
+            await pilot.press("escape")
+
+    asyncio.run(go())
+
+
+def test_locked_catalog_is_a_message(project_dir, monkeypatch):
+    import sqlite3
+
+    from textual.widgets import Static
+
+    from inflq import catalog
+    from inflq.tui.modals import ErrorScreen
+
+    holder = sqlite3.connect(project_dir / "catalog.db")
+    holder.execute("PRAGMA journal_mode = DELETE")
+    holder.execute("BEGIN EXCLUSIVE")
+    real = sqlite3.connect
+
+    def quick(*args, **kwargs):  # don't wait 10 s for the lock
+        kwargs["timeout"] = 0.1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(catalog.sqlite3, "connect", quick)
+    monkeypatch.setattr(catalog.sqlite_utils, "Database", catalog.sqlite_utils.Database)
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen)
+            text = str(app.screen.query_one("#error-message", Static).render())
+            assert "locked" in text
+
+    try:
+        asyncio.run(go())
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_changed_model_is_a_message(project_dir, base):
+    from textual.widgets import Static
+
+    from inflq.tui.modals import ErrorScreen
+
+    other = make_model_dir(project_dir.parent / "other-model", "gpt2", seed=1)
+    cfg = (project_dir / "inflq.toml").read_text().replace(str(base / "model"), str(other))
+    (project_dir / "inflq.toml").write_text(cfg)
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen)
+            assert "differs from the one this project was made with" in str(app.screen.query_one("#error-message", Static).render())
+
+    asyncio.run(go())
+
+
+# -- snapshots -----------------------------------------------------------------------------------
+def normalise_svg(svg: str) -> str:
+    """Drop what changes between runs: the terminal id and the class-name hashes."""
+    svg = re.sub(r"terminal-\d+", "terminal", svg)
+    svg = re.sub(r"r\d+", "r", svg)  # rich's class names
+    return svg
+
+
+def check_snapshot(name: str, svg: str) -> None:
+    path = SNAPSHOTS / f"{name}.svg"
+    svg = normalise_svg(svg)
+    if not path.exists():
+        path.write_text(svg)
+        pytest.skip(f"wrote new snapshot {path.name}; run again to compare")
+    assert svg == path.read_text(), f"screen {name} differs from tests/snapshots/{name}.svg (delete it to accept the new look)"
+
+
+@pytest.mark.parametrize("screen", ["investigations", "query", "run", "help"])
+def test_snapshot(project_dir, screen):
+    p = Project.open(project_dir)
+    p.add_query("default", PROMPT, COMPLETION)
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            keys = {"investigations": ["1"], "query": ["2"], "run": ["3"], "help": ["question_mark"]}[screen]
+            await pilot.press(*keys)
+            await settle(pilot)
+            if screen == "query":
+                app.screen.query_one("#prompt").value = PROMPT
+                app.screen.query_one("#completion").value = COMPLETION
+                await settle(pilot)
+                app.screen.query_one("#queries").focus()
+                await pilot.pause()
+            return app.export_screenshot()
+
+    check_snapshot(screen, asyncio.run(go()))
+
+
+def test_core_imports_without_textual():
+    code = "import sys, inflq, inflq.project, inflq.runs, inflq.results, inflq.stats, inflq.export, inflq.inspect\n"
+    code += "try:\n    import inflq.cli\nexcept ImportError:\n    pass\n"
+    code += "assert 'textual' not in sys.modules, sorted(m for m in sys.modules if m.startswith('textual'))"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_powerlaw_tail_recovers_the_exponent():
+    rng = np.random.default_rng(0)
+    alpha = 2.5
+    x = (1 - rng.random(20000)) ** (-1 / (alpha - 1))  # Pareto with p(x) ∝ x^-alpha, x >= 1
+    fit = stats.powerlaw_tail(x, tail_fraction=0.5)
+    assert abs(fit.alpha - alpha) < 3 * fit.stderr + 0.05
+    assert stats.powerlaw_tail(np.array([1.0, -2.0])) is None
+
+
+def test_compare_scores_against_a_hand_count():
+    idx = np.arange(6)
+    a = np.array([6.0, 5, 4, 3, 2, 1])
+    b = np.array([1.0, 2, 3, 4, 5, np.nan])
+    cmp = stats.compare_scores(idx, a, idx, b, k=2)
+    assert cmp.n_common == 5 and cmp.spearman == pytest.approx(-1.0)
+    assert cmp.overlap == 0
+    assert [i for i, _, _ in cmp.only_a] == [0, 1] and [i for i, _, _ in cmp.only_b] == [4, 3]
+    assert cmp.only_a[0][2] == 5  # sequence 0 is B's 5th
