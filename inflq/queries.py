@@ -41,7 +41,7 @@ def tokenize_query(tokenizer, prompt: str, completion: str, *, chat: bool = Fals
         if not getattr(tokenizer, "chat_template", None):
             raise InflqError("this tokenizer has no chat template; add the query without --chat")
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        text, start_char = prompt + completion, len(prompt)
+        text, start_char = join(prompt, completion)
         specials = False  # the template already wrote the special tokens
     else:
         text, start_char = join(prompt, completion)
