@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from inflq_builtins import tfidf
 
 from inflq import FilterContext, Monitor
 from inflq.corpus import CorpusStore
+from inflq_builtins import tfidf
 
 
 def rss_mb() -> float:

@@ -8,12 +8,12 @@ import math
 
 import numpy as np
 import pytest
-from inflq_builtins import tfidf
 
 from inflq import FilterContext, InflqError, Monitor
 from inflq.options import parse_spec
 from inflq.plugins import get_registry
 from inflq.search_depth import search_depth, search_depth_for_result_set, split_union
+from inflq_builtins import tfidf
 
 
 def random_corpus(n=200, vocab=40, seed=0):
