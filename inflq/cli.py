@@ -310,7 +310,8 @@ def _heat_text(tokens, values):
 @click.option("-i", "--investigation", default="default", show_default=True)
 @click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec, e.g. ekfac or ekfac:damping=1e-3.")
 @click.option("--filter", "filter_", default="all", show_default=True, help="Candidate filter spec; join with + for a union (tfidf:k=1000+random:n=500).")
-@click.option("--executor", default="local", show_default=True)
+@click.option("--executor", help="Executor spec: local (default), or ray / ray:num_gpus=1,num_workers=4 (docs/executors.md). With --resume: the run's own unless given.")
+@click.option("--address", help="Ray cluster address for --executor ray: auto, local or HOST:PORT (the same as ray:address=...).")
 @click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
 @click.option("--rank", default="32", show_default=True, help="Rank of the preconditioned query gradients, or 'full'.")
 @click.option("--top-k", default=20, show_default=True, help="Top and bottom sequences stored per query.")
@@ -322,7 +323,7 @@ def _heat_text(tokens, values):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
 @click.option("--resume", "resume", type=int, help="Continue a cancelled or failed run by id.")
-def run(project, investigation, estimator, filter_, executor, modules, rank, top_k, fit_sequences, seed, batch_size, shard_size, device, dtype, refit, resume):
+def run(project, investigation, estimator, filter_, executor, address, modules, rank, top_k, fit_sequences, seed, batch_size, shard_size, device, dtype, refit, resume):
     """Fit what is needed and score the investigation's queries."""
     from .runs import RunSettings, run_investigation
 
@@ -335,10 +336,15 @@ def run(project, investigation, estimator, filter_, executor, modules, rank, top
             rank_v = int(rank)
         except ValueError:
             raise InflqError(f"--rank must be a number or 'full', not {rank!r}") from None
-    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor, modules=modules, rank=rank_v, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+    if address:
+        executor = executor or "ray"
+        if not executor.startswith("ray"):
+            raise InflqError("--address is for --executor ray; drop it or use --executor ray")
+        executor += ("," if ":" in executor else ":") + f"address={address}"
+    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
     with _progress() as monitor:
         try:
-            result = run_investigation(p, investigation, settings, monitor, resume=resume)
+            result = run_investigation(p, investigation, settings, monitor, resume=resume, executor=executor if resume else None)
         except Cancelled:
             last = p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
             raise InflqError(f"run {resume or last} cancelled; its committed shards are kept: continue with `inflq run {project} --resume {resume or last}`") from None
