@@ -3,6 +3,7 @@ migrations applied on open. WAL mode and a busy timeout let the UI read while a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -154,6 +155,32 @@ def m0004_fit_shards(db: sqlite_utils.Database) -> None:
     )
 
 
+class CatalogDatabase(sqlite_utils.Database):
+    """sqlite-utils' Database whose outermost transactions begin IMMEDIATE: the write lock is taken
+    (waiting up to the busy timeout) before the first read. A deferred BEGIN that reads first and
+    then writes fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT, no busy wait) when
+    another process committed in between, e.g. a UI adding queries while a run commits shards."""
+
+    @contextlib.contextmanager
+    def atomic(self):
+        if self.conn.in_transaction:
+            with super().atomic():
+                yield self
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+        except BaseException:
+            self.rollback()
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.rollback()
+                raise
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
 
@@ -177,7 +204,7 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
         else:
             conn = sqlite3.connect(str(path), timeout=busy_timeout_ms() / 1000, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
-        db = sqlite_utils.Database(conn)
+        db = CatalogDatabase(conn)
         if not readonly:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA foreign_keys = ON")
