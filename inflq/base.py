@@ -108,6 +108,12 @@ class Estimator(Plugin):
     def describe(self) -> dict[str, Any]:
         return dict(self.settings)
 
+    def checkpoints(self, project: Any) -> list[tuple[Path, float]] | None:
+        """Models to score with, each with its weight, for estimators that sum over training
+        checkpoints (TracIn): scores are ``Σ_c weight_c × score(model_c)``. ``None`` (the default):
+        the project's own model, once."""
+        return None
+
 
 # -- filters ---------------------------------------------------------------------------------------
 @dataclass

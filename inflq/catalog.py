@@ -143,6 +143,39 @@ def m0001_initial(db: sqlite_utils.Database) -> None:
     db["file_hashes"].create({"path": str, "size": int, "mtime_ns": int, "sha256": str}, pk="path")
 
 
+@migrations(name="0002_checkpoints")
+def m0002_checkpoints(db: sqlite_utils.Database) -> None:
+    # Training checkpoints of the project's model (TracIn), as recorded by `inflq checkpoint add`.
+    db["checkpoints"].create(
+        {"id": int, "path": str, "learning_rate": float, "fingerprint": str, "created_at": str}, pk="id"
+    )
+    db["checkpoints"].create_index(["path"], unique=True)
+
+
+@migrations(name="0003_validations")
+def m0003_validations(db: sqlite_utils.Database) -> None:
+    # `inflq validate`: one row per estimator (and damping) of one validation, against the PBRF.
+    db["validations"].create(
+        {
+            "id": int,
+            "validation": int,
+            "investigation_id": int,
+            "estimator": str,
+            "damping": float,
+            "pearson": float,
+            "spearman": float,
+            "fit_seconds": float,
+            "ihvp_seconds": float,
+            "num_queries": int,
+            "num_sequences": int,
+            "settings": str,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[("investigation_id", "investigations", "id")],
+    )
+
+
 @migrations(name="0004_fit_shards")
 def m0004_fit_shards(db: sqlite_utils.Database) -> None:
     # A factor-fitting pass's partial sums, one row per committed shard, so that a run killed

@@ -8,6 +8,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,8 +76,23 @@ def build_worker(spec: dict[str, Any]) -> LocalWorker:
     if key not in _WORKERS:
         project = Project.open(spec["root"])
         project.set_runtime(spec.get("device"), spec.get("dtype"))
-        _WORKERS[key] = LocalWorker(project, project.engine(spec.get("modules")))
+        engine = checkpoint_engine(project, spec["checkpoint"], spec.get("modules")) if spec.get("checkpoint") else project.engine(spec.get("modules"))
+        _WORKERS[key] = LocalWorker(project, engine)
     return _WORKERS[key]
+
+
+def checkpoint_engine(project: Project, path: str | Path, modules: str | None) -> GradientEngine:
+    """An engine over a training checkpoint of the project's model (TracIn), loaded like the
+    project's model (local safetensors only) on the project's device and dtype."""
+    from .engine import select_modules
+    from .modeling import load_model, pick_dtype
+
+    path = Path(path)
+    if path.resolve() == project.model_path.resolve():
+        return project.engine(modules)
+    dev = project.device
+    model = load_model(path, dev, pick_dtype(project.config.dtype, dev))
+    return GradientEngine(model, select_modules(model, modules or project.config.modules))
 
 
 def worker_spec(project: Project, modules: str | None) -> dict[str, Any]:
@@ -342,8 +358,14 @@ def run_investigation(
         # Preconditioned query gradients, low rank, saved for on-demand attribution.
         t = time.perf_counter()
         monitor.start("query gradients", len(queries))
-        grads = query_gradients(project, engine, queries, settings.batch_size)
-        qg = preconditioned_queries(estimator, grads, settings.rank)
+        # Estimators over training checkpoints (TracIn) score with each checkpoint's model and sum
+        # the weighted scores; the others use the project's model once.
+        scorers = _checkpoint_scorers(project, estimator, queries, settings)
+        if scorers is None:
+            grads = query_gradients(project, engine, queries, settings.batch_size)
+            qg = preconditioned_queries(estimator, grads, settings.rank)
+            scorers = [(engine, qg, None)]
+        engine, qg = scorers[-1][0], scorers[-1][1]
         monitor.advance(len(queries))
         q_rel = f"{ARTIFACTS}/runs/{run_id}/queries.safetensors"
         q_sum = save_tensors(project.root, q_rel, qg.tensors(), {"rank": json.dumps(settings.rank)})
@@ -353,16 +375,25 @@ def run_investigation(
         shards = make_shards(cand, settings.shard_size)
         done = {r["shard"] for r in project.db["run_shards"].rows_where("run_id = ?", [run_id])}
         todo = [s for s in shards if s.index not in done]
-        monitor.start("scoring", len(cand))
-        monitor.advance(sum(len(s) for s in shards if s.index in done))
+        monitor.start("scoring", len(cand) * len(scorers))
+        monitor.advance(sum(len(s) for s in shards if s.index in done) * len(scorers))
+        partial: dict[int, torch.Tensor] = {}
+
+        def accumulate(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+            partial[shard.index] = partial.get(shard.index, 0) + out["scores"].to(torch.float32)
+
+        for c_engine, c_qg, c_path in scorers[:-1]:
+            spec = {**worker_spec(project, settings.modules), "checkpoint": c_path}
+            executor.map(Job(ScorePass(c_qg), spec, settings.batch_size, local=LocalWorker(project, c_engine)), todo, accumulate, monitor)
 
         def commit(shard: Shard, out: dict[str, torch.Tensor]) -> None:
             rel = f"{ARTIFACTS}/runs/{run_id}/shard-{shard.index:06d}.safetensors"
-            checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32)})
+            checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32) + partial.pop(shard.index, 0)})
             with project.db.atomic():
                 project.db["run_shards"].upsert({"run_id": run_id, "shard": shard.index, "n": len(shard), "path": rel, "checksum": checksum, "seconds": 0.0}, pk=("run_id", "shard"))
 
-        job = Job(ScorePass(qg), worker_spec(project, settings.modules), settings.batch_size, local=LocalWorker(project, engine))
+        spec = {**worker_spec(project, settings.modules), "checkpoint": scorers[-1][2]} if scorers[-1][2] else worker_spec(project, settings.modules)
+        job = Job(ScorePass(qg), spec, settings.batch_size, local=LocalWorker(project, engine))
         executor.map(job, todo, commit, monitor)
         phases["scoring"] = time.perf_counter() - t
         # Assemble the score matrix from committed shards.
@@ -370,7 +401,7 @@ def run_investigation(
         scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()
         scores = np.where(mask, scores, np.nan).astype(np.float32)
         t = time.perf_counter()
-        rs_id = _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor)
+        rs_id = _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=scorers)
         phases["top results"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         with project.db.atomic():
@@ -388,7 +419,25 @@ def run_investigation(
         executor.close()
 
 
-def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor) -> int:
+def _checkpoint_scorers(project: Project, estimator: Estimator, queries: list[dict], settings: RunSettings) -> list[tuple[GradientEngine, QueryGradients, str]] | None:
+    """For an estimator with checkpoints: per checkpoint, its engine and its query gradients,
+    preconditioned and multiplied by the checkpoint's weight. ``None`` for the others."""
+    ckpts = estimator.checkpoints(project)
+    if not ckpts:
+        return None
+    out = []
+    for path, weight in ckpts:
+        c_engine = checkpoint_engine(project, path, settings.modules)
+        pre = estimator.precondition(query_gradients(project, c_engine, queries, settings.batch_size))
+        pre = {n: v * float(weight) for n, v in pre.items()}
+        for name, q in pre.items():
+            if not torch.isfinite(q).all():
+                raise InflqError(f"the query gradient of {name} at checkpoint {path} is not finite; check the checkpoint")
+        out.append((c_engine, QueryGradients.from_preconditioned(pre, settings.rank), str(Path(path).resolve())))
+    return out
+
+
+def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=None) -> int:
     """Save the full score matrix and the top and bottom K per query with per-module scores."""
     k = max(1, settings.top_k)
     picks: list[tuple[int, str, int, int]] = []  # (query row, side, rank, column)
@@ -403,9 +452,11 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
     cols = sorted({p[3] for p in picks})
     seq_idx = cand[cols]
     monitor.start("layer breakdown", len(cols))
-    worker = LocalWorker(project, engine)
-    parts = worker.run(ScorePass(qg, per_module=True), Shard(0, seq_idx), settings.batch_size, monitor)
-    module_scores = parts["module_scores"].numpy()  # [len(cols), nq, M]
+    module_scores = 0
+    for c_engine, c_qg, _ in scorers or [(engine, qg, None)]:  # summed over checkpoints (TracIn)
+        worker = LocalWorker(project, c_engine)
+        parts = worker.run(ScorePass(c_qg, per_module=True), Shard(0, seq_idx), settings.batch_size, monitor)
+        module_scores = module_scores + parts["module_scores"].numpy()  # [len(cols), nq, M]
     where = {c: i for i, c in enumerate(cols)}
     names = qg.names
     layers = {n: t.layer for n, t in zip(engine.names, engine.tracked, strict=False)}

@@ -1,0 +1,137 @@
+"""TracIn (Pruthi et al. 2020): ``Σ_c η_c ⟨∇ℓ_q(θ_c), ∇L(z, θ_c)⟩`` over saved training checkpoints.
+
+A project lists its checkpoints in ``inflq.toml``::
+
+    [[checkpoints]]
+    path = "checkpoints/step-1000"
+    learning_rate = 3e-4
+
+and in the catalog's ``checkpoints`` table; ``inflq checkpoint add PROJECT DIR --lr X`` checks that
+the checkpoint has the project model's architecture and records it in both. The run scores every
+candidate once per checkpoint with that checkpoint's model and sums the weighted scores
+(``Estimator.checkpoints``); with one checkpoint of weight 1 it is the gradient dot product.
+Positive scores mean the training sequence makes the completion more likely, as everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from inflq import Estimator, InflqError, Option, hookimpl
+
+
+@hookimpl
+def register_estimators(register):
+    register(TracIn)
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.group()
+    def checkpoint():
+        """Training checkpoints of the project's model (for the tracin estimator)."""
+
+    @checkpoint.command("add")
+    @click.argument("project")
+    @click.argument("directory", type=click.Path())
+    @click.option("--lr", "learning_rate", type=float, required=True, help="The learning rate in force at this checkpoint (its TracIn weight).")
+    def checkpoint_add(project, directory, learning_rate):
+        """Record the checkpoint in DIRECTORY (a saved model folder) with its learning rate."""
+        from inflq.project import Project
+
+        p = Project.open(project)
+        row = add_checkpoint(p, Path(directory), learning_rate)
+        click.echo(f"checkpoint {row['id']}: {row['path']} (learning rate {row['learning_rate']:g}); score with --estimator tracin")
+
+    @checkpoint.command("list")
+    @click.argument("project")
+    def checkpoint_list(project):
+        """List the project's checkpoints."""
+        from inflq.project import Project
+
+        p = Project.open(project)
+        for c in p.config.checkpoints:
+            click.echo(f"{c['path']}\tlearning rate {float(c['learning_rate']):g}")
+
+
+def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str, tuple[int, int]]]]:
+    """The model type and the tracked modules' names and shapes of a model folder (built on the
+    meta device from its config.json: shapes only, no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from inflq.engine import select_modules
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:
+        raise InflqError(f"cannot read the model in {path} ({type(exc).__name__}: {str(exc)[:120]}); give a saved causal LM folder") from None
+    return getattr(config, "model_type", None), [(t.name, t.shape) for t in select_modules(model, modules)]
+
+
+def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
+    """Check that ``path`` holds the project model's architecture (same ``model_type``, same tracked
+    modules and shapes), then record it in ``inflq.toml`` and the catalog."""
+    from inflq import catalog
+    from inflq.modeling import check_model_dir, fingerprint_files, model_files
+    from inflq.project import _rel
+
+    path = Path(path)
+    check_model_dir(path)
+    if not (learning_rate > 0):
+        raise InflqError(f"--lr must be a positive learning rate, not {learning_rate}")
+    want_type, want = _architecture(project.model_path, project.config.modules)
+    got_type, got = _architecture(path, project.config.modules)
+    if got_type != want_type:
+        raise InflqError(f"{path} holds a {got_type} model but the project's model is {want_type}; give a checkpoint of the project's model")
+    if got != want:
+        diff = next(((a, b) for a, b in zip(want, got) if a != b), None)
+        where = f" ({diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]})" if diff else f" ({len(want)} vs {len(got)} tracked modules)"
+        raise InflqError(f"{path} has a different architecture from the project's model{where}; give a checkpoint of the same model")
+    rel = _rel(path, project.root)
+    if any(Path(project.path(c["path"])).resolve() == path.resolve() for c in project.config.checkpoints):
+        raise InflqError(f"{path} is already a checkpoint of this project; see `inflq checkpoint list`")
+    fp = fingerprint_files(model_files(path))
+    project.config.checkpoints.append({"path": rel, "learning_rate": float(learning_rate)})
+    project.save_config()
+    with project.db.atomic():  # a stale row for the same path (config edited by hand) is replaced
+        existing = next(project.db["checkpoints"].rows_where("path = ?", [rel]), None)
+        if existing is not None:
+            project.db.execute("DELETE FROM checkpoints WHERE id = ?", [existing["id"]])
+        cid = project.db["checkpoints"].insert(
+            {"path": rel, "learning_rate": float(learning_rate), "fingerprint": fp, "created_at": catalog.now()}
+        ).last_pk
+    return project.db["checkpoints"].get(cid)
+
+
+class TracIn(Estimator):
+    """TracIn: learning-rate-weighted gradient dot products summed over training checkpoints."""
+
+    name = "tracin"
+    description = "TracIn: gradient dot products summed over training checkpoints, weighted by learning rate"
+    options = (Option("last", int, None, "use only the last N checkpoints listed (default: all)"),)
+
+    def checkpoints(self, project):
+        cps = list(project.config.checkpoints)
+        if not cps:
+            raise InflqError("tracin needs training checkpoints; add them with `inflq checkpoint add PROJECT DIR --lr X`")
+        if self.settings["last"] is not None:
+            if self.settings["last"] < 1:
+                raise InflqError("tracin: last must be at least 1")
+            cps = cps[-self.settings["last"] :]
+        out = []
+        for c in cps:
+            if not isinstance(c, dict) or "path" not in c or "learning_rate" not in c:
+                raise InflqError(f"inflq.toml: each [[checkpoints]] needs path and learning_rate, got {c!r}")
+            out.append((project.path(str(c["path"])), float(c["learning_rate"])))
+        return out
+
+    def precondition(self, grads):
+        return grads
+
+    def describe(self):
+        return {**self.settings, "weighting": "learning rate per checkpoint"}
