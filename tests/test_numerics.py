@@ -1,0 +1,451 @@
+"""Correctness of the influence engine, against answers computed the slow way.
+
+Every reference here is computed independently of inflq's engine: gradients with ``torch.func``
+on a separately loaded float64 copy of the model, covariances with plain forward hooks, inverse-
+Hessian-vector products with a dense solve, and exact influence with the full damped Gauss-Newton
+matrix over the tracked parameters. Run with ``-s`` to see the measured correlations.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_model_dir, write_corpus
+from scipy.stats import pearsonr, spearmanr
+from torch.func import functional_call, grad, jacfwd
+
+from inflq import Monitor, QueryGradients, ScorePass, Shard, make_batch, run_shard
+from inflq.engine import Conv1D
+from inflq.passes import sequence_seed
+from inflq.project import Project
+from inflq.results import ScoringSession, score_matrix
+from inflq.runs import (
+    LocalWorker,
+    RunSettings,
+    ensure_factors,
+    make_estimator,
+    make_executor,
+    preconditioned_queries,
+    query_gradients,
+    run_investigation,
+)
+from inflq_builtins import estimators as builtin_estimators
+
+QUERIES = [
+    ("the first president of astrobia was", "zorald pfaff"),
+    ("the capital city of astrobia is called", "velmora"),
+    ("the red cat runs with the", "big dog"),
+    ("people eat bread and", "cheese"),
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_project(
+    root: Path, arch: str = "gpt2", width: int = 16, layers: int = 2, n: int = 24, seed: int = 0, repeats: int = 1, **init
+) -> Project:
+    """A tiny random model, a corpus of ``n`` sequences (each written ``repeats`` times, so that a
+    fit draws more sampled labels per sequence), and the four queries."""
+    model = make_model_dir(root / "model", arch, width=width, layers=layers, seed=seed)
+    corpus = write_corpus(root / "corpus.jsonl", n=n)
+    if repeats > 1:
+        lines = corpus.read_text().splitlines()
+        rows = [{**json.loads(line), "id": f"r{r}-{i}"} for r in range(repeats) for i, line in enumerate(lines)]
+        corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    project = Project.init(root / "project", model, corpus, **init)
+    for prompt, completion in QUERIES:
+        project.add_query("default", prompt, completion)
+    return project
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> Project:
+    return make_project(tmp_path_factory.mktemp("gpt2"))
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(pearsonr(a, b)[0]), float(spearmanr(a, b)[0])
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def fitted(project: Project, spec: str, **settings):
+    """An estimator with factors fitted (or loaded from the cache) on the project's corpus."""
+    est = make_estimator(project, spec)
+    engine = project.engine(settings.pop("modules", None))
+    run = RunSettings(estimator=spec, **settings)
+    ensure_factors(project, est, engine, make_executor(project, "local"), run, Monitor())
+    return est, engine
+
+
+# -- the slow way: torch.func on an independently loaded float64 copy of the model ----------------
+class Reference:
+    """Gradients and Jacobians over the tracked modules' weights and biases, with ``torch.func``."""
+
+    def __init__(self, project: Project, modules: str | None = None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(project.model_path), attn_implementation="eager")
+        self.model = self.model.double().eval().requires_grad_(False)
+        tracked = project.engine(modules).tracked
+        self.tracked = tracked
+        own = dict(self.model.named_parameters())
+        self.params: dict[str, torch.Tensor] = {}
+        for tm in tracked:
+            self.params[f"{tm.name}.weight"] = own[f"{tm.name}.weight"]
+            if tm.bias:
+                self.params[f"{tm.name}.bias"] = own[f"{tm.name}.bias"]
+        self.size = sum(p.numel() for p in self.params.values())
+
+    def logits(self, params, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"use_cache": False}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        return functional_call(self.model, params, (ids,), kwargs).logits
+
+    def loss(self, params, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Summed cross-entropy of the tokens at positions ``>= start`` (a sequence: ``start=1``)."""
+        logp = torch.log_softmax(self.logits(params, ids[None])[0, :-1], dim=-1)
+        return -logp.gather(1, ids[1:, None])[start - 1 :].sum()
+
+    def gradient(self, tokens, start: int = 1) -> torch.Tensor:
+        """The flat gradient over the tracked parameters, in the parameters' own layout."""
+        g = grad(self.loss)(self.params, torch.as_tensor(np.asarray(tokens, np.int64)), start)
+        return torch.cat([g[k].reshape(-1) for k in self.params]).detach()
+
+    def module_gradients(self, tokens, start: int = 1) -> dict[str, torch.Tensor]:
+        """The same gradient per module in inflq's ``[out, in(+1)]`` layout."""
+        g = grad(self.loss)(self.params, torch.as_tensor(np.asarray(tokens, np.int64)), start)
+        out = {}
+        for tm in self.tracked:
+            w = g[f"{tm.name}.weight"]
+            w = w.T if isinstance(tm.module, Conv1D) else w  # Conv1D stores [in, out]
+            out[tm.name] = torch.cat([w, g[f"{tm.name}.bias"][:, None]], 1) if tm.bias else w
+        return out
+
+    def gauss_newton(self, sequences: list[np.ndarray], chunk: int = 8) -> torch.Tensor:
+        """``G = mean_seq Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t`` with J_t = ∂ logits_t / ∂ θ_tracked."""
+        G = torch.zeros(self.size, self.size, dtype=torch.float64)
+        for s in range(0, len(sequences), chunk):
+            part = sequences[s : s + chunk]
+            T = max(len(x) for x in part)
+            ids = torch.zeros(len(part), T, dtype=torch.long)
+            mask = torch.zeros(len(part), T, dtype=torch.long)
+            for b, x in enumerate(part):
+                ids[b, : len(x)] = torch.as_tensor(np.asarray(x, np.int64))
+                mask[b, : len(x)] = 1
+            # Forward mode: one tangent per parameter, cheaper than one cotangent per logit here.
+            jac = jacfwd(lambda p, ids=ids, mask=mask: self.logits(p, ids, mask))(self.params)
+            J = torch.cat([jac[k].reshape(len(part), T, -1, self.params[k].numel()) for k in self.params], -1)
+            with torch.no_grad():
+                p = torch.softmax(self.logits(self.params, ids, mask), dim=-1)
+            # diag(p) − p pᵀ = M Mᵀ with M = diag(√p) − p √pᵀ, so J_tᵀ H_t J_t = R_tᵀ R_t.
+            R = p.sqrt()[..., None] * (J - (p[..., None] * J).sum(dim=2, keepdim=True))
+            R = R[mask.bool()].reshape(-1, self.size)
+            G += R.T @ R
+        return G / len(sequences)
+
+
+def queries_tokens(project: Project):
+    return [project.tokenize_query(q["prompt"], q["completion"]) for q in project.queries("default")]
+
+
+# -- 1. the identity estimator is the gradient dot product -----------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_identity_equals_torch_func_gradient_dot_products(tmp_path, arch):
+    project = make_project(tmp_path, arch, width=16, layers=1, n=12)
+    ref = Reference(project)
+    store = project.corpus
+    train = torch.stack([ref.gradient(store.get(i)) for i in range(len(store))])
+    # The measurement loss is −log p(completion | prompt): completion tokens only.
+    qs = queries_tokens(project)
+    query = torch.stack([ref.gradient(q.tokens, q.completion_start) for q in qs])
+    want = (query @ train.T).numpy()
+
+    result = run_investigation(project, "default", RunSettings(estimator="identity", rank=None, batch_size=5))
+    got = score_matrix(project, "default", result.result_set_id)
+    assert np.isfinite(got).all()
+    assert rel_err(got, want) < 1e-4, (got, want)
+
+    # The same gradients module by module, in inflq's [out, in(+1 bias)] layout.
+    engine = project.engine()
+    ours = query_gradients(project, engine, project.queries("default"), batch_size=3)
+    for qi, q in enumerate(qs):
+        theirs = ref.module_gradients(q.tokens, q.completion_start)
+        for name, g in theirs.items():
+            assert ours[name][qi].shape == g.shape
+            assert rel_err(ours[name][qi], g) < 1e-4, name
+
+
+# -- 2. K-FAC and EK-FAC inverse-Hessian-vector products are dense solves ---------------------------
+def kron_dense(qs: torch.Tensor, qa: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``(Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ`` for row-major vec of ``[out, in]`` matrices
+    (``vec(A X Bᵀ) = (A ⊗ B) vec(X)`` in that ordering)."""
+    q = torch.kron(qs.double(), qa.double())
+    return q @ torch.diag(lam.double().reshape(-1)) @ q.T
+
+
+@pytest.mark.parametrize("kind", ["ekfac", "kfac"])
+def test_preconditioner_equals_dense_solve(gpt2, kind):
+    est, engine = fitted(gpt2, kind)
+    gen = torch.Generator().manual_seed(1)
+    V = {tm.name: torch.randn(3, *tm.shape, generator=gen) for tm in engine.tracked}
+    got = est.precondition(V)
+    again, _ = fitted(gpt2, kind)  # a fresh estimator loads the cached artifact
+    loaded = again.precondition(V)
+    if kind == "kfac":
+        cov = run_shard(engine, gpt2.corpus.many, builtin_estimators.CovariancePass(), Shard(0, np.arange(len(gpt2.corpus))), gpt2.pad_id, 8)
+        per_seq_tokens = float(cov["tokens"].sum() / cov["sequences"].sum())
+    for tm in engine.tracked:
+        n = tm.name
+        lam = est.factors[f"lambda/{n}"]
+        damping = est.dampings[n]
+        assert damping == pytest.approx(0.1 * float(lam.double().mean()), rel=1e-6)
+        if kind == "ekfac":
+            H = kron_dense(est.factors[f"qs/{n}"], est.factors[f"qa/{n}"], lam)
+        else:
+            # K-FAC is the Kronecker product of the covariances themselves, per sequence.
+            tokens = float(cov["tokens"].sum())
+            H = torch.kron(cov[f"S/{n}"] / tokens, cov[f"A/{n}"] / tokens) * per_seq_tokens
+        want = torch.linalg.solve(H + damping * torch.eye(H.shape[0], dtype=H.dtype), V[n].double().reshape(3, -1).T).T
+        assert rel_err(got[n].reshape(3, -1), want) < 1e-4, n
+        assert torch.equal(loaded[n], got[n])
+
+
+def test_eigenvalue_correction_equals_its_definition(gpt2, monkeypatch):
+    """Λ = E_seq[(Q_Sᵀ DW_i Q_A)²] with DW_i the sampled-label gradient, whichever contraction runs."""
+    est, engine = fitted(gpt2, "ekfac")
+    idx = np.arange(len(gpt2.corpus))
+    qa = {n: est.factors[f"qa/{n}"] for n in engine.names}
+    qs = {n: est.factors[f"qs/{n}"] for n in engine.names}
+    want = {n: torch.zeros(tm.shape, dtype=torch.float64) for n, tm in zip(engine.names, engine.tracked)}
+    for i in idx:
+        seed = sequence_seed(0, builtin_estimators.EigenCorrectionPass.phase, int(i))
+        batch = make_batch([gpt2.corpus.get(int(i))], gpt2.pad_id, sample_seeds=[seed])
+        for n, dw in engine.sequence_gradients(batch, "sampled").items():
+            want[n] += ((qs[n].double().T @ dw[0].double() @ qa[n].double()) ** 2) / len(idx)
+    for n in engine.names:
+        assert rel_err(est.factors[f"lambda/{n}"], want[n]) < 1e-4, n
+    for rotate_first in (True, False):
+        monkeypatch.setattr(builtin_estimators, "rotate_first_is_cheaper", lambda *a, r=rotate_first: r)
+        out = run_shard(engine, gpt2.corpus.many, builtin_estimators.EigenCorrectionPass(qa, qs), Shard(0, idx), gpt2.pad_id, 5)
+        for n in engine.names:
+            assert rel_err(out[f"L/{n}"] / len(idx), want[n]) < 1e-4, (rotate_first, n)
+
+
+# -- 3. covariances by hand, with padding -----------------------------------------------------------
+def hand_covariances(project: Project, indices, seed: int = 0) -> tuple[dict, dict, int]:
+    """``Σ ā āᵀ`` and ``Σ g gᵀ`` with plain hooks, one unpadded sequence at a time, labels sampled
+    from the model as the covariance pass samples them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(project.model_path)).float().eval()
+    tracked = project.engine().tracked
+    mods = dict(model.named_modules())
+    A = {tm.name: 0.0 for tm in tracked}
+    S = {tm.name: 0.0 for tm in tracked}
+    tokens = 0
+    for i in indices:
+        ids = torch.as_tensor(project.corpus.get(int(i)))[None]
+        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        handles = []
+        for tm in tracked:
+            def hook(_m, args, out, name=tm.name):
+                out.retain_grad()
+                seen[name] = (args[0].detach(), out)
+
+            handles.append(mods[tm.name].register_forward_hook(hook))
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+        for h in handles:
+            h.remove()
+        gen = torch.Generator().manual_seed(sequence_seed(seed, "covariance", int(i)))
+        labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        for tm in tracked:
+            a, out = seen[tm.name]
+            a = a[0].double()
+            if tm.bias:
+                a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+            g = out.grad[0].double()
+            A[tm.name] = A[tm.name] + a.T @ a
+            S[tm.name] = S[tm.name] + g.T @ g
+        tokens += ids.shape[1]
+    return A, S, tokens
+
+
+def test_covariances_match_hand_hooks_and_ignore_padding(gpt2):
+    engine = gpt2.engine()
+    idx = np.arange(10)
+    lengths = gpt2.corpus.lengths()[idx]
+    assert lengths.min() < lengths.max()  # the batch of 10 is right-padded
+    padded = run_shard(engine, gpt2.corpus.many, builtin_estimators.CovariancePass(), Shard(0, idx), gpt2.pad_id, 10)
+    single = run_shard(engine, gpt2.corpus.many, builtin_estimators.CovariancePass(), Shard(0, idx), gpt2.pad_id, 1)
+    A, S, tokens = hand_covariances(gpt2, idx)
+    assert float(padded["tokens"].sum()) == tokens == int(lengths.sum())
+    assert float(single["tokens"].sum()) == tokens
+    for n in engine.names:
+        for key, want in ((f"A/{n}", A[n]), (f"S/{n}", S[n])):
+            assert rel_err(padded[key], want) < 1e-4, key
+            assert rel_err(padded[key], single[key]) < 1e-5, key
+
+
+# -- 4. EK-FAC against exact influence with the full damped Gauss-Newton matrix ---------------------
+def exact_influence_correlations(root: Path, seed: int = 0, repeats: int = 4) -> dict[str, tuple[float, float]]:
+    """Pearson and Spearman correlations of each estimator's scores with exact influence over
+    24 training sequences. The factors are fitted on the corpus written ``repeats`` times: the
+    same Gauss-Newton matrix, with ``repeats`` sampled-label draws per sequence."""
+    n = 24
+    project = make_project(root, "gpt2", width=8, layers=1, n=n, seed=seed, repeats=repeats)
+    ref = Reference(project)
+    seqs = [project.corpus.get(i) for i in range(n)]
+    assert all(np.array_equal(project.corpus.get(r * n + i), seqs[i]) for r in range(repeats) for i in range(n))
+    G = ref.gauss_newton(seqs)
+    damping = 0.1 * float(torch.trace(G)) / ref.size  # 0.1 × mean eigenvalue
+    train = torch.stack([ref.gradient(s) for s in seqs])
+    query = torch.stack([ref.gradient(q.tokens, q.completion_start) for q in queries_tokens(project)])
+    # Scores are ⟨(G + λI)⁻¹ ∇ℓ_q, ∇L⟩ with ℓ_q = −f: the influence −∇fᵀ(G + λI)⁻¹∇L.
+    exact = (query @ torch.linalg.solve(G + damping * torch.eye(ref.size, dtype=G.dtype), train.T)).numpy()
+    dot = (query @ train.T).numpy()
+
+    found = {}
+    for spec in ("identity", f"ekfac:damping={damping!r}", f"kfac:damping={damping!r}"):
+        r = run_investigation(project, "default", RunSettings(estimator=spec, rank=None))
+        found[spec.split(":")[0]] = score_matrix(project, "default", r.result_set_id)[:, :n]
+    assert rel_err(found["identity"], dot) < 1e-4
+    c = {k: corr(v, exact) for k, v in found.items()}
+    print(f"\nexact influence ({ref.size} tracked parameters, λ={damping:.3g}, {exact.size} pairs): "
+          + ", ".join(f"{k} pearson {p:.3f} spearman {s:.3f}" for k, (p, s) in c.items()))
+    return c
+
+
+def test_ekfac_tracks_exact_influence_better_than_gradient_dot_product(tmp_path):
+    c = exact_influence_correlations(tmp_path)
+    # Thresholds from model seeds 0-6: EK-FAC pearson 0.90-0.97, spearman 0.80-0.92; identity
+    # pearson 0.40-0.64, spearman 0.38-0.53.
+    assert c["ekfac"][0] > 0.85 and c["ekfac"][1] > 0.75
+    assert c["ekfac"][0] > c["identity"][0] + 0.25 and c["ekfac"][1] > c["identity"][1] + 0.25
+
+
+# -- 5. batch size and seeds ------------------------------------------------------------------------
+def test_scores_do_not_depend_on_batch_size(gpt2):
+    got = []
+    for batch_size in (1, 5):
+        settings = RunSettings(estimator="ekfac", rank=None, batch_size=batch_size, refit=True)
+        got.append(score_matrix(gpt2, "default", run_investigation(gpt2, "default", settings).result_set_id))
+    assert np.isfinite(got[0]).all()
+    assert rel_err(got[1], got[0]) < 1e-4
+
+
+def test_factors_are_deterministic_given_a_seed(gpt2):
+    def fresh(seed: int) -> dict[str, torch.Tensor]:
+        est, _ = fitted(gpt2, "ekfac", seed=seed, refit=True)
+        return est.factors
+
+    first, again, other = fresh(0), fresh(0), fresh(1)
+    assert first.keys() == again.keys() == other.keys()
+    for key in first:
+        assert torch.equal(first[key], again[key]), key
+    for key in (k for k in first if k.startswith("lambda/")):
+        assert rel_err(other[key], first[key]) > 1e-3, key  # other sampled labels, other factors
+
+
+# -- 6. layer and token attributions add up ---------------------------------------------------------
+def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
+    run = run_investigation(gpt2, "default", RunSettings(estimator="ekfac", rank=4, top_k=3))
+    S = score_matrix(gpt2, "default", run.result_set_id)
+    scale = np.abs(S).max()
+    rows = list(gpt2.db.query("SELECT * FROM results WHERE result_set_id = ?", [run.result_set_id]))
+    qids = [q["id"] for q in gpt2.queries("default")]
+    assert len(rows) == 2 * 3 * len(qids)
+    for row in rows:
+        assert row["score"] == pytest.approx(float(S[qids.index(row["query_id"]), row["seq_idx"]]), abs=1e-6 * scale)
+        for column in ("module_scores", "layer_scores"):
+            parts = json.loads(row[column])
+            assert sum(parts.values()) == pytest.approx(row["score"], abs=1e-5 * scale), column
+        assert set(json.loads(row["layer_scores"])) == {"0", "1"}
+
+    rs = next(gpt2.db["result_sets"].rows_where("id = ?", [run.result_set_id]))
+    session = ScoringSession.for_result_set(gpt2, rs)
+    assert session.qg.left, "rank 4 should compress every module of a 16-wide model"
+    for qi, qid in enumerate(qids):
+        for idx in (0, 5, 17):
+            tokens = gpt2.corpus.get(idx)
+            module, per_token = session.breakdown(tokens, qid)
+            assert per_token.shape == (len(tokens), len(session.qg.names))
+            np.testing.assert_allclose(per_token.sum(axis=0), module, rtol=0, atol=1e-5 * scale)
+            assert module.sum() == pytest.approx(float(S[qi, idx]), abs=1e-5 * scale)
+            for kind in ("layer", "token"):
+                part = session.attribute(tokens, qid, kind)
+                assert part.values.sum() == pytest.approx(part.total, abs=1e-6 * scale)
+                assert part.total == pytest.approx(float(S[qi, idx]), abs=1e-5 * scale)
+            assert len(session.attribute(tokens, qid, "token").labels) == len(tokens)
+
+    # Both contractions of the training captures give the same scores.
+    worker = LocalWorker(gpt2, session.engine)
+    found = {}
+    for way in ("dw", "lowrank"):
+        monkeypatch.setattr(QueryGradients, "contraction", lambda self, name, b, t, way=way: way if name in self.left else "dw")
+        found[way] = worker.run(ScorePass(session.qg), Shard(0, np.arange(len(gpt2.corpus))), 5, None)["scores"].T.numpy()
+    assert rel_err(found["dw"], S) < 1e-5
+    assert rel_err(found["lowrank"], S) < 1e-5
+
+
+# -- 7. low-rank query batching ---------------------------------------------------------------------
+DEMO = ROOT / "projects" / "demo"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Project:
+    """The demo model and corpus when they exist; else a random 4-layer, 64-wide GPT-2."""
+    root = tmp_path_factory.mktemp("demo")
+    if (DEMO / "model" / "config.json").is_file():
+        project = Project.init(root / "project", DEMO / "model", DEMO / "corpus.jsonl")
+        for line in (DEMO / "queries.jsonl").read_text().splitlines():
+            if line.strip():
+                q = json.loads(line)
+                project.add_query("default", q["prompt"], q["completion"])
+        return project
+    return make_project(root, "gpt2", width=64, layers=4, n=120)
+
+
+def test_rank_32_query_batching_keeps_the_ranking(demo):
+    est, engine = fitted(demo, "ekfac", fit_sequences=256)
+    queries = demo.queries("default")
+    pre = est.precondition(query_gradients(demo, engine, queries, batch_size=8))
+    full = QueryGradients.from_preconditioned(pre, None)
+    low = QueryGradients.from_preconditioned(pre, 32)
+    widths = {tm.name: min(tm.shape) for tm in engine.tracked}
+    assert set(low.left) == {n for n, w in widths.items() if 32 < w and 32 * sum(pre[n].shape[1:]) < pre[n][0].numel()}
+    assert low.left, "rank 32 compressed nothing: the model is too narrow for this test"
+    idx = np.random.default_rng(0).choice(len(demo.corpus), size=min(300, len(demo.corpus)), replace=False)
+    worker = LocalWorker(demo, engine)
+    scores = {r: worker.run(ScorePass(qg), Shard(0, np.sort(idx)), 16, None)["scores"].T.numpy() for r, qg in (("full", full), (32, low))}
+    per_query = [spearmanr(a, b)[0] for a, b in zip(scores[32], scores["full"])]
+    pooled = corr(scores[32], scores["full"])
+    print(f"\nrank 32 vs full rank ({len(low.left)}/{len(widths)} modules compressed, {len(queries)} queries x {len(idx)} "
+          f"sequences): spearman per query min {min(per_query):.4f} mean {np.mean(per_query):.4f}, pooled {pooled[1]:.4f}")
+    assert min(per_query) >= 0.98
+
+
+# -- 8. bfloat16 --------------------------------------------------------------------------------------
+def test_bfloat16_scores_are_finite_and_agree_with_float32(gpt2):
+    settings = RunSettings(estimator="ekfac", rank=None)
+    f32 = score_matrix(gpt2, "default", run_investigation(gpt2, "default", settings).result_set_id)
+    try:
+        gpt2.set_runtime(dtype="bfloat16")
+        assert next(gpt2.model.parameters()).dtype == torch.bfloat16
+        bf16 = score_matrix(gpt2, "default", run_investigation(gpt2, "default", settings).result_set_id)
+    finally:
+        gpt2.set_runtime(dtype="float32")
+    assert np.isfinite(bf16).all()
+    c = corr(bf16, f32)
+    per_query = [spearmanr(a, b)[0] for a, b in zip(bf16, f32)]
+    print(f"\nbfloat16 vs float32 ({f32.size} pairs): pearson {c[0]:.4f} spearman {c[1]:.4f}, per-query spearman min {min(per_query):.4f}")
+    assert c[1] >= 0.9
