@@ -212,7 +212,11 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
         path = Path(file_)
         if not path.exists():
             raise InflqError(f"query file {path} does not exist")
-        for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8", errors="strict")
+        except UnicodeDecodeError as exc:
+            raise InflqError(f"query file {path} is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -171,6 +171,15 @@ def build_store(
     """Tokenize and chunk ``documents`` into ``folder`` (written to a temporary folder first and
     moved into place at the end). Yields one row per sequence for the catalog:
     ``(idx, seq_id, doc_id, chunk, n_tokens, source, meta_json)``."""
+    tmp = Path(folder).with_name(Path(folder).name + ".tmp")
+    try:
+        yield from _build_store(documents, tokenizer, folder, max_length=max_length, add_bos=add_bos, append_eos=append_eos, fingerprint=fingerprint, batch_docs=batch_docs)
+    except BaseException:  # a bad document must not leave a half-written store behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build_store(documents, tokenizer, folder, *, max_length, add_bos, append_eos, fingerprint, batch_docs):
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
