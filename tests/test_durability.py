@@ -131,7 +131,7 @@ def test_two_processes_write_one_project_and_nothing_is_lost(project, tmp_path):
     q.close()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_writers_killed_at_random_points_leave_a_consistent_catalog(project, tmp_path, seed):
     from inflq import integrity
     from inflq.project import Project
