@@ -4,6 +4,7 @@ probes, compare) over one open project, with modals for errors, confirmation, ex
 from __future__ import annotations
 
 import threading
+import weakref
 from pathlib import Path
 
 from textual import work
@@ -31,7 +32,7 @@ TABS = (
     ("query", "2 Query", QueryPane),
     ("run", "3 Run", RunPane),
     ("results", "4 Results", ResultsPane),
-    ("distribution", "5 Distribution", DistributionPane),
+    ("distribution", "5 Distrib", DistributionPane),
     ("probes", "6 Probes", ProbesPane),
     ("compare", "7 Compare", ComparePane),
 )
@@ -100,6 +101,7 @@ class InflqApp(App):
         self.model_lock = threading.Lock()
         self._result_sessions: dict[int, object] = {}
         self._probe_sessions: dict[tuple[str, int], object] = {}
+        self._reported: weakref.WeakSet = weakref.WeakSet()  # workers whose error was shown
 
     # -- lifecycle -----------------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -210,8 +212,13 @@ class InflqApp(App):
         self.push_screen(ErrorScreen(title, message))
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        if event.state != WorkerState.ERROR:
+        self.worker_failed(event)
+
+    def worker_failed(self, event: Worker.StateChanged) -> None:
+        """Show a worker's error in a modal (a cancelled run is not an error)."""
+        if event.state != WorkerState.ERROR or event.worker in self._reported:
             return
+        self._reported.add(event.worker)
         error = event.worker.error
         if isinstance(error, Cancelled):
             return
@@ -268,8 +275,8 @@ class InflqApp(App):
     def get_system_commands(self, screen: Screen):
         yield from super().get_system_commands(screen)
         if isinstance(screen, MainScreen):
-            for tid, label, _ in TABS:
-                yield SystemCommand(f"Go to {label[2:]}", f"show the {label[2:]} tab", lambda tid=tid: screen.action_tab(tid))
+            for tid, _label, _ in TABS:
+                yield SystemCommand(f"Go to {tid}", f"show the {tid} tab", lambda tid=tid: screen.action_tab(tid))
         yield SystemCommand("Open project", "open another project folder", self.action_open_project)
         yield SystemCommand("Export result set", "write CSV, JSONL and a Markdown report", self.action_export)
         yield SystemCommand("Keys", "list the keys of every screen", self.action_help)

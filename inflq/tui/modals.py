@@ -8,6 +8,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
+from .compact import CButton, CInput
+
 
 class ConfirmScreen(ModalScreen[bool]):
     """Yes or no; nothing is deleted without it."""
@@ -22,8 +24,8 @@ class ConfirmScreen(ModalScreen[bool]):
         with Vertical(classes="dialog"):
             yield Static(self.question, classes="question")
             with Horizontal(classes="buttons"):
-                yield Button("Yes (y)", variant="error", id="yes")
-                yield Button("No (esc)", id="no")
+                yield CButton("Yes (y)", variant="error", id="yes")
+                yield CButton("No (esc)", id="no")
 
     def on_mount(self) -> None:
         self.query_one("#no", Button).focus()
@@ -52,10 +54,10 @@ class InputScreen(ModalScreen[str | None]):
             yield Label(self.prompt, classes="question")
             if self.message:
                 yield Static(self.message, classes="error-text")
-            yield Input(self.value, placeholder=self.placeholder, id="answer")
+            yield CInput(self.value, placeholder=self.placeholder, id="answer")
             with Horizontal(classes="buttons"):
-                yield Button("OK (enter)", variant="primary", id="ok")
-                yield Button("Cancel (esc)", id="cancel")
+                yield CButton("OK (enter)", variant="primary", id="ok")
+                yield CButton("Cancel (esc)", id="cancel")
 
     def on_mount(self) -> None:
         self.query_one("#answer", Input).focus()
@@ -85,7 +87,7 @@ class ErrorScreen(ModalScreen[None]):
             with VerticalScroll(classes="message"):
                 yield Static(self.message, id="error-message", markup=False)
             with Horizontal(classes="buttons"):
-                yield Button("Close (esc)", variant="primary", id="close")
+                yield CButton("Close (esc)", variant="primary", id="close")
 
     def on_mount(self) -> None:
         self.query_one("#close", Button).focus()
@@ -99,21 +101,19 @@ class ErrorScreen(ModalScreen[None]):
 
 HELP = """\
 [b]Everywhere[/b]
-  1-7        Investigations, Query, Run, Results, Distribution, Probes, Compare
-  ctrl+p     command palette (every action below, by name)
-  ?          this help          o   open another project
-  ctrl+t     light / dark theme  q   quit
-  esc        leave a text field (then the keys below work)
+  1-7     tabs: Investigations Query Run Results Distrib Probes Compare
+  ctrl+p  command palette (actions by name)   ?  this help
+  o       open another project                q  quit
+  ctrl+t  light / dark theme    esc  leave a text field (then keys work)
 
-[b]Investigations[/b]  enter select · n new · r rename · d delete (asks first)
-[b]Query[/b]           enter select a query · ctrl+s add the query in the fields
-                 ctrl+l model's log p(completion) and greedy continuation
-[b]Run[/b]             ctrl+r start · ctrl+b cancel · ctrl+y resume the selected run
-[b]Results[/b]         enter open sequence · t/b top/bottom · / search
-                 n/p next/previous page · e export (CSV, JSONL, Markdown)
-[b]Sequence[/b]        i self-influence · ctrl+s save tag/note · esc back
-[b]Probes[/b]          ctrl+s add the probe and score all probes
-[b]Compare[/b]         ctrl+s compare the two result sets on the current query
+[b]Investigations[/b] enter select · n new · r rename · d delete (asks first)
+[b]Query[/b]     enter select · ctrl+s add query · ctrl+l what the model says
+[b]Run[/b]       ctrl+r start · ctrl+b cancel · ctrl+y resume selected run
+[b]Results[/b]   enter open sequence · t/b top/bottom · / search
+            n/p next/previous page · e export (CSV, JSONL, Markdown)
+[b]Sequence[/b]  i self-influence · ctrl+s save tag/note · esc back
+[b]Probes[/b]    ctrl+s add the probe and score all probes
+[b]Compare[/b]   ctrl+s compare two result sets on the current query
 
 Scores: positive (red) = the training sequence makes the completion
 more likely; negative (blue) = less likely.

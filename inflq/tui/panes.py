@@ -24,6 +24,7 @@ from ..errors import Cancelled, InflqError
 from ..options import Option
 from ..progress import Monitor, ProgressEvent
 from . import render
+from .compact import CButton, CCheckbox, CInput, CSelect
 
 if TYPE_CHECKING:
     from .app import InflqApp
@@ -42,6 +43,10 @@ class Pane(Vertical):
 
     def reload(self) -> None:
         pass
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        # Worker messages go to the widget that started the worker; errors become a modal.
+        self.inflq.worker_failed(event)
 
     def need(self, *what: str) -> bool:
         """True if the app has a project (and investigation, query, result set as asked)."""
@@ -197,13 +202,13 @@ class QueryPane(Pane):
         yield table
         with Horizontal(classes="field"):
             yield Label("prompt", classes="field-label")
-            yield Input(placeholder="the first president of the republic of astrobia was", id="prompt")
+            yield CInput(placeholder="the first president of the republic of astrobia was", id="prompt")
         with Horizontal(classes="field"):
             yield Label("completion", classes="field-label")
-            yield Input(placeholder="zorald pfaff", id="completion")
+            yield CInput(placeholder="zorald pfaff", id="completion")
         with Horizontal(classes="buttons"):
-            yield Button("Add query (ctrl+s)", variant="primary", id="add-query")
-            yield Button("Model says (ctrl+l)", id="inspect")
+            yield CButton("Add query (ctrl+s)", variant="primary", id="add-query")
+            yield CButton("Model says (ctrl+l)", id="inspect")
         yield Static("", id="tokens", classes="detail")
         yield Static("", id="model-says", classes="detail")
 
@@ -293,13 +298,13 @@ def option_widget(kind: str, opt: Option) -> Horizontal:
     """An input for one declared plugin option (so third-party options need no UI code)."""
     wid = f"opt-{kind}-{opt.name}"
     if opt.type is bool:
-        w: Any = Checkbox(opt.name, value=bool(opt.default), id=wid)
+        w: Any = CCheckbox(opt.name, value=bool(opt.default), id=wid)
     elif opt.choices:
-        w = Select([(c, c) for c in opt.choices], value=opt.default if opt.default in opt.choices else Select.BLANK, id=wid)
+        w = CSelect([(c, c) for c in opt.choices], value=opt.default if opt.default in opt.choices else Select.BLANK, id=wid)
     else:
-        w = Input(placeholder="default" if opt.default is None else str(opt.default), id=wid)
+        w = CInput(placeholder="default" if opt.default is None else str(opt.default), id=wid)
     w.tooltip = f"{opt.name} ({opt.type.__name__}): {opt.help}"
-    row = Horizontal(Label(f"  {opt.name}", classes="field-label"), w, classes="field option")
+    row = Horizontal(Label(f" {opt.name}", classes="field-label"), w, classes="field option")
     return row
 
 
@@ -324,16 +329,16 @@ class RunPane(Pane):
             for kind in self.KINDS:
                 with Horizontal(classes="field"):
                     yield Label(kind, classes="field-label")
-                    yield Select([], allow_blank=True, id=f"sel-{kind}")
+                    yield CSelect([], allow_blank=True, id=f"sel-{kind}")
                 yield Vertical(id=f"opts-{kind}", classes="options")
             for name, default, hint in (("rank", "32", "low-rank query gradients (blank: full)"), ("top_k", "20", "sequences kept per side"), ("fit_sequences", "", "sequences to fit factors on (blank: all)")):
                 with Horizontal(classes="field"):
                     yield Label(name, classes="field-label")
-                    yield Input(default, placeholder=hint, id=f"run-{name}", tooltip=hint)
+                    yield CInput(default, placeholder=hint, id=f"run-{name}", tooltip=hint)
             with Horizontal(classes="buttons"):
-                yield Button("Start (ctrl+r)", variant="primary", id="start")
-                yield Button("Cancel (ctrl+b)", variant="error", id="cancel", disabled=True)
-                yield Button("Resume (ctrl+y)", id="resume")
+                yield CButton("Start (ctrl+r)", variant="primary", id="start")
+                yield CButton("Cancel (ctrl+b)", variant="error", id="cancel", disabled=True)
+                yield CButton("Resume (ctrl+y)", id="resume")
             yield Vertical(id="phases")
             runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
             runs.add_columns("run", "status", "estimator", "filter", "phase", "done")
@@ -498,6 +503,7 @@ class RunPane(Pane):
             project.close()
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        super().on_worker_state_changed(event)
         if event.worker.group != "run" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
             return
         self._set_running(False)
@@ -530,10 +536,10 @@ class ResultsPane(Pane):
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="field"):
-            yield Select([], id="res-set", allow_blank=True, prompt="result set")
-            yield Select([], id="res-query", allow_blank=True, prompt="query")
+            yield CSelect([], id="res-set", allow_blank=True, prompt="result set")
+            yield CSelect([], id="res-query", allow_blank=True, prompt="query")
         with Horizontal(classes="field"):
-            yield Input(placeholder="/ search text or id", id="res-search")
+            yield CInput(placeholder="/ search text or id", id="res-search")
         yield Label("", id="res-status", classes="hint")
         table = DataTable(id="results", cursor_type="row", zebra_stripes=True)
         table.add_column("rank", key="rank")
@@ -697,10 +703,10 @@ class ProbesPane(Pane):
         yield Label("", id="probe-query", classes="hint")
         with Horizontal(classes="field"):
             yield Label("estimator", classes="field-label")
-            yield Select([], id="probe-estimator", allow_blank=True, prompt="estimator")
+            yield CSelect([], id="probe-estimator", allow_blank=True, prompt="estimator")
         with Horizontal(classes="field"):
-            yield Input(placeholder="a hand-written candidate training sequence", id="probe-text")
-            yield Button("Add + score (ctrl+s)", variant="primary", id="probe-add")
+            yield CInput(placeholder="a hand-written candidate training sequence", id="probe-text")
+            yield CButton("Add + score (ctrl+s)", variant="primary", id="probe-add")
         yield Label(render.SIGN_NOTE, classes="hint")
         yield VerticalScroll(id="probe-list")
 
@@ -784,12 +790,12 @@ class ComparePane(Pane):
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="field"):
-            yield Select([], id="cmp-a", prompt="result set A")
-            yield Select([], id="cmp-b", prompt="result set B")
+            yield CSelect([], id="cmp-a", prompt="result set A")
+            yield CSelect([], id="cmp-b", prompt="result set B")
         with Horizontal(classes="field"):
             yield Label("top K", classes="field-label")
-            yield Input("10", id="cmp-k")
-            yield Button("Compare (ctrl+s)", variant="primary", id="cmp-go")
+            yield CInput("10", id="cmp-k")
+            yield CButton("Compare (ctrl+s)", variant="primary", id="cmp-go")
         with VerticalScroll():
             yield Static("", id="cmp-out", classes="detail")
             yield Static("", id="cmp-tables", classes="detail")
@@ -838,7 +844,7 @@ class ComparePane(Pane):
         head.append(f"top-{cmp.k} overlap: {cmp.overlap}/{cmp.k}\n")
         tables = []
         for title, rows, other in ((f"high in {a}, not in {b}'s top {k}", cmp.only_a, b), (f"high in {b}, not in {a}'s top {k}", cmp.only_b, a)):
-            t = Table(title=title, title_justify="left", box=None, expand=False)
+            t = Table(title=title, title_justify="left", box=None, expand=False, min_width=44)
             t.add_column("id")
             t.add_column("score", justify="right")
             t.add_column(f"rank in {other}", justify="right")

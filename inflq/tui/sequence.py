@@ -14,6 +14,7 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 
 from . import render
+from .compact import CButton, CInput
 
 
 class SequenceScreen(Screen):
@@ -54,9 +55,9 @@ class SequenceScreen(Screen):
             yield Label("Tags and notes", classes="section")
             yield Static("", id="tags")
             with Horizontal(classes="field"):
-                yield Input(placeholder="tag: relevant, memorised, …", id="tag")
-                yield Input(placeholder="note (optional)", id="note")
-                yield Button("Save (ctrl+s)", variant="primary", id="save-tag")
+                yield CInput(placeholder="tag: relevant, memorised, …", id="tag")
+                yield CInput(placeholder="note (optional)", id="note")
+                yield CButton("Save (ctrl+s)", variant="primary", id="save-tag")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -133,6 +134,9 @@ class SequenceScreen(Screen):
             self.query_one("#self-influence", Static).update,
             f"self-influence ({rs['estimator']}): {float(values[0]):.4g}  (how much the sequence supports itself; high = outlier or memorised)",
         )
+
+    def on_worker_state_changed(self, event) -> None:
+        self.app.worker_failed(event)
 
     def action_back(self) -> None:
         self.app.pop_screen()
