@@ -112,9 +112,7 @@ def ui(project):
         from .demo import ensure_demo
 
         project = str(ensure_demo(progress=lambda m: _console(True).print(m)))
-    from .project import Project
-
-    Project.open(project).close()  # a clear error before the screen takes over
+    _open(project).close()  # a clear error (and the local-plugin notice) before the screen takes over
     from .tui.app import run_tui
 
     run_tui(project)
