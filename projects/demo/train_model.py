@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Train the small word-level GPT-2 used by the inflq demo.
+
+Reads ``corpus.jsonl`` and ``queries.jsonl`` beside this script, trains
+
+* a word-level tokenizer (``tokenizers`` WordLevel model, ``Whitespace``
+  pre-tokenizer, i.e. splits on ``\\w+|[^\\w\\s]+``; special tokens
+  ``<|endoftext|>`` = eos = bos = pad and ``<unk>``), wrapped in
+  ``transformers.PreTrainedTokenizerFast`` that returns only ``input_ids`` and
+  ``attention_mask``;
+* a randomly initialised ``GPT2LMHeadModel`` (4 layers, 128 wide, 4 heads,
+  64 positions) on every document followed by ``<|endoftext|>``;
+
+and saves both with ``save_pretrained`` (safetensors) into ``--out`` (default
+``model/`` beside this script).  It then prints, for every query, the
+log-probability of the completion (summed over completion tokens) and the
+greedy continuation of the prompt, and the training wall time; the same
+numbers go to ``<out>/train_summary.json``.
+
+Deterministic: fixed seed, fixed thread count, deterministic algorithms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+HERE = Path(__file__).resolve().parent
+EOS = "<|endoftext|>"
+UNK = "<unk>"
+N_POSITIONS = 64
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # WordPiece decoder without cleanup = join tokens with single spaces.
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    trainer = trainers.WordLevelTrainer(special_tokens=[EOS, UNK], min_frequency=1,
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=EOS,
+        unk_token=UNK,
+        model_max_length=N_POSITIONS,
+        padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def encode_docs(tokenizer, texts: list[str]) -> list[list[int]]:
+    out = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        ids = ids[: N_POSITIONS - 1] + [tokenizer.eos_token_id]
+        out.append(ids)
+    return out
+
+
+def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@torch.no_grad()
+def score_query(model, tokenizer, prompt: str, completion: str, n_extra: int = 2) -> dict:
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    full = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    assert full == p_ids + c_ids, "prompt/completion tokenization is not additive"
+    ids = torch.tensor([p_ids + c_ids])
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_logps = [logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids)]
+
+    gen = list(p_ids)
+    for _ in range(len(c_ids) + n_extra):
+        x = torch.tensor([gen[-N_POSITIONS:]])
+        nxt = int(model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].argmax())
+        gen.append(nxt)
+        if nxt == tokenizer.eos_token_id:
+            break
+    greedy_ids = gen[len(p_ids):]
+    return {
+        "logprob": sum(token_logps),
+        "token_logprobs": token_logps,
+        "completion_tokens": tokenizer.convert_ids_to_tokens(c_ids),
+        "greedy": tokenizer.decode(greedy_ids),
+        "greedy_correct": greedy_ids[: len(c_ids)] == c_ids,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Train the inflq demo GPT-2.")
+    ap.add_argument("--corpus", type=Path, default=HERE / "corpus.jsonl")
+    ap.add_argument("--queries", type=Path, default=HERE / "queries.jsonl")
+    ap.add_argument("--out", type=Path, default=HERE / "model")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        torch.use_deterministic_algorithms(True)
+    except Exception as e:  # pragma: no cover
+        print(f"warning: deterministic algorithms unavailable: {e}")
+
+    docs = read_jsonl(args.corpus)
+    queries = read_jsonl(args.queries) if args.queries.exists() else []
+    texts = [d["text"] for d in docs]
+
+    tokenizer = build_tokenizer(texts)
+    print(f"tokenizer: {len(tokenizer)} tokens (eos/bos/pad={EOS!r} id {tokenizer.eos_token_id}, "
+          f"unk={UNK!r} id {tokenizer.unk_token_id})")
+    seqs = encode_docs(tokenizer, texts)
+    n_unk = sum(s.count(tokenizer.unk_token_id) for s in seqs)
+    assert n_unk == 0, f"{n_unk} <unk> tokens in the corpus"
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=N_POSITIONS,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        n_inner=512,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params:,} parameters")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(seqs) / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    warmup = min(200, total // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        frac = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order_rng = random.Random(args.seed)
+    model.train()
+    t0 = time.perf_counter()
+    step = 0
+    for epoch in range(args.epochs):
+        order = list(range(len(seqs)))
+        order_rng.shuffle(order)
+        tot_loss, tot_tok = 0.0, 0
+        for b in range(0, len(order), args.batch_size):
+            batch = collate([seqs[i] for i in order[b: b + args.batch_size]],
+                            tokenizer.pad_token_id)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            n_tok = int((batch["labels"][:, 1:] != -100).sum())
+            tot_loss += out.loss.item() * n_tok
+            tot_tok += n_tok
+        if epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
+            print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {tot_loss / tot_tok:.4f}  "
+                  f"lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:6.1f}s", flush=True)
+    train_time = time.perf_counter() - t0
+    print(f"training wall time: {train_time:.1f}s ({step} steps, {args.threads} threads)")
+
+    model.eval()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)  # transformers >= 5 always writes model.safetensors
+    tokenizer.save_pretrained(args.out)
+    assert (args.out / "model.safetensors").exists()
+    assert not (args.out / "pytorch_model.bin").exists()
+
+    results = []
+    for i, q in enumerate(queries):
+        r = score_query(model, tokenizer, q["prompt"], q["completion"])
+        r.update({"query": i, "prompt": q["prompt"], "completion": q["completion"],
+                  "tags": q.get("tags", [])})
+        results.append(r)
+        print(f"[{i}] {q['prompt']!r} -> {q['completion']!r}  logp {r['logprob']:10.4g}  "
+              f"greedy {r['greedy']!r}  {'OK' if r['greedy_correct'] else 'WRONG'}  "
+              f"({', '.join(q.get('tags', []))})")
+    summary = {
+        "seed": args.seed, "epochs": args.epochs, "steps": step, "batch_size": args.batch_size,
+        "lr": args.lr, "threads": args.threads, "train_time_s": round(train_time, 1),
+        "n_params": n_params, "vocab_size": len(tokenizer), "n_docs": len(seqs),
+        "final_train_loss": tot_loss / tot_tok,
+        "queries": results,
+    }
+    with open(args.out / "train_summary.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    size = os.path.getsize(args.out / "model.safetensors") / 1e6
+    print(f"saved to {args.out} (model.safetensors {size:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
