@@ -211,6 +211,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)  # transformers >= 5 always writes model.safetensors
     tokenizer.save_pretrained(args.out)
+    # transformers 5 names the class "TokenizersBackend", which transformers 4 does not know;
+    # "PreTrainedTokenizerFast" loads the same tokenizer under both.
+    tok_cfg_path = os.path.join(args.out, "tokenizer_config.json")
+    with open(tok_cfg_path) as f:
+        tok_cfg = json.load(f)
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(tok_cfg_path, "w") as f:
+        json.dump(tok_cfg, f, indent=2)
     assert (args.out / "model.safetensors").exists()
     assert not (args.out / "pytorch_model.bin").exists()
 
