@@ -1,0 +1,186 @@
+"""The Ray executor on a real local Ray cluster (loopback, 2 CPU workers, token authentication on):
+same scores as the local executor, a worker killed mid-run is survived, a run killed under the
+local executor resumes on Ray, and a client without the cluster's token is refused."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from runner import (
+    assert_same_scores,
+    copy_project,
+    count,
+    export_npy,
+    kill,
+    make_project,
+    start_cli,
+    wait_until,
+)
+
+from inflq.errors import InflqError
+from inflq.progress import Monitor
+from inflq.project import Project
+from inflq.results import score_matrix
+
+N = 36
+SHARD = 4
+ARGS = ["--shard-size", str(SHARD), "--batch-size", "2", "--rank", "8"]
+RAY2 = "ray:num_workers=2"
+
+
+def test_missing_ray_is_a_clear_error(project, monkeypatch):
+    from inflq.passes import make_shards
+    from inflq_builtins.ray_executor import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    with pytest.raises(InflqError, match=r'pip install "inflq\[ray\]"'):
+        RayExecutor().map(None, make_shards(__import__("numpy").arange(4), 2), lambda s, o: None, Monitor())
+    assert "ray" in project.registry.names("executor"), "the plugin registers without Ray"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A private Ray cluster for this module: 2 CPUs, on loopback, with a fresh token."""
+    token = secrets.token_hex(32)
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    # Explicit token mode with a fresh token (nothing written to ~/.ray), set before Ray reads it.
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    os.environ.pop("RAY_ADDRESS", None)
+    ray = pytest.importorskip("ray")
+    try:  # Ray caches its config and token at import; make it read the new ones
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except ImportError:
+        pass
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=False)
+    try:
+        yield {"address": ray.get_runtime_context().gcs_address, "token": token}
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """An uninterrupted local run and its scores."""
+    from inflq.cli import main
+
+    base = tmp_path_factory.mktemp("ray")
+    p = make_project(base, n=N)
+    root = p.root
+    p.close()
+    try:
+        main(["run", str(root), *ARGS])
+    except SystemExit as exc:
+        assert not exc.code
+    p = Project.open(root)
+    expected = score_matrix(p, "default")
+    p.close()
+    return root, expected
+
+
+def test_ray_scores_equal_local_scores(cluster, baseline, cli_run, tmp_path):
+    src, expected = baseline
+    proj = copy_project(src, "ray-equal")
+    code, out, err = cli_run("run", proj, *ARGS, "--refit", "--executor", RAY2)  # fit and score on Ray
+    assert code == 0, err
+    p = Project.open(proj)
+    assert p.db["runs"].get(2)["executor"] == RAY2
+    p.close()
+    assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
+
+
+def test_killed_worker_is_survived(cluster, baseline, monkeypatch, tmp_path, cli_run):
+    import ray
+
+    from inflq.runs import RunSettings, run_investigation
+    from inflq_builtins import ray_executor
+
+    src, expected = baseline
+    proj = copy_project(src, "ray-kill-worker")
+    executors = []
+    real_map = ray_executor.RayExecutor.map
+
+    def spy_map(self, *a, **k):
+        executors.append(self)
+        return real_map(self, *a, **k)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "map", spy_map)
+    killed = []
+
+    def on_progress(ev):
+        if ev.phase == "scoring" and ev.done > 0 and not killed and executors:
+            busy = [a for a in executors[-1]._actors.values() if a["ready"] and a["load"] > 0]
+            if busy:
+                ray.kill(busy[0]["handle"], no_restart=True)  # the worker dies with shards in flight
+                killed.append(busy[0])
+
+    monitor = Monitor(on_progress=on_progress)
+    p = Project.open(proj)
+    settings = RunSettings(shard_size=SHARD, batch_size=2, rank=8, executor=RAY2, seed=p.config.seed)
+    run_investigation(p, "default", settings, monitor)
+    p.close()
+    assert killed, "a worker was killed mid-run"
+    assert executors[-1].lost_workers >= 1
+    assert any("worker was lost" in w for w in monitor.warnings)
+    assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
+
+
+def test_run_killed_locally_resumes_on_ray(cluster, baseline, cli_run, tmp_path):
+    src, expected = baseline
+    proj = copy_project(src, "local-then-ray")
+    proc = start_cli("run", proj, *ARGS, "--refit")  # local executor, killed while fitting
+    wait_until(proc, proj, "SELECT count(*) FROM fit_shards WHERE run_id = 2")
+    kill(proc, signal.SIGKILL)
+    assert 1 <= count(proj, "SELECT count(*) FROM fit_shards WHERE run_id = 2 AND pass_key = '0:covariance'") < math.ceil(N / SHARD)
+    code, out, err = cli_run("run", proj, "--resume", "2", "--executor", RAY2)
+    assert code == 0, err
+    p = Project.open(proj)
+    assert p.db["runs"].get(2)["status"] == "done" and p.db["runs"].get(2)["executor"] == RAY2
+    p.close()
+    assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
+
+
+CLIENT = textwrap.dedent("""
+    import ray, sys
+    try:
+        ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+        print("CONNECTED", ray.get(ray.remote(lambda: 41 + 1).remote()))
+    except Exception as exc:
+        print("REFUSED", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+""")
+
+
+def _client(address: str, tmp_path, **env) -> subprocess.Popen:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # No token file in $HOME/.ray either; give up retrying a refused connection after 5 s.
+    e.update(HOME=str(tmp_path), RAY_gcs_rpc_server_connect_timeout_s="5", **env)
+    return subprocess.Popen([sys.executable, "-c", CLIENT, address], env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_client_without_the_token_is_refused(cluster, tmp_path):
+    addr = cluster["address"]
+    clients = {
+        "right": _client(addr, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster["token"]),
+        "wrong": _client(addr, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32)),
+        "none": _client(addr, tmp_path),
+    }
+    out = {name: c.communicate(timeout=120)[0] for name, c in clients.items()}
+    assert "CONNECTED 42" in out["right"], out["right"]
+    assert "REFUSED" in out["wrong"] and "CONNECTED" not in out["wrong"], out["wrong"]
+    assert "CONNECTED" not in out["none"], out["none"]
