@@ -209,3 +209,32 @@ def test_checkpoint_with_another_architecture_is_refused(tmp_path, cli_run):
     code, _, err = cli_run("checkpoint", "add", str(project.root), str(project.model_path), "--lr", "0")
     assert code == 1 and "positive" in err
     assert Project.open(project.root).config.checkpoints == []
+
+
+# -- validation against the PBRF ----------------------------------------------------------------------
+def test_validate_ranks_ekfac_and_lissa_above_the_gradient_dot_product(tiny, cli_run):
+    # ε = 1e-3 rather than 1/N: with N = 12 sequences of a random model, ε = 1/N moves the
+    # parameters far outside the region where any linear estimator can follow (measured).
+    code, out, err = cli_run(
+        "validate", str(tiny.root), "--estimators", "identity,ekfac,lissa:depth=400", "--sample", "8", "--queries", "3",
+        "--pbrf-steps", "150", "--epsilon", "1e-3", "--dampings", "1e-6,1e-2,1",
+    )
+    assert code == 0, err
+    assert "recommended EK-FAC damping" in out and "LiSSA / EK-FAC inverse-HVP time" in out
+    rows = {r["estimator"]: r for r in tiny.db.query("SELECT * FROM validations WHERE validation = (SELECT max(validation) FROM validations)")}
+    print("\n" + "\n".join(f"{k}: pearson {r['pearson']:.3f} spearman {r['spearman']:.3f} ihvp {r['ihvp_seconds']:.4f}s" for k, r in rows.items()))
+    assert set(rows) == {"identity", "ekfac", "lissa:depth=400", "ekfac:damping=1e-06", "ekfac:damping=0.01", "ekfac:damping=1.0"}
+    for name in ("ekfac", "lissa:depth=400"):
+        assert rows[name]["pearson"] > rows["identity"]["pearson"] + 0.1, name
+    assert rows["lissa:depth=400"]["ihvp_seconds"] > rows["ekfac"]["ihvp_seconds"]
+    settings = json.loads(rows["ekfac"]["settings"])
+    assert len(settings["sample"]) == 8 and settings["epsilon"] == 1e-3
+
+
+def test_validate_refuses_an_infeasible_sample_with_its_cost(tiny):
+    from inflq.validate import validate
+
+    with pytest.raises(InflqError, match=r"needs about .* s per solve × 16"):
+        validate(tiny, "default", ["identity"], sample=8, pbrf_steps=100000, max_minutes=0.01)
+    with pytest.raises(InflqError, match="larger than the 12 fitting sequences"):
+        validate(tiny, "default", ["identity"], sample=50)
