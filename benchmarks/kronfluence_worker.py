@@ -1,0 +1,185 @@
+"""The Kronfluence half of ``bench_engine.py``: the same workload through Kronfluence (EK-FAC).
+
+Run by ``bench_engine.py`` as a subprocess, usually with the Python of a virtual environment that
+has Kronfluence installed (its ``torchvision`` pin would otherwise pull a different torch into
+ours). Imports torch, transformers, numpy and kronfluence only; inflq need not be installed here.
+
+Input (a folder written by ``bench_engine.py``): ``job.json`` (model folder, tracked module names,
+damping, batch size, threads, repeats), ``train_tokens.npy`` / ``train_lengths.npy`` (right-padded
+training sequences) and ``query_tokens.npy`` / ``query_lengths.npy`` / ``query_starts.npy`` (queries
+and where their completions start). Output, in the same folder: ``kf_scores_{1,64}.npy`` (the
+queries × sequences score matrices) and ``kf_result.json`` (timings in seconds).
+
+Conventions aligned with inflq: the measurement is the summed cross-entropy of the completion
+tokens, so Kronfluence's score ``∇measurementᵀ (G + λI)⁻¹ ∇L`` has inflq's sign (positive: the
+sequence makes the completion more likely); ``damping_factor`` is an absolute λ in Kronfluence,
+as ``ekfac:damping=`` is in inflq; sampled labels (the true Fisher) at every real token, padding
+masked out of covariances.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def swap_conv1d(model: nn.Module) -> None:
+    """Replace transformers' GPT-2 ``Conv1D`` (``x @ W + b``, W stored in × out) by ``nn.Linear``
+    with the transposed weight: Kronfluence tracks ``nn.Linear`` and ``nn.Conv2d`` only."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, Conv1D):
+                n_in, n_out = child.weight.shape
+                lin = nn.Linear(n_in, n_out, bias=child.bias is not None)
+                with torch.no_grad():
+                    lin.weight.copy_(child.weight.T)
+                    if child.bias is not None:
+                        lin.bias.copy_(child.bias)
+                setattr(mod, child_name, lin)
+        del name
+
+
+def main(folder: Path) -> None:
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+    from kronfluence.utils.dataset import DataLoaderKwargs
+    from transformers import AutoModelForCausalLM
+
+    job = json.loads((folder / "job.json").read_text())
+    torch.set_num_threads(int(job["threads"]))
+    torch.manual_seed(int(job["seed"]))
+    tracked = list(job["modules"])
+    pad_id = int(job["pad_id"])
+    bs = int(job["batch_size"])
+    repeats = int(job["repeats"])
+
+    train_tok = np.load(folder / "train_tokens.npy")
+    train_len = np.load(folder / "train_lengths.npy")
+    q_tok = np.load(folder / "query_tokens.npy")
+    q_len = np.load(folder / "query_lengths.npy")
+    q_start = np.load(folder / "query_starts.npy")
+
+    class Sequences(torch.utils.data.Dataset):
+        def __init__(self, tok, lens, starts=None):
+            self.tok, self.lens, self.starts = tok, lens, starts
+
+        def __len__(self):
+            return len(self.lens)
+
+        def __getitem__(self, i):
+            n = int(self.lens[i])
+            start = 1 if self.starts is None else int(self.starts[i])
+            return torch.as_tensor(self.tok[i, :n], dtype=torch.long), start
+
+    def collate(items):
+        # Pad to the longest sequence of the batch (as inflq does), not of the corpus.
+        T = max(len(t) for t, _ in items)
+        ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+        att = torch.zeros((len(items), T), dtype=torch.long)
+        labels = torch.full((len(items), T), -100, dtype=torch.long)
+        for b, (t, start) in enumerate(items):
+            ids[b, : len(t)] = t
+            att[b, : len(t)] = 1
+            # labels[b, j] is the target of position j - 1; only tokens at positions >= start count.
+            labels[b, start : len(t)] = t[start:]
+        return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+    class LanguageModeling(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            if sample:
+                # The true Fisher: labels drawn from the model at every real position (as inflq).
+                flat = logits.reshape(-1, logits.size(-1))
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(flat.detach(), -1), 1).flatten()
+                    labels[batch["attention_mask"].reshape(-1) == 0] = -100
+                return F.cross_entropy(flat, labels, ignore_index=-100, reduction="sum")
+            shift = logits[:, :-1].reshape(-1, logits.size(-1))
+            return F.cross_entropy(shift, batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            # -log p(completion | prompt): positive scores then mean "more likely", as in inflq.
+            return self.compute_train_loss(batch, model, sample=False)
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    model = AutoModelForCausalLM.from_pretrained(job["model"], use_safetensors=True, dtype=torch.float32)
+    swap_conv1d(model)
+    model.eval()
+    task = LanguageModeling()
+
+    train = Sequences(train_tok, train_len)
+    loader_kwargs = DataLoaderKwargs(collate_fn=collate)
+
+    # FLOOR for this side: one plain forward + backward over the corpus (the Linear-swapped model).
+    def floor() -> float:
+        t = time.perf_counter()
+        for s in range(0, len(train), bs):
+            batch = collate([train[i] for i in range(s, min(s + bs, len(train)))])
+            task.compute_train_loss(batch, model).backward()
+            model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    floor()  # warm-up
+    floors = [floor() for _ in range(repeats)]
+
+    model = prepare_model(model, task)
+    out_dir = Path(tempfile.mkdtemp(prefix="kf-bench-"))
+    analyzer = Analyzer("bench", model=model, task=task, cpu=True, output_dir=str(out_dir), disable_tqdm=True, disable_model_save=True)
+    analyzer.set_dataloader_kwargs(loader_kwargs)
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False)
+
+    def fit(name: str) -> float:
+        t = time.perf_counter()
+        analyzer.fit_all_factors(name, train, per_device_batch_size=bs, factor_args=factor_args, overwrite_output_dir=True)
+        return time.perf_counter() - t
+
+    # Warm up on a few sequences, then time the whole corpus.
+    small = Sequences(train_tok[: 2 * bs], train_len[: 2 * bs])
+    analyzer.fit_all_factors("warm", small, per_device_batch_size=bs, factor_args=factor_args, overwrite_output_dir=True)
+    fits = [fit("ekfac") for _ in range(repeats)]
+
+    result = {"floor": statistics.median(floors), "fit": statistics.median(fits), "floors": floors, "fits": fits}
+    for nq in job["query_counts"]:
+        queries = Sequences(q_tok[:nq], q_len[:nq], q_start[:nq])
+        score_args = ScoreArguments(
+            damping_factor=float(job["damping"]),
+            query_gradient_low_rank=(int(job["rank"]) if nq > 1 else None),
+            use_full_svd=True,
+        )
+        times = []
+        for r in range(repeats + 1):  # the first is a warm-up
+            t = time.perf_counter()
+            analyzer.compute_pairwise_scores(
+                f"scores_{nq}", "ekfac", queries, train, per_device_query_batch_size=nq,
+                per_device_train_batch_size=bs, score_args=score_args, overwrite_output_dir=True,
+            )
+            if r:
+                times.append(time.perf_counter() - t)
+        scores = analyzer.load_pairwise_scores(f"scores_{nq}")["all_modules"].to(torch.float64).numpy()
+        np.save(folder / f"kf_scores_{nq}.npy", scores, allow_pickle=False)
+        result[f"score_{nq}"] = statistics.median(times)
+        result[f"scores_{nq}_times"] = times
+    (folder / "kf_result.json").write_text(json.dumps(result))
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
