@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,21 @@ def test_self_influence_matches_definition(project):
     for i, v in zip(idx, vals):
         g = engine.sequence_gradients(make_batch([project.corpus.get(int(i))], project.pad_id))
         assert v == pytest.approx(sum(float((t**2).sum()) for t in g.values()), rel=1e-4)
+
+
+def test_empirical_fisher_is_deterministic_and_a_separate_factor_set(project):
+    """fisher=empirical uses the data's labels: no sampling, so any seed gives the same factors."""
+    from inflq.runs import make_estimator
+
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    run_investigation(project, "default", RunSettings(estimator="ekfac:fisher=empirical", seed=1))
+    run_investigation(project, "default", RunSettings(estimator="ekfac:fisher=empirical", seed=2))
+    run_investigation(project, "default", RunSettings(estimator="ekfac", seed=1))
+    rows = list(project.db["factor_sets"].rows_where(order_by="id"))
+    assert [json.loads(r["settings"])["fisher"] for r in rows] == ["empirical", "empirical", "true"]
+    from inflq.artifacts import load_tensors
+
+    a, b, c = (load_tensors(project.root, r["path"], r["checksum"]) for r in rows)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.allclose(a[k], c[k]) for k in a if k.startswith("lambda/"))
+    assert make_estimator(project, "ekfac:fisher=empirical").factor_settings() == {"fisher": "empirical"}

@@ -39,6 +39,9 @@ class CovariancePass(Pass):
     labels = "sampled"
     combine = "sum"
 
+    def __init__(self, labels: str = "sampled") -> None:
+        self.labels = labels
+
     def process(self, engine, batch, captures):
         out = {
             "tokens": batch.attention_mask.sum().to(torch.float64).reshape(1),
@@ -65,9 +68,10 @@ class EigenCorrectionPass(Pass):
     labels = "sampled"
     combine = "sum"
 
-    def __init__(self, qa: dict[str, torch.Tensor], qs: dict[str, torch.Tensor]) -> None:
+    def __init__(self, qa: dict[str, torch.Tensor], qs: dict[str, torch.Tensor], labels: str = "sampled") -> None:
         self.qa = qa
         self.qs = qs
+        self.labels = labels
 
     def process(self, engine, batch, captures):
         out = {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}
@@ -92,6 +96,9 @@ class DiagonalPass(Pass):
     labels = "sampled"
     combine = "sum"
 
+    def __init__(self, labels: str = "sampled") -> None:
+        self.labels = labels
+
     def process(self, engine, batch, captures):
         out = {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}
         for name, cap in captures.items():
@@ -100,14 +107,19 @@ class DiagonalPass(Pass):
         return out
 
 
+_FISHER = Option(
+    "fisher", str, "true", "true: labels sampled from the model (the Gauss-Newton matrix); empirical: the data's own labels",
+    choices=("true", "empirical"),
+)
 _DAMPING = (
     Option("damping", float, None, "absolute damping λ added to every eigenvalue (default: damping_factor × mean eigenvalue, per module)"),
     Option("damping_factor", float, 0.1, "λ = damping_factor × mean(Λ) per module, when no absolute damping is given"),
+    _FISHER,
 )
 
 
-class _Eigenbasis(Estimator):
-    """Shared by EK-FAC and K-FAC: factors are ``Q_A``, ``Q_S`` and eigenvalues ``Λ`` per module."""
+class _FisherEstimator(Estimator):
+    """Shared by the fitted estimators: the Fisher's labels and the damping rule."""
 
     fits_factors = True
     options = _DAMPING
@@ -118,10 +130,29 @@ class _Eigenbasis(Estimator):
         self.dampings: dict[str, float] = {}
 
     def factor_settings(self):
-        return {}
+        return {"fisher": self.settings["fisher"]}
+
+    @property
+    def _labels(self) -> str:
+        return "sampled" if self.settings["fisher"] == "true" else "data"
+
+    def _damping(self, eigenvalues: torch.Tensor) -> float:
+        if self.settings["damping"] is not None:
+            return float(self.settings["damping"])
+        return float(self.settings["damping_factor"]) * float(eigenvalues.to(torch.float64).mean())
+
+    def describe(self):
+        d = dict(self.settings)
+        if self.dampings:
+            d["damping_per_module"] = self.dampings
+        return d
+
+
+class _Eigenbasis(_FisherEstimator):
+    """Shared by EK-FAC and K-FAC: factors are ``Q_A``, ``Q_S`` and eigenvalues ``Λ`` per module."""
 
     def _eigendecompose(self, ctx: FitContext) -> tuple[dict, dict, dict, dict, dict]:
-        cov = ctx.run_pass(CovariancePass())
+        cov = ctx.run_pass(CovariancePass(self._labels))
         tokens = float(cov["tokens"].sum())
         seqs = float(cov["sequences"].sum())
         if tokens <= 0:
@@ -138,14 +169,7 @@ class _Eigenbasis(Estimator):
 
     def load_factors(self, tensors):
         self.factors = tensors
-        self.dampings = {}
-        for key, lam in tensors.items():
-            if key.startswith("lambda/"):
-                name = key[len("lambda/") :]
-                if self.settings["damping"] is not None:
-                    self.dampings[name] = float(self.settings["damping"])
-                else:
-                    self.dampings[name] = float(self.settings["damping_factor"]) * float(lam.to(torch.float64).mean())
+        self.dampings = {k[len("lambda/") :]: self._damping(v) for k, v in tensors.items() if k.startswith("lambda/")}
 
     def precondition(self, grads):
         out = {}
@@ -159,13 +183,6 @@ class _Eigenbasis(Estimator):
             out[name] = qs @ rot @ qa.T
         return out
 
-    def describe(self):
-        d = dict(self.settings)
-        if self.dampings:
-            d["damping_per_module"] = self.dampings
-        return d
-
-
 class EKFAC(_Eigenbasis):
     """Eigenvalue-corrected K-FAC (George et al. 2018), the paper's estimator."""
 
@@ -176,7 +193,7 @@ class EKFAC(_Eigenbasis):
         qa, qs, _, _, counts = self._eigendecompose(ctx)
         qa32 = {k: v.to(torch.float32) for k, v in qa.items()}
         qs32 = {k: v.to(torch.float32) for k, v in qs.items()}
-        corr = ctx.run_pass(EigenCorrectionPass(qa32, qs32))
+        corr = ctx.run_pass(EigenCorrectionPass(qa32, qs32, self._labels))
         seqs = float(corr["sequences"].sum())
         out = {}
         for tm in ctx.tracked:
@@ -207,21 +224,14 @@ class KFAC(_Eigenbasis):
         return out
 
 
-class Diagonal(Estimator):
+class Diagonal(_FisherEstimator):
     """Diagonal Fisher: ``G ≈ diag(E_seq[DW²])``."""
 
     name = "diagonal"
     description = "diagonal Gauss-Newton (per-parameter)"
-    fits_factors = True
-    options = _DAMPING
-
-    def __init__(self, **options):
-        super().__init__(**options)
-        self.factors: dict[str, torch.Tensor] = {}
-        self.dampings: dict[str, float] = {}
 
     def fit(self, ctx):
-        d = ctx.run_pass(DiagonalPass())
+        d = ctx.run_pass(DiagonalPass(self._labels))
         seqs = float(d["sequences"].sum())
         out = {f"diag/{tm.name}": (d[f"D/{tm.name}"] / seqs).to(torch.float32) for tm in ctx.tracked}
         self.load_factors(out)
@@ -229,17 +239,9 @@ class Diagonal(Estimator):
 
     def load_factors(self, tensors):
         self.factors = tensors
-        for key, diag in tensors.items():
-            name = key[len("diag/") :]
-            if self.settings["damping"] is not None:
-                self.dampings[name] = float(self.settings["damping"])
-            else:
-                self.dampings[name] = float(self.settings["damping_factor"]) * float(diag.to(torch.float64).mean())
+        self.dampings = {k[len("diag/") :]: self._damping(v) for k, v in tensors.items()}
 
     def precondition(self, grads):
         return {
             n: v.to(torch.float32) / (self.factors[f"diag/{n}"].to(v.device) + self.dampings[n]) for n, v in grads.items()
         }
-
-    def describe(self):
-        return {**self.settings, "damping_per_module": self.dampings}
