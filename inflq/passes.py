@@ -79,16 +79,19 @@ def run_shard(
 ) -> dict[str, torch.Tensor]:
     """Run ``pass_`` over one shard in batches. ``sequences(indices)`` returns token arrays.
 
-    A batch that does not fit in device memory is halved and retried, down to one sequence.
+    Sequences are batched in order of length (stable, so deterministic), which keeps padding, and
+    the compute spent on it, small; concatenated results come back in the shard's order. A batch
+    that does not fit in device memory is halved and retried, down to one sequence.
     """
     parts: list[dict[str, torch.Tensor]] = []
+    all_tokens = sequences(shard.indices)
+    order = np.argsort(np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens)), kind="stable")
     pos = 0
-    idx = shard.indices
     size = max(1, int(batch_size))
-    while pos < len(idx):
-        chunk = idx[pos : pos + size]
-        toks = sequences(chunk)
-        seeds = [sequence_seed(pass_.seed, pass_.phase, int(i)) for i in chunk]
+    while pos < len(order):
+        chunk = order[pos : pos + size]
+        toks = [all_tokens[i] for i in chunk]
+        seeds = [sequence_seed(pass_.seed, pass_.phase, int(shard.indices[i])) for i in chunk]
         batch = make_batch(toks, pad_id, engine.device, sample_seeds=seeds)
         try:
             captures, _ = engine.capture(batch, pass_.labels)
@@ -104,7 +107,11 @@ def run_shard(
         pos += len(chunk)
         if monitor is not None:
             monitor.advance(len(chunk))
-    return combine_results(pass_.combine, parts)
+    out = combine_results(pass_.combine, parts)
+    if pass_.combine == "concat" and out:
+        inverse = torch.from_numpy(np.argsort(order, kind="stable"))
+        out = {k: v[inverse] for k, v in out.items()}
+    return out
 
 
 class ScorePass(Pass):
