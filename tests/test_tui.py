@@ -130,7 +130,7 @@ def test_journey(project_dir, tmp_path):
             stored = results.top(project, rs1, q["id"], "top", 100)
             assert table.row_count == len(stored) > 0
             first = table.get_row_at(0)
-            assert first[2] == stored[0]["seq_id"][:14]
+            assert first[2] == stored[0]["seq_id"]
             table.focus()
             await pilot.press("b")
             await settle(pilot)
@@ -327,6 +327,189 @@ def test_changed_model_is_a_message(project_dir, base):
     asyncio.run(go())
 
 
+LONG_IDS = ["fact-astrobia-president-fwd-02", "fact-sunwheel-clock-inventor-fwd-07", "prose-0027"]
+
+
+@pytest.fixture
+def long_id_project(base, tmp_path) -> Path:
+    """A project whose sequence ids are as long as the demo's (the 24-line corpus, renamed)."""
+    rows = [json.loads(line) for line in (base / "corpus.jsonl").read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["id"] = f"{LONG_IDS[i % 3]}-{i:02d}"
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Project.init(tmp_path / "proj", base / "model", corpus).close()
+    return tmp_path / "proj"
+
+
+def test_initial_investigation_follows_the_latest_work(long_id_project):
+    from inflq.tui.app import initial_investigation
+
+    p = Project.open(long_id_project)
+    assert initial_investigation(p) == "default"  # nothing anywhere: the first
+    p.create_investigation("facts")
+    p.add_query("facts", PROMPT, COMPLETION)
+    p.create_investigation("empty")
+    assert initial_investigation(p) == "facts"  # the most recent with queries
+    run_investigation(p, "facts", RunSettings(estimator="identity", rank=4))
+    p.create_investigation("later")
+    p.add_query("later", "the capital city of astrobia is called", "velmora")
+    assert initial_investigation(p) == "facts"  # results outrank a newer query
+    p.close()
+
+
+def test_results_table_at_80x24(long_id_project):
+    """On open: the investigation with results. Tab 4: focus on the table, full ids, the text
+    column taking what is left; enter, a click on the highlighted row and a double click open the
+    sequence; choosing a query gives the table the focus back."""
+    from textual.widgets import DataTable, Select
+
+    from inflq.tui.panes import ResultsPane
+    from inflq.tui.sequence import SequenceScreen
+
+    p = Project.open(long_id_project)
+    p.create_investigation("facts")
+    q1 = p.add_query("facts", PROMPT, COMPLETION)
+    q2 = p.add_query("facts", "the capital city of astrobia is called", "velmora")
+    rs = run_investigation(p, "facts", RunSettings(estimator="identity", rank=4)).result_set_id
+    stored = {q: results.top(p, rs, q, "top", 100) for q in (q1, q2)}
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            assert (app.investigation, app.result_set_id) == ("facts", rs)
+            await pilot.press("4")
+            await settle(pilot)
+            table = app.screen.query_one("#results", DataTable)
+            assert app.focused is table
+            # Ids are shown whole up to ResultsPane.ID_WIDTH, elided in the middle beyond it.
+            ids = [str(table.get_row_at(i)[2]) for i in range(table.row_count)]
+            for shown, row in zip(ids, stored[q1]):
+                full = row["seq_id"]
+                if len(full) <= ResultsPane.ID_WIDTH:
+                    assert shown == full
+                else:
+                    assert len(shown) == ResultsPane.ID_WIDTH and shown.endswith(full[-5:]) and "…" in shown
+            widths = {c.key.value: c.get_render_width(table) for c in table.ordered_columns}
+            assert widths["id"] == min(ResultsPane.ID_WIDTH, max(len(i) for i in ids)) + 2
+            room = table.size.width - table.styles.scrollbar_size_vertical
+            assert room - 4 <= sum(widths.values()) <= room, (widths, room)  # the text column fills the row
+            assert widths["text"] >= 20
+            # enter opens the highlighted sequence; esc comes back to the focused table.
+            await pilot.press("down", "enter")
+            await settle(pilot)
+            assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][1]["seq_id"]
+            await pilot.press("escape")
+            await settle(pilot)
+            assert app.focused is table
+            # A click moves the cursor; a click on the highlighted row (another column) opens it.
+            await pilot.click(table, offset=(2, 3))  # row 2 (below the header and rows 0, 1), rank column
+            await settle(pilot)
+            assert table.cursor_row == 2 and not isinstance(app.screen, SequenceScreen)
+            await pilot.click(table, offset=(40, 3))  # same row, id column
+            await settle(pilot)
+            assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][2]["seq_id"]
+            await pilot.press("escape")
+            await settle(pilot)
+            await pilot.double_click(table, offset=(60, 1))  # row 0, text column
+            await settle(pilot)
+            assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][0]["seq_id"]
+            await pilot.press("escape")
+            await settle(pilot)
+            # Choosing another query from its select: the table shows it and has the focus again.
+            choose = app.screen.query_one("#res-query", Select)
+            choose.focus()
+            await pilot.pause()
+            choose.value = q2
+            await settle(pilot)
+            assert app.query_id == q2 and app.focused is table
+            assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == [str(r["rank"]) for r in stored[q2]]
+            # / searches, enter goes back to the table; esc in the table goes to the tab bar.
+            await pilot.press("slash")
+            await pilot.press(*"fwd-07")
+            await pilot.press("enter")
+            await settle(pilot)
+            assert app.focused is table and table.row_count == sum("fwd-07" in r["seq_id"] for r in stored[q2])
+            await pilot.press("escape")
+            assert app.focused is app.screen.query_one("#tabs").query_one("Tabs")
+
+    asyncio.run(go())
+
+
+def test_cancel_and_resume_a_run(project_dir, monkeypatch):
+    """A run with a small shard size, cancelled (ctrl+b) once its scoring progress shows, then
+    resumed (ctrl+y): it continues from its first uncommitted shard and completes with a result set."""
+    from textual.widgets import DataTable, Input, ProgressBar, Select
+
+    from inflq import runs
+    from inflq.passes import ScorePass
+
+    p = Project.open(project_dir)
+    qid = p.add_query("default", PROMPT, COMPLETION)
+    n_seqs = len(p.corpus)
+    p.close()
+    shard_size = 4
+    scored: list[int] = []
+    real_run = runs.LocalWorker.run
+
+    def run(self, pass_, shard, batch_size, monitor):
+        if isinstance(pass_, ScorePass) and not pass_.per_module:  # scoring, not the layer breakdown
+            scored.append(shard.index)
+            if scored == [0, 1, 2] and monitor is not None:
+                # The tiny run would finish before a key press lands: hold the third shard until
+                # the user has cancelled (the cancel is then seen at the end of its first batch).
+                assert monitor.cancel_event.wait(30), "the cancel never reached the run"
+        return real_run(self, pass_, shard, batch_size, monitor)
+
+    monkeypatch.setattr(runs.LocalWorker, "run", run)
+
+    def run_row():
+        return app.project.db.execute("SELECT id, status FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+
+    async def go():
+        nonlocal app
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await settle(pilot)
+            await pilot.press("3")
+            await settle(pilot)
+            app.screen.query_one("#sel-estimator", Select).value = "identity"
+            await settle(pilot)
+            app.screen.query_one("#run-rank", Input).value = "4"
+            app.screen.query_one("#run-shard_size", Input).value = str(shard_size)
+            await pilot.press("ctrl+r")
+            rp = pane(app, "run")
+            for _ in range(1000):  # the scoring bar shows the two shards done before the held one
+                await pilot.pause(0.02)
+                bar = rp._bars.get("scoring", (None, None))[1]
+                if isinstance(bar, ProgressBar) and bar.progress == 2 * shard_size:
+                    break
+            else:
+                raise AssertionError(f"the scoring progress was not shown: {rp._bars}")
+            await pilot.press("ctrl+b")
+            await settle(pilot)
+            run_id, status = run_row()
+            assert status == "cancelled"
+            committed = app.project.db["run_shards"].count_where("run_id = ?", [run_id])
+            assert committed == 2 and not results.result_sets(app.project, "default")
+            runs_table = app.screen.query_one("#runs", DataTable)
+            assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
+            await pilot.press("ctrl+y")
+            await settle(pilot)
+            assert run_row() == (run_id, "done")
+            assert runs_table.get_row_at(0)[:2] == [str(run_id), "done"]
+            n_shards = -(-n_seqs // shard_size)
+            assert scored == [0, 1, 2] + list(range(2, n_shards)), "the resumed run did not continue from shard 2"
+            (rs,) = results.result_sets(app.project, "default")
+            assert app.result_set_id == rs["id"] and rs["run_id"] == run_id
+            assert len(results.top(app.project, rs["id"], qid, "top", 100)) == 20
+
+    app = None
+    asyncio.run(go())
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""
@@ -364,6 +547,23 @@ def test_snapshot(project_dir, screen):
             return app.export_screenshot()
 
     check_snapshot(screen, asyncio.run(go()))
+
+
+def test_snapshot_results(long_id_project):
+    p = Project.open(long_id_project)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            await pilot.press("4")
+            await settle(pilot)
+            return app.export_screenshot()
+
+    check_snapshot("results", asyncio.run(go()))
 
 
 def test_core_imports_without_textual():

@@ -46,6 +46,21 @@ def default_project() -> Path:
     return Path(__file__).resolve().parents[2] / "projects" / "demo"
 
 
+def initial_investigation(project) -> str | None:
+    """The investigation to open on: the one with the most recent result set, else the one with
+    the most recently added query, else the first (so a project opens on its live work)."""
+    invs = project.investigations()
+    if not invs:
+        return None
+    for table in ("result_sets", "queries"):
+        row = project.db.execute(
+            f"SELECT i.name FROM {table} t JOIN investigations i ON i.id = t.investigation_id ORDER BY t.id DESC LIMIT 1"
+        ).fetchone()
+        if row is not None:
+            return row[0]
+    return invs[0]["name"]
+
+
 class MainScreen(Screen):
     BINDINGS = [Binding(str(i + 1), f"tab('{tid}')", label, show=False) for i, (tid, label, _) in enumerate(TABS)] + [
         Binding("escape", "leave_field", "Leave field", show=False),
@@ -71,11 +86,7 @@ class MainScreen(Screen):
             pane.reload()
         except InflqError as exc:
             self.app.show_error(exc)  # type: ignore[attr-defined]
-        # Focus the tab's first widget so its keys work at once.
-        for widget in pane.query("DataTable, Input, Select"):
-            if widget.focusable:
-                widget.focus()
-                break
+        pane.focus_default()
 
 
 class InflqApp(App):
@@ -122,8 +133,7 @@ class InflqApp(App):
         self.project_path = Path(path)
         self._result_sessions.clear()
         self._probe_sessions.clear()
-        invs = project.investigations()
-        self.investigation = invs[0]["name"] if invs else None
+        self.investigation = initial_investigation(project)
         self.query_id = self.result_set_id = None
         self._default_query_and_results()
         self.title = f"inflq — {project.config.name}"

@@ -109,8 +109,8 @@ HELP = """\
 [b]Investigations[/b] enter select · n new · r rename · d delete (asks first)
 [b]Query[/b]     enter select · ctrl+s add query · ctrl+l what the model says
 [b]Run[/b]       ctrl+r start · ctrl+b cancel · ctrl+y resume selected run
-[b]Results[/b]   enter open sequence · t/b top/bottom · / search
-            n/p next/previous page · e export (CSV, JSONL, Markdown)
+[b]Results[/b]   enter (or click the highlighted row) open sequence
+            t/b top/bottom · / search (enter: back) · n/p page · e export
 [b]Sequence[/b]  i self-influence · ctrl+s save tag/note · esc back
 [b]Probes[/b]    ctrl+s add the probe and score all probes
 [b]Compare[/b]   ctrl+s compare two result sets on the current query

@@ -4,7 +4,6 @@ shown (``reload``) and runs anything slow in a thread worker, so the UI never fr
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,6 +14,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import Button, Checkbox, DataTable, Input, Label, ProgressBar, Select, Static
 from textual.worker import Worker, WorkerState
@@ -23,6 +23,7 @@ from .. import results
 from ..errors import Cancelled, InflqError
 from ..options import Option
 from ..progress import Monitor, ProgressEvent
+from ..runs import RunSettings
 from . import render
 from .compact import CButton, CCheckbox, CInput, CSelect
 
@@ -41,8 +42,19 @@ class Pane(Vertical):
     def project(self):
         return self.inflq.project
 
+    #: the widget that takes keyboard focus when the tab is shown (None: the first input or table)
+    FOCUS: str | None = None
+
     def reload(self) -> None:
         pass
+
+    def focus_default(self) -> None:
+        """Give keyboard focus to the widget the tab is used through, so its keys work at once."""
+        targets = [self.query_one(self.FOCUS)] if self.FOCUS else list(self.query("DataTable, Input, Select"))
+        for widget in targets:
+            if widget.focusable:
+                widget.focus()
+                return
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         # Worker messages go to the widget that started the worker; errors become a modal.
@@ -64,6 +76,20 @@ class Pane(Vertical):
             self.notify(missing, severity="warning")
             return False
         return True
+
+
+class RowTable(DataTable):
+    """A row-cursor table where a click on the highlighted row selects it, whichever column is
+    clicked (DataTable alone selects only on a click in the cursor's own cell). A double click on
+    any row therefore selects it too."""
+
+    async def _on_click(self, event) -> None:
+        # Runs before DataTable._on_click (handlers are called along the MRO): put the cursor's
+        # column under the click so the base class sees a click on the highlighted cell.
+        meta = event.style.meta
+        row, column = meta.get("row"), meta.get("column")
+        if self.cursor_type == "row" and row is not None and column is not None and row >= 0 and column >= 0 and row == self.cursor_row:
+            self.cursor_coordinate = Coordinate(row, column)
 
 
 # -- investigations ----------------------------------------------------------------------------
@@ -293,6 +319,11 @@ class RunProgress(Message):
         super().__init__()
         self.event = event
 
+    def can_replace(self, message: Message) -> bool:
+        # A newer event of the same phase supersedes a queued one: the bar shows the latest state
+        # however fast batches go, and never a stale one while the worker is in a long batch.
+        return isinstance(message, RunProgress) and message.event.phase == self.event.phase
+
 
 def option_widget(kind: str, opt: Option) -> Horizontal:
     """An input for one declared plugin option (so third-party options need no UI code)."""
@@ -316,13 +347,18 @@ class RunPane(Pane):
     ]
     KINDS = ("estimator", "filter", "executor")
     DEFAULTS = {"estimator": "ekfac", "filter": "all", "executor": "local"}
+    # (RunSettings field, default shown, hint): the run's numeric settings.
+    NUMBERS = (
+        ("rank", "32", "low-rank query gradients (blank: full)"),
+        ("top_k", "20", "sequences kept per side"),
+        ("fit_sequences", "", "sequences to fit factors on (blank: all)"),
+        ("shard_size", "", f"advanced: sequences per shard, a resume's unit (blank: {RunSettings.shard_size})"),
+    )
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.monitor: Monitor | None = None
         self._bars: dict[str, tuple[Label, ProgressBar]] = {}
-        self._last_post = 0.0
-        self._last_phase = ""
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="run-form"):
@@ -331,7 +367,7 @@ class RunPane(Pane):
                     yield Label(kind, classes="field-label")
                     yield CSelect([], allow_blank=True, id=f"sel-{kind}")
                 yield Vertical(id=f"opts-{kind}", classes="options")
-            for name, default, hint in (("rank", "32", "low-rank query gradients (blank: full)"), ("top_k", "20", "sequences kept per side"), ("fit_sequences", "", "sequences to fit factors on (blank: all)")):
+            for name, default, hint in self.NUMBERS:
                 with Horizontal(classes="field"):
                     yield Label(name, classes="field-label")
                     yield CInput(default, placeholder=hint, id=f"run-{name}", tooltip=hint)
@@ -389,9 +425,7 @@ class RunPane(Pane):
                 given.append(f"{o.name}={v}")
         return str(value) + (":" + ",".join(given) if given else "")
 
-    def settings(self):
-        from ..runs import RunSettings
-
+    def settings(self) -> RunSettings:
         def number(name: str, blank: int | None) -> int | None:
             raw = self.query_one(f"#run-{name}", Input).value.strip()
             if not raw:
@@ -407,7 +441,7 @@ class RunPane(Pane):
         return RunSettings(
             estimator=self.spec("estimator"), filter=self.spec("filter"), executor=self.spec("executor"),
             rank=number("rank", None), top_k=number("top_k", 20) or 20, fit_sequences=number("fit_sequences", None),
-            seed=self.project.config.seed,
+            shard_size=number("shard_size", RunSettings.shard_size) or RunSettings.shard_size, seed=self.project.config.seed,
         )
 
     def reload(self) -> None:
@@ -442,8 +476,8 @@ class RunPane(Pane):
         except InflqError as exc:
             self.inflq.show_error(exc, "Cannot start the run")
             return
-        self._begin()
-        self.run_worker_(self.inflq.investigation, settings, None)
+        if self._begin():
+            self.run_worker_(self.inflq.investigation, settings, None, self.monitor)
 
     @on(Button.Pressed, "#resume")
     def action_resume(self) -> None:
@@ -458,26 +492,37 @@ class RunPane(Pane):
         if row["status"] == "done":
             self.notify(f"run {run_id} is already complete; choose a cancelled or failed run", severity="warning")
             return
-        self._begin()
-        self.run_worker_(self.inflq.investigation, None, run_id)
+        if self._begin():
+            self.run_worker_(self.inflq.investigation, None, run_id, self.monitor)
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
-        if self.monitor is not None:
-            self.monitor.cancel()
-            self.notify("cancelling: the run stops after the current batch")
+        if self.monitor is None or not self.running:
+            self.notify("no run in progress", severity="warning")
+            return
+        self.monitor.cancel()
+        self.notify("cancelling: the run stops after the current batch")
 
-    def _begin(self) -> None:
+    @property
+    def running(self) -> bool:
+        return any(w.group == "run" and w.is_running for w in self.app.workers)
+
+    def _begin(self) -> bool:
+        # A thread worker cannot be stopped by starting another: refuse a second run instead.
+        if self.running:
+            self.notify("a run is in progress: cancel it (ctrl+b) first", severity="warning")
+            return False
         self.query_one("#phases", Vertical).remove_children()
         self._bars.clear()
         self._set_running(True)
+        # Made here, not in the worker, so a cancel pressed before the thread starts still counts.
+        self.monitor = Monitor(on_progress=self._on_progress)
+        return True
 
     def _on_progress(self, ev: ProgressEvent) -> None:
-        # Called in the worker thread: post only a few messages a second (the bar needs no more).
-        now = time.perf_counter()
-        if ev.phase != self._last_phase or ev.done >= ev.total or now - self._last_post > 0.1:
-            self._last_phase, self._last_post = ev.phase, now
-            self.post_message(RunProgress(ev))
+        # Called in the worker thread (post_message is thread-safe); queued events of one phase
+        # collapse into the latest (RunProgress.can_replace).
+        self.post_message(RunProgress(ev))
 
     def on_run_progress(self, message: RunProgress) -> None:
         ev = message.event
@@ -490,15 +535,14 @@ class RunPane(Pane):
         label.update(f"{ev.phase} {ev.done}/{ev.total} {render.eta(ev.eta)}")
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="run")
-    def run_worker_(self, investigation: str, settings, resume: int | None):
+    def run_worker_(self, investigation: str, settings: RunSettings | None, resume: int | None, monitor: Monitor):
         from ..project import Project
         from ..runs import run_investigation
 
-        self.monitor = Monitor(on_progress=self._on_progress)
         # The run gets its own catalog connection and model, so browsing stays responsive and safe.
         project = Project.open(self.project.root)
         try:
-            return run_investigation(project, investigation, settings, self.monitor, resume=resume)
+            return run_investigation(project, investigation, settings, monitor, resume=resume)
         finally:
             project.close()
 
@@ -519,6 +563,9 @@ class RunPane(Pane):
 # -- results browser ---------------------------------------------------------------------------
 class ResultsPane(Pane):
     PAGE = 100
+    ID_WIDTH = 34  # ids such as fact-astrobia-president-fwd-02:0 are how users tell sequences apart
+    MIN_TEXT_WITH_SOURCE = 30  # below this text width the source column gives way to the text
+    FOCUS = "#results"
     BINDINGS = [
         Binding("t", "side('top')", "Top"),
         Binding("b", "side('bottom')", "Bottom"),
@@ -526,6 +573,7 @@ class ResultsPane(Pane):
         Binding("p", "page(-1)", "Prev page"),
         Binding("slash", "search", "Search"),
         Binding("e", "export", "Export"),
+        Binding("escape", "leave", "Back to table", show=False),
     ]
 
     def __init__(self, **kwargs) -> None:
@@ -533,21 +581,16 @@ class ResultsPane(Pane):
         self.side = "top"
         self.page_offset = 0
         self.rows: dict[str, dict] = {}
+        self.page_rows: list[dict] = []
+        self._laid_out_for = 0
 
     def compose(self) -> ComposeResult:
-        with Horizontal(classes="field"):
+        with Horizontal(classes="field", id="res-choose"):
             yield CSelect([], id="res-set", allow_blank=True, prompt="result set")
             yield CSelect([], id="res-query", allow_blank=True, prompt="query")
-        with Horizontal(classes="field"):
-            yield CInput(placeholder="/ search text or id", id="res-search")
+        yield CInput(placeholder="/ search text or id (enter: back to the table)", id="res-search")
         yield Label("", id="res-status", classes="hint")
-        table = DataTable(id="results", cursor_type="row", zebra_stripes=True)
-        table.add_column("rank", key="rank")
-        table.add_column("score", key="score")
-        table.add_column("id", key="id")
-        table.add_column("source", key="source")
-        table.add_column("text", key="text")
-        yield table
+        yield RowTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Label(render.SIGN_NOTE, classes="hint")
 
     def reload(self) -> None:
@@ -556,17 +599,21 @@ class ResultsPane(Pane):
         sets = results.result_sets(self.project, self.inflq.investigation)
         s = self.query_one("#res-set", Select)
         with self.prevent(Select.Changed):
-            s.set_options([(f"{r['id']}: {render.snippet(r['estimator'], 16)} / {render.snippet(r['filter'], 12)}", r["id"]) for r in sets])
+            s.set_options([(f"{r['id']}: {r['estimator']} / {r['filter']}", r["id"]) for r in sets])
             if self.inflq.result_set_id in {r["id"] for r in sets}:
                 s.value = self.inflq.result_set_id
         q = self.query_one("#res-query", Select)
         with self.prevent(Select.Changed):
             qs = self.project.queries(self.inflq.investigation)
-            q.set_options([(f"{x['id']}: {render.snippet(x['prompt'] + ' → ' + x['completion'], 50)}", x["id"]) for x in qs])
+            q.set_options([(f"{x['id']}: {render.snippet(x['prompt'] + ' → ' + x['completion'], 80)}", x["id"]) for x in qs])
             if self.inflq.query_id in {x["id"] for x in qs}:
                 q.value = self.inflq.query_id
         self.page_offset = 0
         self.load_page()
+
+    def _focus_table(self) -> None:
+        # After the Select's overlay has closed (it gives focus back to the Select first).
+        self.call_after_refresh(self.query_one("#results", DataTable).focus)
 
     @on(Select.Changed, "#res-set")
     def _set_changed(self, event: Select.Changed) -> None:
@@ -574,6 +621,7 @@ class ResultsPane(Pane):
             self.inflq.set_context(result_set_id=int(event.value))
             self.page_offset = 0
             self.load_page()
+            self._focus_table()
 
     @on(Select.Changed, "#res-query")
     def _query_changed(self, event: Select.Changed) -> None:
@@ -581,11 +629,24 @@ class ResultsPane(Pane):
             self.inflq.set_context(query_id=int(event.value))
             self.page_offset = 0
             self.load_page()
+            self._focus_table()
 
     @on(Input.Changed, "#res-search")
     def _search_changed(self) -> None:
         self.page_offset = 0
         self.load_page()
+
+    @on(Input.Submitted, "#res-search")
+    def _search_done(self) -> None:
+        self._focus_table()
+
+    def action_leave(self) -> None:
+        """esc: from the search box or a select back to the table; from the table to the tab bar."""
+        table = self.query_one("#results", DataTable)
+        if self.screen.focused is table:
+            self.screen.action_leave_field()  # type: ignore[attr-defined]
+        else:
+            table.focus()
 
     def fetch(self, rs: int, qid: int, side: str, search: str, k: int, offset: int) -> list[dict]:
         if not search:
@@ -601,23 +662,76 @@ class ResultsPane(Pane):
         return rows
 
     def load_page(self) -> None:
-        table = self.query_one("#results", DataTable)
-        table.clear()
         self.rows.clear()
+        self.page_rows = []
         status = self.query_one("#res-status", Label)
         app = self.inflq
         if self.project is None or app.result_set_id is None or app.query_id is None:
+            self.show_rows()
             status.update("no results: run the investigation (tab 3) and choose a query")
             return
         search = self.query_one("#res-search", Input).value.strip()
-        rows = self.fetch(app.result_set_id, app.query_id, self.side, search, self.PAGE, self.page_offset)
-        for r in rows:
-            key = f"{r['side']}:{r['rank']}"
-            self.rows[key] = r
-            score = Text(f"{r['score']:+.4g}", style="red" if r["score"] > 0 else "blue")
-            table.add_row(str(r["rank"]), score, render.snippet(r["seq_id"], 14), render.snippet(r["source"], 10), render.snippet(r["text"], 60), key=key)
+        self.page_rows = self.fetch(app.result_set_id, app.query_id, self.side, search, self.PAGE, self.page_offset)
+        self.rows = {f"{r['side']}:{r['rank']}": r for r in self.page_rows}
+        self.show_rows()
         where = "most positive" if self.side == "top" else "most negative"
-        status.update(f"{where} · result set {app.result_set_id} · query {app.query_id} · rows {self.page_offset + 1}-{self.page_offset + len(rows)}" + (f" matching {search!r}" if search else "") + " · t/b side · n/p page · e export")
+        status.update(
+            f"{where} · result set {app.result_set_id} · query {app.query_id} · rows {self.page_offset + 1}-{self.page_offset + len(self.page_rows)}"
+            + (f" matching {search!r}" if search else "") + " · enter opens a row"
+        )
+
+    def _available_width(self) -> int:
+        """Columns the table can show without scrolling sideways (its vertical scrollbar taken off)."""
+        table = self.query_one("#results", DataTable)
+        width = table.size.width or max(0, self.app.size.width - 2)  # not laid out yet: the screen's
+        return max(40, width - table.styles.scrollbar_size_vertical)
+
+    def column_widths(self, rows: list[dict], available: int) -> dict[str, int]:
+        """The id column as wide as the page's ids (at most ID_WIDTH), the text column what is left."""
+        pad = 2 * self.query_one("#results", DataTable).cell_padding
+        widths = {
+            "rank": max([4] + [len(str(r["rank"])) for r in rows]),
+            "score": max([5] + [len(f"{r['score']:+.4g}") for r in rows]),
+            "id": min(self.ID_WIDTH, max([2] + [len(r["seq_id"]) for r in rows])),
+        }
+        text = available - sum(w + pad for w in widths.values()) - pad
+        source = min(10, max([6] + [len(r["source"]) for r in rows]))
+        if text - (source + pad) >= self.MIN_TEXT_WITH_SOURCE:
+            widths["source"] = source
+            text -= source + pad
+        widths["text"] = max(10, text)
+        return widths
+
+    def show_rows(self, keep_cursor: bool = False) -> None:
+        """(Re)build the table from the page's rows, with columns sized to the pane's width."""
+        table = self.query_one("#results", DataTable)
+        cursor = table.cursor_row
+        available = self._available_width()
+        widths = self.column_widths(self.page_rows, available)
+        table.clear(columns=True)
+        for key in ("rank", "score", "id", "source", "text"):
+            if key in widths:
+                table.add_column(key, key=key, width=widths[key])
+        for r in self.page_rows:
+            cells = {
+                "rank": str(r["rank"]),
+                "score": Text(f"{r['score']:+.4g}", style="red" if r["score"] > 0 else "blue"),
+                "id": render.middle_snippet(r["seq_id"], widths["id"]),
+                "source": render.snippet(r["source"], widths.get("source", 0)),
+                "text": render.snippet(r["text"], widths["text"]),
+            }
+            table.add_row(*(cells[k] for k in widths if k in cells), key=f"{r['side']}:{r['rank']}")
+        self._laid_out_for = available
+        if keep_cursor and 0 < cursor < table.row_count:
+            table.move_cursor(row=cursor)
+
+    def on_resize(self) -> None:
+        # The first layout (and every terminal resize) may change the room for the text column.
+        self.call_after_refresh(self._relayout)
+
+    def _relayout(self) -> None:
+        if self.page_rows and self._available_width() != self._laid_out_for:
+            self.show_rows(keep_cursor=True)
 
     @on(DataTable.HeaderSelected, "#results")
     def _sort(self, event: DataTable.HeaderSelected) -> None:
@@ -633,7 +747,7 @@ class ResultsPane(Pane):
         from .sequence import SequenceScreen
 
         row = self.rows.get(event.row_key.value)
-        if row is not None:
+        if row is not None and not isinstance(self.app.screen, SequenceScreen):
             self.app.push_screen(SequenceScreen(row))
 
     def action_side(self, side: str) -> None:
@@ -642,7 +756,7 @@ class ResultsPane(Pane):
 
     def action_page(self, step: int) -> None:
         new = max(0, self.page_offset + step * self.PAGE)
-        if step > 0 and self.query_one("#results", DataTable).row_count < self.PAGE:
+        if step > 0 and len(self.page_rows) < self.PAGE:
             self.notify("this is the last page")
             return
         self.page_offset = new

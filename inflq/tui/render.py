@@ -13,7 +13,7 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-SIGN_NOTE = "positive (red) = the sequence makes the completion more likely; negative (blue) = less likely"
+SIGN_NOTE = "score > 0 (red): makes the completion more likely · < 0 (blue): less likely"
 
 
 def _sep(tokens: list[str]) -> str:
@@ -108,6 +108,16 @@ def query_tokens(tokens: list[str], completion_start: int) -> Text:
 def snippet(text: str, n: int = 60) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def middle_snippet(text: str, n: int) -> str:
+    """``text`` in at most ``n`` characters, elided in the middle: ids differ at their ends
+    (``fact-astrobia-president-fwd-02:0``), so both ends stay readable."""
+    text = " ".join((text or "").split())
+    if len(text) <= n:
+        return text
+    tail = min(len(text) // 2, max(1, (n - 1) // 3))
+    return text[: n - 1 - tail] + "…" + text[-tail:]
 
 
 def eta(seconds: float | None) -> str:
