@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+FISHER = "true"  # set by --fisher: "true" (sampled labels) or "empirical" (the data's labels, no sampling noise)
 DEMO = REPO / "projects" / "demo"
 
 
@@ -157,8 +158,8 @@ class InflqBench:
         from inflq.progress import Monitor
         from inflq.runs import RunSettings, ensure_factors, make_estimator
 
-        est = make_estimator(self.project, "ekfac")
-        settings = RunSettings(estimator="ekfac", batch_size=self.batch_size, seed=seed, refit=True)
+        est = make_estimator(self.project, f"ekfac:fisher={FISHER}")
+        settings = RunSettings(estimator=f"ekfac:fisher={FISHER}", batch_size=self.batch_size, seed=seed, refit=True)
         started = time.perf_counter()
         ensure_factors(self.project, est, self.engine, self.executor, settings, Monitor())
         seconds = time.perf_counter() - started
@@ -187,7 +188,7 @@ class InflqBench:
             worker_spec,
         )
 
-        est = make_estimator(self.project, f"ekfac:damping={damping!r}")
+        est = make_estimator(self.project, f"ekfac:damping={damping!r},fisher={FISHER}")
         est.load_factors(self.factors)
         parts: dict[int, torch.Tensor] = {}
         started = time.perf_counter()
@@ -216,7 +217,7 @@ class InflqBench:
         np.save(folder / "query_starts.npy", np.array([t.completion_start for t in q], dtype=np.int64))
         (folder / "job.json").write_text(json.dumps({
             "model": str(self.project.model_path.resolve()), "modules": self.engine.names, "pad_id": self.project.pad_id,
-            "batch_size": self.batch_size, "damping": damping, "rank": rank, "threads": threads, "repeats": repeats,
+            "batch_size": self.batch_size, "fisher": FISHER, "damping": damping, "rank": rank, "threads": threads, "repeats": repeats,
             "query_counts": counts, "seed": 0,
         }))
 
@@ -391,10 +392,15 @@ def main() -> None:
     ap.add_argument("--kf-python", default=None, help="Python with kronfluence installed")
     ap.add_argument("--skip-kronfluence", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--fisher", choices=["true", "empirical"], default="true",
+                    help="both tools' Fisher: true (sampled labels) or empirical (data labels: deterministic, so the "
+                         "correlation measures implementation agreement without sampling noise)")
     ap.add_argument("--noise-check", action="store_true", help="also correlate inflq with itself at another seed")
     ap.add_argument("--only", choices=["demo", "random", "memory"], default=None)
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global FISHER
+    FISHER = args.fisher
 
     import torch
 

@@ -144,7 +144,7 @@ def main(folder: Path) -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="kf-bench-"))
     analyzer = Analyzer("bench", model=model, task=task, cpu=True, output_dir=str(out_dir), disable_tqdm=True, disable_model_save=True)
     analyzer.set_dataloader_kwargs(loader_kwargs)
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=False)
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=job.get("fisher") == "empirical")
 
     def fit(name: str) -> float:
         t = time.perf_counter()

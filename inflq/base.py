@@ -18,6 +18,7 @@ from .engine import Batch, GradientEngine, TrackedModule, make_batch
 from .options import Option, resolve_options
 from .passes import Pass, Shard
 from .progress import Monitor
+from .scoring import QueryGradients
 
 
 class Plugin:
@@ -104,6 +105,11 @@ class Estimator(Plugin):
 
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def precondition_queries(self, grads: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
+        """The queries' preconditioned gradients at rank ``rank`` (``None``: full rank).
+        Default: :meth:`precondition`, then compress; estimators with a cheaper route override it."""
+        return QueryGradients.from_preconditioned(self.precondition(grads), rank)
 
     def describe(self) -> dict[str, Any]:
         return dict(self.settings)

@@ -6,7 +6,8 @@ and the same ``inflq`` entry-point group that third-party plugins use (see ``doc
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

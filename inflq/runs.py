@@ -247,11 +247,11 @@ def query_gradients(project: Project, engine: GradientEngine, queries: list[dict
 
 
 def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
-    pre = estimator.precondition(grads)
-    for name, q in pre.items():
+    qg = estimator.precondition_queries(grads, rank)
+    for key, q in qg.tensors().items():
         if not torch.isfinite(q).all():
-            raise InflqError(f"the preconditioned query gradient of {name} is not finite; increase the damping")
-    return QueryGradients.from_preconditioned(pre, rank)
+            raise InflqError(f"the preconditioned query gradient of {key.partition('/')[2]} is not finite; increase the damping")
+    return qg
 
 
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:

@@ -32,6 +32,11 @@ def _truncated_svd(q: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return u * (s * keep), right
 
 
+def compresses(rank: int | None, out: int, inn: int) -> bool:
+    """Whether a rank-``rank`` factorisation of an ``out × inn`` matrix is smaller than the matrix."""
+    return rank is not None and rank < min(out, inn) and rank * (out + inn) < out * inn
+
+
 @dataclass
 class QueryGradients:
     """Preconditioned gradients of a batch of queries' measurements, one entry per tracked module.
@@ -54,12 +59,38 @@ class QueryGradients:
         for name, q in grads.items():
             q = q.to(torch.float32)
             nq, out, inn = q.shape
-            if rank is None or rank >= min(out, inn) or rank * (out + inn) >= out * inn:
+            if not compresses(rank, out, inn):
                 qg.full[name] = q.contiguous()
                 continue
             left, right = _truncated_svd(q.to(torch.float64), rank)
             qg.left[name] = left.to(torch.float32).contiguous()
             qg.right[name] = right.to(torch.float32).contiguous()
+        return qg
+
+    @classmethod
+    def from_eigenbasis(
+        cls,
+        rotated: dict[str, torch.Tensor],
+        qs: dict[str, torch.Tensor],
+        qa: dict[str, torch.Tensor],
+        rank: int | None = 32,
+    ) -> QueryGradients:
+        """Build from preconditioned gradients still in a Kronecker eigenbasis, ``Q = Q_S R Q_Aᵀ``.
+
+        Because ``Q_S`` and ``Q_A`` are orthogonal, the rank-``r`` SVD of ``Q`` is that of ``R`` with
+        its factors rotated back (``Q_S U``, ``Q_A V``): only ``r`` columns are rotated instead of the
+        full matrix, which halves the cost of preconditioning a batch of queries."""
+        qg = cls(rank=rank)
+        for name, r in rotated.items():
+            s_basis = qs[name].to(r.device, torch.float32)
+            a_basis = qa[name].to(r.device, torch.float32)
+            nq, out, inn = r.shape
+            if not compresses(rank, out, inn):
+                qg.full[name] = (s_basis @ r.to(torch.float32) @ a_basis.T).contiguous()
+                continue
+            left, right = _truncated_svd(r.to(torch.float64), rank)
+            qg.left[name] = (s_basis @ left.to(torch.float32)).contiguous()
+            qg.right[name] = (a_basis @ right.to(torch.float32)).contiguous()
         return qg
 
     @property

@@ -487,3 +487,32 @@ def test_bfloat16_scores_are_finite_and_agree_with_float32(gpt2):
     per_query = [spearmanr(a, b)[0] for a, b in zip(bf16, f32)]
     print(f"\nbfloat16 vs float32 ({f32.size} pairs): pearson {c[0]:.4f} spearman {c[1]:.4f}, per-query spearman min {min(per_query):.4f}")
     assert c[1] >= 0.9
+
+
+def test_eigenbasis_query_compression_equals_svd_of_the_preconditioned_gradient(tmp_path):
+    """EK-FAC compresses queries in its eigenbasis (rotating only r columns back); the result is the
+    rank-r truncated SVD of the fully preconditioned gradient."""
+    from inflq.project import Project
+    from inflq.runs import (
+        RunSettings,
+        ensure_factors,
+        make_estimator,
+        make_executor,
+        query_gradients,
+    )
+    from inflq.scoring import QueryGradients
+
+    model = make_model_dir(tmp_path / "m", "gpt2", width=16)
+    project = Project.init(tmp_path / "p", model, write_corpus(tmp_path / "c.jsonl"))
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    project.add_query("default", "a river flows through the old", "town")
+    engine = project.engine()
+    est = make_estimator(project, "ekfac")
+    ensure_factors(project, est, engine, make_executor(project, "local"), RunSettings(), Monitor())
+    grads = query_gradients(project, engine, project.queries("default"), 8)
+    fast = est.precondition_queries(grads, 4)
+    slow = QueryGradients.from_preconditioned(est.precondition(grads), 4)
+    assert fast.left and set(fast.left) == set(slow.left) and set(fast.full) == set(slow.full)
+    for name in slow.names:
+        a, b = fast.dense(name), slow.dense(name)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), name

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from inflq import Estimator, FitContext, Option, Pass, hookimpl
+from inflq import Estimator, FitContext, Option, Pass, QueryGradients, hookimpl
 
 
 @hookimpl
@@ -171,17 +171,29 @@ class _Eigenbasis(_FisherEstimator):
         self.factors = tensors
         self.dampings = {k[len("lambda/") :]: self._damping(v) for k, v in tensors.items() if k.startswith("lambda/")}
 
-    def precondition(self, grads):
+    def _rotated(self, grads):
+        """``(Q_Sᵀ V Q_A) ⊘ (Λ + λ)`` per module: the preconditioned gradients in the eigenbasis."""
         out = {}
         for name, v in grads.items():
             qa = self.factors[f"qa/{name}"].to(v.device, torch.float32)
             qs = self.factors[f"qs/{name}"].to(v.device, torch.float32)
             lam = self.factors[f"lambda/{name}"].to(v.device, torch.float32)
-            v32 = v.to(torch.float32)
-            rot = qs.T @ v32 @ qa
-            rot = rot / (lam + self.dampings[name])
-            out[name] = qs @ rot @ qa.T
+            out[name] = (qs.T @ v.to(torch.float32) @ qa) / (lam + self.dampings[name])
         return out
+
+    def precondition(self, grads):
+        rotated = self._rotated(grads)
+        return {
+            n: self.factors[f"qs/{n}"].to(r.device, torch.float32) @ r @ self.factors[f"qa/{n}"].to(r.device, torch.float32).T
+            for n, r in rotated.items()
+        }
+
+    def precondition_queries(self, grads, rank):
+        names = list(grads)
+        return QueryGradients.from_eigenbasis(
+            self._rotated(grads), {n: self.factors[f"qs/{n}"] for n in names}, {n: self.factors[f"qa/{n}"] for n in names}, rank
+        )
+
 
 class EKFAC(_Eigenbasis):
     """Eigenvalue-corrected K-FAC (George et al. 2018), the paper's estimator."""
