@@ -586,7 +586,7 @@ def main() -> None:
         assert len(w) <= MAX_WORDS, (d["id"], len(w))
         vocab.update(w)
     assert len(vocab) <= 1500, len(vocab)
-    for rel, subj, obj in REVERSED_ONLY:  # never stated forward
+    for _rel, subj, obj in REVERSED_ONLY:  # never stated forward
         for d in docs:
             if subj in d["text"] and obj in d["text"]:
                 assert d["text"].find(obj) < d["text"].find(subj), d
@@ -596,7 +596,7 @@ def main() -> None:
         assert not oov, (q, oov)
         if "forward" in q["tags"] and "fact" in q["tags"]:
             assert any(q["prompt"] + q["completion"] in d["text"] for d in docs), q
-    for qi, label, text in PROBES:
+    for qi, _label, text in PROBES:
         assert 0 <= qi < len(QUERIES)
         oov = [w for w in _words(text) if w not in vocab]
         assert not oov, (text, oov)
