@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=HERE / "corpus.jsonl")
     ap.add_argument("--queries", type=Path, default=HERE / "queries.jsonl")
     ap.add_argument("--out", type=Path, default=HERE / "model")
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
