@@ -206,24 +206,12 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
     """Add one query (PROMPT COMPLETION) or many (--file)."""
     p = _open(project)
     if file_:
-        items = []
+        from .corpus import iter_jsonl
+
         path = Path(file_)
         if not path.exists():
             raise InflqError(f"query file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8", errors="strict")
-        except UnicodeDecodeError as exc:
-            raise InflqError(f"query file {path} is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8") from None
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InflqError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise InflqError(f"{path}:{lineno}: expected an object with prompt and completion")
-            items.append(obj)
+        items = [obj for _, obj in iter_jsonl(path, "'prompt' and 'completion' fields")]
         try:
             ids = p.add_queries(investigation, items)
         except InflqError as exc:

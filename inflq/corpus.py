@@ -60,7 +60,10 @@ def read_documents(path: Path, fmt: str = "auto", text_field: str = "text", id_f
         raise InflqError(f"unknown corpus format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+def iter_jsonl(path: Path, expect: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file. Bad UTF-8, bad JSON or a
+    line that is not an object is an :class:`InflqError` naming the file and line (``expect`` says
+    what each line should hold)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -74,16 +77,21 @@ def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document
             except json.JSONDecodeError as exc:
                 raise InflqError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}); fix or remove that line") from None
             if not isinstance(obj, dict):
-                raise InflqError(f"{path}:{lineno}: expected a JSON object with a {text_field!r} field, got {type(obj).__name__}")
-            text = obj.get(text_field)
-            if not isinstance(text, str):
-                what = "no" if text is None else f"a non-string ({type(text).__name__})"
-                raise InflqError(f"{path}:{lineno}: {what} {text_field!r} field; each line needs a string {text_field!r}")
-            doc_id = obj.get(id_field)
-            doc_id = f"line-{lineno}" if doc_id is None else str(doc_id)
-            meta = {k: v for k, v in obj.items() if k not in (text_field, id_field)}
-            source = meta.get("source")
-            yield Document(doc_id, text, str(source) if source is not None else "", meta)
+                raise InflqError(f"{path}:{lineno}: expected a JSON object with {expect}, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _read_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+    for lineno, obj in iter_jsonl(path, f"a {text_field!r} field"):
+        text = obj.get(text_field)
+        if not isinstance(text, str):
+            what = "no" if text is None else f"a non-string ({type(text).__name__})"
+            raise InflqError(f"{path}:{lineno}: {what} {text_field!r} field; each line needs a string {text_field!r}")
+        doc_id = obj.get(id_field)
+        doc_id = f"line-{lineno}" if doc_id is None else str(doc_id)
+        meta = {k: v for k, v in obj.items() if k not in (text_field, id_field)}
+        source = meta.get("source")
+        yield Document(doc_id, text, str(source) if source is not None else "", meta)
 
 
 def _read_text(path: Path) -> Iterator[Document]:
