@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -144,7 +145,9 @@ class Project:
     def __init__(self, root: Path, config: ProjectConfig, db: sqlite_utils.Database) -> None:
         self.root = Path(root)
         self.config = config
-        self.db = db
+        self._db = db
+        self._db_thread = threading.get_ident()
+        self._thread_dbs = threading.local()
         self._model = None
         self._tokenizer = None
         self._store: CorpusStore | None = None
@@ -262,8 +265,23 @@ class Project:
         tmp.write_text(tomli_w.dumps(self.config.to_toml()))
         os.replace(tmp, path)
 
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The catalog connection of the calling thread.
+
+        One SQLite connection must not interleave transactions and open cursors from several
+        threads (a UI thread reading while a worker writes fails with "table is locked"), so every
+        other thread gets its own connection to the same file; WAL mode lets them work together."""
+        if threading.get_ident() == self._db_thread:
+            return self._db
+        db = getattr(self._thread_dbs, "db", None)
+        if db is None:
+            db = catalog.connect(self.root / CATALOG_NAME, readonly=self.readonly)
+            self._thread_dbs.db = db
+        return db
+
     def close(self) -> None:
-        self.db.conn.close()
+        self._db.conn.close()
 
     # -- paths and fingerprints -----------------------------------------------------------------
     def path(self, rel: str) -> Path:
