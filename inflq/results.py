@@ -48,6 +48,24 @@ def result_set(project: Project, investigation: str, result_set_id: int | None =
     return sets[-1]
 
 
+def estimator_summary(rs: dict) -> str:
+    """One line on how a result set was estimated: the damping actually used (mean over modules),
+    the query rank, and an iterative estimator's convergence residual when it recorded one."""
+    settings = json.loads(rs["settings"] or "{}")
+    est = settings.get("estimator_settings") or {}
+    parts = []
+    per_module = est.get("damping_per_module")
+    if isinstance(per_module, dict) and per_module:
+        mean = sum(per_module.values()) / len(per_module)
+        how = f"{est['damping']:.3g}" if est.get("damping") is not None else f"{est.get('damping_factor', 0.1):g} × mean eigenvalue"
+        parts.append(f"damping {how} (λ mean {mean:.3g})")
+    rank = settings.get("rank")
+    parts.append("full rank" if rank is None else f"rank {rank}")
+    if est.get("residual") is not None:
+        parts.append(f"residual {est['residual']:.3g}")
+    return ", ".join(parts)
+
+
 def top(project: Project, result_set_id: int, query_id: int, side: str = "top", k: int = 20, offset: int = 0) -> list[dict]:
     """The stored top (most positive) or bottom (most negative) sequences of one query."""
     if side not in ("top", "bottom"):

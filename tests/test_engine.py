@@ -156,3 +156,15 @@ def test_empirical_fisher_is_deterministic_and_a_separate_factor_set(project):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.allclose(a[k], c[k]) for k in a if k.startswith("lambda/"))
     assert make_estimator(project, "ekfac:fisher=empirical").factor_settings() == {"fisher": "empirical"}
+
+
+def test_result_sets_say_which_damping_they_used(project):
+    from inflq.results import estimator_summary, result_set
+
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    run_investigation(project, "default", RunSettings(estimator="ekfac:damping=0.5", rank=4))
+    line = estimator_summary(result_set(project, "default"))
+    assert "damping 0.5 (λ mean 0.5)" in line and "rank 4" in line
+    run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None))
+    line = estimator_summary(result_set(project, "default"))
+    assert "damping 0.1 × mean eigenvalue" in line and "full rank" in line

@@ -678,7 +678,15 @@ class ResultsPane(Pane):
         status.update(
             f"{where} · result set {app.result_set_id} · query {app.query_id} · rows {self.page_offset + 1}-{self.page_offset + len(self.page_rows)}"
             + (f" matching {search!r}" if search else "") + " · enter opens a row"
+            + f"\n{self._estimator_line(app.result_set_id)}"
         )
+
+    def _estimator_line(self, result_set_id: int) -> str:
+        """The damping used (and an iterative estimator's residual), as every result must show."""
+        from inflq.results import estimator_summary
+
+        row = next(self.project.db["result_sets"].rows_where("id = ?", [result_set_id]), None)
+        return f"{row['estimator']}: {estimator_summary(row)}" if row else ""
 
     def _available_width(self) -> int:
         """Columns the table can show without scrolling sideways (its vertical scrollbar taken off)."""
