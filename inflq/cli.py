@@ -370,6 +370,7 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
     """Print the most influential training sequences of each query."""
     from rich.table import Table
 
+    from .results import estimator_summary
     from .results import result_set as get_rs
     from .results import top as get_top
 
@@ -383,7 +384,8 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
         if as_json:
             out.append({"query": q, "results": rows})
             continue
-        title = f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; positive = makes the completion more likely)"
+        title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
+                 "positive = makes the completion more likely)")
         t = Table("rank", "score", "sequence", "text", title=title, title_justify="left")
         for r in rows:
             t.add_row(str(r["rank"]), f"{r['score']:+.4g}", r["seq_id"], r["text"][:100])
