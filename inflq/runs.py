@@ -428,12 +428,13 @@ def _checkpoint_scorers(project: Project, estimator: Estimator, queries: list[di
     out = []
     for path, weight in ckpts:
         c_engine = checkpoint_engine(project, path, settings.modules)
-        pre = estimator.precondition(query_gradients(project, c_engine, queries, settings.batch_size))
-        pre = {n: v * float(weight) for n, v in pre.items()}
-        for name, q in pre.items():
-            if not torch.isfinite(q).all():
-                raise InflqError(f"the query gradient of {name} at checkpoint {path} is not finite; check the checkpoint")
-        out.append((c_engine, QueryGradients.from_preconditioned(pre, settings.rank), str(Path(path).resolve())))
+        # Preconditioning is linear, so weighting the gradients weights the preconditioned ones.
+        grads = {n: v * float(weight) for n, v in query_gradients(project, c_engine, queries, settings.batch_size).items()}
+        try:
+            qg = preconditioned_queries(estimator, grads, settings.rank)
+        except InflqError as exc:
+            raise InflqError(f"checkpoint {path}: {exc}") from None
+        out.append((c_engine, qg, str(Path(path).resolve())))
     return out
 
 
