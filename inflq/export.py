@@ -104,7 +104,8 @@ def _md_cell(text: str, n: int = 80) -> str:
 
 def export_markdown(project: Project, investigation: str, result_set_id: int | None, path: Path | str, k: int = 10) -> Path:
     """A report: settings, per query the top and bottom ``k`` sequences, the tail plot and fit."""
-    from .stats import powerlaw_tail, query_scores
+    from .results import query_scores
+    from .stats import powerlaw_tail
 
     path = _target(path)
     rs, rows = _rows(project, investigation, result_set_id)

@@ -88,10 +88,7 @@ def score_matrix(project: Project, investigation: str, result_set_id: int | None
     rs = result_set(project, investigation, result_set_id)
     queries = project.queries(investigation)
     idx, sc = scores(project, rs)
-    run_queries = [r["query_id"] for r in project.db.query(
-        "SELECT DISTINCT query_id FROM results WHERE result_set_id = ?", [rs["id"]])]
-    settings = json.loads(rs["settings"])
-    order = settings.get("query_ids") or sorted(run_queries)
+    order = json.loads(rs["settings"])["query_ids"]
     n = len(project.corpus)
     out = np.full((len(queries), n), np.nan, dtype=np.float32)
     row_of = {qid: i for i, qid in enumerate(order)}
@@ -101,15 +98,18 @@ def score_matrix(project: Project, investigation: str, result_set_id: int | None
     return out
 
 
+def query_scores(project: Project, rs: dict, query_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(corpus indices, scores)`` of one query in a result set (NaN where not a candidate)."""
+    ids = json.loads(rs["settings"]).get("query_ids") or []
+    if query_id not in ids:
+        raise InflqError(f"query {query_id} was not part of result set {rs['id']}; run the investigation again")
+    idx, sc = scores(project, rs)
+    return idx, sc[ids.index(query_id)]
+
+
 def distribution(project: Project, investigation: str, query_id: int, result_set_id: int | None = None) -> np.ndarray:
     """All finite scores of one query (for the complementary-CDF plot)."""
-    rs = result_set(project, investigation, result_set_id)
-    settings = json.loads(rs["settings"])
-    ids = settings.get("query_ids")
-    _, sc = scores(project, rs)
-    if query_id not in ids:
-        raise InflqError(f"query {query_id} was not part of result set {rs['id']}")
-    row = sc[ids.index(query_id)]
+    _, row = query_scores(project, result_set(project, investigation, result_set_id), query_id)
     return row[np.isfinite(row)]
 
 

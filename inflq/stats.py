@@ -96,22 +96,9 @@ def compare_scores(idx_a: np.ndarray, sc_a: np.ndarray, idx_b: np.ndarray, sc_b:
     )
 
 
-def query_scores(project, rs: dict, query_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(corpus indices, scores)`` of one query in a result set (NaN where not a candidate)."""
-    import json
-
-    from .results import scores
-
-    ids = json.loads(rs["settings"]).get("query_ids") or []
-    if query_id not in ids:
-        raise InflqError(f"query {query_id} was not part of result set {rs['id']}; run the investigation again")
-    idx, sc = scores(project, rs)
-    return idx, sc[ids.index(query_id)]
-
-
 def compare_result_sets(project, investigation: str, rs_a: int, rs_b: int, query_id: int, k: int = 20) -> Comparison:
     """Compare two result sets of an investigation on one query."""
-    from .results import result_set
+    from .results import query_scores, result_set
 
     a, b = result_set(project, investigation, rs_a), result_set(project, investigation, rs_b)
     return compare_scores(*query_scores(project, a, query_id), *query_scores(project, b, query_id), k=k)
