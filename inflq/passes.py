@@ -128,7 +128,7 @@ class ScorePass(Pass):
     def __init__(self, query_gradients: QueryGradients, per_module: bool = False) -> None:
         self.query_gradients = query_gradients
         self.per_module = per_module
-        self._on_device: QueryGradients | None = None
+        self._on_device: tuple[torch.device, QueryGradients] | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -136,9 +136,9 @@ class ScorePass(Pass):
         return state
 
     def process(self, engine, batch, captures):
-        if self._on_device is None or next(iter({**self._on_device.full, **self._on_device.left}.values())).device != engine.device:
-            self._on_device = self.query_gradients.to(engine.device)
-        qg = self._on_device
+        if self._on_device is None or self._on_device[0] != engine.device:
+            self._on_device = (engine.device, self.query_gradients.to(engine.device))
+        qg = self._on_device[1]
         per = [qg.module_scores(name, captures[name]) for name in qg.names]
         out = {"scores": torch.stack(per, dim=-1).sum(-1)}
         if self.per_module:
