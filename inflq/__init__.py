@@ -18,6 +18,7 @@ from .base import (
 from .engine import Batch, Captured, GradientEngine, TrackedModule, make_batch, select_modules
 from .errors import Cancelled, InflqError, NumericalError
 from .hookspecs import hookimpl
+from .linalg import gram
 from .options import Option
 from .passes import Pass, ScorePass, SelfInfluencePass, Shard, run_shard
 from .progress import Monitor, ProgressEvent
@@ -44,5 +45,5 @@ __all__ = [
     "Attribution", "AttributionContext", "AttributionResult", "Batch", "Cancelled", "Captured", "Estimator",
     "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
     "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass",
-    "Shard", "TrackedModule", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
+    "Shard", "TrackedModule", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from inflq import Estimator, FitContext, Option, Pass, QueryGradients, hookimpl
+from inflq import Estimator, FitContext, Option, Pass, QueryGradients, gram, hookimpl
 
 
 @hookimpl
@@ -33,7 +33,9 @@ class GradientDotProduct(Estimator):
 
 
 class CovariancePass(Pass):
-    """Sums ``ā āᵀ`` and ``g gᵀ`` over tokens (padding contributes zeros)."""
+    """Sums ``ā āᵀ`` and ``g gᵀ`` over tokens (padding contributes zeros). ``A/<module>`` and
+    ``S/<module>`` hold the sums in their upper triangles (see :func:`inflq.gram`); read them with
+    :func:`symmetric`."""
 
     phase = "covariance"
     labels = "sampled"
@@ -50,9 +52,14 @@ class CovariancePass(Pass):
         for name, cap in captures.items():
             a = cap.activations.reshape(-1, cap.activations.shape[-1])
             g = cap.gradients.reshape(-1, cap.gradients.shape[-1])
-            out[f"A/{name}"] = (a.T @ a).to(torch.float64)
-            out[f"S/{name}"] = (g.T @ g).to(torch.float64)
+            out[f"A/{name}"] = gram(a, symmetric=False).to(torch.float64)
+            out[f"S/{name}"] = gram(g, symmetric=False).to(torch.float64)
         return out
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is ``upper``'s."""
+    return torch.triu(upper) + torch.triu(upper, 1).T
 
 
 def rotate_first_is_cheaper(tokens: int, out: int, inn: int) -> bool:
@@ -162,8 +169,8 @@ class _Eigenbasis(_FisherEstimator):
         for tm in ctx.tracked:
             a = cov[f"A/{tm.name}"] / tokens
             s = cov[f"S/{tm.name}"] / tokens
-            la[tm.name], qa[tm.name] = torch.linalg.eigh(a.cpu())
-            ls[tm.name], qs[tm.name] = torch.linalg.eigh(s.cpu())
+            la[tm.name], qa[tm.name] = torch.linalg.eigh(a.cpu(), UPLO="U")
+            ls[tm.name], qs[tm.name] = torch.linalg.eigh(s.cpu(), UPLO="U")
             ctx.monitor.advance(1)
         return qa, qs, la, ls, {"tokens": tokens, "sequences": seqs}
 

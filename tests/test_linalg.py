@@ -1,0 +1,32 @@
+"""inflq.gram: the symmetric rank-k update used for covariance sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inflq import gram
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(300, 40), (7, 129), (1, 3)])
+def test_gram_equals_matmul(dtype, shape):
+    x = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    want = x.T @ x
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    got = gram(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
+    upper = gram(x, symmetric=False)
+    torch.testing.assert_close(torch.triu(upper), torch.triu(want), rtol=tol, atol=tol * float(want.abs().max()))
+
+
+def test_gram_of_a_non_contiguous_view_and_no_rows():
+    x = torch.randn(50, 20)
+    torch.testing.assert_close(gram(x.T), x @ x.T, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gram(torch.zeros(0, 4)), torch.zeros(4, 4))
+
+
+def test_gram_falls_back_to_matmul_for_other_dtypes():
+    x = torch.randn(30, 8).to(torch.bfloat16)
+    assert torch.equal(gram(x), x.T @ x)
