@@ -285,7 +285,12 @@ class GradientEngine:
             if total.requires_grad:
                 total.backward()
         captured: dict[str, Captured] = {}
-        valid = batch.attention_mask.to(torch.float32)[..., None]
+        # Right padding in a causal LM: padded positions carry no loss and influence no real
+        # position, so their output gradients are exactly zero; their activations are zeroed so that
+        # padding counts nowhere. Batches without padding (most, once sorted by length) skip the copy.
+        padded = not bool(batch.attention_mask.all())
+        valid = batch.attention_mask.to(torch.float32)[..., None] if padded else None
+        checks = []
         for tm in self.tracked:
             a, g = store[tm.name]
             if a is None:
@@ -293,15 +298,20 @@ class GradientEngine:
             a = a.to(torch.float32)
             if tm.bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            a = a * valid  # padding counts nowhere
             if g is None:
                 g = torch.zeros(a.shape[:-1] + (tm.out_features,), device=a.device)
-            g = g.to(torch.float32) * valid
-            if not torch.isfinite(g).all():
-                raise NumericalError(
-                    f"non-finite gradients in {tm.name} (overflow in low precision?): run with --dtype float32 or bfloat16"
-                )
+            g = g.to(torch.float32)
+            if padded:
+                a = a * valid
+                g = g * valid
+            checks.append(g.sum())  # one pass, no boolean copy; inf or NaN anywhere makes it non-finite
             captured[tm.name] = Captured(a, g)
+        finite = torch.isfinite(torch.stack(checks)).tolist() if checks else []
+        if not all(finite):
+            name = self.tracked[finite.index(False)].name
+            raise NumericalError(
+                f"non-finite gradients in {name} (overflow in low precision?): run with --dtype float32 or bfloat16"
+            )
         return captured, seq_loss.detach()
 
     def sequence_gradients(self, batch: Batch, labels: str = "data") -> dict[str, torch.Tensor]:
