@@ -168,3 +168,18 @@ def test_result_sets_say_which_damping_they_used(project):
     run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None))
     line = estimator_summary(result_set(project, "default"))
     assert "damping 0.1 × mean eigenvalue" in line and "full rank" in line
+
+
+def test_non_finite_gradient_with_a_finite_loss_names_the_module(project):
+    """An overflow in the backward pass only (the loss is finite) is caught per module."""
+    from inflq.engine import make_batch
+
+    engine = project.engine()
+    block = project.model.transformer.h[1]
+    handle = block.register_full_backward_pre_hook(lambda mod, grad_out: tuple(g * float("inf") for g in grad_out))
+    try:
+        batch = make_batch([project.corpus.get(0), project.corpus.get(1)], project.pad_id)
+        with pytest.raises(NumericalError, match=r"non-finite gradients in transformer\.h\.[01]\."):
+            engine.capture(batch, "data")
+    finally:
+        handle.remove()
