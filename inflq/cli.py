@@ -304,6 +304,8 @@ def _heat_text(tokens, values):
 @click.option("--address", help="Ray cluster address for --executor ray: auto, local or HOST:PORT (the same as ray:address=...).")
 @click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
 @click.option("--rank", default="32", show_default=True, help="Rank of the preconditioned query gradients, or 'full'.")
+@click.option("--full-rank-memory", "full_rank_mb", type=click.IntRange(min=0), default=1024, show_default=True,
+              help="MiB of query gradients kept at full rank where scoring is cheaper (and exact) that way; 0: always --rank.")
 @click.option("--top-k", default=20, show_default=True, help="Top and bottom sequences stored per query.")
 @click.option("--fit-sequences", type=int, help="Fit factors on a seeded sample of this many sequences (default: all).")
 @click.option("--seed", type=int, help="Seed for sampled labels and samples (default: the project's).")
@@ -313,7 +315,7 @@ def _heat_text(tokens, values):
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
 @click.option("--resume", "resume", type=int, help="Continue a cancelled or failed run by id.")
-def run(project, investigation, estimator, filter_, executor, address, modules, rank, top_k, fit_sequences, seed, batch_size, shard_size, device, dtype, refit, resume):
+def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, shard_size, device, dtype, refit, resume):
     """Fit what is needed and score the investigation's queries."""
     from .runs import RunSettings, run_investigation
 
@@ -331,7 +333,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
         if not executor.startswith("ray"):
             raise InflqError("--address is for --executor ray; drop it or use --executor ray")
         executor += ("," if ":" in executor else ":") + f"address={address}"
-    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
     with _progress() as monitor:
         try:
             result = run_investigation(p, investigation, settings, monitor, resume=resume, executor=executor if resume else None)

@@ -46,7 +46,14 @@ class Pass:
     seed: int = 0
 
     def process(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured]) -> dict[str, torch.Tensor]:
+        """Results for this batch, or (passes that group work across batches) ``{}`` and later
+        results from :meth:`flush`; concatenated results must come out in batch order."""
         raise NotImplementedError
+
+    def flush(self, discard: bool = False) -> dict[str, torch.Tensor]:
+        """Results held back by :meth:`process` (called at the end of every shard); ``discard``
+        drops them (called at the start of a shard, after a failure elsewhere)."""
+        return {}
 
 
 def combine_results(kind: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -84,6 +91,7 @@ def run_shard(
     that does not fit in device memory is halved and retried, down to one sequence.
     """
     parts: list[dict[str, torch.Tensor]] = []
+    pass_.flush(discard=True)
     all_tokens = sequences(shard.indices)
     order = np.argsort(np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens)), kind="stable")
     pos = 0
@@ -103,10 +111,14 @@ def run_shard(
             if engine.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        parts.append({k: v.detach().to("cpu") for k, v in result.items()})
+        if result:
+            parts.append({k: v.detach().to("cpu") for k, v in result.items()})
         pos += len(chunk)
         if monitor is not None:
             monitor.advance(len(chunk))
+    tail = pass_.flush()
+    if tail:
+        parts.append({k: v.detach().to("cpu") for k, v in tail.items()})
     out = combine_results(pass_.combine, parts)
     if pass_.combine == "concat" and out:
         inverse = torch.from_numpy(np.argsort(order, kind="stable"))
@@ -119,30 +131,76 @@ class ScorePass(Pass):
 
     Produces ``scores [B, nq]`` and, when ``per_module``, ``module_scores [B, nq, M]`` in
     ``query_gradients.names`` order.
+
+    Where a module is contracted through the sequence gradients ``DW`` (see
+    :meth:`QueryGradients.contraction`), the dot products with the queries are deferred and run
+    for up to ``group_bytes`` of ``DW`` at once: one matrix product reads the queries' full-rank
+    gradients once per group instead of once per batch, which on short sequences is most of the
+    cost (the batch size bounds activation memory; the group bounds this buffer).
     """
 
     phase = "scoring"
     labels = "data"
     combine = "concat"
 
-    def __init__(self, query_gradients: QueryGradients, per_module: bool = False) -> None:
+    def __init__(self, query_gradients: QueryGradients, per_module: bool = False, group_bytes: int = 256 << 20) -> None:
         self.query_gradients = query_gradients
         self.per_module = per_module
+        self.group_bytes = int(group_bytes)
         self._on_device: tuple[torch.device, QueryGradients] | None = None
+        self._pending: list[tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]] = []
+        self._pending_bytes = 0
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_on_device"] = None
+        state["_pending"] = []
+        state["_pending_bytes"] = 0
         return state
 
+    def _queries(self, device: torch.device) -> QueryGradients:
+        if self._on_device is None or self._on_device[0] != device:
+            self._on_device = (device, self.query_gradients.to(device))
+        return self._on_device[1]
+
     def process(self, engine, batch, captures):
-        if self._on_device is None or self._on_device[0] != engine.device:
-            self._on_device = (engine.device, self.query_gradients.to(engine.device))
+        qg = self._queries(engine.device)
+        per: list[torch.Tensor | None] = []
+        dws: dict[str, torch.Tensor] = {}
+        for name in qg.names:
+            cap = captures[name]
+            B, T, _ = cap.activations.shape
+            if qg.contraction(name, B, T) == "dw":
+                dws[name] = qg.sequence_gradients(cap)
+                per.append(None)
+            else:
+                per.append(qg.lowrank_scores(name, cap))
+        size = sum(d.numel() * d.element_size() for d in dws.values())
+        out = self.flush() if self._pending and self._pending_bytes + size > self.group_bytes else {}
+        self._pending.append((per, dws))
+        self._pending_bytes += size
+        if self._pending_bytes >= self.group_bytes:
+            later = self.flush()
+            out = combine_results("concat", [p for p in (out, later) if p])
+        return out
+
+    def flush(self, discard=False):
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        if discard or not pending:
+            return {}
         qg = self._on_device[1]
-        per = [qg.module_scores(name, captures[name]) for name in qg.names]
-        out = {"scores": torch.stack(per, dim=-1).sum(-1)}
+        for m, name in enumerate(qg.names):
+            # A module's contraction depends on each batch's length: dot those that chose "dw".
+            waiting = [(per, d[name]) for per, d in pending if per[m] is None]
+            if not waiting:
+                continue
+            dw = waiting[0][1] if len(waiting) == 1 else torch.cat([d for _, d in waiting])
+            for (per, _), part in zip(waiting, qg.dot(name, dw).split([d.shape[0] for _, d in waiting]), strict=True):
+                per[m] = part
+        scores = [torch.stack(per, dim=-1) for per, _ in pending]
+        out = {"scores": torch.cat([x.sum(-1) for x in scores])}
         if self.per_module:
-            out["module_scores"] = torch.stack(per, dim=-1)
+            out["module_scores"] = torch.cat(scores)
         return out
 
 

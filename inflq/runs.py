@@ -23,7 +23,7 @@ from .options import parse_spec, parse_specs
 from .passes import Pass, ScorePass, Shard, combine_results, make_shards, run_shard
 from .progress import Monitor
 from .project import ARTIFACTS, Project
-from .scoring import QueryGradients
+from .scoring import Compression, QueryGradients
 
 
 @dataclass
@@ -35,6 +35,9 @@ class RunSettings:
     executor: str = "local"
     modules: str | None = None
     rank: int | None = 32
+    # Keep a module's query gradients at full rank where scoring is cheaper that way (see
+    # inflq.scoring.Compression), up to this many MiB in all; 0 = always rank ``rank``.
+    full_rank_mb: int = 1024
     top_k: int = 20
     fit_sequences: int | None = None
     seed: int = 0
@@ -246,7 +249,14 @@ def query_gradients(project: Project, engine: GradientEngine, queries: list[dict
     return {n: torch.cat([p[n] for p in parts]) for n in engine.names}
 
 
-def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
+def query_compression(settings: RunSettings, lengths: np.ndarray) -> Compression:
+    """The run's query compression: rank ``settings.rank``, full rank where scoring sequences of
+    these ``lengths`` is cheaper that way, within ``settings.full_rank_mb``."""
+    tokens = float(np.mean(lengths)) if len(lengths) and settings.full_rank_mb > 0 else None
+    return Compression(settings.rank, tokens, int(settings.full_rank_mb) << 20)
+
+
+def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor], rank: int | None | Compression) -> QueryGradients:
     qg = estimator.precondition_queries(grads, rank)
     for key, q in qg.tensors().items():
         if not torch.isfinite(q).all():
@@ -300,7 +310,8 @@ def run_investigation(
             raise InflqError(f"no run {resume} to resume; see `inflq runs`")
         if row["status"] == "done":
             raise InflqError(f"run {resume} is already complete")
-        settings = RunSettings(**json.loads(row["settings"]))
+        # Runs recorded before full_rank_mb existed compressed every module: resume them that way.
+        settings = RunSettings(**{"full_rank_mb": 0, **json.loads(row["settings"])})
         investigation = project.investigation(row["investigation_id"])["name"]
         run_id = resume
     else:
@@ -360,10 +371,11 @@ def run_investigation(
         monitor.start("query gradients", len(queries))
         # Estimators over training checkpoints (TracIn) score with each checkpoint's model and sum
         # the weighted scores; the others use the project's model once.
-        scorers = _checkpoint_scorers(project, estimator, queries, settings)
+        compression = query_compression(settings, store.lengths()[cand])
+        scorers = _checkpoint_scorers(project, estimator, queries, settings, compression)
         if scorers is None:
             grads = query_gradients(project, engine, queries, settings.batch_size)
-            qg = preconditioned_queries(estimator, grads, settings.rank)
+            qg = preconditioned_queries(estimator, grads, compression)
             scorers = [(engine, qg, None)]
         engine, qg = scorers[-1][0], scorers[-1][1]
         monitor.advance(len(queries))
@@ -419,7 +431,9 @@ def run_investigation(
         executor.close()
 
 
-def _checkpoint_scorers(project: Project, estimator: Estimator, queries: list[dict], settings: RunSettings) -> list[tuple[GradientEngine, QueryGradients, str]] | None:
+def _checkpoint_scorers(
+    project: Project, estimator: Estimator, queries: list[dict], settings: RunSettings, compression: Compression
+) -> list[tuple[GradientEngine, QueryGradients, str]] | None:
     """For an estimator with checkpoints: per checkpoint, its engine and its query gradients,
     preconditioned and multiplied by the checkpoint's weight. ``None`` for the others."""
     ckpts = estimator.checkpoints(project)
@@ -431,7 +445,7 @@ def _checkpoint_scorers(project: Project, estimator: Estimator, queries: list[di
         # Preconditioning is linear, so weighting the gradients weights the preconditioned ones.
         grads = {n: v * float(weight) for n, v in query_gradients(project, c_engine, queries, settings.batch_size).items()}
         try:
-            qg = preconditioned_queries(estimator, grads, settings.rank)
+            qg = preconditioned_queries(estimator, grads, compression)
         except InflqError as exc:
             raise InflqError(f"checkpoint {path}: {exc}") from None
         out.append((c_engine, qg, str(Path(path).resolve())))

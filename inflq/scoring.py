@@ -37,6 +37,51 @@ def compresses(rank: int | None, out: int, inn: int) -> bool:
     return rank is not None and rank < min(out, inn) and rank * (out + inn) < out * inn
 
 
+@dataclass(frozen=True)
+class Compression:
+    """How a batch of preconditioned query gradients is held: the paper's rank-``rank`` query
+    batching, or full rank where that is cheaper.
+
+    A module is kept at full rank when a rank-``rank`` factorisation would be no smaller, or when
+    ``tokens`` (the typical length of the sequences to be scored) is known and scoring would
+    contract through each sequence's gradient anyway (:meth:`QueryGradients.contraction` picks
+    ``"dw"`` at that length): then the factors would only be multiplied back out, and full rank is
+    both cheaper and exact. Full-rank modules are capped at ``full_rank_bytes`` in all (they are held
+    in memory while scoring and saved with the run); modules beyond the cap are factorised.
+    ``tokens=None`` compresses every module the factorisation makes smaller.
+    """
+
+    rank: int | None = 32
+    tokens: float | None = None
+    full_rank_bytes: int = 1 << 30
+
+    @classmethod
+    def of(cls, rank: int | None | Compression) -> Compression:
+        return rank if isinstance(rank, Compression) else cls(rank=rank)
+
+    def plan(self, shapes: dict[str, tuple[int, int, int]]) -> set[str]:
+        """The modules (``name -> (nq, out, in)``) to keep at full rank."""
+        full: set[str] = set()
+        budget = self.full_rank_bytes
+        for name, (nq, out, inn) in shapes.items():
+            if not compresses(self.rank, out, inn):
+                full.add(name)
+                continue
+            if self.tokens is None:
+                continue
+            T = max(1.0, float(self.tokens))
+            if dw_is_cheaper(T, nq, out, inn, self.rank) and nq * out * inn * 4 <= budget:
+                full.add(name)
+                budget -= nq * out * inn * 4
+        return full
+
+
+def dw_is_cheaper(tokens: float, nq: int, out: int, inn: int, rank: int) -> bool:
+    """Per sequence: forming ``DW`` and one dot per query costs ``out·in·(T + nq)`` multiply-adds;
+    rank-``r`` per-token factors cost ``T·nq·r·(out + in + 1)``."""
+    return out * inn * (tokens + nq) < tokens * nq * rank * (out + inn + 1)
+
+
 @dataclass
 class QueryGradients:
     """Preconditioned gradients of a batch of queries' measurements, one entry per tracked module.
@@ -53,13 +98,16 @@ class QueryGradients:
     _dense_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_preconditioned(cls, grads: dict[str, torch.Tensor], rank: int | None = 32) -> QueryGradients:
-        """Compress ``grads`` (``[nq, out, in_dim]`` per module) to rank ``rank`` (``None``: keep full)."""
+    def from_preconditioned(cls, grads: dict[str, torch.Tensor], rank: int | None | Compression = 32) -> QueryGradients:
+        """Compress ``grads`` (``[nq, out, in_dim]`` per module) to rank ``rank`` (``None``: keep full;
+        a :class:`Compression`: full rank where that is cheaper)."""
+        policy = Compression.of(rank)
+        rank = policy.rank
+        full = policy.plan({n: tuple(q.shape) for n, q in grads.items()})
         qg = cls(rank=rank)
         for name, q in grads.items():
             q = q.to(torch.float32)
-            nq, out, inn = q.shape
-            if not compresses(rank, out, inn):
+            if name in full:
                 qg.full[name] = q.contiguous()
                 continue
             left, right = _truncated_svd(q.to(torch.float64), rank)
@@ -73,19 +121,21 @@ class QueryGradients:
         rotated: dict[str, torch.Tensor],
         qs: dict[str, torch.Tensor],
         qa: dict[str, torch.Tensor],
-        rank: int | None = 32,
+        rank: int | None | Compression = 32,
     ) -> QueryGradients:
         """Build from preconditioned gradients still in a Kronecker eigenbasis, ``Q = Q_S R Q_Aᵀ``.
 
         Because ``Q_S`` and ``Q_A`` are orthogonal, the rank-``r`` SVD of ``Q`` is that of ``R`` with
         its factors rotated back (``Q_S U``, ``Q_A V``): only ``r`` columns are rotated instead of the
         full matrix, which halves the cost of preconditioning a batch of queries."""
+        policy = Compression.of(rank)
+        rank = policy.rank
+        full = policy.plan({n: tuple(r.shape) for n, r in rotated.items()})
         qg = cls(rank=rank)
         for name, r in rotated.items():
             s_basis = qs[name].to(r.device, torch.float32)
             a_basis = qa[name].to(r.device, torch.float32)
-            nq, out, inn = r.shape
-            if not compresses(rank, out, inn):
+            if name in full:
                 qg.full[name] = (s_basis @ r.to(torch.float32) @ a_basis.T).contiguous()
                 continue
             left, right = _truncated_svd(r.to(torch.float64), rank)
@@ -138,25 +188,33 @@ class QueryGradients:
     # -- contractions -------------------------------------------------------------------------
     def contraction(self, name: str, batch: int, tokens: int) -> str:
         """``"dw"`` (form each sequence's gradient, then dot) or ``"lowrank"`` (per-token factors)."""
-        nq = self.num_queries
         if name in self.full:
             return "dw"
         out, r = self.left[name].shape[1:]
         inn = self.right[name].shape[1]
-        cost_dw = batch * out * inn * (tokens + nq)
-        cost_lr = batch * tokens * nq * r * (out + inn + 1)
-        return "dw" if cost_dw < cost_lr else "lowrank"
+        return "dw" if dw_is_cheaper(tokens, self.num_queries, out, inn, r) else "lowrank"
+
+    @staticmethod
+    def sequence_gradients(cap: Captured) -> torch.Tensor:
+        """``DW[b] = Σ_t g_t ā_tᵀ`` flattened: ``[B, out · in_dim]``."""
+        return torch.bmm(cap.gradients.transpose(1, 2), cap.activations).reshape(cap.gradients.shape[0], -1)
+
+    def dot(self, name: str, dw: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, nq]`` of flattened sequence gradients ``dw [B, out · in_dim]``."""
+        return dw @ self.dense(name).reshape(self.num_queries, -1).T
+
+    def lowrank_scores(self, name: str, cap: Captured) -> torch.Tensor:
+        """Scores ``[B, nq]`` through rank-r per-token factors ``(Uᵀ g_t)·(Vᵀ ā_t)``."""
+        gu = torch.einsum("bto,qor->btqr", cap.gradients, self.left[name])
+        av = torch.einsum("bti,qir->btqr", cap.activations, self.right[name])
+        return (gu * av).sum(dim=(1, 3))
 
     def module_scores(self, name: str, cap: Captured) -> torch.Tensor:
         """Scores ``[B, nq]`` of the captured sequences from one module."""
-        A, G = cap.activations, cap.gradients
-        B, T, _ = A.shape
+        B, T, _ = cap.activations.shape
         if self.contraction(name, B, T) == "dw":
-            dw = torch.einsum("bto,bti->boi", G, A).reshape(B, -1)
-            return dw @ self.dense(name).reshape(self.num_queries, -1).T
-        gu = torch.einsum("bto,qor->btqr", G, self.left[name])
-        av = torch.einsum("bti,qir->btqr", A, self.right[name])
-        return (gu * av).sum(dim=(1, 3))
+            return self.dot(name, self.sequence_gradients(cap))
+        return self.lowrank_scores(name, cap)
 
     def token_scores(self, name: str, cap: Captured) -> torch.Tensor:
         """Per-token contributions ``[B, T, nq]`` from one module; they sum to :meth:`module_scores`."""

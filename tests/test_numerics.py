@@ -435,6 +435,33 @@ def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
     assert rel_err(found["dw"], S) < 1e-5
     assert rel_err(found["lowrank"], S) < 1e-5
 
+    # Deferred dot products: whatever the group size, and with the contraction changing from batch
+    # to batch (by length), the scores and per-module scores come out the same and in order.
+    monkeypatch.setattr(QueryGradients, "contraction", lambda self, name, b, t: "dw" if t % 2 or name in self.full else "lowrank")
+    every = Shard(0, np.arange(len(gpt2.corpus)))
+    grouped = {g: worker.run(ScorePass(session.qg, per_module=True, group_bytes=g), every, 3, None) for g in (0, 50_000, 1 << 30)}
+    for g, out in grouped.items():
+        assert rel_err(out["scores"].T.numpy(), S) < 1e-5, g
+        torch.testing.assert_close(out["module_scores"], grouped[0]["module_scores"], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_compression_keeps_full_rank_where_scoring_would_multiply_the_factors_back_out():
+    from inflq.scoring import Compression, dw_is_cheaper
+
+    shapes = {"wide": (64, 512, 129), "narrow": (1, 512, 129), "tiny": (64, 16, 17)}
+    # Unknown sequence length: compress whatever a rank-32 factorisation makes smaller.
+    assert Compression(32).plan(shapes) == {"tiny"}
+    # 20-token sequences, 64 queries: forming DW and dotting is cheaper, so 64 queries stay full;
+    # one query is cheaper per token at rank 32.
+    assert dw_is_cheaper(20, 64, 512, 129, 32) and not dw_is_cheaper(20, 1, 512, 129, 32)
+    assert Compression(32, tokens=20).plan(shapes) == {"tiny", "wide"}
+    # ... unless the full-rank queries would exceed the memory cap.
+    assert Compression(32, tokens=20, full_rank_bytes=64 * 512 * 129 * 4 - 1).plan(shapes) == {"tiny"}
+    pre = {n: torch.randn(*shape) for n, shape in shapes.items()}
+    qg = QueryGradients.from_preconditioned(pre, Compression(32, tokens=20))
+    assert set(qg.full) == {"tiny", "wide"} and set(qg.left) == {"narrow"}
+    assert torch.equal(qg.full["wide"], pre["wide"])
+
 
 # -- 7. low-rank query batching ---------------------------------------------------------------------
 DEMO = ROOT / "projects" / "demo"
