@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+FULL_RANK_MB = 1024  # set by --full-rank-mb
 FISHER = "true"  # set by --fisher: "true" (sampled labels) or "empirical" (the data's labels, no sampling noise)
 DEMO = REPO / "projects" / "demo"
 
@@ -182,8 +183,10 @@ class InflqBench:
         from inflq.progress import Monitor
         from inflq.runs import (
             LocalWorker,
+            RunSettings,
             make_estimator,
             preconditioned_queries,
+            query_compression,
             query_gradients,
             worker_spec,
         )
@@ -193,7 +196,9 @@ class InflqBench:
         parts: dict[int, torch.Tensor] = {}
         started = time.perf_counter()
         grads = query_gradients(self.project, self.engine, self.queries[:nq], self.batch_size)
-        qg = preconditioned_queries(est, grads, rank)
+        # As run_investigation does: rank ``rank``, full rank where scoring is cheaper that way.
+        policy = query_compression(RunSettings(rank=rank, full_rank_mb=FULL_RANK_MB), self.store.lengths()[self.indices])
+        qg = preconditioned_queries(est, grads, policy)
         job = Job(ScorePass(qg), worker_spec(self.project, None), self.batch_size, local=LocalWorker(self.project, self.engine))
         self.executor.map(job, make_shards(self.indices, 512), lambda sh, out: parts.__setitem__(sh.index, out["scores"]), Monitor())
         seconds = time.perf_counter() - started
@@ -395,12 +400,16 @@ def main() -> None:
     ap.add_argument("--fisher", choices=["true", "empirical"], default="true",
                     help="both tools' Fisher: true (sampled labels) or empirical (data labels: deterministic, so the "
                          "correlation measures implementation agreement without sampling noise)")
+    ap.add_argument("--full-rank-mb", type=int, default=1024,
+                    help="inflq's --full-rank-memory: MiB of query gradients kept at full rank where scoring is cheaper "
+                         "that way (0: rank --rank everywhere, as Kronfluence does)")
     ap.add_argument("--noise-check", action="store_true", help="also correlate inflq with itself at another seed")
     ap.add_argument("--only", choices=["demo", "random", "memory"], default=None)
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global FISHER
+    global FISHER, FULL_RANK_MB
     FISHER = args.fisher
+    FULL_RANK_MB = args.full_rank_mb
 
     import torch
 

@@ -15,7 +15,15 @@ from .base import (
     FitContext,
     Job,
 )
-from .engine import Batch, Captured, GradientEngine, TrackedModule, make_batch, select_modules
+from .engine import (
+    Batch,
+    Captured,
+    GradientEngine,
+    SequenceGradients,
+    TrackedModule,
+    make_batch,
+    select_modules,
+)
 from .errors import Cancelled, InflqError, NumericalError
 from .hookspecs import hookimpl
 from .linalg import gram
@@ -44,6 +52,6 @@ def init_project(path, model, corpus, **kwargs):
 __all__ = [
     "Attribution", "AttributionContext", "AttributionResult", "Batch", "Cancelled", "Captured", "Estimator",
     "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
-    "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass",
+    "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass", "SequenceGradients",
     "Shard", "TrackedModule", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
 ]

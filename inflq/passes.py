@@ -148,36 +148,61 @@ class ScorePass(Pass):
         self.per_module = per_module
         self.group_bytes = int(group_bytes)
         self._on_device: tuple[torch.device, QueryGradients] | None = None
-        self._pending: list[tuple[list[torch.Tensor | None], dict[str, torch.Tensor]]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        # Batches whose scores are not all computed yet: per module, scores or None (waiting in
+        # the module's buffer of sequence gradients, filled up to _rows[name]).
+        self._pending: list[list[torch.Tensor | None]] = []
+        self._sizes: list[int] = []
+        self._rows: dict[str, int] = {}
         self._pending_bytes = 0
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_on_device"] = None
-        state["_pending"] = []
-        state["_pending_bytes"] = 0
+        state.update(_on_device=None, _pending=[], _sizes=[], _rows={}, _pending_bytes=0, _buffers={})
         return state
 
     def _queries(self, device: torch.device) -> QueryGradients:
         if self._on_device is None or self._on_device[0] != device:
             self._on_device = (device, self.query_gradients.to(device))
+            self._buffers: dict[str, torch.Tensor] = {}
         return self._on_device[1]
+
+    def _buffer(self, name: str, rows: int, width: int, group_rows: int, device: torch.device) -> torch.Tensor:
+        """The module's buffer of flattened sequence gradients, with room for ``rows`` rows."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < rows:
+            grown = torch.empty((max(rows, group_rows), width), dtype=torch.float32, device=device)
+            if buf is not None and self._rows.get(name, 0):
+                grown[: self._rows[name]] = buf[: self._rows[name]]
+            self._buffers[name] = buf = grown
+        return buf
 
     def process(self, engine, batch, captures):
         qg = self._queries(engine.device)
+        B = batch.size
+        ways = {n: qg.contraction(n, B, captures[n].activations.shape[1]) for n in qg.names}
+        dw_names = [n for n in qg.names if ways[n] == "dw"]
+        widths = {n: captures[n].gradients.shape[-1] * captures[n].activations.shape[-1] for n in dw_names}
+        size = 4 * B * sum(widths.values())
+        out = self.flush() if self._pending and self._pending_bytes + size > self.group_bytes else {}
+        group_rows = B * max(1, self.group_bytes // max(1, size))
         per: list[torch.Tensor | None] = []
-        dws: dict[str, torch.Tensor] = {}
         for name in qg.names:
             cap = captures[name]
-            B, T, _ = cap.activations.shape
-            if qg.contraction(name, B, T) == "dw":
-                dws[name] = qg.sequence_gradients(cap)
+            if ways[name] == "dw":
+                # DW[b] = Σ_t g_t ā_tᵀ, written straight into the module's buffer.
+                r = self._rows.get(name, 0)
+                buf = self._buffer(name, r + B, widths[name], group_rows, engine.device)
+                torch.bmm(cap.gradients.transpose(1, 2), cap.activations, out=buf[r : r + B].view(B, *cap.gradients.shape[-1:], -1))
                 per.append(None)
             else:
                 per.append(qg.lowrank_scores(name, cap))
-        size = sum(d.numel() * d.element_size() for d in dws.values())
-        out = self.flush() if self._pending and self._pending_bytes + size > self.group_bytes else {}
-        self._pending.append((per, dws))
+        for name in dw_names:  # only now, so a batch that failed half-way leaves no rows behind
+            self._rows[name] = self._rows.get(name, 0) + B
+        self._pending.append(per)
+        self._sizes.append(B)
         self._pending_bytes += size
         if self._pending_bytes >= self.group_bytes:
             later = self.flush()
@@ -185,22 +210,23 @@ class ScorePass(Pass):
         return out
 
     def flush(self, discard=False):
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        pending, sizes, rows = self._pending, self._sizes, self._rows
+        self._reset()
         if discard or not pending:
             return {}
         qg = self._on_device[1]
         for m, name in enumerate(qg.names):
-            # A module's contraction depends on each batch's length: dot those that chose "dw".
-            waiting = [(per, d[name]) for per, d in pending if per[m] is None]
+            # A module's contraction depends on each batch's length: dot the batches that chose "dw".
+            waiting = [i for i, per in enumerate(pending) if per[m] is None]
             if not waiting:
                 continue
-            dw = waiting[0][1] if len(waiting) == 1 else torch.cat([d for _, d in waiting])
-            for (per, _), part in zip(waiting, qg.dot(name, dw).split([d.shape[0] for _, d in waiting]), strict=True):
-                per[m] = part
-        scores = [torch.stack(per, dim=-1) for per, _ in pending]
-        out = {"scores": torch.cat([x.sum(-1) for x in scores])}
+            scores = qg.dot(name, self._buffers[name][: rows[name]])
+            for i, part in zip(waiting, scores.split([sizes[i] for i in waiting]), strict=True):
+                pending[i][m] = part
+        stacked = [torch.stack(per, dim=-1) for per in pending]
+        out = {"scores": torch.cat([x.sum(-1) for x in stacked])}
         if self.per_module:
-            out["module_scores"] = torch.cat(scores)
+            out["module_scores"] = torch.cat(stacked)
         return out
 
 

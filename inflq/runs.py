@@ -17,7 +17,7 @@ import torch
 from . import catalog
 from .artifacts import load_tensors, save_tensors
 from .base import Estimator, Executor, FilterContext, FitContext, Job
-from .engine import GradientEngine, make_batch
+from .engine import GradientEngine, SequenceGradients, make_batch
 from .errors import Cancelled, InflqError
 from .options import parse_spec, parse_specs
 from .passes import Pass, ScorePass, Shard, combine_results, make_shards, run_shard
@@ -238,15 +238,16 @@ def ensure_factors(
     return fs_id
 
 
-def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int) -> dict[str, torch.Tensor]:
-    """Gradients of each query's measurement loss ``-log p(completion | prompt)``: ``[nq, out, in_dim]``."""
+def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int) -> SequenceGradients:
+    """Gradients of each query's measurement loss ``-log p(completion | prompt)``: ``[nq, out, in_dim]``
+    per module, with their token factors (only completion tokens carry gradient)."""
     toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
     parts = []
     for s in range(0, len(toks), max(1, batch_size)):
         chunk = toks[s : s + batch_size]
         batch = make_batch([t.tokens for t in chunk], project.pad_id, engine.device, loss_from=[t.completion_start for t in chunk])
         parts.append(engine.sequence_gradients(batch, "data"))
-    return {n: torch.cat([p[n] for p in parts]) for n in engine.names}
+    return SequenceGradients.concat(parts)
 
 
 def query_compression(settings: RunSettings, lengths: np.ndarray) -> Compression:

@@ -544,3 +544,13 @@ def test_eigenbasis_query_compression_equals_svd_of_the_preconditioned_gradient(
     for name in slow.names:
         a, b = fast.dense(name), slow.dense(name)
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), name
+    # The token route (rotating the queries' token factors instead of their gradients) is the same.
+    from inflq_builtins.estimators import rotate_first_is_cheaper
+
+    routed = [n for n in grads if rotate_first_is_cheaper(grads.factors[n][0].shape[1], *grads[n].shape[1:])]
+    assert routed, "no module took the token route: widen the model"
+    plain = dict(grads)
+    by_tokens, by_matrix = est.precondition(grads), est.precondition(plain)
+    for name in grads:
+        b = by_matrix[name]
+        assert torch.allclose(by_tokens[name], b, rtol=1e-4, atol=1e-6 * float(b.abs().max())), name

@@ -181,11 +181,17 @@ class _Eigenbasis(_FisherEstimator):
     def _rotated(self, grads):
         """``(Q_Sᵀ V Q_A) ⊘ (Λ + λ)`` per module: the preconditioned gradients in the eigenbasis."""
         out = {}
+        factors = getattr(grads, "factors", None) or {}
         for name, v in grads.items():
             qa = self.factors[f"qa/{name}"].to(v.device, torch.float32)
             qs = self.factors[f"qs/{name}"].to(v.device, torch.float32)
             lam = self.factors[f"lambda/{name}"].to(v.device, torch.float32)
-            out[name] = (qs.T @ v.to(torch.float32) @ qa) / (lam + self.dampings[name])
+            if name in factors and rotate_first_is_cheaper(factors[name][0].shape[1], v.shape[1], v.shape[2]):
+                g, a = factors[name]  # Q_Sᵀ (Gᵀ A) Q_A = (G Q_S)ᵀ (A Q_A): rotate the tokens
+                rot = torch.bmm((g.to(torch.float32) @ qs).transpose(1, 2), a.to(torch.float32) @ qa)
+            else:
+                rot = qs.T @ v.to(torch.float32) @ qa
+            out[name] = rot / (lam + self.dampings[name])
         return out
 
     def precondition(self, grads):
