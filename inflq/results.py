@@ -60,7 +60,13 @@ def estimator_summary(rs: dict) -> str:
         how = f"{est['damping']:.3g}" if est.get("damping") is not None else f"{est.get('damping_factor', 0.1):g} × mean eigenvalue"
         parts.append(f"damping {how} (λ mean {mean:.3g})")
     rank = settings.get("rank")
-    parts.append("full rank" if rank is None else f"rank {rank}")
+    full = settings.get("full_rank_modules")
+    if rank is None or (full is not None and len(full) == len(settings.get("modules") or ())):
+        parts.append("full rank")
+    elif full:
+        parts.append(f"rank {rank} ({len(full)} of {len(settings.get('modules') or ())} modules full rank, where cheaper)")
+    else:
+        parts.append(f"rank {rank}")
     if est.get("residual") is not None:
         parts.append(f"residual {est['residual']:.3g}")
     return ", ".join(parts)

@@ -486,7 +486,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
         rs_id = project.db["result_sets"].insert({
             "run_id": run_id, "investigation_id": inv["id"], "name": f"run {run_id}: {settings.estimator} / {settings.filter}",
             "estimator": settings.estimator, "filter": filt.spec() if hasattr(filt, "spec") else settings.filter,
-            "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "query_ids": [q["id"] for q in queries]}, default=float),
+            "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "full_rank_modules": sorted(qg.full), "query_ids": [q["id"] for q in queries]}, default=float),
             "num_candidates": int(len(cand)), "scores_path": rs_rel, "scores_checksum": rs_sum,
             "queries_path": q_rel, "queries_checksum": q_sum, "created_at": catalog.now(),
         }).last_pk

@@ -162,9 +162,22 @@ def test_result_sets_say_which_damping_they_used(project):
     from inflq.results import estimator_summary, result_set
 
     project.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    run_investigation(project, "default", RunSettings(estimator="ekfac:damping=0.5", rank=4))
+    run_investigation(project, "default", RunSettings(estimator="ekfac:damping=0.5", rank=4, full_rank_mb=0))
     line = estimator_summary(result_set(project, "default"))
-    assert "damping 0.5 (λ mean 0.5)" in line and "rank 4" in line
+    assert "damping 0.5 (λ mean 0.5)" in line and line.endswith("rank 4")
+    # One query: rank-4 factors are cheaper to score with on every module wider than 4.
+    run_investigation(project, "default", RunSettings(estimator="ekfac", rank=4))
+    rs = result_set(project, "default")
+    assert json.loads(rs["settings"])["full_rank_modules"] == []
+    # Many queries: the sequence-gradient contraction wins, so the modules stay at full rank.
+    for i in range(40):
+        project.add_query("default", f"the red cat number {i}", " sat")
+    run_investigation(project, "default", RunSettings(estimator="ekfac", rank=4))
+    settings = json.loads(result_set(project, "default")["settings"])
+    assert settings["full_rank_modules"], "no module kept at full rank for 41 queries"
+    full, modules = settings["full_rank_modules"], settings["modules"]
+    line = estimator_summary(result_set(project, "default"))
+    assert line.endswith("full rank") if set(full) == set(modules) else f"({len(full)} of {len(modules)} modules full rank" in line
     run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None))
     line = estimator_summary(result_set(project, "default"))
     assert "damping 0.1 × mean eigenvalue" in line and "full rank" in line
@@ -183,3 +196,33 @@ def test_non_finite_gradient_with_a_finite_loss_names_the_module(project):
             engine.capture(batch, "data")
     finally:
         handle.remove()
+
+
+def test_sampled_labels_follow_the_models_distribution(project):
+    """The true Fisher's labels are drawn from the model's predictive distribution: over many
+    seeds, label frequencies at a position match softmax(logits) there."""
+    from inflq.engine import make_batch
+
+    engine = project.engine()
+    toks = project.corpus.get(0)[:6]
+    logits = engine.model(input_ids=torch.as_tensor(toks)[None]).logits[0, 2].detach().float()
+    probs = torch.softmax(logits, -1)
+    n = 4000
+    batch = make_batch([toks] * n, project.pad_id, sample_seeds=list(range(n)))
+    big = engine.model(input_ids=batch.input_ids).logits
+    captured = []
+    original = torch.nn.functional.cross_entropy
+
+    def spy(input, target, **kw):
+        captured.append(target.detach().clone())
+        return original(input, target, **kw)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.nn.functional, "cross_entropy", spy):
+        engine.losses(big, batch, "sampled")
+    labels = captured[0].view(n, -1)[:, 2]
+    freq = torch.bincount(labels, minlength=probs.numel()).float() / n
+    top = probs.argsort(descending=True)[:5]
+    assert torch.allclose(freq[top], probs[top], atol=4 * float((probs[top] * (1 - probs[top]) / n).sqrt().max()) + 1e-3)
+    assert float(freq[probs < 1e-6].sum()) == 0.0

@@ -301,7 +301,10 @@ def hand_covariances(project: Project, indices, seed: int = 0) -> tuple[dict, di
         for h in handles:
             h.remove()
         gen = torch.Generator().manual_seed(sequence_seed(seed, "covariance", int(i)))
-        labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=gen)[:, 0]
+        # The engine's sampling rule: inverse CDF with one uniform per position.
+        cdf = torch.softmax(logits.detach(), -1).cumsum(-1)
+        u = torch.rand((cdf.shape[0], 1), generator=gen) * cdf[:, -1:]
+        labels = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)
         torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
         for tm in tracked:
             a, out = seen[tm.name]
