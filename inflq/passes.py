@@ -134,9 +134,10 @@ class ScorePass(Pass):
 
     Where a module is contracted through the sequence gradients ``DW`` (see
     :meth:`QueryGradients.contraction`), the dot products with the queries are deferred and run
-    for up to ``group_bytes`` of ``DW`` at once: one matrix product reads the queries' full-rank
-    gradients once per group instead of once per batch, which on short sequences is most of the
-    cost (the batch size bounds activation memory; the group bounds this buffer).
+    for groups of about four sequences per query (at most ``group_bytes`` of ``DW``) at once: one
+    matrix product reads the queries' full-rank gradients once per group instead of once per batch,
+    which on short sequences was half the cost (the batch size bounds activation memory; the group
+    bounds this buffer).
     """
 
     phase = "scoring"
@@ -157,10 +158,11 @@ class ScorePass(Pass):
         self._sizes: list[int] = []
         self._rows: dict[str, int] = {}
         self._pending_bytes = 0
+        self._ready: list[dict[str, torch.Tensor]] = []  # computed, not yet returned
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_on_device=None, _pending=[], _sizes=[], _rows={}, _pending_bytes=0, _buffers={})
+        state.update(_on_device=None, _pending=[], _sizes=[], _rows={}, _pending_bytes=0, _buffers={}, _ready=[])
         return state
 
     def _queries(self, device: torch.device) -> QueryGradients:
@@ -186,8 +188,12 @@ class ScorePass(Pass):
         dw_names = [n for n in qg.names if ways[n] == "dw"]
         widths = {n: captures[n].gradients.shape[-1] * captures[n].activations.shape[-1] for n in dw_names}
         size = 4 * B * sum(widths.values())
-        out = self.flush() if self._pending and self._pending_bytes + size > self.group_bytes else {}
-        group_rows = B * max(1, self.group_bytes // max(1, size))
+        # Once a group holds a few times as many sequences as there are queries, reading the
+        # queries is a small part of its cost: larger groups would only take memory.
+        target = max(B, 4 * qg.num_queries)
+        if self._pending and (self._pending_bytes + size > self.group_bytes or sum(self._sizes) + B > target):
+            self._ready.append(self._dot_pending())  # kept if this batch fails (out of memory) and is retried
+        group_rows = max(B, min(target, B * max(1, self.group_bytes // max(1, size))))
         per: list[torch.Tensor | None] = []
         for name in qg.names:
             cap = captures[name]
@@ -204,16 +210,23 @@ class ScorePass(Pass):
         self._pending.append(per)
         self._sizes.append(B)
         self._pending_bytes += size
-        if self._pending_bytes >= self.group_bytes:
-            later = self.flush()
-            out = combine_results("concat", [p for p in (out, later) if p])
-        return out
+        if self._pending_bytes >= self.group_bytes or sum(self._sizes) >= target:
+            return self.flush()
+        ready, self._ready = self._ready, []
+        return combine_results("concat", ready)
 
     def flush(self, discard=False):
-        pending, sizes, rows = self._pending, self._sizes, self._rows
-        self._reset()
-        if discard or not pending:
+        if discard:
+            self._reset()
             return {}
+        parts = self._ready + ([self._dot_pending()] if self._pending else [])
+        self._ready = []
+        return combine_results("concat", parts)
+
+    def _dot_pending(self) -> dict[str, torch.Tensor]:
+        """Scores of the pending batches (their dot products run now), in order; empties them.
+        (Modules already dotted keep their scores if a later one fails and this is called again.)"""
+        pending, sizes, rows = self._pending, self._sizes, self._rows
         qg = self._on_device[1]
         for m, name in enumerate(qg.names):
             # A module's contraction depends on each batch's length: dot the batches that chose "dw".
@@ -227,6 +240,8 @@ class ScorePass(Pass):
         out = {"scores": torch.cat([x.sum(-1) for x in stacked])}
         if self.per_module:
             out["module_scores"] = torch.cat(stacked)
+        # Emptied only once computed: a failed product leaves the pending batches as they were.
+        self._pending, self._sizes, self._rows, self._pending_bytes = [], [], {}, 0
         return out
 
 

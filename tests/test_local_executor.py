@@ -44,3 +44,34 @@ def test_one_sequence_that_does_not_fit_is_a_clear_error(project, monkeypatch):
     _fake_oom(monkeypatch, engine, fits=0)
     with pytest.raises(InflqError, match="does not fit"):
         run_shard(engine, project.corpus.many, CovariancePass(), Shard(0, np.arange(4)), project.pad_id, 4)
+
+
+def test_scoring_that_runs_out_of_memory_mid_group_loses_no_sequence(project, monkeypatch):
+    """Deferred dot products: a batch that fails after the pass computed (but had not yet returned)
+    earlier batches' scores is retried smaller, and every sequence's score comes out once, in order."""
+    from inflq import QueryGradients, ScorePass
+    from inflq.runs import query_gradients
+
+    engine = project.engine()
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    project.add_query("default", "a river flows through the old", "town")
+    grads = query_gradients(project, engine, project.queries("default"), 8)
+    qg = QueryGradients.from_preconditioned(dict(grads), None)  # full rank: every module defers
+    shard = Shard(0, np.arange(len(project.corpus)))
+    want = run_shard(engine, project.corpus.many, ScorePass(qg, per_module=True, group_bytes=0), shard, project.pad_id, 3)
+
+    calls = {"n": 0}
+    original = ScorePass._buffer
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:  # fail inside the second batch, after the group before it was dotted
+            raise torch.OutOfMemoryError("fake")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScorePass, "_buffer", flaky)
+    got = run_shard(engine, project.corpus.many, ScorePass(qg, per_module=True), shard, project.pad_id, 6)
+    assert calls["n"] > 20
+    for key in ("scores", "module_scores"):
+        assert got[key].shape == want[key].shape
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6 * float(want[key].abs().max()))

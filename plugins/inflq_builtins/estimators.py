@@ -88,11 +88,10 @@ class EigenCorrectionPass(Pass):
             g, a = cap.gradients, cap.activations
             T = g.shape[1]
             if rotate_first_is_cheaper(T, g.shape[-1], a.shape[-1]):
-                rot = torch.einsum("bto,bti->boi", g @ qs, a @ qa)
+                rot = torch.bmm((g @ qs).transpose(1, 2), a @ qa)
             else:
-                dw = torch.einsum("bto,bti->boi", g, a)
-                rot = qs.T @ dw @ qa
-            out[f"L/{name}"] = (rot * rot).sum(0).to(torch.float64).cpu()
+                rot = qs.T @ torch.bmm(g.transpose(1, 2), a) @ qa
+            out[f"L/{name}"] = rot.square_().sum(0).to(torch.float64).cpu()
         return out
 
 
