@@ -203,11 +203,23 @@ class QueryGradients:
         """Scores ``[B, nq]`` of flattened sequence gradients ``dw [B, out · in_dim]``."""
         return dw @ self.dense(name).reshape(self.num_queries, -1).T
 
+    def _flat_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U`` and ``V`` of all queries side by side, ``[out, nq·r]`` and ``[in_dim, nq·r]``."""
+        key = "flat/" + name
+        if key not in self._dense_cache:
+            left, right = self.left[name], self.right[name]
+            self._dense_cache[key] = left.permute(1, 0, 2).reshape(left.shape[1], -1).contiguous()
+            self._dense_cache["flat-right/" + name] = right.permute(1, 0, 2).reshape(right.shape[1], -1).contiguous()
+        return self._dense_cache[key], self._dense_cache["flat-right/" + name]
+
     def lowrank_scores(self, name: str, cap: Captured) -> torch.Tensor:
-        """Scores ``[B, nq]`` through rank-r per-token factors ``(Uᵀ g_t)·(Vᵀ ā_t)``."""
-        gu = torch.einsum("bto,qor->btqr", cap.gradients, self.left[name])
-        av = torch.einsum("bti,qir->btqr", cap.activations, self.right[name])
-        return (gu * av).sum(dim=(1, 3))
+        """Scores ``[B, nq]`` through rank-r per-token factors ``(Uᵀ g_t)·(Vᵀ ā_t)``: two matrix
+        products over all tokens and queries at once."""
+        B, T, out = cap.gradients.shape
+        u, v = self._flat_factors(name)
+        gu = cap.gradients.reshape(B * T, out) @ u
+        gu *= cap.activations.reshape(B * T, -1) @ v
+        return gu.view(B, T, self.num_queries, -1).sum(dim=(1, 3))
 
     def module_scores(self, name: str, cap: Captured) -> torch.Tensor:
         """Scores ``[B, nq]`` of the captured sequences from one module."""
