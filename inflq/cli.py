@@ -345,6 +345,125 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
     click.echo(f"see the top sequences with: inflq top {project} -i {p.investigation(p.db['runs'].get(result.run_id)['investigation_id'])['name']}")
 
 
+@cli.group()
+def factors():
+    """Cached factor sets: list, fit ahead of a run, show spectra, remove."""
+
+
+@factors.command("list")
+@click.argument("project")
+@click.option("--json", "as_json", is_flag=True)
+def factors_list(project, as_json):
+    """The project's factor sets, reused by every investigation with the same settings."""
+    from rich.table import Table
+
+    from .factors import factor_sets
+
+    p = _open(project)
+    rows = factor_sets(p)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=1))
+        return
+    if not rows:
+        click.echo(f"no factor sets yet: `inflq factors fit {project}` or `inflq run {project}` fits them")
+        return
+    t = Table("id", "estimator", "settings", "modules", "sequences", "seed", "size", "fit s", "runs", "model", "created")
+    for r in rows:
+        size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "missing"
+        t.add_row(str(r["id"]), r["estimator"], r["settings"], str(r["num_modules"]), str(r["num_sequences"]), str(r["seed"]), size,
+                  f"{r['seconds'] or 0:.1f}", str(r["runs"]), "current" if r["current_model"] else "other", (r["created_at"] or "")[:19])
+    _console().print(t)
+
+
+@factors.command("fit")
+@click.argument("project")
+@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec (its factor settings, e.g. ekfac:fisher=empirical).")
+@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
+@click.option("--fit-sequences", type=int, help="Fit on a seeded sample of this many sequences (default: all).")
+@click.option("--seed", type=int, help="Seed for sampled labels and the sample (default: the project's).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--shard-size", default=512, show_default=True, help="Sequences per committed fitting shard.")
+@click.option("--executor", help="Executor spec: local (default) or ray[:...] (docs/executors.md).")
+@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--refit", is_flag=True, help="Recompute even if these factors are cached.")
+@click.option("--resume", type=int, help="Continue an interrupted fit by its run id.")
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
+def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, shard_size, executor, device, dtype, refit, resume, investigation):
+    """Fit factors now (e.g. on a GPU machine), for later runs to reuse; resumable."""
+    from .runs import RunSettings, fit_factors
+
+    p = _open(project)
+    p.set_runtime(device, dtype)
+    settings = RunSettings(estimator=estimator, executor=executor or "local", modules=modules, fit_sequences=fit_sequences,
+                           seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+    with _progress() as monitor:
+        try:
+            run_id, fs_id, seconds = fit_factors(p, settings, monitor, investigation, resume=resume)
+        except Cancelled:
+            last = resume or p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
+            raise InflqError(f"fit cancelled; its committed shards are kept: continue with `inflq factors fit {project} --resume {last}`") from None
+    if fs_id is None:
+        click.echo(f"{settings.estimator} fits no factors; nothing to do")
+    else:
+        click.echo(f"factor set {fs_id} ready ({seconds:.1f}s, run {run_id}); see it with `inflq factors show {project} {fs_id}`")
+
+
+@factors.command("show")
+@click.argument("project")
+@click.argument("factor_set", type=int)
+@click.option("--damping", type=float, help="Absolute damping to compare the spectra with (default: --damping-factor × mean).")
+@click.option("--damping-factor", default=0.1, show_default=True)
+@click.option("--modules", help="Comma-separated globs of modules to show (default: all).")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Draw the sorted spectra (log scale).")
+@click.option("--json", "as_json", is_flag=True)
+def factors_show(project, factor_set, damping, damping_factor, modules, plot, as_json):
+    """Per module: the fitted eigenvalues, the damping a run would add, and how much it decides."""
+    from rich.table import Table
+
+    from .factors import spectra, spectrum_plot
+
+    p = _open(project)
+    items = spectra(p, factor_set, damping, damping_factor, modules)
+    if as_json:
+        click.echo(json.dumps([sp.summary() for sp in items], indent=1))
+        return
+    names = [sp.module for sp in items]
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    under = f" (under {prefix})" if prefix else ""
+    t = Table(title=f"factor set {factor_set}: eigenvalues λ per module{under}", title_justify="left")
+    t.add_column("module", no_wrap=True)
+    for col in ("size", "λ max", "λ mean", "damping", "< damping", "eff. dim"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for sp in items:
+        d = sp.summary()
+        t.add_row(d["module"][len(prefix):], str(d["size"]), f"{d['max']:.2g}", f"{d['mean']:.2g}", f"{d['damping']:.2g}",
+                  f"{100 * d['below_damping']:.0f}%", f"{d['effective_dimension']:.0f}")
+    console = _console()
+    console.print(t)
+    click.echo("eff. dim = Σ λ/(λ + damping): the directions the fitted curvature still tells apart at this damping")
+    if plot:
+        width = max(40, min(console.width, 110))
+        click.echo(spectrum_plot(items, width=width, height=16, color=console.is_terminal))
+
+
+@factors.command("rm")
+@click.argument("project")
+@click.argument("factor_set", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def factors_rm(project, factor_set, yes):
+    """Remove a factor set (runs keep their scores; a later run refits what it needs)."""
+    from .factors import factor_set as get_factor_set
+    from .factors import remove_factor_set
+
+    p = _open(project)
+    row = get_factor_set(p, factor_set)
+    if not yes and not click.confirm(f"remove factor set {factor_set} ({row['estimator']}, {row['path']})?"):
+        raise InflqError("not removed")
+    click.echo(f"removed factor set {factor_set} ({remove_factor_set(p, factor_set)})")
+
+
 @cli.command()
 @click.argument("project")
 @click.option("-i", "--investigation")

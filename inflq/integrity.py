@@ -167,7 +167,7 @@ def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> 
         if row is None:
             notes.append(f"run {run_id} no longer exists; nothing to recompute")
             continue
-        settings = RunSettings(**json.loads(row["settings"]))
+        settings = RunSettings.from_json(row["settings"])
         if row["status"] != "done":
             notes.append(_resume(project, row, probs, monitor))
         else:
@@ -189,7 +189,7 @@ def _refit(project, fs_id: int, monitor: Monitor) -> str:
             project.db.execute("DELETE FROM factor_sets WHERE id = ?", [fs_id])
         (project.root / old["path"]).unlink(missing_ok=True)
         return f"factor set {fs_id} was used by no run: removed (it is refit when next needed)"
-    settings = RunSettings(**{**json.loads(run["settings"]), "refit": True, "executor": "local"})
+    settings = RunSettings.from_json(run["settings"], refit=True, executor="local")
     est = make_estimator(project, settings.estimator)
     engine = project.engine(settings.modules)
     new_id = ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)

@@ -48,6 +48,12 @@ class RunSettings:
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
 
+    @classmethod
+    def from_json(cls, text: str, **overrides: Any) -> RunSettings:
+        """Settings recorded with a run. Runs recorded before ``full_rank_mb`` existed compressed
+        every module, so they are read back that way and recompute the same scores."""
+        return cls(**{"full_rank_mb": 0, **json.loads(text), **overrides})
+
 
 @dataclass
 class RunResult:
@@ -309,10 +315,11 @@ def run_investigation(
         row = next(project.db["runs"].rows_where("id = ?", [resume]), None)
         if row is None:
             raise InflqError(f"no run {resume} to resume; see `inflq runs`")
+        if row["kind"] == "factors":
+            raise InflqError(f"run {resume} is a factor fit: continue it with `inflq factors fit --resume {resume}`")
         if row["status"] == "done":
             raise InflqError(f"run {resume} is already complete")
-        # Runs recorded before full_rank_mb existed compressed every module: resume them that way.
-        settings = RunSettings(**{"full_rank_mb": 0, **json.loads(row["settings"])})
+        settings = RunSettings.from_json(row["settings"])
         investigation = project.investigation(row["investigation_id"])["name"]
         run_id = resume
     else:
@@ -420,6 +427,58 @@ def run_investigation(
         with project.db.atomic():
             project.db["runs"].update(run_id, {"status": "done", "phase": "done", "finished_at": catalog.now(), "seconds": seconds})
         return RunResult(run_id, rs_id, seconds, phases)
+    except Cancelled:
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "cancelled", "finished_at": catalog.now(), "seconds": time.perf_counter() - started})
+        raise
+    except BaseException as exc:
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "failed", "error": str(exc) or type(exc).__name__, "finished_at": catalog.now()})
+        raise
+    finally:
+        executor.close()
+
+
+def fit_factors(
+    project: Project,
+    settings: RunSettings,
+    monitor: Monitor | None = None,
+    investigation: str = "default",
+    resume: int | None = None,
+) -> tuple[int, int | None, float]:
+    """Fit (or find) the estimator's factors without scoring, as a run of kind ``factors`` so that
+    fitting shards are committed and ``resume`` (that run's id) continues an interrupted fit.
+    Returns ``(run id, factor set id, seconds)``; the factor set is ``None`` for estimators that
+    fit nothing."""
+    monitor = monitor or Monitor()
+    if resume is not None:
+        row = next(project.db["runs"].rows_where("id = ?", [resume]), None)
+        if row is None or row["kind"] != "factors":
+            raise InflqError(f"run {resume} is not a factor fit; see `inflq runs`")
+        if row["status"] == "done":
+            raise InflqError(f"run {resume} is already complete")
+        settings = RunSettings.from_json(row["settings"])
+        run_id = resume
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "running", "error": None})
+    else:
+        run_id = None
+    project.require_model()
+    estimator = make_estimator(project, settings.estimator)
+    executor = make_executor(project, settings.executor)
+    if run_id is None:
+        run_id = start_run(project, investigation, settings, kind="factors")
+    monitor.on_progress = _record_progress(project, run_id, monitor, monitor.on_progress)
+    started = time.perf_counter()
+    try:
+        engine = project.engine(settings.modules)
+        fs_id = ensure_factors(project, estimator, engine, executor, settings, monitor, run_id=run_id)
+        seconds = time.perf_counter() - started
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {
+                "status": "done", "phase": "done", "factor_set_id": fs_id, "finished_at": catalog.now(), "seconds": seconds,
+            })
+        return run_id, fs_id, seconds
     except Cancelled:
         with project.db.atomic():
             project.db["runs"].update(run_id, {"status": "cancelled", "finished_at": catalog.now(), "seconds": time.perf_counter() - started})

@@ -1,0 +1,157 @@
+"""Cached factor sets: list them, look at their spectra, fit them ahead of a run, remove them.
+
+A factor set is what an estimator fitted (EK-FAC's eigenbases and eigenvalues, K-FAC's, the
+diagonal's variances), stored once per project and reused by every investigation whose run asks for
+the same estimator, settings, modules, model, fitting data, seed and dtype (``inflq.runs.ensure_factors``).
+
+The spectrum of a factor set says how much the damping decides: EK-FAC's preconditioner divides
+each eigen-direction by ``λ_i + δ``, so directions with ``λ_i ≪ δ`` are all treated alike. The
+*effective dimension* ``Σ λ_i / (λ_i + δ)`` counts the directions the fitted curvature still
+distinguishes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .artifacts import load_tensors
+from .errors import InflqError
+
+_PLOT_LOCK = threading.Lock()  # plotext draws on one global figure
+
+# Factor tensors that hold a module's eigenvalues (EK-FAC, K-FAC) or variances (diagonal).
+_SPECTRUM_KEYS = ("lambda/", "diag/")
+
+
+def factor_sets(project) -> list[dict]:
+    """Every cached factor set with its size on disk, whether it was fitted on the project's current
+    model, and how many runs used it."""
+    used: dict[int, int] = {}
+    for r in project.db.query("SELECT factor_set_id AS id, count(*) AS n FROM runs WHERE factor_set_id IS NOT NULL GROUP BY factor_set_id"):
+        used[r["id"]] = r["n"]
+    out = []
+    for r in project.db["factor_sets"].rows_where(order_by="id"):
+        path = project.root / r["path"]
+        out.append({
+            **r,
+            "size_bytes": path.stat().st_size if path.exists() else None,
+            "current_model": r["model_fingerprint"] == project.model_fingerprint,
+            "runs": used.get(r["id"], 0),
+            "num_modules": len(json.loads(r["modules"] or "[]")),
+        })
+    return out
+
+
+def factor_set(project, fs_id: int) -> dict:
+    row = next(project.db["factor_sets"].rows_where("id = ?", [int(fs_id)]), None)
+    if row is None:
+        ids = [r["id"] for r in project.db["factor_sets"].rows_where(order_by="id")]
+        raise InflqError(f"no factor set {fs_id}; the project has {', '.join(map(str, ids)) or 'none'} (see `inflq factors list`)")
+    return row
+
+
+@dataclass
+class ModuleSpectrum:
+    """One module's fitted eigenvalues (or variances), sorted in decreasing order."""
+
+    module: str
+    eigenvalues: np.ndarray
+    damping: float
+
+    @property
+    def effective_dimension(self) -> float:
+        lam = np.clip(self.eigenvalues, 0, None)
+        return float((lam / (lam + self.damping)).sum()) if self.damping > 0 else float((lam > 0).sum())
+
+    @property
+    def below_damping(self) -> float:
+        """Fraction of eigen-directions whose eigenvalue is under the damping."""
+        return float((self.eigenvalues < self.damping).mean())
+
+    def summary(self) -> dict:
+        lam = self.eigenvalues
+        return {
+            "module": self.module, "size": int(lam.size), "max": float(lam[0]), "mean": float(lam.mean()),
+            "min": float(lam[-1]), "damping": self.damping, "below_damping": self.below_damping,
+            "effective_dimension": self.effective_dimension,
+        }
+
+
+def spectra(project, fs_id: int, damping: float | None = None, damping_factor: float = 0.1, modules: str | None = None) -> list[ModuleSpectrum]:
+    """Per module, the fitted spectrum and the damping a run would use with these settings
+    (``damping`` absolute, else ``damping_factor`` × the module's mean eigenvalue). ``modules``:
+    comma-separated globs to keep."""
+    import fnmatch
+
+    row = factor_set(project, fs_id)
+    tensors = load_tensors(project.root, row["path"], row["checksum"], "factor artifact")
+    patterns = [p.strip() for p in modules.split(",")] if modules else None
+    out = []
+    for name in json.loads(row["modules"] or "[]"):
+        if patterns and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        key = next((k + name for k in _SPECTRUM_KEYS if k + name in tensors), None)
+        if key is None:
+            continue
+        lam = np.sort(tensors[key].double().flatten().numpy())[::-1].copy()
+        d = float(damping) if damping is not None else float(damping_factor) * float(lam.mean())
+        out.append(ModuleSpectrum(name, lam, d))
+    if not out:
+        what = f"no module matches {modules!r}" if modules else f"factor set {fs_id} ({row['estimator']}) holds no eigenvalues"
+        raise InflqError(f"{what}; see the modules with `inflq factors list`")
+    return out
+
+
+def spectrum_plot(items: list[ModuleSpectrum], width: int = 72, height: int = 18, color: bool = False) -> str:
+    """A histogram of ``log10(λ / damping)`` over the eigen-directions of ``items``, as text
+    (plotext): ``░`` bars are directions under the damping (all treated alike by the
+    preconditioner), ``█`` bars those the fitted curvature still tells apart."""
+    import plotext as plt
+
+    ratios = np.concatenate([sp.eigenvalues / sp.damping for sp in items if sp.damping > 0] or [np.zeros(0)])
+    zero = int((ratios <= 0).sum())
+    x = np.log10(ratios[ratios > 0])
+    if not len(x):
+        return "(no positive eigenvalues to plot)"
+    floor = -6.0  # a millionth of the damping and less: no influence on the preconditioner
+    clipped = int((x < floor).sum())
+    x = np.maximum(x, floor)
+    # Bin edges on a grid through 0, so no bar straddles the damping.
+    step = 0.25
+    while (np.ceil(x.max() / step) - np.floor(x.min() / step)) > max(10, (width - 12) // 2):
+        step *= 2
+    edges = np.arange(np.floor(x.min() / step), np.ceil(x.max() / step) + 1) * step
+    if len(edges) < 2:
+        edges = np.array([edges[0], edges[0] + step])
+    counts, edges = np.histogram(x, bins=edges)
+    centers = (edges[:-1] + edges[1:]) / 2
+    with _PLOT_LOCK:
+        f = plt.figure
+        f.clear.all()
+        f.plot_size(max(30, width), max(8, height))
+        f.theme("default" if color else "colorless")
+        f.draw(f.bar(centers.tolist(), counts.tolist(), marker=["░" if c < 0 else "█" for c in centers], width=1))
+        f.label("log10(eigenvalue / damping); ░ under the damping", "x")
+        f.label("directions", "y")
+        text = f.build().string(colorless=not color)
+    notes = []
+    if clipped:
+        notes.append(f"{clipped} directions under 1e-6 × damping are counted at -6")
+    if zero:
+        notes.append(f"{zero} with a zero eigenvalue are not shown")
+    return text + (f"\n({'; '.join(notes)})" if notes else "")
+
+
+def remove_factor_set(project, fs_id: int) -> str:
+    """Delete a factor set's catalog row, then its file. Results computed with it keep their scores
+    (runs store them); a later run needing these factors fits them again. Returns the file's path."""
+    row = factor_set(project, fs_id)
+    with project.db.atomic():
+        project.db.execute("UPDATE runs SET factor_set_id = NULL WHERE factor_set_id = ?", [row["id"]])
+        project.db.execute("DELETE FROM factor_sets WHERE id = ?", [row["id"]])
+    (project.root / row["path"]).unlink(missing_ok=True)
+    return row["path"]

@@ -1,0 +1,126 @@
+"""`inflq factors`: cached factor sets listed, fitted ahead of a run (resumably), shown, removed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_cli import _catalog_dump, _one_line_error
+
+from inflq.artifacts import load_tensors
+from inflq.factors import factor_sets, remove_factor_set, spectra, spectrum_plot
+from inflq.progress import Monitor
+from inflq.runs import RunSettings, fit_factors, run_investigation
+
+
+def test_fit_ahead_then_every_investigation_reuses_it(project):
+    run_id, fs_id, _ = fit_factors(project, RunSettings(estimator="ekfac"))
+    row = project.db["runs"].get(run_id)
+    assert row["kind"] == "factors" and row["status"] == "done" and row["factor_set_id"] == fs_id
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    project.create_investigation("other")
+    project.add_query("other", "a river flows through the old", "town")
+    for inv in ("default", "other"):
+        result = run_investigation(project, inv, RunSettings(estimator="ekfac"))
+        assert project.db["runs"].get(result.run_id)["factor_set_id"] == fs_id
+    (listed,) = factor_sets(project)
+    assert listed["id"] == fs_id and listed["runs"] == 3 and listed["current_model"]
+    assert listed["size_bytes"] == (project.root / listed["path"]).stat().st_size
+    # An estimator without factors fits nothing.
+    assert fit_factors(project, RunSettings(estimator="identity"))[1] is None
+
+
+def test_spectra_are_the_fitted_eigenvalues_with_the_runs_damping(project):
+    _, fs_id, _ = fit_factors(project, RunSettings(estimator="ekfac"))
+    row = project.db["factor_sets"].get(fs_id)
+    tensors = load_tensors(project.root, row["path"], row["checksum"])
+    items = spectra(project, fs_id)
+    assert [sp.module for sp in items] == json.loads(row["modules"])
+    for sp in items:
+        lam = tensors[f"lambda/{sp.module}"].double().flatten().numpy()
+        np.testing.assert_allclose(sp.eigenvalues, np.sort(lam)[::-1])
+        assert sp.damping == pytest.approx(0.1 * lam.mean())
+        clipped = np.clip(lam, 0, None)
+        assert sp.effective_dimension == pytest.approx((clipped / (clipped + sp.damping)).sum())
+        assert sp.below_damping == pytest.approx((lam < sp.damping).mean())
+    # An absolute damping larger than every eigenvalue leaves little to tell apart.
+    big = spectra(project, fs_id, damping=1e6)
+    assert all(sp.below_damping == 1.0 and sp.effective_dimension < 1 for sp in big)
+    only = spectra(project, fs_id, modules="*.mlp.*")
+    assert only and all(".mlp." in sp.module for sp in only)
+    plot = spectrum_plot(items, width=60, height=12)
+    assert "eigenvalue" in plot and len(plot.splitlines()) >= 10
+
+
+def test_diagonal_factors_have_a_spectrum_too(project):
+    _, fs_id, _ = fit_factors(project, RunSettings(estimator="diagonal"))
+    assert all(sp.eigenvalues.size == np.prod(tm.shape) for sp, tm in zip(spectra(project, fs_id), project.engine().tracked, strict=True))
+
+
+def test_removed_factor_set_is_refit_when_needed(project):
+    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    first = run_investigation(project, "default", RunSettings(estimator="ekfac"))
+    fs_id = project.db["runs"].get(first.run_id)["factor_set_id"]
+    path = remove_factor_set(project, fs_id)
+    assert not (project.root / path).exists() and factor_sets(project) == []
+    assert project.db["runs"].get(first.run_id)["factor_set_id"] is None
+    again = run_investigation(project, "default", RunSettings(estimator="ekfac"))
+    assert project.db["runs"].get(again.run_id)["factor_set_id"] is not None
+
+
+def test_interrupted_fit_resumes_from_its_committed_shards(project, monkeypatch):
+    """Cancel the fit after its first committed covariance shard; --resume finishes it with the same factors."""
+    from inflq.errors import Cancelled
+
+    settings = RunSettings(estimator="ekfac", shard_size=6)
+    monitor = Monitor()
+    seen = []
+
+    def on_progress(ev):
+        seen.append(ev.phase)
+        if ev.phase == "eigenvalue correction" and ev.done >= 6:
+            monitor.cancel()
+
+    monitor.on_progress = on_progress
+    with pytest.raises(Cancelled):
+        fit_factors(project, settings, monitor)
+    run_id = project.db.execute("SELECT max(id) FROM runs").fetchone()[0]
+    assert project.db["runs"].get(run_id)["status"] == "cancelled"
+    committed = project.db.execute("SELECT count(*) FROM fit_shards WHERE run_id = ?", [run_id]).fetchone()[0]
+    assert committed >= 4  # every covariance shard: the resumed fit starts at the correction pass
+    with pytest.raises(Exception, match="factor fit"):
+        run_investigation(project, "default", RunSettings(), resume=run_id)
+    _, fs_id, _ = fit_factors(project, RunSettings(), resume=run_id)
+    resumed = load_tensors(project.root, project.db["factor_sets"].get(fs_id)["path"], None)
+    _, again_id, _ = fit_factors(project, RunSettings(estimator="ekfac", shard_size=6, refit=True))
+    fresh = load_tensors(project.root, project.db["factor_sets"].get(again_id)["path"], None)
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+
+
+def test_factors_cli(project, cli_run):
+    root = project.root
+    code, out, err = cli_run("factors", "list", root)
+    assert code == 0 and "no factor sets yet" in out
+    code, out, err = cli_run("factors", "fit", root, "--estimator", "ekfac:fisher=empirical")
+    assert code == 0, err
+    assert "factor set 1 ready" in out
+    code, out, _ = cli_run("factors", "list", root, "--json")
+    (row,) = json.loads(out)
+    assert row["estimator"] == "ekfac" and json.loads(row["settings"]) == {"fisher": "empirical"}
+    code, out, err = cli_run("factors", "show", root, "1", "--modules", "*.mlp.c_fc")
+    assert code == 0, err
+    assert "eff. dim" in out and "(under transformer.h.)" in out and "0.mlp.c_fc" in out and "under the damping" in out
+    code, out, _ = cli_run("factors", "show", root, "1", "--json", "--no-plot")
+    assert {d["module"] for d in json.loads(out)} == set(project.engine().names)
+    before = _catalog_dump(root)
+    code, _, err = cli_run("factors", "show", root, "7")
+    _one_line_error(code, err)
+    assert "no factor set 7" in err and _catalog_dump(root) == before
+    code, _, err = cli_run("factors", "show", root, "1", "--modules", "nothing.*")
+    _one_line_error(code, err)
+    assert "no module matches" in err
+    code, out, err = cli_run("factors", "rm", root, "1", "--yes")
+    assert code == 0 and "removed factor set 1" in out
+    assert json.loads(cli_run("factors", "list", root, "--json")[1]) == []
