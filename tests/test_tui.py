@@ -510,6 +510,48 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
     asyncio.run(go())
 
 
+def test_factor_sets_screen(project_dir):
+    """f opens the factor sets: a fitted set's spectra are shown; d (then y) removes it; esc goes back."""
+    import io
+
+    from rich.console import Console
+    from textual.widgets import Static
+
+    from inflq.runs import fit_factors
+
+    p = Project.open(project_dir)
+    _, fs_id, _ = fit_factors(p, RunSettings(estimator="ekfac"))
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            await pilot.press("f")
+            await settle(pilot)
+            pane = app.screen.query_one("#pane-factors")
+            table = pane.query_one("#factor-sets")
+            assert table.row_count == 1
+            console = Console(width=78, record=True, file=io.StringIO())
+            console.print(pane.query_one("#factor-detail", Static).content)
+            shown = console.export_text()
+            assert f"factor set {fs_id}" in shown and "eff. dim" in shown and "under the damping" in shown
+            assert all(f"{tm}" in shown for tm in ("0.mlp.c_fc", "1.attn.c_proj"))
+            await pilot.press("d")
+            await pilot.pause()
+            await pilot.press("y")
+            await settle(pilot)
+            assert table.row_count == 0
+            await pilot.press("escape")
+            await pilot.pause()
+            assert app.screen.query("#tabs")
+
+    asyncio.run(go())
+    p = Project.open(project_dir)
+    assert p.db["factor_sets"].count == 0
+    p.close()
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""

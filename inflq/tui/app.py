@@ -1,5 +1,5 @@
 """The inflq Textual app: a tab per task (investigations, query, run, results, distribution,
-probes, compare) over one open project, with modals for errors, confirmation, export and help."""
+probes, compare) over one open project, a factor-set screen (f), with modals for errors, confirmation, export and help."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .modals import ErrorScreen, HelpScreen, InputScreen
 from .panes import (
     ComparePane,
     DistributionPane,
+    FactorsPane,
     InvestigationsPane,
     Pane,
     ProbesPane,
@@ -89,6 +90,25 @@ class MainScreen(Screen):
         pane.focus_default()
 
 
+class FactorsScreen(Screen):
+    """The project's cached factor sets and their spectra (key f; esc back)."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("f", "app.pop_screen", "Back", show=False)]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield FactorsPane(id="pane-factors")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        pane = self.query_one(FactorsPane)
+        try:
+            pane.reload()
+        except InflqError as exc:
+            self.app.show_error(exc)  # type: ignore[attr-defined]
+        pane.focus_default()
+
+
 class InflqApp(App):
     """The inflq terminal UI over one project folder."""
 
@@ -98,6 +118,7 @@ class InflqApp(App):
         Binding("question_mark", "help", "Help"),
         Binding("o", "open_project", "Open"),
         Binding("ctrl+t", "toggle_theme", "Theme"),
+        Binding("f", "factors", "Factors", show=False),
         Binding("q", "quit", "Quit"),
     ]
 
@@ -244,6 +265,10 @@ class InflqApp(App):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
+    def action_factors(self) -> None:
+        if not isinstance(self.screen, FactorsScreen):
+            self.push_screen(FactorsScreen())
+
     def action_toggle_theme(self) -> None:
         self.theme = "textual-light" if self.current_theme.dark else "textual-dark"
 
@@ -289,6 +314,7 @@ class InflqApp(App):
                 yield SystemCommand(f"Go to {tid}", f"show the {tid} tab", lambda tid=tid: screen.action_tab(tid))
         yield SystemCommand("Open project", "open another project folder", self.action_open_project)
         yield SystemCommand("Export result set", "write CSV, JSONL and a Markdown report", self.action_export)
+        yield SystemCommand("Factor sets", "cached factors and their spectra against the damping", self.action_factors)
         yield SystemCommand("Keys", "list the keys of every screen", self.action_help)
         yield SystemCommand("Toggle light/dark", "switch between the light and dark theme", self.action_toggle_theme)
 

@@ -104,6 +104,7 @@ HELP = """\
   1-7     tabs: Investigations Query Run Results Distrib Probes Compare
   ctrl+p  command palette (actions by name)   ?  this help
   o       open another project                q  quit
+  f       factor sets: spectra against the damping (esc back)
   ctrl+t  light / dark theme    esc  leave a text field (then keys work)
 
 [b]Investigations[/b] enter select · n new · r rename · d delete (asks first)
@@ -114,6 +115,7 @@ HELP = """\
 [b]Sequence[/b]  i self-influence · ctrl+s save tag/note · esc back
 [b]Probes[/b]    ctrl+s add the probe and score all probes
 [b]Compare[/b]   ctrl+s compare two result sets on the current query
+[b]Factors[/b]   ↑↓ a set's spectra · d remove (asks first)
 
 Scores: positive (red) = the training sequence makes the completion
 more likely; negative (blue) = less likely.

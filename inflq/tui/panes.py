@@ -4,6 +4,7 @@ shown (``reload``) and runs anything slow in a thread worker, so the UI never fr
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -980,3 +981,89 @@ class ComparePane(Pane):
 
 def layer_scores_of(row: dict) -> dict[str, float]:
     return json.loads(row.get("layer_scores") or "{}")
+
+
+# -- factors -----------------------------------------------------------------------------------
+class FactorsPane(Pane):
+    """The project's cached factor sets and, for the highlighted one, each module's spectrum against
+    the damping a run would add (``inflq factors show``), with the histogram of log10(λ / damping)."""
+
+    BINDINGS = [Binding("d", "delete", "Delete")]
+
+    def compose(self) -> ComposeResult:
+        yield Label("Factor sets, shared by all investigations: ↑↓ spectra · d delete · esc back", classes="hint")
+        table = RowTable(id="factor-sets", cursor_type="row", zebra_stripes=True)
+        table.add_columns("id", "estimator", "settings", "sequences", "size", "runs", "model")
+        yield table
+        with VerticalScroll(id="factor-detail-scroll"):
+            yield Static("", id="factor-detail", classes="detail")
+
+    def reload(self) -> None:
+        from ..factors import factor_sets
+
+        table = self.query_one("#factor-sets", DataTable)
+        table.clear()
+        detail = self.query_one("#factor-detail", Static)
+        if self.project is None:
+            detail.update("No project is open: press o to open one.")
+            return
+        rows = factor_sets(self.project)
+        for r in rows:
+            size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "missing"
+            table.add_row(str(r["id"]), r["estimator"], r["settings"], str(r["num_sequences"]), size, str(r["runs"]),
+                          "current" if r["current_model"] else "other", key=str(r["id"]))
+        if not rows:
+            detail.update("No factor sets yet: a run (tab 3) fits them, or `inflq factors fit` ahead of time.")
+            return
+        table.move_cursor(row=len(rows) - 1)
+        self._detail(rows[-1]["id"])
+
+    def _detail(self, fs_id: int) -> None:
+        from ..factors import spectra, spectrum_plot
+
+        out = self.query_one("#factor-detail", Static)
+        try:
+            items = spectra(self.project, fs_id)
+        except InflqError as exc:
+            out.update(str(exc))
+            return
+        names = [sp.module for sp in items]
+        prefix = os.path.commonprefix(names)
+        prefix = prefix[: prefix.rfind(".") + 1]
+        t = Table(title=f"factor set {fs_id}: eigenvalues λ per module" + (f" (under {prefix})" if prefix else ""), title_justify="left",
+                  box=None, pad_edge=False)
+        t.add_column("module", no_wrap=True)
+        for col in ("size", "λ max", "λ mean", "damping", "< damping", "eff. dim"):
+            t.add_column(col, justify="right", no_wrap=True)
+        for sp in items:
+            d = sp.summary()
+            t.add_row(d["module"][len(prefix):], str(d["size"]), f"{d['max']:.2g}", f"{d['mean']:.2g}", f"{d['damping']:.2g}",
+                      f"{100 * d['below_damping']:.0f}%", f"{d['effective_dimension']:.0f}")
+        width = max(40, (self.size.width or 80) - 4)
+        note = Text("damping = 0.1 × mean λ per module (a run's default); eff. dim = Σ λ/(λ + damping)", style="dim")
+        out.update(Group(t, note, Text.from_ansi(spectrum_plot(items, width, 14, color=False))))
+
+    @on(DataTable.RowHighlighted, "#factor-sets")
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value is not None:
+            self._detail(int(event.row_key.value))
+
+    def action_delete(self) -> None:
+        table = self.query_one("#factor-sets", DataTable)
+        if self.project is None or not table.row_count:
+            return
+        fs_id = int(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
+        from ..factors import remove_factor_set
+        from .modals import ConfirmScreen
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                try:
+                    remove_factor_set(self.project, fs_id)
+                except InflqError as exc:
+                    self.inflq.show_error(exc)
+                    return
+                self.notify(f"removed factor set {fs_id}; a run that needs it fits it again")
+                self.reload()
+
+        self.app.push_screen(ConfirmScreen(f"Remove factor set {fs_id}? Runs keep their scores; a later run refits what it needs."), done)
