@@ -419,27 +419,15 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, sh
 @click.option("--json", "as_json", is_flag=True)
 def factors_show(project, factor_set, damping, damping_factor, modules, plot, as_json):
     """Per module: the fitted eigenvalues, the damping a run would add, and how much it decides."""
-    from rich.table import Table
 
-    from .factors import spectra, spectrum_plot
+    from .factors import spectra, spectrum_plot, spectrum_table
 
     p = _open(project)
     items = spectra(p, factor_set, damping, damping_factor, modules)
     if as_json:
         click.echo(json.dumps([sp.summary() for sp in items], indent=1))
         return
-    names = [sp.module for sp in items]
-    prefix = os.path.commonprefix(names)
-    prefix = prefix[: prefix.rfind(".") + 1]
-    under = f" (under {prefix})" if prefix else ""
-    t = Table(title=f"factor set {factor_set}: eigenvalues λ per module{under}", title_justify="left")
-    t.add_column("module", no_wrap=True)
-    for col in ("size", "λ max", "λ mean", "damping", "< damping", "eff. dim"):
-        t.add_column(col, justify="right", no_wrap=True)
-    for sp in items:
-        d = sp.summary()
-        t.add_row(d["module"][len(prefix):], str(d["size"]), f"{d['max']:.2g}", f"{d['mean']:.2g}", f"{d['damping']:.2g}",
-                  f"{100 * d['below_damping']:.0f}%", f"{d['effective_dimension']:.0f}")
+    t = spectrum_table(items, factor_set)
     console = _console()
     console.print(t)
     click.echo("eff. dim = Σ λ/(λ + damping): the directions the fitted curvature still tells apart at this damping")

@@ -106,6 +106,26 @@ def spectra(project, fs_id: int, damping: float | None = None, damping_factor: f
     return out
 
 
+def spectrum_table(items: list[ModuleSpectrum], fs_id: int, **table_options):
+    """A rich table of the spectra, one row per module, names shortened by their common prefix."""
+    import os
+
+    from rich.table import Table
+
+    prefix = os.path.commonprefix([sp.module for sp in items])
+    prefix = prefix[: prefix.rfind(".") + 1]
+    t = Table(title=f"factor set {fs_id}: eigenvalues λ per module" + (f" (under {prefix})" if prefix else ""),
+              title_justify="left", **table_options)
+    t.add_column("module", no_wrap=True)
+    for col in ("size", "λ max", "λ mean", "damping", "< damping", "eff. dim"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for sp in items:
+        d = sp.summary()
+        t.add_row(d["module"][len(prefix):], str(d["size"]), f"{d['max']:.2g}", f"{d['mean']:.2g}", f"{d['damping']:.2g}",
+                  f"{100 * d['below_damping']:.0f}%", f"{d['effective_dimension']:.0f}")
+    return t
+
+
 def spectrum_plot(items: list[ModuleSpectrum], width: int = 72, height: int = 18, color: bool = False) -> str:
     """A histogram of ``log10(λ / damping)`` over the eigen-directions of ``items``, as text
     (plotext): ``░`` bars are directions under the damping (all treated alike by the

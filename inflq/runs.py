@@ -4,9 +4,11 @@ crash or Ctrl-C loses at most the shard in flight and ``resume`` continues from 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,6 +273,25 @@ def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor],
     return qg
 
 
+@contextlib.contextmanager
+def _recording_outcome(project: Project, run_id: int, executor: Executor) -> Iterator[float]:
+    """Record a cancelled or failed run in the catalog (the error re-raised), and close the executor.
+    Yields the start time."""
+    started = time.perf_counter()
+    try:
+        yield started
+    except Cancelled:
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "cancelled", "finished_at": catalog.now(), "seconds": time.perf_counter() - started})
+        raise
+    except BaseException as exc:
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"status": "failed", "error": str(exc) or type(exc).__name__, "finished_at": catalog.now()})
+        raise
+    finally:
+        executor.close()
+
+
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
     inv = project.investigation(investigation)
     with project.db.atomic():
@@ -341,9 +362,8 @@ def run_investigation(
         with project.db.atomic():
             project.db["runs"].update(run_id, {"status": "running", "error": None, "executor": settings.executor, "settings": settings.to_json()})
     monitor.on_progress = _record_progress(project, run_id, monitor, monitor.on_progress)
-    started = time.perf_counter()
     phases: dict[str, float] = {}
-    try:
+    with _recording_outcome(project, run_id, executor) as started:
         engine = project.engine(settings.modules)
         t = time.perf_counter()
         factor_set = ensure_factors(project, estimator, engine, executor, settings, monitor, run_id=run_id)
@@ -427,16 +447,6 @@ def run_investigation(
         with project.db.atomic():
             project.db["runs"].update(run_id, {"status": "done", "phase": "done", "finished_at": catalog.now(), "seconds": seconds})
         return RunResult(run_id, rs_id, seconds, phases)
-    except Cancelled:
-        with project.db.atomic():
-            project.db["runs"].update(run_id, {"status": "cancelled", "finished_at": catalog.now(), "seconds": time.perf_counter() - started})
-        raise
-    except BaseException as exc:
-        with project.db.atomic():
-            project.db["runs"].update(run_id, {"status": "failed", "error": str(exc) or type(exc).__name__, "finished_at": catalog.now()})
-        raise
-    finally:
-        executor.close()
 
 
 def fit_factors(
@@ -469,8 +479,7 @@ def fit_factors(
     if run_id is None:
         run_id = start_run(project, investigation, settings, kind="factors")
     monitor.on_progress = _record_progress(project, run_id, monitor, monitor.on_progress)
-    started = time.perf_counter()
-    try:
+    with _recording_outcome(project, run_id, executor) as started:
         engine = project.engine(settings.modules)
         fs_id = ensure_factors(project, estimator, engine, executor, settings, monitor, run_id=run_id)
         seconds = time.perf_counter() - started
@@ -479,16 +488,6 @@ def fit_factors(
                 "status": "done", "phase": "done", "factor_set_id": fs_id, "finished_at": catalog.now(), "seconds": seconds,
             })
         return run_id, fs_id, seconds
-    except Cancelled:
-        with project.db.atomic():
-            project.db["runs"].update(run_id, {"status": "cancelled", "finished_at": catalog.now(), "seconds": time.perf_counter() - started})
-        raise
-    except BaseException as exc:
-        with project.db.atomic():
-            project.db["runs"].update(run_id, {"status": "failed", "error": str(exc) or type(exc).__name__, "finished_at": catalog.now()})
-        raise
-    finally:
-        executor.close()
 
 
 def _checkpoint_scorers(

@@ -4,7 +4,6 @@ shown (``reload``) and runs anything slow in a thread worker, so the UI never fr
 from __future__ import annotations
 
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -1019,7 +1018,7 @@ class FactorsPane(Pane):
         self._detail(rows[-1]["id"])
 
     def _detail(self, fs_id: int) -> None:
-        from ..factors import spectra, spectrum_plot
+        from ..factors import spectra, spectrum_plot, spectrum_table
 
         out = self.query_one("#factor-detail", Static)
         try:
@@ -1027,18 +1026,7 @@ class FactorsPane(Pane):
         except InflqError as exc:
             out.update(str(exc))
             return
-        names = [sp.module for sp in items]
-        prefix = os.path.commonprefix(names)
-        prefix = prefix[: prefix.rfind(".") + 1]
-        t = Table(title=f"factor set {fs_id}: eigenvalues λ per module" + (f" (under {prefix})" if prefix else ""), title_justify="left",
-                  box=None, pad_edge=False)
-        t.add_column("module", no_wrap=True)
-        for col in ("size", "λ max", "λ mean", "damping", "< damping", "eff. dim"):
-            t.add_column(col, justify="right", no_wrap=True)
-        for sp in items:
-            d = sp.summary()
-            t.add_row(d["module"][len(prefix):], str(d["size"]), f"{d['max']:.2g}", f"{d['mean']:.2g}", f"{d['damping']:.2g}",
-                      f"{100 * d['below_damping']:.0f}%", f"{d['effective_dimension']:.0f}")
+        t = spectrum_table(items, fs_id, box=None, pad_edge=False)
         width = max(40, (self.size.width or 80) - 4)
         note = Text("damping = 0.1 × mean λ per module (a run's default); eff. dim = Σ λ/(λ + damping)", style="dim")
         out.update(Group(t, note, Text.from_ansi(spectrum_plot(items, width, 14, color=False))))
