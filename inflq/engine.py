@@ -190,6 +190,10 @@ class Captured:
     activations: torch.Tensor
     gradients: torch.Tensor
 
+    def sequence_gradients(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``DW[b] = Σ_t g_t ā_tᵀ``, ``[B, out, in_dim]`` (written into ``out`` when given)."""
+        return torch.bmm(self.gradients.transpose(1, 2), self.activations, out=out)
+
 
 class SequenceGradients(dict):
     """Per-sequence gradients ``{module: DW [n, out, in_dim]}`` that keep the per-token factors they
@@ -348,6 +352,6 @@ class GradientEngine:
         with the token factors they came from."""
         caps, _ = self.capture(batch, labels)
         return SequenceGradients(
-            {n: torch.bmm(c.gradients.transpose(1, 2), c.activations) for n, c in caps.items()},
+            {n: c.sequence_gradients() for n, c in caps.items()},
             {n: (c.gradients, c.activations) for n, c in caps.items()},
         )

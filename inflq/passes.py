@@ -201,7 +201,7 @@ class ScorePass(Pass):
                 # DW[b] = Σ_t g_t ā_tᵀ, written straight into the module's buffer.
                 r = self._rows.get(name, 0)
                 buf = self._buffer(name, r + B, widths[name], group_rows, engine.device)
-                torch.bmm(cap.gradients.transpose(1, 2), cap.activations, out=buf[r : r + B].view(B, *cap.gradients.shape[-1:], -1))
+                cap.sequence_gradients(out=buf[r : r + B].view(B, cap.gradients.shape[-1], -1))
                 per.append(None)
             else:
                 per.append(qg.lowrank_scores(name, cap))
@@ -256,7 +256,7 @@ class SelfInfluencePass(Pass):
         self.estimator = estimator
 
     def process(self, engine, batch, captures):
-        grads = {n: torch.einsum("bto,bti->boi", c.gradients, c.activations) for n, c in captures.items()}
+        grads = {n: c.sequence_gradients() for n, c in captures.items()}
         pre = self.estimator.precondition(grads)
         total = sum((pre[n] * grads[n]).sum(dim=(1, 2)) for n in grads)
         return {"scores": total[:, None]}

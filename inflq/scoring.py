@@ -96,6 +96,7 @@ class QueryGradients:
     right: dict[str, torch.Tensor] = field(default_factory=dict)
     rank: int | None = None
     _dense_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _flat_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_preconditioned(cls, grads: dict[str, torch.Tensor], rank: int | None | Compression = 32) -> QueryGradients:
@@ -194,23 +195,17 @@ class QueryGradients:
         inn = self.right[name].shape[1]
         return "dw" if dw_is_cheaper(tokens, self.num_queries, out, inn, r) else "lowrank"
 
-    @staticmethod
-    def sequence_gradients(cap: Captured) -> torch.Tensor:
-        """``DW[b] = Σ_t g_t ā_tᵀ`` flattened: ``[B, out · in_dim]``."""
-        return torch.bmm(cap.gradients.transpose(1, 2), cap.activations).reshape(cap.gradients.shape[0], -1)
-
     def dot(self, name: str, dw: torch.Tensor) -> torch.Tensor:
         """Scores ``[B, nq]`` of flattened sequence gradients ``dw [B, out · in_dim]``."""
         return dw @ self.dense(name).reshape(self.num_queries, -1).T
 
     def _flat_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``U`` and ``V`` of all queries side by side, ``[out, nq·r]`` and ``[in_dim, nq·r]``."""
-        key = "flat/" + name
-        if key not in self._dense_cache:
-            left, right = self.left[name], self.right[name]
-            self._dense_cache[key] = left.permute(1, 0, 2).reshape(left.shape[1], -1).contiguous()
-            self._dense_cache["flat-right/" + name] = right.permute(1, 0, 2).reshape(right.shape[1], -1).contiguous()
-        return self._dense_cache[key], self._dense_cache["flat-right/" + name]
+        if name not in self._flat_cache:
+            self._flat_cache[name] = tuple(  # type: ignore[assignment]
+                f.permute(1, 0, 2).reshape(f.shape[1], -1).contiguous() for f in (self.left[name], self.right[name])
+            )
+        return self._flat_cache[name]
 
     def lowrank_scores(self, name: str, cap: Captured) -> torch.Tensor:
         """Scores ``[B, nq]`` through rank-r per-token factors ``(Uᵀ g_t)·(Vᵀ ā_t)``: two matrix
@@ -225,7 +220,7 @@ class QueryGradients:
         """Scores ``[B, nq]`` of the captured sequences from one module."""
         B, T, _ = cap.activations.shape
         if self.contraction(name, B, T) == "dw":
-            return self.dot(name, self.sequence_gradients(cap))
+            return self.dot(name, cap.sequence_gradients().flatten(1))
         return self.lowrank_scores(name, cap)
 
     def token_scores(self, name: str, cap: Captured) -> torch.Tensor:

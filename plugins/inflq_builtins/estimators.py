@@ -90,7 +90,7 @@ class EigenCorrectionPass(Pass):
             if rotate_first_is_cheaper(T, g.shape[-1], a.shape[-1]):
                 rot = torch.bmm((g @ qs).transpose(1, 2), a @ qa)
             else:
-                rot = qs.T @ torch.bmm(g.transpose(1, 2), a) @ qa
+                rot = qs.T @ cap.sequence_gradients() @ qa
             out[f"L/{name}"] = rot.square_().sum(0).to(torch.float64).cpu()
         return out
 
@@ -108,7 +108,7 @@ class DiagonalPass(Pass):
     def process(self, engine, batch, captures):
         out = {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}
         for name, cap in captures.items():
-            dw = torch.einsum("bto,bti->boi", cap.gradients, cap.activations)
+            dw = cap.sequence_gradients()
             out[f"D/{name}"] = (dw * dw).sum(0).to(torch.float64).cpu()
         return out
 
