@@ -82,12 +82,7 @@ class MainScreen(Screen):
         self.query_one("#tabs", TabbedContent).query_one("Tabs").focus()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        pane = event.pane.query_one(Pane)
-        try:
-            pane.reload()
-        except InflqError as exc:
-            self.app.show_error(exc)  # type: ignore[attr-defined]
-        pane.focus_default()
+        event.pane.query_one(Pane).activate()
 
 
 class FactorsScreen(Screen):
@@ -101,12 +96,7 @@ class FactorsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        pane = self.query_one(FactorsPane)
-        try:
-            pane.reload()
-        except InflqError as exc:
-            self.app.show_error(exc)  # type: ignore[attr-defined]
-        pane.focus_default()
+        self.query_one(FactorsPane).activate()
 
 
 class InflqApp(App):

@@ -48,6 +48,14 @@ class Pane(Vertical):
     def reload(self) -> None:
         pass
 
+    def activate(self) -> None:
+        """Reload (a catalog error becomes a modal) and take the keyboard focus: when the pane comes into view."""
+        try:
+            self.reload()
+        except InflqError as exc:
+            self.inflq.show_error(exc)
+        self.focus_default()
+
     def focus_default(self) -> None:
         """Give keyboard focus to the widget the tab is used through, so its keys work at once."""
         targets = [self.query_one(self.FOCUS)] if self.FOCUS else list(self.query("DataTable, Input, Select"))
