@@ -148,10 +148,16 @@ def search_depth(
         fit = np.zeros(len(sizes), dtype=bool)
         fit[-2:] = True
     slope, intercept = np.polyfit(x[fit], y[fit], 1)
-    if not slope > 0:
+    # A flat curve fits a slope of rounding noise (1e-17, either sign): growth counts only when it
+    # moves the statistic by more than rounding over the fitted range, and an extrapolation past
+    # what a float can hold is no estimate either.
+    rise = slope * float(x[fit].max() - x[fit].min())
+    noise = 1e-9 * max(float(np.abs(y[fit]).max()), float(abs(target)), 1e-300)
+    log_estimate = (target - intercept) / slope if rise > noise else np.inf
+    if not np.isfinite(log_estimate) or log_estimate > np.log(np.finfo(np.float64).max):
         return SearchDepth(**common, estimate=None, extrapolated=True,
                            note="the unfiltered curve does not grow with the sample size, so the depth cannot be extrapolated; score a larger random sample")
-    return SearchDepth(**common, estimate=float(np.exp((target - intercept) / slope)), extrapolated=True)
+    return SearchDepth(**common, estimate=float(np.exp(log_estimate)), extrapolated=True)
 
 
 def split_union(spec: str) -> tuple[str, str]:

@@ -402,7 +402,7 @@ def test_factors_are_deterministic_given_a_seed(gpt2):
 def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
     run = run_investigation(gpt2, "default", RunSettings(estimator="ekfac", rank=4, top_k=3))
     S = score_matrix(gpt2, "default", run.result_set_id)
-    scale = np.abs(S).max()
+    scale = float(np.abs(S).max())  # a Python float: pytest.approx refuses numpy scalars as tolerances
     rows = list(gpt2.db.query("SELECT * FROM results WHERE result_set_id = ?", [run.result_set_id]))
     qids = [q["id"] for q in gpt2.queries("default")]
     assert len(rows) == 2 * 3 * len(qids)
