@@ -4,6 +4,12 @@ causal language models, after Grosse et al. 2023.
 The public API for scripts, notebooks and plugins. The headless core never imports Textual.
 """
 
+from typing import TYPE_CHECKING
+
+from .threads import prefer_sleeping_workers
+
+prefer_sleeping_workers()  # before anything imports torch: see inflq/threads.py
+
 from .base import (
     Attribution,
     AttributionContext,
@@ -14,23 +20,49 @@ from .base import (
     FilterContext,
     FitContext,
     Job,
-)
-from .engine import (
-    Batch,
-    Captured,
-    GradientEngine,
-    SequenceGradients,
-    TrackedModule,
-    make_batch,
-    select_modules,
+    Pass,
+    Shard,
 )
 from .errors import Cancelled, InflqError, NumericalError
 from .hookspecs import hookimpl
-from .linalg import gram
 from .options import Option
-from .passes import Pass, ScorePass, SelfInfluencePass, Shard, run_shard
 from .progress import Monitor, ProgressEvent
-from .scoring import QueryGradients
+
+# The gradient engine's names import torch (1-2 s); they load on first use so that `inflq --help`,
+# `inflq runs` and every plugin's import stay fast (PEP 562 module __getattr__).
+_LAZY = {
+    "Batch": "engine", "Captured": "engine", "GradientEngine": "engine", "SequenceGradients": "engine",
+    "TrackedModule": "engine", "make_batch": "engine", "select_modules": "engine",
+    "gram": "linalg",
+    "ScorePass": "passes", "SelfInfluencePass": "passes", "run_shard": "passes",
+    "QueryGradients": "scoring",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
+    from .engine import (
+        Batch,
+        Captured,
+        GradientEngine,
+        SequenceGradients,
+        TrackedModule,
+        make_batch,
+        select_modules,
+    )
+    from .linalg import gram
+    from .passes import ScorePass, SelfInfluencePass, run_shard
+    from .scoring import QueryGradients
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'inflq' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -9,16 +9,48 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
-
-from .engine import Batch, GradientEngine, TrackedModule, make_batch
 from .options import Option, resolve_options
-from .passes import Pass, Shard
 from .progress import Monitor
-from .scoring import QueryGradients
+
+if TYPE_CHECKING:  # torch (1-2 s to import) and numpy load where used: plugins import this module cheaply
+    import numpy as np
+    import torch
+
+    from .engine import Batch, Captured, GradientEngine, TrackedModule
+    from .scoring import QueryGradients
+
+
+# -- passes: the unit of work executors distribute (run by inflq.passes.run_shard) -------------------
+@dataclass(frozen=True)
+class Shard:
+    """A numbered slice of the sequences a pass visits (indices into the corpus)."""
+
+    index: int
+    indices: np.ndarray
+
+    def __len__(self) -> int:
+        return int(len(self.indices))
+
+
+class Pass:
+    """One streamed pass. Subclasses set ``phase``, ``labels``, ``combine`` and implement ``process``."""
+
+    phase: ClassVar[str] = "pass"
+    labels: ClassVar[str] = "data"  # "data" or "sampled"
+    combine: ClassVar[str] = "sum"  # "sum" or "concat"
+    seed: int = 0
+
+    def process(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured]) -> dict[str, torch.Tensor]:
+        """Results for this batch, or (passes that group work across batches) ``{}`` and later
+        results from :meth:`flush`; concatenated results must come out in batch order."""
+        raise NotImplementedError
+
+    def flush(self, discard: bool = False) -> dict[str, torch.Tensor]:
+        """Results held back by :meth:`process` (called at the end of every shard); ``discard``
+        drops them (called at the start of a shard, after a failure elsewhere)."""
+        return {}
 
 
 class Plugin:
@@ -63,6 +95,10 @@ class FitContext:
         """Endless shuffled mini-batches of the fitting data (for iterative estimators such as LiSSA)."""
         if self.indices is None or self.sequences is None:
             raise RuntimeError("this context carries no fitting data")
+        import numpy as np
+
+        from .engine import make_batch
+
         rng = np.random.default_rng(self.seed if seed is None else seed)
         while True:
             order = rng.permutation(self.indices)
@@ -109,6 +145,8 @@ class Estimator(Plugin):
     def precondition_queries(self, grads: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
         """The queries' preconditioned gradients at rank ``rank`` (``None``: full rank).
         Default: :meth:`precondition`, then compress; estimators with a cheaper route override it."""
+        from .scoring import QueryGradients
+
         return QueryGradients.from_preconditioned(self.precondition(grads), rank)
 
     def describe(self) -> dict[str, Any]:

@@ -50,18 +50,27 @@ def _progress():
         TimeRemainingColumn,
     )
 
-    from .progress import Monitor
+    from .progress import LineProgress, Monitor
 
     err = _console(stderr=True)
-    bar = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False, disable=not err.is_terminal and os.environ.get("INFLQ_PROGRESS") != "1")
+    # A terminal gets rich bars; a pipe or a log gets plain lines every few seconds (INFLQ_PROGRESS:
+    # "bar" or "lines" to choose, "0" for none; INFLQ_PROGRESS_INTERVAL seconds between lines).
+    mode = os.environ.get("INFLQ_PROGRESS", "").lower() or ("bar" if err.is_terminal else "lines")
+    mode = {"1": "bar"}.get(mode, mode)
+    bar = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False, disable=mode != "bar")
     tasks: dict[str, int] = {}
 
-    def on_progress(ev):
+    def on_bar(ev):
         if ev.phase not in tasks:
             tasks[ev.phase] = bar.add_task(ev.phase, total=max(ev.total, 1))
         bar.update(tasks[ev.phase], completed=ev.done, total=max(ev.total, 1))
 
-    monitor = Monitor(on_progress=on_progress, on_warning=lambda m: err.print(f"[yellow]warning:[/] {m}"))
+    def write_line(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    lines = LineProgress(write_line, interval=float(os.environ.get("INFLQ_PROGRESS_INTERVAL", "5")))
+    on_progress, on_note = {"bar": (on_bar, lambda m: err.print(f"[dim]{m}[/]")), "lines": (lines, lines.note)}.get(mode, (None, None))
+    monitor = Monitor(on_progress=on_progress, on_warning=lambda m: err.print(f"[yellow]warning:[/] {m}"), on_note=on_note)
     previous = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):
@@ -309,13 +318,14 @@ def _heat_text(tokens, values):
 @click.option("--top-k", default=20, show_default=True, help="Top and bottom sequences stored per query.")
 @click.option("--fit-sequences", type=int, help="Fit factors on a seeded sample of this many sequences (default: all).")
 @click.option("--seed", type=int, help="Seed for sampled labels and samples (default: the project's).")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
+@click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen from the model's size and the free memory; recorded with the run).")
 @click.option("--shard-size", default=512, show_default=True, help="Sequences per committed shard.")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
 @click.option("--resume", "resume", type=int, help="Continue a cancelled or failed run by id.")
-def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, shard_size, device, dtype, refit, resume):
+def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, batch_tokens, shard_size, device, dtype, refit, resume):
     """Fit what is needed and score the investigation's queries."""
     from .runs import RunSettings, run_investigation
 
@@ -333,7 +343,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
         if not executor.startswith("ray"):
             raise InflqError("--address is for --executor ray; drop it or use --executor ray")
         executor += ("," if ":" in executor else ":") + f"address={address}"
-    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
     with _progress() as monitor:
         try:
             result = run_investigation(p, investigation, settings, monitor, resume=resume, executor=executor if resume else None)
@@ -381,7 +391,8 @@ def factors_list(project, as_json):
 @click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
 @click.option("--fit-sequences", type=int, help="Fit on a seeded sample of this many sequences (default: all).")
 @click.option("--seed", type=int, help="Seed for sampled labels and the sample (default: the project's).")
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
+@click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen from the model's size and the free memory; recorded with the run).")
 @click.option("--shard-size", default=512, show_default=True, help="Sequences per committed fitting shard.")
 @click.option("--executor", help="Executor spec: local (default) or ray[:...] (docs/executors.md).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
@@ -389,14 +400,14 @@ def factors_list(project, as_json):
 @click.option("--refit", is_flag=True, help="Recompute even if these factors are cached.")
 @click.option("--resume", type=int, help="Continue an interrupted fit by its run id.")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
-def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, shard_size, executor, device, dtype, refit, resume, investigation):
+def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, batch_tokens, shard_size, executor, device, dtype, refit, resume, investigation):
     """Fit factors now (e.g. on a GPU machine), for later runs to reuse; resumable."""
     from .runs import RunSettings, fit_factors
 
     p = _open(project)
     p.set_runtime(device, dtype)
     settings = RunSettings(estimator=estimator, executor=executor or "local", modules=modules, fit_sequences=fit_sequences,
-                           seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+                           seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
     with _progress() as monitor:
         try:
             run_id, fs_id, seconds = fit_factors(p, settings, monitor, investigation, resume=resume)

@@ -3,7 +3,9 @@
 ``gram(x)`` computes ``xᵀx``, the covariance sums of factor fitting. torch has no symmetric
 rank-k update, so ``x.T @ x`` computes both triangles; on the CPU the BLAS routine ``?syrk``
 (through SciPy, already a dependency of scikit-learn) computes one, half the multiply-adds,
-measured 1.5-2x faster for the widths of transformer layers. Elsewhere (CUDA, MPS) it is a matmul.
+measured 1.5-2x faster for the widths of transformer layers, when torch itself runs on one thread
+(see :mod:`inflq.threads` for why two thread pools must not take turns). Elsewhere (more torch
+threads, CUDA, MPS) it is a matmul.
 """
 
 from __future__ import annotations
@@ -37,11 +39,16 @@ def gram(x: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
     their upper triangle, which is all ``torch.linalg.eigh(..., UPLO="U")`` reads, and the copy that
     mirrors a triangle (a quarter of the time of a 1024-wide update) is saved.
 
-    On the CPU in float32/float64 the BLAS symmetric rank-k update runs with as many threads as
-    torch uses (``torch.get_num_threads()``), so a benchmark's or user's thread setting holds."""
+    On the CPU in float32/float64, when torch computes on one thread, the BLAS symmetric rank-k
+    update runs on one thread too; with more torch threads the product stays in torch's pool (two
+    pools in turn spin against each other: see :mod:`inflq.threads`)."""
     if x.dim() != 2:
         raise ValueError(f"gram expects a 2-D tensor, got shape {tuple(x.shape)}")
-    routines = _syrk() if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad else None
+    routines = (
+        _syrk()
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad and torch.get_num_threads() == 1
+        else None
+    )
     if routines is None or x.shape[0] == 0:
         return x.T @ x
     ssyrk, dsyrk, controller = routines
@@ -49,7 +56,7 @@ def gram(x: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
     # x is row-major [n, d], so x.numpy().T is a column-major [d, n] array: BLAS reads it in place
     # and returns the upper triangle of (xᵀ)(xᵀ)ᵀ = xᵀx, the lower triangle left zero.
     xt = x.contiguous().numpy().T
-    with controller.limit(limits=torch.get_num_threads(), user_api="blas"):
+    with controller.limit(limits=1, user_api="blas"):
         upper = torch.from_numpy(syrk(1.0, xt, trans=0))
     if not symmetric:
         return upper

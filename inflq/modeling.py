@@ -11,10 +11,12 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InflqError
+
+if TYPE_CHECKING:  # torch loads where a model does, not when a project opens
+    import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,11 +34,13 @@ def quiet_transformers() -> None:
     except Exception:  # pragma: no cover
         pass
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
     """``auto``: cuda, then mps, then cpu. Otherwise the named device, checked to exist."""
+    import torch
+
     if device in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -52,11 +56,13 @@ def pick_device(device: str | None = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype in (None, "", "auto"):
         return torch.float32
     if dtype not in DTYPES:
         raise InflqError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 def check_model_dir(path: Path) -> None:

@@ -6,13 +6,14 @@ A pass turns one batch of captures into tensors. Results over a shard are combin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .engine import Batch, Captured, GradientEngine, make_batch
+from .base import Pass, Shard
+from .batching import Batching
+from .engine import GradientEngine, make_batch
 from .errors import InflqError
 from .progress import Monitor
 
@@ -21,39 +22,9 @@ if TYPE_CHECKING:
     from .scoring import QueryGradients
 
 
-@dataclass(frozen=True)
-class Shard:
-    """A numbered slice of the sequences a pass visits (indices into the corpus)."""
-
-    index: int
-    indices: np.ndarray
-
-    def __len__(self) -> int:
-        return int(len(self.indices))
-
-
 def make_shards(indices: np.ndarray, shard_size: int) -> list[Shard]:
     indices = np.asarray(indices, dtype=np.int64)
     return [Shard(i, indices[s : s + shard_size]) for i, s in enumerate(range(0, len(indices), shard_size))]
-
-
-class Pass:
-    """One streamed pass. Subclasses set ``phase``, ``labels``, ``combine`` and implement ``process``."""
-
-    phase: ClassVar[str] = "pass"
-    labels: ClassVar[str] = "data"  # "data" or "sampled"
-    combine: ClassVar[str] = "sum"  # "sum" or "concat"
-    seed: int = 0
-
-    def process(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured]) -> dict[str, torch.Tensor]:
-        """Results for this batch, or (passes that group work across batches) ``{}`` and later
-        results from :meth:`flush`; concatenated results must come out in batch order."""
-        raise NotImplementedError
-
-    def flush(self, discard: bool = False) -> dict[str, torch.Tensor]:
-        """Results held back by :meth:`process` (called at the end of every shard); ``discard``
-        drops them (called at the start of a shard, after a failure elsewhere)."""
-        return {}
 
 
 def combine_results(kind: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -81,10 +52,11 @@ def run_shard(
     pass_: Pass,
     shard: Shard,
     pad_id: int,
-    batch_size: int,
+    batch_size: int | Batching,
     monitor: Monitor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run ``pass_`` over one shard in batches. ``sequences(indices)`` returns token arrays.
+    """Run ``pass_`` over one shard in batches. ``sequences(indices)`` returns token arrays;
+    ``batch_size`` is a :class:`~inflq.batching.Batching` (a token budget) or a number of sequences.
 
     Sequences are batched in order of length (stable, so deterministic), which keeps padding, and
     the compute spent on it, small; concatenated results come back in the shard's order. A batch
@@ -93,11 +65,13 @@ def run_shard(
     parts: list[dict[str, torch.Tensor]] = []
     pass_.flush(discard=True)
     all_tokens = sequences(shard.indices)
-    order = np.argsort(np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens)), kind="stable")
+    lengths = np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens))
+    order = np.argsort(lengths, kind="stable")
+    lengths = lengths[order]
     pos = 0
-    size = max(1, int(batch_size))
+    batching = Batching.of(batch_size)
     while pos < len(order):
-        chunk = order[pos : pos + size]
+        chunk = order[pos : batching.end(lengths, pos)]
         toks = [all_tokens[i] for i in chunk]
         seeds = [sequence_seed(pass_.seed, pass_.phase, int(shard.indices[i])) for i in chunk]
         batch = make_batch(toks, pad_id, engine.device, sample_seeds=seeds)
@@ -105,9 +79,9 @@ def run_shard(
             captures, _ = engine.capture(batch, pass_.labels)
             result = pass_.process(engine, batch, captures)
         except torch.OutOfMemoryError:
-            if size == 1:
+            if len(chunk) == 1:
                 raise InflqError("one sequence does not fit in device memory: use a shorter context or a larger device") from None
-            size = max(1, size // 2)
+            batching = batching.halved(len(chunk))
             if engine.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue

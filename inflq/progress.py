@@ -43,10 +43,13 @@ class Monitor:
         on_progress: Callable[[ProgressEvent], None] | None = None,
         cancel_event: threading.Event | None = None,
         on_warning: Callable[[str], None] | None = None,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
         self.on_progress = on_progress
         self.on_warning = on_warning
+        self.on_note = on_note
         self.warnings: list[str] = []
+        self.notes: list[str] = []
         self.cancel_event = cancel_event or threading.Event()
         self.phase = ""
         self.total = 0
@@ -58,6 +61,12 @@ class Monitor:
         self.warnings.append(message)
         if self.on_warning is not None:
             self.on_warning(message)
+
+    def note(self, message: str) -> None:
+        """A fact about the work worth a line in a log (e.g. the batching chosen); not a warning."""
+        self.notes.append(message)
+        if self.on_note is not None:
+            self.on_note(message)
 
     def cancel(self) -> None:
         self.cancel_event.set()
@@ -89,3 +98,59 @@ class Monitor:
             )
 
 
+
+
+class LineProgress:
+    """Plain progress lines, for output that is not a terminal (a pipe, a log file, CI).
+
+    Bound to ``Monitor.on_progress``: writes ``phase n/N (p%), rate/s, elapsed, eta`` once a phase
+    has run ``interval`` seconds since its last line, and a closing line for phases that took that
+    long, so quick commands print nothing and a long run shows it is alive every few seconds.
+    Notes (``Monitor.note``) wait for the first line, so they appear only in logs of long work.
+    """
+
+    def __init__(self, write: Callable[[str], None], interval: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.write = write
+        self.interval = float(interval)
+        self.clock = clock
+        self.pending_notes: list[str] = []
+        self._phase: str | None = None
+        self._last = 0.0
+        self._written = False  # a line for the current phase
+
+    def note(self, message: str) -> None:
+        self.pending_notes.append(message)
+
+    def _emit(self, line: str) -> None:
+        for n in self.pending_notes:
+            self.write(f"inflq: {n}")
+        self.pending_notes.clear()
+        self.write(f"inflq: {line}")
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        now = self.clock()
+        if ev.phase != self._phase:
+            self._phase, self._last, self._written = ev.phase, now, False
+        rate = ev.done / ev.elapsed if ev.elapsed > 0 else 0.0
+        if ev.total > 0 and ev.done >= ev.total:
+            if self._written or ev.elapsed >= self.interval:
+                self._emit(f"{ev.phase} done: {ev.done:,} in {_duration(ev.elapsed)} ({rate:,.1f}/s)")
+            self._phase = None  # a later event of the same phase starts a new one
+            return
+        if now - self._last < self.interval:
+            return
+        self._last, self._written = now, True
+        share = f" ({100 * ev.done / ev.total:.0f}%)" if ev.total > 0 else ""
+        eta = f", eta {_duration(ev.eta)}" if ev.eta is not None else ""
+        self._emit(f"{ev.phase} {ev.done:,}/{ev.total:,}{share}, {rate:,.1f}/s, {_duration(ev.elapsed)} elapsed{eta}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    if seconds < 60:
+        return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min"

@@ -15,15 +15,13 @@ import threading
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlite_utils
-import torch
 
 from . import catalog
 from .corpus import CorpusStore, build_store, corpus_fingerprint, read_documents
-from .engine import GradientEngine, select_modules
 from .errors import InflqError
 from .modeling import (
     check_model_dir,
@@ -38,6 +36,11 @@ from .modeling import (
 )
 from .progress import Monitor
 from .queries import TokenizedQuery, tokenize_query
+
+if TYPE_CHECKING:  # the engine imports torch: opening a project to read its catalog must not
+    import torch
+
+    from .engine import GradientEngine
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -400,6 +403,8 @@ class Project:
         self._model = None
 
     def engine(self, modules: str | None = None) -> GradientEngine:
+        from .engine import GradientEngine, select_modules
+
         return GradientEngine(self.model, select_modules(self.model, modules or self.config.modules))
 
     @property

@@ -19,6 +19,7 @@ import torch
 from . import catalog
 from .artifacts import load_tensors, save_tensors
 from .base import Estimator, Executor, FilterContext, FitContext, Job
+from .batching import Batching, auto_batching
 from .engine import GradientEngine, SequenceGradients, make_batch
 from .errors import Cancelled, InflqError
 from .options import parse_spec, parse_specs
@@ -43,12 +44,30 @@ class RunSettings:
     top_k: int = 20
     fit_sequences: int | None = None
     seed: int = 0
-    batch_size: int = 8
+    # Sequences per batch and padded tokens per batch; both None (the default): chosen from the
+    # model's size and the device's memory when the run starts (inflq.batching), then recorded.
+    # A batch_size alone fixes the number of sequences, as before token budgets existed.
+    batch_size: int | None = None
+    batch_tokens: int | None = None
     shard_size: int = 512
     refit: bool = False
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
+
+    def batching(self) -> Batching:
+        """How run_shard batches this run's sequences (after :meth:`resolve_batching`)."""
+        if self.batch_size is None and self.batch_tokens is None:
+            raise RuntimeError("the run's batching is chosen when it starts: call resolve_batching(engine, project) first")
+        return Batching(tokens=self.batch_tokens, sequences=self.batch_size)
+
+    def resolve_batching(self, engine: GradientEngine, project: Project) -> bool:
+        """Fill in the batching left to inflq (see :mod:`inflq.batching`); True if it changed."""
+        if self.batch_size is not None or self.batch_tokens is not None:
+            return False
+        auto = auto_batching(engine, project.config.max_length)
+        self.batch_tokens, self.batch_size = auto.tokens, auto.sequences
+        return True
 
     @classmethod
     def from_json(cls, text: str, **overrides: Any) -> RunSettings:
@@ -73,7 +92,7 @@ class LocalWorker:
         self.corpus = project.corpus
         self.pad_id = project.pad_id
 
-    def run(self, pass_: Pass, shard: Shard, batch_size: int, monitor: Monitor | None) -> dict[str, torch.Tensor]:
+    def run(self, pass_: Pass, shard: Shard, batch_size: int | Batching, monitor: Monitor | None) -> dict[str, torch.Tensor]:
         return run_shard(self.engine, self.corpus.many, pass_, shard, self.pad_id, batch_size, monitor)
 
 
@@ -159,6 +178,7 @@ def ensure_factors(
     arrive (``fit_shards``), so a run killed during fitting resumes from its last committed shard.
     Shards are always reduced in shard order, so a resumed fit equals an uninterrupted one."""
     store = project.corpus
+    settings.resolve_batching(engine, project)  # callers outside a run (sessions, integrity) leave it open
     indices = _fit_indices(len(store), settings.fit_sequences, settings.seed)
     worker = LocalWorker(project, engine)
     factor_key: str | None = None  # set below once the factors' cache key is known
@@ -189,7 +209,7 @@ def ensure_factors(
                         "factor_key": factor_key, "path": rel, "checksum": checksum, "seconds": 0.0,
                     }, pk=("run_id", "pass_key", "shard"))
 
-        job = Job(pass_, worker_spec(project, settings.modules), settings.batch_size, local=worker)
+        job = Job(pass_, worker_spec(project, settings.modules), settings.batching(), local=worker)
         executor.map(job, [s for s in shards if s.index not in parts], on_result, monitor)
         if len(parts) != len(shards):
             raise InflqError(f"the executor returned {len(parts)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
@@ -246,13 +266,15 @@ def ensure_factors(
     return fs_id
 
 
-def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int) -> SequenceGradients:
+def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int | None) -> SequenceGradients:
     """Gradients of each query's measurement loss ``-log p(completion | prompt)``: ``[nq, out, in_dim]``
-    per module, with their token factors (only completion tokens carry gradient)."""
+    per module, with their token factors (only completion tokens carry gradient), ``batch_size``
+    queries at a time (``None``: 8)."""
     toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
     parts = []
-    for s in range(0, len(toks), max(1, batch_size)):
-        chunk = toks[s : s + batch_size]
+    size = max(1, batch_size or 8)
+    for s in range(0, len(toks), size):
+        chunk = toks[s : s + size]
         batch = make_batch([t.tokens for t in chunk], project.pad_id, engine.device, loss_from=[t.completion_start for t in chunk])
         parts.append(engine.sequence_gradients(batch, "data"))
     return SequenceGradients.concat(parts)
@@ -290,6 +312,15 @@ def _recording_outcome(project: Project, run_id: int, executor: Executor) -> Ite
         raise
     finally:
         executor.close()
+
+
+def _record_batching(project: Project, run_id: int, settings: RunSettings, engine: GradientEngine, monitor: Monitor) -> None:
+    """Choose the batching a run left open and record it with the run, so that a resumed run and
+    the catalog say how its batches were made."""
+    if settings.resolve_batching(engine, project):
+        with project.db.atomic():
+            project.db["runs"].update(run_id, {"settings": settings.to_json()})
+    monitor.note(f"batches: {settings.batching().describe()}")
 
 
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
@@ -365,6 +396,7 @@ def run_investigation(
     phases: dict[str, float] = {}
     with _recording_outcome(project, run_id, executor) as started:
         engine = project.engine(settings.modules)
+        _record_batching(project, run_id, settings, engine, monitor)
         t = time.perf_counter()
         factor_set = ensure_factors(project, estimator, engine, executor, settings, monitor, run_id=run_id)
         phases["factors"] = time.perf_counter() - t
@@ -424,7 +456,7 @@ def run_investigation(
 
         for c_engine, c_qg, c_path in scorers[:-1]:
             spec = {**worker_spec(project, settings.modules), "checkpoint": c_path}
-            executor.map(Job(ScorePass(c_qg), spec, settings.batch_size, local=LocalWorker(project, c_engine)), todo, accumulate, monitor)
+            executor.map(Job(ScorePass(c_qg), spec, settings.batching(), local=LocalWorker(project, c_engine)), todo, accumulate, monitor)
 
         def commit(shard: Shard, out: dict[str, torch.Tensor]) -> None:
             rel = f"{ARTIFACTS}/runs/{run_id}/shard-{shard.index:06d}.safetensors"
@@ -433,7 +465,7 @@ def run_investigation(
                 project.db["run_shards"].upsert({"run_id": run_id, "shard": shard.index, "n": len(shard), "path": rel, "checksum": checksum, "seconds": 0.0}, pk=("run_id", "shard"))
 
         spec = {**worker_spec(project, settings.modules), "checkpoint": scorers[-1][2]} if scorers[-1][2] else worker_spec(project, settings.modules)
-        job = Job(ScorePass(qg), spec, settings.batch_size, local=LocalWorker(project, engine))
+        job = Job(ScorePass(qg), spec, settings.batching(), local=LocalWorker(project, engine))
         executor.map(job, todo, commit, monitor)
         phases["scoring"] = time.perf_counter() - t
         # Assemble the score matrix from committed shards.
@@ -481,6 +513,7 @@ def fit_factors(
     monitor.on_progress = _record_progress(project, run_id, monitor, monitor.on_progress)
     with _recording_outcome(project, run_id, executor) as started:
         engine = project.engine(settings.modules)
+        _record_batching(project, run_id, settings, engine, monitor)
         fs_id = ensure_factors(project, estimator, engine, executor, settings, monitor, run_id=run_id)
         seconds = time.perf_counter() - started
         with project.db.atomic():
@@ -529,7 +562,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
     module_scores = 0
     for c_engine, c_qg, _ in scorers or [(engine, qg, None)]:  # summed over checkpoints (TracIn)
         worker = LocalWorker(project, c_engine)
-        parts = worker.run(ScorePass(c_qg, per_module=True), Shard(0, seq_idx), settings.batch_size, monitor)
+        parts = worker.run(ScorePass(c_qg, per_module=True), Shard(0, seq_idx), settings.batching(), monitor)
         module_scores = module_scores + parts["module_scores"].numpy()  # [len(cols), nq, M]
     where = {c: i for i, c in enumerate(cols)}
     names = qg.names

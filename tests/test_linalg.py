@@ -8,6 +8,15 @@ import torch
 from inflq import gram
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread-syrk", "2-threads-matmul"], autouse=True)
+def torch_threads(request):
+    """gram takes BLAS syrk on one torch thread and torch's matmul on more: test both routes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(300, 40), (7, 129), (1, 3)])
 def test_gram_equals_matmul(dtype, shape):
@@ -25,6 +34,23 @@ def test_gram_of_a_non_contiguous_view_and_no_rows():
     x = torch.randn(50, 20)
     torch.testing.assert_close(gram(x.T), x @ x.T, rtol=1e-5, atol=1e-4)
     assert torch.equal(gram(torch.zeros(0, 4)), torch.zeros(4, 4))
+
+
+def test_gram_uses_one_pool_at_a_time(torch_threads, monkeypatch):
+    """BLAS (a second pool) only when torch itself runs one thread, and then on one thread."""
+    import inflq.linalg as linalg
+
+    calls = []
+    ssyrk, dsyrk, controller = linalg._syrk()
+
+    class Spy:
+        def limit(self, limits, user_api):
+            calls.append((limits, user_api))
+            return controller.limit(limits=limits, user_api=user_api)
+
+    monkeypatch.setattr(linalg, "_syrk", lambda: (ssyrk, dsyrk, Spy()))
+    gram(torch.randn(64, 16))
+    assert calls == ([(1, "blas")] if torch_threads == 1 else [])
 
 
 def test_gram_falls_back_to_matmul_for_other_dtypes():

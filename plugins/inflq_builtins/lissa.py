@@ -25,13 +25,14 @@ import contextlib
 import itertools
 import math
 import time
-from typing import Any
-
-import torch
-from torch.func import functional_call, jvp, vjp, vmap
+from typing import TYPE_CHECKING, Any
 
 from inflq import Estimator, FitContext, InflqError, Option, hookimpl
-from inflq.engine import Batch, Conv1D, TrackedModule
+
+if TYPE_CHECKING:
+    import torch
+
+    from inflq import Batch, TrackedModule
 
 
 @hookimpl
@@ -66,6 +67,8 @@ class GaussNewtonProduct:
                 self.params[f"{tm.name}.bias"] = tm.module.bias.detach()
 
     def to_params(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from inflq.engine import Conv1D
+
         out = {}
         for tm in self.tracked:
             v = x[tm.name]
@@ -77,6 +80,10 @@ class GaussNewtonProduct:
         return out
 
     def from_params(self, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch
+
+        from inflq.engine import Conv1D
+
         out = {}
         for tm in self.tracked:
             w = p[f"{tm.name}.weight"].to(torch.float32)
@@ -87,6 +94,9 @@ class GaussNewtonProduct:
     def __call__(self, batch: Batch, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``G_b x`` for each of the ``k`` vectors in ``x``: mean over the batch's sequences of
         ``Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t x`` over its real (non-pad) tokens."""
+        import torch
+        from torch.func import functional_call, jvp, vjp, vmap
+
         ids, att = batch.input_ids, batch.attention_mask
 
         def logits(p):
@@ -112,6 +122,8 @@ class GaussNewtonProduct:
 
 def _norms(x: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-vector norms ``[k]`` over all modules."""
+    import torch
+
     return torch.sqrt(sum((v.double() ** 2).flatten(1).sum(1) for v in x.values()))
 
 
@@ -173,6 +185,8 @@ class LiSSA(Estimator):
 
     def _largest_eigenvalue(self, batch_size: int, batches: int = 3, iterations: int = 20) -> float:
         """Power iteration on ``G_b`` for a few mini-batches; the largest estimate."""
+        import torch
+
         assert self.ctx is not None and self.gn is not None
         gen = torch.Generator().manual_seed(self.ctx.seed + 11)
         best = 0.0
@@ -194,6 +208,8 @@ class LiSSA(Estimator):
 
     # -- the recursion ----------------------------------------------------------------------------
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import torch
+
         if self.ctx is None or self.gn is None:
             raise InflqError("lissa was not prepared with fitting data; run it through inflq.runs")
         started = time.perf_counter()
@@ -218,6 +234,8 @@ class LiSSA(Estimator):
         return {n: out[n] for n in grads}
 
     def _recursion(self, v: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        import torch
+
         assert self.ctx is not None and self.gn is not None and self.scale is not None
         s = self.scale
         vnorm = _norms(v).clamp_min(1e-30)
@@ -238,6 +256,8 @@ class LiSSA(Estimator):
 
     def _residual(self, x: dict[str, torch.Tensor], v: dict[str, torch.Tensor], batches: int = 2) -> list[float]:
         """``‖(G + λI) x − v‖ / ‖v‖`` per vector, with G averaged over fresh mini-batches."""
+        import torch
+
         assert self.ctx is not None and self.gn is not None
         gx = {n: torch.zeros_like(t) for n, t in x.items()}
         it = self.ctx.batches(min(self.settings["batch_size"], len(self.ctx.indices)), seed=self.ctx.seed + 99)

@@ -16,13 +16,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
-import scipy.sparse as sp
-from sklearn.feature_extraction.text import TfidfTransformer
 
 from inflq import Filter, FilterContext, InflqError, Option, hookimpl
+
+if TYPE_CHECKING:  # SciPy and scikit-learn load when an index is built or read, not on import
+    import scipy.sparse as sp
 
 FORMAT_VERSION = 1
 CHUNK_SEQUENCES = 50_000
@@ -110,6 +112,8 @@ _cache: dict[str, TfidfIndex] = {}
 
 def load_or_build(ctx: FilterContext, chunk: int = CHUNK_SEQUENCES) -> TfidfIndex:
     """The project's TF-IDF index: loaded if it was built for this corpus and tokenizer, else built."""
+    import scipy.sparse as sp
+
     folder = index_dir(ctx)
     wanted = _manifest_for(ctx)
     key = str(folder.resolve())
@@ -142,6 +146,9 @@ def _load_vectors(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def build_index(ctx: FilterContext, chunk: int = CHUNK_SEQUENCES) -> TfidfIndex:
     """Count tokens per sequence in chunks of ``chunk`` sequences, then weight with scikit-learn."""
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import TfidfTransformer
+
     n = int(ctx.num_sequences)
     if n <= 0:
         raise InflqError("tfidf: the corpus has no sequences to index; rebuild the corpus")
@@ -180,6 +187,8 @@ def build_index(ctx: FilterContext, chunk: int = CHUNK_SEQUENCES) -> TfidfIndex:
 
 def save_index(index: TfidfIndex, folder: Path) -> None:
     """Write the index beside its manifest; the folder is replaced at once, never half-written."""
+    import scipy.sparse as sp
+
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,6 @@ import time
 import click
 import numpy as np
 import sqlite_utils
-import torch
 from sqlite_utils.migrations import Migrations
 
 from inflq import Estimator, InflqError, Monitor, Pass, Shard, hookimpl
@@ -29,6 +28,8 @@ class QueryNormalisedDotProduct(Estimator):
     description = "query-normalised gradient dot product (full cosine: inflq cosine PROJECT)"
 
     def precondition(self, grads):
+        import torch  # imported where used: `inflq --help` loads every plugin and stays fast
+
         norms = torch.sqrt(sum((g.double() ** 2).flatten(1).sum(1) for g in grads.values()))  # [nq]
         if not torch.all(norms > 0):
             raise InflqError("a query gradient is zero (the completion is already certain?); cosine is undefined")
@@ -54,6 +55,8 @@ class GradientNormPass(Pass):
     combine = "concat"
 
     def process(self, engine, batch, captures):
+        import torch
+
         total = 0
         for cap in captures.values():
             dw = torch.einsum("bto,bti->boi", cap.gradients, cap.activations)
