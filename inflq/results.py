@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .artifacts import load_tensors
-from .base import AttributionContext, AttributionResult
-from .engine import make_batch
+from .artifacts import load_arrays, load_tensors
+from .base import AttributionContext, AttributionResult, Shard
 from .errors import InflqError
-from .passes import SelfInfluencePass, Shard
 from .progress import Monitor
 from .project import Project
-from .runs import (
-    LocalWorker,
-    RunSettings,
-    ensure_factors,
-    make_estimator,
-    make_executor,
-    preconditioned_queries,
-    query_gradients,
-)
-from .scoring import QueryGradients
+
+if TYPE_CHECKING:  # the engine (torch) loads only for scoring; reading results back needs NumPy only
+    from .scoring import QueryGradients
 
 
 def result_sets(project: Project, investigation: str | None = None) -> list[dict]:
@@ -84,8 +75,8 @@ def top(project: Project, result_set_id: int, query_id: int, side: str = "top", 
 
 def scores(project: Project, rs: dict) -> tuple[np.ndarray, np.ndarray]:
     """``(indices, scores[nq_at_run, len(indices)])`` of a result set, NaN where not a candidate."""
-    t = load_tensors(project.root, rs["scores_path"], rs["scores_checksum"], "score matrix")
-    return t["indices"].numpy(), t["scores"].numpy()
+    t = load_arrays(project.root, rs["scores_path"], rs["scores_checksum"], "score matrix")
+    return t["indices"], t["scores"]
 
 
 def score_matrix(project: Project, investigation: str, result_set_id: int | None = None) -> np.ndarray:
@@ -131,6 +122,8 @@ class ScoringSession:
 
     @classmethod
     def for_result_set(cls, project: Project, rs: dict) -> ScoringSession:
+        from .scoring import QueryGradients
+
         settings = json.loads(rs["settings"])
         qg = QueryGradients.from_tensors(
             load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients"), settings.get("rank")
@@ -141,6 +134,15 @@ class ScoringSession:
     @classmethod
     def for_queries(cls, project: Project, query_ids: list[int], estimator: str = "ekfac", rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
         """Fit (or reuse cached) factors and precondition the given queries, without a corpus run."""
+        from .runs import (
+            RunSettings,
+            ensure_factors,
+            make_estimator,
+            make_executor,
+            preconditioned_queries,
+            query_gradients,
+        )
+
         settings = RunSettings(estimator=estimator, rank=rank, **run)
         est = make_estimator(project, estimator)
         engine = project.engine(settings.modules)
@@ -150,6 +152,8 @@ class ScoringSession:
         return cls(project, preconditioned_queries(est, grads, rank), list(query_ids), engine)
 
     def _captures(self, tokens: np.ndarray):
+        from .engine import make_batch
+
         batch = make_batch([tokens], self.project.pad_id, self.engine.device)
         caps, _ = self.engine.capture(batch, "data")
         return caps
@@ -157,6 +161,8 @@ class ScoringSession:
     def breakdown(self, tokens: np.ndarray, query_id: int) -> tuple[np.ndarray, np.ndarray]:
         """``(module_scores [M], token_module_scores [T, M])`` for one sequence and query."""
         qi = self.query_ids.index(query_id)
+        import torch
+
         caps = self._captures(tokens)
         names = self.qg.names
         per_tok = torch.stack([self.qg.token_scores(n, caps[n])[0, :, qi] for n in names], dim=1).cpu().numpy()
@@ -179,6 +185,9 @@ class ScoringSession:
 
 def self_influence(project: Project, estimator: str = "ekfac", indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
     """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``)."""
+    from .passes import SelfInfluencePass
+    from .runs import LocalWorker, RunSettings, ensure_factors, make_estimator, make_executor
+
     monitor = monitor or Monitor()
     settings = RunSettings(estimator=estimator, batch_size=batch_size, **run)
     est = make_estimator(project, estimator)
