@@ -2,7 +2,8 @@
 
 The exact damped Gauss-Newton influence is built with ``torch.func.jacrev`` on a separately loaded
 float64 copy of a tiny model: ``G = mean_seq Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t`` over the tracked
-modules' parameters, the normalisation EK-FAC uses.
+modules' parameters and the training loss's positions ``t`` (every token but the last), the
+normalisation EK-FAC uses.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class ExactGaussNewton:
         for s in sequences:
             ids = torch.as_tensor(np.asarray(s, np.int64))
             jac = jacrev(self.logits)(self.params, ids)
-            J = torch.cat([jac[k].reshape(len(ids), -1, self.params[k].numel()) for k in self.params], -1)
-            p = torch.softmax(self.logits(self.params, ids), -1)
+            J = torch.cat([jac[k].reshape(len(ids), -1, self.params[k].numel()) for k in self.params], -1)[:-1]
+            p = torch.softmax(self.logits(self.params, ids), -1)[:-1]  # the last token has no next token, no loss
             H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
             G += torch.einsum("tvp,tvw,twq->pq", J, H, J)
         return G / len(sequences)

@@ -160,7 +160,8 @@ class Reference:
         return out
 
     def gauss_newton(self, sequences, chunk: int = 8) -> torch.Tensor:
-        """``G = mean_seq Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t``, J_t = ∂ logits_t / ∂ θ_tracked.
+        """``G = mean_seq Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t``, J_t = ∂ logits_t / ∂ θ_tracked, over
+        the training loss's positions ``t`` (every real token but a sequence's last).
 
         The logits are ``W h_t`` with ``h_t`` the final hidden state and ``W`` the (untracked) LM
         head, so ``J_t = W K_t`` with ``K_t = ∂h_t/∂θ`` and ``J_tᵀ H_t J_t = K_tᵀ (Wᵀ H_t W) K_t``:
@@ -178,8 +179,10 @@ class Reference:
             p = torch.softmax(out.logits, dim=-1)
             # Forward mode: one tangent per parameter, cheaper than one cotangent per output here.
             jac = jacfwd(lambda prm, ids=ids, mask=mask: self.forward(prm, ids, mask).hidden_states[-1])(self.params)
-            K = torch.cat([jac[k].reshape(*ids.shape, W.shape[1], -1) for k in self.params], dim=-1)[mask.bool()]
-            p = p[mask.bool()]  # [tokens, V]
+            loss = torch.zeros_like(mask, dtype=torch.bool)
+            loss[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool()
+            K = torch.cat([jac[k].reshape(*ids.shape, W.shape[1], -1) for k in self.params], dim=-1)[loss]
+            p = p[loss]  # [loss positions, V]
             Wp = p @ W  # pᵀW per token
             C = torch.einsum("nv,vd,ve->nde", p, W, W) - Wp[:, :, None] * Wp[:, None, :]  # Wᵀ(diag p − ppᵀ)W
             G += K.flatten(0, 1).T @ torch.bmm(C, K).flatten(0, 1)
