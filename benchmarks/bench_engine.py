@@ -33,6 +33,16 @@ Scores come back through ``.npy`` files; the two score matrices are compared by 
 correlation. Each tool fits its own factors with its own sampled labels, so the correlation
 includes sampling noise; the benchmark also reports inflq against itself with another seed
 (``--noise-check``) as the ceiling such a comparison can reach.
+
+``--agreement-seeds N`` measures that agreement instead of timings: both tools fit their factors at
+N seeds each (the true Fisher unless ``--fisher empirical``; both damped by their default, 0.1 × the
+mean eigenvalue per module, unless ``--damping``), score the same queries at rank ``--rank``, and the
+benchmark reports Spearman correlations of inflq vs Kronfluence against Kronfluence seed vs
+Kronfluence seed (and inflq vs inflq), an inflq seed and a Kronfluence seed each against the mean of
+N - 1 other Kronfluence seeds, and the score scale ratio (RMS of inflq's seed-mean scores over
+Kronfluence's)::
+
+    python benchmarks/bench_engine.py --agreement-seeds 4 --kf-python /tmp/kfenv/bin/python
 """
 
 from __future__ import annotations
@@ -191,7 +201,9 @@ class InflqBench:
             worker_spec,
         )
 
-        est = make_estimator(self.project, f"ekfac:damping={damping!r},fisher={FISHER}")
+        # damping None: the estimator's default, 0.1 × the mean eigenvalue per module.
+        spec = f"ekfac:fisher={FISHER}" if damping is None else f"ekfac:damping={damping!r},fisher={FISHER}"
+        est = make_estimator(self.project, spec)
         est.load_factors(self.factors)
         parts: dict[int, torch.Tensor] = {}
         started = time.perf_counter()
@@ -205,7 +217,8 @@ class InflqBench:
         scores = torch.cat([parts[i] for i in sorted(parts)]).T.to(torch.float64).numpy()
         return seconds, scores
 
-    def export_for_kronfluence(self, folder: Path, damping: float, rank: int, threads: int, repeats: int, counts: list[int]) -> None:
+    def export_for_kronfluence(self, folder: Path, damping: float | None, rank: int | None, threads: int, repeats: int, counts: list[int],
+                               seeds: list[int] | None = None) -> None:
         lens = self.store.lengths()
         tok = np.full((len(lens), int(lens.max())), self.project.pad_id, dtype=np.int64)
         for i in range(len(lens)):
@@ -223,7 +236,7 @@ class InflqBench:
         (folder / "job.json").write_text(json.dumps({
             "model": str(self.project.model_path.resolve()), "modules": self.engine.names, "pad_id": self.project.pad_id,
             "batch_size": self.batch_size, "fisher": FISHER, "damping": damping, "rank": rank, "threads": threads, "repeats": repeats,
-            "query_counts": counts, "seed": 0,
+            "query_counts": counts, "seed": 0, "seeds": seeds,
         }))
 
 
@@ -304,6 +317,66 @@ def bench_workload(name: str, model: Path, corpus: Path, queries: list[dict], ar
         out[f"spearman_{nq}"] = (flat, med)
         print(f"    Spearman inflq vs Kronfluence, {nq:2d} quer{'y  ' if nq == 1 else 'ies'}: {flat:.3f} (median per query {med:.3f}; goal >= 0.95)")
     return out
+
+
+def agreement_workload(name: str, model: Path, corpus: Path, queries: list[dict], args, tmp: Path) -> dict | None:
+    """Spearman agreement of inflq and Kronfluence, each at ``args.agreement_seeds`` seeds, against
+    the agreement of Kronfluence with itself across seeds; and the ratio of the score scales."""
+    import torch
+
+    torch.manual_seed(0)
+    b = InflqBench(tmp / f"{name}-project", model, corpus, queries, args.batch_size)
+    nq = min(64, len(queries))
+    seeds = list(range(args.agreement_seeds))
+    lens = b.store.lengths()
+    print(f"\n== {name} (agreement): {len(b.indices)} sequences, {b.tokens} tokens (mean length {lens.mean():.1f}), "
+          f"{len(b.engine.tracked)} tracked modules, {nq} queries, rank {args.rank}, fisher {FISHER}, seeds {seeds}, "
+          f"damping {'0.1 × mean eigenvalue per module' if args.damping is None else args.damping}", flush=True)
+    ours = []
+    started = time.perf_counter()
+    for seed in seeds:
+        b.fit(seed=seed)
+        ours.append(b.score(nq, args.damping, args.rank)[1])
+    print(f"  inflq: {len(seeds)} fits and scorings in {time.perf_counter() - started:.0f} s", flush=True)
+    kf_py = kronfluence_python(args.kf_python)
+    if kf_py is None:
+        print("  Kronfluence: not importable; give --kf-python (see the docstring)")
+        return None
+    folder = tmp / f"{name}-kronfluence"
+    folder.mkdir()
+    b.export_for_kronfluence(folder, args.damping, args.rank, torch.get_num_threads(), 1, [nq], seeds=seeds)
+    started = time.perf_counter()
+    proc = subprocess.run([kf_py, str(Path(__file__).with_name("kronfluence_worker.py")), str(folder)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print("  Kronfluence failed:\n" + proc.stderr[-3000:])
+        return None
+    print(f"  Kronfluence: {len(seeds)} fits and scorings in {time.perf_counter() - started:.0f} s", flush=True)
+    theirs = [np.load(folder / f"kf_scores_seed{s}.npy") for s in seeds]
+
+    def mean_pairs(pairs) -> tuple[float, float]:
+        got = [spearman(a, c) for a, c in pairs]
+        return float(np.mean([g[0] for g in got])), float(np.mean([g[1] for g in got]))
+
+    within = [(i, j) for i in seeds for j in seeds if i < j]
+    kf_mean = np.mean(theirs, axis=0)
+    rows = {
+        "inflq vs Kronfluence (each seed pair)": mean_pairs([(ours[i], theirs[j]) for i in seeds for j in seeds]),
+        "Kronfluence vs Kronfluence (seed pairs)": mean_pairs([(theirs[i], theirs[j]) for i, j in within]),
+        "inflq vs inflq (seed pairs)": mean_pairs([(ours[i], ours[j]) for i, j in within]),
+        # Both against a mean of N - 1 Kronfluence seeds, so that both means are as noisy.
+        f"inflq seed vs Kronfluence's other {len(seeds) - 1} seeds' mean": mean_pairs(
+            [(ours[i], np.mean([theirs[j] for j in seeds if j != i], axis=0)) for i in seeds]),
+        f"Kronfluence seed vs its other {len(seeds) - 1} seeds' mean": mean_pairs(
+            [(theirs[i], np.mean([theirs[j] for j in seeds if j != i], axis=0)) for i in seeds]),
+    }
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    scale = rms(np.mean(ours, axis=0)) / rms(kf_mean)
+    per_seed = [rms(ours[i]) / rms(theirs[i]) for i in seeds]
+    print(f"    {'Spearman, mean over pairs':52s} {'pooled':>7s} {'per query (median)':>19s}")
+    for label, (flat, med) in rows.items():
+        print(f"    {label:52s} {flat:7.3f} {med:19.3f}")
+    print(f"    score scale inflq / Kronfluence (RMS of the seed means) {scale:.3f}; per seed {fmt(per_seed)}")
+    return {"name": name, "rows": rows, "scale": scale, "scale_per_seed": per_seed}
 
 
 def fmt(xs) -> str:
@@ -404,6 +477,9 @@ def main() -> None:
                     help="inflq's --full-rank-memory: MiB of query gradients kept at full rank where scoring is cheaper "
                          "that way (0: rank --rank everywhere, as Kronfluence does)")
     ap.add_argument("--noise-check", action="store_true", help="also correlate inflq with itself at another seed")
+    ap.add_argument("--agreement-seeds", type=int, default=0,
+                    help="instead of timings: fit both tools at this many seeds and report their Spearman agreement "
+                         "against Kronfluence's with itself, and the score scale ratio (see the docstring)")
     ap.add_argument("--only", choices=["demo", "random", "memory"], default=None)
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -427,6 +503,9 @@ def main() -> None:
     print(f"inflq engine benchmark: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"median of {args.repeats} after a warm-up; command: python benchmarks/bench_engine.py {' '.join(sys.argv[1:])}")
     tmp = Path(tempfile.mkdtemp(prefix="inflq-bench-"))
+    workload = agreement_workload if args.agreement_seeds else bench_workload
+    if args.agreement_seeds:
+        args.skip_memory = True
     results = []
     try:
         if args.only in (None, "demo"):
@@ -439,7 +518,7 @@ def main() -> None:
                 queries = [json.loads(line) for line in (DEMO / "queries.jsonl").read_text().splitlines() if line.strip()]
                 queries = [{"prompt": q["prompt"], "completion": q["completion"], "chat": False} for q in queries]
                 queries += [split_query(d["text"]) for d in docs[:: max(1, len(docs) // 64)]]
-                results.append(bench_workload("demo", DEMO / "model", corpus, queries[:64], args, tmp))
+                results.append(workload("demo", DEMO / "model", corpus, queries[:64], args, tmp))
             else:
                 print(f"\n== demo: skipped, {DEMO / 'model'} is not there yet (train it with projects/demo/train_model.py)")
         if args.only in (None, "random"):
@@ -449,7 +528,7 @@ def main() -> None:
             lines = corpus.read_text().splitlines()
             (tmp / "random-corpus.jsonl").write_text("\n".join(lines[:n_random]) + "\n")
             queries = [split_query(json.loads(x)["text"]) for x in lines[n_random:]]
-            results.append(bench_workload("gpt2-4x256", model, tmp / "random-corpus.jsonl", queries, args, tmp))
+            results.append(workload("gpt2-4x256", model, tmp / "random-corpus.jsonl", queries, args, tmp))
         if not args.skip_memory and args.only in (None, "memory"):
             memory_part([2_000, 20_000] if args.quick else [10_000, 100_000], args.threads, tmp)
     finally:

@@ -8,13 +8,17 @@ Input (a folder written by ``bench_engine.py``): ``job.json`` (model folder, tra
 damping, batch size, threads, repeats), ``train_tokens.npy`` / ``train_lengths.npy`` (right-padded
 training sequences) and ``query_tokens.npy`` / ``query_lengths.npy`` / ``query_starts.npy`` (queries
 and where their completions start). Output, in the same folder: ``kf_scores_{1,64}.npy`` (the
-queries × sequences score matrices) and ``kf_result.json`` (timings in seconds).
+queries × sequences score matrices) and ``kf_result.json`` (timings in seconds). With ``seeds`` in
+``job.json`` (an agreement run, no timings): factors fitted once per seed (``torch.manual_seed``)
+and ``kf_scores_seed{s}.npy`` for the first ``query_counts[0]`` queries per seed.
 
 Conventions aligned with inflq: the measurement is the summed cross-entropy of the completion
 tokens, so Kronfluence's score ``∇measurementᵀ (G + λI)⁻¹ ∇L`` has inflq's sign (positive: the
 sequence makes the completion more likely); ``damping_factor`` is an absolute λ in Kronfluence,
-as ``ekfac:damping=`` is in inflq; sampled labels (the true Fisher) at every real token, padding
-masked out of covariances.
+as ``ekfac:damping=`` is in inflq (``damping: null``: Kronfluence's own heuristic, 0.1 × the mean
+eigenvalue per module, as inflq's default); the true Fisher's labels sampled as Kronfluence's users
+sample them (its language-modelling examples): from the shifted logits of the positions that have a
+label in the training loss, so never at a sequence's last token; padding masked out of covariances.
 """
 
 from __future__ import annotations
@@ -100,15 +104,14 @@ def main(folder: Path) -> None:
     class LanguageModeling(Task):
         def compute_train_loss(self, batch, model, sample=False):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            if sample:
-                # The true Fisher: labels drawn from the model at every real position (as inflq).
-                flat = logits.reshape(-1, logits.size(-1))
-                with torch.no_grad():
-                    labels = torch.multinomial(torch.softmax(flat.detach(), -1), 1).flatten()
-                    labels[batch["attention_mask"].reshape(-1) == 0] = -100
-                return F.cross_entropy(flat, labels, ignore_index=-100, reduction="sum")
             shift = logits[:, :-1].reshape(-1, logits.size(-1))
-            return F.cross_entropy(shift, batch["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+            targets = batch["labels"][:, 1:].reshape(-1)
+            if sample:
+                # The true Fisher: labels drawn from the model where the loss has a label.
+                with torch.no_grad():
+                    targets = torch.multinomial(torch.softmax(shift.detach(), -1), 1).flatten()
+                    targets[batch["labels"][:, 1:].reshape(-1) == -100] = -100
+            return F.cross_entropy(shift, targets, ignore_index=-100, reduction="sum")
 
         def compute_measurement(self, batch, model):
             # -log p(completion | prompt): positive scores then mean "more likely", as in inflq.
@@ -127,6 +130,11 @@ def main(folder: Path) -> None:
 
     train = Sequences(train_tok, train_len)
     loader_kwargs = DataLoaderKwargs(collate_fn=collate)
+
+    if job.get("seeds") is not None:
+        nq = int(job["query_counts"][0])
+        agreement(job, folder, model, task, train, Sequences(q_tok[:nq], q_len[:nq], q_start[:nq]), loader_kwargs)
+        return
 
     # FLOOR for this side: one plain forward + backward over the corpus (the Linear-swapped model).
     def floor() -> float:
@@ -160,7 +168,7 @@ def main(folder: Path) -> None:
     for nq in job["query_counts"]:
         queries = Sequences(q_tok[:nq], q_len[:nq], q_start[:nq])
         score_args = ScoreArguments(
-            damping_factor=float(job["damping"]),
+            damping_factor=None if job["damping"] is None else float(job["damping"]),
             query_gradient_low_rank=(int(job["rank"]) if nq > 1 else None),
             use_full_svd=True,
         )
@@ -178,6 +186,38 @@ def main(folder: Path) -> None:
         result[f"score_{nq}"] = statistics.median(times)
         result[f"scores_{nq}_times"] = times
     (folder / "kf_result.json").write_text(json.dumps(result))
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def agreement(job, folder: Path, model, task, train, queries, loader_kwargs) -> None:
+    """Per seed: factors fitted with that seed's sampled labels, and the queries' scores."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+
+    bs = int(job["batch_size"])
+    model = prepare_model(model, task)
+    out_dir = Path(tempfile.mkdtemp(prefix="kf-agree-"))
+    analyzer = Analyzer("agree", model=model, task=task, cpu=True, output_dir=str(out_dir), disable_tqdm=True, disable_model_save=True)
+    analyzer.set_dataloader_kwargs(loader_kwargs)
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=job.get("fisher") == "empirical")
+    rank = job.get("rank")
+    score_args = ScoreArguments(
+        damping_factor=None if job["damping"] is None else float(job["damping"]),
+        query_gradient_low_rank=int(rank) if rank else None, use_full_svd=True,
+    )
+    seconds = {}
+    for seed in job["seeds"]:
+        t = time.perf_counter()
+        torch.manual_seed(int(seed))
+        analyzer.fit_all_factors(f"ekfac_{seed}", train, per_device_batch_size=bs, factor_args=factor_args, overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores(
+            f"scores_{seed}", f"ekfac_{seed}", queries, train, per_device_query_batch_size=len(queries),
+            per_device_train_batch_size=bs, score_args=score_args, overwrite_output_dir=True,
+        )
+        scores = analyzer.load_pairwise_scores(f"scores_{seed}")["all_modules"].to(torch.float64).numpy()
+        np.save(folder / f"kf_scores_seed{seed}.npy", scores, allow_pickle=False)
+        seconds[str(seed)] = time.perf_counter() - t
+    (folder / "kf_result.json").write_text(json.dumps({"seconds": seconds}))
     shutil.rmtree(out_dir, ignore_errors=True)
 
 

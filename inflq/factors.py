@@ -27,9 +27,25 @@ _PLOT_LOCK = threading.Lock()  # plotext draws on one global figure
 _SPECTRUM_KEYS = ("lambda/", "diag/")
 
 
+# The sampling rule of true-Fisher factor sets fitted before the rule was recorded (inflq sampled
+# labels at every real token then, a sequence's last included). Their cache key lacks the
+# current rule, so no run reuses them; listings say which rule they were fitted with.
+OLD_SAMPLING_RULE = "every real token (older inflq; not reused)"
+
+
+def recorded_settings(settings: str | None) -> dict:
+    """A factor set's settings as recorded, with the sampling rule of the true Fisher made
+    explicit for sets fitted before it was recorded."""
+    out = json.loads(settings or "{}")
+    if out.get("fisher") == "true" and "sampled_at" not in out:
+        out["sampled_at"] = OLD_SAMPLING_RULE
+    return out
+
+
 def factor_sets(project) -> list[dict]:
     """Every cached factor set with its size on disk, whether it was fitted on the project's current
-    model, and how many runs used it."""
+    model, and how many runs used it. ``settings`` names the true Fisher's sampling rule, for sets
+    fitted before it was recorded too."""
     used: dict[int, int] = {}
     for r in project.db.query("SELECT factor_set_id AS id, count(*) AS n FROM runs WHERE factor_set_id IS NOT NULL GROUP BY factor_set_id"):
         used[r["id"]] = r["n"]
@@ -38,6 +54,7 @@ def factor_sets(project) -> list[dict]:
         path = project.root / r["path"]
         out.append({
             **r,
+            "settings": json.dumps(recorded_settings(r["settings"]), sort_keys=True),
             "size_bytes": path.stat().st_size if path.exists() else None,
             "current_model": r["model_fingerprint"] == project.model_fingerprint,
             "runs": used.get(r["id"], 0),

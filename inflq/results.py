@@ -113,29 +113,44 @@ def distribution(project: Project, investigation: str, query_id: int, result_set
 @dataclass
 class ScoringSession:
     """Everything needed to score arbitrary sequences against a result set's queries: its
-    preconditioned query gradients and an engine over the same modules."""
+    preconditioned query gradients and an engine over the same modules.
+
+    An estimator over training checkpoints (TracIn) scores with each checkpoint's model:
+    ``checkpoints`` then holds, per checkpoint, its engine and its query gradients (already
+    weighted by its learning rate), and every score and attribution is their sum,
+    ``Σ_c η_c ⟨∇ℓ_q(θ_c), ∇L(z, θ_c)⟩`` split by token or module. ``qg`` and ``engine`` are then the
+    last checkpoint's."""
 
     project: Project
     qg: QueryGradients
     query_ids: list[int]
     engine: object
+    checkpoints: list[tuple[object, QueryGradients]] | None = None
 
     @classmethod
     def for_result_set(cls, project: Project, rs: dict) -> ScoringSession:
+        from .runs import checkpoint_engine, split_checkpoint_tensors
         from .scoring import QueryGradients
 
         settings = json.loads(rs["settings"])
-        qg = QueryGradients.from_tensors(
-            load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients"), settings.get("rank")
-        )
-        engine = project.engine(",".join(settings["modules"]))
-        return cls(project, qg, settings["query_ids"], engine)
+        tensors = load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients")
+        modules = ",".join(settings["modules"])
+        paths = settings.get("checkpoints")
+        if paths:
+            parts = [
+                (checkpoint_engine(project, project.path(path), modules), QueryGradients.from_tensors(t, settings.get("rank")))
+                for path, t in zip(paths, split_checkpoint_tensors(tensors, len(paths)), strict=True)
+            ]
+            return cls(project, parts[-1][1], settings["query_ids"], parts[-1][0], parts)
+        qg = QueryGradients.from_tensors(tensors, settings.get("rank"))
+        return cls(project, qg, settings["query_ids"], project.engine(modules))
 
     @classmethod
     def for_queries(cls, project: Project, query_ids: list[int], estimator: str = "ekfac", rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
         """Fit (or reuse cached) factors and precondition the given queries, without a corpus run."""
         from .runs import (
             RunSettings,
+            _checkpoint_scorers,
             ensure_factors,
             make_estimator,
             make_executor,
@@ -148,26 +163,29 @@ class ScoringSession:
         engine = project.engine(settings.modules)
         ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor or Monitor())
         queries = [project.query(q) for q in query_ids]
+        scorers = _checkpoint_scorers(project, est, queries, settings, rank)
+        if scorers:
+            parts = [(c_engine, c_qg) for c_engine, c_qg, _ in scorers]
+            return cls(project, parts[-1][1], list(query_ids), parts[-1][0], parts)
         grads = query_gradients(project, engine, queries, settings.batch_size)
         return cls(project, preconditioned_queries(est, grads, rank), list(query_ids), engine)
 
-    def _captures(self, tokens: np.ndarray):
-        from .engine import make_batch
-
-        batch = make_batch([tokens], self.project.pad_id, self.engine.device)
-        caps, _ = self.engine.capture(batch, "data")
-        return caps
-
     def breakdown(self, tokens: np.ndarray, query_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(module_scores [M], token_module_scores [T, M])`` for one sequence and query."""
+        """``(module_scores [M], token_module_scores [T, M])`` for one sequence and query, summed
+        over the checkpoints for a checkpoint estimator."""
         qi = self.query_ids.index(query_id)
         import torch
 
-        caps = self._captures(tokens)
+        from .engine import make_batch
+
         names = self.qg.names
-        per_tok = torch.stack([self.qg.token_scores(n, caps[n])[0, :, qi] for n in names], dim=1).cpu().numpy()
-        module = torch.stack([self.qg.module_scores(n, caps[n])[0, qi] for n in names]).cpu().numpy()
-        return module.astype(np.float64), per_tok.astype(np.float64)
+        module = np.zeros(len(names))
+        per_tok = np.zeros((len(tokens), len(names)))
+        for engine, qg in self.checkpoints or [(self.engine, self.qg)]:
+            caps, _ = engine.capture(make_batch([tokens], self.project.pad_id, engine.device), "data")
+            per_tok += torch.stack([qg.token_scores(n, caps[n])[0, :, qi] for n in names], dim=1).cpu().numpy().astype(np.float64)
+            module += torch.stack([qg.module_scores(n, caps[n])[0, qi] for n in names]).cpu().numpy().astype(np.float64)
+        return module, per_tok
 
     def attribute(self, tokens: np.ndarray, query_id: int, kind: str = "token") -> AttributionResult:
         module, per_tok = self.breakdown(tokens, query_id)

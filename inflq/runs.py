@@ -25,7 +25,7 @@ from .errors import Cancelled, InflqError
 from .options import parse_spec, parse_specs
 from .passes import Pass, ScorePass, Shard, combine_results, make_shards, run_shard
 from .progress import Monitor
-from .project import ARTIFACTS, Project
+from .project import ARTIFACTS, Project, _rel
 from .scoring import Compression, QueryGradients
 
 
@@ -440,7 +440,8 @@ def run_investigation(
         engine, qg = scorers[-1][0], scorers[-1][1]
         monitor.advance(len(queries))
         q_rel = f"{ARTIFACTS}/runs/{run_id}/queries.safetensors"
-        q_sum = save_tensors(project.root, q_rel, qg.tensors(), {"rank": json.dumps(settings.rank)})
+        q_sum = save_tensors(project.root, q_rel, checkpoint_query_tensors([s[1] for s in scorers]) if scorers[-1][2] else qg.tensors(),
+                             {"rank": json.dumps(settings.rank)})
         phases["query gradients"] = time.perf_counter() - t
         # Score in shards, committing each one.
         t = time.perf_counter()
@@ -544,6 +545,21 @@ def _checkpoint_scorers(
     return out
 
 
+def checkpoint_query_tensors(per_checkpoint: list[QueryGradients]) -> dict[str, torch.Tensor]:
+    """Every checkpoint's (weighted, preconditioned) query gradients in one flat tensor dict,
+    keyed ``checkpoint<c>/<key>`` in the order of the estimator's checkpoints."""
+    return {f"checkpoint{c}/{k}": v for c, qg in enumerate(per_checkpoint) for k, v in qg.tensors().items()}
+
+
+def split_checkpoint_tensors(tensors: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of :func:`checkpoint_query_tensors`."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    for key, v in tensors.items():
+        head, _, rest = key.partition("/")
+        out[int(head[len("checkpoint"):])][rest] = v
+    return out
+
+
 def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=None) -> int:
     """Save the full score matrix and the top and bottom K per query with per-module scores."""
     k = max(1, settings.top_k)
@@ -577,7 +593,9 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
         rs_id = project.db["result_sets"].insert({
             "run_id": run_id, "investigation_id": inv["id"], "name": f"run {run_id}: {settings.estimator} / {settings.filter}",
             "estimator": settings.estimator, "filter": filt.spec() if hasattr(filt, "spec") else settings.filter,
-            "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "full_rank_modules": sorted(qg.full), "query_ids": [q["id"] for q in queries]}, default=float),
+            "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "full_rank_modules": sorted(qg.full), "query_ids": [q["id"] for q in queries],
+                                    # Checkpoint estimators (TracIn): the models whose query gradients the queries artifact holds, in order.
+                                    **({"checkpoints": [_rel(c_path, project.root) for _, _, c_path in scorers]} if scorers and scorers[-1][2] else {})}, default=float),
             "num_candidates": int(len(cand)), "scores_path": rs_rel, "scores_checksum": rs_sum,
             "queries_path": q_rel, "queries_checksum": q_sum, "created_at": catalog.now(),
         }).last_pk

@@ -7,8 +7,8 @@ tracked parameters θ, starting at the trained θ_s:
     (1/N) Σ_i D_out(f(θ, x_i), f(θ_s, x_i)) + ε L(z, θ) + (λ/2) ‖θ − θ_s‖²
 
 where D_out is the Bregman divergence of the cross-entropy in logit space, which is
-KL(p(θ_s) ‖ p(θ)) summed over every non-pad position (the normalisation of inflq's Gauss-Newton
-matrix), and λ is the damping (per module, EK-FAC's heuristic 0.1 × mean eigenvalue unless given).
+KL(p(θ_s) ‖ p(θ)) summed over the positions where the training loss has a term (a next token
+exists: the normalisation of inflq's Gauss-Newton matrix and of its sampled-label Fisher), and λ is the damping (per module, EK-FAC's heuristic 0.1 × mean eigenvalue unless given).
 The influence on a query's measurement m = log p(completion | prompt) is then
 ``(Δm(+ε) − Δm(−ε)) / (2ε)``: positive when up-weighting z makes the completion more likely,
 inflq's sign. To first order it is ``−∇ℓ_qᵀ (G + λI)⁻¹ ∇L(z)``, the quantity every estimator
@@ -161,7 +161,7 @@ class PBRF:
 
     def _kl(self, params, batch, ref_logp) -> torch.Tensor:
         logp = torch.log_softmax(self._logits(params, batch.input_ids, batch.attention_mask), -1)
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1) * batch.attention_mask
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1) * batch.loss_mask
         return kl.sum() / self.n
 
     def _loss(self, params, tokens, start: int = 1) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 The exact damped Gauss-Newton influence is built with ``torch.func.jacrev`` on a separately loaded
 float64 copy of a tiny model: ``G = mean_seq Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t`` over the tracked
-modules' parameters, the normalisation EK-FAC uses.
+modules' parameters and the training loss's positions ``t`` (every token but the last), the
+normalisation EK-FAC uses.
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ class ExactGaussNewton:
         for s in sequences:
             ids = torch.as_tensor(np.asarray(s, np.int64))
             jac = jacrev(self.logits)(self.params, ids)
-            J = torch.cat([jac[k].reshape(len(ids), -1, self.params[k].numel()) for k in self.params], -1)
-            p = torch.softmax(self.logits(self.params, ids), -1)
+            J = torch.cat([jac[k].reshape(len(ids), -1, self.params[k].numel()) for k in self.params], -1)[:-1]
+            p = torch.softmax(self.logits(self.params, ids), -1)[:-1]  # the last token has no next token, no loss
             H = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
             G += torch.einsum("tvp,tvw,twq->pq", J, H, J)
         return G / len(sequences)
@@ -196,6 +197,50 @@ def test_tracin_sums_learning_rate_weighted_scores_over_checkpoints(tmp_path):
     assert sum(json.loads(row["module_scores"]).values()) == pytest.approx(row["score"], rel=1e-4)
     only_last = score_matrix(project, "default", run_investigation(project, "default", RunSettings(estimator="tracin:last=1", rank=None)).result_set_id)
     assert np.abs(only_last - 2.0 * ident_b).max() <= 1e-4 * np.abs(ident_b).max() * 2
+
+
+def test_tracin_attributions_use_every_checkpoints_gradients(tmp_path):
+    """TracIn's token and layer attributions are ``Σ_c η_c ×`` checkpoint c's per-token/per-module
+    terms, each with that checkpoint's query and training gradients: they sum to the TracIn score
+    computed independently (torch.func gradients of each checkpoint), and per token they equal the
+    η-weighted sum of each checkpoint's identity attribution; for result sets and for probes."""
+    from inflq.results import ScoringSession
+    from inflq_builtins.tracin import add_checkpoint
+
+    project = make_project(tmp_path / "a", seed=0)
+    other = make_project(tmp_path / "b", seed=3)  # same architecture, other weights
+    add_checkpoint(project, project.model_path, 0.5)
+    add_checkpoint(project, other.model_path, 2.0)
+    refs = [(0.5, ExactGaussNewton(project)), (2.0, ExactGaussNewton(other))]
+    qtoks = [project.tokenize_query(q["prompt"], q["completion"]) for q in project.queries("default")]
+
+    def tracin(tokens, qi) -> float:
+        return sum(lr * float(ref.gradient(qtoks[qi].tokens, qtoks[qi].completion_start) @ ref.gradient(tokens)) for lr, ref in refs)
+
+    def session(p: Project, spec: str) -> ScoringSession:
+        r = run_investigation(p, "default", RunSettings(estimator=spec, rank=None))
+        return ScoringSession.for_result_set(p, p.db["result_sets"].get(r.result_set_id))
+
+    trac, ident_a, ident_b = session(project, "tracin"), session(project, "identity"), session(other, "identity")
+    assert len(trac.checkpoints) == 2
+    qids, qids_b = [q["id"] for q in project.queries("default")], [q["id"] for q in other.queries("default")]
+    probe_session = ScoringSession.for_queries(project, qids, estimator="tracin")
+    probe = "the first president of astrobia was zorald pfaff ."
+    cases = [(project.corpus.get(i), qi) for i in (0, 4, 9) for qi in range(len(qids))]
+    cases.append((project.tokenize_sequence(probe), 0))
+    for tokens, qi in cases:
+        want = tracin(tokens, qi)
+        scale = max(abs(want), 1e-3)
+        for s in (trac, probe_session):
+            tok = s.attribute(tokens, qids[qi], "token")
+            layer = s.attribute(tokens, qids[qi], "layer")
+            assert tok.total == pytest.approx(want, abs=1e-4 * scale)
+            assert layer.total == pytest.approx(want, abs=1e-4 * scale)
+            assert tok.values.sum() == pytest.approx(want, abs=1e-4 * scale)
+            weighted = 0.5 * ident_a.attribute(tokens, qids[qi], "token").values + 2.0 * ident_b.attribute(tokens, qids_b[qi], "token").values
+            np.testing.assert_allclose(tok.values, weighted, rtol=0, atol=1e-5 * scale)
+    (text_result,) = probe_session.score_texts([probe], qids[0])
+    assert text_result.total == pytest.approx(tracin(project.tokenize_sequence(probe), 0), rel=1e-4)
 
 
 def test_checkpoint_with_another_architecture_is_refused(tmp_path, cli_run):

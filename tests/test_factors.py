@@ -124,3 +124,46 @@ def test_factors_cli(project, cli_run):
     code, out, err = cli_run("factors", "rm", root, "1", "--yes")
     assert code == 0 and "removed factor set 1" in out
     assert json.loads(cli_run("factors", "list", root, "--json")[1]) == []
+
+
+def test_factors_fitted_with_the_old_sampling_rule_are_never_reused(project):
+    """True-Fisher factors record where their labels were sampled; a set fitted by an older inflq
+    (labels at every real token, no rule recorded) stays listed, with its rule, and a run fits
+    anew instead of reusing it."""
+    import hashlib
+
+    from inflq.engine import SAMPLED_AT
+    from inflq.factors import OLD_SAMPLING_RULE
+    from inflq.project import Project
+    from inflq.runs import make_estimator
+
+    assert make_estimator(project, "ekfac").factor_settings() == {"fisher": "true", "sampled_at": SAMPLED_AT}
+    _, fs_id, _ = fit_factors(project, RunSettings(estimator="ekfac"))
+    row = project.db["factor_sets"].get(fs_id)
+    assert json.loads(row["settings"]) == {"fisher": "true", "sampled_at": "loss positions"}
+    # Rewrite the row as an older inflq stored it: settings without the rule, and the cache key
+    # computed from them (the key's sources are in the artifact's metadata).
+    from safetensors import safe_open
+
+    with safe_open(str(project.root / row["path"]), "pt") as f:
+        key_src = json.loads(f.metadata()["key"])
+
+    def key_of(src: dict) -> str:
+        return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:24]
+
+    assert key_of(key_src) == row["key"]
+    old_settings = json.dumps({"fisher": "true"}, sort_keys=True)
+    old_key = key_of({**key_src, "settings": {"fisher": "true"}})
+    with project.db.atomic():
+        project.db["factor_sets"].update(fs_id, {"settings": old_settings, "key": old_key})
+    project.close()
+    reopened = Project.open(project.root)  # an old catalog still opens
+    try:
+        (listed,) = factor_sets(reopened)
+        assert json.loads(listed["settings"]) == {"fisher": "true", "sampled_at": OLD_SAMPLING_RULE}
+        _, again, _ = fit_factors(reopened, RunSettings(estimator="ekfac"))
+        assert again != fs_id
+        rules = {r["id"]: json.loads(r["settings"])["sampled_at"] for r in factor_sets(reopened)}
+        assert rules == {fs_id: OLD_SAMPLING_RULE, again: SAMPLED_AT}
+    finally:
+        reopened.close()

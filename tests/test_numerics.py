@@ -160,7 +160,8 @@ class Reference:
         return out
 
     def gauss_newton(self, sequences, chunk: int = 8) -> torch.Tensor:
-        """``G = mean_seq Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t``, J_t = ∂ logits_t / ∂ θ_tracked.
+        """``G = mean_seq Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t``, J_t = ∂ logits_t / ∂ θ_tracked, over
+        the training loss's positions ``t`` (every real token but a sequence's last).
 
         The logits are ``W h_t`` with ``h_t`` the final hidden state and ``W`` the (untracked) LM
         head, so ``J_t = W K_t`` with ``K_t = ∂h_t/∂θ`` and ``J_tᵀ H_t J_t = K_tᵀ (Wᵀ H_t W) K_t``:
@@ -178,8 +179,10 @@ class Reference:
             p = torch.softmax(out.logits, dim=-1)
             # Forward mode: one tangent per parameter, cheaper than one cotangent per output here.
             jac = jacfwd(lambda prm, ids=ids, mask=mask: self.forward(prm, ids, mask).hidden_states[-1])(self.params)
-            K = torch.cat([jac[k].reshape(*ids.shape, W.shape[1], -1) for k in self.params], dim=-1)[mask.bool()]
-            p = p[mask.bool()]  # [tokens, V]
+            loss = torch.zeros_like(mask, dtype=torch.bool)
+            loss[:, :-1] = mask[:, :-1].bool() & mask[:, 1:].bool()
+            K = torch.cat([jac[k].reshape(*ids.shape, W.shape[1], -1) for k in self.params], dim=-1)[loss]
+            p = p[loss]  # [loss positions, V]
             Wp = p @ W  # pᵀW per token
             C = torch.einsum("nv,vd,ve->nde", p, W, W) - Wp[:, :, None] * Wp[:, None, :]  # Wᵀ(diag p − ppᵀ)W
             G += K.flatten(0, 1).T @ torch.bmm(C, K).flatten(0, 1)
@@ -278,7 +281,8 @@ def test_eigenvalue_correction_equals_its_definition(gpt2, monkeypatch):
 # -- 3. covariances by hand, with padding -----------------------------------------------------------
 def hand_covariances(project: Project, indices, seed: int = 0) -> tuple[dict, dict, int]:
     """``Σ ā āᵀ`` and ``Σ g gᵀ`` with plain hooks, one unpadded sequence at a time, labels sampled
-    from the model as the covariance pass samples them."""
+    from the model as the covariance pass samples them (``Σ g gᵀ`` over every token: the last
+    one's gradient is zero)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(project.model_path)).float().eval()
@@ -301,11 +305,12 @@ def hand_covariances(project: Project, indices, seed: int = 0) -> tuple[dict, di
         for h in handles:
             h.remove()
         gen = torch.Generator().manual_seed(sequence_seed(seed, "covariance", int(i)))
-        # The engine's sampling rule: inverse CDF with one uniform per position.
+        # The engine's sampling rule: inverse CDF with one uniform per position, at the training
+        # loss's positions only (every token but the last, which has no next token).
         cdf = torch.softmax(logits.detach(), -1).cumsum(-1)
         u = torch.rand((cdf.shape[0], 1), generator=gen) * cdf[:, -1:]
         labels = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)
-        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+        torch.nn.functional.cross_entropy(logits[:-1], labels[:-1], reduction="sum").backward()
         for tm in tracked:
             a, out = seen[tm.name]
             a = a[0].double()
@@ -335,6 +340,113 @@ def test_covariances_match_hand_hooks_and_ignore_padding(tiny, arch):
             got = builtin_estimators.symmetric(padded[key])
             assert rel_err(got, want) < 1e-4, key
             assert rel_err(got, builtin_estimators.symmetric(single[key])) < 1e-5, key
+
+
+# -- 3b. the true Fisher's S against its exact expectation -----------------------------------------------
+def small_vocabulary_gpt2(vocab: int = 20, width: int = 8, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=width, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def exact_fisher_output_covariances(model, tracked, sequences, positions: str = "loss") -> dict[str, torch.Tensor]:
+    """``E_y[Σ_t g_t g_tᵀ]`` per module, computed by enumeration in float64: ``g_t`` is the gradient
+    of ``Σ_s ℓ_s(y_s)`` with respect to the module's output at token ``t``, labels ``y_s`` drawn
+    independently from ``p_s``. The cross terms vanish (``E[∇ℓ_s] = 0``), so the expectation is
+    ``Σ_s Σ_y p_s(y) Σ_t h_{s,y,t} h_{s,y,t}ᵀ`` with ``h_{s,y,t} = ∂ℓ_s(y)/∂o_t``: one gradient per
+    position ``s`` and vocabulary entry ``y``. ``positions``: ``loss`` (the training loss's
+    positions, every token but the last) or ``all`` (every token: the old rule, for contrast)."""
+    import copy
+
+    ref = copy.deepcopy(model).double()
+    mods = dict(ref.named_modules())
+    S = {tm.name: torch.zeros(tm.out_features, tm.out_features, dtype=torch.float64) for tm in tracked}
+    for seq in sequences:
+        outs: dict[str, torch.Tensor] = {}
+        handles = [mods[tm.name].register_forward_hook(lambda _m, _a, out, n=tm.name, outs=outs: outs.__setitem__(n, out)) for tm in tracked]
+        emb = ref.get_input_embeddings()
+        handles.append(emb.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+        logits = ref(input_ids=torch.as_tensor(seq)[None], use_cache=False).logits[0]
+        for h in handles:
+            h.remove()
+        logp = torch.log_softmax(logits, -1)
+        names = [tm.name for tm in tracked]
+        last = len(seq) - 1 if positions == "loss" else len(seq)
+        for s_pos in range(last):
+            for y in range(logits.shape[-1]):
+                grads = torch.autograd.grad(-logp[s_pos, y], [outs[n] for n in names], retain_graph=True)
+                w = float(logp[s_pos, y].detach().exp())
+                for n, g in zip(names, grads):
+                    g = g[0]  # [T, out]
+                    S[n] += w * (g.T @ g)
+    return S
+
+
+def test_sampled_fisher_covariance_converges_to_its_exact_expectation():
+    """inflq's sampled-label ``S = Σ_t g gᵀ`` over many seeds converges to the exact Fisher
+    expectation over the training loss's positions, within a few standard errors derived from
+    the per-seed spread; the old rule (sampling at every real token) is many bounds away."""
+    from inflq.engine import GradientEngine, make_batch, select_modules
+
+    torch.set_num_threads(1)
+    model = small_vocabulary_gpt2()
+    engine = GradientEngine(model, select_modules(model, "all"))
+    gen = np.random.default_rng(0)
+    sequences = [gen.integers(0, 20, size=4).tolist(), gen.integers(0, 20, size=3).tolist()]  # right-padded batch
+    exact = exact_fisher_output_covariances(model, engine.tracked, sequences, "loss")
+    old_rule = exact_fisher_output_covariances(model, engine.tracked, sequences, "all")
+
+    n = 2000
+    total = {n_: torch.zeros_like(v) for n_, v in exact.items()}
+    squares = {n_: torch.zeros_like(v) for n_, v in exact.items()}
+    for k in range(n):
+        batch = make_batch(sequences, pad_id=0, sample_seeds=[2 * k, 2 * k + 1])
+        caps, _ = engine.capture(batch, "sampled")
+        for name, cap in caps.items():
+            g = cap.gradients.reshape(-1, cap.gradients.shape[-1]).double()
+            s_k = g.T @ g
+            total[name] += s_k
+            squares[name] += s_k * s_k
+    for name, want in exact.items():
+        mean = total[name] / n
+        var = squares[name] / n - mean * mean  # per entry, across seeds
+        # E‖mean − exact‖²_F = Σ var / n for an unbiased estimate: its root is the standard error
+        # of the whole matrix; 3 of them is a bound an unbiased sampler meets with room to spare.
+        se = float((var.clamp_min(0).sum() / n).sqrt())
+        err = float(torch.linalg.matrix_norm(mean - want))
+        bias = float(torch.linalg.matrix_norm(old_rule[name] - want))
+        print(f"\n{name}: ‖mean − exact‖ {err:.3g} = {err / se:.2f} standard errors; old rule's bias {bias / se:.1f} standard errors")
+        assert err <= 3 * se, name
+        assert bias > 10 * se, name  # the old rule fails the bound by far: the test can tell the two apart
+
+
+def test_sampled_labels_are_drawn_exactly_at_the_loss_positions():
+    """The sampled-label loss has a term exactly where the training loss does (``loss_mask``: not
+    a sequence's last token, not padding, not a query's prompt), so output gradients vanish at
+    the last token; labels depend on the sequence's seed and position only, not on batching."""
+    from inflq.engine import GradientEngine, make_batch, select_modules
+
+    model = small_vocabulary_gpt2()
+    engine = GradientEngine(model, select_modules(model, "all"))
+    seqs = [[1, 5, 7, 2, 9, 3], [4, 4, 8, 1]]
+    for loss_from in (None, [3, 2]):
+        batch = make_batch(seqs, 0, sample_seeds=[11, 12], loss_from=loss_from)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        per_token = engine.losses(logits, batch, "sampled")
+        assert torch.equal(per_token > 0, batch.loss_mask)
+    batch = make_batch(seqs, 0, sample_seeds=[11, 12])
+    caps, _ = engine.capture(batch, "sampled")
+    for cap in caps.values():
+        for b, s in enumerate(seqs):
+            assert float(cap.gradients[b, len(s) - 1 :].abs().max()) == 0.0  # last token and padding
+            assert float(cap.gradients[b, len(s) - 2].abs().max()) > 0.0
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    together = engine.sample_labels(logits, batch)
+    alone = make_batch(seqs[1:], 0, sample_seeds=[12])
+    by_itself = engine.sample_labels(model(input_ids=alone.input_ids).logits, alone)
+    assert torch.equal(together[1, :3], by_itself[0, :3])
 
 
 # -- 4. EK-FAC against exact influence with the full damped Gauss-Newton matrix ---------------------

@@ -136,7 +136,12 @@ class _FisherEstimator(Estimator):
         self.dampings: dict[str, float] = {}
 
     def factor_settings(self):
-        return {"fisher": self.settings["fisher"]}
+        if self.settings["fisher"] != "true":
+            return {"fisher": self.settings["fisher"]}
+        from inflq.engine import SAMPLED_AT
+
+        # Where the labels were sampled changes the factors: part of the cache key, recorded with them.
+        return {"fisher": "true", "sampled_at": SAMPLED_AT}
 
     @property
     def _labels(self) -> str:

@@ -7,10 +7,11 @@ For each query gradient ``v`` (all queries of a run iterate in lockstep on the s
 averaged over ``repeats`` independent recursions. ``G_b`` is the **exact** Gauss-Newton matrix of
 mini-batch ``b`` of the fitting data (not the sampled-label Fisher): the product ``G_b x`` is a
 forward-mode ``torch.func.jvp`` through the model to the logits, multiplication by the softmax
-output Hessian ``diag(p) − p pᵀ`` at every real token, and a ``torch.func.vjp`` back to the tracked
-parameters. Its normalisation is EK-FAC's: the mean over sequences of the per-sequence
-summed-loss Gauss-Newton matrix (every non-pad position counts, as in EK-FAC's sampled-label
-passes), so the same damping means the same thing for both estimators.
+output Hessian ``diag(p) − p pᵀ`` at every position where the training loss has a term (a next
+token exists), and a ``torch.func.vjp`` back to the tracked parameters. Its normalisation is
+EK-FAC's: the mean over sequences of the per-sequence summed-loss Gauss-Newton matrix (the same
+positions as EK-FAC's sampled-label passes), so the same damping means the same thing for both
+estimators.
 
 Convergence needs ``s`` above the largest eigenvalue of ``G_b + λI``; by default ``s`` is twice the
 largest eigenvalue found by power iteration on a few mini-batches. A recursion that grows faster
@@ -93,7 +94,7 @@ class GaussNewtonProduct:
 
     def __call__(self, batch: Batch, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``G_b x`` for each of the ``k`` vectors in ``x``: mean over the batch's sequences of
-        ``Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t x`` over its real (non-pad) tokens."""
+        ``Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t x`` over the training loss's positions."""
         import torch
         from torch.func import functional_call, jvp, vjp, vmap
 
@@ -112,7 +113,7 @@ class GaussNewtonProduct:
                 jx = vmap(lambda t: jvp(logits, (self.params,), (t,))[1])(tangents)  # [k, B, T, V]
                 prob = torch.softmax(out.detach(), dim=-1)
                 hjx = prob * (jx - (prob * jx).sum(-1, keepdim=True))
-                hjx = hjx * att.to(hjx.dtype)[None, :, :, None]
+                hjx = hjx * batch.loss_mask.to(hjx.dtype)[None, :, :, None]
                 back = vmap(pullback)(hjx.to(out.dtype))[0]
         finally:
             for p, flag in saved:
