@@ -9,9 +9,12 @@ a second pass that refits the eigenvalues in the Kronecker eigenbasis,
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from inflq import Estimator, FitContext, Option, Pass, QueryGradients, gram, hookimpl
+from inflq import Estimator, FitContext, Option, Pass, hookimpl
+
+if TYPE_CHECKING:  # torch is imported where it is used: importing a plugin must stay cheap
+    import torch
 
 
 @hookimpl
@@ -45,6 +48,10 @@ class CovariancePass(Pass):
         self.labels = labels
 
     def process(self, engine, batch, captures):
+        import torch
+
+        from inflq import gram
+
         out = {
             "tokens": batch.attention_mask.sum().to(torch.float64).reshape(1),
             "sequences": torch.tensor([float(batch.size)], dtype=torch.float64, device=batch.input_ids.device),
@@ -59,6 +66,8 @@ class CovariancePass(Pass):
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose upper triangle is ``upper``'s."""
+    import torch
+
     return torch.triu(upper) + torch.triu(upper, 1).T
 
 
@@ -81,6 +90,8 @@ class EigenCorrectionPass(Pass):
         self.labels = labels
 
     def process(self, engine, batch, captures):
+        import torch
+
         out = {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}
         for name, cap in captures.items():
             qa = self.qa[name].to(cap.activations.device, torch.float32)
@@ -106,6 +117,8 @@ class DiagonalPass(Pass):
         self.labels = labels
 
     def process(self, engine, batch, captures):
+        import torch
+
         out = {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}
         for name, cap in captures.items():
             dw = cap.sequence_gradients()
@@ -148,6 +161,8 @@ class _FisherEstimator(Estimator):
         return "sampled" if self.settings["fisher"] == "true" else "data"
 
     def _damping(self, eigenvalues: torch.Tensor) -> float:
+        import torch
+
         if self.settings["damping"] is not None:
             return float(self.settings["damping"])
         return float(self.settings["damping_factor"]) * float(eigenvalues.to(torch.float64).mean())
@@ -163,6 +178,8 @@ class _Eigenbasis(_FisherEstimator):
     """Shared by EK-FAC and K-FAC: factors are ``Q_A``, ``Q_S`` and eigenvalues ``Λ`` per module."""
 
     def _eigendecompose(self, ctx: FitContext) -> tuple[dict, dict, dict, dict, dict]:
+        import torch
+
         cov = ctx.run_pass(CovariancePass(self._labels))
         tokens = float(cov["tokens"].sum())
         seqs = float(cov["sequences"].sum())
@@ -184,6 +201,8 @@ class _Eigenbasis(_FisherEstimator):
 
     def _rotated(self, grads):
         """``(Q_Sᵀ V Q_A) ⊘ (Λ + λ)`` per module: the preconditioned gradients in the eigenbasis."""
+        import torch
+
         out = {}
         factors = getattr(grads, "factors", None) or {}
         for name, v in grads.items():
@@ -199,6 +218,8 @@ class _Eigenbasis(_FisherEstimator):
         return out
 
     def precondition(self, grads):
+        import torch
+
         rotated = self._rotated(grads)
         return {
             n: self.factors[f"qs/{n}"].to(r.device, torch.float32) @ r @ self.factors[f"qa/{n}"].to(r.device, torch.float32).T
@@ -206,6 +227,8 @@ class _Eigenbasis(_FisherEstimator):
         }
 
     def precondition_queries(self, grads, rank):
+        from inflq import QueryGradients
+
         names = list(grads)
         return QueryGradients.from_eigenbasis(
             self._rotated(grads), {n: self.factors[f"qs/{n}"] for n in names}, {n: self.factors[f"qa/{n}"] for n in names}, rank
@@ -219,6 +242,8 @@ class EKFAC(_Eigenbasis):
     description = "EK-FAC: Kronecker-factored eigenbasis with refitted eigenvalues (the paper's estimator)"
 
     def fit(self, ctx):
+        import torch
+
         qa, qs, _, _, counts = self._eigendecompose(ctx)
         qa32 = {k: v.to(torch.float32) for k, v in qa.items()}
         qs32 = {k: v.to(torch.float32) for k, v in qs.items()}
@@ -241,6 +266,8 @@ class KFAC(_Eigenbasis):
     description = "K-FAC: Kronecker-factored Gauss-Newton (no eigenvalue correction)"
 
     def fit(self, ctx):
+        import torch
+
         qa, qs, la, ls, counts = self._eigendecompose(ctx)
         scale = counts["tokens"] / counts["sequences"]
         out = {}
@@ -260,6 +287,8 @@ class Diagonal(_FisherEstimator):
     description = "diagonal Gauss-Newton (per-parameter)"
 
     def fit(self, ctx):
+        import torch
+
         d = ctx.run_pass(DiagonalPass(self._labels))
         seqs = float(d["sequences"].sum())
         out = {f"diag/{tm.name}": (d[f"D/{tm.name}"] / seqs).to(torch.float32) for tm in ctx.tracked}
@@ -271,6 +300,8 @@ class Diagonal(_FisherEstimator):
         self.dampings = {k[len("diag/") :]: self._damping(v) for k, v in tensors.items()}
 
     def precondition(self, grads):
+        import torch
+
         return {
             n: v.to(torch.float32) / (self.factors[f"diag/{n}"].to(v.device) + self.dampings[n]) for n, v in grads.items()
         }
