@@ -314,7 +314,8 @@ def _heat_text(tokens, values):
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
-@click.option("--resume", "resume", type=int, help="Continue a cancelled or failed run by id.")
+@click.option("--resume", "resume", type=int, is_flag=False, flag_value=0,
+              help="Continue a cancelled or failed run: by id, or alone (after PROJECT) the investigation's latest interrupted run.")
 def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, shard_size, device, dtype, refit, resume):
     """Fit what is needed and score the investigation's queries."""
     from .runs import RunSettings, run_investigation
@@ -334,12 +335,27 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
             raise InflqError("--address is for --executor ray; drop it or use --executor ray")
         executor += ("," if ":" in executor else ":") + f"address={address}"
     settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+    if resume == 0:  # the bare flag: the investigation's latest interrupted run
+        from .runs import interrupted_run
+
+        row = interrupted_run(p, investigation)
+        if row is None:
+            raise InflqError(f"investigation {investigation!r} has no interrupted run to resume; see `inflq runs {project}`, or give a run id")
+        resume = row["id"]
+    if resume:
+        from .runs import committed_work
+
+        row = p.db["runs"].get(resume) if p.db["runs"].count_where("id = ?", [resume]) else None
+        if row is not None and row["kind"] == "scores" and row["status"] != "done":
+            click.echo(f"resuming run {resume} ({row['status']}, {row['estimator']} / {row['filter']}); {committed_work(p, resume)}", err=True)
     with _progress() as monitor:
         try:
             result = run_investigation(p, investigation, settings, monitor, resume=resume, executor=executor if resume else None)
         except Cancelled:
-            last = p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
-            raise InflqError(f"run {resume or last} cancelled; its committed shards are kept: continue with `inflq run {project} --resume {resume or last}`") from None
+            from .runs import committed_work
+
+            last = resume or p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
+            raise InflqError(f"run {last} cancelled; {committed_work(p, last)}: continue with `inflq run {project} --resume {last}` (or --resume alone)") from None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
     click.echo(f"run {result.run_id} done in {result.seconds:.1f}s ({phases}); result set {result.result_set_id}")
     click.echo(f"see the top sequences with: inflq top {project} -i {p.investigation(p.db['runs'].get(result.run_id)['investigation_id'])['name']}")
@@ -387,7 +403,7 @@ def factors_list(project, as_json):
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--refit", is_flag=True, help="Recompute even if these factors are cached.")
-@click.option("--resume", type=int, help="Continue an interrupted fit by its run id.")
+@click.option("--resume", type=int, is_flag=False, flag_value=0, help="Continue an interrupted fit: by run id, or alone (after PROJECT) the latest one.")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
 def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, shard_size, executor, device, dtype, refit, resume, investigation):
     """Fit factors now (e.g. on a GPU machine), for later runs to reuse; resumable."""
@@ -397,12 +413,22 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, sh
     p.set_runtime(device, dtype)
     settings = RunSettings(estimator=estimator, executor=executor or "local", modules=modules, fit_sequences=fit_sequences,
                            seed=p.config.seed if seed is None else seed, batch_size=batch_size, shard_size=shard_size, refit=refit)
+    if resume == 0:  # the bare flag: the latest interrupted fit
+        from .runs import interrupted_run
+
+        row = interrupted_run(p, investigation, kind="factors")
+        if row is None:
+            raise InflqError(f"no interrupted factor fit to resume in investigation {investigation!r}; see `inflq runs {project}`")
+        resume = row["id"]
+        click.echo(f"resuming factor fit {resume} ({row['status']}, {row['estimator']})", err=True)
     with _progress() as monitor:
         try:
             run_id, fs_id, seconds = fit_factors(p, settings, monitor, investigation, resume=resume)
         except Cancelled:
+            from .runs import committed_work
+
             last = resume or p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
-            raise InflqError(f"fit cancelled; its committed shards are kept: continue with `inflq factors fit {project} --resume {last}`") from None
+            raise InflqError(f"fit {last} cancelled; {committed_work(p, last)}: continue with `inflq factors fit {project} --resume {last}`") from None
     if fs_id is None:
         click.echo(f"{settings.estimator} fits no factors; nothing to do")
     else:
