@@ -120,13 +120,20 @@ def _read_datasets(path: Path, text_field: str, id_field: str) -> Iterator[Docum
         yield Document(doc_id, row[text_field], str(meta.get("source", "")), meta)
 
 
-def corpus_fingerprint(path: Path) -> str:
-    """Content hash of a corpus file or folder."""
+def corpus_fingerprint(path: Path, legacy_name: str | None = None) -> str:
+    """Content hash of a corpus file or folder: a file's bytes alone (so a renamed copy has the
+    same fingerprint), a folder's files' relative paths and bytes.
+
+    ``legacy_name``: the rule of projects made before fingerprints were content-only, which
+    hashed a single file's name too (``legacy_name``, the name it had then) before its bytes."""
     path = Path(path)
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        elif legacy_name is not None:
+            h.update(legacy_name.encode())
         with open(f, "rb") as fh:
             while block := fh.read(1 << 22):
                 h.update(block)

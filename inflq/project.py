@@ -325,6 +325,27 @@ class Project:
                 return catalog.get_meta(self.db, "corpus_fingerprint")
         return corpus_fingerprint(self.corpus_path)
 
+    def corpus_matches(self, path: Path) -> bool:
+        """Whether ``path`` holds the corpus this project was tokenized from, by content.
+
+        The recorded fingerprint stays the project's corpus identity (factor sets and runs are
+        keyed by it). A project made when a file's fingerprint also hashed its name is
+        recognised by that rule, with the name its config gave it, and its content-only
+        fingerprint is then recorded beside it (``corpus_content_fingerprint``), so a renamed
+        or moved copy is recognised from then on."""
+        recorded = self.corpus_fingerprint_recorded
+        fp = corpus_fingerprint(path)
+        if fp in (recorded, catalog.get_meta(self.db, "corpus_content_fingerprint", None)):
+            return True
+        if Path(path).is_file():
+            for name in dict.fromkeys((Path(self.config.corpus).name, Path(path).name)):
+                if corpus_fingerprint(path, legacy_name=name) == recorded:
+                    if not self.readonly:
+                        with self.db.atomic():
+                            catalog.set_meta(self.db, "corpus_content_fingerprint", fp)
+                    return True
+        return False
+
     def refresh_fingerprints(self, monitor: Monitor | None = None) -> None:
         """Record the current model's fingerprint (used at init and by ``relink``)."""
         with self.db.atomic():
@@ -366,8 +387,10 @@ class Project:
                 raise InflqError(f"{model} is not the model this project was made with (fingerprint differs)")
             self.config.model = _rel(Path(model), self.root)
         if corpus is not None:
-            if corpus_fingerprint(Path(corpus)) != self.corpus_fingerprint_recorded:
-                raise InflqError(f"{corpus} is not the corpus this project was made with (fingerprint differs)")
+            if not Path(corpus).exists():
+                raise InflqError(f"{corpus} does not exist")
+            if not self.corpus_matches(Path(corpus)):
+                raise InflqError(f"{corpus} is not the corpus this project was made with (its content differs)")
             self.config.corpus = _rel(Path(corpus), self.root)
         self.save_config()
 
@@ -427,6 +450,7 @@ class Project:
             self.db.execute("DELETE FROM sequences")
             self.db["sequences"].insert_all((dict(zip(cols, r, strict=False)) for r in rows), batch_size=5000)
             catalog.set_meta(self.db, "corpus_fingerprint", fp)
+            catalog.set_meta(self.db, "corpus_content_fingerprint", fp)
             if self.corpus_path.is_file():
                 st = self.corpus_path.stat()
                 catalog.set_meta(self.db, "corpus_stat", [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns])
@@ -445,10 +469,16 @@ class Project:
                     raise InflqError(f"the corpus {self.corpus_path} and its token store are both missing; restore the corpus")
             store = CorpusStore(store_dir)
             if self.corpus_path.exists() and self.current_corpus_fingerprint() != recorded:
-                raise InflqError(
-                    f"the corpus {self.corpus_path} changed since it was tokenized; results would be stale: "
-                    f"run `inflq corpus rebuild {self.root}` (earlier result sets keep their own sequence ids)"
-                )
+                if self.corpus_matches(self.corpus_path):
+                    if self.corpus_path.is_file() and not self.readonly:  # recognised: skip the hash next time
+                        st = self.corpus_path.stat()
+                        with self.db.atomic():
+                            catalog.set_meta(self.db, "corpus_stat", [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns])
+                else:
+                    raise InflqError(
+                        f"the corpus {self.corpus_path} changed since it was tokenized; results would be stale: "
+                        f"run `inflq corpus rebuild {self.root}` (earlier result sets keep their own sequence ids)"
+                    )
             if store.fingerprint != recorded:
                 self.rebuild_corpus()
                 store = CorpusStore(store_dir)

@@ -269,3 +269,67 @@ def test_long_documents_are_chunked(tmp_path, gpt2_dir, cli_run):
     ids = [r["seq_id"] for r in p.db["sequences"].rows_where(order_by="idx")]
     assert ids == [f"long:{i}" for i in range(len(ids))] and len(ids) == 7  # 100 tokens / 16
     assert all(len(p.corpus.get(i)) <= 16 for i in range(len(ids)))
+
+
+def test_relink_accepts_a_renamed_copy_of_the_corpus(project, tmp_path, cli_run):
+    """The corpus fingerprint is a content fingerprint: the same bytes under another name relink;
+    other bytes are refused in one line."""
+    import shutil
+
+    root = project.root
+    project.close()
+    copy = tmp_path / "elsewhere" / "renamed-copy.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(project.corpus_path, copy)
+    code, out, err = cli_run("relink", root, "--corpus", copy)
+    assert code == 0 and "relinked" in out, err
+    from inflq.project import Project
+
+    p = Project.open(root)
+    assert p.corpus_path.resolve() == copy.resolve() and len(p.corpus) == 24
+    p.close()
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(copy.read_text() + json.dumps({"id": "x", "text": "a red cat"}) + "\n")
+    code, _, err = cli_run("relink", root, "--corpus", changed)
+    _one_line_error(code, err)
+    assert "not the corpus this project was made with" in err
+    _one_line_error(*cli_run("relink", root, "--corpus", tmp_path / "missing.jsonl")[::2])
+
+
+def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_relinks(project, tmp_path, cli_run):
+    """Projects made when a corpus file's fingerprint hashed its name: they open with the corpus
+    where it was (even after a copy changed its mtime), relink to a renamed copy, and keep their
+    recorded fingerprint (factor sets and runs are keyed by it, so nothing is refit)."""
+    import shutil
+
+    from inflq import catalog
+    from inflq.corpus import corpus_fingerprint
+    from inflq.project import CORPUS_DIR, Project
+
+    root, corpus = project.root, project.corpus_path
+    legacy = corpus_fingerprint(corpus, legacy_name=corpus.name)
+    assert legacy != corpus_fingerprint(corpus)
+    with project.db.atomic():  # what an old project recorded
+        catalog.set_meta(project.db, "corpus_fingerprint", legacy)
+        project.db.execute("DELETE FROM meta WHERE key IN ('corpus_content_fingerprint', 'corpus_stat')")
+    info = json.loads((root / CORPUS_DIR / "store.json").read_text())
+    (root / CORPUS_DIR / "store.json").write_text(json.dumps({**info, "fingerprint": legacy}))
+    project.close()
+    os.utime(corpus)  # a copied folder: the stat cache does not vouch for the file
+    p = Project.open(root)
+    assert len(p.corpus) == 24  # no "the corpus changed" error, no rebuild
+    assert p.corpus_fingerprint_recorded == legacy and p.corpus.fingerprint == legacy
+    p.close()
+    copy = tmp_path / "moved" / "train-renamed.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(corpus, copy)
+    code, out, err = cli_run("relink", root, "--corpus", copy)
+    assert code == 0, err
+    corpus.unlink()
+    p = Project.open(root)
+    assert p.corpus_path.resolve() == copy.resolve()
+    os.utime(copy)
+    assert len(p.corpus) == 24 and p.corpus_fingerprint_recorded == legacy
+    p.close()
+    assert cli_run("query", "add", root, "the old town", "river")[0] == 0
+    assert cli_run("run", root, "--estimator", "identity", "--rank", "4")[0] == 0
