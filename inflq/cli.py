@@ -676,9 +676,15 @@ def demo(headless, estimator):
         run_tui(str(root))
         return
     with _progress() as monitor:
-        run_demo(root, estimator, monitor)
+        rs_id = run_demo(root, estimator, monitor)
+    from .project import Project
+
+    demo_project = Project.open(root)
+    rs = demo_project.db["result_sets"].get(rs_id)
+    demo_project.close()
+    click.echo(f"result set {rs_id}: {rs['estimator']} / {rs['filter']} ({rs['created_at'][:19]}); see the others with `inflq demo` (Results tab)")
     ctx = click.get_current_context()
-    ctx.invoke(top, project=str(root), investigation=DEMO_INVESTIGATION, query_id=None, k=5, bottom=False, result_set=None, as_json=False)
+    ctx.invoke(top, project=str(root), investigation=DEMO_INVESTIGATION, query_id=None, k=5, bottom=False, result_set=rs_id, as_json=False)
 
 
 @cli.command()

@@ -333,3 +333,21 @@ def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_r
     p.close()
     assert cli_run("query", "add", root, "the old town", "river")[0] == 0
     assert cli_run("run", root, "--estimator", "identity", "--rank", "4")[0] == 0
+
+
+def test_demo_headless_shows_the_result_set_of_the_asked_estimator(project, cli_run, monkeypatch):
+    """A filtered or other-estimator result set made later (say in the UI) is not what
+    `demo --headless --estimator X` shows: it shows (or makes) X over all sequences, and names it."""
+    from inflq.runs import RunSettings, run_investigation
+
+    project.create_investigation("word-order")
+    project.add_query("word-order", "the first president of astrobia was", "zorald pfaff")
+    wanted = run_investigation(project, "word-order", RunSettings(estimator="identity", rank=4)).result_set_id
+    run_investigation(project, "word-order", RunSettings(estimator="identity", filter="random:n=10", rank=4))
+    run_investigation(project, "word-order", RunSettings(estimator="diagonal", rank=4))
+    project.close()
+    monkeypatch.setenv("INFLQ_DEMO", str(project.root))
+    code, out, err = cli_run("demo", "--headless", "--estimator", "identity")
+    assert code == 0, err
+    assert f"result set {wanted}: identity / all" in out
+    assert out.count("query 1:") == 1 and "rank 4" in out  # the top table is the named set's
