@@ -588,11 +588,11 @@ def committed_work(project: Project, run_id: int) -> str:
     else:
         for key, n_shards, n_seqs in project.db.execute(
                 "SELECT pass_key, count(*), sum(n) FROM fit_shards WHERE run_id = ? GROUP BY pass_key ORDER BY pass_key", [run_id]).fetchall():
-            parts.append(f"{n_seqs} sequences of the {key.split(':', 1)[1]} pass ({n_shards} shard{'s' if n_shards != 1 else ''})")
+            parts.append(f"{n_seqs} sequences of the {key.split(':', 1)[1]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
     n_shards, n_seqs = project.db.execute("SELECT count(*), coalesce(sum(n), 0) FROM run_shards WHERE run_id = ?", [run_id]).fetchone()
     if n_shards:
-        parts.append(f"{n_seqs} scored sequences ({n_shards} shard{'s' if n_shards != 1 else ''})")
-    unit = f"work is committed {shard_size} sequences (one shard) at a time; the shard in flight is computed again"
+        parts.append(f"{n_seqs} scored sequences in {n_shards} shard{'s' if n_shards != 1 else ''}")
+    unit = f"work is committed one shard ({shard_size} sequences) at a time, and the shard in flight is computed again"
     if not parts:
-        return f"nothing committed yet ({unit}), so a resume starts from the beginning"
-    return "committed: " + ", ".join(parts) + f" ({unit})"
+        return f"nothing committed yet, so a resume starts from the beginning ({unit})"
+    return "committed: " + ", ".join(parts) + f"; {unit}"

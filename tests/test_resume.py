@@ -103,6 +103,7 @@ def test_kill_during_fitting_then_resume(baseline, cli_run, shard_calls, tmp_pat
 
     code, out, err = cli_run("run", proj, "--resume", "2")
     assert code == 0, err
+    assert f"committed: {committed * SHARD} sequences of the covariance pass in {committed} shard" in err, err
     fitted = sum(n for phase, n in shard_calls if phase == "covariance")
     assert fitted == N - committed * SHARD, "committed covariance shards are reused"
     assert sum(n for phase, n in shard_calls if phase == "eigenvalue correction") == N

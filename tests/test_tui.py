@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -453,6 +454,7 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
     shard_size = 4
     scored: list[int] = []
     real_run = runs.LocalWorker.run
+    release = threading.Event()
 
     def run(self, pass_, shard, batch_size, monitor):
         if isinstance(pass_, ScorePass) and not pass_.per_module:  # scoring, not the layer breakdown
@@ -461,6 +463,8 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
                 # The tiny run would finish before a key press lands: hold the third shard until
                 # the user has cancelled (the cancel is then seen at the end of its first batch).
                 assert monitor.cancel_event.wait(30), "the cancel never reached the run"
+            if scored == [0, 1, 2, 2]:  # the resumed run: held until the test has seen its status
+                assert release.wait(30), "the test never released the resumed run"
         return real_run(self, pass_, shard, batch_size, monitor)
 
     monkeypatch.setattr(runs.LocalWorker, "run", run)
@@ -496,7 +500,21 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             assert committed == 2 and not results.result_sets(app.project, "default")
             runs_table = app.screen.query_one("#runs", DataTable)
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
+            # The stopped bar keeps its count, loses its ETA; the notice says what was committed.
+            label = str(rp._bars["scoring"][0].render())
+            assert "ETA" not in label and "stopped" in label, label
+            said = " ".join(str(n.message) for n in app._notifications)
+            assert f"committed: {2 * shard_size} scored sequences in 2 shards" in said, said
             await pilot.press("ctrl+y")
+            for _ in range(1000):  # while the resumed run works, the table says so
+                await pilot.pause(0.02)
+                if runs_table.get_row_at(0)[1] == "running":
+                    break
+            else:
+                raise AssertionError(f"the runs table did not follow the resumed run: {runs_table.get_row_at(0)}")
+            said = " ".join(str(n.message) for n in app._notifications)
+            assert f"resuming run {run_id}; committed:" in said, said
+            release.set()
             await settle(pilot)
             assert run_row() == (run_id, "done")
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "done"]

@@ -4,6 +4,7 @@ shown (``reload``) and runs anything slow in a thread worker, so the UI never fr
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -367,6 +368,8 @@ class RunPane(Pane):
         super().__init__(**kwargs)
         self.monitor: Monitor | None = None
         self._bars: dict[str, tuple[Label, ProgressBar]] = {}
+        self._last: dict[str, ProgressEvent] = {}
+        self._table_at = 0.0
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="run-form"):
@@ -454,6 +457,7 @@ class RunPane(Pane):
 
     def reload(self) -> None:
         table = self.query_one("#runs", DataTable)
+        selected = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value if table.row_count else None
         table.clear()
         if self.project is None:
             return
@@ -462,8 +466,10 @@ class RunPane(Pane):
         if self.inflq.investigation is None:
             return
         inv = self.project.investigation(self.inflq.investigation)
-        for r in self.project.db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id desc"):
+        for i, r in enumerate(self.project.db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id desc")):
             table.add_row(str(r["id"]), r["status"], render.snippet(r["estimator"], 14), render.snippet(r["filter"], 14), r["phase"] or "", f"{r['done']}/{r['total']}", key=str(r["id"]))
+            if str(r["id"]) == selected:
+                table.move_cursor(row=i)
 
     def _set_running(self, running: bool) -> None:
         self.query_one("#start", Button).disabled = running
@@ -501,6 +507,9 @@ class RunPane(Pane):
             self.notify(f"run {run_id} is already complete; choose a cancelled or failed run", severity="warning")
             return
         if self._begin():
+            from ..runs import committed_work
+
+            self.notify(f"resuming run {run_id}; {committed_work(self.project, run_id)}", timeout=8)
             self.run_worker_(self.inflq.investigation, None, run_id, self.monitor)
 
     @on(Button.Pressed, "#cancel")
@@ -522,6 +531,7 @@ class RunPane(Pane):
             return False
         self.query_one("#phases", Vertical).remove_children()
         self._bars.clear()
+        self._last.clear()
         self._set_running(True)
         # Made here, not in the worker, so a cancel pressed before the thread starts still counts.
         self.monitor = Monitor(on_progress=self._on_progress)
@@ -541,6 +551,21 @@ class RunPane(Pane):
         label, bar = self._bars[ev.phase]
         bar.update(total=max(ev.total, 1), progress=ev.done)
         label.update(f"{ev.phase} {ev.done}/{ev.total} {render.eta(ev.eta)}")
+        self._last[ev.phase] = ev
+        # The runs table follows the run (its status and phase are in the catalog, written by the
+        # run's own connection), at most twice a second.
+        now = time.monotonic()
+        if now - self._table_at > 0.5:
+            self._table_at = now
+            self.reload()
+
+    def _stop_bars(self, how: str) -> None:
+        """A finished or stopped run's bars keep their count but lose the ETA."""
+        for phase, (label, _bar) in self._bars.items():
+            ev = self._last.get(phase)
+            if ev is not None:
+                finished = ev.done >= ev.total
+                label.update(f"{phase} {ev.done}/{ev.total}" + ("" if finished else f" {how}"))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="run")
     def run_worker_(self, investigation: str, settings: RunSettings | None, resume: int | None, monitor: Monitor):
@@ -560,11 +585,19 @@ class RunPane(Pane):
             return
         self._set_running(False)
         if event.state == WorkerState.SUCCESS:
+            self._stop_bars("")
             res = event.worker.result
             self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id}")
             self.inflq.set_context(result_set_id=res.result_set_id)
         elif isinstance(event.worker.error, Cancelled):
-            self.notify("run cancelled; select it and press ctrl+y to resume", severity="warning")
+            from ..runs import committed_work, interrupted_run
+
+            self._stop_bars("(stopped)")
+            row = interrupted_run(self.project, self.inflq.investigation) if self.inflq.investigation else None
+            done = f"; {committed_work(self.project, row['id'])}" if row else ""
+            self.notify(f"run cancelled{done}. Select it and press ctrl+y to resume", severity="warning", timeout=10)
+        else:
+            self._stop_bars("(failed)")
         self.reload()
 
 
@@ -787,17 +820,30 @@ class ResultsPane(Pane):
 
 # -- distribution ------------------------------------------------------------------------------
 class DistributionPane(Pane):
+    """The query's score distribution. The plot and the fits scroll together (they need more
+    than 24 lines), and the plot is redrawn to the pane's size on every resize. The scroll area
+    takes the focus, so the tab is reachable and keyboard-scrollable from any other tab."""
+
+    FOCUS = "#dist-scroll"
+    FIT_LINES = 4  # the two tails' fits, the method line and a blank line
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._values: np.ndarray | None = None
+        self._drawn_for: tuple[int, int] = (0, 0)
+
     def compose(self) -> ComposeResult:
-        yield Label("", id="dist-title", classes="hint")
-        yield Static("", id="dist-plot")
-        yield Static("", id="dist-fit", classes="detail")
+        yield Static("", id="dist-title", classes="hint")
+        with VerticalScroll(id="dist-scroll", can_focus=True):
+            yield Static("", id="dist-plot")
+            yield Static("", id="dist-fit", classes="detail")
 
     def reload(self) -> None:
-        from ..export import ccdf_plot
         from ..stats import powerlaw_tail
 
-        title, plot, fit_box = self.query_one("#dist-title", Label), self.query_one("#dist-plot", Static), self.query_one("#dist-fit", Static)
+        title, plot, fit_box = self.query_one("#dist-title", Static), self.query_one("#dist-plot", Static), self.query_one("#dist-fit", Static)
         app = self.inflq
+        self._values = None
         if self.project is None or app.result_set_id is None or app.query_id is None:
             title.update("no distribution: run the investigation and choose a query (Results tab)")
             plot.update("")
@@ -808,11 +854,11 @@ class DistributionPane(Pane):
         except InflqError as exc:
             title.update(str(exc))
             plot.update("")
+            fit_box.update("")
             return
-        title.update(f"query {app.query_id}, result set {app.result_set_id}: {len(values)} scores; complementary CDF of |score| on log-log axes (• positive, x negative)")
-        width = max(40, (self.size.width or 80) - 2)
-        height = max(10, (self.size.height or 24) - 6)
-        plot.update(Text.from_ansi(ccdf_plot(values, width, height, color=False)))
+        self._values = values
+        title.update(f"query {app.query_id}, result set {app.result_set_id}: CCDF of |score| over {len(values)} scores, log-log (• positive, x negative)")
+        self.draw()
         lines = Text()
         for sign, label in ((1, "positive"), (-1, "negative")):
             fit = powerlaw_tail(sign * values)
@@ -824,10 +870,31 @@ class DistributionPane(Pane):
         lines.append("fit: Hill / continuous maximum-likelihood estimator over the top 20% of each tail", style="dim")
         fit_box.update(lines)
 
+    def draw(self) -> None:
+        """The plot at the scroll area's size, leaving room for the fit lines where it can."""
+        from ..export import ccdf_plot
+
+        if self._values is None:
+            return
+        area = self.query_one("#dist-scroll", VerticalScroll).size
+        width = max(40, (area.width or self.app.size.width) - 2)
+        height = max(10, (area.height or self.app.size.height - 8) - self.FIT_LINES)
+        self._drawn_for = (area.width, area.height)
+        self.query_one("#dist-plot", Static).update(Text.from_ansi(ccdf_plot(self._values, width, height, color=False)))
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._redraw_if_resized)
+
+    def _redraw_if_resized(self) -> None:
+        size = self.query_one("#dist-scroll", VerticalScroll).size
+        if self._values is not None and (size.width, size.height) != self._drawn_for:
+            self.draw()
+
 
 # -- probes ------------------------------------------------------------------------------------
 class ProbesPane(Pane):
     BINDINGS = [Binding("ctrl+s", "add", "Add + score")]
+    FOCUS = "#probe-text"  # typing a probe must not fire single-letter keys
 
     def compose(self) -> ComposeResult:
         yield Label("", id="probe-query", classes="hint")
@@ -907,7 +974,10 @@ class ProbesPane(Pane):
         for i in order:
             p, s = probes[i], scored[i]
             head = Text(f"{s.total:+.4g}", style="bold red" if s.total > 0 else "bold blue")
-            head.append(f"  probe {p['id']} ({estimator})", style="dim")
+            head.append(f"  probe {p['id']}", style="dim")
+            if p.get("label"):
+                head.append(f" {p['label']}", style="bold")
+            head.append(f" ({estimator})", style="dim")
             listing.mount(Vertical(
                 Static(head, id=f"probe-{p['id']}"), Static(render.heat_map(s.labels, s.values), id=f"probe-heat-{p['id']}"),
                 classes="probe",
