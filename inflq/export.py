@@ -77,6 +77,7 @@ def ccdf_plot(values: np.ndarray, width: int = 72, height: int = 18, color: bool
     with _PLOT_LOCK:
         f = plt.figure
         f.clear.all()
+        plt.terminal.limit(False, False)  # the size asked for, not capped at the process's terminal (a TUI pane, a file)
         f.plot_size(max(20, width), max(8, height))
         f.theme("default" if color else "colorless")
         plotted = False

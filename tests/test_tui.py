@@ -570,6 +570,88 @@ def test_factor_sets_screen(project_dir):
     p.close()
 
 
+def test_distribution_from_every_tab_and_at_80x24(long_id_project):
+    """5 (and the palette's "Go to distribution") reach the Distribution tab from Results and
+    Compare too; at 80x24 the fit lines scroll into view and the plot is redrawn on a resize."""
+    from textual.containers import VerticalScroll
+    from textual.widgets import Static, TabbedContent
+
+    p = Project.open(long_id_project)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            tabs = app.screen.query_one("#tabs", TabbedContent)
+            for start in ("4", "7", "6", "1"):
+                await pilot.press(start)
+                await settle(pilot)
+                if start == "6":
+                    await pilot.press("escape")  # the probe field has the focus: leave it first
+                await pilot.press("5")
+                await settle(pilot)
+                assert tabs.active == "tab-distribution", f"5 from tab {start} stayed on {tabs.active}"
+            await pilot.press("4")
+            await settle(pilot)
+            app.screen.query_one("#pane-distribution")  # the palette's command does the same
+            next(c for c in app.get_system_commands(app.screen) if c.title == "Go to distribution").callback()
+            await settle(pilot)
+            assert tabs.active == "tab-distribution"
+            scroll = app.screen.query_one("#dist-scroll", VerticalScroll)
+            assert app.focused is scroll
+            title = app.screen.query_one("#dist-title", Static)
+            assert title.size.height >= 2, "the title wraps rather than being cut"
+            fit = app.screen.query_one("#dist-fit", Static)
+            assert scroll.virtual_size.height > scroll.size.height  # the fits are below the fold…
+            await pilot.press("end")
+            await settle(pilot)
+            assert scroll.scroll_offset.y == scroll.max_scroll_y > 0
+            assert fit.region.bottom <= scroll.region.bottom  # …and scroll into view
+            plot = app.screen.query_one("#dist-plot", Static)
+            narrow = max(len(line) for line in str(plot.render()).splitlines())
+            await pilot.resize_terminal(120, 40)
+            await settle(pilot)
+            await pilot.pause(0.1)
+            wide = max(len(line) for line in str(plot.render()).splitlines())
+            assert wide > narrow + 30, (narrow, wide)
+
+    asyncio.run(go())
+
+
+def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
+    """The probe field has the focus on tab 6, so typing a probe fires no shortcut (o, q, f…);
+    probes are listed with their label."""
+    from textual.widgets import Input
+
+    from inflq.tui.modals import InputScreen
+
+    p = Project.open(project_dir)
+    qid = p.add_query("default", PROMPT, COMPLETION)
+    pid = p.add_probe(qid, "zorald pfaff was the first president of astrobia", "reversed")
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot)
+            await pilot.press("6")
+            await settle(pilot)
+            box = app.screen.query_one("#probe-text", Input)
+            assert app.focused is box
+            await pilot.press(*"of the old town")
+            await settle(pilot)
+            assert box.value == "of the old town" and not isinstance(app.screen, InputScreen)
+            app.screen.query_one("#probe-estimator").value = "identity"
+            await settle(pilot)
+            shown = str(app.screen.query_one(f"#probe-{pid}").render())
+            assert f"probe {pid} reversed (identity)" in shown, shown
+
+    asyncio.run(go())
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""

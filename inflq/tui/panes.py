@@ -877,7 +877,7 @@ class DistributionPane(Pane):
         if self._values is None:
             return
         area = self.query_one("#dist-scroll", VerticalScroll).size
-        width = max(40, (area.width or self.app.size.width) - 2)
+        width = max(40, (area.width or self.app.size.width - 4) - 2)  # before the first layout: the pane's likely width
         height = max(10, (area.height or self.app.size.height - 8) - self.FIT_LINES)
         self._drawn_for = (area.width, area.height)
         self.query_one("#dist-plot", Static).update(Text.from_ansi(ccdf_plot(self._values, width, height, color=False)))
