@@ -652,6 +652,39 @@ def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
     asyncio.run(go())
 
 
+def test_export_to_the_default_folder_stays_out_of_git(long_id_project):
+    """e then enter writes to PROJECT/exports, a folder that ignores itself in any git checkout
+    (and the repository ignores projects/*/exports/ too)."""
+    from textual.widgets import Input
+
+    p = Project.open(long_id_project)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            await pilot.press("4")
+            await settle(pilot)
+            await pilot.press("e")
+            await pilot.pause()
+            assert app.screen.query_one("#answer", Input).value == str(long_id_project / "exports")
+            await pilot.press("enter")
+            await settle(pilot)
+
+    asyncio.run(go())
+    folder = long_id_project / "exports"
+    assert sorted(f.suffix for f in folder.iterdir()) == ["", ".csv", ".jsonl", ".md"]
+    subprocess.run(["git", "init", "-q", str(long_id_project)], check=True)
+    ignored = subprocess.run(["git", "-C", str(long_id_project), "check-ignore", "-q", "exports/default-results-1.csv"])
+    assert ignored.returncode == 0, "the export folder is not ignored by git"
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():  # a source checkout
+        assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "projects/demo/exports/x.csv"]).returncode == 0
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""

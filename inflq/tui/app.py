@@ -28,6 +28,8 @@ from .panes import (
     RunPane,
 )
 
+EXPORTS = "exports"  # the export dialog's default folder, inside the project
+
 TABS = (
     ("investigations", "1 Investigations", InvestigationsPane),
     ("query", "2 Query", QueryPane),
@@ -273,7 +275,7 @@ class InflqApp(App):
         if self.project is None or self.investigation is None or self.result_set_id is None:
             self.notify("no result set to export: run the investigation first", severity="warning")
             return
-        default = self.project.root / "exports"
+        default = self.project.root / EXPORTS
 
         def done(folder: str | None) -> None:
             if folder:
@@ -285,6 +287,11 @@ class InflqApp(App):
         from ..export import export_csv, export_jsonl, export_markdown
 
         try:
+            if folder.resolve() == (self.project.root / EXPORTS).resolve() and not folder.exists():
+                # The default folder lives inside the project, which may be in a git checkout
+                # (the demo is): it keeps itself out of version control.
+                folder.mkdir(parents=True)
+                (folder / ".gitignore").write_text("# exports written by inflq; delete this file to track them\n*\n")
             folder.mkdir(parents=True, exist_ok=True)
             stem = folder / f"{self.investigation}-results-{self.result_set_id}".replace(" ", "_")
             written = [
