@@ -137,6 +137,9 @@ def init(directory, model, corpus, name, max_length, corpus_format, text_field, 
     p = Project.init(Path(directory), Path(model), Path(corpus), name=name, max_length=max_length, corpus_format=corpus_format, text_field=text_field, id_field=id_field, modules=modules, add_bos=add_bos, append_eos=append_eos)
     n = len(p.corpus)
     click.echo(f"created {directory}: {n} training sequences, max length {p.config.max_length}, investigation 'default'")
+    note = p.unknown_tokens_note()
+    if note:
+        click.echo(f"warning: {note}", err=True)
 
 
 # -- investigations --------------------------------------------------------------------------------
@@ -622,6 +625,9 @@ def corpus_rebuild(project):
     p = _open(project)
     p.rebuild_corpus()
     click.echo(f"tokenized {len(p.corpus)} training sequences")
+    note = p.unknown_tokens_note()
+    if note:
+        click.echo(f"warning: {note}", err=True)
 
 
 @cli.command()

@@ -455,6 +455,19 @@ class Project:
                 st = self.corpus_path.stat()
                 catalog.set_meta(self.db, "corpus_stat", [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns])
         self._store = None
+        note = self.unknown_tokens_note()
+        if note and monitor is not None:
+            monitor.warn(note)
+
+    def unknown_tokens_note(self) -> str | None:
+        """A warning with the share of the corpus's tokens the tokenizer did not know (None: none)."""
+        from .corpus import unknown_tokens_note
+
+        try:
+            info = CorpusStore(self.root / CORPUS_DIR).info
+        except InflqError:
+            return None
+        return unknown_tokens_note(info, getattr(self.tokenizer, "unk_token", None))
 
     @property
     def corpus(self) -> CorpusStore:
@@ -571,14 +584,19 @@ class Project:
     def add_queries(self, investigation: str, queries: list[dict]) -> list[int]:
         """Add queries (dicts with prompt, completion, optional chat, tags, notes) in one transaction.
         Each is tokenized first, so a bad query leaves the catalog unchanged."""
+        from .queries import require_known_completion
+
         inv = self.investigation(investigation)
         for i, q in enumerate(queries):
+            # Which query, only when there are several: a lone query is not "query 1".
+            which = f"query {i + 1}: " if len(queries) > 1 else ""
             if not isinstance(q.get("prompt"), str) or not isinstance(q.get("completion"), str):
-                raise InflqError(f"query {i + 1}: needs string 'prompt' and 'completion' fields")
+                raise InflqError(f"{which}needs string 'prompt' and 'completion' fields")
             try:
-                self.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat", False)))
+                tq = self.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat", False)))
+                require_known_completion(self.tokenizer, tq, q["completion"])
             except InflqError as exc:
-                raise InflqError(f"query {i + 1}: {exc}") from None
+                raise InflqError(f"{which}{exc}") from None
         ids = []
         with self.db.atomic():
             pos = self.db.execute("SELECT coalesce(max(position), -1) FROM queries WHERE investigation_id = ?", [inv["id"]]).fetchone()[0]

@@ -351,3 +351,32 @@ def test_demo_headless_shows_the_result_set_of_the_asked_estimator(project, cli_
     assert code == 0, err
     assert f"result set {wanted}: identity / all" in out
     assert out.count("query 1:") == 1 and "rank 4" in out  # the top table is the named set's
+
+
+def test_unknown_tokens_are_reported(tmp_path, gpt2_dir, cli_run):
+    """The share of the corpus the tokenizer does not know is a warning at init and rebuild; a
+    completion of unknown tokens only is refused; a lone query's error is not "query 1"."""
+    c = tmp_path / "c.jsonl"
+    c.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(
+        ["the red cat runs .", "the quokka zzyzx sings .", "a blue bird sings ."])))
+    proj = tmp_path / "p"
+    code, out, err = cli_run("init", proj, "--model", gpt2_dir, "--corpus", c)
+    assert code == 0, err
+    assert "warning: 13.3% of the corpus's tokens (2 of 15) are unknown to the model's tokenizer (<unk>)" in err, err
+    code, out, err = cli_run("corpus", "rebuild", proj)
+    assert code == 0 and "13.3% of the corpus's tokens" in err
+    for _ in range(3):
+        assert cli_run("query", "add", proj, "the red cat", "runs")[0] == 0
+    code, _, err = cli_run("query", "add", proj, "the red cat", "zzyzx quokka")
+    _one_line_error(code, err)
+    assert "every token of the completion 'zzyzx quokka' is unknown to the model's tokenizer (<unk>)" in err
+    code, _, err = cli_run("query", "add", proj, "the red cat", " ")
+    assert err.startswith("Error: the completion is empty"), err  # the fourth query, not "query 1"
+    assert cli_run("query", "add", proj, "the red cat", "zzyzx runs")[0] == 0  # a known token is measured
+
+
+def test_a_known_corpus_gets_no_warning(tmp_path, gpt2_dir, cli_run):
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"text": "the red cat runs ."}) + "\n")
+    code, out, err = cli_run("init", tmp_path / "p", "--model", gpt2_dir, "--corpus", c)
+    assert code == 0 and "warning" not in err, err

@@ -685,6 +685,40 @@ def test_export_to_the_default_folder_stays_out_of_git(long_id_project):
         assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "projects/demo/exports/x.csv"]).returncode == 0
 
 
+def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
+    """What the model said (ctrl+l) is withdrawn once the query is edited; a completion of
+    unknown tokens only is flagged under the tokens, and adding it is refused with a dialog."""
+    from textual.widgets import Static
+
+    from inflq.tui.modals import ErrorScreen
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot)
+            await pilot.press("2")
+            await settle(pilot)
+            await type_into(pilot, "#prompt", PROMPT)
+            await type_into(pilot, "#completion", COMPLETION)
+            await pilot.press("ctrl+l")
+            await settle(pilot)
+            says = app.screen.query_one("#model-says", Static)
+            assert "log p(completion | prompt)" in str(says.render())
+            await type_into(pilot, "#completion", "velmora")
+            await settle(pilot)
+            assert "log p" not in str(says.render()) and "ctrl+l" in str(says.render())
+            await type_into(pilot, "#completion", "quokka zzyzx")
+            await settle(pilot)
+            tokens = str(app.screen.query_one("#tokens", Static).render())
+            assert "[<unk>] [<unk>]" in tokens and "every token of the completion 'quokka zzyzx' is unknown" in tokens
+            await pilot.press("ctrl+s")
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen) and not app.project.queries("default")
+            assert "is unknown to the model's tokenizer" in str(app.screen.query_one("#error-message", Static).render())
+
+    asyncio.run(go())
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""

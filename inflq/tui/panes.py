@@ -230,6 +230,7 @@ class QueryPane(Pane):
         Binding("ctrl+s", "add", "Add query"),
         Binding("ctrl+l", "inspect", "Model says"),
     ]
+    _said_for: tuple[str, str] | None = None  # the prompt and completion the model-says box is about
 
     def compose(self) -> ComposeResult:
         table = DataTable(id="queries", cursor_type="row", zebra_stripes=True)
@@ -271,14 +272,24 @@ class QueryPane(Pane):
 
     @on(Input.Changed, "#prompt, #completion")
     def _changed(self) -> None:
+        current = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        if self._said_for is not None and current != self._said_for:  # what the model said was about other text
+            self._said_for = None
+            self.query_one("#model-says", Static).update(Text("(the query changed: ctrl+l asks the model about this one)", style="dim italic"))
         if self.project is not None:
             self.tokenize(self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tokenize")
     def tokenize(self, prompt: str, completion: str) -> None:
+        from ..queries import require_known_completion
+
         try:
             tq = self.project.tokenize_query(prompt, completion)
             text = Text.assemble(("tokens (measured ones highlighted): ", "bold"), render.query_tokens(self.project.token_strings(tq.tokens), tq.completion_start))
+            try:
+                require_known_completion(self.project.tokenizer, tq, completion)
+            except InflqError as exc:
+                text.append(f"\n{exc}", style="bold red")
         except InflqError as exc:
             text = Text(str(exc), style="italic")
         self.app.call_from_thread(self.query_one("#tokens", Static).update, text)
@@ -301,7 +312,8 @@ class QueryPane(Pane):
         if not self.need():
             return
         self.query_one("#model-says", Static).update("asking the model…")
-        self.inspect(self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        self._said_for = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        self.inspect(*self._said_for)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="inspect")
     def inspect(self, prompt: str, completion: str) -> None:
@@ -317,7 +329,11 @@ class QueryPane(Pane):
         text.append("per token: " + "  ".join(f"{t.strip()} {v:.2f}" for t, v in per_token) + "\n")
         text.append("greedy continuation: ", style="bold")
         text.append(repr(greedy))
-        self.app.call_from_thread(self.query_one("#model-says", Static).update, text)
+        self.app.call_from_thread(self._show_says, (prompt, completion), text)
+
+    def _show_says(self, about: tuple[str, str], text: Text) -> None:
+        if about == self._said_for:  # not if the query was edited meanwhile
+            self.query_one("#model-says", Static).update(text)
 
 
 # -- run panel ---------------------------------------------------------------------------------
