@@ -124,9 +124,10 @@ def ui(project):
 @click.option("--corpus", required=True, type=click.Path(), help="Training corpus: JSONL with a text field, plain text, or a saved dataset folder.")
 @click.option("--name", help="Project name (default: the folder name).")
 @click.option("--max-length", type=int, help="Context length for training sequences (default: the model's, at most 2048).")
-@click.option("--format", "corpus_format", default="auto", type=click.Choice(["auto", "jsonl", "text", "datasets"]))
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--id-field", default="id", show_default=True)
+@click.option("--format", "corpus_format", default="auto", type=click.Choice(["auto", "jsonl", "text", "datasets"]),
+              help="Corpus format; auto: a folder is a saved dataset, .jsonl/.json/.ndjson is JSONL, anything else plain text (documents separated by blank lines).")
+@click.option("--text-field", default="text", show_default=True, help="The JSONL field or dataset column holding each document's text.")
+@click.option("--id-field", default="id", show_default=True, help="The field holding each document's id (missing: line-N for JSONL, row-N for a dataset).")
 @click.option("--modules", default="all", show_default=True, help="Tracked modules: all, mlp, attention, or name globs.")
 @click.option("--add-bos/--no-add-bos", default=None, help="Start each sequence with BOS (default: as the tokenizer does).")
 @click.option("--append-eos", is_flag=True, help="End each document with EOS (as in GPT-2 style training).")
@@ -151,8 +152,9 @@ def investigation():
 @investigation.command("add")
 @click.argument("project")
 @click.argument("name")
-@click.option("--description", default="")
+@click.option("--description", default="", help="What the investigation is about (shown in the UI).")
 def investigation_add(project, name, description):
+    """Create the investigation NAME."""
     _open(project).create_investigation(name, description)
     click.echo(f"created investigation {name!r}")
 
@@ -160,6 +162,7 @@ def investigation_add(project, name, description):
 @investigation.command("list")
 @click.argument("project")
 def investigation_list(project):
+    """List the investigations with their query and result-set counts."""
     from rich.table import Table
 
     t = Table("name", "queries", "result sets", "created", "description")
@@ -173,6 +176,7 @@ def investigation_list(project):
 @click.argument("name")
 @click.argument("new_name")
 def investigation_rename(project, name, new_name):
+    """Rename the investigation NAME to NEW_NAME."""
     _open(project).rename_investigation(name, new_name)
     click.echo(f"renamed {name!r} to {new_name!r}")
 
@@ -182,6 +186,7 @@ def investigation_rename(project, name, new_name):
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def investigation_rm(project, name, yes):
+    """Delete the investigation NAME with its queries, probes, runs and results."""
     p = _open(project)
     p.investigation(name)
     if not yes and not click.confirm(f"delete investigation {name!r} with its queries, runs and results?"):
@@ -200,11 +205,11 @@ def query():
 @click.argument("project")
 @click.argument("prompt", required=False)
 @click.argument("completion", required=False)
-@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="The investigation the queries belong to.")
 @click.option("--file", "file_", type=click.Path(), help="JSONL file of {prompt, completion[, tags, notes, chat]} objects.")
 @click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template.")
-@click.option("--tag", "tags", multiple=True)
-@click.option("--notes", default="")
+@click.option("--tag", "tags", multiple=True, help="A tag for the query (repeatable).")
+@click.option("--notes", default="", help="A free-text note kept with the query.")
 def query_add(project, prompt, completion, investigation, file_, chat, tags, notes):
     """Add one query (PROMPT COMPLETION) or many (--file)."""
     p = _open(project)
@@ -228,9 +233,10 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
 
 @query.command("list")
 @click.argument("project")
-@click.option("-i", "--investigation", default="default", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="The investigation whose queries to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every field) instead of a table.")
 def query_list(project, investigation, as_json):
+    """List the investigation's queries: id, prompt, completion, tags."""
     rows = _open(project).queries(investigation)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -251,17 +257,18 @@ def probe():
 @probe.command("add")
 @click.argument("project")
 @click.argument("text")
-@click.option("--query", "query_id", type=int, required=True)
-@click.option("--label", default="")
+@click.option("--query", "query_id", type=int, required=True, help="The query id the probe is scored against (see `inflq query list`).")
+@click.option("--label", default="", help="A short label, e.g. same-order or reversed.")
 def probe_add(project, text, query_id, label):
+    """Add TEXT as a hand-written probe sequence for a query."""
     pid = _open(project).add_probe(query_id, text, label)
     click.echo(f"added probe {pid}")
 
 
 @probe.command("score")
 @click.argument("project")
-@click.option("--query", "query_id", type=int, required=True)
-@click.option("--estimator", default="ekfac", show_default=True)
+@click.option("--query", "query_id", type=int, required=True, help="The query id whose probes to score.")
+@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec (cached factors are reused).")
 def probe_score(project, query_id, estimator):
     """Score the query's probes and show their most influential tokens."""
     from rich.table import Table
@@ -275,10 +282,19 @@ def probe_score(project, query_id, estimator):
     with _progress() as monitor:
         session = ScoringSession.for_queries(p, [query_id], estimator=estimator, monitor=monitor)
         results = session.score_texts([pr["text"] for pr in probes], query_id)
+    from .display import score_format
+
     t = Table("probe", "label", "score", "text (most influential tokens in bold)")
+    fmt = score_format(res.total for res in results)
     for pr, res in zip(probes, results, strict=False):
-        t.add_row(str(pr["id"]), pr["label"], f"{res.total:+.4g}", _heat_text(res.labels, res.values))
+        t.add_row(str(pr["id"]), pr["label"], fmt(res.total), _heat_text(res.labels, res.values))
     _console().print(t)
+
+
+def _text_room(widths: list[int]) -> int:
+    """The width left for a last (text) column beside columns of ``widths`` in a rich Table:
+    ids and scores are shown whole, the text gives way."""
+    return max(10, _console().width - sum(widths) - 3 * len(widths) - 4)
 
 
 def _heat_text(tokens, values):
@@ -374,8 +390,6 @@ def factors():
 @click.option("--json", "as_json", is_flag=True)
 def factors_list(project, as_json):
     """The project's factor sets, reused by every investigation with the same settings."""
-    from rich.table import Table
-
     from .factors import factor_sets
 
     p = _open(project)
@@ -386,12 +400,13 @@ def factors_list(project, as_json):
     if not rows:
         click.echo(f"no factor sets yet: `inflq factors fit {project}` or `inflq run {project}` fits them")
         return
-    t = Table("id", "estimator", "settings", "modules", "sequences", "seed", "size", "fit s", "runs", "model", "created")
+    # One short block per set rather than an 11-column table: nothing is cut at 80 columns.
     for r in rows:
-        size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "missing"
-        t.add_row(str(r["id"]), r["estimator"], r["settings"], str(r["num_modules"]), str(r["num_sequences"]), str(r["seed"]), size,
-                  f"{r['seconds'] or 0:.1f}", str(r["runs"]), "current" if r["current_model"] else "other", (r["created_at"] or "")[:19])
-    _console().print(t)
+        size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "file missing"
+        click.echo(f"factor set {r['id']}: {r['estimator']} {r['settings']}")
+        click.echo(f"  {r['num_modules']} modules · {r['num_sequences']} sequences · seed {r['seed']} · {size} · fit in {r['seconds'] or 0:.1f} s"
+                   f" · used by {r['runs']} run{'s' if r['runs'] != 1 else ''} · {'current' if r['current_model'] else 'another'} model"
+                   f" · {(r['created_at'] or '')[:16].replace('T', ' ')}")
 
 
 @factors.command("fit")
@@ -524,9 +539,17 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
             continue
         title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
                  "positive = makes the completion more likely)")
-        t = Table("rank", "score", "sequence", "text", title=title, title_justify="left")
+        from .display import score_format
+
+        # Ids are whole (they differ at their ends: ...-fwd-00 and ...-fwd-02); the text gives way.
+        fmt = score_format(r["score"] for r in rows)
+        widths = [4, max([5] + [len(fmt(r["score"])) for r in rows]), max([8] + [len(r["seq_id"]) for r in rows])]
+        t = Table(title=title, title_justify="left")
+        for name, width in zip(("rank", "score", "sequence"), widths, strict=True):
+            t.add_column(name, no_wrap=True, justify="left" if name == "sequence" else "right", min_width=width)
+        t.add_column("text", overflow="ellipsis", no_wrap=True, max_width=_text_room(widths))
         for r in rows:
-            t.add_row(str(r["rank"]), f"{r['score']:+.4g}", r["seq_id"], r["text"][:100])
+            t.add_row(str(r["rank"]), fmt(r["score"]), r["seq_id"], r["text"][:100])
         _console().print(t)
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -575,12 +598,19 @@ def self_influence_cmd(project, estimator, k):
     p = _open(project)
     with _progress() as monitor:
         idx, vals = self_influence(p, estimator, monitor=monitor)
+    from .display import score_format
+
     order = np.argsort(-vals)[:k]
     rows = p.sequence_rows([int(idx[i]) for i in order])
-    t = Table("rank", "self-influence", "sequence", "text")
+    fmt = score_format(vals[i] for i in order)
+    widths = [4, 14, max([8] + [len(rows[int(idx[i])]["seq_id"]) for i in order])]
+    t = Table()
+    for name, width in zip(("rank", "self-influence", "sequence"), widths, strict=True):
+        t.add_column(name, no_wrap=True, justify="left" if name == "sequence" else "right", min_width=width)
+    t.add_column("text", overflow="ellipsis", no_wrap=True, max_width=_text_room(widths))
     for r, i in enumerate(order, 1):
         seq = int(idx[i])
-        t.add_row(str(r), f"{vals[i]:.4g}", rows[seq]["seq_id"], p.decode(p.corpus.get(seq))[:100])
+        t.add_row(str(r), fmt(vals[i]), rows[seq]["seq_id"], p.decode(p.corpus.get(seq))[:100])
     _console().print(t)
 
 
@@ -606,9 +636,14 @@ def attribute(project, investigation, query_id, seq_id, kind, result_set):
     res = ScoringSession.for_result_set(p, rs).attribute(p.corpus.get(row["idx"]), query_id, kind)
     if kind == "token":
         _console().print(_heat_text(res.labels, res.values))
-    t = Table(kind, "score")
-    for lab, v in sorted(zip(res.labels, res.values, strict=False), key=lambda x: -abs(x[1]))[:20]:
-        t.add_row(lab, f"{v:+.4g}")
+    from .display import score_format
+
+    # Tokens with their position in the sequence: the same word can occur more than once.
+    t = Table("position", "token", "score") if kind == "token" else Table(kind, "score")
+    ranked = sorted(enumerate(zip(res.labels, res.values, strict=False)), key=lambda x: -abs(x[1][1]))[:20]
+    fmt = score_format(v for _, (_, v) in ranked)
+    for pos, (lab, v) in ranked:
+        t.add_row(*((str(pos), repr(lab)[1:-1]) if kind == "token" else (lab,)), fmt(v))
     _console().print(t)
     click.echo(f"total {res.total:+.6g}")
 

@@ -75,7 +75,7 @@ def iter_jsonl(path: Path, expect: str) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InflqError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}); fix or remove that line") from None
+                raise InflqError(f"{path}:{lineno}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); fix or remove that line") from None
             if not isinstance(obj, dict):
                 raise InflqError(f"{path}:{lineno}: expected a JSON object with {expect}, got {type(obj).__name__}")
             yield lineno, obj

@@ -286,7 +286,18 @@ class Project:
     # -- paths and fingerprints -----------------------------------------------------------------
     def path(self, rel: str) -> Path:
         p = Path(rel)
-        return p if p.is_absolute() else (self.root / p)
+        if p.is_absolute():
+            return p
+        joined = self.root / p
+        # "proj/../data/c.jsonl" reads as "data/c.jsonl" in messages, unless a symlinked
+        # project folder makes the two different files.
+        tidy = Path(os.path.normpath(joined))
+        try:
+            if tidy != joined and tidy.exists() and os.path.samefile(tidy, joined):
+                return tidy
+        except OSError:
+            pass
+        return joined
 
     @property
     def model_path(self) -> Path:

@@ -380,3 +380,65 @@ def test_a_known_corpus_gets_no_warning(tmp_path, gpt2_dir, cli_run):
     c.write_text(json.dumps({"text": "the red cat runs ."}) + "\n")
     code, out, err = cli_run("init", tmp_path / "p", "--model", gpt2_dir, "--corpus", c)
     assert code == 0 and "warning" not in err, err
+
+
+def test_the_commands_a_new_user_starts_with_say_what_they_do():
+    """init, investigation, query and probe: every command and option has help text."""
+    import click
+
+    from inflq.cli import cli
+
+    for name in ("init", "investigation", "query", "probe"):
+        group = cli.commands[name]
+        commands = group.commands.values() if isinstance(group, click.Group) else [group]
+        for cmd in commands:
+            assert cmd.help, f"{name} {cmd.name} has no help"
+            for param in cmd.params:
+                if isinstance(param, click.Option):
+                    assert param.help, f"{name} {cmd.name} {param.opts[-1]} has no help"
+
+
+def test_long_ids_are_never_cut_and_scores_share_one_format(tmp_path, gpt2_dir, cli_run, monkeypatch):
+    """Ids that differ only at their ends (…-fwd-00, …-fwd-02) are whole in `top`, `self-influence`
+    and the Markdown export at 80 columns; a column of scores has one format; `attribute`'s token
+    table gives positions; `factors list` cuts nothing."""
+    import re
+
+    from inflq.display import format_scores
+
+    monkeypatch.setenv("COLUMNS", "80")
+    words = ["the red cat runs .", "the first president of astrobia was zorald pfaff .", "a blue bird sings in the old town ."]
+    c = tmp_path / "c.jsonl"
+    c.write_text("".join(json.dumps({"id": f"fact-korvania-president-fwd-{i:02d}", "text": words[i % 3]}) + "\n" for i in range(12)))
+    proj = tmp_path / "p"
+    assert cli_run("init", proj, "--model", gpt2_dir, "--corpus", c)[0] == 0
+    assert cli_run("query", "add", proj, "the first president of astrobia was", "zorald pfaff")[0] == 0
+    assert cli_run("run", proj, "--estimator", "ekfac", "--rank", "4", "--top-k", "12")[0] == 0
+    code, out, err = cli_run("top", proj, "-k", "12")
+    assert code == 0, err
+    ids = re.findall(r"fact-korvania-president-fwd-\d\d:0", out)
+    assert len(set(ids)) == 12, out
+    scores = re.findall(r"│\s+\d+\s+│\s+(\S+)\s+│", out)
+    assert len(scores) == 12 and len({("e" in s, len(s.split(".")[-1].split("e")[0])) for s in scores}) == 1, scores
+    code, out, err = cli_run("self-influence", proj, "--estimator", "identity", "-k", "5")
+    assert code == 0 and len(set(re.findall(r"fact-korvania-president-fwd-\d\d:0", out))) == 5, out
+    code, out, err = cli_run("export", proj, "--format", "md", "-o", tmp_path / "r.md")
+    assert code == 0, err
+    assert len(set(re.findall(r"\| fact-korvania-president-fwd-\d\d:0 \|", (tmp_path / "r.md").read_text()))) >= 10
+    code, out, err = cli_run("attribute", proj, "--query", "1", "--sequence", "fact-korvania-president-fwd-01:0")
+    assert code == 0, err
+    assert re.search(r"position\s+┃\s+token", out) and re.search(r"│\s+6\s+│\s+zorald\s+│", out), out
+    code, out, err = cli_run("factors", "list", proj)
+    assert code == 0 and "…" not in out and 'factor set 1: ekfac {"fisher": "true"}' in out, out
+    assert format_scores([-13070.0, -6947.0, 5.0]) == ["-13070", "-6947", "+5"]
+    assert format_scores([105.1, 0.3344]) == ["+105.1", "+0.3"]
+    assert format_scores([2e5, 3.0]) == ["+2.000e+05", "+3.000e+00"]
+
+
+def test_a_broken_corpus_line_names_the_file_as_given(tmp_path, gpt2_dir, cli_run, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.jsonl").write_text('{"text": "a red cat"}\n{"text": "broken\n')
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_run("init", "proj", "--model", gpt2_dir, "--corpus", "data/broken.jsonl")
+    _one_line_error(code, err)
+    assert err.startswith("Error: data/broken.jsonl:2: not valid JSON (Invalid control character at column 17)"), err

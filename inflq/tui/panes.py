@@ -21,6 +21,7 @@ from textual.widgets import Button, Checkbox, DataTable, Input, Label, ProgressB
 from textual.worker import Worker, WorkerState
 
 from .. import results
+from ..display import score_format
 from ..errors import Cancelled, InflqError
 from ..options import Option
 from ..progress import Monitor, ProgressEvent
@@ -645,7 +646,7 @@ class ResultsPane(Pane):
         with Horizontal(classes="field", id="res-choose"):
             yield CSelect([], id="res-set", allow_blank=True, prompt="result set")
             yield CSelect([], id="res-query", allow_blank=True, prompt="query")
-        yield CInput(placeholder="/ search text or id (enter: back to the table)", id="res-search")
+        yield CInput(placeholder="/ search the stored top K by text or id (enter: back to the table)", id="res-search")
         yield Label("", id="res-status", classes="hint")
         yield RowTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Label(render.SIGN_NOTE, classes="hint")
@@ -732,9 +733,15 @@ class ResultsPane(Pane):
         self.rows = {f"{r['side']}:{r['rank']}": r for r in self.page_rows}
         self.show_rows()
         where = "most positive" if self.side == "top" else "most negative"
+        if self.page_rows:
+            shown = f"rows {self.page_offset + 1}-{self.page_offset + len(self.page_rows)}" + (f" matching {search!r}" if search else "")
+        else:
+            shown = f"no rows matching {search!r}" if search else "no rows"
+        if search:  # only the stored top and bottom K are in the catalog, so only they are searched
+            stored = self.project.db["results"].count_where("result_set_id = ? AND query_id = ? AND side = ?", [app.result_set_id, app.query_id, self.side])
+            shown += f" (searched: the {stored} stored)"
         status.update(
-            f"{where} · result set {app.result_set_id} · query {app.query_id} · rows {self.page_offset + 1}-{self.page_offset + len(self.page_rows)}"
-            + (f" matching {search!r}" if search else "") + " · enter opens a row"
+            f"{where} · result set {app.result_set_id} · query {app.query_id} · {shown}" + (" · enter opens a row" if self.page_rows else "")
             + f"\n{self._estimator_line(app.result_set_id)}"
         )
 
@@ -754,9 +761,10 @@ class ResultsPane(Pane):
     def column_widths(self, rows: list[dict], available: int) -> dict[str, int]:
         """The id column as wide as the page's ids (at most ID_WIDTH), the text column what is left."""
         pad = 2 * self.query_one("#results", DataTable).cell_padding
+        fmt = score_format(r["score"] for r in rows)
         widths = {
             "rank": max([4] + [len(str(r["rank"])) for r in rows]),
-            "score": max([5] + [len(f"{r['score']:+.4g}") for r in rows]),
+            "score": max([5] + [len(fmt(r["score"])) for r in rows]),
             "id": min(self.ID_WIDTH, max([2] + [len(r["seq_id"]) for r in rows])),
         }
         text = available - sum(w + pad for w in widths.values()) - pad
@@ -777,10 +785,11 @@ class ResultsPane(Pane):
         for key in ("rank", "score", "id", "source", "text"):
             if key in widths:
                 table.add_column(key, key=key, width=widths[key])
+        fmt = score_format(r["score"] for r in self.page_rows)  # one format for the page
         for r in self.page_rows:
             cells = {
                 "rank": str(r["rank"]),
-                "score": Text(f"{r['score']:+.4g}", style="red" if r["score"] > 0 else "blue"),
+                "score": Text(fmt(r["score"]), style="red" if r["score"] > 0 else "blue"),
                 "id": render.middle_snippet(r["seq_id"], widths["id"]),
                 "source": render.snippet(r["source"], widths.get("source", 0)),
                 "text": render.snippet(r["text"], widths["text"]),
@@ -987,9 +996,10 @@ class ProbesPane(Pane):
         listing = self.query_one("#probe-list", VerticalScroll)
         listing.remove_children()
         order = np.argsort([-s.total for s in scored])
+        fmt = score_format(s.total for s in scored)
         for i in order:
             p, s = probes[i], scored[i]
-            head = Text(f"{s.total:+.4g}", style="bold red" if s.total > 0 else "bold blue")
+            head = Text(fmt(s.total), style="bold red" if s.total > 0 else "bold blue")
             head.append(f"  probe {p['id']}", style="dim")
             if p.get("label"):
                 head.append(f" {p['label']}", style="bold")
@@ -1064,8 +1074,9 @@ class ComparePane(Pane):
             t.add_column("id")
             t.add_column("score", justify="right")
             t.add_column(f"rank in {other}", justify="right")
+            fmt = score_format(score for _, score, _ in rows)
             for idx, score, rank in rows:
-                t.add_row(ids.get(idx, {}).get("seq_id", str(idx)), f"{score:+.4g}", "—" if rank is None else str(rank))
+                t.add_row(ids.get(idx, {}).get("seq_id", str(idx)), fmt(score), "—" if rank is None else str(rank))
             tables.append(t)
         out.update(head)
         self.query_one("#cmp-tables", Static).update(Group(*tables))
