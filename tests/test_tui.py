@@ -719,6 +719,50 @@ def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
     asyncio.run(go())
 
 
+def test_footer_search_metadata_and_options_read_whole(long_id_project):
+    """At 80x24 every tab's footer keeps Quit and Help beside the palette key; a search with no
+    hits says so and that it searched the stored rows; a sequence's source is shown once; the
+    plugin dropdowns carry whole descriptions."""
+    from textual.widgets import Label, Select, Static
+
+    from inflq.tui.sequence import SequenceScreen
+
+    p = Project.open(long_id_project)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    descriptions = {n: " ".join(c.description.split()) for n, c in p.registry.all("estimator").items()}
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            for tab in "1234579":
+                if tab == "9":
+                    await pilot.press("4")
+                    await settle(pilot)
+                    await pilot.press("enter")  # the sequence view
+                else:
+                    await pilot.press(tab)
+                await settle(pilot)
+                keys = {k.key: k.region for k in app.screen.query("FooterKey")}
+                assert "q" in keys and "question_mark" in keys, (tab, keys)
+                assert keys["q"].right <= keys["ctrl+p"].x, f"tab {tab}: Quit is under the palette key"
+            assert isinstance(app.screen, SequenceScreen)
+            meta = str(app.screen.query_one("#meta", Static).render())
+            assert meta.count("source") == 1, meta
+            await pilot.press("escape")
+            await settle(pilot)
+            await pilot.press("slash", *"zzz")
+            await settle(pilot)
+            status = str(app.screen.query_one("#res-status", Label).render())
+            assert "no rows matching 'zzz' (searched: the 20 stored)" in status and "1-0" not in status, status
+            options = dict((v, str(prompt)) for prompt, v in app.screen.query_one("#sel-estimator", Select)._options if isinstance(v, str))
+            assert options == {n: f"{n}: {d}" for n, d in descriptions.items()}
+
+    asyncio.run(go())
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""

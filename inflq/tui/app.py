@@ -107,9 +107,11 @@ class InflqApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "inflq"
     BINDINGS = [
+        # Open and Theme are in the help and the palette, not the footer: at 80 columns the
+        # footer must keep the tab's own keys, Help and Quit.
         Binding("question_mark", "help", "Help"),
-        Binding("o", "open_project", "Open"),
-        Binding("ctrl+t", "toggle_theme", "Theme"),
+        Binding("o", "open_project", "Open", show=False),
+        Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("f", "factors", "Factors", show=False),
         Binding("q", "quit", "Quit"),
     ]

@@ -417,7 +417,8 @@ class RunPane(Pane):
         for kind in self.KINDS:
             classes = self.project.registry.all(kind)
             sel = self.query_one(f"#sel-{kind}", Select)
-            sel.set_options([(f"{name}: {render.snippet(cls.description, 40)}", name) for name, cls in sorted(classes.items())])
+            # Whole descriptions: the open list wraps them; the closed select shows one line.
+            sel.set_options([(f"{name}: {' '.join(cls.description.split())}", name) for name, cls in sorted(classes.items())])
             if self.DEFAULTS[kind] in classes:
                 sel.value = self.DEFAULTS[kind]
 
@@ -627,9 +628,9 @@ class ResultsPane(Pane):
     BINDINGS = [
         Binding("t", "side('top')", "Top"),
         Binding("b", "side('bottom')", "Bottom"),
-        Binding("n", "page(1)", "Next page"),
-        Binding("p", "page(-1)", "Prev page"),
-        Binding("slash", "search", "Search"),
+        Binding("n", "page(1)", "Next", tooltip="next page of 100"),
+        Binding("p", "page(-1)", "Prev", tooltip="previous page"),
+        Binding("slash", "search", "Search", show=False),  # the search field's placeholder shows it
         Binding("e", "export", "Export"),
         Binding("escape", "leave", "Back to table", show=False),
     ]
@@ -663,7 +664,7 @@ class ResultsPane(Pane):
         q = self.query_one("#res-query", Select)
         with self.prevent(Select.Changed):
             qs = self.project.queries(self.inflq.investigation)
-            q.set_options([(f"{x['id']}: {render.snippet(x['prompt'] + ' → ' + x['completion'], 80)}", x["id"]) for x in qs])
+            q.set_options([(f"{x['id']}: {render.snippet(x['prompt'] + ' → ' + x['completion'], 400)}", x["id"]) for x in qs])
             if self.inflq.query_id in {x["id"] for x in qs}:
                 q.value = self.inflq.query_id
         self.page_offset = 0
@@ -1030,7 +1031,7 @@ class ComparePane(Pane):
         if self.project is None or self.inflq.investigation is None:
             return
         sets = results.result_sets(self.project, self.inflq.investigation)
-        opts = [(f"{r['id']}: {render.snippet(r['estimator'], 14)} / {render.snippet(r['filter'], 10)}", r["id"]) for r in sets]
+        opts = [(f"{r['id']}: {r['estimator']} / {r['filter']}", r["id"]) for r in sets]
         for wid, pick in (("#cmp-a", -2), ("#cmp-b", -1)):
             s = self.query_one(wid, Select)
             old = s.value
