@@ -763,6 +763,142 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
     asyncio.run(go())
 
 
+def palette_command(app, title: str):
+    return next(c for c in app.get_system_commands(app.screen) if c.title == title).callback
+
+
+def test_validate_screen_runs_with_progress_and_cancels(project_dir):
+    """ctrl+p → Validate estimators: the validation runs in a worker with progress bars and shows
+    the correlations (saved like `inflq validate`); a second one is cancelled with ctrl+b."""
+    import io
+
+    from rich.console import Console
+    from textual.widgets import Input, Static
+
+    from inflq.tui.tools import ValidateScreen
+
+    p = Project.open(project_dir)
+    p.add_query("default", PROMPT, COMPLETION)
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await settle(pilot)
+            palette_command(app, "Validate estimators")()
+            await settle(pilot)
+            assert isinstance(app.screen, ValidateScreen)
+            screen = app.screen
+            for name, value in (("estimators", "identity"), ("sample", "2"), ("queries", "1"), ("fit_sequences", "8"), ("pbrf_steps", "3")):
+                screen.query_one(f"#val-{name}", Input).value = value
+            await pilot.press("ctrl+r")
+            await settle(pilot)
+            console = Console(width=98, record=True, file=io.StringIO())
+            console.print(screen.query_one("#val-result", Static).content)
+            shown = console.export_text()
+            assert "validation 1: 1 queries × 2 sequences vs PBRF" in shown and "identity" in shown, shown
+            assert "PBRF" in screen._bars and "ETA" not in str(screen._bars["PBRF"][0].render())
+            assert app.project.db["validations"].count == 1
+            # Cancelled at once: nothing saved, the screen says so.
+            await pilot.press("ctrl+r", "ctrl+b")
+            await settle(pilot)
+            assert "cancelled: nothing was saved" in str(screen.query_one("#val-result", Static).render())
+            assert app.project.db["validations"].count == 1
+            await pilot.press("escape")
+            await settle(pilot)
+            assert app.screen.query("#tabs")
+
+    asyncio.run(go())
+
+
+def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypatch):
+    """Relink asks for the model and corpus copies, confirms, then checks fingerprints (a wrong
+    corpus is a dialog, not a crash); Trust names the plugin files, confirms and loads them."""
+    import shutil
+
+    from textual.widgets import Input, Static
+
+    from inflq import plugins
+    from inflq.tui.modals import ConfirmScreen, ErrorScreen
+
+    monkeypatch.setenv("INFLQ_CONFIG_DIR", str(tmp_path / "config"))
+    plugins.reset_registry()
+    model_copy = tmp_path / "copies" / "model"
+    shutil.copytree(base / "model", model_copy)
+    corpus_copy = tmp_path / "copies" / "renamed.jsonl"
+    shutil.copy(base / "corpus.jsonl", corpus_copy)
+    (project_dir / "plugins").mkdir()
+    (project_dir / "plugins" / "mine.py").write_text(
+        "import inflq\nfrom inflq_builtins.estimators import GradientDotProduct\n\n\n"
+        "class Mine(GradientDotProduct):\n    name = 'mine'\n    description = 'a local one'\n\n\n"
+        "@inflq.hookimpl\ndef register_estimators(register):\n    register(Mine)\n")
+
+    async def answer(pilot, text: str) -> None:
+        pilot.app.screen.query_one("#answer", Input).value = text
+        await pilot.press("enter")
+        await settle(pilot)
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot)
+            said = " ".join(str(n.message) for n in app._notifications)
+            assert "1 local plugin, not loaded: ctrl+p → Trust local plugins" in said
+            # A wrong corpus: refused in a dialog, inflq.toml untouched.
+            palette_command(app, "Relink model or corpus")()
+            await settle(pilot)
+            await answer(pilot, "")
+            await answer(pilot, str(project_dir / "inflq.toml"))
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen)
+            assert "is not the corpus this project was made with" in str(app.screen.query_one("#error-message", Static).render())
+            await pilot.press("escape")
+            # The copies: relinked.
+            palette_command(app, "Relink model or corpus")()
+            await settle(pilot)
+            await answer(pilot, str(model_copy))
+            await answer(pilot, str(corpus_copy))
+            assert isinstance(app.screen, ConfirmScreen) and "renamed.jsonl" in str(app.screen.query_one(".question", Static).render())
+            await pilot.press("y")
+            await settle(pilot)
+            assert app.project.model_path.resolve() == model_copy.resolve()
+            assert app.project.corpus_path.resolve() == corpus_copy.resolve()
+            # Trust: asked, then loaded (the Run tab's estimators include it).
+            palette_command(app, "Trust local plugins")()
+            await settle(pilot)
+            assert isinstance(app.screen, ConfirmScreen) and "mine.py" in str(app.screen.query_one(".question", Static).render())
+            await pilot.press("y")
+            await settle(pilot)
+            assert "mine" in app.project.registry.names("estimator")
+
+    try:
+        asyncio.run(go())
+    finally:
+        plugins.reset_registry()
+
+
+def test_a_lissa_result_shows_its_residual(project_dir):
+    from textual.widgets import Label
+
+    p = Project.open(project_dir)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="lissa:depth=20,batch_size=4", rank=4))
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            await pilot.press("4")
+            await settle(pilot)
+            status = str(app.screen.query_one("#res-status", Label).render())
+            assert re.search(r"lissa:depth=20,batch_size=4: damping .* residual \d", status), status
+
+    asyncio.run(go())
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""

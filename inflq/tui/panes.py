@@ -33,6 +33,12 @@ if TYPE_CHECKING:
     from .app import InflqApp
 
 
+def blank(value) -> bool:
+    """Whether a Select's value is "nothing chosen" (Select.NULL in Textual 8; BLANK is only the
+    constructor's "no value given")."""
+    return value is Select.NULL or value is Select.BLANK or value is None
+
+
 class Pane(Vertical):
     """A tab's content. ``reload`` re-reads what it shows from the catalog."""
 
@@ -427,7 +433,7 @@ class RunPane(Pane):
         kind = event.select.id.removeprefix("sel-")
         box = self.query_one(f"#opts-{kind}", Vertical)
         await box.remove_children()
-        if self.project is None or event.value is Select.BLANK:
+        if self.project is None or blank(event.value):
             return
         cls = self.project.registry.get(kind, str(event.value))
         await box.mount_all([option_widget(kind, o) for o in cls.options])
@@ -435,7 +441,7 @@ class RunPane(Pane):
     def spec(self, kind: str) -> str:
         """``name:key=value,...`` from the Select and the generated option inputs."""
         value = self.query_one(f"#sel-{kind}", Select).value
-        if value is Select.BLANK:
+        if blank(value):
             raise InflqError(f"choose a {kind}")
         cls = self.project.registry.get(kind, str(value))
         given = []
@@ -445,7 +451,7 @@ class RunPane(Pane):
                 if w.value != bool(o.default):
                     given.append(f"{o.name}={str(w.value).lower()}")
             elif isinstance(w, Select):
-                if w.value is not Select.BLANK and w.value != o.default:
+                if not blank(w.value) and w.value != o.default:
                     given.append(f"{o.name}={w.value}")
             elif w.value.strip():
                 v = w.value.strip()
@@ -605,7 +611,9 @@ class RunPane(Pane):
         if event.state == WorkerState.SUCCESS:
             self._stop_bars("")
             res = event.worker.result
-            self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id}")
+            rs = self.project.db["result_sets"].get(res.result_set_id)
+            # The damping used and an iterative estimator's (LiSSA's) convergence residual.
+            self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id} ({rs['estimator']}: {results.estimator_summary(rs)})", timeout=10)
             self.inflq.set_context(result_set_id=res.result_set_id)
         elif isinstance(event.worker.error, Cancelled):
             from ..runs import committed_work, interrupted_run
@@ -676,7 +684,7 @@ class ResultsPane(Pane):
 
     @on(Select.Changed, "#res-set")
     def _set_changed(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if not blank(event.value):
             self.inflq.set_context(result_set_id=int(event.value))
             self.page_offset = 0
             self.load_page()
@@ -684,7 +692,7 @@ class ResultsPane(Pane):
 
     @on(Select.Changed, "#res-query")
     def _query_changed(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if not blank(event.value):
             self.inflq.set_context(query_id=int(event.value))
             self.page_offset = 0
             self.load_page()
@@ -1051,7 +1059,7 @@ class ComparePane(Pane):
             return
         a, b = self.query_one("#cmp-a", Select).value, self.query_one("#cmp-b", Select).value
         out = self.query_one("#cmp-out", Static)
-        if a is Select.BLANK or b is Select.BLANK:
+        if blank(a) or blank(b):
             out.update("choose two result sets (they need a run each)")
             self.query_one("#cmp-tables", Static).update("")
             return
