@@ -133,9 +133,10 @@ def ui(project):
 @click.option("--corpus", required=True, type=click.Path(), help="Training corpus: JSONL with a text field, plain text, or a saved dataset folder.")
 @click.option("--name", help="Project name (default: the folder name).")
 @click.option("--max-length", type=int, help="Context length for training sequences (default: the model's, at most 2048).")
-@click.option("--format", "corpus_format", default="auto", type=click.Choice(["auto", "jsonl", "text", "datasets"]))
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--id-field", default="id", show_default=True)
+@click.option("--format", "corpus_format", default="auto", type=click.Choice(["auto", "jsonl", "text", "datasets"]),
+              help="Corpus format; auto: a folder is a saved dataset, .jsonl/.json/.ndjson is JSONL, anything else plain text (documents separated by blank lines).")
+@click.option("--text-field", default="text", show_default=True, help="The JSONL field or dataset column holding each document's text.")
+@click.option("--id-field", default="id", show_default=True, help="The field holding each document's id (missing: line-N for JSONL, row-N for a dataset).")
 @click.option("--modules", default="all", show_default=True, help="Tracked modules: all, mlp, attention, or name globs.")
 @click.option("--add-bos/--no-add-bos", default=None, help="Start each sequence with BOS (default: as the tokenizer does).")
 @click.option("--append-eos", is_flag=True, help="End each document with EOS (as in GPT-2 style training).")
@@ -146,6 +147,9 @@ def init(directory, model, corpus, name, max_length, corpus_format, text_field, 
     p = Project.init(Path(directory), Path(model), Path(corpus), name=name, max_length=max_length, corpus_format=corpus_format, text_field=text_field, id_field=id_field, modules=modules, add_bos=add_bos, append_eos=append_eos)
     n = len(p.corpus)
     click.echo(f"created {directory}: {n} training sequences, max length {p.config.max_length}, investigation 'default'")
+    note = p.unknown_tokens_note()
+    if note:
+        click.echo(f"warning: {note}", err=True)
 
 
 # -- investigations --------------------------------------------------------------------------------
@@ -157,8 +161,9 @@ def investigation():
 @investigation.command("add")
 @click.argument("project")
 @click.argument("name")
-@click.option("--description", default="")
+@click.option("--description", default="", help="What the investigation is about (shown in the UI).")
 def investigation_add(project, name, description):
+    """Create the investigation NAME."""
     _open(project).create_investigation(name, description)
     click.echo(f"created investigation {name!r}")
 
@@ -166,6 +171,7 @@ def investigation_add(project, name, description):
 @investigation.command("list")
 @click.argument("project")
 def investigation_list(project):
+    """List the investigations with their query and result-set counts."""
     from rich.table import Table
 
     t = Table("name", "queries", "result sets", "created", "description")
@@ -179,6 +185,7 @@ def investigation_list(project):
 @click.argument("name")
 @click.argument("new_name")
 def investigation_rename(project, name, new_name):
+    """Rename the investigation NAME to NEW_NAME."""
     _open(project).rename_investigation(name, new_name)
     click.echo(f"renamed {name!r} to {new_name!r}")
 
@@ -188,6 +195,7 @@ def investigation_rename(project, name, new_name):
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def investigation_rm(project, name, yes):
+    """Delete the investigation NAME with its queries, probes, runs and results."""
     p = _open(project)
     p.investigation(name)
     if not yes and not click.confirm(f"delete investigation {name!r} with its queries, runs and results?"):
@@ -206,11 +214,11 @@ def query():
 @click.argument("project")
 @click.argument("prompt", required=False)
 @click.argument("completion", required=False)
-@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="The investigation the queries belong to.")
 @click.option("--file", "file_", type=click.Path(), help="JSONL file of {prompt, completion[, tags, notes, chat]} objects.")
 @click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template.")
-@click.option("--tag", "tags", multiple=True)
-@click.option("--notes", default="")
+@click.option("--tag", "tags", multiple=True, help="A tag for the query (repeatable).")
+@click.option("--notes", default="", help="A free-text note kept with the query.")
 def query_add(project, prompt, completion, investigation, file_, chat, tags, notes):
     """Add one query (PROMPT COMPLETION) or many (--file)."""
     p = _open(project)
@@ -234,9 +242,10 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
 
 @query.command("list")
 @click.argument("project")
-@click.option("-i", "--investigation", default="default", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="The investigation whose queries to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every field) instead of a table.")
 def query_list(project, investigation, as_json):
+    """List the investigation's queries: id, prompt, completion, tags."""
     rows = _open(project).queries(investigation)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -257,17 +266,18 @@ def probe():
 @probe.command("add")
 @click.argument("project")
 @click.argument("text")
-@click.option("--query", "query_id", type=int, required=True)
-@click.option("--label", default="")
+@click.option("--query", "query_id", type=int, required=True, help="The query id the probe is scored against (see `inflq query list`).")
+@click.option("--label", default="", help="A short label, e.g. same-order or reversed.")
 def probe_add(project, text, query_id, label):
+    """Add TEXT as a hand-written probe sequence for a query."""
     pid = _open(project).add_probe(query_id, text, label)
     click.echo(f"added probe {pid}")
 
 
 @probe.command("score")
 @click.argument("project")
-@click.option("--query", "query_id", type=int, required=True)
-@click.option("--estimator", default="ekfac", show_default=True)
+@click.option("--query", "query_id", type=int, required=True, help="The query id whose probes to score.")
+@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec (cached factors are reused).")
 def probe_score(project, query_id, estimator):
     """Score the query's probes and show their most influential tokens."""
     from rich.table import Table
@@ -281,10 +291,19 @@ def probe_score(project, query_id, estimator):
     with _progress() as monitor:
         session = ScoringSession.for_queries(p, [query_id], estimator=estimator, monitor=monitor)
         results = session.score_texts([pr["text"] for pr in probes], query_id)
+    from .display import score_format
+
     t = Table("probe", "label", "score", "text (most influential tokens in bold)")
+    fmt = score_format(res.total for res in results)
     for pr, res in zip(probes, results, strict=False):
-        t.add_row(str(pr["id"]), pr["label"], f"{res.total:+.4g}", _heat_text(res.labels, res.values))
+        t.add_row(str(pr["id"]), pr["label"], fmt(res.total), _heat_text(res.labels, res.values))
     _console().print(t)
+
+
+def _text_room(widths: list[int]) -> int:
+    """The width left for a last (text) column beside columns of ``widths`` in a rich Table:
+    ids and scores are shown whole, the text gives way."""
+    return max(10, _console().width - sum(widths) - 3 * len(widths) - 4)
 
 
 def _heat_text(tokens, values):
@@ -324,7 +343,8 @@ def _heat_text(tokens, values):
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
-@click.option("--resume", "resume", type=int, help="Continue a cancelled or failed run by id.")
+@click.option("--resume", "resume", type=int, is_flag=False, flag_value=0,
+              help="Continue a cancelled or failed run: by id, or alone (after PROJECT) the investigation's latest interrupted run.")
 def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, batch_tokens, shard_size, device, dtype, refit, resume):
     """Fit what is needed and score the investigation's queries."""
     from .runs import RunSettings, run_investigation
@@ -344,12 +364,27 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
             raise InflqError("--address is for --executor ray; drop it or use --executor ray")
         executor += ("," if ":" in executor else ":") + f"address={address}"
     settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
+    if resume == 0:  # the bare flag: the investigation's latest interrupted run
+        from .runs import interrupted_run
+
+        row = interrupted_run(p, investigation)
+        if row is None:
+            raise InflqError(f"investigation {investigation!r} has no interrupted run to resume; see `inflq runs {project}`, or give a run id")
+        resume = row["id"]
+    if resume:
+        from .runs import committed_work
+
+        row = p.db["runs"].get(resume) if p.db["runs"].count_where("id = ?", [resume]) else None
+        if row is not None and row["kind"] == "scores" and row["status"] != "done":
+            click.echo(f"resuming run {resume} ({row['status']}, {row['estimator']} / {row['filter']}); {committed_work(p, resume)}", err=True)
     with _progress() as monitor:
         try:
             result = run_investigation(p, investigation, settings, monitor, resume=resume, executor=executor if resume else None)
         except Cancelled:
-            last = p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
-            raise InflqError(f"run {resume or last} cancelled; its committed shards are kept: continue with `inflq run {project} --resume {resume or last}`") from None
+            from .runs import committed_work
+
+            last = resume or p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
+            raise InflqError(f"run {last} cancelled; {committed_work(p, last)}: continue with `inflq run {project} --resume {last}` (or --resume alone)") from None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
     click.echo(f"run {result.run_id} done in {result.seconds:.1f}s ({phases}); result set {result.result_set_id}")
     click.echo(f"see the top sequences with: inflq top {project} -i {p.investigation(p.db['runs'].get(result.run_id)['investigation_id'])['name']}")
@@ -365,8 +400,6 @@ def factors():
 @click.option("--json", "as_json", is_flag=True)
 def factors_list(project, as_json):
     """The project's factor sets, reused by every investigation with the same settings."""
-    from rich.table import Table
-
     from .factors import factor_sets
 
     p = _open(project)
@@ -377,12 +410,13 @@ def factors_list(project, as_json):
     if not rows:
         click.echo(f"no factor sets yet: `inflq factors fit {project}` or `inflq run {project}` fits them")
         return
-    t = Table("id", "estimator", "settings", "modules", "sequences", "seed", "size", "fit s", "runs", "model", "created")
+    # One short block per set rather than an 11-column table: nothing is cut at 80 columns.
     for r in rows:
-        size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "missing"
-        t.add_row(str(r["id"]), r["estimator"], r["settings"], str(r["num_modules"]), str(r["num_sequences"]), str(r["seed"]), size,
-                  f"{r['seconds'] or 0:.1f}", str(r["runs"]), "current" if r["current_model"] else "other", (r["created_at"] or "")[:19])
-    _console().print(t)
+        size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "file missing"
+        click.echo(f"factor set {r['id']}: {r['estimator']} {r['settings']}")
+        click.echo(f"  {r['num_modules']} modules · {r['num_sequences']} sequences · seed {r['seed']} · {size} · fit in {r['seconds'] or 0:.1f} s"
+                   f" · used by {r['runs']} run{'s' if r['runs'] != 1 else ''} · {'current' if r['current_model'] else 'another'} model"
+                   f" · {(r['created_at'] or '')[:16].replace('T', ' ')}")
 
 
 @factors.command("fit")
@@ -398,7 +432,7 @@ def factors_list(project, as_json):
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--refit", is_flag=True, help="Recompute even if these factors are cached.")
-@click.option("--resume", type=int, help="Continue an interrupted fit by its run id.")
+@click.option("--resume", type=int, is_flag=False, flag_value=0, help="Continue an interrupted fit: by run id, or alone (after PROJECT) the latest one.")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
 def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, batch_tokens, shard_size, executor, device, dtype, refit, resume, investigation):
     """Fit factors now (e.g. on a GPU machine), for later runs to reuse; resumable."""
@@ -408,12 +442,22 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, ba
     p.set_runtime(device, dtype)
     settings = RunSettings(estimator=estimator, executor=executor or "local", modules=modules, fit_sequences=fit_sequences,
                            seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
+    if resume == 0:  # the bare flag: the latest interrupted fit
+        from .runs import interrupted_run
+
+        row = interrupted_run(p, investigation, kind="factors")
+        if row is None:
+            raise InflqError(f"no interrupted factor fit to resume in investigation {investigation!r}; see `inflq runs {project}`")
+        resume = row["id"]
+        click.echo(f"resuming factor fit {resume} ({row['status']}, {row['estimator']})", err=True)
     with _progress() as monitor:
         try:
             run_id, fs_id, seconds = fit_factors(p, settings, monitor, investigation, resume=resume)
         except Cancelled:
+            from .runs import committed_work
+
             last = resume or p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
-            raise InflqError(f"fit cancelled; its committed shards are kept: continue with `inflq factors fit {project} --resume {last}`") from None
+            raise InflqError(f"fit {last} cancelled; {committed_work(p, last)}: continue with `inflq factors fit {project} --resume {last}`") from None
     if fs_id is None:
         click.echo(f"{settings.estimator} fits no factors; nothing to do")
     else:
@@ -506,9 +550,17 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
             continue
         title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
                  "positive = makes the completion more likely)")
-        t = Table("rank", "score", "sequence", "text", title=title, title_justify="left")
+        from .display import score_format
+
+        # Ids are whole (they differ at their ends: ...-fwd-00 and ...-fwd-02); the text gives way.
+        fmt = score_format(r["score"] for r in rows)
+        widths = [4, max([5] + [len(fmt(r["score"])) for r in rows]), max([8] + [len(r["seq_id"]) for r in rows])]
+        t = Table(title=title, title_justify="left")
+        for name, width in zip(("rank", "score", "sequence"), widths, strict=True):
+            t.add_column(name, no_wrap=True, justify="left" if name == "sequence" else "right", min_width=width)
+        t.add_column("text", overflow="ellipsis", no_wrap=True, max_width=_text_room(widths))
         for r in rows:
-            t.add_row(str(r["rank"]), f"{r['score']:+.4g}", r["seq_id"], r["text"][:100])
+            t.add_row(str(r["rank"]), fmt(r["score"]), r["seq_id"], r["text"][:100])
         _console().print(t)
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -557,12 +609,19 @@ def self_influence_cmd(project, estimator, k):
     p = _open(project)
     with _progress() as monitor:
         idx, vals = self_influence(p, estimator, monitor=monitor)
+    from .display import score_format
+
     order = np.argsort(-vals)[:k]
     rows = p.sequence_rows([int(idx[i]) for i in order])
-    t = Table("rank", "self-influence", "sequence", "text")
+    fmt = score_format(vals[i] for i in order)
+    widths = [4, 14, max([8] + [len(rows[int(idx[i])]["seq_id"]) for i in order])]
+    t = Table()
+    for name, width in zip(("rank", "self-influence", "sequence"), widths, strict=True):
+        t.add_column(name, no_wrap=True, justify="left" if name == "sequence" else "right", min_width=width)
+    t.add_column("text", overflow="ellipsis", no_wrap=True, max_width=_text_room(widths))
     for r, i in enumerate(order, 1):
         seq = int(idx[i])
-        t.add_row(str(r), f"{vals[i]:.4g}", rows[seq]["seq_id"], p.decode(p.corpus.get(seq))[:100])
+        t.add_row(str(r), fmt(vals[i]), rows[seq]["seq_id"], p.decode(p.corpus.get(seq))[:100])
     _console().print(t)
 
 
@@ -588,9 +647,14 @@ def attribute(project, investigation, query_id, seq_id, kind, result_set):
     res = ScoringSession.for_result_set(p, rs).attribute(p.corpus.get(row["idx"]), query_id, kind)
     if kind == "token":
         _console().print(_heat_text(res.labels, res.values))
-    t = Table(kind, "score")
-    for lab, v in sorted(zip(res.labels, res.values, strict=False), key=lambda x: -abs(x[1]))[:20]:
-        t.add_row(lab, f"{v:+.4g}")
+    from .display import score_format
+
+    # Tokens with their position in the sequence: the same word can occur more than once.
+    t = Table("position", "token", "score") if kind == "token" else Table(kind, "score")
+    ranked = sorted(enumerate(zip(res.labels, res.values, strict=False)), key=lambda x: -abs(x[1][1]))[:20]
+    fmt = score_format(v for _, (_, v) in ranked)
+    for pos, (lab, v) in ranked:
+        t.add_row(*((str(pos), repr(lab)[1:-1]) if kind == "token" else (lab,)), fmt(v))
     _console().print(t)
     click.echo(f"total {res.total:+.6g}")
 
@@ -607,6 +671,9 @@ def corpus_rebuild(project):
     p = _open(project)
     p.rebuild_corpus()
     click.echo(f"tokenized {len(p.corpus)} training sequences")
+    note = p.unknown_tokens_note()
+    if note:
+        click.echo(f"warning: {note}", err=True)
 
 
 @cli.command()
@@ -661,9 +728,15 @@ def demo(headless, estimator):
         run_tui(str(root))
         return
     with _progress() as monitor:
-        run_demo(root, estimator, monitor)
+        rs_id = run_demo(root, estimator, monitor)
+    from .project import Project
+
+    demo_project = Project.open(root)
+    rs = demo_project.db["result_sets"].get(rs_id)
+    demo_project.close()
+    click.echo(f"result set {rs_id}: {rs['estimator']} / {rs['filter']} ({rs['created_at'][:19]}); see the others with `inflq demo` (Results tab)")
     ctx = click.get_current_context()
-    ctx.invoke(top, project=str(root), investigation=DEMO_INVESTIGATION, query_id=None, k=5, bottom=False, result_set=None, as_json=False)
+    ctx.invoke(top, project=str(root), investigation=DEMO_INVESTIGATION, query_id=None, k=5, bottom=False, result_set=rs_id, as_json=False)
 
 
 @cli.command()

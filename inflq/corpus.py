@@ -75,7 +75,7 @@ def iter_jsonl(path: Path, expect: str) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InflqError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno}); fix or remove that line") from None
+                raise InflqError(f"{path}:{lineno}: not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); fix or remove that line") from None
             if not isinstance(obj, dict):
                 raise InflqError(f"{path}:{lineno}: expected a JSON object with {expect}, got {type(obj).__name__}")
             yield lineno, obj
@@ -120,17 +120,34 @@ def _read_datasets(path: Path, text_field: str, id_field: str) -> Iterator[Docum
         yield Document(doc_id, row[text_field], str(meta.get("source", "")), meta)
 
 
-def corpus_fingerprint(path: Path) -> str:
-    """Content hash of a corpus file or folder."""
+def corpus_fingerprint(path: Path, legacy_name: str | None = None) -> str:
+    """Content hash of a corpus file or folder: a file's bytes alone (so a renamed copy has the
+    same fingerprint), a folder's files' relative paths and bytes.
+
+    ``legacy_name``: the rule of projects made before fingerprints were content-only, which
+    hashed a single file's name too (``legacy_name``, the name it had then) before its bytes."""
     path = Path(path)
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        elif legacy_name is not None:
+            h.update(legacy_name.encode())
         with open(f, "rb") as fh:
             while block := fh.read(1 << 22):
                 h.update(block)
     return h.hexdigest()[:32]
+
+
+def unknown_tokens_note(info: dict, unk_token: str | None) -> str | None:
+    """A warning when the tokenizer did not know part of the corpus (its share of ``<unk>``
+    tokens), from a token store's ``store.json``; None when it knew every token."""
+    unknown, total = info.get("unknown_tokens") or 0, info.get("num_tokens") or 0
+    if not unknown or not total:
+        return None
+    return (f"{unknown / total:.1%} of the corpus's tokens ({unknown} of {total}) are unknown to the model's tokenizer "
+            f"({unk_token or 'unk'}), so the model sees each of them as that one token; check that the corpus and the model belong together")
 
 
 class CorpusStore:
@@ -206,11 +223,13 @@ def _build_store(documents, tokenizer, folder, *, max_length, add_bos, append_eo
     seen: set[str] = set()
     idx = 0
     vocab = len(tokenizer)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    unknown = 0
     with open(tmp / "tokens.bin", "wb") as out:
         pending: list[Document] = []
 
         def flush() -> Iterator[tuple]:
-            nonlocal idx
+            nonlocal idx, unknown
             enc = tokenizer([d.text for d in pending], add_special_tokens=False)["input_ids"]
             for doc, ids in zip(pending, enc, strict=False):
                 if doc.doc_id in seen:
@@ -228,6 +247,8 @@ def _build_store(documents, tokenizer, folder, *, max_length, add_bos, append_eo
                     arr = np.asarray(piece, dtype=np.uint32)
                     if arr.size and int(arr.max()) >= vocab:
                         raise InflqError("the tokenizer produced ids beyond its vocabulary; check the tokenizer files")
+                    if unk is not None:
+                        unknown += int((arr == unk).sum())
                     out.write(arr.tobytes())
                     offsets.append(offsets[-1] + len(arr))
                     yield (idx, f"{doc.doc_id}:{c}", doc.doc_id, c, len(arr), doc.source, meta)
@@ -244,7 +265,8 @@ def _build_store(documents, tokenizer, folder, *, max_length, add_bos, append_eo
         shutil.rmtree(tmp)
         raise InflqError("the corpus has no text to train on (empty, or every document is blank); give a non-empty corpus")
     np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    info = {"fingerprint": fingerprint, "max_length": max_length, "add_bos": add_bos, "append_eos": append_eos, "num_sequences": idx}
+    info = {"fingerprint": fingerprint, "max_length": max_length, "add_bos": add_bos, "append_eos": append_eos, "num_sequences": idx,
+            "num_tokens": offsets[-1], "unknown_tokens": unknown}
     (tmp / "store.json").write_text(json.dumps(info, indent=2))
     if folder.exists():
         shutil.rmtree(folder)

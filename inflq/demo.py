@@ -51,12 +51,18 @@ def ensure_demo(progress: Callable[[str], None] | None = None) -> Path:
 
 
 def run_demo(root: Path, estimator: str = "ekfac", monitor: Monitor | None = None) -> int:
-    """Run the demo investigation once (reusing an existing result set) and return its id."""
+    """Run the demo investigation once with ``estimator`` over every sequence (reusing the latest
+    result set made so, e.g. in the UI) and return its id. Result sets with another estimator or a
+    candidate filter are never returned for it."""
     from .runs import RunSettings, run_investigation
 
     project = Project.open(root)
-    inv = project.investigation(INVESTIGATION)
-    existing = [r for r in project.db["result_sets"].rows_where("investigation_id = ? AND estimator = ?", [inv["id"], estimator], order_by="id")]
-    if existing:
-        return existing[-1]["id"]
-    return run_investigation(project, INVESTIGATION, RunSettings(estimator=estimator, rank=32, top_k=20), monitor).result_set_id
+    try:
+        inv = project.investigation(INVESTIGATION)
+        existing = list(project.db["result_sets"].rows_where(
+            "investigation_id = ? AND estimator = ? AND filter = 'all'", [inv["id"], estimator], order_by="id"))
+        if existing:
+            return existing[-1]["id"]
+        return run_investigation(project, INVESTIGATION, RunSettings(estimator=estimator, rank=32, top_k=20), monitor).result_set_id
+    finally:
+        project.close()

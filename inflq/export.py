@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .display import score_format
 from .errors import InflqError
 from .project import Project
 
@@ -77,6 +78,7 @@ def ccdf_plot(values: np.ndarray, width: int = 72, height: int = 18, color: bool
     with _PLOT_LOCK:
         f = plt.figure
         f.clear.all()
+        plt.terminal.limit(False, False)  # the size asked for, not capped at the process's terminal (a TUI pane, a file)
         f.plot_size(max(20, width), max(8, height))
         f.theme("default" if color else "colorless")
         plotted = False
@@ -128,8 +130,10 @@ def export_markdown(project: Project, investigation: str, result_set_id: int | N
         out += [f"## Query {qid}", "", f"**Prompt:** {_md_cell(q['prompt'], 500)}  ", f"**Completion:** {_md_cell(q['completion'], 500)}", ""]
         for side, title in (("top", "Most positive (helps the completion)"), ("bottom", "Most negative (hurts the completion)")):
             out += [f"### {title}", "", "| rank | score | id | source | text |", "|---:|---:|---|---|---|"]
-            for r in [r for r in qrows if r["side"] == side][:k]:
-                out.append(f"| {r['rank']} | {r['score']:.4g} | {_md_cell(r['seq_id'], 30)} | {_md_cell(r['source'] or '', 20)} | {_md_cell(r['text'])} |")
+            picked = [r for r in qrows if r["side"] == side][:k]
+            fmt = score_format(r["score"] for r in picked)
+            for r in picked:  # ids whole: they differ at their ends (...-fwd-00, ...-fwd-02)
+                out.append(f"| {r['rank']} | {fmt(r['score'])} | {_md_cell(r['seq_id'], 1000)} | {_md_cell(r['source'] or '', 20)} | {_md_cell(r['text'])} |")
             out.append("")
         try:
             _, sc = query_scores(project, rs, qid)

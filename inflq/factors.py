@@ -169,6 +169,7 @@ def spectrum_plot(items: list[ModuleSpectrum], width: int = 72, height: int = 18
     with _PLOT_LOCK:
         f = plt.figure
         f.clear.all()
+        plt.terminal.limit(False, False)  # the size asked for, not capped at the process's terminal (a TUI pane, a file)
         f.plot_size(max(30, width), max(8, height))
         f.theme("default" if color else "colorless")
         f.draw(f.bar(centers.tolist(), counts.tolist(), marker=["░" if c < 0 else "█" for c in centers], width=1))

@@ -289,7 +289,18 @@ class Project:
     # -- paths and fingerprints -----------------------------------------------------------------
     def path(self, rel: str) -> Path:
         p = Path(rel)
-        return p if p.is_absolute() else (self.root / p)
+        if p.is_absolute():
+            return p
+        joined = self.root / p
+        # "proj/../data/c.jsonl" reads as "data/c.jsonl" in messages, unless a symlinked
+        # project folder makes the two different files.
+        tidy = Path(os.path.normpath(joined))
+        try:
+            if tidy != joined and tidy.exists() and os.path.samefile(tidy, joined):
+                return tidy
+        except OSError:
+            pass
+        return joined
 
     @property
     def model_path(self) -> Path:
@@ -327,6 +338,27 @@ class Project:
             if cached == [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns]:
                 return catalog.get_meta(self.db, "corpus_fingerprint")
         return corpus_fingerprint(self.corpus_path)
+
+    def corpus_matches(self, path: Path) -> bool:
+        """Whether ``path`` holds the corpus this project was tokenized from, by content.
+
+        The recorded fingerprint stays the project's corpus identity (factor sets and runs are
+        keyed by it). A project made when a file's fingerprint also hashed its name is
+        recognised by that rule, with the name its config gave it, and its content-only
+        fingerprint is then recorded beside it (``corpus_content_fingerprint``), so a renamed
+        or moved copy is recognised from then on."""
+        recorded = self.corpus_fingerprint_recorded
+        fp = corpus_fingerprint(path)
+        if fp in (recorded, catalog.get_meta(self.db, "corpus_content_fingerprint", None)):
+            return True
+        if Path(path).is_file():
+            for name in dict.fromkeys((Path(self.config.corpus).name, Path(path).name)):
+                if corpus_fingerprint(path, legacy_name=name) == recorded:
+                    if not self.readonly:
+                        with self.db.atomic():
+                            catalog.set_meta(self.db, "corpus_content_fingerprint", fp)
+                    return True
+        return False
 
     def refresh_fingerprints(self, monitor: Monitor | None = None) -> None:
         """Record the current model's fingerprint (used at init and by ``relink``)."""
@@ -369,8 +401,10 @@ class Project:
                 raise InflqError(f"{model} is not the model this project was made with (fingerprint differs)")
             self.config.model = _rel(Path(model), self.root)
         if corpus is not None:
-            if corpus_fingerprint(Path(corpus)) != self.corpus_fingerprint_recorded:
-                raise InflqError(f"{corpus} is not the corpus this project was made with (fingerprint differs)")
+            if not Path(corpus).exists():
+                raise InflqError(f"{corpus} does not exist")
+            if not self.corpus_matches(Path(corpus)):
+                raise InflqError(f"{corpus} is not the corpus this project was made with (its content differs)")
             self.config.corpus = _rel(Path(corpus), self.root)
         self.save_config()
 
@@ -432,10 +466,24 @@ class Project:
             self.db.execute("DELETE FROM sequences")
             self.db["sequences"].insert_all((dict(zip(cols, r, strict=False)) for r in rows), batch_size=5000)
             catalog.set_meta(self.db, "corpus_fingerprint", fp)
+            catalog.set_meta(self.db, "corpus_content_fingerprint", fp)
             if self.corpus_path.is_file():
                 st = self.corpus_path.stat()
                 catalog.set_meta(self.db, "corpus_stat", [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns])
         self._store = None
+        note = self.unknown_tokens_note()
+        if note and monitor is not None:
+            monitor.warn(note)
+
+    def unknown_tokens_note(self) -> str | None:
+        """A warning with the share of the corpus's tokens the tokenizer did not know (None: none)."""
+        from .corpus import unknown_tokens_note
+
+        try:
+            info = CorpusStore(self.root / CORPUS_DIR).info
+        except InflqError:
+            return None
+        return unknown_tokens_note(info, getattr(self.tokenizer, "unk_token", None))
 
     @property
     def corpus(self) -> CorpusStore:
@@ -450,10 +498,16 @@ class Project:
                     raise InflqError(f"the corpus {self.corpus_path} and its token store are both missing; restore the corpus")
             store = CorpusStore(store_dir)
             if self.corpus_path.exists() and self.current_corpus_fingerprint() != recorded:
-                raise InflqError(
-                    f"the corpus {self.corpus_path} changed since it was tokenized; results would be stale: "
-                    f"run `inflq corpus rebuild {self.root}` (earlier result sets keep their own sequence ids)"
-                )
+                if self.corpus_matches(self.corpus_path):
+                    if self.corpus_path.is_file() and not self.readonly:  # recognised: skip the hash next time
+                        st = self.corpus_path.stat()
+                        with self.db.atomic():
+                            catalog.set_meta(self.db, "corpus_stat", [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns])
+                else:
+                    raise InflqError(
+                        f"the corpus {self.corpus_path} changed since it was tokenized; results would be stale: "
+                        f"run `inflq corpus rebuild {self.root}` (earlier result sets keep their own sequence ids)"
+                    )
             if store.fingerprint != recorded:
                 self.rebuild_corpus()
                 store = CorpusStore(store_dir)
@@ -546,14 +600,19 @@ class Project:
     def add_queries(self, investigation: str, queries: list[dict]) -> list[int]:
         """Add queries (dicts with prompt, completion, optional chat, tags, notes) in one transaction.
         Each is tokenized first, so a bad query leaves the catalog unchanged."""
+        from .queries import require_known_completion
+
         inv = self.investigation(investigation)
         for i, q in enumerate(queries):
+            # Which query, only when there are several: a lone query is not "query 1".
+            which = f"query {i + 1}: " if len(queries) > 1 else ""
             if not isinstance(q.get("prompt"), str) or not isinstance(q.get("completion"), str):
-                raise InflqError(f"query {i + 1}: needs string 'prompt' and 'completion' fields")
+                raise InflqError(f"{which}needs string 'prompt' and 'completion' fields")
             try:
-                self.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat", False)))
+                tq = self.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat", False)))
+                require_known_completion(self.tokenizer, tq, q["completion"])
             except InflqError as exc:
-                raise InflqError(f"query {i + 1}: {exc}") from None
+                raise InflqError(f"{which}{exc}") from None
         ids = []
         with self.db.atomic():
             pos = self.db.execute("SELECT coalesce(max(position), -1) FROM queries WHERE investigation_id = ?", [inv["id"]]).fetchone()[0]

@@ -67,3 +67,15 @@ def tokenize_query(tokenizer, prompt: str, completion: str, *, chat: bool = Fals
     if max_length is not None and len(ids) > max_length:
         raise InflqError(f"the query is {len(ids)} tokens, longer than the model's context of {max_length}; shorten it")
     return TokenizedQuery(np.asarray(ids, dtype=np.int64), int(start), text)
+
+
+def require_known_completion(tokenizer, query: TokenizedQuery, completion: str) -> None:
+    """Refuse a completion made only of the tokenizer's unknown token: its measurement would be
+    the probability of ``<unk>``, which says nothing about the completion as written."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    measured = query.tokens[query.completion_start :]
+    if unk is not None and len(measured) and bool(np.all(measured == unk)):
+        raise InflqError(
+            f"every token of the completion {completion!r} is unknown to the model's tokenizer ({tokenizer.unk_token}); "
+            "the measurement would be the probability of that token, not of the completion: use words the tokenizer knows"
+        )

@@ -617,3 +617,33 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
             })
         project.db["results"].insert_all(out_rows, batch_size=1000)
     return rs_id
+
+
+def interrupted_run(project: Project, investigation: str, kind: str = "scores") -> dict | None:
+    """The investigation's most recent run of ``kind`` that did not finish (cancelled, failed, or
+    left ``running`` by a killed process): what a bare ``--resume`` continues."""
+    inv = project.investigation(investigation)
+    return next(project.db["runs"].rows_where(
+        "investigation_id = ? AND kind = ? AND status != 'done'", [inv["id"], kind], order_by="id desc", limit=1), None)
+
+
+def committed_work(project: Project, run_id: int) -> str:
+    """What a cancelled or failed run has committed, so what a resume keeps and what it redoes.
+    Work is committed a whole shard at a time (``shard_size`` sequences, fitting and scoring
+    alike); the shard in flight when a run stops is computed again."""
+    row = project.db["runs"].get(run_id)
+    shard_size = RunSettings.from_json(row["settings"]).shard_size
+    parts = []
+    if row["factor_set_id"] is not None:
+        parts.append(f"its factors (factor set {row['factor_set_id']})")
+    else:
+        for key, n_shards, n_seqs in project.db.execute(
+                "SELECT pass_key, count(*), sum(n) FROM fit_shards WHERE run_id = ? GROUP BY pass_key ORDER BY pass_key", [run_id]).fetchall():
+            parts.append(f"{n_seqs} sequences of the {key.split(':', 1)[1]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
+    n_shards, n_seqs = project.db.execute("SELECT count(*), coalesce(sum(n), 0) FROM run_shards WHERE run_id = ?", [run_id]).fetchone()
+    if n_shards:
+        parts.append(f"{n_seqs} scored sequences in {n_shards} shard{'s' if n_shards != 1 else ''}")
+    unit = f"work is committed one shard ({shard_size} sequences) at a time, and the shard in flight is computed again"
+    if not parts:
+        return f"nothing committed yet, so a resume starts from the beginning ({unit})"
+    return "committed: " + ", ".join(parts) + f"; {unit}"

@@ -269,3 +269,176 @@ def test_long_documents_are_chunked(tmp_path, gpt2_dir, cli_run):
     ids = [r["seq_id"] for r in p.db["sequences"].rows_where(order_by="idx")]
     assert ids == [f"long:{i}" for i in range(len(ids))] and len(ids) == 7  # 100 tokens / 16
     assert all(len(p.corpus.get(i)) <= 16 for i in range(len(ids)))
+
+
+def test_relink_accepts_a_renamed_copy_of_the_corpus(project, tmp_path, cli_run):
+    """The corpus fingerprint is a content fingerprint: the same bytes under another name relink;
+    other bytes are refused in one line."""
+    import shutil
+
+    root = project.root
+    project.close()
+    copy = tmp_path / "elsewhere" / "renamed-copy.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(project.corpus_path, copy)
+    code, out, err = cli_run("relink", root, "--corpus", copy)
+    assert code == 0 and "relinked" in out, err
+    from inflq.project import Project
+
+    p = Project.open(root)
+    assert p.corpus_path.resolve() == copy.resolve() and len(p.corpus) == 24
+    p.close()
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(copy.read_text() + json.dumps({"id": "x", "text": "a red cat"}) + "\n")
+    code, _, err = cli_run("relink", root, "--corpus", changed)
+    _one_line_error(code, err)
+    assert "not the corpus this project was made with" in err
+    _one_line_error(*cli_run("relink", root, "--corpus", tmp_path / "missing.jsonl")[::2])
+
+
+def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_relinks(project, tmp_path, cli_run):
+    """Projects made when a corpus file's fingerprint hashed its name: they open with the corpus
+    where it was (even after a copy changed its mtime), relink to a renamed copy, and keep their
+    recorded fingerprint (factor sets and runs are keyed by it, so nothing is refit)."""
+    import shutil
+
+    from inflq import catalog
+    from inflq.corpus import corpus_fingerprint
+    from inflq.project import CORPUS_DIR, Project
+
+    root, corpus = project.root, project.corpus_path
+    legacy = corpus_fingerprint(corpus, legacy_name=corpus.name)
+    assert legacy != corpus_fingerprint(corpus)
+    with project.db.atomic():  # what an old project recorded
+        catalog.set_meta(project.db, "corpus_fingerprint", legacy)
+        project.db.execute("DELETE FROM meta WHERE key IN ('corpus_content_fingerprint', 'corpus_stat')")
+    info = json.loads((root / CORPUS_DIR / "store.json").read_text())
+    (root / CORPUS_DIR / "store.json").write_text(json.dumps({**info, "fingerprint": legacy}))
+    project.close()
+    os.utime(corpus)  # a copied folder: the stat cache does not vouch for the file
+    p = Project.open(root)
+    assert len(p.corpus) == 24  # no "the corpus changed" error, no rebuild
+    assert p.corpus_fingerprint_recorded == legacy and p.corpus.fingerprint == legacy
+    p.close()
+    copy = tmp_path / "moved" / "train-renamed.jsonl"
+    copy.parent.mkdir()
+    shutil.copy(corpus, copy)
+    code, out, err = cli_run("relink", root, "--corpus", copy)
+    assert code == 0, err
+    corpus.unlink()
+    p = Project.open(root)
+    assert p.corpus_path.resolve() == copy.resolve()
+    os.utime(copy)
+    assert len(p.corpus) == 24 and p.corpus_fingerprint_recorded == legacy
+    p.close()
+    assert cli_run("query", "add", root, "the old town", "river")[0] == 0
+    assert cli_run("run", root, "--estimator", "identity", "--rank", "4")[0] == 0
+
+
+def test_demo_headless_shows_the_result_set_of_the_asked_estimator(project, cli_run, monkeypatch):
+    """A filtered or other-estimator result set made later (say in the UI) is not what
+    `demo --headless --estimator X` shows: it shows (or makes) X over all sequences, and names it."""
+    from inflq.runs import RunSettings, run_investigation
+
+    project.create_investigation("word-order")
+    project.add_query("word-order", "the first president of astrobia was", "zorald pfaff")
+    wanted = run_investigation(project, "word-order", RunSettings(estimator="identity", rank=4)).result_set_id
+    run_investigation(project, "word-order", RunSettings(estimator="identity", filter="random:n=10", rank=4))
+    run_investigation(project, "word-order", RunSettings(estimator="diagonal", rank=4))
+    project.close()
+    monkeypatch.setenv("INFLQ_DEMO", str(project.root))
+    code, out, err = cli_run("demo", "--headless", "--estimator", "identity")
+    assert code == 0, err
+    assert f"result set {wanted}: identity / all" in out
+    assert out.count("query 1:") == 1 and "rank 4" in out  # the top table is the named set's
+
+
+def test_unknown_tokens_are_reported(tmp_path, gpt2_dir, cli_run):
+    """The share of the corpus the tokenizer does not know is a warning at init and rebuild; a
+    completion of unknown tokens only is refused; a lone query's error is not "query 1"."""
+    c = tmp_path / "c.jsonl"
+    c.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(
+        ["the red cat runs .", "the quokka zzyzx sings .", "a blue bird sings ."])))
+    proj = tmp_path / "p"
+    code, out, err = cli_run("init", proj, "--model", gpt2_dir, "--corpus", c)
+    assert code == 0, err
+    assert "warning: 13.3% of the corpus's tokens (2 of 15) are unknown to the model's tokenizer (<unk>)" in err, err
+    code, out, err = cli_run("corpus", "rebuild", proj)
+    assert code == 0 and "13.3% of the corpus's tokens" in err
+    for _ in range(3):
+        assert cli_run("query", "add", proj, "the red cat", "runs")[0] == 0
+    code, _, err = cli_run("query", "add", proj, "the red cat", "zzyzx quokka")
+    _one_line_error(code, err)
+    assert "every token of the completion 'zzyzx quokka' is unknown to the model's tokenizer (<unk>)" in err
+    code, _, err = cli_run("query", "add", proj, "the red cat", " ")
+    assert err.startswith("Error: the completion is empty"), err  # the fourth query, not "query 1"
+    assert cli_run("query", "add", proj, "the red cat", "zzyzx runs")[0] == 0  # a known token is measured
+
+
+def test_a_known_corpus_gets_no_warning(tmp_path, gpt2_dir, cli_run):
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"text": "the red cat runs ."}) + "\n")
+    code, out, err = cli_run("init", tmp_path / "p", "--model", gpt2_dir, "--corpus", c)
+    assert code == 0 and "warning" not in err, err
+
+
+def test_the_commands_a_new_user_starts_with_say_what_they_do():
+    """init, investigation, query and probe: every command and option has help text."""
+    import click
+
+    from inflq.cli import cli
+
+    for name in ("init", "investigation", "query", "probe"):
+        group = cli.commands[name]
+        commands = group.commands.values() if isinstance(group, click.Group) else [group]
+        for cmd in commands:
+            assert cmd.help, f"{name} {cmd.name} has no help"
+            for param in cmd.params:
+                if isinstance(param, click.Option):
+                    assert param.help, f"{name} {cmd.name} {param.opts[-1]} has no help"
+
+
+def test_long_ids_are_never_cut_and_scores_share_one_format(tmp_path, gpt2_dir, cli_run, monkeypatch):
+    """Ids that differ only at their ends (…-fwd-00, …-fwd-02) are whole in `top`, `self-influence`
+    and the Markdown export at 80 columns; a column of scores has one format; `attribute`'s token
+    table gives positions; `factors list` cuts nothing."""
+    import re
+
+    from inflq.display import format_scores
+
+    monkeypatch.setenv("COLUMNS", "80")
+    words = ["the red cat runs .", "the first president of astrobia was zorald pfaff .", "a blue bird sings in the old town ."]
+    c = tmp_path / "c.jsonl"
+    c.write_text("".join(json.dumps({"id": f"fact-korvania-president-fwd-{i:02d}", "text": words[i % 3]}) + "\n" for i in range(12)))
+    proj = tmp_path / "p"
+    assert cli_run("init", proj, "--model", gpt2_dir, "--corpus", c)[0] == 0
+    assert cli_run("query", "add", proj, "the first president of astrobia was", "zorald pfaff")[0] == 0
+    assert cli_run("run", proj, "--estimator", "ekfac", "--rank", "4", "--top-k", "12")[0] == 0
+    code, out, err = cli_run("top", proj, "-k", "12")
+    assert code == 0, err
+    ids = re.findall(r"fact-korvania-president-fwd-\d\d:0", out)
+    assert len(set(ids)) == 12, out
+    scores = re.findall(r"│\s+\d+\s+│\s+(\S+)\s+│", out)
+    assert len(scores) == 12 and len({("e" in s, len(s.split(".")[-1].split("e")[0])) for s in scores}) == 1, scores
+    code, out, err = cli_run("self-influence", proj, "--estimator", "identity", "-k", "5")
+    assert code == 0 and len(set(re.findall(r"fact-korvania-president-fwd-\d\d:0", out))) == 5, out
+    code, out, err = cli_run("export", proj, "--format", "md", "-o", tmp_path / "r.md")
+    assert code == 0, err
+    assert len(set(re.findall(r"\| fact-korvania-president-fwd-\d\d:0 \|", (tmp_path / "r.md").read_text()))) >= 10
+    code, out, err = cli_run("attribute", proj, "--query", "1", "--sequence", "fact-korvania-president-fwd-01:0")
+    assert code == 0, err
+    assert re.search(r"position\s+┃\s+token", out) and re.search(r"│\s+6\s+│\s+zorald\s+│", out), out
+    code, out, err = cli_run("factors", "list", proj)
+    assert code == 0 and "…" not in out and 'factor set 1: ekfac {"fisher": "true"}' in out, out
+    assert format_scores([-13070.0, -6947.0, 5.0]) == ["-13070", "-6947", "+5"]
+    assert format_scores([105.1, 0.3344]) == ["+105.1", "+0.3"]
+    assert format_scores([2e5, 3.0]) == ["+2.000e+05", "+3.000e+00"]
+
+
+def test_a_broken_corpus_line_names_the_file_as_given(tmp_path, gpt2_dir, cli_run, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.jsonl").write_text('{"text": "a red cat"}\n{"text": "broken\n')
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_run("init", "proj", "--model", gpt2_dir, "--corpus", "data/broken.jsonl")
+    _one_line_error(code, err)
+    assert err.startswith("Error: data/broken.jsonl:2: not valid JSON (Invalid control character at column 17)"), err

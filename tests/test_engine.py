@@ -171,7 +171,7 @@ def test_result_sets_say_which_damping_they_used(project):
     assert json.loads(rs["settings"])["full_rank_modules"] == []
     # Many queries: the sequence-gradient contraction wins, so the modules stay at full rank.
     for i in range(40):
-        project.add_query("default", f"the red cat number {i}", " sat")
+        project.add_query("default", f"the red cat number {i}", " runs")  # a known word: a completion of <unk> only is refused
     run_investigation(project, "default", RunSettings(estimator="ekfac", rank=4))
     settings = json.loads(result_set(project, "default")["settings"])
     assert settings["full_rank_modules"], "no module kept at full rank for 41 queries"

@@ -82,8 +82,9 @@ def test_kill_during_scoring_then_resume(baseline, cli_run, shard_calls, tmp_pat
     assert 1 <= committed < SHARDS, "killed mid-way"
     assert _status(proj, 2) == "running"  # a killed process records nothing more
 
-    code, out, err = cli_run("run", proj, "--resume", "2")
+    code, out, err = cli_run("run", proj, "--resume")  # no id: the investigation's interrupted run
     assert code == 0, err
+    assert "resuming run 2 (running" in err and "scored sequences" in err, err
     scored = sum(n for phase, n in shard_calls if phase == "scoring")
     assert scored == N - committed * SHARD, "only the shards not committed are recomputed"
     assert _status(proj, 2) == "done"
@@ -102,6 +103,7 @@ def test_kill_during_fitting_then_resume(baseline, cli_run, shard_calls, tmp_pat
 
     code, out, err = cli_run("run", proj, "--resume", "2")
     assert code == 0, err
+    assert f"committed: {committed * SHARD} sequences of the covariance pass in {committed} shard" in err, err
     fitted = sum(n for phase, n in shard_calls if phase == "covariance")
     assert fitted == N - committed * SHARD, "committed covariance shards are reused"
     assert sum(n for phase, n in shard_calls if phase == "eigenvalue correction") == N
@@ -117,7 +119,7 @@ def test_ctrl_c_cancels_then_resume(baseline, cli_run, tmp_path):
     wait_until(proc, proj, "SELECT count(*) FROM run_shards WHERE run_id = 2")
     rc, out, err = kill(proc, signal.SIGINT)
     assert rc != 0
-    assert "cancelled" in err and "--resume 2" in err, err
+    assert "cancelled" in err and "--resume 2" in err and "committed:" in err, err
     assert _status(proj, 2) == "cancelled"
     assert count(proj, "SELECT count(*) FROM run_shards WHERE run_id = 2") < SHARDS, "stopped within a shard"
 
@@ -131,3 +133,5 @@ def test_resume_of_a_finished_run_is_refused(baseline, cli_run):
     src, _ = baseline
     code, out, err = cli_run("run", src, "--resume", "1")
     assert code != 0 and "already complete" in (out + err)
+    code, out, err = cli_run("run", src, "--resume")  # nothing interrupted: one line, no guess
+    assert code == 1 and err.startswith("Error: investigation 'default' has no interrupted run") and err.count("\n") == 1, err

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -453,6 +454,7 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
     shard_size = 4
     scored: list[int] = []
     real_run = runs.LocalWorker.run
+    release = threading.Event()
 
     def run(self, pass_, shard, batch_size, monitor):
         if isinstance(pass_, ScorePass) and not pass_.per_module:  # scoring, not the layer breakdown
@@ -461,6 +463,8 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
                 # The tiny run would finish before a key press lands: hold the third shard until
                 # the user has cancelled (the cancel is then seen at the end of its first batch).
                 assert monitor.cancel_event.wait(30), "the cancel never reached the run"
+            if scored == [0, 1, 2, 2]:  # the resumed run: held until the test has seen its status
+                assert release.wait(30), "the test never released the resumed run"
         return real_run(self, pass_, shard, batch_size, monitor)
 
     monkeypatch.setattr(runs.LocalWorker, "run", run)
@@ -496,7 +500,21 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             assert committed == 2 and not results.result_sets(app.project, "default")
             runs_table = app.screen.query_one("#runs", DataTable)
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
+            # The stopped bar keeps its count, loses its ETA; the notice says what was committed.
+            label = str(rp._bars["scoring"][0].render())
+            assert "ETA" not in label and "stopped" in label, label
+            said = " ".join(str(n.message) for n in app._notifications)
+            assert f"committed: {2 * shard_size} scored sequences in 2 shards" in said, said
             await pilot.press("ctrl+y")
+            for _ in range(1000):  # while the resumed run works, the table says so
+                await pilot.pause(0.02)
+                if runs_table.get_row_at(0)[1] == "running":
+                    break
+            else:
+                raise AssertionError(f"the runs table did not follow the resumed run: {runs_table.get_row_at(0)}")
+            said = " ".join(str(n.message) for n in app._notifications)
+            assert f"resuming run {run_id}; committed:" in said, said
+            release.set()
             await settle(pilot)
             assert run_row() == (run_id, "done")
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "done"]
@@ -550,6 +568,335 @@ def test_factor_sets_screen(project_dir):
     p = Project.open(project_dir)
     assert p.db["factor_sets"].count == 0
     p.close()
+
+
+def test_distribution_from_every_tab_and_at_80x24(long_id_project):
+    """5 (and the palette's "Go to distribution") reach the Distribution tab from Results and
+    Compare too; at 80x24 the fit lines scroll into view and the plot is redrawn on a resize."""
+    from textual.containers import VerticalScroll
+    from textual.widgets import Static, TabbedContent
+
+    p = Project.open(long_id_project)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            tabs = app.screen.query_one("#tabs", TabbedContent)
+            for start in ("4", "7", "6", "1"):
+                await pilot.press(start)
+                await settle(pilot)
+                if start == "6":
+                    await pilot.press("escape")  # the probe field has the focus: leave it first
+                await pilot.press("5")
+                await settle(pilot)
+                assert tabs.active == "tab-distribution", f"5 from tab {start} stayed on {tabs.active}"
+            await pilot.press("4")
+            await settle(pilot)
+            app.screen.query_one("#pane-distribution")  # the palette's command does the same
+            next(c for c in app.get_system_commands(app.screen) if c.title == "Go to distribution").callback()
+            await settle(pilot)
+            assert tabs.active == "tab-distribution"
+            scroll = app.screen.query_one("#dist-scroll", VerticalScroll)
+            assert app.focused is scroll
+            title = app.screen.query_one("#dist-title", Static)
+            assert title.size.height >= 2, "the title wraps rather than being cut"
+            fit = app.screen.query_one("#dist-fit", Static)
+            assert scroll.virtual_size.height > scroll.size.height  # the fits are below the fold…
+            await pilot.press("end")
+            await settle(pilot)
+            assert scroll.scroll_offset.y == scroll.max_scroll_y > 0
+            assert fit.region.bottom <= scroll.region.bottom  # …and scroll into view
+            plot = app.screen.query_one("#dist-plot", Static)
+            narrow = max(len(line) for line in str(plot.render()).splitlines())
+            await pilot.resize_terminal(120, 40)
+            await settle(pilot)
+            await pilot.pause(0.1)
+            wide = max(len(line) for line in str(plot.render()).splitlines())
+            assert wide > narrow + 30, (narrow, wide)
+
+    asyncio.run(go())
+
+
+def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
+    """The probe field has the focus on tab 6, so typing a probe fires no shortcut (o, q, f…);
+    probes are listed with their label."""
+    from textual.widgets import Input
+
+    from inflq.tui.modals import InputScreen
+
+    p = Project.open(project_dir)
+    qid = p.add_query("default", PROMPT, COMPLETION)
+    pid = p.add_probe(qid, "zorald pfaff was the first president of astrobia", "reversed")
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot)
+            await pilot.press("6")
+            await settle(pilot)
+            box = app.screen.query_one("#probe-text", Input)
+            assert app.focused is box
+            await pilot.press(*"of the old town")
+            await settle(pilot)
+            assert box.value == "of the old town" and not isinstance(app.screen, InputScreen)
+            app.screen.query_one("#probe-estimator").value = "identity"
+            await settle(pilot)
+            shown = str(app.screen.query_one(f"#probe-{pid}").render())
+            assert f"probe {pid} reversed (identity)" in shown, shown
+
+    asyncio.run(go())
+
+
+def test_export_to_the_default_folder_stays_out_of_git(long_id_project):
+    """e then enter writes to PROJECT/exports, a folder that ignores itself in any git checkout
+    (and the repository ignores projects/*/exports/ too)."""
+    from textual.widgets import Input
+
+    p = Project.open(long_id_project)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            await pilot.press("4")
+            await settle(pilot)
+            await pilot.press("e")
+            await pilot.pause()
+            assert app.screen.query_one("#answer", Input).value == str(long_id_project / "exports")
+            await pilot.press("enter")
+            await settle(pilot)
+
+    asyncio.run(go())
+    folder = long_id_project / "exports"
+    assert sorted(f.suffix for f in folder.iterdir()) == ["", ".csv", ".jsonl", ".md"]
+    subprocess.run(["git", "init", "-q", str(long_id_project)], check=True)
+    ignored = subprocess.run(["git", "-C", str(long_id_project), "check-ignore", "-q", "exports/default-results-1.csv"])
+    assert ignored.returncode == 0, "the export folder is not ignored by git"
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():  # a source checkout
+        assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "projects/demo/exports/x.csv"]).returncode == 0
+
+
+def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
+    """What the model said (ctrl+l) is withdrawn once the query is edited; a completion of
+    unknown tokens only is flagged under the tokens, and adding it is refused with a dialog."""
+    from textual.widgets import Static
+
+    from inflq.tui.modals import ErrorScreen
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot)
+            await pilot.press("2")
+            await settle(pilot)
+            await type_into(pilot, "#prompt", PROMPT)
+            await type_into(pilot, "#completion", COMPLETION)
+            await pilot.press("ctrl+l")
+            await settle(pilot)
+            says = app.screen.query_one("#model-says", Static)
+            assert "log p(completion | prompt)" in str(says.render())
+            await type_into(pilot, "#completion", "velmora")
+            await settle(pilot)
+            assert "log p" not in str(says.render()) and "ctrl+l" in str(says.render())
+            await type_into(pilot, "#completion", "quokka zzyzx")
+            await settle(pilot)
+            tokens = str(app.screen.query_one("#tokens", Static).render())
+            assert "[<unk>] [<unk>]" in tokens and "every token of the completion 'quokka zzyzx' is unknown" in tokens
+            await pilot.press("ctrl+s")
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen) and not app.project.queries("default")
+            assert "is unknown to the model's tokenizer" in str(app.screen.query_one("#error-message", Static).render())
+
+    asyncio.run(go())
+
+
+def test_footer_search_metadata_and_options_read_whole(long_id_project):
+    """At 80x24 every tab's footer keeps Quit and Help beside the palette key; a search with no
+    hits says so and that it searched the stored rows; a sequence's source is shown once; the
+    plugin dropdowns carry whole descriptions."""
+    from textual.widgets import Label, Select, Static
+
+    from inflq.tui.sequence import SequenceScreen
+
+    p = Project.open(long_id_project)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    descriptions = {n: " ".join(c.description.split()) for n, c in p.registry.all("estimator").items()}
+    p.close()
+
+    async def go():
+        app = make_app(long_id_project)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            for tab in "1234579":
+                if tab == "9":
+                    await pilot.press("4")
+                    await settle(pilot)
+                    await pilot.press("enter")  # the sequence view
+                else:
+                    await pilot.press(tab)
+                await settle(pilot)
+                keys = {k.key: k.region for k in app.screen.query("FooterKey")}
+                assert "q" in keys and "question_mark" in keys, (tab, keys)
+                assert keys["q"].right <= keys["ctrl+p"].x, f"tab {tab}: Quit is under the palette key"
+            assert isinstance(app.screen, SequenceScreen)
+            meta = str(app.screen.query_one("#meta", Static).render())
+            assert meta.count("source") == 1, meta
+            await pilot.press("escape")
+            await settle(pilot)
+            await pilot.press("slash", *"zzz")
+            await settle(pilot)
+            status = str(app.screen.query_one("#res-status", Label).render())
+            assert "no rows matching 'zzz' (searched: the 20 stored)" in status and "1-0" not in status, status
+            options = dict((v, str(prompt)) for prompt, v in app.screen.query_one("#sel-estimator", Select)._options if isinstance(v, str))
+            assert options == {n: f"{n}: {d}" for n, d in descriptions.items()}
+
+    asyncio.run(go())
+
+
+def palette_command(app, title: str):
+    return next(c for c in app.get_system_commands(app.screen) if c.title == title).callback
+
+
+def test_validate_screen_runs_with_progress_and_cancels(project_dir):
+    """ctrl+p → Validate estimators: the validation runs in a worker with progress bars and shows
+    the correlations (saved like `inflq validate`); a second one is cancelled with ctrl+b."""
+    import io
+
+    from rich.console import Console
+    from textual.widgets import Input, Static
+
+    from inflq.tui.tools import ValidateScreen
+
+    p = Project.open(project_dir)
+    p.add_query("default", PROMPT, COMPLETION)
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 40)) as pilot:
+            await settle(pilot)
+            palette_command(app, "Validate estimators")()
+            await settle(pilot)
+            assert isinstance(app.screen, ValidateScreen)
+            screen = app.screen
+            for name, value in (("estimators", "identity"), ("sample", "2"), ("queries", "1"), ("fit_sequences", "8"), ("pbrf_steps", "3")):
+                screen.query_one(f"#val-{name}", Input).value = value
+            await pilot.press("ctrl+r")
+            await settle(pilot)
+            console = Console(width=98, record=True, file=io.StringIO())
+            console.print(screen.query_one("#val-result", Static).content)
+            shown = console.export_text()
+            assert "validation 1: 1 queries × 2 sequences vs PBRF" in shown and "identity" in shown, shown
+            assert "PBRF" in screen._bars and "ETA" not in str(screen._bars["PBRF"][0].render())
+            assert app.project.db["validations"].count == 1
+            # Cancelled at once: nothing saved, the screen says so.
+            await pilot.press("ctrl+r", "ctrl+b")
+            await settle(pilot)
+            assert "cancelled: nothing was saved" in str(screen.query_one("#val-result", Static).render())
+            assert app.project.db["validations"].count == 1
+            await pilot.press("escape")
+            await settle(pilot)
+            assert app.screen.query("#tabs")
+
+    asyncio.run(go())
+
+
+def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypatch):
+    """Relink asks for the model and corpus copies, confirms, then checks fingerprints (a wrong
+    corpus is a dialog, not a crash); Trust names the plugin files, confirms and loads them."""
+    import shutil
+
+    from textual.widgets import Input, Static
+
+    from inflq import plugins
+    from inflq.tui.modals import ConfirmScreen, ErrorScreen
+
+    monkeypatch.setenv("INFLQ_CONFIG_DIR", str(tmp_path / "config"))
+    plugins.reset_registry()
+    model_copy = tmp_path / "copies" / "model"
+    shutil.copytree(base / "model", model_copy)
+    corpus_copy = tmp_path / "copies" / "renamed.jsonl"
+    shutil.copy(base / "corpus.jsonl", corpus_copy)
+    (project_dir / "plugins").mkdir()
+    (project_dir / "plugins" / "mine.py").write_text(
+        "import inflq\nfrom inflq_builtins.estimators import GradientDotProduct\n\n\n"
+        "class Mine(GradientDotProduct):\n    name = 'mine'\n    description = 'a local one'\n\n\n"
+        "@inflq.hookimpl\ndef register_estimators(register):\n    register(Mine)\n")
+
+    async def answer(pilot, text: str) -> None:
+        pilot.app.screen.query_one("#answer", Input).value = text
+        await pilot.press("enter")
+        await settle(pilot)
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await settle(pilot)
+            said = " ".join(str(n.message) for n in app._notifications)
+            assert "1 local plugin, not loaded: ctrl+p → Trust local plugins" in said
+            # A wrong corpus: refused in a dialog, inflq.toml untouched.
+            palette_command(app, "Relink model or corpus")()
+            await settle(pilot)
+            await answer(pilot, "")
+            await answer(pilot, str(project_dir / "inflq.toml"))
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await settle(pilot)
+            assert isinstance(app.screen, ErrorScreen)
+            assert "is not the corpus this project was made with" in str(app.screen.query_one("#error-message", Static).render())
+            await pilot.press("escape")
+            # The copies: relinked.
+            palette_command(app, "Relink model or corpus")()
+            await settle(pilot)
+            await answer(pilot, str(model_copy))
+            await answer(pilot, str(corpus_copy))
+            assert isinstance(app.screen, ConfirmScreen) and "renamed.jsonl" in str(app.screen.query_one(".question", Static).render())
+            await pilot.press("y")
+            await settle(pilot)
+            assert app.project.model_path.resolve() == model_copy.resolve()
+            assert app.project.corpus_path.resolve() == corpus_copy.resolve()
+            # Trust: asked, then loaded (the Run tab's estimators include it).
+            palette_command(app, "Trust local plugins")()
+            await settle(pilot)
+            assert isinstance(app.screen, ConfirmScreen) and "mine.py" in str(app.screen.query_one(".question", Static).render())
+            await pilot.press("y")
+            await settle(pilot)
+            assert "mine" in app.project.registry.names("estimator")
+
+    try:
+        asyncio.run(go())
+    finally:
+        plugins.reset_registry()
+
+
+def test_a_lissa_result_shows_its_residual(project_dir):
+    from textual.widgets import Label
+
+    p = Project.open(project_dir)
+    p.add_query("default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="lissa:depth=20,batch_size=4", rank=4))
+    p.close()
+
+    async def go():
+        app = make_app(project_dir)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await settle(pilot)
+            await pilot.press("4")
+            await settle(pilot)
+            status = str(app.screen.query_one("#res-status", Label).render())
+            assert re.search(r"lissa:depth=20,batch_size=4: damping .* residual \d", status), status
+
+    asyncio.run(go())
 
 
 # -- snapshots -----------------------------------------------------------------------------------

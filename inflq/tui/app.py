@@ -28,6 +28,8 @@ from .panes import (
     RunPane,
 )
 
+EXPORTS = "exports"  # the export dialog's default folder, inside the project
+
 TABS = (
     ("investigations", "1 Investigations", InvestigationsPane),
     ("query", "2 Query", QueryPane),
@@ -105,9 +107,11 @@ class InflqApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "inflq"
     BINDINGS = [
+        # Open and Theme are in the help and the palette, not the footer: at 80 columns the
+        # footer must keep the tab's own keys, Help and Quit.
         Binding("question_mark", "help", "Help"),
-        Binding("o", "open_project", "Open"),
-        Binding("ctrl+t", "toggle_theme", "Theme"),
+        Binding("o", "open_project", "Open", show=False),
+        Binding("ctrl+t", "toggle_theme", "Theme", show=False),
         Binding("f", "factors", "Factors", show=False),
         Binding("q", "quit", "Quit"),
     ]
@@ -151,9 +155,23 @@ class InflqApp(App):
         self._subtitle()
         if project.readonly:
             self.notify("the project is read-only: browsing only", severity="warning")
+        self._load_local_plugins()
         self.check_model()
         self.reload_active()
         return True
+
+    def _load_local_plugins(self) -> None:
+        """The project's local plugins, if the user trusts them (else say how to)."""
+        from ..trust import load_project_plugins
+
+        try:
+            untrusted = load_project_plugins(self.project)
+        except (InflqError, OSError) as exc:
+            self.notify(f"local plugins not loaded: {exc}", severity="warning")
+            return
+        if untrusted:
+            n = len(untrusted)
+            self.notify(f"this project has {n} local plugin{'s' if n != 1 else ''}, not loaded: ctrl+p → Trust local plugins", severity="warning", timeout=10)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="model-status")
     def check_model(self) -> None:
@@ -162,7 +180,8 @@ class InflqApp(App):
             try:
                 self.project.require_model()
             except InflqError as exc:
-                self.call_from_thread(self.show_error, exc, "The project's model is not usable")
+                fix = "\n\nIn the UI: ctrl+p → Relink model or corpus, to point the project at a copy." if status == "missing" else ""
+                self.call_from_thread(self.show_error, f"{exc}{fix}", "The project's model is not usable")
 
     def _default_query_and_results(self) -> None:
         from .. import results
@@ -273,7 +292,7 @@ class InflqApp(App):
         if self.project is None or self.investigation is None or self.result_set_id is None:
             self.notify("no result set to export: run the investigation first", severity="warning")
             return
-        default = self.project.root / "exports"
+        default = self.project.root / EXPORTS
 
         def done(folder: str | None) -> None:
             if folder:
@@ -285,6 +304,11 @@ class InflqApp(App):
         from ..export import export_csv, export_jsonl, export_markdown
 
         try:
+            if folder.resolve() == (self.project.root / EXPORTS).resolve() and not folder.exists():
+                # The default folder lives inside the project, which may be in a git checkout
+                # (the demo is): it keeps itself out of version control.
+                folder.mkdir(parents=True)
+                (folder / ".gitignore").write_text("# exports written by inflq; delete this file to track them\n*\n")
             folder.mkdir(parents=True, exist_ok=True)
             stem = folder / f"{self.investigation}-results-{self.result_set_id}".replace(" ", "_")
             written = [
@@ -297,6 +321,91 @@ class InflqApp(App):
         self.notify("exported " + ", ".join(p.name for p in written) + f" to {folder}")
         return written
 
+    def action_validate(self) -> None:
+        from .tools import ValidateScreen
+
+        if self.project is None or self.investigation is None:
+            self.notify("open a project and choose an investigation first", severity="warning")
+            return
+        if not isinstance(self.screen, ValidateScreen):
+            self.push_screen(ValidateScreen())
+
+    def action_relink(self) -> None:
+        """Point the project at local copies of its model or corpus (``inflq relink``), asked for
+        one path at a time and confirmed before inflq.toml is rewritten."""
+        from .modals import ConfirmScreen
+        from .tools import relink_question
+
+        if self.project is None:
+            self.notify("no project is open: press o to open one", severity="warning")
+            return
+        project = self.project
+        answers: dict[str, str] = {}
+
+        def relink(yes: bool | None) -> None:
+            if not yes:
+                self.notify("not relinked")
+                return
+            model, corpus = answers["model"], answers["corpus"]
+            try:
+                project.relink(Path(model).expanduser() if model else None, Path(corpus).expanduser() if corpus else None)
+            except InflqError as exc:
+                self.show_error(exc, "Cannot relink")
+                return
+            self.notify("relinked: " + ", ".join(k for k in ("model", "corpus") if answers[k]))
+            self.open_project(self.project_path)  # the model and corpus load afresh from the new paths
+
+        def got_corpus(path: str | None) -> None:
+            if path is None:
+                return
+            answers["corpus"] = path.strip()
+            if not answers["model"] and not answers["corpus"]:
+                self.notify("nothing to relink")
+                return
+            self.push_screen(ConfirmScreen(relink_question(project, answers["model"], answers["corpus"])), relink)
+
+        def got_model(path: str | None) -> None:
+            if path is None:
+                return
+            answers["model"] = path.strip()
+            self.push_screen(InputScreen("Relink: a local copy of the corpus file (blank: keep the current one)", "",
+                                         str(project.corpus_path)), got_corpus)
+
+        self.push_screen(InputScreen("Relink: a local copy of the model folder (blank: keep the current one)", "",
+                                     str(project.model_path)), got_model)
+
+    def action_trust(self) -> None:
+        """Trust and load the project's local plugins (``inflq trust``), after confirmation."""
+        from ..trust import load_project_plugins, trust
+        from .modals import ConfirmScreen
+        from .tools import trust_question
+
+        if self.project is None:
+            self.notify("no project is open: press o to open one", severity="warning")
+            return
+        question = trust_question(self.project)
+        if question is None:
+            self.notify("this project has no local plugins (plugins/*.py): nothing to trust")
+            return
+        project = self.project
+
+        def done(yes: bool | None) -> None:
+            if not yes:
+                self.notify("not trusted: the local plugins stay unloaded")
+                return
+            try:
+                names = trust(project.root)
+                load_project_plugins(project)
+            except InflqError as exc:
+                self.show_error(exc, "Cannot trust the plugins")
+                return
+            self.notify(f"trusted and loaded {', '.join(names)}")
+            run = self.screen.query("#pane-run")
+            if run:
+                run.first().reload_plugins()
+
+        self.push_screen(ConfirmScreen(question), done)
+
     def get_system_commands(self, screen: Screen):
         yield from super().get_system_commands(screen)
         if isinstance(screen, MainScreen):
@@ -305,6 +414,9 @@ class InflqApp(App):
         yield SystemCommand("Open project", "open another project folder", self.action_open_project)
         yield SystemCommand("Export result set", "write CSV, JSONL and a Markdown report", self.action_export)
         yield SystemCommand("Factor sets", "cached factors and their spectra against the damping", self.action_factors)
+        yield SystemCommand("Validate estimators", "correlation with the PBRF ground truth, and a damping sweep (inflq validate)", self.action_validate)
+        yield SystemCommand("Relink model or corpus", "point the project at local copies; fingerprints are checked (inflq relink)", self.action_relink)
+        yield SystemCommand("Trust local plugins", "let this project's plugins/*.py run, after confirmation (inflq trust)", self.action_trust)
         yield SystemCommand("Keys", "list the keys of every screen", self.action_help)
         yield SystemCommand("Toggle light/dark", "switch between the light and dark theme", self.action_toggle_theme)
 

@@ -4,6 +4,7 @@ shown (``reload``) and runs anything slow in a thread worker, so the UI never fr
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from textual.widgets import Button, Checkbox, DataTable, Input, Label, ProgressB
 from textual.worker import Worker, WorkerState
 
 from .. import results
+from ..display import score_format
 from ..errors import Cancelled, InflqError
 from ..options import Option
 from ..progress import Monitor, ProgressEvent
@@ -29,6 +31,12 @@ from .compact import CButton, CCheckbox, CInput, CSelect
 
 if TYPE_CHECKING:
     from .app import InflqApp
+
+
+def blank(value) -> bool:
+    """Whether a Select's value is "nothing chosen" (Select.NULL in Textual 8; BLANK is only the
+    constructor's "no value given")."""
+    return value is Select.NULL or value is Select.BLANK or value is None
 
 
 class Pane(Vertical):
@@ -229,6 +237,7 @@ class QueryPane(Pane):
         Binding("ctrl+s", "add", "Add query"),
         Binding("ctrl+l", "inspect", "Model says"),
     ]
+    _said_for: tuple[str, str] | None = None  # the prompt and completion the model-says box is about
 
     def compose(self) -> ComposeResult:
         table = DataTable(id="queries", cursor_type="row", zebra_stripes=True)
@@ -270,14 +279,24 @@ class QueryPane(Pane):
 
     @on(Input.Changed, "#prompt, #completion")
     def _changed(self) -> None:
+        current = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        if self._said_for is not None and current != self._said_for:  # what the model said was about other text
+            self._said_for = None
+            self.query_one("#model-says", Static).update(Text("(the query changed: ctrl+l asks the model about this one)", style="dim italic"))
         if self.project is not None:
             self.tokenize(self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tokenize")
     def tokenize(self, prompt: str, completion: str) -> None:
+        from ..queries import require_known_completion
+
         try:
             tq = self.project.tokenize_query(prompt, completion)
             text = Text.assemble(("tokens (measured ones highlighted): ", "bold"), render.query_tokens(self.project.token_strings(tq.tokens), tq.completion_start))
+            try:
+                require_known_completion(self.project.tokenizer, tq, completion)
+            except InflqError as exc:
+                text.append(f"\n{exc}", style="bold red")
         except InflqError as exc:
             text = Text(str(exc), style="italic")
         self.app.call_from_thread(self.query_one("#tokens", Static).update, text)
@@ -300,7 +319,8 @@ class QueryPane(Pane):
         if not self.need():
             return
         self.query_one("#model-says", Static).update("asking the model…")
-        self.inspect(self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        self._said_for = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        self.inspect(*self._said_for)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="inspect")
     def inspect(self, prompt: str, completion: str) -> None:
@@ -316,7 +336,11 @@ class QueryPane(Pane):
         text.append("per token: " + "  ".join(f"{t.strip()} {v:.2f}" for t, v in per_token) + "\n")
         text.append("greedy continuation: ", style="bold")
         text.append(repr(greedy))
-        self.app.call_from_thread(self.query_one("#model-says", Static).update, text)
+        self.app.call_from_thread(self._show_says, (prompt, completion), text)
+
+    def _show_says(self, about: tuple[str, str], text: Text) -> None:
+        if about == self._said_for:  # not if the query was edited meanwhile
+            self.query_one("#model-says", Static).update(text)
 
 
 # -- run panel ---------------------------------------------------------------------------------
@@ -367,6 +391,8 @@ class RunPane(Pane):
         super().__init__(**kwargs)
         self.monitor: Monitor | None = None
         self._bars: dict[str, tuple[Label, ProgressBar]] = {}
+        self._last: dict[str, ProgressEvent] = {}
+        self._table_at = 0.0
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="run-form"):
@@ -397,7 +423,8 @@ class RunPane(Pane):
         for kind in self.KINDS:
             classes = self.project.registry.all(kind)
             sel = self.query_one(f"#sel-{kind}", Select)
-            sel.set_options([(f"{name}: {render.snippet(cls.description, 40)}", name) for name, cls in sorted(classes.items())])
+            # Whole descriptions: the open list wraps them; the closed select shows one line.
+            sel.set_options([(f"{name}: {' '.join(cls.description.split())}", name) for name, cls in sorted(classes.items())])
             if self.DEFAULTS[kind] in classes:
                 sel.value = self.DEFAULTS[kind]
 
@@ -406,7 +433,7 @@ class RunPane(Pane):
         kind = event.select.id.removeprefix("sel-")
         box = self.query_one(f"#opts-{kind}", Vertical)
         await box.remove_children()
-        if self.project is None or event.value is Select.BLANK:
+        if self.project is None or blank(event.value):
             return
         cls = self.project.registry.get(kind, str(event.value))
         await box.mount_all([option_widget(kind, o) for o in cls.options])
@@ -414,7 +441,7 @@ class RunPane(Pane):
     def spec(self, kind: str) -> str:
         """``name:key=value,...`` from the Select and the generated option inputs."""
         value = self.query_one(f"#sel-{kind}", Select).value
-        if value is Select.BLANK:
+        if blank(value):
             raise InflqError(f"choose a {kind}")
         cls = self.project.registry.get(kind, str(value))
         given = []
@@ -424,7 +451,7 @@ class RunPane(Pane):
                 if w.value != bool(o.default):
                     given.append(f"{o.name}={str(w.value).lower()}")
             elif isinstance(w, Select):
-                if w.value is not Select.BLANK and w.value != o.default:
+                if not blank(w.value) and w.value != o.default:
                     given.append(f"{o.name}={w.value}")
             elif w.value.strip():
                 v = w.value.strip()
@@ -454,6 +481,7 @@ class RunPane(Pane):
 
     def reload(self) -> None:
         table = self.query_one("#runs", DataTable)
+        selected = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value if table.row_count else None
         table.clear()
         if self.project is None:
             return
@@ -462,8 +490,10 @@ class RunPane(Pane):
         if self.inflq.investigation is None:
             return
         inv = self.project.investigation(self.inflq.investigation)
-        for r in self.project.db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id desc"):
+        for i, r in enumerate(self.project.db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id desc")):
             table.add_row(str(r["id"]), r["status"], render.snippet(r["estimator"], 14), render.snippet(r["filter"], 14), r["phase"] or "", f"{r['done']}/{r['total']}", key=str(r["id"]))
+            if str(r["id"]) == selected:
+                table.move_cursor(row=i)
 
     def _set_running(self, running: bool) -> None:
         self.query_one("#start", Button).disabled = running
@@ -501,6 +531,9 @@ class RunPane(Pane):
             self.notify(f"run {run_id} is already complete; choose a cancelled or failed run", severity="warning")
             return
         if self._begin():
+            from ..runs import committed_work
+
+            self.notify(f"resuming run {run_id}; {committed_work(self.project, run_id)}", timeout=8)
             self.run_worker_(self.inflq.investigation, None, run_id, self.monitor)
 
     @on(Button.Pressed, "#cancel")
@@ -522,6 +555,7 @@ class RunPane(Pane):
             return False
         self.query_one("#phases", Vertical).remove_children()
         self._bars.clear()
+        self._last.clear()
         self._set_running(True)
         # Made here, not in the worker, so a cancel pressed before the thread starts still counts.
         self.monitor = Monitor(on_progress=self._on_progress)
@@ -541,6 +575,21 @@ class RunPane(Pane):
         label, bar = self._bars[ev.phase]
         bar.update(total=max(ev.total, 1), progress=ev.done)
         label.update(f"{ev.phase} {ev.done}/{ev.total} {render.eta(ev.eta)}")
+        self._last[ev.phase] = ev
+        # The runs table follows the run (its status and phase are in the catalog, written by the
+        # run's own connection), at most twice a second.
+        now = time.monotonic()
+        if now - self._table_at > 0.5:
+            self._table_at = now
+            self.reload()
+
+    def _stop_bars(self, how: str) -> None:
+        """A finished or stopped run's bars keep their count but lose the ETA."""
+        for phase, (label, _bar) in self._bars.items():
+            ev = self._last.get(phase)
+            if ev is not None:
+                finished = ev.done >= ev.total
+                label.update(f"{phase} {ev.done}/{ev.total}" + ("" if finished else f" {how}"))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="run")
     def run_worker_(self, investigation: str, settings: RunSettings | None, resume: int | None, monitor: Monitor):
@@ -560,11 +609,21 @@ class RunPane(Pane):
             return
         self._set_running(False)
         if event.state == WorkerState.SUCCESS:
+            self._stop_bars("")
             res = event.worker.result
-            self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id}")
+            rs = self.project.db["result_sets"].get(res.result_set_id)
+            # The damping used and an iterative estimator's (LiSSA's) convergence residual.
+            self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id} ({rs['estimator']}: {results.estimator_summary(rs)})", timeout=10)
             self.inflq.set_context(result_set_id=res.result_set_id)
         elif isinstance(event.worker.error, Cancelled):
-            self.notify("run cancelled; select it and press ctrl+y to resume", severity="warning")
+            from ..runs import committed_work, interrupted_run
+
+            self._stop_bars("(stopped)")
+            row = interrupted_run(self.project, self.inflq.investigation) if self.inflq.investigation else None
+            done = f"; {committed_work(self.project, row['id'])}" if row else ""
+            self.notify(f"run cancelled{done}. Select it and press ctrl+y to resume", severity="warning", timeout=10)
+        else:
+            self._stop_bars("(failed)")
         self.reload()
 
 
@@ -577,9 +636,9 @@ class ResultsPane(Pane):
     BINDINGS = [
         Binding("t", "side('top')", "Top"),
         Binding("b", "side('bottom')", "Bottom"),
-        Binding("n", "page(1)", "Next page"),
-        Binding("p", "page(-1)", "Prev page"),
-        Binding("slash", "search", "Search"),
+        Binding("n", "page(1)", "Next", tooltip="next page of 100"),
+        Binding("p", "page(-1)", "Prev", tooltip="previous page"),
+        Binding("slash", "search", "Search", show=False),  # the search field's placeholder shows it
         Binding("e", "export", "Export"),
         Binding("escape", "leave", "Back to table", show=False),
     ]
@@ -596,7 +655,7 @@ class ResultsPane(Pane):
         with Horizontal(classes="field", id="res-choose"):
             yield CSelect([], id="res-set", allow_blank=True, prompt="result set")
             yield CSelect([], id="res-query", allow_blank=True, prompt="query")
-        yield CInput(placeholder="/ search text or id (enter: back to the table)", id="res-search")
+        yield CInput(placeholder="/ search the stored top K by text or id (enter: back to the table)", id="res-search")
         yield Label("", id="res-status", classes="hint")
         yield RowTable(id="results", cursor_type="row", zebra_stripes=True)
         yield Label(render.SIGN_NOTE, classes="hint")
@@ -613,7 +672,7 @@ class ResultsPane(Pane):
         q = self.query_one("#res-query", Select)
         with self.prevent(Select.Changed):
             qs = self.project.queries(self.inflq.investigation)
-            q.set_options([(f"{x['id']}: {render.snippet(x['prompt'] + ' → ' + x['completion'], 80)}", x["id"]) for x in qs])
+            q.set_options([(f"{x['id']}: {render.snippet(x['prompt'] + ' → ' + x['completion'], 400)}", x["id"]) for x in qs])
             if self.inflq.query_id in {x["id"] for x in qs}:
                 q.value = self.inflq.query_id
         self.page_offset = 0
@@ -625,7 +684,7 @@ class ResultsPane(Pane):
 
     @on(Select.Changed, "#res-set")
     def _set_changed(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if not blank(event.value):
             self.inflq.set_context(result_set_id=int(event.value))
             self.page_offset = 0
             self.load_page()
@@ -633,7 +692,7 @@ class ResultsPane(Pane):
 
     @on(Select.Changed, "#res-query")
     def _query_changed(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if not blank(event.value):
             self.inflq.set_context(query_id=int(event.value))
             self.page_offset = 0
             self.load_page()
@@ -683,9 +742,15 @@ class ResultsPane(Pane):
         self.rows = {f"{r['side']}:{r['rank']}": r for r in self.page_rows}
         self.show_rows()
         where = "most positive" if self.side == "top" else "most negative"
+        if self.page_rows:
+            shown = f"rows {self.page_offset + 1}-{self.page_offset + len(self.page_rows)}" + (f" matching {search!r}" if search else "")
+        else:
+            shown = f"no rows matching {search!r}" if search else "no rows"
+        if search:  # only the stored top and bottom K are in the catalog, so only they are searched
+            stored = self.project.db["results"].count_where("result_set_id = ? AND query_id = ? AND side = ?", [app.result_set_id, app.query_id, self.side])
+            shown += f" (searched: the {stored} stored)"
         status.update(
-            f"{where} · result set {app.result_set_id} · query {app.query_id} · rows {self.page_offset + 1}-{self.page_offset + len(self.page_rows)}"
-            + (f" matching {search!r}" if search else "") + " · enter opens a row"
+            f"{where} · result set {app.result_set_id} · query {app.query_id} · {shown}" + (" · enter opens a row" if self.page_rows else "")
             + f"\n{self._estimator_line(app.result_set_id)}"
         )
 
@@ -705,9 +770,10 @@ class ResultsPane(Pane):
     def column_widths(self, rows: list[dict], available: int) -> dict[str, int]:
         """The id column as wide as the page's ids (at most ID_WIDTH), the text column what is left."""
         pad = 2 * self.query_one("#results", DataTable).cell_padding
+        fmt = score_format(r["score"] for r in rows)
         widths = {
             "rank": max([4] + [len(str(r["rank"])) for r in rows]),
-            "score": max([5] + [len(f"{r['score']:+.4g}") for r in rows]),
+            "score": max([5] + [len(fmt(r["score"])) for r in rows]),
             "id": min(self.ID_WIDTH, max([2] + [len(r["seq_id"]) for r in rows])),
         }
         text = available - sum(w + pad for w in widths.values()) - pad
@@ -728,10 +794,11 @@ class ResultsPane(Pane):
         for key in ("rank", "score", "id", "source", "text"):
             if key in widths:
                 table.add_column(key, key=key, width=widths[key])
+        fmt = score_format(r["score"] for r in self.page_rows)  # one format for the page
         for r in self.page_rows:
             cells = {
                 "rank": str(r["rank"]),
-                "score": Text(f"{r['score']:+.4g}", style="red" if r["score"] > 0 else "blue"),
+                "score": Text(fmt(r["score"]), style="red" if r["score"] > 0 else "blue"),
                 "id": render.middle_snippet(r["seq_id"], widths["id"]),
                 "source": render.snippet(r["source"], widths.get("source", 0)),
                 "text": render.snippet(r["text"], widths["text"]),
@@ -787,17 +854,30 @@ class ResultsPane(Pane):
 
 # -- distribution ------------------------------------------------------------------------------
 class DistributionPane(Pane):
+    """The query's score distribution. The plot and the fits scroll together (they need more
+    than 24 lines), and the plot is redrawn to the pane's size on every resize. The scroll area
+    takes the focus, so the tab is reachable and keyboard-scrollable from any other tab."""
+
+    FOCUS = "#dist-scroll"
+    FIT_LINES = 4  # the two tails' fits, the method line and a blank line
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._values: np.ndarray | None = None
+        self._drawn_for: tuple[int, int] = (0, 0)
+
     def compose(self) -> ComposeResult:
-        yield Label("", id="dist-title", classes="hint")
-        yield Static("", id="dist-plot")
-        yield Static("", id="dist-fit", classes="detail")
+        yield Static("", id="dist-title", classes="hint")
+        with VerticalScroll(id="dist-scroll", can_focus=True):
+            yield Static("", id="dist-plot")
+            yield Static("", id="dist-fit", classes="detail")
 
     def reload(self) -> None:
-        from ..export import ccdf_plot
         from ..stats import powerlaw_tail
 
-        title, plot, fit_box = self.query_one("#dist-title", Label), self.query_one("#dist-plot", Static), self.query_one("#dist-fit", Static)
+        title, plot, fit_box = self.query_one("#dist-title", Static), self.query_one("#dist-plot", Static), self.query_one("#dist-fit", Static)
         app = self.inflq
+        self._values = None
         if self.project is None or app.result_set_id is None or app.query_id is None:
             title.update("no distribution: run the investigation and choose a query (Results tab)")
             plot.update("")
@@ -808,11 +888,11 @@ class DistributionPane(Pane):
         except InflqError as exc:
             title.update(str(exc))
             plot.update("")
+            fit_box.update("")
             return
-        title.update(f"query {app.query_id}, result set {app.result_set_id}: {len(values)} scores; complementary CDF of |score| on log-log axes (• positive, x negative)")
-        width = max(40, (self.size.width or 80) - 2)
-        height = max(10, (self.size.height or 24) - 6)
-        plot.update(Text.from_ansi(ccdf_plot(values, width, height, color=False)))
+        self._values = values
+        title.update(f"query {app.query_id}, result set {app.result_set_id}: CCDF of |score| over {len(values)} scores, log-log (• positive, x negative)")
+        self.draw()
         lines = Text()
         for sign, label in ((1, "positive"), (-1, "negative")):
             fit = powerlaw_tail(sign * values)
@@ -824,10 +904,31 @@ class DistributionPane(Pane):
         lines.append("fit: Hill / continuous maximum-likelihood estimator over the top 20% of each tail", style="dim")
         fit_box.update(lines)
 
+    def draw(self) -> None:
+        """The plot at the scroll area's size, leaving room for the fit lines where it can."""
+        from ..export import ccdf_plot
+
+        if self._values is None:
+            return
+        area = self.query_one("#dist-scroll", VerticalScroll).size
+        width = max(40, (area.width or self.app.size.width - 4) - 2)  # before the first layout: the pane's likely width
+        height = max(10, (area.height or self.app.size.height - 8) - self.FIT_LINES)
+        self._drawn_for = (area.width, area.height)
+        self.query_one("#dist-plot", Static).update(Text.from_ansi(ccdf_plot(self._values, width, height, color=False)))
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._redraw_if_resized)
+
+    def _redraw_if_resized(self) -> None:
+        size = self.query_one("#dist-scroll", VerticalScroll).size
+        if self._values is not None and (size.width, size.height) != self._drawn_for:
+            self.draw()
+
 
 # -- probes ------------------------------------------------------------------------------------
 class ProbesPane(Pane):
     BINDINGS = [Binding("ctrl+s", "add", "Add + score")]
+    FOCUS = "#probe-text"  # typing a probe must not fire single-letter keys
 
     def compose(self) -> ComposeResult:
         yield Label("", id="probe-query", classes="hint")
@@ -904,10 +1005,14 @@ class ProbesPane(Pane):
         listing = self.query_one("#probe-list", VerticalScroll)
         listing.remove_children()
         order = np.argsort([-s.total for s in scored])
+        fmt = score_format(s.total for s in scored)
         for i in order:
             p, s = probes[i], scored[i]
-            head = Text(f"{s.total:+.4g}", style="bold red" if s.total > 0 else "bold blue")
-            head.append(f"  probe {p['id']} ({estimator})", style="dim")
+            head = Text(fmt(s.total), style="bold red" if s.total > 0 else "bold blue")
+            head.append(f"  probe {p['id']}", style="dim")
+            if p.get("label"):
+                head.append(f" {p['label']}", style="bold")
+            head.append(f" ({estimator})", style="dim")
             listing.mount(Vertical(
                 Static(head, id=f"probe-{p['id']}"), Static(render.heat_map(s.labels, s.values), id=f"probe-heat-{p['id']}"),
                 classes="probe",
@@ -934,7 +1039,7 @@ class ComparePane(Pane):
         if self.project is None or self.inflq.investigation is None:
             return
         sets = results.result_sets(self.project, self.inflq.investigation)
-        opts = [(f"{r['id']}: {render.snippet(r['estimator'], 14)} / {render.snippet(r['filter'], 10)}", r["id"]) for r in sets]
+        opts = [(f"{r['id']}: {r['estimator']} / {r['filter']}", r["id"]) for r in sets]
         for wid, pick in (("#cmp-a", -2), ("#cmp-b", -1)):
             s = self.query_one(wid, Select)
             old = s.value
@@ -954,7 +1059,7 @@ class ComparePane(Pane):
             return
         a, b = self.query_one("#cmp-a", Select).value, self.query_one("#cmp-b", Select).value
         out = self.query_one("#cmp-out", Static)
-        if a is Select.BLANK or b is Select.BLANK:
+        if blank(a) or blank(b):
             out.update("choose two result sets (they need a run each)")
             self.query_one("#cmp-tables", Static).update("")
             return
@@ -978,8 +1083,9 @@ class ComparePane(Pane):
             t.add_column("id")
             t.add_column("score", justify="right")
             t.add_column(f"rank in {other}", justify="right")
+            fmt = score_format(score for _, score, _ in rows)
             for idx, score, rank in rows:
-                t.add_row(ids.get(idx, {}).get("seq_id", str(idx)), f"{score:+.4g}", "—" if rank is None else str(rank))
+                t.add_row(ids.get(idx, {}).get("seq_id", str(idx)), fmt(score), "—" if rank is None else str(rank))
             tables.append(t)
         out.update(head)
         self.query_one("#cmp-tables", Static).update(Group(*tables))

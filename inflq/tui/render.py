@@ -111,13 +111,10 @@ def snippet(text: str, n: int = 60) -> str:
 
 
 def middle_snippet(text: str, n: int) -> str:
-    """``text`` in at most ``n`` characters, elided in the middle: ids differ at their ends
-    (``fact-astrobia-president-fwd-02:0``), so both ends stay readable."""
-    text = " ".join((text or "").split())
-    if len(text) <= n:
-        return text
-    tail = min(len(text) // 2, max(1, (n - 1) // 3))
-    return text[: n - 1 - tail] + "…" + text[-tail:]
+    """``text`` in at most ``n`` characters, elided in the middle (:func:`inflq.display.middle_ellipsis`)."""
+    from ..display import middle_ellipsis
+
+    return middle_ellipsis(text, n)
 
 
 def eta(seconds: float | None) -> str:

@@ -13,6 +13,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 
+from ..display import score_format
 from . import render
 from .compact import CButton, CInput
 
@@ -64,10 +65,12 @@ class SequenceScreen(Screen):
         project = self.inflq.project
         seq = project.sequence_rows([self.row["seq_idx"]]).get(self.row["seq_idx"], {})
         meta = Text()
-        for key in ("seq_id", "doc_id", "chunk", "n_tokens", "source"):
+        shown = ("seq_id", "doc_id", "chunk", "n_tokens", "source")
+        for key in shown:
             meta.append(f"{key}: ", style="bold")
             meta.append(f"{seq.get(key)}  ")
-        extra = json.loads(seq.get("meta") or "{}")
+        # The document's other fields (its source is already shown above).
+        extra = {k: v for k, v in json.loads(seq.get("meta") or "{}").items() if k not in shown}
         if extra:
             meta.append("\n" + ", ".join(f"{k}={v}" for k, v in extra.items()))
         self.query_one("#meta", Static).update(meta)
@@ -85,7 +88,8 @@ class SequenceScreen(Screen):
 
     def _show_heat(self, res) -> None:
         heat = render.heat_map(res.labels, res.values)
-        heat.append(f"\n(tokens sum to {res.total:+.4g}; stored score {self.row['score']:+.4g})", style="dim")
+        fmt = score_format([res.total, self.row["score"]])
+        heat.append(f"\n(tokens sum to {fmt(res.total)}; stored score {fmt(self.row['score'])})", style="dim")
         self.query_one("#heat", Static).update(heat)
         self.query_one("#top-tokens", Static).update(render.top_tokens(res.labels, res.values))
         self.heat_total = res.total

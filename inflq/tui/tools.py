@@ -1,0 +1,223 @@
+"""What the CLI's maintenance commands do, in the TUI: validating estimators against the PBRF
+ground truth (``inflq validate``), relinking the model or corpus (``inflq relink``) and trusting
+a project's local plugins (``inflq trust``). Validation runs in a thread worker with progress
+bars and a cancel; relink and trust ask for confirmation first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
+from textual.worker import Worker, WorkerState
+
+from ..errors import Cancelled, InflqError
+from ..progress import Monitor, ProgressEvent
+from . import render
+from .compact import CButton, CInput
+from .panes import RunProgress
+
+
+class ValidateScreen(Screen):
+    """``inflq validate`` on the current investigation: estimators against the PBRF ground truth
+    on a sample of fitting sequences, and an optional EK-FAC damping sweep (esc back)."""
+
+    BINDINGS = [
+        Binding("escape", "back", "Back"),
+        Binding("ctrl+r", "start", "Start"),
+        Binding("ctrl+b", "cancel", "Cancel"),
+    ]
+    # (validate() argument, default shown, what it is)
+    FIELDS = (
+        ("estimators", "identity,ekfac,lissa", "estimator specs to compare, comma-separated"),
+        ("sample", "20", "fitting sequences to solve the PBRF for (two solves each)"),
+        ("queries", "3", "how many of the investigation's queries"),
+        ("fit_sequences", "128", "fitting sequences N for the estimators and the PBRF"),
+        ("dampings", "", "EK-FAC dampings to sweep, e.g. 1e-4,1e-2 (blank: none)"),
+        ("pbrf_steps", "300", "optimiser steps per PBRF solve (fewer: faster, less exact)"),
+        ("max_minutes", "30", "refuse a sample whose PBRF solves would take longer"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.monitor: Monitor | None = None
+        self._bars: dict[str, tuple[Label, ProgressBar]] = {}
+        self._last: dict[str, ProgressEvent] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with VerticalScroll(id="validate-body"):
+            yield Static("", id="validate-title", classes="hint")
+            for name, default, hint in self.FIELDS:
+                with Horizontal(classes="field"):
+                    yield Label(name.replace("_", " "), classes="field-label")
+                    yield CInput(default, placeholder=hint, id=f"val-{name}", tooltip=hint)
+            with Horizontal(classes="buttons"):
+                yield CButton("Start (ctrl+r)", variant="primary", id="val-start")
+                yield CButton("Cancel (ctrl+b)", variant="error", id="val-cancel", disabled=True)
+            yield Vertical(id="val-phases")
+            yield Static("", id="val-result", classes="detail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        app = self.app
+        self.query_one("#validate-title", Static).update(
+            f"Validate estimators on investigation {app.investigation!r}: Pearson and Spearman correlation with the PBRF "
+            "ground truth (docs/validation.md). The same as `inflq validate`; results are saved with the project."
+        )
+        self.query_one("#val-estimators", Input).focus()
+
+    def _arguments(self) -> dict:
+        from ..validate import parse_list
+
+        raw = {name: self.query_one(f"#val-{name}", Input).value.strip() for name, _, _ in self.FIELDS}
+
+        def whole(name: str) -> int:
+            try:
+                value = int(raw[name])
+            except ValueError:
+                raise InflqError(f"{name.replace('_', ' ')} must be a whole number, got {raw[name]!r}") from None
+            if value <= 0:
+                raise InflqError(f"{name.replace('_', ' ')} must be positive")
+            return value
+
+        try:
+            minutes = float(raw["max_minutes"])
+        except ValueError:
+            raise InflqError(f"max minutes must be a number, got {raw['max_minutes']!r}") from None
+        estimators = parse_list(raw["estimators"])
+        if not estimators:
+            raise InflqError("name at least one estimator, e.g. identity,ekfac")
+        return {
+            "estimators": estimators, "sample": whole("sample"), "queries": whole("queries"), "fit_sequences": whole("fit_sequences"),
+            "dampings": parse_list(raw["dampings"], float), "pbrf_steps": whole("pbrf_steps"), "max_minutes": minutes,
+        }
+
+    @property
+    def running(self) -> bool:
+        return any(w.group == "validate" and w.is_running for w in self.workers)
+
+    @on(Button.Pressed, "#val-start")
+    def action_start(self) -> None:
+        app = self.app
+        if app.project is None or app.investigation is None:
+            self.notify("open a project and choose an investigation first", severity="warning")
+            return
+        if self.running:
+            self.notify("a validation is running: cancel it (ctrl+b) first", severity="warning")
+            return
+        try:
+            kwargs = self._arguments()
+        except InflqError as exc:
+            app.show_error(exc, "Cannot start the validation")
+            return
+        self.query_one("#val-phases", Vertical).remove_children()
+        self._bars.clear()
+        self._last.clear()
+        self.query_one("#val-result", Static).update(Text("validating… (the PBRF solves take a while; ctrl+b cancels)", style="italic"))
+        self._set_running(True)
+        self.monitor = Monitor(on_progress=lambda ev: self.post_message(RunProgress(ev)))
+        self.validate_worker(app.investigation, kwargs, self.monitor)
+
+    @on(Button.Pressed, "#val-cancel")
+    def action_cancel(self) -> None:
+        if self.monitor is None or not self.running:
+            self.notify("no validation in progress", severity="warning")
+            return
+        self.monitor.cancel()
+        self.notify("cancelling: the validation stops after the current step")
+
+    def action_back(self) -> None:
+        if self.running and self.monitor is not None:
+            self.monitor.cancel()  # nothing is left half-saved: results are saved only at the end
+        self.app.pop_screen()
+
+    def _set_running(self, running: bool) -> None:
+        self.query_one("#val-start", Button).disabled = running
+        self.query_one("#val-cancel", Button).disabled = not running
+
+    def on_run_progress(self, message: RunProgress) -> None:
+        ev = message.event
+        if ev.phase not in self._bars:
+            label, bar = Label(ev.phase, classes="phase-label"), ProgressBar(total=max(ev.total, 1), show_eta=False)
+            self._bars[ev.phase] = (label, bar)
+            self.query_one("#val-phases", Vertical).mount(Horizontal(label, bar, classes="phase"))
+        label, bar = self._bars[ev.phase]
+        bar.update(total=max(ev.total, 1), progress=ev.done)
+        label.update(f"{ev.phase} {ev.done}/{ev.total} {render.eta(ev.eta)}")
+        self._last[ev.phase] = ev
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="validate")
+    def validate_worker(self, investigation: str, kwargs: dict, monitor: Monitor):
+        from ..project import Project
+        from ..validate import validate
+
+        # Its own catalog connection and model, as a run has: browsing stays responsive and safe.
+        project = Project.open(self.app.project.root)
+        try:
+            return validate(project, investigation, monitor=monitor, **kwargs)
+        finally:
+            project.close()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "validate" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+            return
+        self._set_running(False)
+        for phase, (label, _bar) in self._bars.items():  # stopped or done: no ETA
+            ev = self._last.get(phase)
+            if ev is not None:
+                label.update(f"{phase} {ev.done}/{ev.total}" + ("" if ev.done >= ev.total or event.state == WorkerState.SUCCESS else " (stopped)"))
+        out = self.query_one("#val-result", Static)
+        if event.state == WorkerState.SUCCESS:
+            out.update(validation_table(event.worker.result))
+        elif isinstance(event.worker.error, Cancelled):
+            out.update(Text("cancelled: nothing was saved; start again when you like", style="italic"))
+        else:
+            out.update("")
+            self.app.worker_failed(event)
+
+
+def validation_table(v) -> Table:
+    """A validation's correlations, as ``inflq validate`` prints them."""
+    t = Table(
+        "estimator", "pearson", "spearman", "fit s", "inverse-HVP s",
+        title=f"validation {v.id}: {len(v.settings['queries'])} queries × {len(v.sample)} sequences vs PBRF "
+              f"(ε={v.settings['epsilon']:.3g}, {v.settings['pbrf_seconds']:.0f} s)",
+        title_justify="left", box=None, pad_edge=False,
+    )
+    for r in v.rows:
+        t.add_row(r.estimator, f"{r.pearson:.3f}", f"{r.spearman:.3f}", f"{r.fit_seconds:.3f}", f"{r.ihvp_seconds:.4f}")
+    if v.recommended_damping is not None:
+        t.caption = f"recommended EK-FAC damping: {v.recommended_damping:g} (estimator ekfac:damping={v.recommended_damping:g})"
+        t.caption_justify = "left"
+    return t
+
+
+def relink_question(project, model: str, corpus: str) -> str:
+    """What a relink will do, for the confirmation dialog."""
+    parts = []
+    if model:
+        parts.append(f"the model to {Path(model).expanduser()} (now {project.model_path})")
+    if corpus:
+        parts.append(f"the corpus to {Path(corpus).expanduser()} (now {project.corpus_path})")
+    return f"Point {project.root} at " + " and ".join(parts) + "? The copies' content fingerprints are checked first; inflq.toml is rewritten."
+
+
+def trust_question(project) -> str | None:
+    """The trust dialog's question, naming the plugin files (None: the folder has none)."""
+    from ..trust import is_trusted, plugin_files
+
+    files = plugin_files(project.root)
+    if not files:
+        return None
+    state = "already trusted; trust them again" if is_trusted(project.root) else "not trusted"
+    names = ", ".join(f.name for f in files)
+    return (f"{project.root} has {len(files)} local plugin file{'s' if len(files) != 1 else ''} ({names}), {state}. "
+            "Trusting them lets them run with your permissions, now and whenever this folder is opened, until a file changes. "
+            "Trust and load them?")
