@@ -25,7 +25,7 @@ from ..display import score_format
 from ..errors import Cancelled, InflqError
 from ..options import Option
 from ..progress import Monitor, ProgressEvent
-from ..runs import RunSettings
+from ..settings import RunSettings
 from . import render
 from .compact import CButton, CCheckbox, CInput, CSelect
 
