@@ -5,7 +5,7 @@
 Every figure is one whole process, timed from start to exit, with nothing pinned: default threads,
 default batching, default everything, as a user types it.
 
-* start-up: ``inflq --help`` and ``inflq runs PROJECT`` (median of 3);
+* start-up: ``inflq --help``, ``inflq runs PROJECT`` and the TUI's first screen (median of 3);
 * ``inflq run PROJECT --estimator ekfac --refit`` (fit + score every query against every sequence)
   at defaults, and the same with ``OMP_NUM_THREADS=1`` (default threads must never be slower) and
   with ``--batch-size 8`` (the old default, for reference);
@@ -52,6 +52,37 @@ def timed(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> t
     if p.returncode != 0:
         raise SystemExit(f"failed ({p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-3000:]}")
     return wall, cpu, (p.stdout + p.stderr)[-400:]
+
+
+PAINT = """
+import asyncio, sys
+from inflq.tui.app import InflqApp
+
+async def main():
+    app = InflqApp(sys.argv[1])
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        print("painted", flush=True)
+        await app.workers.wait_for_complete()
+        print("workers done", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def first_paint(root: Path, env: dict) -> tuple[float, float]:
+    """Seconds from starting a process to the TUI's first screen (Textual's test driver, no
+    terminal), and to its start-up workers (model check, first loads) finishing."""
+    t = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", PAINT, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    painted = done = float("nan")
+    for line in p.stdout:
+        if line.startswith("painted"):
+            painted = time.perf_counter() - t
+        elif line.startswith("workers done"):
+            done = time.perf_counter() - t
+    p.wait()
+    return painted, done
 
 
 def clean_env() -> dict:
@@ -105,6 +136,9 @@ def main() -> None:
         init_project(root, model, corpus, queries, max_length, eos)
         runs = [timed([*INFLQ, "runs", str(root)], env)[0] for _ in range(3)]
         print(f"[{name}] inflq runs: {statistics.median(runs):.2f} s (median of 3)", flush=True)
+        paints = [first_paint(root, env) for _ in range(3)]
+        print(f"[{name}] TUI first screen: {statistics.median(p[0] for p in paints):.2f} s, start-up workers done: "
+              f"{statistics.median(p[1] for p in paints):.2f} s (median of 3)", flush=True)
         row = {"workload": name}
         run = [*INFLQ, "run", str(root), "--estimator", "ekfac", "--refit"]
         row["inflq"] = timed(run, env)[:2]

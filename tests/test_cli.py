@@ -429,7 +429,7 @@ def test_long_ids_are_never_cut_and_scores_share_one_format(tmp_path, gpt2_dir, 
     assert code == 0, err
     assert re.search(r"position\s+┃\s+token", out) and re.search(r"│\s+6\s+│\s+zorald\s+│", out), out
     code, out, err = cli_run("factors", "list", proj)
-    assert code == 0 and "…" not in out and 'factor set 1: ekfac {"fisher": "true"}' in out, out
+    assert code == 0 and "…" not in out and 'factor set 1: ekfac {"fisher": "true", "sampled_at": "loss positions"}' in out, out
     assert format_scores([-13070.0, -6947.0, 5.0]) == ["-13070", "-6947", "+5"]
     assert format_scores([105.1, 0.3344]) == ["+105.1", "+0.3"]
     assert format_scores([2e5, 3.0]) == ["+2.000e+05", "+3.000e+00"]

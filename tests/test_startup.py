@@ -44,6 +44,12 @@ def test_reading_commands_open_a_project_without_heavy_libraries(project, cli_ru
         assert heavy == [], (args, out)
 
 
+def test_the_tui_paints_before_loading_heavy_libraries():
+    code = f"import sys, inflq.tui.app; print(','.join(m for m in {HEAVY!r} if m in sys.modules and m != 'textual'))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr
+
+
 def test_importing_inflq_lets_torch_workers_sleep():
     code = "import os, inflq, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
