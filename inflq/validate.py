@@ -129,17 +129,23 @@ class PBRF:
         with _math_attention():  # twice differentiable, unlike the fused kernels
             return functional_call(self.model, params, (ids,), {"attention_mask": att, "use_cache": False}).logits.to(self.theta_s[next(iter(self.theta_s))].dtype)
 
-    def tune(self, iterations: int = 15) -> None:
+    def tune(self, iterations: int = 15, monitor: Monitor | None = None) -> None:
         """Step size and momentum from the Gauss-Newton spectrum (power iteration, full data)."""
         gen = torch.Generator().manual_seed(0)
         x = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype).to(self.device) for k, v in self.theta_s.items()}
         top = 0.0
+        if monitor is not None:
+            monitor.start("PBRF step size", iterations)
         for _ in range(iterations):
+            if monitor is not None:
+                monitor.check()
             norm = math.sqrt(sum(float((v**2).sum()) for v in x.values()))
             x = {k: v / norm for k, v in x.items()}
             y = self._gn_product(x)
             top = math.sqrt(sum(float((v**2).sum()) for v in y.values()))
             x = y
+            if monitor is not None:
+                monitor.advance(1)
         # 1.2: power iteration approaches the top eigenvalue from below
         lo, hi = min(self.decay.values()), 1.2 * top + max(self.decay.values())
         kappa = max(hi / max(lo, 1e-30), 1.0)
@@ -244,19 +250,22 @@ def validate(
         pb_damp = {tm.name: float(pbrf_damping) for tm in engine.tracked}
     else:
         sums = {tm.name: 0.0 for tm in engine.tracked}
+        monitor.start("PBRF damping", n)
         for s in range(0, n, batch_size):
+            monitor.check()
             chunk = fit[s : s + batch_size]
             b = make_batch(store.many(chunk), project.pad_id, engine.device, sample_seeds=[sequence_seed(seed, "pbrf damping", int(i)) for i in chunk])
             for name, dw in engine.sequence_gradients(b, "sampled").items():
                 sums[name] += float((dw.double() ** 2).sum())
+            monitor.advance(len(chunk))
         pb_damp = {tm.name: 0.1 * sums[tm.name] / n / (tm.out_features * tm.in_dim) for tm in engine.tracked}
 
     # Ground truth, after checking its cost.
     pbrf = PBRF(project, modules, fit, pb_damp, batch_size)
-    pbrf.tune()
+    pbrf.tune(monitor=monitor)
     z0 = store.get(int(chosen[0]))
     t = time.perf_counter()
-    pbrf.solve(z0, eps, 3)
+    pbrf.solve(z0, eps, 3, monitor)
     per_solve = (time.perf_counter() - t) / 3 * pbrf_steps
     total = per_solve * 2 * sample
     if total > max_minutes * 60:

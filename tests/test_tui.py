@@ -799,9 +799,14 @@ def test_validate_screen_runs_with_progress_and_cancels(project_dir):
             assert "validation 1: 1 queries × 2 sequences vs PBRF" in shown and "identity" in shown, shown
             assert "PBRF" in screen._bars and "ETA" not in str(screen._bars["PBRF"][0].render())
             assert app.project.db["validations"].count == 1
-            # Cancelled at once: nothing saved, the screen says so.
+            # A validation that would run for hours, cancelled at once: nothing saved, the screen says so.
+            screen.query_one("#val-pbrf_steps", Input).value = "1000000"
+            screen.query_one("#val-max_minutes", Input).value = "1000000"
             await pilot.press("ctrl+r", "ctrl+b")
-            await settle(pilot)
+            for _ in range(1500):  # (settle would re-raise the cancelled worker's Cancelled)
+                await pilot.pause(0.02)
+                if not screen.running and "cancelled" in str(screen.query_one("#val-result", Static).render()):
+                    break
             assert "cancelled: nothing was saved" in str(screen.query_one("#val-result", Static).render())
             assert app.project.db["validations"].count == 1
             await pilot.press("escape")
