@@ -45,10 +45,12 @@ def _progress():
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
 
     from .progress import LineProgress, Monitor
 
@@ -57,7 +59,19 @@ def _progress():
     # "bar" or "lines" to choose, "0" for none; INFLQ_PROGRESS_INTERVAL seconds between lines).
     mode = os.environ.get("INFLQ_PROGRESS", "").lower() or ("bar" if err.is_terminal else "lines")
     mode = {"1": "bar"}.get(mode, mode)
-    bar = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, transient=False, disable=mode != "bar")
+    stopping = [False]
+
+    class Eta(ProgressColumn):
+        """The time left, until a cancel: a stopped bar has none."""
+
+        remaining = TimeRemainingColumn()
+
+        def render(self, task):
+            if stopping[0] and not task.finished:
+                return Text("stopped", style="yellow")
+            return Text("eta ") + self.remaining.render(task)
+
+    bar = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), Eta(), console=err, transient=False, disable=mode != "bar")
     tasks: dict[str, int] = {}
 
     def on_bar(ev):
@@ -78,6 +92,7 @@ def _progress():
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         err.print("[yellow]stopping after this batch (Ctrl-C again to abort)…[/]")
+        stopping[0] = True
         monitor.cancel()
 
     with suppress(ValueError):  # not the main thread: no Ctrl-C handling
@@ -325,7 +340,7 @@ def _heat_text(tokens, values):
 # -- runs and results ------------------------------------------------------------------------------
 @cli.command()
 @click.argument("project")
-@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose queries are scored.")
 @click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec, e.g. ekfac or ekfac:damping=1e-3.")
 @click.option("--filter", "filter_", default="all", show_default=True, help="Candidate filter spec; join with + for a union (tfidf:k=1000+random:n=500).")
 @click.option("--executor", help="Executor spec: local (default), or ray / ray:num_gpus=1,num_workers=4 (docs/executors.md). With --resume: the run's own unless given.")
@@ -341,7 +356,7 @@ def _heat_text(tokens, values):
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen from the model's size and the free memory; recorded with the run).")
 @click.option("--shard-size", default=512, show_default=True, help="Sequences per committed shard.")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype for this run (default: the project's).")
 @click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
 @click.option("--resume", "resume", type=int, is_flag=False, flag_value=0,
               help="Continue a cancelled or failed run: by id, or alone (after PROJECT) the investigation's latest interrupted run.")
@@ -397,7 +412,7 @@ def factors():
 
 @factors.command("list")
 @click.argument("project")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def factors_list(project, as_json):
     """The project's factor sets, reused by every investigation with the same settings."""
     from .factors import factor_sets
@@ -430,7 +445,7 @@ def factors_list(project, as_json):
 @click.option("--shard-size", default=512, show_default=True, help="Sequences per committed fitting shard.")
 @click.option("--executor", help="Executor spec: local (default) or ray[:...] (docs/executors.md).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype for the fit (default: the project's).")
 @click.option("--refit", is_flag=True, help="Recompute even if these factors are cached.")
 @click.option("--resume", type=int, is_flag=False, flag_value=0, help="Continue an interrupted fit: by run id, or alone (after PROJECT) the latest one.")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
@@ -468,10 +483,10 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, ba
 @click.argument("project")
 @click.argument("factor_set", type=int)
 @click.option("--damping", type=float, help="Absolute damping to compare the spectra with (default: --damping-factor × mean).")
-@click.option("--damping-factor", default=0.1, show_default=True)
+@click.option("--damping-factor", default=0.1, show_default=True, help="Damping as this multiple of each module's mean eigenvalue, for the share of the spectrum shown under it.")
 @click.option("--modules", help="Comma-separated globs of modules to show (default: all).")
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Draw the sorted spectra (log scale).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def factors_show(project, factor_set, damping, damping_factor, modules, plot, as_json):
     """Per module: the fitted eigenvalues, the damping a run would add, and how much it decides."""
 
@@ -509,7 +524,7 @@ def factors_rm(project, factor_set, yes):
 
 @cli.command()
 @click.argument("project")
-@click.option("-i", "--investigation")
+@click.option("-i", "--investigation", help="Only this investigation's runs (default: all).")
 def runs(project, investigation):
     """List runs with their status and progress."""
     from rich.table import Table
@@ -524,12 +539,12 @@ def runs(project, investigation):
 
 @cli.command()
 @click.argument("project")
-@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose results are shown.")
 @click.option("--query", "query_id", type=int, help="Query id (default: every query).")
-@click.option("-k", default=10, show_default=True)
+@click.option("-k", default=10, show_default=True, help="Sequences per query.")
 @click.option("--bottom", is_flag=True, help="Most negative (the sequences that make the completion less likely).")
 @click.option("--result-set", type=int, help="Result set id (default: the latest).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def top(project, investigation, query_id, k, bottom, result_set, as_json):
     """Print the most influential training sequences of each query."""
     from rich.table import Table
@@ -568,9 +583,9 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
 
 @cli.command()
 @click.argument("project")
-@click.option("-i", "--investigation", default="default", show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["npy", "csv", "jsonl", "md"]), default="npy", show_default=True)
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose results are exported.")
+@click.option("--format", "fmt", type=click.Choice(["npy", "csv", "jsonl", "md"]), default="npy", show_default=True, help="npy: float32 [queries, sequences], NaN = not scored; csv, jsonl, md: the stored top and bottom sequences.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="File to write.")
 @click.option("--result-set", type=int, help="Result set id (default: the latest).")
 def export(project, investigation, fmt, output, result_set):
     """Export results. npy: float32 [queries, corpus sequences], NaN where not scored."""
@@ -597,8 +612,8 @@ def export(project, investigation, fmt, output, result_set):
 
 @cli.command("self-influence")
 @click.argument("project")
-@click.option("--estimator", default="ekfac", show_default=True)
-@click.option("-k", default=10, show_default=True)
+@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec, as for inflq run.")
+@click.option("-k", default=10, show_default=True, help="Sequences to show.")
 def self_influence_cmd(project, estimator, k):
     """Rank training sequences by self-influence (outliers, memorised or mislabelled data)."""
     import numpy as np
@@ -627,11 +642,11 @@ def self_influence_cmd(project, estimator, k):
 
 @cli.command()
 @click.argument("project")
-@click.option("-i", "--investigation", default="default", show_default=True)
-@click.option("--query", "query_id", type=int, required=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation of the query.")
+@click.option("--query", "query_id", type=int, required=True, help="Query id (see inflq query list).")
 @click.option("--sequence", "seq_id", required=True, help="Training sequence id (document id:chunk).")
-@click.option("--kind", type=click.Choice(["token", "layer"]), default="token", show_default=True)
-@click.option("--result-set", type=int)
+@click.option("--kind", type=click.Choice(["token", "layer"]), default="token", show_default=True, help="token: a heat map over the sequence's tokens; layer: a bar per layer.")
+@click.option("--result-set", type=int, help="Result set id (default: the latest).")
 def attribute(project, investigation, query_id, seq_id, kind, result_set):
     """Split one sequence's score over its tokens or the model's layers."""
     from rich.table import Table
@@ -688,7 +703,7 @@ def relink(project, model, corpus_path):
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json):
     """List loaded plugins, what they provide, and any that failed to load."""
     from rich.table import Table
@@ -716,7 +731,7 @@ def plugins(as_json):
 
 @cli.command()
 @click.option("--headless", is_flag=True, help="Run the demo investigation and print its top sequences instead of opening the UI.")
-@click.option("--estimator", default="ekfac", show_default=True)
+@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec of the result set to show (run if there is none).")
 def demo(headless, estimator):
     """Prepare the demo project (projects/demo) and open it."""
     from .demo import ensure_demo, run_demo
@@ -741,18 +756,18 @@ def demo(headless, estimator):
 
 @cli.command()
 @click.argument("project")
-@click.option("-i", "--investigation", default="default", show_default=True)
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose queries are used.")
 @click.option("--estimators", default="identity,ekfac,lissa", show_default=True, help="Comma-separated estimator specs to compare.")
 @click.option("--sample", default=20, show_default=True, help="Fitting sequences to solve the PBRF for (two solves each).")
 @click.option("--dampings", help="EK-FAC dampings to sweep, e.g. 1e-8,1e-4,1e-2.")
 @click.option("--queries", default=3, show_default=True, help="How many of the investigation's queries.")
 @click.option("--fit-sequences", default=128, show_default=True, help="Fitting sequences (N) for the estimators and the PBRF.")
 @click.option("--epsilon", type=float, help="Up-weighting ε of the PBRF (default 1/N).")
-@click.option("--pbrf-steps", default=300, show_default=True)
+@click.option("--pbrf-steps", default=300, show_default=True, help="Optimizer steps for each PBRF solve.")
 @click.option("--pbrf-damping", type=float, help="The PBRF's damping λ (default: 0.1 × mean Gauss-Newton eigenvalue per module).")
 @click.option("--max-minutes", default=30.0, show_default=True, help="Refuse a sample whose PBRF solves would take longer.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for the sample and the sampled labels.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per batch.")
 def validate(project, investigation, estimators, sample, dampings, queries, fit_sequences, epsilon, pbrf_steps, pbrf_damping, max_minutes, seed, batch_size):
     """Measure estimators against the PBRF ground truth on a sample of fitting sequences."""
     from rich.table import Table

@@ -442,3 +442,24 @@ def test_a_broken_corpus_line_names_the_file_as_given(tmp_path, gpt2_dir, cli_ru
     code, _, err = cli_run("init", "proj", "--model", gpt2_dir, "--corpus", "data/broken.jsonl")
     _one_line_error(code, err)
     assert err.startswith("Error: data/broken.jsonl:2: not valid JSON (Invalid control character at column 17)"), err
+
+
+def test_every_command_and_option_has_help():
+    """`inflq COMMAND --help` explains every option, built-in commands and plugins' alike."""
+    import click
+
+    from inflq.cli import cli
+
+    missing = []
+
+    def walk(group, prefix):
+        for name, command in group.commands.items():
+            if not command.help:
+                missing.append(f"{prefix}{name}")
+            if isinstance(command, click.Group):
+                walk(command, f"{prefix}{name} ")
+                continue
+            missing.extend(f"{prefix}{name} {p.opts[0]}" for p in command.params if isinstance(p, click.Option) and not p.help)
+
+    walk(cli, "")
+    assert missing == []

@@ -129,8 +129,8 @@ def cosine_matrix(project, investigation: str, result_set_id: int | None = None)
 def register_commands(cli):
     @cli.command("cosine")
     @click.argument("project")
-    @click.option("-i", "--investigation", default="default", show_default=True)
-    @click.option("-k", default=5, show_default=True)
+    @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose result set is used.")
+    @click.option("-k", default=5, show_default=True, help="Sequences per query.")
     def cosine_cmd(project, investigation, k):
         """Top training sequences by full gradient cosine similarity (needs a cosine run)."""
         from inflq import open_project
