@@ -26,9 +26,9 @@ from .engine import (
 )
 from .errors import Cancelled, InflqError, NumericalError
 from .hookspecs import hookimpl
-from .linalg import gram
+from .linalg import eigh, gram
 from .options import Option
-from .passes import Pass, ScorePass, SelfInfluencePass, Shard, run_shard
+from .passes import Pass, ScorePass, SelfInfluencePass, Shard, add_into, run_shard
 from .progress import Monitor, ProgressEvent
 from .scoring import QueryGradients
 
@@ -53,5 +53,5 @@ __all__ = [
     "Attribution", "AttributionContext", "AttributionResult", "Batch", "Cancelled", "Captured", "Estimator",
     "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
     "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass", "SequenceGradients",
-    "Shard", "TrackedModule", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
+    "Shard", "TrackedModule", "add_into", "eigh", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
 ]

@@ -186,12 +186,19 @@ class Attribution(Plugin):
 @dataclass
 class Job:
     """A pass to run over shards. ``worker`` describes how to build the model and corpus on a
-    worker (picklable); ``local`` is the driver's already-built context, for in-process executors."""
+    worker (picklable); ``local`` is the driver's already-built context, for in-process executors.
+
+    ``sums`` (``sum`` passes only): the driver's running sums of the shards before the first one
+    given. An executor that runs the shards in this process one after another, in the order given,
+    may pass it as ``local.run(..., into=job.sums)``: each shard then adds into it and the result
+    reported is ``job.sums`` itself, so memory holds one set of sums instead of one per shard.
+    Others ignore it and report each shard's own sums."""
 
     pass_: Pass
     worker: Any
     batch_size: int
     local: Any = None
+    sums: dict[str, torch.Tensor] | None = None
 
 
 class Executor(Plugin):

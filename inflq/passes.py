@@ -2,6 +2,8 @@
 
 A pass turns one batch of captures into tensors. Results over a shard are combined by summing
 (factor statistics) or concatenating (per-sequence scores); executors reduce shards the same way.
+Sums are accumulated in place, batch by batch, into one running sum per key: memory holds the
+running sums and one batch, however many sequences a shard or a pass has.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ class Pass:
         drops them (called at the start of a shard, after a failure elsewhere)."""
         return {}
 
+    def accumulate(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured], sums: dict[str, torch.Tensor]) -> None:
+        """For ``combine = "sum"`` passes: add this batch's results into the running ``sums`` (CPU
+        tensors, created by the first batch). The default adds :meth:`process`'s results; a pass
+        whose results are large (a matrix per module) overrides it to add them one at a time with
+        :func:`add_into`, so that memory never holds a second full set of sums."""
+        add_into(sums, self.process(engine, batch, captures))
+
 
 def combine_results(kind: str, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Reduce per-batch (or per-shard) results: elementwise sum, or concatenation along dim 0."""
@@ -67,6 +76,20 @@ def combine_results(kind: str, parts: list[dict[str, torch.Tensor]]) -> dict[str
                 out[k] += v
         return out
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+def add_into(sums: dict[str, torch.Tensor], part: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``sums[k] += part[k]`` in place, on the CPU; a key seen for the first time starts its sum as
+    a copy in ``dtype`` (default: the part's). A float32 part added to a float64 sum is widened
+    exactly, so summing float32 pieces into float64 equals summing their float64 copies."""
+    for k, v in part.items():
+        v = v.detach().to("cpu")
+        have = sums.get(k)
+        if have is None:
+            sums[k] = v.to(dtype or v.dtype, copy=True)
+        else:
+            have += v
+    return sums
 
 
 def sequence_seed(seed: int, phase: str, index: int) -> int:
@@ -83,14 +106,21 @@ def run_shard(
     pad_id: int,
     batch_size: int,
     monitor: Monitor | None = None,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``pass_`` over one shard in batches. ``sequences(indices)`` returns token arrays.
 
     Sequences are batched in order of length (stable, so deterministic), which keeps padding, and
     the compute spent on it, small; concatenated results come back in the shard's order. A batch
     that does not fit in device memory is halved and retried, down to one sequence.
+
+    A ``sum`` pass adds each batch into running sums as it goes (:meth:`Pass.accumulate`): into
+    ``into`` when given (the sums of the shards before this one, which this call extends and
+    returns), else into new sums for this shard alone.
     """
     parts: list[dict[str, torch.Tensor]] = []
+    summing = pass_.combine == "sum"
+    sums: dict[str, torch.Tensor] = into if into is not None else {}
     pass_.flush(discard=True)
     all_tokens = sequences(shard.indices)
     order = np.argsort(np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens)), kind="stable")
@@ -101,10 +131,20 @@ def run_shard(
         toks = [all_tokens[i] for i in chunk]
         seeds = [sequence_seed(pass_.seed, pass_.phase, int(shard.indices[i])) for i in chunk]
         batch = make_batch(toks, pad_id, engine.device, sample_seeds=seeds)
+        adding = False
         try:
             captures, _ = engine.capture(batch, pass_.labels)
-            result = pass_.process(engine, batch, captures)
+            if summing:
+                adding = True
+                pass_.accumulate(engine, batch, captures, sums)
+                result = None
+            else:
+                result = pass_.process(engine, batch, captures)
         except torch.OutOfMemoryError:
+            if adding:  # part of this batch may be in the sums already: retrying would count it twice
+                raise InflqError(
+                    f"out of device memory while adding a batch to the {pass_.phase} sums; use a smaller --batch-size"
+                ) from None
             if size == 1:
                 raise InflqError("one sequence does not fit in device memory: use a shorter context or a larger device") from None
             size = max(1, size // 2)
@@ -117,6 +157,8 @@ def run_shard(
         if monitor is not None:
             monitor.advance(len(chunk))
     tail = pass_.flush()
+    if summing:
+        return add_into(sums, tail) if tail else sums
     if tail:
         parts.append({k: v.detach().to("cpu") for k, v in tail.items()})
     out = combine_results(pass_.combine, parts)

@@ -22,7 +22,7 @@ from .base import Estimator, Executor, FilterContext, FitContext, Job
 from .engine import GradientEngine, SequenceGradients, make_batch
 from .errors import Cancelled, InflqError
 from .options import parse_spec, parse_specs
-from .passes import Pass, ScorePass, Shard, combine_results, make_shards, run_shard
+from .passes import Pass, ScorePass, Shard, add_into, combine_results, make_shards, run_shard
 from .progress import Monitor
 from .project import ARTIFACTS, Project
 from .scoring import Compression, QueryGradients
@@ -73,8 +73,11 @@ class LocalWorker:
         self.corpus = project.corpus
         self.pad_id = project.pad_id
 
-    def run(self, pass_: Pass, shard: Shard, batch_size: int, monitor: Monitor | None) -> dict[str, torch.Tensor]:
-        return run_shard(self.engine, self.corpus.many, pass_, shard, self.pad_id, batch_size, monitor)
+    def run(
+        self, pass_: Pass, shard: Shard, batch_size: int, monitor: Monitor | None, into: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:func:`run_shard` here; ``into``: running sums to extend (see ``Job.sums``)."""
+        return run_shard(self.engine, self.corpus.many, pass_, shard, self.pad_id, batch_size, monitor, into=into)
 
 
 _WORKERS: dict[str, LocalWorker] = {}
@@ -155,9 +158,10 @@ def ensure_factors(
 ) -> int | None:
     """Load the estimator's cached factors, or fit and cache them. Returns the factor set id.
 
-    With a ``run_id``, each shard's partial sums of every fitting pass are committed as they
-    arrive (``fit_shards``), so a run killed during fitting resumes from its last committed shard.
-    Shards are always reduced in shard order, so a resumed fit equals an uninterrupted one."""
+    With a ``run_id``, every fitting pass commits each shard as it arrives (``fit_shards``): the
+    running sum through that shard where shards run in this process, else the shard's own sums;
+    a run killed during fitting resumes from its last committed shard. Shards are always reduced
+    in shard order, so a resumed fit equals an uninterrupted one."""
     store = project.corpus
     indices = _fit_indices(len(store), settings.fit_sequences, settings.seed)
     worker = LocalWorker(project, engine)
@@ -169,8 +173,95 @@ def ensure_factors(
         pass_count[0] += 1
         pass_.seed = settings.seed
         shards = make_shards(indices, settings.shard_size)
-        parts: dict[int, dict[str, torch.Tensor]] = {}
         committing = run_id is not None and factor_key is not None
+        number = pass_key.split(":")[0]
+        if pass_.combine != "sum":
+            return _concat_pass(pass_, pass_key, shards, committing)
+        # Sums are reduced in shard order, so a resumed fit equals an uninterrupted one: ``total``
+        # holds shards [0, next); a shard that arrives early waits in ``held`` (as its committed
+        # file, read when its turn comes). Run in this process, shards add straight into
+        # ``total`` (Job.sums), and what is committed is the running sum through the shard: memory
+        # holds one set of sums, not one per shard.
+        total: dict[str, torch.Tensor] = {}
+        held: dict[int, Any] = {}
+        nxt = [0]
+        done: set[int] = set()
+        prefix_rel: list[str | None] = [None]  # the committed running sum's file
+        if committing:
+            rows = [r for r in project.db["fit_shards"].rows_where("run_id = ? AND pass_key = ?", [run_id, pass_key])
+                    if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]])]
+            by_path: dict[str, list[dict]] = {}
+            for r in rows:
+                by_path.setdefault(r["path"], []).append(r)
+            for rel, group in by_path.items():
+                covered = sorted(r["shard"] for r in group)
+                if "-upto-" in rel:  # a running sum: valid only if every shard it covers is still recorded
+                    last = int(rel.rsplit("-", 1)[1].split(".")[0])
+                    if covered == list(range(last + 1)) and last + 1 > nxt[0]:
+                        total = load_tensors(project.root, rel, group[0]["checksum"], "fitting shard")
+                        nxt[0], prefix_rel[0] = last + 1, rel
+            for rel, group in by_path.items():
+                for r in group:
+                    if "-upto-" not in rel and r["shard"] >= nxt[0]:
+                        held[r["shard"]] = (r["path"], r["checksum"])
+            done = set(range(nxt[0])) | set(held)
+        monitor.start(pass_.phase, len(indices))
+        monitor.advance(sum(len(shards[i]) for i in done))
+        job = Job(pass_, worker_spec(project, settings.modules), settings.batch_size, local=worker, sums=total)
+
+        def fold() -> None:
+            while nxt[0] in held:
+                part = held.pop(nxt[0])
+                if isinstance(part, tuple):
+                    part = load_tensors(project.root, part[0], part[1], "fitting shard")
+                add_into(total, part)
+                nxt[0] += 1
+
+        def commit(rel: str, covered: list[int], tensors: dict[str, torch.Tensor]) -> str:
+            checksum = save_tensors(project.root, rel, tensors)
+            with project.db.atomic():
+                for i in covered:
+                    project.db["fit_shards"].upsert({
+                        "run_id": run_id, "pass_key": pass_key, "shard": i, "n": len(shards[i]),
+                        "factor_key": factor_key, "path": rel, "checksum": checksum, "seconds": 0.0,
+                    }, pk=("run_id", "pass_key", "shard"))
+                if "-upto-" in rel:  # every shard the running sum covers now points to it
+                    project.db.execute(
+                        "UPDATE fit_shards SET path = ?, checksum = ? WHERE run_id = ? AND pass_key = ? AND shard <= ?",
+                        [rel, checksum, run_id, pass_key, covered[-1]],
+                    )
+            return checksum
+
+        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+            done.add(shard.index)
+            if out is not total:  # one shard's own sums (another process, or an executor without Job.sums)
+                if committing:
+                    rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
+                    checksum = commit(rel, [shard.index], out)
+                    held[shard.index] = out if shard.index == nxt[0] else (rel, checksum)  # an early one waits on disk
+                else:
+                    held[shard.index] = out
+                fold()
+                return
+            if shard.index != nxt[0]:
+                raise InflqError(f"{pass_.phase}: the executor added shard {shard.index} to the sums out of order")
+            nxt[0] += 1
+            fold()  # shards committed earlier, out of order, that now follow
+            if committing:
+                old = prefix_rel[0]
+                prefix_rel[0] = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-upto-{nxt[0] - 1:06d}.safetensors"
+                commit(prefix_rel[0], list(range(shard.index, nxt[0])), total)
+                if old is not None and old != prefix_rel[0]:
+                    (project.root / old).unlink(missing_ok=True)
+
+        fold()
+        executor.map(job, [s for s in shards if s.index not in done], on_result, monitor)
+        if len(done) != len(shards) or nxt[0] != len(shards):
+            raise InflqError(f"the executor returned {len(done)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
+        return total
+
+    def _concat_pass(pass_: Pass, pass_key: str, shards: list[Shard], committing: bool) -> dict[str, torch.Tensor]:
+        parts: dict[int, dict[str, torch.Tensor]] = {}
         if committing:
             for r in project.db["fit_shards"].rows_where("run_id = ? AND pass_key = ?", [run_id, pass_key]):
                 if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]]):
@@ -242,6 +333,8 @@ def ensure_factors(
     if run_id is not None:  # the factor set now holds what the fitting shards were kept for
         for rel_path in stale:
             (project.root / rel_path).unlink(missing_ok=True)
+        for orphan in (project.root / ARTIFACTS / "runs" / str(run_id)).glob("fit-*"):  # a kill between commit and cleanup
+            orphan.unlink(missing_ok=True)
     estimator.prepare(ctx)
     return fs_id
 
