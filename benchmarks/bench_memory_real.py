@@ -27,19 +27,39 @@ import time
 from pathlib import Path
 
 WORKER = r"""
-import json, sys, time
+import json, os, sys, threading, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
+from inflq.progress import Monitor
 from inflq.project import Project
+
+# Resident memory sampled every 50 ms, the highest per phase (the process's own high-water mark,
+# from the kernel, is the figure that counts; this only says where it happens).
+page = os.sysconf("SC_PAGE_SIZE")
+phase, peaks, done = ["load"], {}, threading.Event()
+
+def sample():
+    with open("/proc/self/statm") as f:
+        while not done.is_set():
+            f.seek(0)
+            rss = int(f.read().split()[1]) * page / 1e9
+            peaks[phase[0]] = max(peaks.get(phase[0], 0.0), rss)
+            time.sleep(0.05)
+
+threading.Thread(target=sample, daemon=True).start()
 p = Project.open(sys.argv[1])
 if sys.argv[2] == "model":
     p.engine()
-    print(json.dumps({"phases": {}}))
+    out = {"phases": {}}
 else:
     from inflq.runs import RunSettings, run_investigation
     s = RunSettings(estimator=sys.argv[4], batch_size=int(sys.argv[5]))
-    r = run_investigation(p, "default", s)
-    print(json.dumps({"phases": r.phases, "seconds": r.seconds}))
+    r = run_investigation(p, "default", s, monitor=Monitor(on_progress=lambda ev: phase.__setitem__(0, ev.phase)))
+    out = {"phases": r.phases, "seconds": r.seconds}
+phase[0] = "end"
+time.sleep(0.1)
+done.set()
+print(json.dumps({**out, "peaks": peaks}))
 """
 
 
@@ -86,7 +106,7 @@ def build_project(folder: Path, model: Path, n: int, tokens: int, vocab: int, qu
 
 
 def measure(cmd: list[str], env: dict) -> tuple[float, dict, float]:
-    """Peak RSS (GB) of the process ``cmd`` alone, its JSON output, wall seconds."""
+    """Peak RSS (GB, 10⁹ bytes) of the process ``cmd`` alone, its JSON output, wall seconds."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env)
@@ -99,7 +119,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, dict, float]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
     line = [x for x in out.splitlines() if x.startswith("{")]
-    return usage.ru_maxrss / 1e6, json.loads(line[-1]) if line else {}, wall
+    return usage.ru_maxrss * 1024 / 1e9, json.loads(line[-1]) if line else {}, wall
 
 
 def main() -> None:
@@ -141,6 +161,8 @@ def main() -> None:
         rows.append((n, rss))
         print(f"{n:>6} sequences ({count} stored, {lo}-{hi} tokens): peak RSS {rss:.2f} GB ({rss - base:+.2f} GB over the model), "
               f"wall {wall:.0f} s" + ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) if phases else ""), flush=True)
+        if out.get("peaks"):
+            print("        sampled peak RSS by phase: " + ", ".join(f"{k} {v:.2f} GB" for k, v in out["peaks"].items()), flush=True)
     if len(rows) > 1:
         print(f"ratio largest/smallest: {rows[-1][1] / rows[0][1]:.3f} (target <= 1.1)")
 

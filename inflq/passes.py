@@ -171,7 +171,9 @@ def run_shard(
 class ScorePass(Pass):
     """Scores training sequences against a batch of preconditioned query gradients.
 
-    Produces ``scores [B, nq]`` and, when ``per_module``, ``module_scores [B, nq, M]`` in
+    Produces ``scores [B, nq]`` and, when ``per_module`` (a pass run for the per-module scores,
+    such as a layer breakdown) or ``keep_parts`` (a run's scoring pass, whose driver keeps the
+    parts of each shard's top and bottom K), ``module_scores [B, nq, M]`` in
     ``query_gradients.names`` order.
 
     Where a module is contracted through the sequence gradients ``DW`` (see
@@ -186,9 +188,12 @@ class ScorePass(Pass):
     labels = "data"
     combine = "concat"
 
-    def __init__(self, query_gradients: QueryGradients, per_module: bool = False, group_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, query_gradients: QueryGradients, per_module: bool = False, group_bytes: int = 256 << 20, keep_parts: bool = False
+    ) -> None:
         self.query_gradients = query_gradients
         self.per_module = per_module
+        self.keep_parts = keep_parts
         self.group_bytes = int(group_bytes)
         self._on_device: tuple[torch.device, QueryGradients] | None = None
         self._reset()
@@ -280,7 +285,7 @@ class ScorePass(Pass):
                 pending[i][m] = part
         stacked = [torch.stack(per, dim=-1) for per in pending]
         out = {"scores": torch.cat([x.sum(-1) for x in stacked])}
-        if self.per_module:
+        if self.per_module or self.keep_parts:
             out["module_scores"] = torch.cat(stacked)
         # Emptied only once computed: a failed product leaves the pending batches as they were.
         self._pending, self._sizes, self._rows, self._pending_bytes = [], [], {}, 0

@@ -519,22 +519,37 @@ def run_investigation(
             spec = {**worker_spec(project, settings.modules), "checkpoint": c_path}
             executor.map(Job(ScorePass(c_qg), spec, settings.batch_size, local=LocalWorker(project, c_engine)), todo, accumulate, monitor)
 
+        # With one model to score with, the pass also yields per-module scores, and each shard
+        # keeps those of its own top and bottom K per query: the layer breakdown of the results
+        # then needs no second pass. (Summed over checkpoints, the K are known only at the end.)
+        per_module = len(scorers) == 1
+        starts = dict(zip((s.index for s in shards), np.cumsum([0] + [len(s) for s in shards[:-1]]), strict=True))
+
         def commit(shard: Shard, out: dict[str, torch.Tensor]) -> None:
             rel = f"{ARTIFACTS}/runs/{run_id}/shard-{shard.index:06d}.safetensors"
-            checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32) + partial.pop(shard.index, 0)})
+            tensors = {"scores": out["scores"].to(torch.float32) + partial.pop(shard.index, 0)}
+            if per_module:
+                cols = slice(int(starts[shard.index]), int(starts[shard.index]) + len(shard))
+                tensors.update(shard_extremes(tensors["scores"].numpy(), out["module_scores"], mask[:, cols], settings.top_k))
+            checksum = save_tensors(project.root, rel, tensors)
             with project.db.atomic():
                 project.db["run_shards"].upsert({"run_id": run_id, "shard": shard.index, "n": len(shard), "path": rel, "checksum": checksum, "seconds": 0.0}, pk=("run_id", "shard"))
 
         spec = {**worker_spec(project, settings.modules), "checkpoint": scorers[-1][2]} if scorers[-1][2] else worker_spec(project, settings.modules)
-        job = Job(ScorePass(qg), spec, settings.batch_size, local=LocalWorker(project, engine))
+        job = Job(ScorePass(qg, keep_parts=per_module), spec, settings.batch_size, local=LocalWorker(project, engine))
         executor.map(job, todo, commit, monitor)
         phases["scoring"] = time.perf_counter() - t
         # Assemble the score matrix from committed shards.
         rows = {r["shard"]: r for r in project.db["run_shards"].rows_where("run_id = ?", [run_id])}
-        scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()
+
+        def shard_file(s: Shard) -> dict[str, torch.Tensor]:
+            return load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")
+
+        scores = torch.cat([shard_file(s)["scores"] for s in shards]).T.numpy()
         scores = np.where(mask, scores, np.nan).astype(np.float32)
         t = time.perf_counter()
-        rs_id = _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=scorers)
+        kept = [(int(starts[s.index]), len(s), lambda s=s: shard_file(s)) for s in shards] if per_module else None
+        rs_id = _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=scorers, kept=kept)
         phases["top results"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         with project.db.atomic():
@@ -604,27 +619,64 @@ def _checkpoint_scorers(
     return out
 
 
-def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=None) -> int:
-    """Save the full score matrix and the top and bottom K per query with per-module scores."""
+def extremes(row: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top and the bottom ``k`` columns of ``row`` among ``valid`` ones, best (worst) first;
+    ties in column order (so that a shard's own extremes hold every global one that it contains)."""
+    cols = np.flatnonzero(valid)
+    order = cols[np.argsort(-row[cols], kind="stable")]
+    return order[:k], order[::-1][:k]
+
+
+def shard_extremes(scores: np.ndarray, module_scores: torch.Tensor, mask: np.ndarray, top_k: int) -> dict[str, torch.Tensor]:
+    """Per-module scores of one shard's top and bottom ``top_k`` per query (``scores [n, nq]``,
+    ``module_scores [n, nq, M]``, ``mask [nq, n]``): ``extreme_query``, ``extreme_row`` (within
+    the shard) and ``extreme_modules [p, M]``."""
+    k = max(1, top_k)
+    valid = mask & ~np.isnan(scores.T)
+    pairs = sorted({(qi, int(c)) for qi in range(scores.shape[1]) for side in extremes(scores[:, qi], valid[qi], k) for c in side})
+    q = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+    r = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+    parts = module_scores[r, q].to(torch.float32) if pairs else torch.zeros((0, module_scores.shape[-1]))
+    return {"extreme_query": q, "extreme_row": r, "extreme_modules": parts.contiguous()}
+
+
+def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=None, kept=None) -> int:
+    """Save the full score matrix and the top and bottom K per query with per-module scores.
+
+    ``kept``: per score shard, ``(first column, columns, loader)``, the loader returning the shard's
+    file with the per-module scores of its own extremes (:func:`shard_extremes`). Picks found
+    there need no recomputation; the others (shards written without them: recomputed by
+    ``inflq doctor``, or by an older inflq, or scored over several checkpoints) are rescored."""
     k = max(1, settings.top_k)
     picks: list[tuple[int, str, int, int]] = []  # (query row, side, rank, column)
     for qi in range(len(queries)):
-        row = scores[qi]
-        valid = np.flatnonzero(~np.isnan(row))
-        order = valid[np.argsort(-row[valid], kind="stable")]
-        for r, col in enumerate(order[:k]):
-            picks.append((qi, "top", r + 1, int(col)))
-        for r, col in enumerate(order[::-1][:k]):
-            picks.append((qi, "bottom", r + 1, int(col)))
-    cols = sorted({p[3] for p in picks})
-    seq_idx = cand[cols]
-    monitor.start("layer breakdown", len(cols))
-    module_scores = 0
-    for c_engine, c_qg, _ in scorers or [(engine, qg, None)]:  # summed over checkpoints (TracIn)
-        worker = LocalWorker(project, c_engine)
-        parts = worker.run(ScorePass(c_qg, per_module=True), Shard(0, seq_idx), settings.batch_size, monitor)
-        module_scores = module_scores + parts["module_scores"].numpy()  # [len(cols), nq, M]
-    where = {c: i for i, c in enumerate(cols)}
+        top, bottom = extremes(scores[qi], ~np.isnan(scores[qi]), k)
+        picks.extend((qi, "top", r + 1, int(col)) for r, col in enumerate(top))
+        picks.extend((qi, "bottom", r + 1, int(col)) for r, col in enumerate(bottom))
+    need = {(p[0], p[3]) for p in picks}
+    found: dict[tuple[int, int], np.ndarray] = {}
+    for first, n, load in kept or []:
+        if not any(first <= col < first + n for _, col in need):
+            continue
+        t = load()
+        if "extreme_row" not in t:
+            continue
+        for q, r, parts in zip(t["extreme_query"].tolist(), t["extreme_row"].tolist(), t["extreme_modules"].numpy(), strict=True):
+            if (q, first + r) in need:
+                found[(q, first + r)] = parts
+    cols = sorted({col for qi, col in need if (qi, col) not in found})
+    if cols:
+        seq_idx = cand[cols]
+        monitor.start("layer breakdown", len(cols))
+        module_scores = 0
+        for c_engine, c_qg, _ in scorers or [(engine, qg, None)]:  # summed over checkpoints (TracIn)
+            worker = LocalWorker(project, c_engine)
+            parts = worker.run(ScorePass(c_qg, per_module=True), Shard(0, seq_idx), settings.batch_size, monitor)
+            module_scores = module_scores + parts["module_scores"].numpy()  # [len(cols), nq, M]
+        for i, col in enumerate(cols):
+            for qi in range(len(queries)):
+                found.setdefault((qi, col), module_scores[i, qi])
+    seq_idx = cand[sorted({p[3] for p in picks})]
     names = qg.names
     layers = {n: t.layer for n, t in zip(engine.names, engine.tracked, strict=False)}
     seqs = project.sequence_rows(list(map(int, seq_idx)))
@@ -644,7 +696,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
         out_rows = []
         for qi, side, rank, col in picks:
             idx = int(cand[col])
-            ms = module_scores[where[col], qi]
+            ms = found[(qi, col)]
             by_layer: dict[str, float] = {}
             for n, v in zip(names, ms, strict=False):
                 key = str(layers[n]) if layers[n] is not None else n
