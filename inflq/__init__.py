@@ -33,8 +33,8 @@ from .progress import Monitor, ProgressEvent
 _LAZY = {
     "Batch": "engine", "Captured": "engine", "GradientEngine": "engine", "SequenceGradients": "engine",
     "TrackedModule": "engine", "make_batch": "engine", "select_modules": "engine",
-    "gram": "linalg",
-    "ScorePass": "passes", "SelfInfluencePass": "passes", "run_shard": "passes",
+    "eigh": "linalg", "gram": "linalg",
+    "ScorePass": "passes", "SelfInfluencePass": "passes", "add_into": "passes", "run_shard": "passes",
     "QueryGradients": "scoring",
 }
 
@@ -48,8 +48,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
         make_batch,
         select_modules,
     )
-    from .linalg import gram
-    from .passes import ScorePass, SelfInfluencePass, run_shard
+    from .linalg import eigh, gram
+    from .passes import ScorePass, SelfInfluencePass, add_into, run_shard
     from .scoring import QueryGradients
 
 
@@ -85,5 +85,5 @@ __all__ = [
     "Attribution", "AttributionContext", "AttributionResult", "Batch", "Cancelled", "Captured", "Estimator",
     "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
     "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass", "SequenceGradients",
-    "Shard", "TrackedModule", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
+    "Shard", "TrackedModule", "add_into", "eigh", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
 ]

@@ -52,6 +52,15 @@ class Pass:
         drops them (called at the start of a shard, after a failure elsewhere)."""
         return {}
 
+    def accumulate(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured], sums: dict[str, torch.Tensor]) -> None:
+        """For ``combine = "sum"`` passes: add this batch's results into the running ``sums`` (CPU
+        tensors, created by the first batch). The default adds :meth:`process`'s results; a pass
+        whose results are large (a matrix per module) overrides it to add them one at a time with
+        :func:`inflq.add_into`, so that memory never holds a second full set of sums."""
+        from .passes import add_into
+
+        add_into(sums, self.process(engine, batch, captures))
+
 
 class Plugin:
     """Common to every plugin kind: a name, a description and typed options."""
@@ -224,12 +233,19 @@ class Attribution(Plugin):
 @dataclass
 class Job:
     """A pass to run over shards. ``worker`` describes how to build the model and corpus on a
-    worker (picklable); ``local`` is the driver's already-built context, for in-process executors."""
+    worker (picklable); ``local`` is the driver's already-built context, for in-process executors.
+
+    ``sums`` (``sum`` passes only): the driver's running sums of the shards before the first one
+    given. An executor that runs the shards in this process one after another, in the order given,
+    may pass it as ``local.run(..., into=job.sums)``: each shard then adds into it and the result
+    reported is ``job.sums`` itself, so memory holds one set of sums instead of one per shard.
+    Others ignore it and report each shard's own sums."""
 
     pass_: Pass
     worker: Any
     batch_size: int
     local: Any = None
+    sums: dict[str, torch.Tensor] | None = None
 
 
 class Executor(Plugin):

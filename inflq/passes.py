@@ -2,6 +2,8 @@
 
 A pass turns one batch of captures into tensors. Results over a shard are combined by summing
 (factor statistics) or concatenating (per-sequence scores); executors reduce shards the same way.
+Sums are accumulated in place, batch by batch, into one running sum per key: memory holds the
+running sums and one batch, however many sequences a shard or a pass has.
 """
 
 from __future__ import annotations
@@ -40,6 +42,20 @@ def combine_results(kind: str, parts: list[dict[str, torch.Tensor]]) -> dict[str
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
 
 
+def add_into(sums: dict[str, torch.Tensor], part: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``sums[k] += part[k]`` in place, on the CPU; a key seen for the first time starts its sum as
+    a copy in ``dtype`` (default: the part's). A float32 part added to a float64 sum is widened
+    exactly, so summing float32 pieces into float64 equals summing their float64 copies."""
+    for k, v in part.items():
+        v = v.detach().to("cpu")
+        have = sums.get(k)
+        if have is None:
+            sums[k] = v.to(dtype or v.dtype, copy=True)
+        else:
+            have += v
+    return sums
+
+
 def sequence_seed(seed: int, phase: str, index: int) -> int:
     """A per-sequence seed for sampled labels, independent of batching and sharding."""
     h = (int(seed) * 1_000_003 + sum(map(ord, phase)) * 7919 + int(index)) & 0x7FFFFFFFFFFFFFFF
@@ -54,6 +70,7 @@ def run_shard(
     pad_id: int,
     batch_size: int | Batching,
     monitor: Monitor | None = None,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``pass_`` over one shard in batches. ``sequences(indices)`` returns token arrays;
     ``batch_size`` is a :class:`~inflq.batching.Batching` (a token budget) or a number of sequences.
@@ -61,8 +78,14 @@ def run_shard(
     Sequences are batched in order of length (stable, so deterministic), which keeps padding, and
     the compute spent on it, small; concatenated results come back in the shard's order. A batch
     that does not fit in device memory is halved and retried, down to one sequence.
+
+    A ``sum`` pass adds each batch into running sums as it goes (:meth:`Pass.accumulate`): into
+    ``into`` when given (the sums of the shards before this one, which this call extends and
+    returns), else into new sums for this shard alone.
     """
     parts: list[dict[str, torch.Tensor]] = []
+    summing = pass_.combine == "sum"
+    sums: dict[str, torch.Tensor] = into if into is not None else {}
     pass_.flush(discard=True)
     all_tokens = sequences(shard.indices)
     lengths = np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens))
@@ -75,10 +98,20 @@ def run_shard(
         toks = [all_tokens[i] for i in chunk]
         seeds = [sequence_seed(pass_.seed, pass_.phase, int(shard.indices[i])) for i in chunk]
         batch = make_batch(toks, pad_id, engine.device, sample_seeds=seeds)
+        adding = False
         try:
             captures, _ = engine.capture(batch, pass_.labels)
-            result = pass_.process(engine, batch, captures)
+            if summing:
+                adding = True
+                pass_.accumulate(engine, batch, captures, sums)
+                result = None
+            else:
+                result = pass_.process(engine, batch, captures)
         except torch.OutOfMemoryError:
+            if adding:  # part of this batch may be in the sums already: retrying would count it twice
+                raise InflqError(
+                    f"out of device memory while adding a batch to the {pass_.phase} sums; use a smaller --batch-tokens"
+                ) from None
             if len(chunk) == 1:
                 raise InflqError("one sequence does not fit in device memory: use a shorter context or a larger device") from None
             batching = batching.halved(len(chunk))
@@ -91,6 +124,8 @@ def run_shard(
         if monitor is not None:
             monitor.advance(len(chunk))
     tail = pass_.flush()
+    if summing:
+        return add_into(sums, tail) if tail else sums
     if tail:
         parts.append({k: v.detach().to("cpu") for k, v in tail.items()})
     out = combine_results(pass_.combine, parts)
@@ -103,7 +138,9 @@ def run_shard(
 class ScorePass(Pass):
     """Scores training sequences against a batch of preconditioned query gradients.
 
-    Produces ``scores [B, nq]`` and, when ``per_module``, ``module_scores [B, nq, M]`` in
+    Produces ``scores [B, nq]`` and, when ``per_module`` (a pass run for the per-module scores,
+    such as a layer breakdown) or ``keep_parts`` (a run's scoring pass, whose driver keeps the
+    parts of each shard's top and bottom K), ``module_scores [B, nq, M]`` in
     ``query_gradients.names`` order.
 
     Where a module is contracted through the sequence gradients ``DW`` (see
@@ -118,9 +155,12 @@ class ScorePass(Pass):
     labels = "data"
     combine = "concat"
 
-    def __init__(self, query_gradients: QueryGradients, per_module: bool = False, group_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self, query_gradients: QueryGradients, per_module: bool = False, group_bytes: int = 256 << 20, keep_parts: bool = False
+    ) -> None:
         self.query_gradients = query_gradients
         self.per_module = per_module
+        self.keep_parts = keep_parts
         self.group_bytes = int(group_bytes)
         self._on_device: tuple[torch.device, QueryGradients] | None = None
         self._reset()
@@ -212,7 +252,7 @@ class ScorePass(Pass):
                 pending[i][m] = part
         stacked = [torch.stack(per, dim=-1) for per in pending]
         out = {"scores": torch.cat([x.sum(-1) for x in stacked])}
-        if self.per_module:
+        if self.per_module or self.keep_parts:
             out["module_scores"] = torch.cat(stacked)
         # Emptied only once computed: a failed product leaves the pending batches as they were.
         self._pending, self._sizes, self._rows, self._pending_bytes = [], [], {}, 0

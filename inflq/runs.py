@@ -23,7 +23,7 @@ from .batching import Batching
 from .engine import GradientEngine, SequenceGradients, make_batch
 from .errors import Cancelled, InflqError
 from .options import parse_spec, parse_specs
-from .passes import Pass, ScorePass, Shard, combine_results, make_shards, run_shard
+from .passes import Pass, ScorePass, Shard, add_into, combine_results, make_shards, run_shard
 from .progress import Monitor
 from .project import ARTIFACTS, Project, _rel
 from .scoring import Compression, QueryGradients
@@ -46,8 +46,11 @@ class LocalWorker:
         self.corpus = project.corpus
         self.pad_id = project.pad_id
 
-    def run(self, pass_: Pass, shard: Shard, batch_size: int | Batching, monitor: Monitor | None) -> dict[str, torch.Tensor]:
-        return run_shard(self.engine, self.corpus.many, pass_, shard, self.pad_id, batch_size, monitor)
+    def run(
+        self, pass_: Pass, shard: Shard, batch_size: int | Batching, monitor: Monitor | None, into: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """:func:`run_shard` here; ``into``: running sums to extend (see ``Job.sums``)."""
+        return run_shard(self.engine, self.corpus.many, pass_, shard, self.pad_id, batch_size, monitor, into=into)
 
 
 _WORKERS: dict[str, LocalWorker] = {}
@@ -128,9 +131,10 @@ def ensure_factors(
 ) -> int | None:
     """Load the estimator's cached factors, or fit and cache them. Returns the factor set id.
 
-    With a ``run_id``, each shard's partial sums of every fitting pass are committed as they
-    arrive (``fit_shards``), so a run killed during fitting resumes from its last committed shard.
-    Shards are always reduced in shard order, so a resumed fit equals an uninterrupted one."""
+    With a ``run_id``, every fitting pass commits each shard as it arrives (``fit_shards``): the
+    running sum through that shard where shards run in this process, else the shard's own sums;
+    a run killed during fitting resumes from its last committed shard. Shards are always reduced
+    in shard order, so a resumed fit equals an uninterrupted one."""
     store = project.corpus
     settings.resolve_batching(engine, project)  # callers outside a run (sessions, integrity) leave it open
     indices = _fit_indices(len(store), settings.fit_sequences, settings.seed)
@@ -143,8 +147,95 @@ def ensure_factors(
         pass_count[0] += 1
         pass_.seed = settings.seed
         shards = make_shards(indices, settings.shard_size)
-        parts: dict[int, dict[str, torch.Tensor]] = {}
         committing = run_id is not None and factor_key is not None
+        number = pass_key.split(":")[0]
+        if pass_.combine != "sum":
+            return _concat_pass(pass_, pass_key, shards, committing)
+        # Sums are reduced in shard order, so a resumed fit equals an uninterrupted one: ``total``
+        # holds shards [0, next); a shard that arrives early waits in ``held`` (as its committed
+        # file, read when its turn comes). Run in this process, shards add straight into
+        # ``total`` (Job.sums), and what is committed is the running sum through the shard: memory
+        # holds one set of sums, not one per shard.
+        total: dict[str, torch.Tensor] = {}
+        held: dict[int, Any] = {}
+        nxt = [0]
+        done: set[int] = set()
+        prefix_rel: list[str | None] = [None]  # the committed running sum's file
+        if committing:
+            rows = [r for r in project.db["fit_shards"].rows_where("run_id = ? AND pass_key = ?", [run_id, pass_key])
+                    if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]])]
+            by_path: dict[str, list[dict]] = {}
+            for r in rows:
+                by_path.setdefault(r["path"], []).append(r)
+            for rel, group in by_path.items():
+                covered = sorted(r["shard"] for r in group)
+                if "-upto-" in rel:  # a running sum: valid only if every shard it covers is still recorded
+                    last = int(rel.rsplit("-", 1)[1].split(".")[0])
+                    if covered == list(range(last + 1)) and last + 1 > nxt[0]:
+                        total = load_tensors(project.root, rel, group[0]["checksum"], "fitting shard")
+                        nxt[0], prefix_rel[0] = last + 1, rel
+            for rel, group in by_path.items():
+                for r in group:
+                    if "-upto-" not in rel and r["shard"] >= nxt[0]:
+                        held[r["shard"]] = (r["path"], r["checksum"])
+            done = set(range(nxt[0])) | set(held)
+        monitor.start(pass_.phase, len(indices))
+        monitor.advance(sum(len(shards[i]) for i in done))
+        job = Job(pass_, worker_spec(project, settings.modules), settings.batching(), local=worker, sums=total)
+
+        def fold() -> None:
+            while nxt[0] in held:
+                part = held.pop(nxt[0])
+                if isinstance(part, tuple):
+                    part = load_tensors(project.root, part[0], part[1], "fitting shard")
+                add_into(total, part)
+                nxt[0] += 1
+
+        def commit(rel: str, covered: list[int], tensors: dict[str, torch.Tensor]) -> str:
+            checksum = save_tensors(project.root, rel, tensors)
+            with project.db.atomic():
+                for i in covered:
+                    project.db["fit_shards"].upsert({
+                        "run_id": run_id, "pass_key": pass_key, "shard": i, "n": len(shards[i]),
+                        "factor_key": factor_key, "path": rel, "checksum": checksum, "seconds": 0.0,
+                    }, pk=("run_id", "pass_key", "shard"))
+                if "-upto-" in rel:  # every shard the running sum covers now points to it
+                    project.db.execute(
+                        "UPDATE fit_shards SET path = ?, checksum = ? WHERE run_id = ? AND pass_key = ? AND shard <= ?",
+                        [rel, checksum, run_id, pass_key, covered[-1]],
+                    )
+            return checksum
+
+        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+            done.add(shard.index)
+            if out is not total:  # one shard's own sums (another process, or an executor without Job.sums)
+                if committing:
+                    rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
+                    checksum = commit(rel, [shard.index], out)
+                    held[shard.index] = out if shard.index == nxt[0] else (rel, checksum)  # an early one waits on disk
+                else:
+                    held[shard.index] = out
+                fold()
+                return
+            if shard.index != nxt[0]:
+                raise InflqError(f"{pass_.phase}: the executor added shard {shard.index} to the sums out of order")
+            nxt[0] += 1
+            fold()  # shards committed earlier, out of order, that now follow
+            if committing:
+                old = prefix_rel[0]
+                prefix_rel[0] = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-upto-{nxt[0] - 1:06d}.safetensors"
+                commit(prefix_rel[0], list(range(shard.index, nxt[0])), total)
+                if old is not None and old != prefix_rel[0]:
+                    (project.root / old).unlink(missing_ok=True)
+
+        fold()
+        executor.map(job, [s for s in shards if s.index not in done], on_result, monitor)
+        if len(done) != len(shards) or nxt[0] != len(shards):
+            raise InflqError(f"the executor returned {len(done)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
+        return total
+
+    def _concat_pass(pass_: Pass, pass_key: str, shards: list[Shard], committing: bool) -> dict[str, torch.Tensor]:
+        parts: dict[int, dict[str, torch.Tensor]] = {}
         if committing:
             for r in project.db["fit_shards"].rows_where("run_id = ? AND pass_key = ?", [run_id, pass_key]):
                 if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]]):
@@ -216,6 +307,8 @@ def ensure_factors(
     if run_id is not None:  # the factor set now holds what the fitting shards were kept for
         for rel_path in stale:
             (project.root / rel_path).unlink(missing_ok=True)
+        for orphan in (project.root / ARTIFACTS / "runs" / str(run_id)).glob("fit-*"):  # a kill between commit and cleanup
+            orphan.unlink(missing_ok=True)
     estimator.prepare(ctx)
     return fs_id
 
@@ -413,22 +506,37 @@ def run_investigation(
             spec = {**worker_spec(project, settings.modules), "checkpoint": c_path}
             executor.map(Job(ScorePass(c_qg), spec, settings.batching(), local=LocalWorker(project, c_engine)), todo, accumulate, monitor)
 
+        # With one model to score with, the pass also yields per-module scores, and each shard
+        # keeps those of its own top and bottom K per query: the layer breakdown of the results
+        # then needs no second pass. (Summed over checkpoints, the K are known only at the end.)
+        per_module = len(scorers) == 1
+        starts = dict(zip((s.index for s in shards), np.cumsum([0] + [len(s) for s in shards[:-1]]), strict=True))
+
         def commit(shard: Shard, out: dict[str, torch.Tensor]) -> None:
             rel = f"{ARTIFACTS}/runs/{run_id}/shard-{shard.index:06d}.safetensors"
-            checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32) + partial.pop(shard.index, 0)})
+            tensors = {"scores": out["scores"].to(torch.float32) + partial.pop(shard.index, 0)}
+            if per_module:
+                cols = slice(int(starts[shard.index]), int(starts[shard.index]) + len(shard))
+                tensors.update(shard_extremes(tensors["scores"].numpy(), out["module_scores"], mask[:, cols], settings.top_k))
+            checksum = save_tensors(project.root, rel, tensors)
             with project.db.atomic():
                 project.db["run_shards"].upsert({"run_id": run_id, "shard": shard.index, "n": len(shard), "path": rel, "checksum": checksum, "seconds": 0.0}, pk=("run_id", "shard"))
 
         spec = {**worker_spec(project, settings.modules), "checkpoint": scorers[-1][2]} if scorers[-1][2] else worker_spec(project, settings.modules)
-        job = Job(ScorePass(qg), spec, settings.batching(), local=LocalWorker(project, engine))
+        job = Job(ScorePass(qg, keep_parts=per_module), spec, settings.batching(), local=LocalWorker(project, engine))
         executor.map(job, todo, commit, monitor)
         phases["scoring"] = time.perf_counter() - t
         # Assemble the score matrix from committed shards.
         rows = {r["shard"]: r for r in project.db["run_shards"].rows_where("run_id = ?", [run_id])}
-        scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()
+
+        def shard_file(s: Shard) -> dict[str, torch.Tensor]:
+            return load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")
+
+        scores = torch.cat([shard_file(s)["scores"] for s in shards]).T.numpy()
         scores = np.where(mask, scores, np.nan).astype(np.float32)
         t = time.perf_counter()
-        rs_id = _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=scorers)
+        kept = [(int(starts[s.index]), len(s), lambda s=s: shard_file(s)) for s in shards] if per_module else None
+        rs_id = _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=scorers, kept=kept)
         phases["top results"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         with project.db.atomic():
@@ -514,27 +622,64 @@ def split_checkpoint_tensors(tensors: dict[str, torch.Tensor], count: int) -> li
     return out
 
 
-def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=None) -> int:
-    """Save the full score matrix and the top and bottom K per query with per-module scores."""
+def extremes(row: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top and the bottom ``k`` columns of ``row`` among ``valid`` ones, best (worst) first;
+    ties in column order (so that a shard's own extremes hold every global one that it contains)."""
+    cols = np.flatnonzero(valid)
+    order = cols[np.argsort(-row[cols], kind="stable")]
+    return order[:k], order[::-1][:k]
+
+
+def shard_extremes(scores: np.ndarray, module_scores: torch.Tensor, mask: np.ndarray, top_k: int) -> dict[str, torch.Tensor]:
+    """Per-module scores of one shard's top and bottom ``top_k`` per query (``scores [n, nq]``,
+    ``module_scores [n, nq, M]``, ``mask [nq, n]``): ``extreme_query``, ``extreme_row`` (within
+    the shard) and ``extreme_modules [p, M]``."""
+    k = max(1, top_k)
+    valid = mask & ~np.isnan(scores.T)
+    pairs = sorted({(qi, int(c)) for qi in range(scores.shape[1]) for side in extremes(scores[:, qi], valid[qi], k) for c in side})
+    q = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+    r = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+    parts = module_scores[r, q].to(torch.float32) if pairs else torch.zeros((0, module_scores.shape[-1]))
+    return {"extreme_query": q, "extreme_row": r, "extreme_modules": parts.contiguous()}
+
+
+def _store_result_set(project, run_id, investigation, queries, settings, estimator, filt, engine, qg, cand, scores, q_rel, q_sum, monitor, scorers=None, kept=None) -> int:
+    """Save the full score matrix and the top and bottom K per query with per-module scores.
+
+    ``kept``: per score shard, ``(first column, columns, loader)``, the loader returning the shard's
+    file with the per-module scores of its own extremes (:func:`shard_extremes`). Picks found
+    there need no recomputation; the others (shards written without them: recomputed by
+    ``inflq doctor``, or by an older inflq, or scored over several checkpoints) are rescored."""
     k = max(1, settings.top_k)
     picks: list[tuple[int, str, int, int]] = []  # (query row, side, rank, column)
     for qi in range(len(queries)):
-        row = scores[qi]
-        valid = np.flatnonzero(~np.isnan(row))
-        order = valid[np.argsort(-row[valid], kind="stable")]
-        for r, col in enumerate(order[:k]):
-            picks.append((qi, "top", r + 1, int(col)))
-        for r, col in enumerate(order[::-1][:k]):
-            picks.append((qi, "bottom", r + 1, int(col)))
-    cols = sorted({p[3] for p in picks})
-    seq_idx = cand[cols]
-    monitor.start("layer breakdown", len(cols))
-    module_scores = 0
-    for c_engine, c_qg, _ in scorers or [(engine, qg, None)]:  # summed over checkpoints (TracIn)
-        worker = LocalWorker(project, c_engine)
-        parts = worker.run(ScorePass(c_qg, per_module=True), Shard(0, seq_idx), settings.batching(), monitor)
-        module_scores = module_scores + parts["module_scores"].numpy()  # [len(cols), nq, M]
-    where = {c: i for i, c in enumerate(cols)}
+        top, bottom = extremes(scores[qi], ~np.isnan(scores[qi]), k)
+        picks.extend((qi, "top", r + 1, int(col)) for r, col in enumerate(top))
+        picks.extend((qi, "bottom", r + 1, int(col)) for r, col in enumerate(bottom))
+    need = {(p[0], p[3]) for p in picks}
+    found: dict[tuple[int, int], np.ndarray] = {}
+    for first, n, load in kept or []:
+        if not any(first <= col < first + n for _, col in need):
+            continue
+        t = load()
+        if "extreme_row" not in t:
+            continue
+        for q, r, parts in zip(t["extreme_query"].tolist(), t["extreme_row"].tolist(), t["extreme_modules"].numpy(), strict=True):
+            if (q, first + r) in need:
+                found[(q, first + r)] = parts
+    cols = sorted({col for qi, col in need if (qi, col) not in found})
+    if cols:
+        seq_idx = cand[cols]
+        monitor.start("layer breakdown", len(cols))
+        module_scores = 0
+        for c_engine, c_qg, _ in scorers or [(engine, qg, None)]:  # summed over checkpoints (TracIn)
+            worker = LocalWorker(project, c_engine)
+            parts = worker.run(ScorePass(c_qg, per_module=True), Shard(0, seq_idx), settings.batching(), monitor)
+            module_scores = module_scores + parts["module_scores"].numpy()  # [len(cols), nq, M]
+        for i, col in enumerate(cols):
+            for qi in range(len(queries)):
+                found.setdefault((qi, col), module_scores[i, qi])
+    seq_idx = cand[sorted({p[3] for p in picks})]
     names = qg.names
     layers = {n: t.layer for n, t in zip(engine.names, engine.tracked, strict=False)}
     seqs = project.sequence_rows(list(map(int, seq_idx)))
@@ -556,7 +701,7 @@ def _store_result_set(project, run_id, investigation, queries, settings, estimat
         out_rows = []
         for qi, side, rank, col in picks:
             idx = int(cand[col])
-            ms = module_scores[where[col], qi]
+            ms = found[(qi, col)]
             by_layer: dict[str, float] = {}
             for n, v in zip(names, ms, strict=False):
                 key = str(layers[n]) if layers[n] is not None else n

@@ -56,3 +56,32 @@ def test_gram_uses_one_pool_at_a_time(torch_threads, monkeypatch):
 def test_gram_falls_back_to_matmul_for_other_dtypes():
     x = torch.randn(30, 8).to(torch.bfloat16)
     assert torch.equal(gram(x), x.T @ x)
+
+
+def test_eigh_is_float64_from_the_upper_triangle_on_any_device():
+    """inflq.eigh: float64 on the CPU for CPU tensors, for devices without float64 eigh (MPS) and
+    where the device's attempt fails (here CUDA is absent): the same answer every time."""
+    from inflq import eigh
+
+    x = torch.randn(200, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    full = x.T @ x
+    want_values, want_vectors = torch.linalg.eigh(full)
+    devices = ["cpu", "mps", "cuda"]
+    for device in devices:
+        values, vectors = eigh(torch.triu(full).to(torch.float32 if device == "mps" else torch.float64), device)
+        assert values.dtype == vectors.dtype == torch.float64 and values.device.type == vectors.device.type == "cpu"
+        tol = 1e-5 if device == "mps" else 1e-10  # the float32 input is the only difference
+        torch.testing.assert_close(values, want_values, rtol=tol, atol=tol * float(want_values.max()))
+        recon = vectors @ torch.diag(values) @ vectors.T
+        torch.testing.assert_close(recon, full, rtol=tol, atol=tol * float(full.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eigh_on_cuda_matches_the_cpu():  # pragma: no cover - run where a GPU is lent
+    from inflq import eigh
+
+    x = torch.randn(500, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    full = x.T @ x
+    values, vectors = eigh(torch.triu(full), "cuda")
+    torch.testing.assert_close(values, torch.linalg.eigh(full)[0], rtol=1e-10, atol=1e-10 * float(values.max()))
+    torch.testing.assert_close(vectors @ torch.diag(values) @ vectors.T, full, rtol=1e-10, atol=1e-10 * float(full.abs().max()))

@@ -560,6 +560,51 @@ def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
         torch.testing.assert_close(out["module_scores"], grouped[0]["module_scores"], rtol=1e-5, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("older_shards", [False, True])
+def test_layer_breakdown_needs_no_second_pass(gpt2, monkeypatch, older_shards):
+    """Scoring keeps each shard's top and bottom K per query with their per-module scores, so no
+    sequence is scored twice; the parts equal a separate per-module breakdown and sum to the
+    score. Shards written without them (``older_shards``: by ``inflq doctor`` or an older inflq)
+    get exactly their picks rescored."""
+    import inflq.runs as runs
+
+    calls: list[tuple[str, bool, int]] = []
+    real = runs.run_shard
+
+    def counting(engine, sequences, pass_, shard, *a, **k):
+        calls.append((pass_.phase, bool(pass_.per_module), len(shard)))
+        return real(engine, sequences, pass_, shard, *a, **k)
+
+    monkeypatch.setattr(runs, "run_shard", counting)
+    if older_shards:
+        monkeypatch.setattr(runs, "shard_extremes", lambda *a, **k: {})
+    k = 2
+    run = run_investigation(gpt2, "default", RunSettings(estimator="ekfac", rank=4, top_k=k, shard_size=5))
+    scoring = [c for c in calls if c[0] == "scoring"]
+    S = score_matrix(gpt2, "default", run.result_set_id)
+    qids = [q["id"] for q in gpt2.queries("default")]
+    rows = list(gpt2.db.query("SELECT * FROM results WHERE result_set_id = ?", [run.result_set_id]))
+    picked = {r["seq_idx"] for r in rows}
+    assert sum(n for _, breakdown, n in scoring if not breakdown) == len(gpt2.corpus)
+    if older_shards:
+        assert sum(n for _, breakdown, n in scoring if breakdown) == len(picked), "the picks, and only they, are rescored"
+    else:
+        assert not any(breakdown for _, breakdown, _ in scoring), "every candidate scored once, none twice"
+    assert len(rows) == 2 * k * len(qids)
+    scale = float(np.abs(S).max())
+    rs = next(gpt2.db["result_sets"].rows_where("id = ?", [run.result_set_id]))
+    session = ScoringSession.for_result_set(gpt2, rs)
+    for row in rows:
+        qi = qids.index(row["query_id"])
+        side = S[qi][np.argsort(-S[qi], kind="stable")]
+        want = side[row["rank"] - 1] if row["side"] == "top" else side[::-1][row["rank"] - 1]
+        assert row["score"] == pytest.approx(float(want), abs=1e-6 * scale)
+        parts = json.loads(row["module_scores"])
+        module, _ = session.breakdown(gpt2.corpus.get(row["seq_idx"]), row["query_id"])
+        np.testing.assert_allclose([parts[n] for n in session.qg.names], module, rtol=0, atol=1e-5 * scale)
+        assert sum(parts.values()) == pytest.approx(row["score"], abs=1e-5 * scale)
+
+
 def test_compression_keeps_full_rank_where_scoring_would_multiply_the_factors_back_out():
     from inflq.scoring import Compression, dw_is_cheaper
 

@@ -47,21 +47,32 @@ class CovariancePass(Pass):
     def __init__(self, labels: str = "sampled") -> None:
         self.labels = labels
 
-    def process(self, engine, batch, captures):
+    def _parts(self, batch, captures):
+        """This batch's sums one by one (float32 Gram matrices, summed in float64)."""
         import torch
 
         from inflq import gram
 
-        out = {
-            "tokens": batch.attention_mask.sum().to(torch.float64).reshape(1),
-            "sequences": torch.tensor([float(batch.size)], dtype=torch.float64, device=batch.input_ids.device),
-        }
+        yield "tokens", batch.attention_mask.sum().to(torch.float64).reshape(1)
+        yield "sequences", torch.tensor([float(batch.size)], dtype=torch.float64, device=batch.input_ids.device)
         for name, cap in captures.items():
-            a = cap.activations.reshape(-1, cap.activations.shape[-1])
-            g = cap.gradients.reshape(-1, cap.gradients.shape[-1])
-            out[f"A/{name}"] = gram(a, symmetric=False).to(torch.float64)
-            out[f"S/{name}"] = gram(g, symmetric=False).to(torch.float64)
-        return out
+            yield f"A/{name}", gram(cap.activations.reshape(-1, cap.activations.shape[-1]), symmetric=False)
+            yield f"S/{name}", gram(cap.gradients.reshape(-1, cap.gradients.shape[-1]), symmetric=False)
+
+    def process(self, engine, batch, captures):
+        import torch
+
+        return {k: v.to(torch.float64) for k, v in self._parts(batch, captures)}
+
+    def accumulate(self, engine, batch, captures, sums):
+        # One module's Gram matrix at a time: a batch's float64 sums for every module of GPT-2
+        # small would be another 2.6 GB beside the running ones.
+        import torch
+
+        from inflq import add_into
+
+        for k, v in self._parts(batch, captures):
+            add_into(sums, {k: v}, torch.float64)
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
@@ -89,10 +100,11 @@ class EigenCorrectionPass(Pass):
         self.qs = qs
         self.labels = labels
 
-    def process(self, engine, batch, captures):
+    def _parts(self, batch, captures):
+        """This batch's sums one module at a time (float32, summed in float64)."""
         import torch
 
-        out = {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}
+        yield "sequences", torch.tensor([float(batch.size)], dtype=torch.float64)
         for name, cap in captures.items():
             qa = self.qa[name].to(cap.activations.device, torch.float32)
             qs = self.qs[name].to(cap.activations.device, torch.float32)
@@ -102,8 +114,20 @@ class EigenCorrectionPass(Pass):
                 rot = torch.bmm((g @ qs).transpose(1, 2), a @ qa)
             else:
                 rot = qs.T @ cap.sequence_gradients() @ qa
-            out[f"L/{name}"] = rot.square_().sum(0).to(torch.float64).cpu()
-        return out
+            yield f"L/{name}", rot.square_().sum(0)
+
+    def process(self, engine, batch, captures):
+        import torch
+
+        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
+
+    def accumulate(self, engine, batch, captures, sums):
+        import torch
+
+        from inflq import add_into
+
+        for k, v in self._parts(batch, captures):
+            add_into(sums, {k: v}, torch.float64)
 
 
 class DiagonalPass(Pass):
@@ -116,14 +140,26 @@ class DiagonalPass(Pass):
     def __init__(self, labels: str = "sampled") -> None:
         self.labels = labels
 
+    def _parts(self, batch, captures):
+        import torch
+
+        yield "sequences", torch.tensor([float(batch.size)], dtype=torch.float64)
+        for name, cap in captures.items():
+            dw = cap.sequence_gradients()
+            yield f"D/{name}", (dw * dw).sum(0)
+
     def process(self, engine, batch, captures):
         import torch
 
-        out = {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}
-        for name, cap in captures.items():
-            dw = cap.sequence_gradients()
-            out[f"D/{name}"] = (dw * dw).sum(0).to(torch.float64).cpu()
-        return out
+        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
+
+    def accumulate(self, engine, batch, captures, sums):
+        import torch
+
+        from inflq import add_into
+
+        for k, v in self._parts(batch, captures):
+            add_into(sums, {k: v}, torch.float64)
 
 
 _FISHER = Option(
@@ -178,7 +214,12 @@ class _Eigenbasis(_FisherEstimator):
     """Shared by EK-FAC and K-FAC: factors are ``Q_A``, ``Q_S`` and eigenvalues ``Λ`` per module."""
 
     def _eigendecompose(self, ctx: FitContext) -> tuple[dict, dict, dict, dict, dict]:
+        """Eigenvectors (float32: all that the factors keep) and float64 eigenvalues of A and S
+        per module. Each covariance sum is dropped once decomposed, so memory holds one set of
+        sums, shrinking as the eigenvectors grow."""
         import torch
+
+        from inflq import eigh
 
         cov = ctx.run_pass(CovariancePass(self._labels))
         tokens = float(cov["tokens"].sum())
@@ -188,10 +229,12 @@ class _Eigenbasis(_FisherEstimator):
         ctx.monitor.start("eigendecomposition", len(ctx.tracked))
         qa, qs, la, ls = {}, {}, {}, {}
         for tm in ctx.tracked:
-            a = cov[f"A/{tm.name}"] / tokens
-            s = cov[f"S/{tm.name}"] / tokens
-            la[tm.name], qa[tm.name] = torch.linalg.eigh(a.cpu(), UPLO="U")
-            ls[tm.name], qs[tm.name] = torch.linalg.eigh(s.cpu(), UPLO="U")
+            for key, vals, vecs in (("A", la, qa), ("S", ls, qs)):
+                m = cov.pop(f"{key}/{tm.name}")
+                m /= tokens
+                vals[tm.name], q = eigh(m, ctx.engine.device)
+                del m
+                vecs[tm.name] = q.to(torch.float32)
             ctx.monitor.advance(1)
         return qa, qs, la, ls, {"tokens": tokens, "sequences": seqs}
 
@@ -245,15 +288,13 @@ class EKFAC(_Eigenbasis):
         import torch
 
         qa, qs, _, _, counts = self._eigendecompose(ctx)
-        qa32 = {k: v.to(torch.float32) for k, v in qa.items()}
-        qs32 = {k: v.to(torch.float32) for k, v in qs.items()}
-        corr = ctx.run_pass(EigenCorrectionPass(qa32, qs32, self._labels))
+        corr = ctx.run_pass(EigenCorrectionPass(qa, qs, self._labels))
         seqs = float(corr["sequences"].sum())
         out = {}
         for tm in ctx.tracked:
-            out[f"qa/{tm.name}"] = qa[tm.name].to(torch.float32)
-            out[f"qs/{tm.name}"] = qs[tm.name].to(torch.float32)
-            out[f"lambda/{tm.name}"] = (corr[f"L/{tm.name}"] / seqs).to(torch.float32)
+            out[f"qa/{tm.name}"] = qa[tm.name]
+            out[f"qs/{tm.name}"] = qs[tm.name]
+            out[f"lambda/{tm.name}"] = (corr.pop(f"L/{tm.name}") / seqs).to(torch.float32)
         self.load_factors(out)
         return out
 
@@ -273,8 +314,8 @@ class KFAC(_Eigenbasis):
         out = {}
         for tm in ctx.tracked:
             lam = torch.outer(ls[tm.name].clamp_min(0), la[tm.name].clamp_min(0)) * scale
-            out[f"qa/{tm.name}"] = qa[tm.name].to(torch.float32)
-            out[f"qs/{tm.name}"] = qs[tm.name].to(torch.float32)
+            out[f"qa/{tm.name}"] = qa[tm.name]
+            out[f"qs/{tm.name}"] = qs[tm.name]
             out[f"lambda/{tm.name}"] = lam.to(torch.float32)
         self.load_factors(out)
         return out

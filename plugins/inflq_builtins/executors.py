@@ -19,5 +19,6 @@ class LocalExecutor(Executor):
         if job.local is None:
             raise RuntimeError("the local executor needs the driver's worker context")
         for shard in shards:
-            out = job.local.run(job.pass_, shard, job.batch_size, monitor)
+            # One shard after another, in order: a sum pass adds straight into the driver's sums.
+            out = job.local.run(job.pass_, shard, job.batch_size, monitor, into=job.sums)
             on_result(shard, out)
