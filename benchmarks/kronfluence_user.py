@@ -23,16 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kronfluence_worker import swap_conv1d  # noqa: E402
+from kronfluence_worker import language_modeling_task, make_collate, swap_conv1d  # noqa: E402
 
 
 def main(model_dir: str, corpus: str, queries: str, max_length: int, append_eos: bool, out: str, batch: int | None) -> None:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments
-    from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,35 +71,8 @@ def main(model_dir: str, corpus: str, queries: str, max_length: int, append_eos:
         def __getitem__(self, i):
             return self.items[i]
 
-    def collate(items):
-        T = max(len(t) for t, _ in items)
-        ids = torch.full((len(items), T), pad, dtype=torch.long)
-        att = torch.zeros((len(items), T), dtype=torch.long)
-        labels = torch.full((len(items), T), -100, dtype=torch.long)
-        for b, (t, start) in enumerate(items):
-            ids[b, : len(t)], att[b, : len(t)] = t, 1
-            labels[b, start : len(t)] = t[start:]
-        return {"input_ids": ids, "attention_mask": att, "labels": labels}
-
-    class LanguageModeling(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            shift = logits[:, :-1].reshape(-1, logits.size(-1))
-            labels = batch["labels"][:, 1:].reshape(-1)
-            if sample:
-                with torch.no_grad():
-                    sampled = torch.multinomial(torch.softmax(shift.detach(), -1), 1).flatten()
-                    labels = torch.where(labels == -100, labels, sampled)
-            return F.cross_entropy(shift, labels, ignore_index=-100, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            return self.compute_train_loss(batch, model, sample=False)
-
-        def get_influence_tracked_modules(self):
-            return tracked
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
+    collate = make_collate(pad)
+    LanguageModeling = language_modeling_task(tracked)
 
     task = LanguageModeling()
     model = prepare_model(model, task)

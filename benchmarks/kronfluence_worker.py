@@ -55,10 +55,58 @@ def swap_conv1d(model: nn.Module) -> None:
         del name
 
 
+def make_collate(pad_id: int):
+    """Batches of ``(tokens, start)``: padded to the batch's longest sequence (as inflq pads), with
+    labels only for the tokens at positions ``>= start`` (1: the training loss; a query's completion
+    start: its measurement)."""
+
+    def collate(items):
+        T = max(len(t) for t, _ in items)
+        ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+        att = torch.zeros((len(items), T), dtype=torch.long)
+        labels = torch.full((len(items), T), -100, dtype=torch.long)
+        for b, (t, start) in enumerate(items):
+            ids[b, : len(t)] = t
+            att[b, : len(t)] = 1
+            # labels[b, j] is the target of position j - 1; only tokens at positions >= start count.
+            labels[b, start : len(t)] = t[start:]
+        return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+    return collate
+
+
+def language_modeling_task(tracked: list[str]):
+    """Kronfluence's ``Task`` for a causal LM, as its language-modelling examples write it."""
+    from kronfluence.task import Task
+
+    class LanguageModeling(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            shift = logits[:, :-1].reshape(-1, logits.size(-1))
+            targets = batch["labels"][:, 1:].reshape(-1)
+            if sample:
+                # The true Fisher: labels drawn from the model where the loss has a label.
+                with torch.no_grad():
+                    targets = torch.multinomial(torch.softmax(shift.detach(), -1), 1).flatten()
+                    targets[batch["labels"][:, 1:].reshape(-1) == -100] = -100
+            return F.cross_entropy(shift, targets, ignore_index=-100, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            # -log p(completion | prompt): positive scores then mean "more likely", as in inflq.
+            return self.compute_train_loss(batch, model, sample=False)
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return LanguageModeling
+
+
 def main(folder: Path) -> None:
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
     from kronfluence.utils.dataset import DataLoaderKwargs
     from transformers import AutoModelForCausalLM
 
@@ -88,40 +136,8 @@ def main(folder: Path) -> None:
             start = 1 if self.starts is None else int(self.starts[i])
             return torch.as_tensor(self.tok[i, :n], dtype=torch.long), start
 
-    def collate(items):
-        # Pad to the longest sequence of the batch (as inflq does), not of the corpus.
-        T = max(len(t) for t, _ in items)
-        ids = torch.full((len(items), T), pad_id, dtype=torch.long)
-        att = torch.zeros((len(items), T), dtype=torch.long)
-        labels = torch.full((len(items), T), -100, dtype=torch.long)
-        for b, (t, start) in enumerate(items):
-            ids[b, : len(t)] = t
-            att[b, : len(t)] = 1
-            # labels[b, j] is the target of position j - 1; only tokens at positions >= start count.
-            labels[b, start : len(t)] = t[start:]
-        return {"input_ids": ids, "attention_mask": att, "labels": labels}
-
-    class LanguageModeling(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            shift = logits[:, :-1].reshape(-1, logits.size(-1))
-            targets = batch["labels"][:, 1:].reshape(-1)
-            if sample:
-                # The true Fisher: labels drawn from the model where the loss has a label.
-                with torch.no_grad():
-                    targets = torch.multinomial(torch.softmax(shift.detach(), -1), 1).flatten()
-                    targets[batch["labels"][:, 1:].reshape(-1) == -100] = -100
-            return F.cross_entropy(shift, targets, ignore_index=-100, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            # -log p(completion | prompt): positive scores then mean "more likely", as in inflq.
-            return self.compute_train_loss(batch, model, sample=False)
-
-        def get_influence_tracked_modules(self):
-            return tracked
-
-        def get_attention_mask(self, batch):
-            return batch["attention_mask"]
+    collate = make_collate(pad_id)
+    LanguageModeling = language_modeling_task(tracked)
 
     model = AutoModelForCausalLM.from_pretrained(job["model"], use_safetensors=True, dtype=torch.float32)
     swap_conv1d(model)

@@ -38,25 +38,25 @@ def _verified(root: Path, relpath: str, checksum: str | None, what: str) -> Path
     return path
 
 
-def load_tensors(root: Path, relpath: str, checksum: str | None, what: str = "artifact") -> dict[str, torch.Tensor]:
-    """Load and verify. A missing or altered file is an error that names it, never a silent recompute."""
+def _load(root: Path, relpath: str, checksum: str | None, what: str, load_file) -> dict:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = _verified(root, relpath, checksum, what)
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise InflqError(f"the {what} {relpath} cannot be read ({exc}); delete it and rerun with --refit") from None
+
+
+def load_tensors(root: Path, relpath: str, checksum: str | None, what: str = "artifact") -> dict[str, torch.Tensor]:
+    """Load and verify. A missing or altered file is an error that names it, never a silent recompute."""
+    from safetensors.torch import load_file
+
+    return _load(root, relpath, checksum, what, load_file)
 
 
 def load_arrays(root: Path, relpath: str, checksum: str | None, what: str = "artifact") -> dict[str, np.ndarray]:
     """:func:`load_tensors` as NumPy arrays, without importing torch (reading scores back)."""
-    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    path = _verified(root, relpath, checksum, what)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise InflqError(f"the {what} {relpath} cannot be read ({exc}); delete it and rerun with --refit") from None
+    return _load(root, relpath, checksum, what, load_file)
