@@ -456,7 +456,7 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
     real_run = runs.LocalWorker.run
     release = threading.Event()
 
-    def run(self, pass_, shard, batch_size, monitor):
+    def run(self, pass_, shard, batch_size, monitor, **kwargs):
         if isinstance(pass_, ScorePass) and not pass_.per_module:  # scoring, not the layer breakdown
             scored.append(shard.index)
             if scored == [0, 1, 2] and monitor is not None:
@@ -465,7 +465,7 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
                 assert monitor.cancel_event.wait(30), "the cancel never reached the run"
             if scored == [0, 1, 2, 2]:  # the resumed run: held until the test has seen its status
                 assert release.wait(30), "the test never released the resumed run"
-        return real_run(self, pass_, shard, batch_size, monitor)
+        return real_run(self, pass_, shard, batch_size, monitor, **kwargs)
 
     monkeypatch.setattr(runs.LocalWorker, "run", run)
 
