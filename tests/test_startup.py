@@ -14,7 +14,7 @@ import pytest
 from inflq.batching import Batching, auto_batching, bytes_per_token
 from inflq.progress import LineProgress, ProgressEvent
 
-HEAVY = ("torch", "transformers", "sklearn", "scipy", "textual", "safetensors")
+HEAVY = ("torch", "transformers", "sklearn", "scipy", "textual", "safetensors", "pandas")
 PROBE = (
     "import sys\n"
     "from inflq.cli import main\n"
@@ -48,6 +48,13 @@ def test_the_tui_paints_before_loading_heavy_libraries():
     code = f"import sys, inflq.tui.app; print(','.join(m for m in {HEAVY!r} if m in sys.modules and m != 'textual'))"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr
+
+
+def test_pandas_still_imports_after_inflq():
+    """sqlite-utils is imported with pandas hidden (inflq/startup.py); pandas itself is untouched."""
+    code = "import inflq, sqlite_utils, pandas; print(pandas.DataFrame({'a': [1]}).shape, sqlite_utils.db.pd)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.stdout.split() == ["(1,", "1)", "None"], p.stdout + p.stderr
 
 
 def test_importing_inflq_lets_torch_workers_sleep():
