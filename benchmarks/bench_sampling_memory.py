@@ -28,19 +28,12 @@ engine = GradientEngine(model, select_modules(model, "all"))
 g = torch.Generator().manual_seed(0)
 seqs = [torch.randint(0, 50257, (256,), generator=g).tolist() for _ in range(8)]
 batch = make_batch(seqs, 0, sample_seeds=list(range(8)))
-if what == "sample-only":
+if what in ("sample-only", "baseline"):  # the loss step alone, on logits computed beforehand
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
-    engine.losses(logits, batch, "sampled")
-    secs = time.perf_counter() - t
-elif what == "baseline":
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t = time.perf_counter()
-    engine.losses(logits, batch, "data")
+    engine.losses(logits, batch, "sampled" if what == "sample-only" else "data")
     secs = time.perf_counter() - t
 else:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -31,19 +31,3 @@ def prefer_sleeping_workers() -> bool:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
 
-
-def describe() -> dict[str, object]:
-    """The thread settings a run records: torch's pool, its wait policy, and the BLAS pools."""
-    import torch
-
-    info: dict[str, object] = {
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default: active)"),
-    }
-    try:
-        from threadpoolctl import threadpool_info
-
-        info["blas"] = sorted({f"{p['internal_api']}:{p['num_threads']}" for p in threadpool_info() if p["user_api"] == "blas"})
-    except Exception:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        pass
-    return info

@@ -35,14 +35,37 @@ class GradientDotProduct(Estimator):
         return grads
 
 
-class CovariancePass(Pass):
+class _SumPass(Pass):
+    """A fitting pass whose batch results are sums, yielded one at a time by ``_parts``: added
+    into the running float64 sums one module at a time (a batch's float64 sums for every module
+    of GPT-2 small would be another 2.6 GB beside the running ones)."""
+
+    combine = "sum"
+
+    def _parts(self, batch, captures):
+        raise NotImplementedError
+
+    def process(self, engine, batch, captures):
+        import torch
+
+        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
+
+    def accumulate(self, engine, batch, captures, sums):
+        import torch
+
+        from inflq import add_into
+
+        for k, v in self._parts(batch, captures):
+            add_into(sums, {k: v}, torch.float64)
+
+
+class CovariancePass(_SumPass):
     """Sums ``ā āᵀ`` and ``g gᵀ`` over tokens (padding contributes zeros). ``A/<module>`` and
     ``S/<module>`` hold the sums in their upper triangles (see :func:`inflq.gram`); read them with
     :func:`symmetric`."""
 
     phase = "covariance"
     labels = "sampled"
-    combine = "sum"
 
     def __init__(self, labels: str = "sampled") -> None:
         self.labels = labels
@@ -59,21 +82,6 @@ class CovariancePass(Pass):
             yield f"A/{name}", gram(cap.activations.reshape(-1, cap.activations.shape[-1]), symmetric=False)
             yield f"S/{name}", gram(cap.gradients.reshape(-1, cap.gradients.shape[-1]), symmetric=False)
 
-    def process(self, engine, batch, captures):
-        import torch
-
-        return {k: v.to(torch.float64) for k, v in self._parts(batch, captures)}
-
-    def accumulate(self, engine, batch, captures, sums):
-        # One module's Gram matrix at a time: a batch's float64 sums for every module of GPT-2
-        # small would be another 2.6 GB beside the running ones.
-        import torch
-
-        from inflq import add_into
-
-        for k, v in self._parts(batch, captures):
-            add_into(sums, {k: v}, torch.float64)
-
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose upper triangle is ``upper``'s."""
@@ -88,12 +96,11 @@ def rotate_first_is_cheaper(tokens: int, out: int, inn: int) -> bool:
     return tokens * (inn * inn + out * out) < out * inn * (inn + out)
 
 
-class EigenCorrectionPass(Pass):
+class EigenCorrectionPass(_SumPass):
     """Sums ``(Q_Sᵀ DW_i Q_A)²`` over sequences, contracting in whichever order is cheaper."""
 
     phase = "eigenvalue correction"
     labels = "sampled"
-    combine = "sum"
 
     def __init__(self, qa: dict[str, torch.Tensor], qs: dict[str, torch.Tensor], labels: str = "sampled") -> None:
         self.qa = qa
@@ -116,26 +123,12 @@ class EigenCorrectionPass(Pass):
                 rot = qs.T @ cap.sequence_gradients() @ qa
             yield f"L/{name}", rot.square_().sum(0)
 
-    def process(self, engine, batch, captures):
-        import torch
 
-        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
-
-    def accumulate(self, engine, batch, captures, sums):
-        import torch
-
-        from inflq import add_into
-
-        for k, v in self._parts(batch, captures):
-            add_into(sums, {k: v}, torch.float64)
-
-
-class DiagonalPass(Pass):
+class DiagonalPass(_SumPass):
     """Sums ``DW_i²`` over sequences: the diagonal of the Fisher."""
 
     phase = "diagonal"
     labels = "sampled"
-    combine = "sum"
 
     def __init__(self, labels: str = "sampled") -> None:
         self.labels = labels
@@ -147,19 +140,6 @@ class DiagonalPass(Pass):
         for name, cap in captures.items():
             dw = cap.sequence_gradients()
             yield f"D/{name}", (dw * dw).sum(0)
-
-    def process(self, engine, batch, captures):
-        import torch
-
-        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
-
-    def accumulate(self, engine, batch, captures, sums):
-        import torch
-
-        from inflq import add_into
-
-        for k, v in self._parts(batch, captures):
-            add_into(sums, {k: v}, torch.float64)
 
 
 _FISHER = Option(
