@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 import sqlite_utils
+from sqlite_utils.migrations import Migrations
 
 from inflq import catalog
 from inflq.errors import InflqError
@@ -69,7 +70,7 @@ def test_older_catalog_is_backed_up_and_migrated(tmp_path, monkeypatch):
     path = tmp_path / "c.db"
     db = catalog.connect(path, create=True)
     db.conn.close()
-    extra = catalog.Migrations("inflq")
+    extra = Migrations("inflq")
     for m in catalog.migrations._migrations:
         extra._migrations.append(m)
 
@@ -77,7 +78,7 @@ def test_older_catalog_is_backed_up_and_migrated(tmp_path, monkeypatch):
     def _m2(db: sqlite_utils.Database) -> None:
         db["queries"].add_column("colour", str)
 
-    monkeypatch.setattr(catalog, "migrations", extra)
+    monkeypatch.setattr(catalog.schema, "migrations", extra)
     db = catalog.connect(path)
     assert "colour" in db["queries"].columns_dict
     assert list(tmp_path.glob("c.db.bak-*")), "a backup is made before migrating"

@@ -1,4 +1,4 @@
-"""The project catalog: one SQLite file, written through sqlite-utils, upgraded by numbered
+"""The catalog's schema and connection: one SQLite file, written through sqlite-utils, upgraded by numbered
 migrations applied on open. WAL mode and a busy timeout let the UI read while a run writes."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from .errors import InflqError
+from ..errors import InflqError
 
 MIGRATION_SET = "inflq"
 migrations = Migrations(MIGRATION_SET)
