@@ -35,8 +35,8 @@ from .progress import Monitor, ProgressEvent
 _LAZY = {
     "Batch": "engine", "Captured": "engine", "GradientEngine": "engine", "SequenceGradients": "engine",
     "TrackedModule": "engine", "make_batch": "engine", "select_modules": "engine",
-    "eigh": "linalg", "gram": "linalg",
-    "ScorePass": "passes", "SelfInfluencePass": "passes", "add_into": "passes", "run_shard": "passes",
+    "add_into": "linalg", "eigh": "linalg", "gram": "linalg",
+    "ScorePass": "passes", "SelfInfluencePass": "passes", "run_shard": "passes",
     "QueryGradients": "scoring",
 }
 
@@ -50,8 +50,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
         make_batch,
         select_modules,
     )
-    from .linalg import eigh, gram
-    from .passes import ScorePass, SelfInfluencePass, add_into, run_shard
+    from .linalg import add_into, eigh, gram
+    from .passes import ScorePass, SelfInfluencePass, run_shard
     from .scoring import QueryGradients
 
 

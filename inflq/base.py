@@ -57,7 +57,7 @@ class Pass:
         tensors, created by the first batch). The default adds :meth:`process`'s results; a pass
         whose results are large (a matrix per module) overrides it to add them one at a time with
         :func:`inflq.add_into`, so that memory never holds a second full set of sums."""
-        from .passes import add_into
+        from .linalg import add_into
 
         add_into(sums, self.process(engine, batch, captures))
 

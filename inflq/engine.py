@@ -60,14 +60,6 @@ class TrackedModule:
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_dim)
 
-    def gradient_from_weights(self) -> torch.Tensor:
-        """The module's ``.grad`` in inflq's ``out × in_dim`` layout (for tests and baselines)."""
-        w = self.module.weight.grad
-        w = w.T if isinstance(self.module, Conv1D) else w
-        if self.bias:
-            w = torch.cat([w, self.module.bias.grad[:, None]], dim=1)
-        return w
-
 
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     if isinstance(module, nn.Linear):

@@ -10,6 +10,8 @@ rank-k update, so ``x.T @ x`` computes both triangles; on the CPU the BLAS routi
 measured 1.5-2x faster for the widths of transformer layers, when torch itself runs on one thread
 (see :mod:`inflq.threads` for why two thread pools must not take turns). Elsewhere (more torch
 threads, CUDA, MPS) it is a matmul.
+
+``add_into(sums, part)`` adds a pass's partial sums into running ones in place, on the CPU.
 """
 
 from __future__ import annotations
@@ -83,3 +85,17 @@ def eigh(matrix: torch.Tensor, device: torch.device | str | None = None) -> tupl
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return torch.linalg.eigh(matrix.to("cpu", torch.float64), UPLO="U")
+
+
+def add_into(sums: dict[str, torch.Tensor], part: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """``sums[k] += part[k]`` in place, on the CPU; a key seen for the first time starts its sum as
+    a copy in ``dtype`` (default: the part's). A float32 part added to a float64 sum is widened
+    exactly, so summing float32 pieces into float64 equals summing their float64 copies."""
+    for k, v in part.items():
+        v = v.detach().to("cpu")
+        have = sums.get(k)
+        if have is None:
+            sums[k] = v.to(dtype or v.dtype, copy=True)
+        else:
+            have += v
+    return sums

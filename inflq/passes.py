@@ -17,6 +17,7 @@ from .base import Pass, Shard
 from .batching import Batching
 from .engine import GradientEngine, make_batch
 from .errors import InflqError
+from .linalg import add_into
 from .progress import Monitor
 
 if TYPE_CHECKING:
@@ -40,20 +41,6 @@ def combine_results(kind: str, parts: list[dict[str, torch.Tensor]]) -> dict[str
                 out[k] += v
         return out
     return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
-
-
-def add_into(sums: dict[str, torch.Tensor], part: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """``sums[k] += part[k]`` in place, on the CPU; a key seen for the first time starts its sum as
-    a copy in ``dtype`` (default: the part's). A float32 part added to a float64 sum is widened
-    exactly, so summing float32 pieces into float64 equals summing their float64 copies."""
-    for k, v in part.items():
-        v = v.detach().to("cpu")
-        have = sums.get(k)
-        if have is None:
-            sums[k] = v.to(dtype or v.dtype, copy=True)
-        else:
-            have += v
-    return sums
 
 
 def sequence_seed(seed: int, phase: str, index: int) -> int:

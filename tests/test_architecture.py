@@ -1,0 +1,251 @@
+"""Guards for the shape of the house (docs/architecture.md): they fail when a change strays from it.
+
+- Only ``inflq/catalog/`` knows the core's table names or runs SQL.
+- The built-in plugins import only what ``inflq/__init__.py`` exports, as a third-party plugin must,
+  and touch no core table.
+- No import circles among inflq's modules.
+- The headless core never imports Textual.
+
+The scans read the source (AST), so they see code that a test run might never execute.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import inflq
+from inflq import catalog
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ROOT / "inflq"
+BUILTINS = ROOT / "plugins" / "inflq_builtins"
+
+SQL = re.compile(
+    r"^\s*(SELECT\s.*\bFROM\s|SELECT\s+(max|min|count|coalesce|1)\b|INSERT\s+(OR\s+\w+\s+)?INTO\s|UPDATE\s+\w+\s+SET\s|DELETE\s+FROM\s"
+    r"|PRAGMA\s+\w+|CREATE\s+(TABLE|INDEX|UNIQUE|VIEW|TRIGGER)\s|DROP\s+(TABLE|INDEX)\s|ALTER\s+TABLE\s|BEGIN(\s+\w+)?\s*$|COMMIT\s*$|VACUUM\b)",
+    re.I | re.S,
+)
+# sqlite-utils' Table and Database methods that read or write rows.
+DB_METHODS = {
+    "execute", "executescript", "query", "rows_where", "count_where", "insert", "insert_all", "upsert",
+    "upsert_all", "delete_where", "table_names", "get", "update", "delete", "lookup", "create_table",
+}
+
+
+def _py_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _is_db(node: ast.AST) -> bool:
+    """``db``, ``self.db``, ``project.db``, ``p.db``, ``conn``...: an expression naming a database."""
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+    return name in {"db", "conn", "_db"} or name.endswith("_db")
+
+
+def catalog_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    """Places in ``tree`` that touch the catalog directly: ``db[...]``, ``db.execute(...)`` and
+    friends, and string constants that are SQL statements."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and _is_db(node.value):
+            found.append((node.lineno, f"{ast.unparse(node)[:60]}"))
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in DB_METHODS and _is_db(node.func.value):
+            found.append((node.lineno, f"{ast.unparse(node.func)}(...)"))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL.match(node.value):
+            found.append((node.lineno, f"SQL {node.value.strip()[:50]!r}"))
+    return found
+
+
+def test_only_the_catalog_package_touches_the_catalog():
+    offenders = []
+    for path in _py_files(CORE):
+        if path.is_relative_to(CORE / "catalog"):
+            continue
+        for line, what in catalog_uses(ast.parse(path.read_text(), str(path))):
+            offenders.append(f"{_rel(path)}:{line}: {what}")
+    assert not offenders, "SQL outside inflq/catalog/ (call a catalog function instead):\n" + "\n".join(offenders)
+
+
+def test_the_guard_sees_sql():
+    """The scan above is only as good as what it recognises: it must catch each form."""
+    src = (
+        "def f(project, db):\n"
+        "    project.db['runs'].get(1)\n"
+        "    db.execute('select 1')\n"
+        "    list(self.db.query(q))\n"
+        "    conn.execute(x)\n"
+        "    s = 'DELETE FROM results WHERE id = ?'\n"
+    )
+    assert sorted(line for line, _ in catalog_uses(ast.parse(src))) == [2, 3, 3, 4, 5, 6]
+    assert catalog_uses(ast.parse("x = {'a': 1}['a']\nd.get(1)\nprint('selected items')\n")) == []
+
+
+def _core_tables(tmp_path: Path) -> set[str]:
+    db = catalog.connect(tmp_path / "c.db", create=True)
+    try:
+        return set(db.table_names()) - {"_sqlite_migrations"}
+    finally:
+        db.conn.close()
+
+
+def test_builtin_plugins_touch_no_core_table(tmp_path):
+    core = _core_tables(tmp_path)
+    offenders = []
+    for path in _py_files(BUILTINS):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Subscript) and _is_db(node.value):
+                key = node.slice.value if isinstance(node.slice, ast.Constant) else None
+                if key in core:
+                    offenders.append(f"{_rel(path)}:{node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and SQL.match(node.value):
+                words = set(re.findall(r"[A-Za-z_]+", node.value))
+                if words & core:
+                    offenders.append(f"{_rel(path)}:{node.lineno}: SQL on {sorted(words & core)}")
+    assert not offenders, "built-in plugins must use catalog functions for core tables:\n" + "\n".join(offenders)
+
+
+def private_inflq_imports(tree: ast.AST, public: set[str]) -> list[tuple[int, str]]:
+    """Imports in ``tree`` of anything but the names ``inflq/__init__.py`` exports."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("inflq."):
+                found.append((node.lineno, f"from {node.module} import ..."))
+            elif node.module == "inflq":
+                found += [(node.lineno, f"from inflq import {a.name}") for a in node.names if a.name not in public]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.startswith("inflq.")]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "inflq" and node.attr not in public:
+            found.append((node.lineno, f"inflq.{node.attr}"))
+    return found
+
+
+def test_builtin_plugins_import_only_public_names():
+    public = set(inflq.__all__)
+    offenders = []
+    for path in _py_files(BUILTINS):
+        for line, what in private_inflq_imports(ast.parse(path.read_text(), str(path)), public):
+            offenders.append(f"{_rel(path)}:{line}: {what}")
+    assert not offenders, (
+        "built-in plugins are shaped like third-party ones: import only names in inflq.__all__ "
+        "(make what they need public):\n" + "\n".join(offenders)
+    )
+
+
+def test_the_import_guard_sees_private_names():
+    src = "from inflq.runs import build_worker\nfrom inflq import Job, _secret\nimport inflq.project\nx = inflq.project\n"
+    assert sorted(line for line, _ in private_inflq_imports(ast.parse(src), {"Job"})) == [1, 2, 3, 4]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return ast.unparse(node.test) in {"TYPE_CHECKING", "typing.TYPE_CHECKING"}
+
+
+def import_graph(files: list[Path]) -> dict[str, set[str]]:
+    """Module -> the inflq modules it imports (at any depth of the file, lazy imports included;
+    ``if TYPE_CHECKING:`` blocks excluded, as they never run)."""
+    modules = {_module_name(p): p for p in files}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        tree = ast.parse(path.read_text(), str(path))
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node) for b in node.body for n in ast.walk(b)}
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - node.level + 1]
+                    stem = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    stem = node.module or ""
+                # ``from pkg import module`` imports the module; ``from module import name`` the module.
+                targets = [f"{stem}.{a.name}" if f"{stem}.{a.name}" in modules else stem for a in node.names]
+            for t in targets:
+                r = resolve(t)
+                if r and r != mod:
+                    graph[mod].add(r)
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_circles_are_found():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circles():
+    files = [p for p in _py_files(CORE)]
+    graph = import_graph(files)
+    # The package's __init__ re-exports the public API from its modules; a module importing a
+    # sibling by ``from . import x`` is an edge to that sibling, not to the package.
+    found = [c for c in circles(graph)]
+    assert not found, "import circles (make the arrows one-way, docs/architecture.md):\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+@pytest.mark.parametrize("path", [p for p in _py_files(CORE) if not p.is_relative_to(CORE / "tui")], ids=_rel)
+def test_the_headless_core_never_imports_textual(path):
+    tree = ast.parse(path.read_text(), str(path))
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+    assert not [n for n in names if n.split(".")[0] == "textual"]
