@@ -198,6 +198,22 @@ def test_read_only_catalog(project, cli_run):  # pragma: no cover - CI runs as r
     _one_line_error(code, err)
 
 
+def test_read_only_catalog_as_any_user(project, cli_run, monkeypatch):
+    """What a user without write access gets, also as root (CI): root passes every permission check,
+    so the check says no here; the catalog then opens read-only for real and the write fails."""
+    from pathlib import Path
+
+    project.close()
+    unwritable = {project.root.resolve(), (project.root / "catalog.db").resolve()}
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **kw: (not mode & os.W_OK or Path(path).resolve() not in unwritable) and real_access(path, mode, *a, **kw))
+    before = _catalog_dump(project.root)
+    code, _, err = cli_run("query", "add", project.root, "the old town", "river")
+    _one_line_error(code, err)
+    assert "read-only" in err, err
+    assert _catalog_dump(project.root) == before
+
+
 def test_read_only_catalog_via_uri(project):
     """Root ignores permissions, so open read-only explicitly: writes fail with a clear error."""
     from inflq import catalog
