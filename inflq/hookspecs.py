@@ -1,7 +1,9 @@
-"""The whole plugin API of inflq: each hook receives a ``register`` callable.
+"""The whole plugin API of inflq: each hook receives a ``register`` callable (``register_commands``:
+the command group).
 
-Built-in estimators, filters, attributions and executors are registered through these same hooks
-and the same ``inflq`` entry-point group that third-party plugins use (see ``docs/plugins.md``).
+Built-in estimators, filters, attributions, executors and commands are registered through these
+same hooks and the same ``inflq`` entry-point group that third-party plugins use (see
+``docs/plugins.md``).
 """
 
 from __future__ import annotations
@@ -37,4 +39,6 @@ def register_executors(register: Callable[[type], None]) -> None:
 
 @hookspec
 def register_commands(cli: Any) -> None:
-    """Add click commands to the ``inflq`` command group: ``@cli.command() def mine(): ...``."""
+    """Add click commands to the ``inflq`` command group: ``@cli.command() def mine(): ...``.
+
+    Called once, when the ``inflq`` command starts (:func:`inflq.cli.main`), not on import."""

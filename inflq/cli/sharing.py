@@ -1,7 +1,4 @@
-"""CLI commands for sharing and safety: ``pack``, ``unpack``, ``trust``, ``untrust`` and ``check``.
-
-Kept beside :mod:`inflq.cli` (which adds them to its group) so the core command file stays small.
-"""
+"""Sharing and safety: ``pack``, ``unpack``, ``trust``, ``untrust`` and ``check``."""
 
 from __future__ import annotations
 
@@ -9,13 +6,8 @@ from pathlib import Path
 
 import click
 
-from .errors import InflqError
-
-
-def _cli():
-    from . import cli
-
-    return cli
+from ..errors import InflqError
+from .base import progress_monitor, project_at
 
 
 @click.command()
@@ -25,9 +17,9 @@ def _cli():
 @click.option("--include-corpus", is_flag=True, help="Put the corpus file in the archive.")
 def pack(project, file, include_model, include_corpus):
     """Write PROJECT into one archive FILE (.tar, or .tar.gz to compress) with a checksum manifest."""
-    from .sharing import pack as do_pack
+    from ..sharing import pack as do_pack
 
-    with _cli()._progress() as monitor:
+    with progress_monitor() as monitor:
         res = do_pack(project, file, include_model=include_model, include_corpus=include_corpus, monitor=monitor)
     left = [w for w, inc in (("model", include_model), ("corpus", include_corpus)) if not inc]
     click.echo(f"wrote {res.path}: {res.files} files, {res.bytes / 1e6:.1f} MB" + (f" (without the {' and '.join(left)}: the recipient relinks local copies)" if left else ""))
@@ -38,10 +30,10 @@ def pack(project, file, include_model, include_corpus):
 @click.argument("directory", type=click.Path(file_okay=False))
 def unpack(file, directory):
     """Verify the archive FILE and unpack it into the new folder DIRECTORY."""
-    from .project import Project
-    from .sharing import unpack as do_unpack
+    from ..project import Project
+    from ..sharing import unpack as do_unpack
 
-    with _cli()._progress() as monitor:
+    with progress_monitor() as monitor:
         manifest = do_unpack(file, directory, monitor=monitor)
     click.echo(f"unpacked {len(manifest['files'])} verified files into {directory}")
     p = Project.open(directory)
@@ -52,7 +44,7 @@ def unpack(file, directory):
             click.echo(f"the corpus is not here; to rebuild its tokens later, link a copy: inflq relink {directory} --corpus FILE")
     finally:
         p.close()
-    from .trust import plugin_files
+    from ..trust import plugin_files
 
     if plugin_files(Path(directory)):
         click.echo(f"it has local plugins, which stay disabled until you read them and run: inflq trust {directory}")
@@ -62,7 +54,7 @@ def unpack(file, directory):
 @click.argument("project", type=click.Path(file_okay=False))
 def trust(project):
     """Allow PROJECT's local plugins (PROJECT/plugins/*.py) to run, as they are now."""
-    from .trust import trust as do_trust
+    from ..trust import trust as do_trust
 
     names = do_trust(project)
     click.echo(f"trusted {len(names)} local plugin file(s) of {project}: {', '.join(names)} (editing any of them withdraws trust)")
@@ -72,7 +64,7 @@ def trust(project):
 @click.argument("project", type=click.Path(file_okay=False))
 def untrust(project):
     """Withdraw trust from PROJECT's local plugins."""
-    from .trust import untrust as do_untrust
+    from ..trust import untrust as do_untrust
 
     click.echo(f"{project} is no longer trusted" if do_untrust(project) else f"{project} was not trusted")
 
@@ -82,13 +74,13 @@ def untrust(project):
 @click.option("--repair", is_flag=True, help="Recompute what is missing or damaged (needs the model).")
 def check(project, repair):
     """Verify every artifact against its checksum and list the results that depend on damaged ones."""
-    from .integrity import check as do_check
-    from .integrity import repair as do_repair
+    from ..integrity import check as do_check
+    from ..integrity import repair as do_repair
 
-    p = _cli()._open(project)
-    with _cli()._progress() as monitor:
+    p = project_at(project)
+    with progress_monitor() as monitor:
         problems = do_check(p, monitor)
-    ok = p.db.execute("PRAGMA integrity_check").fetchone()[0]
+    ok = p.db.execute("PRAGMA integrity_check").fetchone()[0]  # catalog: integrity check
     if ok != "ok":
         raise InflqError(f"the catalog fails SQLite's integrity check ({ok}); restore catalog.db from a backup")
     if not problems:
@@ -98,7 +90,7 @@ def check(project, repair):
         click.echo(prob.line())
     if not repair:
         raise InflqError(f"{len(problems)} damaged or missing artifact(s); recompute them with `inflq check {project} --repair`")
-    with _cli()._progress() as monitor:
+    with progress_monitor() as monitor:
         for note in do_repair(p, problems, monitor):
             click.echo(note)
     left = do_check(p)

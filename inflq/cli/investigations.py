@@ -1,0 +1,160 @@
+"""Investigations, their queries and hand-written probes: ``investigation``, ``query``, ``probe``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import InflqError
+from .base import heat_text, make_console, progress_monitor, project_at
+
+
+@click.group()
+def investigation():
+    """Create, list, rename and delete investigations."""
+
+
+@investigation.command("add")
+@click.argument("project")
+@click.argument("name")
+@click.option("--description", default="", help="What the investigation is about (shown in the UI).")
+def investigation_add(project, name, description):
+    """Create the investigation NAME."""
+    project_at(project).create_investigation(name, description)
+    click.echo(f"created investigation {name!r}")
+
+
+@investigation.command("list")
+@click.argument("project")
+def investigation_list(project):
+    """List the investigations with their query and result-set counts."""
+    from rich.table import Table
+
+    t = Table("name", "queries", "result sets", "created", "description")
+    for inv in project_at(project).investigations():
+        t.add_row(inv["name"], str(inv["num_queries"]), str(inv["num_result_sets"]), inv["created_at"], inv["description"] or "")
+    make_console().print(t)
+
+
+@investigation.command("rename")
+@click.argument("project")
+@click.argument("name")
+@click.argument("new_name")
+def investigation_rename(project, name, new_name):
+    """Rename the investigation NAME to NEW_NAME."""
+    project_at(project).rename_investigation(name, new_name)
+    click.echo(f"renamed {name!r} to {new_name!r}")
+
+
+@investigation.command("rm")
+@click.argument("project")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def investigation_rm(project, name, yes):
+    """Delete the investigation NAME with its queries, probes, runs and results."""
+    p = project_at(project)
+    p.investigation(name)
+    if not yes and not click.confirm(f"delete investigation {name!r} with its queries, runs and results?"):
+        raise InflqError("not deleted")
+    p.delete_investigation(name)
+    click.echo(f"deleted {name!r}")
+
+
+@click.group()
+def query():
+    """Add and list queries (a prompt and the completion whose probability is measured)."""
+
+
+@query.command("add")
+@click.argument("project")
+@click.argument("prompt", required=False)
+@click.argument("completion", required=False)
+@click.option("-i", "--investigation", default="default", show_default=True, help="The investigation the queries belong to.")
+@click.option("--file", "file_", type=click.Path(), help="JSONL file of {prompt, completion[, tags, notes, chat]} objects.")
+@click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template.")
+@click.option("--tag", "tags", multiple=True, help="A tag for the query (repeatable).")
+@click.option("--notes", default="", help="A free-text note kept with the query.")
+def query_add(project, prompt, completion, investigation, file_, chat, tags, notes):
+    """Add one query (PROMPT COMPLETION) or many (--file)."""
+    p = project_at(project)
+    if file_:
+        from ..corpus import iter_jsonl
+
+        path = Path(file_)
+        if not path.exists():
+            raise InflqError(f"query file {path} does not exist")
+        items = [obj for _, obj in iter_jsonl(path, "'prompt' and 'completion' fields")]
+        try:
+            ids = p.add_queries(investigation, items)
+        except InflqError as exc:
+            raise InflqError(f"{path}: {exc}") from None
+    else:
+        if prompt is None or completion is None:
+            raise InflqError("give PROMPT and COMPLETION, or --file queries.jsonl")
+        ids = [p.add_query(investigation, prompt, completion, chat=chat, tags=list(tags), notes=notes)]
+    click.echo(f"added {len(ids)} quer{'y' if len(ids) == 1 else 'ies'} (id {', '.join(map(str, ids))})")
+
+
+@query.command("list")
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True, help="The investigation whose queries to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (every field) instead of a table.")
+def query_list(project, investigation, as_json):
+    """List the investigation's queries: id, prompt, completion, tags."""
+    rows = project_at(project).queries(investigation)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table("id", "prompt", "completion", "tags")
+    for q in rows:
+        t.add_row(str(q["id"]), q["prompt"], q["completion"], ", ".join(json.loads(q["tags"] or "[]")))
+    make_console().print(t)
+
+
+@click.group()
+def probe():
+    """Hand-written probe sequences for a query, scored without a corpus run."""
+
+
+@probe.command("add")
+@click.argument("project")
+@click.argument("text")
+@click.option("--query", "query_id", type=int, required=True, help="The query id the probe is scored against (see `inflq query list`).")
+@click.option("--label", default="", help="A short label, e.g. same-order or reversed.")
+def probe_add(project, text, query_id, label):
+    """Add TEXT as a hand-written probe sequence for a query."""
+    pid = project_at(project).add_probe(query_id, text, label)
+    click.echo(f"added probe {pid}")
+
+
+@probe.command("score")
+@click.argument("project")
+@click.option("--query", "query_id", type=int, required=True, help="The query id whose probes to score.")
+@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec (cached factors are reused).")
+def probe_score(project, query_id, estimator):
+    """Score the query's probes and show their most influential tokens."""
+    from rich.table import Table
+
+    from ..results import ScoringSession
+
+    p = project_at(project)
+    probes = p.probes(query_id)
+    if not probes:
+        raise InflqError(f"query {query_id} has no probes; add one with `inflq probe add`")
+    with progress_monitor() as monitor:
+        session = ScoringSession.for_queries(p, [query_id], estimator=estimator, monitor=monitor)
+        results = session.score_texts([pr["text"] for pr in probes], query_id)
+    from ..display import score_format
+
+    t = Table("probe", "label", "score", "text (most influential tokens in bold)")
+    fmt = score_format(res.total for res in results)
+    for pr, res in zip(probes, results, strict=False):
+        t.add_row(str(pr["id"]), pr["label"], fmt(res.total), heat_text(res.labels, res.values))
+    make_console().print(t)
+
+
+COMMANDS = (investigation, query, probe)

@@ -1,0 +1,45 @@
+"""``inflq validate``: estimators measured against the PBRF ground truth."""
+
+from __future__ import annotations
+
+import click
+
+from .base import make_console, progress_monitor, project_at
+
+
+@click.command()
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose queries are used.")
+@click.option("--estimators", default="identity,ekfac,lissa", show_default=True, help="Comma-separated estimator specs to compare.")
+@click.option("--sample", default=20, show_default=True, help="Fitting sequences to solve the PBRF for (two solves each).")
+@click.option("--dampings", help="EK-FAC dampings to sweep, e.g. 1e-8,1e-4,1e-2.")
+@click.option("--queries", default=3, show_default=True, help="How many of the investigation's queries.")
+@click.option("--fit-sequences", default=128, show_default=True, help="Fitting sequences (N) for the estimators and the PBRF.")
+@click.option("--epsilon", type=float, help="Up-weighting ε of the PBRF (default 1/N).")
+@click.option("--pbrf-steps", default=300, show_default=True, help="Optimizer steps for each PBRF solve.")
+@click.option("--pbrf-damping", type=float, help="The PBRF's damping λ (default: 0.1 × mean Gauss-Newton eigenvalue per module).")
+@click.option("--max-minutes", default=30.0, show_default=True, help="Refuse a sample whose PBRF solves would take longer.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the sample and the sampled labels.")
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per batch.")
+def validate(project, investigation, estimators, sample, dampings, queries, fit_sequences, epsilon, pbrf_steps, pbrf_damping, max_minutes, seed, batch_size):
+    """Measure estimators against the PBRF ground truth on a sample of fitting sequences."""
+    from rich.table import Table
+
+    from ..validate import parse_list
+    from ..validate import validate as run_validation
+
+    p = project_at(project)
+    with progress_monitor() as monitor:
+        v = run_validation(p, investigation, parse_list(estimators), sample=sample, dampings=parse_list(dampings, float), queries=queries, fit_sequences=fit_sequences, epsilon=epsilon, pbrf_steps=pbrf_steps, pbrf_damping=pbrf_damping, seed=seed, batch_size=batch_size, max_minutes=max_minutes, monitor=monitor)
+    t = Table("estimator", "pearson", "spearman", "fit s", "inverse-HVP s", title=f"validation {v.id}: {len(v.settings['queries'])} queries × {len(v.sample)} sequences vs PBRF (ε={v.settings['epsilon']:.3g}, {v.settings['pbrf_seconds']:.0f} s)")
+    for r in v.rows:
+        t.add_row(r.estimator, f"{r.pearson:.3f}", f"{r.spearman:.3f}", f"{r.fit_seconds:.3f}", f"{r.ihvp_seconds:.4f}")
+    make_console().print(t)
+    by = {r.estimator.split(":")[0]: r for r in v.rows}
+    if "ekfac" in by and "lissa" in by and by["ekfac"].ihvp_seconds > 0:
+        click.echo(f"LiSSA / EK-FAC inverse-HVP time: {by['lissa'].ihvp_seconds / by['ekfac'].ihvp_seconds:.0f}x")
+    if v.recommended_damping is not None:
+        click.echo(f"recommended EK-FAC damping: {v.recommended_damping:g} (run with --estimator ekfac:damping={v.recommended_damping:g})")
+
+
+COMMANDS = (validate,)
