@@ -7,7 +7,6 @@ Nothing is ever fetched from a model hub and no code from a model folder runs:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -158,10 +157,3 @@ def tokenizer_files(path: Path) -> list[Path]:
     path = Path(path)
     return [path / n for n in MODEL_FILES if n != "config.json" and (path / n).is_file()]
 
-
-def describe_config(path: Path) -> dict:
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except Exception:
-        return {}
-    return {k: cfg.get(k) for k in ("model_type", "architectures", "n_layer", "num_hidden_layers", "hidden_size", "n_embd") if k in cfg}
