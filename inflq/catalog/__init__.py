@@ -51,6 +51,7 @@ from .records import (
     tag_sequence,
 )
 from .reports import export_rows, result_sets_scored_with
+from .schema import RETIRED_MIGRATIONS
 
 __all__ = [
     "MIGRATION_SET",
@@ -63,7 +64,7 @@ __all__ = [
     "now",
     "set_meta",
     # records, factor sets, reports, files
-    "SEQUENCE_COLUMNS", "add_probe", "add_queries", "all_meta", "applied_migrations", "cached_hash",
+    "RETIRED_MIGRATIONS", "SEQUENCE_COLUMNS", "add_probe", "add_queries", "all_meta", "applied_migrations", "cached_hash",
     "check_archived", "create_investigation", "delete_investigation", "export_rows", "factor_set",
     "factor_set_uses", "factor_sets", "investigation", "investigations", "metadata_column", "open_copy",
     "probes", "queries", "query", "remember_hash", "remove_factor_set", "rename_investigation",
