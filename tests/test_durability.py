@@ -22,7 +22,9 @@ from inflq.queries import add_query
 WRITER = textwrap.dedent(
     """
     import sys
+    from inflq import catalog
     from inflq.project import Project
+    from inflq.queries import add_queries
 
     mode, root, tag = sys.argv[1], sys.argv[2], sys.argv[3]
     limit = int(sys.argv[4]) if len(sys.argv) > 4 else 10**9
