@@ -250,7 +250,7 @@ class Project:
             project.runtime.rebuild_corpus(monitor)
             catalog.create_investigation(project.db, "default", "created with the project")
         except BaseException:
-            db.conn.close()
+            db.close()
             for p in (CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm"):
                 (root / p).unlink(missing_ok=True)
             shutil.rmtree(root / CORPUS_DIR, ignore_errors=True)
@@ -279,7 +279,7 @@ class Project:
         return db
 
     def close(self) -> None:
-        self._db.conn.close()
+        self._db.close()
 
     # -- paths and fingerprints -----------------------------------------------------------------
     def path(self, rel: str) -> Path:
