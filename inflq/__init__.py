@@ -38,6 +38,10 @@ _LAZY = {
     "add_into": "linalg", "eigh": "linalg", "gram": "linalg",
     "ScorePass": "passes", "SelfInfluencePass": "passes", "run_shard": "passes",
     "QueryGradients": "scoring",
+    # projects and model folders, for plugins (#14 catalog block)
+    "Project": "project", "ProjectConfig": "project", "project_relative": "project", "Runtime": "runtime",
+    "check_model_dir": "modeling", "fingerprint_files": "modeling", "load_model": "modeling", "model_files": "modeling",
+    "pick_device": "modeling", "pick_dtype": "modeling", "quiet_transformers": "modeling",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
@@ -51,7 +55,18 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
         select_modules,
     )
     from .linalg import add_into, eigh, gram
+    from .modeling import (
+        check_model_dir,
+        fingerprint_files,
+        load_model,
+        model_files,
+        pick_device,
+        pick_dtype,
+        quiet_transformers,
+    )
     from .passes import ScorePass, SelfInfluencePass, run_shard
+    from .project import Project, ProjectConfig, project_relative
+    from .runtime import Runtime
     from .scoring import QueryGradients
 
 
@@ -88,4 +103,7 @@ __all__ = [
     "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
     "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass", "SequenceGradients",
     "Shard", "TrackedModule", "add_into", "eigh", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
+    # projects and model folders (#14 catalog block)
+    "Project", "ProjectConfig", "Runtime", "check_model_dir", "fingerprint_files", "load_model", "model_files",
+    "pick_device", "pick_dtype", "project_relative", "quiet_transformers",
 ]

@@ -8,9 +8,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from . import catalog
 from .errors import InflqError
 from .progress import Monitor
 from .project import CATALOG_NAME, Project
+from .queries import add_queries
 
 INVESTIGATION = "word-order"
 
@@ -32,15 +34,15 @@ def ensure_demo(progress: Callable[[str], None] | None = None) -> Path:
         progress(f"preparing the demo project in {root} (first use)…")
     project = Project.create_catalog(root)
     try:
-        project.create_investigation(INVESTIGATION, "The paper's word-order finding: facts influence a query only in prompt-then-completion order.")
+        catalog.create_investigation(project.db, INVESTIGATION, "The paper's word-order finding: facts influence a query only in prompt-then-completion order.")
         queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
-        ids = project.add_queries(INVESTIGATION, queries)
+        ids = add_queries(project, INVESTIGATION, queries)
         probes_file = root / "probes.jsonl"
         if probes_file.exists():
             for line in probes_file.read_text().splitlines():
                 if line.strip():
                     pr = json.loads(line)
-                    project.add_probe(ids[int(pr["query"])], pr["text"], pr.get("label", ""))
+                    catalog.add_probe(project.db, ids[int(pr["query"])], pr["text"], pr.get("label", ""))
     except BaseException:
         project.close()
         for p in (CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm"):
@@ -58,9 +60,8 @@ def run_demo(root: Path, estimator: str = "ekfac", monitor: Monitor | None = Non
 
     project = Project.open(root)
     try:
-        inv = project.investigation(INVESTIGATION)
-        existing = list(project.db["result_sets"].rows_where(
-            "investigation_id = ? AND estimator = ? AND filter = 'all'", [inv["id"], estimator], order_by="id"))
+        inv = catalog.investigation(project.db, INVESTIGATION)
+        existing = catalog.result_sets_scored_with(project.db, inv["id"], estimator, "all")
         if existing:
             return existing[-1]["id"]
         return run_investigation(project, INVESTIGATION, RunSettings(estimator=estimator, rank=32, top_k=20), monitor).result_set_id

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import catalog
 from .display import score_format
 from .errors import InflqError
 from .project import Project
@@ -23,12 +24,7 @@ def _rows(project: Project, investigation: str, result_set_id: int | None) -> tu
     from .results import result_set
 
     rs = result_set(project, investigation, result_set_id)
-    rows = list(project.db.query(
-        "SELECT r.*, q.prompt, q.completion, s.source FROM results r JOIN queries q ON q.id = r.query_id "
-        "LEFT JOIN sequences s ON s.idx = r.seq_idx WHERE r.result_set_id = ? "
-        "ORDER BY q.position, r.side DESC, r.rank", [rs["id"]],
-    ))
-    return rs, rows
+    return rs, catalog.export_rows(project.db, rs["id"])
 
 
 def _target(path: Path | str) -> Path:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import catalog
 from .artifacts import load_tensors
 from .errors import InflqError
 
@@ -46,11 +47,9 @@ def factor_sets(project) -> list[dict]:
     """Every cached factor set with its size on disk, whether it was fitted on the project's current
     model, and how many runs used it. ``settings`` names the true Fisher's sampling rule, for sets
     fitted before it was recorded too."""
-    used: dict[int, int] = {}
-    for r in project.db.query("SELECT factor_set_id AS id, count(*) AS n FROM runs WHERE factor_set_id IS NOT NULL GROUP BY factor_set_id"):
-        used[r["id"]] = r["n"]
+    used = catalog.factor_set_uses(project.db)
     out = []
-    for r in project.db["factor_sets"].rows_where(order_by="id"):
+    for r in catalog.factor_sets(project.db):
         path = project.root / r["path"]
         out.append({
             **r,
@@ -64,11 +63,7 @@ def factor_sets(project) -> list[dict]:
 
 
 def factor_set(project, fs_id: int) -> dict:
-    row = next(project.db["factor_sets"].rows_where("id = ?", [int(fs_id)]), None)
-    if row is None:
-        ids = [r["id"] for r in project.db["factor_sets"].rows_where(order_by="id")]
-        raise InflqError(f"no factor set {fs_id}; the project has {', '.join(map(str, ids)) or 'none'} (see `inflq factors list`)")
-    return row
+    return catalog.factor_set(project.db, fs_id)
 
 
 @dataclass
@@ -187,9 +182,6 @@ def spectrum_plot(items: list[ModuleSpectrum], width: int = 72, height: int = 18
 def remove_factor_set(project, fs_id: int) -> str:
     """Delete a factor set's catalog row, then its file. Results computed with it keep their scores
     (runs store them); a later run needing these factors fits them again. Returns the file's path."""
-    row = factor_set(project, fs_id)
-    with project.db.atomic():
-        project.db.execute("UPDATE runs SET factor_set_id = NULL WHERE factor_set_id = ?", [row["id"]])
-        project.db.execute("DELETE FROM factor_sets WHERE id = ?", [row["id"]])
+    row = catalog.remove_factor_set(project.db, fs_id)
     (project.root / row["path"]).unlink(missing_ok=True)
     return row["path"]

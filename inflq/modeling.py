@@ -7,7 +7,6 @@ Nothing is ever fetched from a model hub and no code from a model folder runs:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +55,7 @@ def pick_device(device: str | None = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The torch dtype named ``dtype`` (``auto``: float32)."""
     import torch
 
     if dtype in (None, "", "auto"):
@@ -66,6 +66,7 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def check_model_dir(path: Path) -> None:
+    """Refuse a folder that is not a saved model with safetensors weights."""
     path = Path(path)
     if not path.is_dir():
         raise InflqError(f"model folder {path} does not exist; give a local Hugging Face model folder")
@@ -97,6 +98,7 @@ def load_tokenizer(path: Path):
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype):
+    """The causal LM saved in ``path`` (safetensors only, no remote code), on ``device``, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
@@ -140,6 +142,7 @@ MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "specia
 
 
 def fingerprint_files(files: list[Path], hash_file: Callable[[Path], str] = sha256_file) -> str:
+    """One fingerprint of these files' names and contents (``hash_file``: each file's SHA-256)."""
     h = hashlib.sha256()
     for f in sorted(files, key=lambda p: p.name):
         h.update(f.name.encode())
@@ -148,6 +151,7 @@ def fingerprint_files(files: list[Path], hash_file: Callable[[Path], str] = sha2
 
 
 def model_files(path: Path) -> list[Path]:
+    """The files of a model folder that its fingerprint covers (config, tokenizer, weights)."""
     path = Path(path)
     files = [path / n for n in MODEL_FILES if (path / n).is_file()]
     files += sorted(path.glob("*.safetensors"))
@@ -158,10 +162,3 @@ def tokenizer_files(path: Path) -> list[Path]:
     path = Path(path)
     return [path / n for n in MODEL_FILES if n != "config.json" and (path / n).is_file()]
 
-
-def describe_config(path: Path) -> dict:
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except Exception:
-        return {}
-    return {k: cfg.get(k) for k in ("model_type", "architectures", "n_layer", "num_hidden_layers", "hidden_size", "n_embd") if k in cfg}

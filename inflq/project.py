@@ -12,35 +12,26 @@ import os
 import shutil
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import sqlite_utils
 
 from . import catalog
-from .corpus import CorpusStore, build_store, corpus_fingerprint, read_documents
+from .corpus import corpus_fingerprint
 from .errors import InflqError
 from .modeling import (
     check_model_dir,
     fingerprint_files,
-    load_model,
     load_tokenizer,
     model_files,
-    pick_device,
-    pick_dtype,
     sha256_file,
     tokenizer_files,
 )
 from .progress import Monitor
-from .queries import TokenizedQuery, tokenize_query
-
-if TYPE_CHECKING:  # the engine imports torch: opening a project to read its catalog must not
-    import torch
-
-    from .engine import GradientEngine
+from .runtime import Runtime
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -124,11 +115,17 @@ class ProjectConfig:
         return cfg
 
 
-def _rel(path: Path, root: Path) -> str:
+def project_relative(path: Path | str, root: Path | str) -> str:
+    """``path`` as written in a project's files: relative to the project folder ``root`` (with ``..``
+    where it lies outside), or absolute where no relative path exists (another drive on Windows)."""
     try:
         return os.path.relpath(Path(path).resolve(), Path(root).resolve())
     except ValueError:  # another drive on Windows
         return str(Path(path).resolve())
+
+
+# --- compat: removed by the lead after the #14 merge --- (inflq/runs.py imports the old name)
+_rel = project_relative
 
 
 def _context_length(model_dir: Path) -> int:
@@ -151,9 +148,6 @@ class Project:
         self._db = db
         self._db_thread = threading.get_ident()
         self._thread_dbs = threading.local()
-        self._model = None
-        self._tokenizer = None
-        self._store: CorpusStore | None = None
 
     # -- creating and opening -------------------------------------------------------------------
     @classmethod
@@ -186,8 +180,8 @@ class Project:
             add_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
         config = ProjectConfig(
             name=name or root.resolve().name,
-            model=_rel(model, root if root.exists() else root.parent / root.name),
-            corpus=_rel(corpus, root if root.exists() else root.parent / root.name),
+            model=project_relative(model, root if root.exists() else root.parent / root.name),
+            corpus=project_relative(corpus, root if root.exists() else root.parent / root.name),
             corpus_format=corpus_format,
             text_field=text_field,
             id_field=id_field,
@@ -202,10 +196,10 @@ class Project:
             (root / CONFIG_NAME).write_text(tomli_w.dumps(config.to_toml()))
             db = catalog.connect(root / CATALOG_NAME, create=True)
             project = cls(root, config, db)
-            project._tokenizer = tokenizer
+            project.runtime = Runtime(project, tokenizer)
             project.refresh_fingerprints(monitor)
-            project.rebuild_corpus(monitor)
-            project.create_investigation("default", "created with the project")
+            project.runtime.rebuild_corpus(monitor)
+            catalog.create_investigation(project.db, "default", "created with the project")
             return project
         except BaseException:
             if created:
@@ -220,7 +214,8 @@ class Project:
             raise
 
     @classmethod
-    def open(cls, root: Path | str) -> Project:
+    def open(cls, root: Path | str, *, readonly: bool = False) -> Project:
+        """Open a project folder; read-only when asked, or when its folder or catalog is not writable."""
         root = Path(root)
         if not root.exists():
             raise InflqError(f"project folder {root} does not exist; create one with `inflq init {root} --model DIR --corpus FILE`")
@@ -232,7 +227,7 @@ class Project:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise InflqError(f"{cfg_path}: not valid TOML ({exc}); fix the file") from None
         config = ProjectConfig.from_toml(data, str(cfg_path))
-        readonly = not os.access(root, os.W_OK) or ((root / CATALOG_NAME).exists() and not os.access(root / CATALOG_NAME, os.W_OK))
+        readonly = readonly or not os.access(root, os.W_OK) or ((root / CATALOG_NAME).exists() and not os.access(root / CATALOG_NAME, os.W_OK))
         db = catalog.connect(root / CATALOG_NAME, readonly=readonly)
         project = cls(root, config, db)
         project.readonly = readonly
@@ -252,10 +247,10 @@ class Project:
         project = cls(root, config, db)
         try:
             project.refresh_fingerprints(monitor)
-            project.rebuild_corpus(monitor)
-            project.create_investigation("default", "created with the project")
+            project.runtime.rebuild_corpus(monitor)
+            catalog.create_investigation(project.db, "default", "created with the project")
         except BaseException:
-            db.conn.close()
+            db.close()
             for p in (CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm"):
                 (root / p).unlink(missing_ok=True)
             shutil.rmtree(root / CORPUS_DIR, ignore_errors=True)
@@ -284,7 +279,7 @@ class Project:
         return db
 
     def close(self) -> None:
-        self._db.conn.close()
+        self._db.close()
 
     # -- paths and fingerprints -----------------------------------------------------------------
     def path(self, rel: str) -> Path:
@@ -313,13 +308,12 @@ class Project:
     def _hash_cached(self, f: Path) -> str:
         st = f.stat()
         key = str(f.resolve())
-        row = next(self.db["file_hashes"].rows_where("path = ?", [key]), None)
-        if row and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns:
-            return row["sha256"]
+        digest = catalog.cached_hash(self.db, key, st.st_size, st.st_mtime_ns)
+        if digest is not None:
+            return digest
         digest = sha256_file(f)
         if not self.readonly:
-            with self.db.atomic():
-                self.db["file_hashes"].upsert({"path": key, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}, pk="path")
+            catalog.remember_hash(self.db, key, st.st_size, st.st_mtime_ns, digest)
         return digest
 
     def current_model_fingerprint(self) -> str:
@@ -399,293 +393,116 @@ class Project:
             fp = fingerprint_files(model_files(Path(model)), self._hash_cached)
             if fp != self.model_fingerprint:
                 raise InflqError(f"{model} is not the model this project was made with (fingerprint differs)")
-            self.config.model = _rel(Path(model), self.root)
+            self.config.model = project_relative(Path(model), self.root)
         if corpus is not None:
             if not Path(corpus).exists():
                 raise InflqError(f"{corpus} does not exist")
             if not self.corpus_matches(Path(corpus)):
                 raise InflqError(f"{corpus} is not the corpus this project was made with (its content differs)")
-            self.config.corpus = _rel(Path(corpus), self.root)
+            self.config.corpus = project_relative(Path(corpus), self.root)
         self.save_config()
 
-    # -- model -----------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return pick_device(self.config.device)
+    # -- the runtime and the folder's records ------------------------------------------------------
+    @cached_property
+    def runtime(self) -> Runtime:
+        """The model, tokenizer, device, token store and engine factory, built on first use."""
+        return Runtime(self)
 
     @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            check_model_dir(self.model_path)
-            self._tokenizer = load_tokenizer(self.model_path)
-        return self._tokenizer
-
-    @property
-    def model(self):
-        if self._model is None:
-            self.require_model()
-            dev = self.device
-            self._model = load_model(self.model_path, dev, pick_dtype(self.config.dtype, dev))
-        return self._model
-
-    def set_runtime(self, device: str | None = None, dtype: str | None = None) -> None:
-        """Change device or dtype for this session (the model reloads on next use)."""
-        if device:
-            self.config.device = device
-        if dtype:
-            self.config.dtype = dtype
-        self._model = None
-
-    def engine(self, modules: str | None = None) -> GradientEngine:
-        from .engine import GradientEngine, select_modules
-
-        return GradientEngine(self.model, select_modules(self.model, modules or self.config.modules))
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.tokenizer.pad_token_id)
-
-    # -- corpus ----------------------------------------------------------------------------------
-    def rebuild_corpus(self, monitor: Monitor | None = None) -> None:
-        """Tokenize the corpus into the token store and the ``sequences`` table, atomically."""
-        if self.readonly:
-            raise InflqError("the project is read-only; copy it somewhere writable to rebuild its corpus")
-        fp = corpus_fingerprint(self.corpus_path)
-        docs = read_documents(self.corpus_path, self.config.corpus_format, self.config.text_field, self.config.id_field)
-        rows = build_store(
-            docs,
-            self.tokenizer,
-            self.root / CORPUS_DIR,
-            max_length=self.config.max_length,
-            add_bos=self.config.add_bos,
-            append_eos=self.config.append_eos,
-            fingerprint=fp,
-        )
-        cols = ("idx", "seq_id", "doc_id", "chunk", "n_tokens", "source", "meta")
-        with self.db.atomic():
-            self.db.execute("DELETE FROM sequences")
-            self.db["sequences"].insert_all((dict(zip(cols, r, strict=False)) for r in rows), batch_size=5000)
-            catalog.set_meta(self.db, "corpus_fingerprint", fp)
-            catalog.set_meta(self.db, "corpus_content_fingerprint", fp)
-            if self.corpus_path.is_file():
-                st = self.corpus_path.stat()
-                catalog.set_meta(self.db, "corpus_stat", [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns])
-        self._store = None
-        note = self.unknown_tokens_note()
-        if note and monitor is not None:
-            monitor.warn(note)
-
-    def unknown_tokens_note(self) -> str | None:
-        """A warning with the share of the corpus's tokens the tokenizer did not know (None: none)."""
-        from .corpus import unknown_tokens_note
-
-        try:
-            info = CorpusStore(self.root / CORPUS_DIR).info
-        except InflqError:
-            return None
-        return unknown_tokens_note(info, getattr(self.tokenizer, "unk_token", None))
-
-    @property
-    def corpus(self) -> CorpusStore:
-        """The token store; rebuilt (never silently reused) when the corpus file changed."""
-        if self._store is None:
-            store_dir = self.root / CORPUS_DIR
-            recorded = self.corpus_fingerprint_recorded
-            if not store_dir.exists():
-                if self.corpus_path.exists():
-                    self.rebuild_corpus()
-                else:
-                    raise InflqError(f"the corpus {self.corpus_path} and its token store are both missing; restore the corpus")
-            store = CorpusStore(store_dir)
-            if self.corpus_path.exists() and self.current_corpus_fingerprint() != recorded:
-                if self.corpus_matches(self.corpus_path):
-                    if self.corpus_path.is_file() and not self.readonly:  # recognised: skip the hash next time
-                        st = self.corpus_path.stat()
-                        with self.db.atomic():
-                            catalog.set_meta(self.db, "corpus_stat", [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns])
-                else:
-                    raise InflqError(
-                        f"the corpus {self.corpus_path} changed since it was tokenized; results would be stale: "
-                        f"run `inflq corpus rebuild {self.root}` (earlier result sets keep their own sequence ids)"
-                    )
-            if store.fingerprint != recorded:
-                self.rebuild_corpus()
-                store = CorpusStore(store_dir)
-            self._store = store
-        return self._store
-
-    def sequence_rows(self, indices: list[int]) -> dict[int, dict]:
-        if not indices:
-            return {}
-        out: dict[int, dict] = {}
-        ids = [int(i) for i in indices]
-        for start in range(0, len(ids), 900):
-            part = ids[start : start + 900]
-            marks = ",".join("?" * len(part))
-            for row in self.db.query(f"SELECT * FROM sequences WHERE idx IN ({marks})", part):
-                out[row["idx"]] = row
-        return out
-
-    def metadata_column(self, field_name: str) -> np.ndarray:
-        """One metadata field for every sequence, as strings (``""`` where absent)."""
-        n = self.db["sequences"].count
-        out = np.full(n, "", dtype=object)
-        if field_name in ("source", "doc_id", "seq_id"):
-            for row in self.db.query(f"SELECT idx, [{field_name}] AS v FROM sequences"):
-                out[row["idx"]] = row["v"] or ""
-            return out
-        for row in self.db.query("SELECT idx, json_extract(meta, ?) AS v FROM sequences", [f"$.{field_name}"]):
-            out[row["idx"]] = "" if row["v"] is None else str(row["v"])
-        return out
-
-    def decode(self, tokens: np.ndarray) -> str:
-        return self.tokenizer.decode([int(t) for t in tokens])
-
-    def token_strings(self, tokens: np.ndarray) -> list[str]:
-        return [self.tokenizer.decode([int(t)]) for t in tokens]
-
-    # -- investigations, queries, probes ---------------------------------------------------------
-    def create_investigation(self, name: str, description: str = "") -> int:
-        name = name.strip()
-        if not name:
-            raise InflqError("an investigation needs a name")
-        if self.db["investigations"].count_where("name = ?", [name]):
-            raise InflqError(f"an investigation named {name!r} already exists; choose another name")
-        with self.db.atomic():
-            return self.db["investigations"].insert({"name": name, "description": description, "created_at": catalog.now()}).last_pk
-
-    def investigations(self) -> list[dict]:
-        return list(self.db.query(
-            "SELECT i.*, (SELECT count(*) FROM queries q WHERE q.investigation_id = i.id) AS num_queries, "
-            "(SELECT count(*) FROM result_sets r WHERE r.investigation_id = i.id) AS num_result_sets "
-            "FROM investigations i ORDER BY i.id"
-        ))
-
-    def investigation(self, name: str | int) -> dict:
-        col = "id" if isinstance(name, int) else "name"
-        row = next(self.db["investigations"].rows_where(f"{col} = ?", [name]), None)
-        if row is None:
-            have = ", ".join(r["name"] for r in self.db["investigations"].rows) or "none"
-            raise InflqError(f"no investigation {name!r} in this project (have: {have}); create it with `inflq investigation add`")
-        return row
-
-    def rename_investigation(self, name: str, new: str) -> None:
-        inv = self.investigation(name)
-        if self.db["investigations"].count_where("name = ?", [new]):
-            raise InflqError(f"an investigation named {new!r} already exists")
-        with self.db.atomic():
-            self.db["investigations"].update(inv["id"], {"name": new})
+    def store_dir(self) -> Path:
+        """The folder of the corpus's token store."""
+        return self.root / CORPUS_DIR
 
     def delete_investigation(self, name: str) -> None:
         """Delete an investigation with its queries, probes, runs and results (artifacts too)."""
-        inv = self.investigation(name)
-        rs = [r["id"] for r in self.db["result_sets"].rows_where("investigation_id = ?", [inv["id"]])]
-        runs = [r["id"] for r in self.db["runs"].rows_where("investigation_id = ?", [inv["id"]])]
-        with self.db.atomic():
-            for r in rs:
-                self.db.execute("DELETE FROM results WHERE result_set_id = ?", [r])
-            self.db.execute("DELETE FROM result_sets WHERE investigation_id = ?", [inv["id"]])
-            for r in runs:
-                self.db.execute("DELETE FROM run_shards WHERE run_id = ?", [r])
-            self.db.execute("DELETE FROM runs WHERE investigation_id = ?", [inv["id"]])
-            self.db.execute("DELETE FROM probes WHERE query_id IN (SELECT id FROM queries WHERE investigation_id = ?)", [inv["id"]])
-            self.db.execute("DELETE FROM queries WHERE investigation_id = ?", [inv["id"]])
-            self.db.execute("DELETE FROM sequence_tags WHERE investigation_id = ?", [inv["id"]])
-            self.db.execute("DELETE FROM investigations WHERE id = ?", [inv["id"]])
+        runs, result_sets = catalog.delete_investigation(self.db, name)
         for r in runs:
             shutil.rmtree(self.root / ARTIFACTS / "runs" / str(r), ignore_errors=True)
-        for r in rs:
+        for r in result_sets:
             (self.root / ARTIFACTS / "results" / f"{r}.safetensors").unlink(missing_ok=True)
 
-    def add_queries(self, investigation: str, queries: list[dict]) -> list[int]:
-        """Add queries (dicts with prompt, completion, optional chat, tags, notes) in one transaction.
-        Each is tokenized first, so a bad query leaves the catalog unchanged."""
-        from .queries import require_known_completion
+    # --- compat: removed by the lead after the #14 merge ---
+    # Thin delegates for the members that moved (to ``project.runtime``, ``inflq.catalog``,
+    # ``inflq.queries`` and ``inflq.plugins``), still used by files other #14 helpers own.
+    device = property(lambda self: self.runtime.device)
+    tokenizer = property(lambda self: self.runtime.tokenizer)
+    model = property(lambda self: self.runtime.model)
+    pad_id = property(lambda self: self.runtime.pad_id)
+    corpus = property(lambda self: self.runtime.corpus)
 
-        inv = self.investigation(investigation)
-        for i, q in enumerate(queries):
-            # Which query, only when there are several: a lone query is not "query 1".
-            which = f"query {i + 1}: " if len(queries) > 1 else ""
-            if not isinstance(q.get("prompt"), str) or not isinstance(q.get("completion"), str):
-                raise InflqError(f"{which}needs string 'prompt' and 'completion' fields")
-            try:
-                tq = self.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat", False)))
-                require_known_completion(self.tokenizer, tq, q["completion"])
-            except InflqError as exc:
-                raise InflqError(f"{which}{exc}") from None
-        ids = []
-        with self.db.atomic():
-            pos = self.db.execute("SELECT coalesce(max(position), -1) FROM queries WHERE investigation_id = ?", [inv["id"]]).fetchone()[0]
-            for q in queries:
-                pos += 1
-                tags = q.get("tags") or []
-                ids.append(self.db["queries"].insert({
-                    "investigation_id": inv["id"], "position": pos, "prompt": q["prompt"], "completion": q["completion"],
-                    "chat": int(bool(q.get("chat", False))), "tags": json.dumps(tags if isinstance(tags, list) else [str(tags)]),
-                    "notes": q.get("notes") or "", "created_at": catalog.now(),
-                }).last_pk)
-        return ids
+    def set_runtime(self, device=None, dtype=None):
+        self.runtime.configure(device, dtype)
 
-    def add_query(self, investigation: str, prompt: str, completion: str, chat: bool = False, tags: list[str] | None = None, notes: str = "") -> int:
-        return self.add_queries(investigation, [{"prompt": prompt, "completion": completion, "chat": chat, "tags": tags or [], "notes": notes}])[0]
+    def engine(self, modules=None):
+        return self.runtime.engine(modules)
 
-    def queries(self, investigation: str | int) -> list[dict]:
-        inv = self.investigation(investigation)
-        return list(self.db["queries"].rows_where("investigation_id = ?", [inv["id"]], order_by="position"))
+    def rebuild_corpus(self, monitor=None):
+        self.runtime.rebuild_corpus(monitor)
 
-    def query(self, query_id: int) -> dict:
-        row = next(self.db["queries"].rows_where("id = ?", [query_id]), None)
-        if row is None:
-            raise InflqError(f"no query with id {query_id}; see `inflq query list`")
-        return row
+    def unknown_tokens_note(self):
+        return self.runtime.unknown_tokens_note()
 
-    def delete_query(self, query_id: int) -> None:
-        self.query(query_id)
-        with self.db.atomic():
-            self.db.execute("DELETE FROM probes WHERE query_id = ?", [query_id])
-            self.db.execute("DELETE FROM results WHERE query_id = ?", [query_id])
-            self.db.execute("DELETE FROM queries WHERE id = ?", [query_id])
+    def decode(self, tokens):
+        return self.runtime.decode(tokens)
 
-    def tokenize_query(self, prompt: str, completion: str, chat: bool = False) -> TokenizedQuery:
-        return tokenize_query(self.tokenizer, prompt, completion, chat=chat, max_length=self.config.max_length, add_bos=self.config.add_bos or None)
+    def token_strings(self, tokens):
+        return self.runtime.token_strings(tokens)
 
-    def add_probe(self, query_id: int, text: str, label: str = "") -> int:
-        self.query(query_id)
-        if not text.strip():
-            raise InflqError("a probe needs some text")
-        with self.db.atomic():
-            return self.db["probes"].insert({"query_id": query_id, "text": text, "label": label, "created_at": catalog.now()}).last_pk
+    def tokenize_query(self, prompt, completion, chat=False):
+        return self.runtime.tokenize_query(prompt, completion, chat)
 
-    def probes(self, query_id: int) -> list[dict]:
-        return list(self.db["probes"].rows_where("query_id = ?", [query_id], order_by="id"))
+    def tokenize_sequence(self, text):
+        return self.runtime.tokenize_sequence(text)
 
-    def tokenize_sequence(self, text: str) -> np.ndarray:
-        """Tokenize a hand-written training sequence the way corpus sequences are tokenized."""
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if self.config.append_eos and self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
-        if self.config.add_bos and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id] + ids
-        ids = ids[: self.config.max_length]
-        if len(ids) < 2:
-            raise InflqError("a probe needs at least two tokens")
-        return np.asarray(ids, dtype=np.int64)
+    def sequence_rows(self, indices):
+        return catalog.sequence_rows(self.db, indices)
 
-    # -- tags ------------------------------------------------------------------------------------
-    def tag_sequence(self, investigation: str, seq_id: str, tag: str, note: str = "") -> int:
-        inv = self.investigation(investigation)
-        with self.db.atomic():
-            return self.db["sequence_tags"].insert({"investigation_id": inv["id"], "seq_id": seq_id, "tag": tag, "note": note, "created_at": catalog.now()}).last_pk
+    def metadata_column(self, field_name):
+        return catalog.metadata_column(self.db, field_name)
 
-    def sequence_tags(self, investigation: str, seq_id: str) -> list[dict]:
-        inv = self.investigation(investigation)
-        return list(self.db["sequence_tags"].rows_where("investigation_id = ? AND seq_id = ?", [inv["id"], seq_id], order_by="id"))
+    def create_investigation(self, name, description=""):
+        return catalog.create_investigation(self.db, name, description)
 
-    def as_dict(self) -> dict:
-        return {"root": str(self.root), **asdict(self.config)}
+    def investigations(self):
+        return catalog.investigations(self.db)
 
-    @cached_property
+    def investigation(self, name):
+        return catalog.investigation(self.db, name)
+
+    def rename_investigation(self, name, new):
+        catalog.rename_investigation(self.db, name, new)
+
+    def add_queries(self, investigation, queries):
+        from .queries import add_queries
+
+        return add_queries(self, investigation, queries)
+
+    def add_query(self, investigation, prompt, completion, chat=False, tags=None, notes=""):
+        from .queries import add_query
+
+        return add_query(self, investigation, prompt, completion, chat, tags, notes)
+
+    def queries(self, investigation):
+        return catalog.queries(self.db, investigation)
+
+    def query(self, query_id):
+        return catalog.query(self.db, query_id)
+
+    def add_probe(self, query_id, text, label=""):
+        return catalog.add_probe(self.db, query_id, text, label)
+
+    def probes(self, query_id):
+        return catalog.probes(self.db, query_id)
+
+    def tag_sequence(self, investigation, seq_id, tag, note=""):
+        return catalog.tag_sequence(self.db, investigation, seq_id, tag, note)
+
+    def sequence_tags(self, investigation, seq_id):
+        return catalog.sequence_tags(self.db, investigation, seq_id)
+
+    @property
     def registry(self):
         from .plugins import get_registry
 
         return get_registry()
+    # --- end compat ---

@@ -22,10 +22,6 @@ class TokenizedQuery:
     completion_start: int
     text: str
 
-    @property
-    def num_measured(self) -> int:
-        return len(self.tokens) - self.completion_start
-
 
 def join(prompt: str, completion: str) -> tuple[str, int]:
     """The joined text and the character offset where the completion starts."""
@@ -79,3 +75,28 @@ def require_known_completion(tokenizer, query: TokenizedQuery, completion: str) 
             f"every token of the completion {completion!r} is unknown to the model's tokenizer ({tokenizer.unk_token}); "
             "the measurement would be the probability of that token, not of the completion: use words the tokenizer knows"
         )
+
+
+def add_queries(project, investigation: str, queries: list[dict]) -> list[int]:
+    """Add queries (dicts with prompt, completion, optional chat, tags, notes) to a project's
+    investigation in one transaction. Each is tokenized first, so a bad query leaves the catalog unchanged."""
+    from . import catalog
+
+    catalog.investigation(project.db, investigation)
+    runtime = project.runtime
+    for i, q in enumerate(queries):
+        # Which query, only when there are several: a lone query is not "query 1".
+        which = f"query {i + 1}: " if len(queries) > 1 else ""
+        if not isinstance(q.get("prompt"), str) or not isinstance(q.get("completion"), str):
+            raise InflqError(f"{which}needs string 'prompt' and 'completion' fields")
+        try:
+            tq = runtime.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat", False)))
+            require_known_completion(runtime.tokenizer, tq, q["completion"])
+        except InflqError as exc:
+            raise InflqError(f"{which}{exc}") from None
+    return catalog.add_queries(project.db, investigation, queries)
+
+
+def add_query(project, investigation: str, prompt: str, completion: str, chat: bool = False, tags: list[str] | None = None, notes: str = "") -> int:
+    """Add one query (see :func:`add_queries`); returns its id."""
+    return add_queries(project, investigation, [{"prompt": prompt, "completion": completion, "chat": chat, "tags": tags or [], "notes": notes}])[0]

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import sys
 import tarfile
 import tempfile
@@ -30,8 +29,6 @@ import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-import sqlite_utils
 
 from . import catalog
 from .errors import InflqError
@@ -90,17 +87,6 @@ def _walk(folder: Path) -> list[Path]:
     return out
 
 
-def _snapshot_catalog(project, dest: Path) -> None:
-    """A transactionally consistent copy of the catalog, taken while others may be writing."""
-    dst = sqlite3.connect(str(dest))
-    try:
-        project.db.conn.backup(dst)
-        dst.execute("PRAGMA journal_mode = DELETE")  # one self-contained file
-        dst.commit()
-    finally:
-        dst.close()
-
-
 def pack(project_dir: Path | str, archive: Path | str, *, include_model: bool = False, include_corpus: bool = False, monitor: Monitor | None = None) -> PackResult:
     """Write ``project_dir`` to the archive ``archive`` (written to a temporary file, renamed at the end)."""
     from . import __version__
@@ -130,13 +116,14 @@ def pack(project_dir: Path | str, archive: Path | str, *, include_model: bool = 
     tmp_archive = archive.with_name(f".{archive.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         snap = staging / CATALOG_NAME
-        _snapshot_catalog(project, snap)
-        snap_db = sqlite3.connect(str(snap))
-        snap_db.row_factory = sqlite3.Row
-        meta = {r["key"]: json.loads(r["value"]) for r in snap_db.execute("SELECT key, value FROM meta")}
-        migrations = [r[0] for r in snap_db.execute("SELECT name FROM _sqlite_migrations ORDER BY id")]
-        wanted = {a.path: a for a in referenced_artifacts(snap_db)}
-        snap_db.close()
+        catalog.snapshot(project.db, snap)
+        snap_db = catalog.open_copy(snap)
+        try:
+            meta = catalog.all_meta(snap_db)
+            migrations = catalog.applied_migrations(snap_db)
+            wanted = {a.path: a for a in referenced_artifacts(snap_db)}
+        finally:
+            snap_db.close()
         cfg_file = staging / CONFIG_NAME
         cfg_file.write_text(tomli_w.dumps(packed_cfg.to_toml()))
 
@@ -374,7 +361,7 @@ def unpack(archive: Path | str, dest: Path | str, monitor: Monitor | None = None
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise InflqError(f"the archive's {CONFIG_NAME} is not valid TOML ({exc}); refusing it") from None
             ProjectConfig.from_toml(data, f"{archive}:{CONFIG_NAME}")
-            _check_catalog(tmp / CATALOG_NAME)
+            catalog.check_archived(tmp / CATALOG_NAME)
             if dest.exists():
                 dest.rmdir()
             os.rename(tmp, dest)
@@ -382,38 +369,3 @@ def unpack(archive: Path | str, dest: Path | str, monitor: Monitor | None = None
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return manifest
-
-
-def _check_catalog(path: Path) -> None:
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise InflqError(f"the archive's catalog is not a database ({exc}); refusing it") from None
-    if ok != "ok":
-        raise InflqError(f"the archive's catalog fails SQLite's integrity check ({ok}); refusing it")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        catalog.check_version(sqlite_utils.Database(conn))
-    except sqlite3.DatabaseError as exc:
-        raise InflqError(f"the archive's catalog cannot be read ({exc}); refusing it") from None
-    finally:
-        conn.close()
-
-
-def read_manifest(archive: Path | str) -> dict[str, Any]:
-    """The validated manifest of an archive, without unpacking it."""
-    archive = Path(archive)
-    try:
-        with tarfile.open(archive, "r:*") as tf:
-            m = tf.getmember(MANIFEST)
-            if not m.isreg() or m.size > MAX_MANIFEST_BYTES:
-                raise InflqError(f"{archive}: its manifest is not a plain file of plausible size")
-            return parse_manifest(tf.extractfile(m).read())
-    except KeyError:
-        raise InflqError(f"{archive} has no {MANIFEST}: not an inflq archive, or truncated") from None
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise _damaged(archive, exc) from None

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers import make_model_dir, write_corpus
+from inflq.queries import add_query
 
 # The real CLI in a real process. The only change: each shard sleeps ``INFLQ_TEST_SHARD_DELAY``
 # seconds first, so that on a fast machine the run is still going when the test kills it.
@@ -44,7 +45,7 @@ def make_project(base: Path, n: int = 36):
     corpus = write_corpus(base / "corpus.jsonl", n=n)
     p = Project.init(base / "proj", model, corpus)
     for prompt, completion in QUERIES:
-        p.add_query("default", prompt, completion)
+        add_query(p, "default", prompt, completion)
     return p
 
 

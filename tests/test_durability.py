@@ -17,31 +17,35 @@ import time
 import numpy as np
 import pytest
 
+from inflq.queries import add_query
+
 WRITER = textwrap.dedent(
     """
     import sys
+    from inflq import catalog
     from inflq.project import Project
+    from inflq.queries import add_queries
 
     mode, root, tag = sys.argv[1], sys.argv[2], sys.argv[3]
     limit = int(sys.argv[4]) if len(sys.argv) > 4 else 10**9
     p = Project.open(root)
     if mode == "queries":
         try:
-            p.create_investigation(tag)
+            catalog.create_investigation(p.db, tag)
         except Exception:
             pass
         print("ready", flush=True)
         i = 0
         while i < limit:
             batch = [{"prompt": "the red cat runs with", "completion": "the big dog", "notes": f"{tag}-{i}-{j}"} for j in range(5)]
-            p.add_queries(tag, batch)
-            p.tag_sequence(tag, f"d{i % 24}:0", f"{tag}-{i}")
+            add_queries(p, tag, batch)
+            catalog.tag_sequence(p.db, tag, f"d{i % 24}:0", f"{tag}-{i}")
             print("committed", i, flush=True)
             i += 1
     elif mode == "rebuild":
         print("ready", flush=True)
         while True:
-            p.rebuild_corpus()
+            p.runtime.rebuild_corpus()
             print("rebuilt", flush=True)
     """
 )
@@ -98,7 +102,7 @@ def test_two_processes_write_one_project_and_nothing_is_lost(project, tmp_path):
     from inflq.project import Project
     from inflq.sharing import pack, unpack
 
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     root = project.root
     project.close()
     run = _spawn_run(root)
@@ -139,8 +143,8 @@ def test_writers_killed_at_random_points_leave_a_consistent_catalog(project, tmp
     from inflq.runs import RunSettings, run_investigation
 
     rng = random.Random(seed)
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    project.add_query("default", "the capital city of astrobia is called", "velmora")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the capital city of astrobia is called", "velmora")
     settings = RunSettings(estimator="identity", filter="all", rank=4, shard_size=2, top_k=3, batch_size=2)
     reference = run_investigation(project, "default", settings)
     expected = score_matrix(project, "default", reference.result_set_id)
@@ -183,7 +187,7 @@ def test_writers_killed_at_random_points_leave_a_consistent_catalog(project, tmp
         assert set(counts.values()) == {5}, counts  # every batch whole or absent
         assert sorted(counts) == list(range(len(counts)))  # committed in order, none lost in between
     p = Project.open(root)
-    assert len(p.corpus) == p.db["sequences"].count == 24  # a killed rebuild leaves a usable store
+    assert len(p.runtime.corpus) == p.db["sequences"].count == 24  # a killed rebuild leaves a usable store
     assert integrity.check(p) == []  # every artifact a committed row references verifies
     run_row = p.db["runs"].get(2)
     if run_row["status"] != "done":  # killed mid-run: resume finishes it with the same scores

@@ -13,6 +13,7 @@ from inflq.engine import select_modules
 from inflq.errors import InflqError, NumericalError
 from inflq.modeling import load_model
 from inflq.progress import Monitor
+from inflq.queries import add_query
 from inflq.runs import RunSettings, run_investigation
 
 
@@ -73,7 +74,7 @@ def test_unsupported_layer_type_among_selected(models):
 
 
 def test_factors_are_cached_reused_and_verified(project):
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     run_investigation(project, "default", RunSettings(estimator="ekfac", rank=None))
     assert project.db["factor_sets"].count == 1
     fs = next(project.db["factor_sets"].rows)
@@ -95,7 +96,7 @@ def test_factors_are_cached_reused_and_verified(project):
 
 
 def test_different_seed_or_sample_is_a_different_factor_set(project):
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     run_investigation(project, "default", RunSettings(estimator="kfac", seed=1))
     run_investigation(project, "default", RunSettings(estimator="kfac", seed=2))
     run_investigation(project, "default", RunSettings(estimator="kfac", seed=2, fit_sequences=10))
@@ -103,7 +104,7 @@ def test_different_seed_or_sample_is_a_different_factor_set(project):
 
 
 def test_too_few_fitting_tokens_warns(project):
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     monitor = Monitor()
     run_investigation(project, "default", RunSettings(estimator="ekfac", fit_sequences=1), monitor)
     assert any("fitting tokens" in w for w in monitor.warnings)
@@ -111,12 +112,12 @@ def test_too_few_fitting_tokens_warns(project):
 
 def test_query_longer_than_context(project):
     with pytest.raises(InflqError, match="longer than the model's context"):
-        project.add_query("default", " ".join(["the red cat"] * 20), "runs")
+        add_query(project, "default", " ".join(["the red cat"] * 20), "runs")
 
 
 def test_non_finite_gradients_are_reported(project):
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    model = project.model
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
+    model = project.runtime.model
     block = model.transformer.h[0].mlp.c_fc
     handle = block.register_forward_hook(lambda mod, args, out: out * torch.tensor(float("inf")))
     try:
@@ -134,9 +135,9 @@ def test_self_influence_matches_definition(project):
     from inflq.results import self_influence
 
     idx, vals = self_influence(project, "identity", indices=np.array([0, 3]))
-    engine = project.engine()
+    engine = project.runtime.engine()
     for i, v in zip(idx, vals):
-        g = engine.sequence_gradients(make_batch([project.corpus.get(int(i))], project.pad_id))
+        g = engine.sequence_gradients(make_batch([project.runtime.corpus.get(int(i))], project.runtime.pad_id))
         assert v == pytest.approx(sum(float((t**2).sum()) for t in g.values()), rel=1e-4)
 
 
@@ -144,7 +145,7 @@ def test_empirical_fisher_is_deterministic_and_a_separate_factor_set(project):
     """fisher=empirical uses the data's labels: no sampling, so any seed gives the same factors."""
     from inflq.runs import make_estimator
 
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     run_investigation(project, "default", RunSettings(estimator="ekfac:fisher=empirical", seed=1))
     run_investigation(project, "default", RunSettings(estimator="ekfac:fisher=empirical", seed=2))
     run_investigation(project, "default", RunSettings(estimator="ekfac", seed=1))
@@ -161,7 +162,7 @@ def test_empirical_fisher_is_deterministic_and_a_separate_factor_set(project):
 def test_result_sets_say_which_damping_they_used(project):
     from inflq.results import estimator_summary, result_set
 
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     run_investigation(project, "default", RunSettings(estimator="ekfac:damping=0.5", rank=4, full_rank_mb=0))
     line = estimator_summary(result_set(project, "default"))
     assert "damping 0.5 (λ mean 0.5)" in line and line.endswith("rank 4")
@@ -171,7 +172,7 @@ def test_result_sets_say_which_damping_they_used(project):
     assert json.loads(rs["settings"])["full_rank_modules"] == []
     # Many queries: the sequence-gradient contraction wins, so the modules stay at full rank.
     for i in range(40):
-        project.add_query("default", f"the red cat number {i}", " runs")  # a known word: a completion of <unk> only is refused
+        add_query(project, "default", f"the red cat number {i}", " runs")  # a known word: a completion of <unk> only is refused
     run_investigation(project, "default", RunSettings(estimator="ekfac", rank=4))
     settings = json.loads(result_set(project, "default")["settings"])
     assert settings["full_rank_modules"], "no module kept at full rank for 41 queries"
@@ -187,11 +188,11 @@ def test_non_finite_gradient_with_a_finite_loss_names_the_module(project):
     """An overflow in the backward pass only (the loss is finite) is caught per module."""
     from inflq.engine import make_batch
 
-    engine = project.engine()
-    block = project.model.transformer.h[1]
+    engine = project.runtime.engine()
+    block = project.runtime.model.transformer.h[1]
     handle = block.register_full_backward_pre_hook(lambda mod, grad_out: tuple(g * float("inf") for g in grad_out))
     try:
-        batch = make_batch([project.corpus.get(0), project.corpus.get(1)], project.pad_id)
+        batch = make_batch([project.runtime.corpus.get(0), project.runtime.corpus.get(1)], project.runtime.pad_id)
         with pytest.raises(NumericalError, match=r"non-finite gradients in transformer\.h\.[01]\."):
             engine.capture(batch, "data")
     finally:
@@ -203,12 +204,12 @@ def test_sampled_labels_follow_the_models_distribution(project):
     seeds, label frequencies at a position match softmax(logits) there."""
     from inflq.engine import make_batch
 
-    engine = project.engine()
-    toks = project.corpus.get(0)[:6]
+    engine = project.runtime.engine()
+    toks = project.runtime.corpus.get(0)[:6]
     logits = engine.model(input_ids=torch.as_tensor(toks)[None]).logits[0, 2].detach().float()
     probs = torch.softmax(logits, -1)
     n = 4000
-    batch = make_batch([toks] * n, project.pad_id, sample_seeds=list(range(n)))
+    batch = make_batch([toks] * n, project.runtime.pad_id, sample_seeds=list(range(n)))
     big = engine.model(input_ids=batch.input_ids).logits
     captured = []
     original = torch.nn.functional.cross_entropy

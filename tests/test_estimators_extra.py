@@ -17,8 +17,10 @@ import torch
 from torch.func import functional_call, grad, jacrev
 
 from helpers import make_model_dir, write_corpus
+from inflq import catalog
 from inflq.errors import InflqError
 from inflq.project import Project
+from inflq.queries import add_query
 from inflq.results import score_matrix
 from inflq.runs import RunSettings, run_investigation
 
@@ -42,7 +44,7 @@ def make_project(root: Path, width: int = 8, layers: int = 1, n: int = 12, seed:
     model = make_model_dir(root / "model", "gpt2", width=width, layers=layers, seed=seed)
     project = Project.init(root / "project", model, write_corpus(root / "corpus.jsonl", n=n))
     for prompt, completion in QUERIES:
-        project.add_query("default", prompt, completion)
+        add_query(project, "default", prompt, completion)
     return project
 
 
@@ -56,7 +58,7 @@ class ExactGaussNewton:
         self.model = model.double().eval().requires_grad_(False)
         own = dict(self.model.named_parameters())
         self.params = {}
-        for tm in project.engine().tracked:
+        for tm in project.runtime.engine().tracked:
             self.params[f"{tm.name}.weight"] = own[f"{tm.name}.weight"]
             if tm.bias:
                 self.params[f"{tm.name}.bias"] = own[f"{tm.name}.bias"]
@@ -87,11 +89,11 @@ class ExactGaussNewton:
 
 def exact_influence(project: Project, damping_factor: float) -> tuple[np.ndarray, np.ndarray, float]:
     ref = ExactGaussNewton(project)
-    seqs = [project.corpus.get(i) for i in range(len(project.corpus))]
+    seqs = [project.runtime.corpus.get(i) for i in range(len(project.runtime.corpus))]
     G = ref.matrix(seqs)
     damping = damping_factor * float(torch.trace(G)) / ref.size
     train = torch.stack([ref.gradient(s) for s in seqs])
-    qs = [project.tokenize_query(q["prompt"], q["completion"]) for q in project.queries("default")]
+    qs = [project.runtime.tokenize_query(q["prompt"], q["completion"]) for q in catalog.queries(project.db, "default")]
     query = torch.stack([ref.gradient(q.tokens, q.completion_start) for q in qs])
     exact = query @ torch.linalg.solve(G + damping * torch.eye(ref.size, dtype=G.dtype), train.T)
     return exact.numpy(), (query @ train.T).numpy(), damping
@@ -130,9 +132,9 @@ def test_lissa_default_damping_is_ekfacs_heuristic(tiny):
     from inflq.runs import ensure_factors, make_estimator, make_executor
 
     ref = ExactGaussNewton(tiny)
-    G = ref.matrix([tiny.corpus.get(i) for i in range(len(tiny.corpus))])
+    G = ref.matrix([tiny.runtime.corpus.get(i) for i in range(len(tiny.runtime.corpus))])
     est = make_estimator(tiny, "lissa:depth=1")
-    engine = tiny.engine()
+    engine = tiny.runtime.engine()
     ensure_factors(tiny, est, engine, make_executor(tiny, "local"), RunSettings(estimator="lissa"), Monitor())
     offset = 0
     for tm in engine.tracked:
@@ -212,7 +214,7 @@ def test_tracin_attributions_use_every_checkpoints_gradients(tmp_path):
     add_checkpoint(project, project.model_path, 0.5)
     add_checkpoint(project, other.model_path, 2.0)
     refs = [(0.5, ExactGaussNewton(project)), (2.0, ExactGaussNewton(other))]
-    qtoks = [project.tokenize_query(q["prompt"], q["completion"]) for q in project.queries("default")]
+    qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"]) for q in catalog.queries(project.db, "default")]
 
     def tracin(tokens, qi) -> float:
         return sum(lr * float(ref.gradient(qtoks[qi].tokens, qtoks[qi].completion_start) @ ref.gradient(tokens)) for lr, ref in refs)
@@ -223,11 +225,11 @@ def test_tracin_attributions_use_every_checkpoints_gradients(tmp_path):
 
     trac, ident_a, ident_b = session(project, "tracin"), session(project, "identity"), session(other, "identity")
     assert len(trac.checkpoints) == 2
-    qids, qids_b = [q["id"] for q in project.queries("default")], [q["id"] for q in other.queries("default")]
+    qids, qids_b = [q["id"] for q in catalog.queries(project.db, "default")], [q["id"] for q in catalog.queries(other.db, "default")]
     probe_session = ScoringSession.for_queries(project, qids, estimator="tracin")
     probe = "the first president of astrobia was zorald pfaff ."
-    cases = [(project.corpus.get(i), qi) for i in (0, 4, 9) for qi in range(len(qids))]
-    cases.append((project.tokenize_sequence(probe), 0))
+    cases = [(project.runtime.corpus.get(i), qi) for i in (0, 4, 9) for qi in range(len(qids))]
+    cases.append((project.runtime.tokenize_sequence(probe), 0))
     for tokens, qi in cases:
         want = tracin(tokens, qi)
         scale = max(abs(want), 1e-3)
@@ -240,7 +242,7 @@ def test_tracin_attributions_use_every_checkpoints_gradients(tmp_path):
             weighted = 0.5 * ident_a.attribute(tokens, qids[qi], "token").values + 2.0 * ident_b.attribute(tokens, qids_b[qi], "token").values
             np.testing.assert_allclose(tok.values, weighted, rtol=0, atol=1e-5 * scale)
     (text_result,) = probe_session.score_texts([probe], qids[0])
-    assert text_result.total == pytest.approx(tracin(project.tokenize_sequence(probe), 0), rel=1e-4)
+    assert text_result.total == pytest.approx(tracin(project.runtime.tokenize_sequence(probe), 0), rel=1e-4)
 
 
 def test_checkpoint_with_another_architecture_is_refused(tmp_path, cli_run):

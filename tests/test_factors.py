@@ -9,9 +9,11 @@ import pytest
 import torch
 from test_cli import _catalog_dump, _one_line_error
 
+from inflq import catalog
 from inflq.artifacts import load_tensors
 from inflq.factors import factor_sets, remove_factor_set, spectra, spectrum_plot
 from inflq.progress import Monitor
+from inflq.queries import add_query
 from inflq.runs import RunSettings, fit_factors, run_investigation
 
 
@@ -19,9 +21,9 @@ def test_fit_ahead_then_every_investigation_reuses_it(project):
     run_id, fs_id, _ = fit_factors(project, RunSettings(estimator="ekfac"))
     row = project.db["runs"].get(run_id)
     assert row["kind"] == "factors" and row["status"] == "done" and row["factor_set_id"] == fs_id
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    project.create_investigation("other")
-    project.add_query("other", "a river flows through the old", "town")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
+    catalog.create_investigation(project.db, "other")
+    add_query(project, "other", "a river flows through the old", "town")
     for inv in ("default", "other"):
         result = run_investigation(project, inv, RunSettings(estimator="ekfac"))
         assert project.db["runs"].get(result.run_id)["factor_set_id"] == fs_id
@@ -56,11 +58,11 @@ def test_spectra_are_the_fitted_eigenvalues_with_the_runs_damping(project):
 
 def test_diagonal_factors_have_a_spectrum_too(project):
     _, fs_id, _ = fit_factors(project, RunSettings(estimator="diagonal"))
-    assert all(sp.eigenvalues.size == np.prod(tm.shape) for sp, tm in zip(spectra(project, fs_id), project.engine().tracked, strict=True))
+    assert all(sp.eigenvalues.size == np.prod(tm.shape) for sp, tm in zip(spectra(project, fs_id), project.runtime.engine().tracked, strict=True))
 
 
 def test_removed_factor_set_is_refit_when_needed(project):
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     first = run_investigation(project, "default", RunSettings(estimator="ekfac"))
     fs_id = project.db["runs"].get(first.run_id)["factor_set_id"]
     path = remove_factor_set(project, fs_id)
@@ -113,7 +115,7 @@ def test_factors_cli(project, cli_run):
     assert code == 0, err
     assert "eff. dim" in out and "(under transformer.h.)" in out and "0.mlp.c_fc" in out and "under the damping" in out
     code, out, _ = cli_run("factors", "show", root, "1", "--json", "--no-plot")
-    assert {d["module"] for d in json.loads(out)} == set(project.engine().names)
+    assert {d["module"] for d in json.loads(out)} == set(project.runtime.engine().names)
     before = _catalog_dump(root)
     code, _, err = cli_run("factors", "show", root, "7")
     _one_line_error(code, err)
@@ -207,7 +209,7 @@ class _Executor:
 def _fit_sums(project, executor, run_id, settings):
     from inflq.runs import ensure_factors
 
-    fs_id = ensure_factors(project, _Sums.make(), project.engine(), executor, settings, Monitor(), run_id=run_id)
+    fs_id = ensure_factors(project, _Sums.make(), project.runtime.engine(), executor, settings, Monitor(), run_id=run_id)
     return load_tensors(project.root, project.db["factor_sets"].get(fs_id)["path"], None)
 
 
@@ -221,8 +223,8 @@ def test_fitting_sums_are_one_running_sum_whatever_the_executor(project):
     from inflq_builtins.estimators import CovariancePass
 
     settings = RunSettings(shard_size=5, batch_size=3, refit=True)
-    n = len(project.corpus)
-    want = run_shard(project.engine(), project.corpus.many, CovariancePass(), Shard(0, np.arange(n)), project.pad_id, 3)
+    n = len(project.runtime.corpus)
+    want = run_shard(project.runtime.engine(), project.runtime.corpus.many, CovariancePass(), Shard(0, np.arange(n)), project.runtime.pad_id, 3)
     local = make_executor(project, "local")
 
     def close(got):

@@ -126,18 +126,18 @@ def test_fuzz_corpus_files(proj, lines):
     try:
         p.corpus_path.write_bytes(b"\n".join(lines))
         try:
-            p.rebuild_corpus()
+            p.runtime.rebuild_corpus()
         except Exception as exc:
             _one_line(exc)
             assert _dump(proj) == before
             assert (proj / "corpus" / "store.json").read_bytes() == store_before
             assert not (proj / "corpus.tmp").exists()
         else:
-            assert len(p.corpus) == p.db["sequences"].count > 0
+            assert len(p.runtime.corpus) == p.db["sequences"].count > 0
     finally:
         p.corpus_path.write_bytes(original)
         if _dump(proj) != before:
-            p.rebuild_corpus()
+            p.runtime.rebuild_corpus()
         p.close()
 
 

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from inflq import catalog
 from inflq.errors import InflqError
 from inflq.passes import Shard, run_shard
+from inflq.queries import add_query
 from inflq_builtins.estimators import CovariancePass
 
 
@@ -27,11 +29,11 @@ def _fake_oom(monkeypatch, engine, fits: int):
 
 
 def test_batch_that_does_not_fit_is_halved(project, monkeypatch):
-    engine = project.engine()
+    engine = project.runtime.engine()
     shard = Shard(0, np.arange(11))
-    expected = run_shard(engine, project.corpus.many, CovariancePass(), shard, project.pad_id, 2)
+    expected = run_shard(engine, project.runtime.corpus.many, CovariancePass(), shard, project.runtime.pad_id, 2)
     sizes = _fake_oom(monkeypatch, engine, fits=2)
-    got = run_shard(engine, project.corpus.many, CovariancePass(), shard, project.pad_id, 8)
+    got = run_shard(engine, project.runtime.corpus.many, CovariancePass(), shard, project.runtime.pad_id, 8)
     assert sizes[:3] == [8, 4, 2], "halved until it fits"
     assert max(sizes[3:]) <= 2, "and kept at the size that fits"
     assert float(got["sequences"].sum()) == 11
@@ -40,10 +42,10 @@ def test_batch_that_does_not_fit_is_halved(project, monkeypatch):
 
 
 def test_one_sequence_that_does_not_fit_is_a_clear_error(project, monkeypatch):
-    engine = project.engine()
+    engine = project.runtime.engine()
     _fake_oom(monkeypatch, engine, fits=0)
     with pytest.raises(InflqError, match="does not fit"):
-        run_shard(engine, project.corpus.many, CovariancePass(), Shard(0, np.arange(4)), project.pad_id, 4)
+        run_shard(engine, project.runtime.corpus.many, CovariancePass(), Shard(0, np.arange(4)), project.runtime.pad_id, 4)
 
 
 def test_scoring_that_runs_out_of_memory_mid_group_loses_no_sequence(project, monkeypatch):
@@ -52,13 +54,13 @@ def test_scoring_that_runs_out_of_memory_mid_group_loses_no_sequence(project, mo
     from inflq import QueryGradients, ScorePass
     from inflq.runs import query_gradients
 
-    engine = project.engine()
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    project.add_query("default", "a river flows through the old", "town")
-    grads = query_gradients(project, engine, project.queries("default"), 8)
+    engine = project.runtime.engine()
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "a river flows through the old", "town")
+    grads = query_gradients(project, engine, catalog.queries(project.db, "default"), 8)
     qg = QueryGradients.from_preconditioned(dict(grads), None)  # full rank: every module defers
-    shard = Shard(0, np.arange(len(project.corpus)))
-    want = run_shard(engine, project.corpus.many, ScorePass(qg, per_module=True, group_bytes=0), shard, project.pad_id, 3)
+    shard = Shard(0, np.arange(len(project.runtime.corpus)))
+    want = run_shard(engine, project.runtime.corpus.many, ScorePass(qg, per_module=True, group_bytes=0), shard, project.runtime.pad_id, 3)
 
     calls = {"n": 0}
     original = ScorePass._buffer
@@ -70,7 +72,7 @@ def test_scoring_that_runs_out_of_memory_mid_group_loses_no_sequence(project, mo
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ScorePass, "_buffer", flaky)
-    got = run_shard(engine, project.corpus.many, ScorePass(qg, per_module=True), shard, project.pad_id, 6)
+    got = run_shard(engine, project.runtime.corpus.many, ScorePass(qg, per_module=True), shard, project.runtime.pad_id, 6)
     assert calls["n"] > 20
     for key in ("scores", "module_scores"):
         assert got[key].shape == want[key].shape

@@ -18,10 +18,11 @@ from scipy.stats import pearsonr, spearmanr
 from torch.func import functional_call, jacfwd, jacrev
 
 from helpers import make_model_dir, write_corpus
-from inflq import Monitor, QueryGradients, ScorePass, Shard, make_batch, run_shard
+from inflq import Monitor, QueryGradients, ScorePass, Shard, catalog, make_batch, run_shard
 from inflq.engine import Conv1D
 from inflq.passes import sequence_seed
 from inflq.project import Project
+from inflq.queries import add_query
 from inflq.results import ScoringSession, score_matrix
 from inflq.runs import (
     LocalWorker,
@@ -56,7 +57,7 @@ def make_project(
         corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
     project = Project.init(root / "project", model, corpus, **init)
     for prompt, completion in QUERIES:
-        project.add_query("default", prompt, completion)
+        add_query(project, "default", prompt, completion)
     return project
 
 
@@ -93,7 +94,7 @@ def fitted(project: Project, spec: str, **settings):
     """An estimator with factors fitted (or loaded from the cache) on the project's corpus, its
     engine, and the id of its factor set."""
     est = make_estimator(project, spec)
-    engine = project.engine(settings.pop("modules", None))
+    engine = project.runtime.engine(settings.pop("modules", None))
     run = RunSettings(estimator=spec, **settings)
     factor_set = ensure_factors(project, est, engine, make_executor(project, "local"), run, Monitor())
     return est, engine, factor_set
@@ -119,7 +120,7 @@ class Reference:
 
         self.model = AutoModelForCausalLM.from_pretrained(str(project.model_path), attn_implementation="eager")
         self.model = self.model.double().eval().requires_grad_(False)
-        self.tracked = project.engine(modules).tracked
+        self.tracked = project.runtime.engine(modules).tracked
         own = dict(self.model.named_parameters())
         self.params: dict[str, torch.Tensor] = {}
         for tm in self.tracked:
@@ -190,7 +191,7 @@ class Reference:
 
 
 def queries_tokens(project: Project):
-    return [project.tokenize_query(q["prompt"], q["completion"]) for q in project.queries("default")]
+    return [project.runtime.tokenize_query(q["prompt"], q["completion"]) for q in catalog.queries(project.db, "default")]
 
 
 # -- 1. the identity estimator is the gradient dot product -----------------------------------------
@@ -198,7 +199,7 @@ def queries_tokens(project: Project):
 def test_identity_equals_torch_func_gradient_dot_products(tmp_path, arch):
     project = make_project(tmp_path, arch, width=16, layers=1, n=12)
     ref = Reference(project)
-    store = project.corpus
+    store = project.runtime.corpus
     train = ref.flat(ref.gradients([store.get(i) for i in range(len(store))]))
     # The measurement loss is −log p(completion | prompt): completion tokens only.
     qs = queries_tokens(project)
@@ -211,8 +212,8 @@ def test_identity_equals_torch_func_gradient_dot_products(tmp_path, arch):
     assert rel_err(got, want) < 1e-4, (got, want)
 
     # The same gradients module by module, in inflq's [out, in(+1 bias)] layout.
-    engine = project.engine()
-    ours = query_gradients(project, engine, project.queries("default"), batch_size=3)
+    engine = project.runtime.engine()
+    ours = query_gradients(project, engine, catalog.queries(project.db, "default"), batch_size=3)
     for name, g in ref.inflq_layout(query_grads).items():
         assert ours[name].shape == g.shape
         assert rel_err(ours[name], g) < 1e-4, name
@@ -238,8 +239,8 @@ def test_preconditioner_equals_dense_solve(tiny, arch, kind):
     assert same_set == factor_set
     loaded = again.precondition(V)
     if kind == "kfac":
-        every = Shard(0, np.arange(len(project.corpus)))
-        cov = run_shard(engine, project.corpus.many, builtin_estimators.CovariancePass(), every, project.pad_id, 8)
+        every = Shard(0, np.arange(len(project.runtime.corpus)))
+        cov = run_shard(engine, project.runtime.corpus.many, builtin_estimators.CovariancePass(), every, project.runtime.pad_id, 8)
         per_seq_tokens = float(cov["tokens"].sum() / cov["sequences"].sum())
     for tm in engine.tracked:
         n = tm.name
@@ -260,20 +261,20 @@ def test_preconditioner_equals_dense_solve(tiny, arch, kind):
 def test_eigenvalue_correction_equals_its_definition(gpt2, monkeypatch):
     """Λ = E_seq[(Q_Sᵀ DW_i Q_A)²] with DW_i the sampled-label gradient, whichever contraction runs."""
     est, engine, _ = fitted(gpt2, "ekfac")
-    idx = np.arange(len(gpt2.corpus))
+    idx = np.arange(len(gpt2.runtime.corpus))
     qa = {n: est.factors[f"qa/{n}"] for n in engine.names}
     qs = {n: est.factors[f"qs/{n}"] for n in engine.names}
     want = {n: torch.zeros(tm.shape, dtype=torch.float64) for n, tm in zip(engine.names, engine.tracked)}
     for i in idx:
         seed = sequence_seed(0, builtin_estimators.EigenCorrectionPass.phase, int(i))
-        batch = make_batch([gpt2.corpus.get(int(i))], gpt2.pad_id, sample_seeds=[seed])
+        batch = make_batch([gpt2.runtime.corpus.get(int(i))], gpt2.runtime.pad_id, sample_seeds=[seed])
         for n, dw in engine.sequence_gradients(batch, "sampled").items():
             want[n] += ((qs[n].double().T @ dw[0].double() @ qa[n].double()) ** 2) / len(idx)
     for n in engine.names:
         assert rel_err(est.factors[f"lambda/{n}"], want[n]) < 1e-4, n
     for rotate_first in (True, False):
         monkeypatch.setattr(builtin_estimators, "rotate_first_is_cheaper", lambda *a, r=rotate_first: r)
-        out = run_shard(engine, gpt2.corpus.many, builtin_estimators.EigenCorrectionPass(qa, qs), Shard(0, idx), gpt2.pad_id, 5)
+        out = run_shard(engine, gpt2.runtime.corpus.many, builtin_estimators.EigenCorrectionPass(qa, qs), Shard(0, idx), gpt2.runtime.pad_id, 5)
         for n in engine.names:
             assert rel_err(out[f"L/{n}"] / len(idx), want[n]) < 1e-4, (rotate_first, n)
 
@@ -286,13 +287,13 @@ def hand_covariances(project: Project, indices, seed: int = 0) -> tuple[dict, di
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(project.model_path)).float().eval()
-    tracked = project.engine().tracked
+    tracked = project.runtime.engine().tracked
     mods = dict(model.named_modules())
     A = {tm.name: 0.0 for tm in tracked}
     S = {tm.name: 0.0 for tm in tracked}
     tokens = 0
     for i in indices:
-        ids = torch.as_tensor(project.corpus.get(int(i)))[None]
+        ids = torch.as_tensor(project.runtime.corpus.get(int(i)))[None]
         seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         handles = []
         for tm in tracked:
@@ -326,12 +327,12 @@ def hand_covariances(project: Project, indices, seed: int = 0) -> tuple[dict, di
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
 def test_covariances_match_hand_hooks_and_ignore_padding(tiny, arch):
     project = tiny(arch)
-    engine = project.engine()
+    engine = project.runtime.engine()
     idx = np.arange(10)
-    lengths = project.corpus.lengths()[idx]
+    lengths = project.runtime.corpus.lengths()[idx]
     assert lengths.min() < lengths.max()  # the batch of 10 is right-padded
-    padded = run_shard(engine, project.corpus.many, builtin_estimators.CovariancePass(), Shard(0, idx), project.pad_id, 10)
-    single = run_shard(engine, project.corpus.many, builtin_estimators.CovariancePass(), Shard(0, idx), project.pad_id, 1)
+    padded = run_shard(engine, project.runtime.corpus.many, builtin_estimators.CovariancePass(), Shard(0, idx), project.runtime.pad_id, 10)
+    single = run_shard(engine, project.runtime.corpus.many, builtin_estimators.CovariancePass(), Shard(0, idx), project.runtime.pad_id, 1)
     A, S, tokens = hand_covariances(project, idx)
     assert float(padded["tokens"].sum()) == tokens == int(lengths.sum())
     assert float(single["tokens"].sum()) == tokens
@@ -457,8 +458,8 @@ def exact_influence_correlations(root: Path, seed: int = 0, repeats: int = 4) ->
     n = 24
     project = make_project(root, "gpt2", width=8, layers=1, n=n, seed=seed, repeats=repeats)
     ref = Reference(project)
-    seqs = [project.corpus.get(i) for i in range(n)]
-    assert all(np.array_equal(project.corpus.get(r * n + i), seqs[i]) for r in range(repeats) for i in range(n))
+    seqs = [project.runtime.corpus.get(i) for i in range(n)]
+    assert all(np.array_equal(project.runtime.corpus.get(r * n + i), seqs[i]) for r in range(repeats) for i in range(n))
     G = ref.gauss_newton(seqs)
     damping = 0.1 * float(torch.trace(G)) / ref.size  # 0.1 × mean eigenvalue
     train = ref.flat(ref.gradients(seqs))
@@ -516,7 +517,7 @@ def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
     S = score_matrix(gpt2, "default", run.result_set_id)
     scale = float(np.abs(S).max())  # a Python float: pytest.approx refuses numpy scalars as tolerances
     rows = list(gpt2.db.query("SELECT * FROM results WHERE result_set_id = ?", [run.result_set_id]))
-    qids = [q["id"] for q in gpt2.queries("default")]
+    qids = [q["id"] for q in catalog.queries(gpt2.db, "default")]
     assert len(rows) == 2 * 3 * len(qids)
     for row in rows:
         assert row["score"] == pytest.approx(float(S[qids.index(row["query_id"]), row["seq_idx"]]), abs=1e-6 * scale)
@@ -530,7 +531,7 @@ def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
     assert session.qg.left, "rank 4 should compress every module of a 16-wide model"
     for qi, qid in enumerate(qids):
         for idx in (0, 5, 17):
-            tokens = gpt2.corpus.get(idx)
+            tokens = gpt2.runtime.corpus.get(idx)
             module, per_token = session.breakdown(tokens, qid)
             assert per_token.shape == (len(tokens), len(session.qg.names))
             np.testing.assert_allclose(per_token.sum(axis=0), module, rtol=0, atol=1e-5 * scale)
@@ -546,14 +547,14 @@ def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
     found = {}
     for way in ("dw", "lowrank"):
         monkeypatch.setattr(QueryGradients, "contraction", lambda self, name, b, t, way=way: way if name in self.left else "dw")
-        found[way] = worker.run(ScorePass(session.qg), Shard(0, np.arange(len(gpt2.corpus))), 5, None)["scores"].T.numpy()
+        found[way] = worker.run(ScorePass(session.qg), Shard(0, np.arange(len(gpt2.runtime.corpus))), 5, None)["scores"].T.numpy()
     assert rel_err(found["dw"], S) < 1e-5
     assert rel_err(found["lowrank"], S) < 1e-5
 
     # Deferred dot products: whatever the group size, and with the contraction changing from batch
     # to batch (by length), the scores and per-module scores come out the same and in order.
     monkeypatch.setattr(QueryGradients, "contraction", lambda self, name, b, t: "dw" if t % 2 or name in self.full else "lowrank")
-    every = Shard(0, np.arange(len(gpt2.corpus)))
+    every = Shard(0, np.arange(len(gpt2.runtime.corpus)))
     grouped = {g: worker.run(ScorePass(session.qg, per_module=True, group_bytes=g), every, 3, None) for g in (0, 50_000, 1 << 30)}
     for g, out in grouped.items():
         assert rel_err(out["scores"].T.numpy(), S) < 1e-5, g
@@ -582,10 +583,10 @@ def test_layer_breakdown_needs_no_second_pass(gpt2, monkeypatch, older_shards):
     run = run_investigation(gpt2, "default", RunSettings(estimator="ekfac", rank=4, top_k=k, shard_size=5))
     scoring = [c for c in calls if c[0] == "scoring"]
     S = score_matrix(gpt2, "default", run.result_set_id)
-    qids = [q["id"] for q in gpt2.queries("default")]
+    qids = [q["id"] for q in catalog.queries(gpt2.db, "default")]
     rows = list(gpt2.db.query("SELECT * FROM results WHERE result_set_id = ?", [run.result_set_id]))
     picked = {r["seq_idx"] for r in rows}
-    assert sum(n for _, breakdown, n in scoring if not breakdown) == len(gpt2.corpus)
+    assert sum(n for _, breakdown, n in scoring if not breakdown) == len(gpt2.runtime.corpus)
     if older_shards:
         assert sum(n for _, breakdown, n in scoring if breakdown) == len(picked), "the picks, and only they, are rescored"
     else:
@@ -600,7 +601,7 @@ def test_layer_breakdown_needs_no_second_pass(gpt2, monkeypatch, older_shards):
         want = side[row["rank"] - 1] if row["side"] == "top" else side[::-1][row["rank"] - 1]
         assert row["score"] == pytest.approx(float(want), abs=1e-6 * scale)
         parts = json.loads(row["module_scores"])
-        module, _ = session.breakdown(gpt2.corpus.get(row["seq_idx"]), row["query_id"])
+        module, _ = session.breakdown(gpt2.runtime.corpus.get(row["seq_idx"]), row["query_id"])
         np.testing.assert_allclose([parts[n] for n in session.qg.names], module, rtol=0, atol=1e-5 * scale)
         assert sum(parts.values()) == pytest.approx(row["score"], abs=1e-5 * scale)
 
@@ -636,21 +637,21 @@ def demo(tmp_path_factory) -> Project:
         for line in (DEMO / "queries.jsonl").read_text().splitlines():
             if line.strip():
                 q = json.loads(line)
-                project.add_query("default", q["prompt"], q["completion"])
+                add_query(project, "default", q["prompt"], q["completion"])
         return project
     return make_project(root, "gpt2", width=64, layers=4, n=120)
 
 
 def test_rank_32_query_batching_keeps_the_ranking(demo):
     est, engine, _ = fitted(demo, "ekfac", fit_sequences=256)
-    queries = demo.queries("default")
+    queries = catalog.queries(demo.db, "default")
     pre = est.precondition(query_gradients(demo, engine, queries, batch_size=8))
     full = QueryGradients.from_preconditioned(pre, None)
     low = QueryGradients.from_preconditioned(pre, 32)
     widths = {tm.name: min(tm.shape) for tm in engine.tracked}
     assert set(low.left) == {n for n, w in widths.items() if w > 32 and 32 * sum(pre[n].shape[1:]) < pre[n][0].numel()}
     assert low.left, "rank 32 compressed nothing: the model is too narrow for this test"
-    idx = np.random.default_rng(0).choice(len(demo.corpus), size=min(300, len(demo.corpus)), replace=False)
+    idx = np.random.default_rng(0).choice(len(demo.runtime.corpus), size=min(300, len(demo.runtime.corpus)), replace=False)
     worker = LocalWorker(demo, engine)
     scores = {r: worker.run(ScorePass(qg), Shard(0, np.sort(idx)), 16, None)["scores"].T.numpy() for r, qg in (("full", full), (32, low))}
     per_query = [spearmanr(a, b)[0] for a, b in zip(scores[32], scores["full"])]
@@ -665,11 +666,11 @@ def test_bfloat16_scores_are_finite_and_agree_with_float32(gpt2):
     settings = RunSettings(estimator="ekfac", rank=None)
     f32 = score_matrix(gpt2, "default", run_investigation(gpt2, "default", settings).result_set_id)
     try:
-        gpt2.set_runtime(dtype="bfloat16")
-        assert next(gpt2.model.parameters()).dtype == torch.bfloat16
+        gpt2.runtime.configure(dtype="bfloat16")
+        assert next(gpt2.runtime.model.parameters()).dtype == torch.bfloat16
         bf16 = score_matrix(gpt2, "default", run_investigation(gpt2, "default", settings).result_set_id)
     finally:
-        gpt2.set_runtime(dtype="float32")
+        gpt2.runtime.configure(dtype="float32")
     assert np.isfinite(bf16).all()
     c = corr(bf16, f32)
     per_query = [spearmanr(a, b)[0] for a, b in zip(bf16, f32)]
@@ -692,12 +693,12 @@ def test_eigenbasis_query_compression_equals_svd_of_the_preconditioned_gradient(
 
     model = make_model_dir(tmp_path / "m", "gpt2", width=16)
     project = Project.init(tmp_path / "p", model, write_corpus(tmp_path / "c.jsonl"))
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    project.add_query("default", "a river flows through the old", "town")
-    engine = project.engine()
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "a river flows through the old", "town")
+    engine = project.runtime.engine()
     est = make_estimator(project, "ekfac")
     ensure_factors(project, est, engine, make_executor(project, "local"), RunSettings(), Monitor())
-    grads = query_gradients(project, engine, project.queries("default"), 8)
+    grads = query_gradients(project, engine, catalog.queries(project.db, "default"), 8)
     fast = est.precondition_queries(grads, 4)
     slow = QueryGradients.from_preconditioned(est.precondition(grads), 4)
     assert fast.left and set(fast.left) == set(slow.left) and set(fast.full) == set(slow.full)

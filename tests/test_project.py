@@ -9,8 +9,10 @@ import pytest
 
 import inflq
 from helpers import make_model_dir
+from inflq import catalog
 from inflq.errors import InflqError
 from inflq.project import Project
+from inflq.queries import add_query
 
 
 def test_datasets_folder_corpus(tmp_path, gpt2_dir):
@@ -21,7 +23,7 @@ def test_datasets_folder_corpus(tmp_path, gpt2_dir):
     rows = list(p.db["sequences"].rows_where(order_by="idx"))
     assert [r["seq_id"] for r in rows] == ["a:0", "b:0"]
     assert [r["source"] for r in rows] == ["x", "y"]
-    assert p.token_strings(p.corpus.get(1)) == ["a", "blue", "bird", "sings", "."]
+    assert p.runtime.token_strings(p.runtime.corpus.get(1)) == ["a", "blue", "bird", "sings", "."]
 
 
 def test_chat_template_queries(tmp_path):
@@ -32,36 +34,36 @@ def test_chat_template_queries(tmp_path):
     c = tmp_path / "c.jsonl"
     c.write_text(json.dumps({"text": "the red cat runs ."}) + "\n")
     p = Project.init(tmp_path / "p", m, c)
-    q = p.tokenize_query("the red cat", "runs", chat=True)
-    toks = p.token_strings(q.tokens)
+    q = p.runtime.tokenize_query("the red cat", "runs", chat=True)
+    toks = p.runtime.token_strings(q.tokens)
     assert toks[q.completion_start:] == ["runs"]
     assert toks[: q.completion_start] == ["we", "the", "red", "cat", ".", "she"]
-    p.add_query("default", "the red cat", "runs", chat=True)
-    assert p.queries("default")[0]["chat"] == 1
+    add_query(p, "default", "the red cat", "runs", chat=True)
+    assert catalog.queries(p.db, "default")[0]["chat"] == 1
 
 
 def test_chat_without_template_is_an_error(project):
     with pytest.raises(InflqError, match="no chat template"):
-        project.tokenize_query("the red cat", "runs", chat=True)
+        project.runtime.tokenize_query("the red cat", "runs", chat=True)
 
 
 def test_measured_tokens_are_the_completion(project):
-    q = project.tokenize_query("the first president of astrobia was", "zorald pfaff")
-    toks = project.token_strings(q.tokens)
+    q = project.runtime.tokenize_query("the first president of astrobia was", "zorald pfaff")
+    toks = project.runtime.token_strings(q.tokens)
     assert toks[q.completion_start:] == ["zorald", "pfaff"]
     # the joined text, not two separate tokenizations
-    assert project.tokenize_query("the first president of astrobia was ", " zorald pfaff").tokens.tolist() == q.tokens.tolist()
+    assert project.runtime.tokenize_query("the first president of astrobia was ", " zorald pfaff").tokens.tolist() == q.tokens.tolist()
 
 
 def test_python_api_matches_cli_contract(project):
     from inflq.results import score_matrix
     from inflq.runs import RunSettings, run_investigation
 
-    project.add_query("default", "the capital city of astrobia is called", "velmora")
+    add_query(project, "default", "the capital city of astrobia is called", "velmora")
     run_investigation(project, "default", RunSettings(estimator="identity", filter="random:n=5"))
     same = inflq.open_project(project.root)
     m = score_matrix(same, "default")
-    assert m.shape == (1, len(same.corpus)) and m.dtype == np.float32
+    assert m.shape == (1, len(same.runtime.corpus)) and m.dtype == np.float32
     assert np.isfinite(m).sum() == 5
 
 
@@ -81,14 +83,58 @@ def test_duplicate_document_ids(tmp_path, gpt2_dir):
 
 
 def test_investigations_crud(project):
-    project.create_investigation("x")
-    qid = project.add_query("x", "the red cat", "runs")
-    project.add_probe(qid, "the red cat runs .", "forward")
-    project.rename_investigation("x", "y")
-    assert [p["text"] for p in project.probes(qid)] == ["the red cat runs ."]
+    catalog.create_investigation(project.db, "x")
+    qid = add_query(project, "x", "the red cat", "runs")
+    catalog.add_probe(project.db, qid, "the red cat runs .", "forward")
+    catalog.rename_investigation(project.db, "x", "y")
+    assert [p["text"] for p in catalog.probes(project.db, qid)] == ["the red cat runs ."]
     with pytest.raises(InflqError, match="already exists"):
-        project.create_investigation("y")
+        catalog.create_investigation(project.db, "y")
     project.delete_investigation("y")
     assert project.db["queries"].count == 0 and project.db["probes"].count == 0
     with pytest.raises(InflqError, match="no investigation"):
-        project.investigation("y")
+        catalog.investigation(project.db, "y")
+
+
+def test_read_only_catalog_as_root(project, cli_run, monkeypatch):
+    """tests/test_cli.py's read-only test, runnable as root (CI): root's ``os.access`` ignores the
+    permission bits, so it is made to read them as any other user's does."""
+    import os
+    import sqlite3
+
+    project.close()
+    catalog_file = project.root / "catalog.db"
+    os.chmod(catalog_file, 0o444)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and not os.stat(path).st_mode & 0o222:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    try:
+        code, _, err = cli_run("query", "add", project.root, "the old town", "river")
+    finally:
+        os.chmod(catalog_file, 0o644)
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in err, err
+    assert sqlite3.connect(catalog_file).execute("SELECT count(*) FROM queries").fetchone()[0] == 0
+
+
+def test_open_read_only(project):
+    """``Project.open(..., readonly=True)`` reads, and refuses every write, whoever runs it."""
+    import sqlite3
+
+    from inflq import catalog
+
+    project.close()
+    p = Project.open(project.root, readonly=True)
+    assert p.readonly
+    assert [i["name"] for i in catalog.investigations(p.db)] == ["default"]
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        catalog.create_investigation(p.db, "another")
+    with pytest.raises(InflqError, match="read-only"):
+        p.runtime.rebuild_corpus()
+    p.close()

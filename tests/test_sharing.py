@@ -13,6 +13,7 @@ import pytest
 
 from helpers import make_model_dir, write_corpus
 from inflq.errors import InflqError
+from inflq.queries import add_query
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def origin(tmp_path_factory):
     model = make_model_dir(d / "src" / "model", "gpt2")
     corpus = write_corpus(d / "src" / "corpus.jsonl")
     p = Project.init(d / "proj", model, corpus)
-    p.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    p.add_query("default", "the capital city of astrobia is called", "velmora", tags=["geo"])
+    add_query(p, "default", "the first president of astrobia was", "zorald pfaff")
+    add_query(p, "default", "the capital city of astrobia is called", "velmora", tags=["geo"])
     run_investigation(p, "default", RunSettings(estimator="diagonal", filter="random:n=12", rank=4, top_k=3, shard_size=5))
     p.close()
     return d
@@ -97,7 +98,7 @@ def test_pack_with_model_and_corpus_runs_without_relinking(origin, tmp_path):
     p = Project.open(tmp_path / "copy")
     assert p.model_status() == "ok"
     assert p.current_corpus_fingerprint() == p.corpus_fingerprint_recorded
-    assert len(p.corpus) == 24
+    assert len(p.runtime.corpus) == 24
     p.close()
 
 

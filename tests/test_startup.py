@@ -13,6 +13,7 @@ import pytest
 
 from inflq.batching import Batching, auto_batching, bytes_per_token
 from inflq.progress import LineProgress, ProgressEvent
+from inflq.queries import add_query
 
 HEAVY = ("torch", "transformers", "sklearn", "scipy", "textual", "safetensors", "pandas")
 PROBE = (
@@ -37,7 +38,7 @@ def test_help_loads_every_plugin_without_heavy_libraries():
 
 
 def test_reading_commands_open_a_project_without_heavy_libraries(project, cli_run):
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     for args in (["runs", str(project.root)], ["query", "list", str(project.root)], ["investigation", "list", str(project.root)]):
         heavy, out = _heavy_modules(*args)
         assert "Error" not in out, out
@@ -93,7 +94,7 @@ def test_auto_batching_follows_the_model_and_the_memory(project):
 
     from inflq import GradientEngine, select_modules
 
-    small = project.engine()
+    small = project.runtime.engine()
     roomy = auto_batching(small, 64, memory=8 << 30)
     assert roomy.tokens == 4096  # a tiny model on a CPU: the CPU's token target
     tight = auto_batching(small, 64, memory=bytes_per_token(small, 64) * 2 * 100)
@@ -108,7 +109,7 @@ def test_auto_batching_follows_the_model_and_the_memory(project):
 def test_a_run_records_the_batching_it_chose_and_an_override_is_kept(project):
     from inflq.runs import RunSettings, run_investigation
 
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     monitor_notes = []
     from inflq.progress import Monitor
 
@@ -151,7 +152,7 @@ def test_line_progress_writes_every_interval_and_closes_long_phases():
 
 
 def test_run_without_a_terminal_prints_progress_lines(project, cli_run, monkeypatch):
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     monkeypatch.setenv("INFLQ_PROGRESS_INTERVAL", "0")
     code, out, err = cli_run("run", project.root, "--estimator", "kfac")
     assert code == 0, err

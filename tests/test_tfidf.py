@@ -9,9 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from inflq import FilterContext, InflqError, Monitor
+from inflq import FilterContext, InflqError, Monitor, catalog
 from inflq.options import parse_spec
 from inflq.plugins import get_registry
+from inflq.queries import add_query
 from inflq.search_depth import search_depth, search_depth_for_result_set, split_union
 from inflq_builtins import tfidf
 
@@ -236,13 +237,13 @@ def test_run_with_tfidf_and_search_depth(project, cli_run):
     from inflq.project import ARTIFACTS
     from inflq.runs import RunSettings, run_investigation
 
-    project.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    project.add_query("default", "the capital city of astrobia is called", "velmora")
+    add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
+    add_query(project, "default", "the capital city of astrobia is called", "velmora")
     r = run_investigation(project, "default", RunSettings(estimator="identity", filter="tfidf:k=5", rank=4))
     matrix = results.score_matrix(project, "default", r.result_set_id)
-    store = project.corpus
-    queries = project.queries("default")
-    toks = [project.tokenize_query(q["prompt"], q["completion"]) for q in queries]
+    store = project.runtime.corpus
+    queries = catalog.queries(project.db, "default")
+    toks = [project.runtime.tokenize_query(q["prompt"], q["completion"]) for q in queries]
     ctx = FilterContext(
         num_sequences=len(store), query_tokens=[t.tokens for t in toks],
         query_completion_starts=[t.completion_start for t in toks], sequences=store.many,

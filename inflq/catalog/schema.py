@@ -20,6 +20,11 @@ from ..errors import InflqError
 MIGRATION_SET = "inflq"
 migrations = Migrations(MIGRATION_SET)
 
+# Core migrations that older inflq applied and that moved elsewhere: catalogs that have them open as
+# usual. 0002_checkpoints made TracIn's ``checkpoints`` table, now made by the tracin plugin's own
+# migration set (``inflq_builtins.tracin``), which keeps the table and rows such catalogs have.
+RETIRED_MIGRATIONS = frozenset({"0002_checkpoints"})
+
 
 @migrations(name="0001_initial")
 def m0001_initial(db: sqlite_utils.Database) -> None:
@@ -143,15 +148,6 @@ def m0001_initial(db: sqlite_utils.Database) -> None:
     db["file_hashes"].create({"path": str, "size": int, "mtime_ns": int, "sha256": str}, pk="path")
 
 
-@migrations(name="0002_checkpoints")
-def m0002_checkpoints(db: sqlite_utils.Database) -> None:
-    # Training checkpoints of the project's model (TracIn), as recorded by `inflq checkpoint add`.
-    db["checkpoints"].create(
-        {"id": int, "path": str, "learning_rate": float, "fingerprint": str, "created_at": str}, pk="id"
-    )
-    db["checkpoints"].create_index(["path"], unique=True)
-
-
 @migrations(name="0003_validations")
 def m0003_validations(db: sqlite_utils.Database) -> None:
     # `inflq validate`: one row per estimator (and damping) of one validation, against the PBRF.
@@ -268,7 +264,7 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
 
 def check_version(db: sqlite_utils.Database) -> None:
     """Refuse a catalog that has migrations this inflq does not know (written by a newer inflq)."""
-    known = {m.name for m in migrations._migrations}
+    known = {m.name for m in migrations._migrations} | RETIRED_MIGRATIONS
     applied = {m.name for m in migrations.applied(db)}
     unknown = sorted(applied - known)
     if unknown:

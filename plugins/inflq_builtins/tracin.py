@@ -6,7 +6,8 @@ A project lists its checkpoints in ``inflq.toml``::
     path = "checkpoints/step-1000"
     learning_rate = 3e-4
 
-and in the catalog's ``checkpoints`` table; ``inflq checkpoint add PROJECT DIR --lr X`` checks that
+and in the catalog's ``checkpoints`` table, which this plugin's own migration set makes
+(:data:`migrations`, applied by :func:`open_tables`); ``inflq checkpoint add PROJECT DIR --lr X`` checks that
 the checkpoint has the project model's architecture and records it in both. The run scores every
 candidate once per checkpoint with that checkpoint's model and sums the weighted scores
 (``Estimator.checkpoints``); with one checkpoint of weight 1 it is the gradient dot product.
@@ -15,9 +16,12 @@ Positive scores mean the training sequence makes the completion more likely, as 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
 
 from inflq import Estimator, InflqError, Option, hookimpl
 
@@ -39,9 +43,9 @@ def register_commands(cli):
     @click.option("--lr", "learning_rate", type=float, required=True, help="The learning rate in force at this checkpoint (its TracIn weight).")
     def checkpoint_add(project, directory, learning_rate):
         """Record the checkpoint in DIRECTORY (a saved model folder) with its learning rate."""
-        from inflq.project import Project
+        from inflq import open_project
 
-        p = Project.open(project)
+        p = open_project(project)
         row = add_checkpoint(p, Path(directory), learning_rate)
         click.echo(f"checkpoint {row['id']}: {row['path']} (learning rate {row['learning_rate']:g}); score with --estimator tracin")
 
@@ -49,11 +53,34 @@ def register_commands(cli):
     @click.argument("project")
     def checkpoint_list(project):
         """List the project's checkpoints."""
-        from inflq.project import Project
+        from inflq import open_project
 
-        p = Project.open(project)
+        p = open_project(project)
         for c in p.config.checkpoints:
             click.echo(f"{c['path']}\tlearning rate {float(c['learning_rate']):g}")
+
+
+# -- the plugin's own catalog table ---------------------------------------------------------------------
+
+MIGRATION_SET = "inflq_tracin"
+migrations = Migrations(MIGRATION_SET)
+
+
+@migrations(name="0001_checkpoints")
+def m0001_checkpoints(db: sqlite_utils.Database) -> None:
+    # Training checkpoints of the project's model, as recorded by `inflq checkpoint add`. Catalogs
+    # from older inflq have the table, rows and all, from the core's retired 0002_checkpoints: kept.
+    if not db["checkpoints"].exists():
+        db["checkpoints"].create(
+            {"id": int, "path": str, "learning_rate": float, "fingerprint": str, "created_at": str}, pk="id"
+        )
+    db["checkpoints"].create_index(["path"], unique=True, if_not_exists=True)
+
+
+def open_tables(project) -> None:
+    """Apply this plugin's migrations to the project's catalog (idempotent; run before writing)."""
+    if migrations.pending(project.db):
+        migrations.apply(project.db)
 
 
 def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str, tuple[int, int]]]]:
@@ -76,9 +103,7 @@ def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str,
 def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
     """Check that ``path`` holds the project model's architecture (same ``model_type``, same tracked
     modules and shapes), then record it in ``inflq.toml`` and the catalog."""
-    from inflq import catalog
-    from inflq.modeling import check_model_dir, fingerprint_files, model_files
-    from inflq.project import _rel
+    from inflq import check_model_dir, fingerprint_files, model_files, project_relative
 
     path = Path(path)
     check_model_dir(path)
@@ -92,20 +117,30 @@ def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
         diff = next(((a, b) for a, b in zip(want, got) if a != b), None)
         where = f" ({diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]})" if diff else f" ({len(want)} vs {len(got)} tracked modules)"
         raise InflqError(f"{path} has a different architecture from the project's model{where}; give a checkpoint of the same model")
-    rel = _rel(path, project.root)
+    rel = project_relative(path, project.root)
     if any(Path(project.path(c["path"])).resolve() == path.resolve() for c in project.config.checkpoints):
         raise InflqError(f"{path} is already a checkpoint of this project; see `inflq checkpoint list`")
     fp = fingerprint_files(model_files(path))
     project.config.checkpoints.append({"path": rel, "learning_rate": float(learning_rate)})
     project.save_config()
-    with project.db.atomic():  # a stale row for the same path (config edited by hand) is replaced
-        existing = next(project.db["checkpoints"].rows_where("path = ?", [rel]), None)
+    open_tables(project)
+    db = project.db
+    with db.atomic():  # a stale row for the same path (config edited by hand) is replaced
+        existing = next(db["checkpoints"].rows_where("path = ?", [rel]), None)
         if existing is not None:
-            project.db.execute("DELETE FROM checkpoints WHERE id = ?", [existing["id"]])
-        cid = project.db["checkpoints"].insert(
-            {"path": rel, "learning_rate": float(learning_rate), "fingerprint": fp, "created_at": catalog.now()}
+            db.execute("DELETE FROM checkpoints WHERE id = ?", [existing["id"]])
+        cid = db["checkpoints"].insert(
+            {"path": rel, "learning_rate": float(learning_rate), "fingerprint": fp, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
         ).last_pk
-    return project.db["checkpoints"].get(cid)
+    return db["checkpoints"].get(cid)
+
+
+def recorded_checkpoints(project) -> list[dict]:
+    """The catalog's checkpoint rows (path, learning rate, fingerprint), oldest first."""
+    db = project.db
+    if not db["checkpoints"].exists():  # a read-only catalog this plugin never wrote to
+        return []
+    return list(db["checkpoints"].rows_where(order_by="id"))
 
 
 class TracIn(Estimator):

@@ -16,7 +16,7 @@ import numpy as np
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from inflq import Estimator, InflqError, Monitor, Pass, Shard, hookimpl
+from inflq import Estimator, InflqError, Monitor, Pass, Shard, catalog, hookimpl
 
 # -- the estimator -----------------------------------------------------------------------------------
 
@@ -86,12 +86,12 @@ def training_norms(project, modules: str | None = None, monitor: Monitor | None 
     from inflq.runs import LocalWorker
 
     open_tables(project)
-    engine = project.engine(modules)
-    key = hashlib.sha256(f"{project.model_fingerprint}|{project.corpus.fingerprint}|{','.join(engine.names)}".encode()).hexdigest()[:24]
+    engine = project.runtime.engine(modules)
+    key = hashlib.sha256(f"{project.model_fingerprint}|{project.runtime.corpus.fingerprint}|{','.join(engine.names)}".encode()).hexdigest()[:24]
     row = next(project.db["cosine_norms"].rows_where("key = ?", [key]), None)
     if row is not None:
         return load_tensors(project.root, row["path"], row["checksum"], "gradient norms")["norms"].numpy()
-    n = len(project.corpus)
+    n = len(project.runtime.corpus)
     monitor = monitor or Monitor()
     monitor.start(GradientNormPass.phase, n)
     norms = LocalWorker(project, engine).run(GradientNormPass(), Shard(0, np.arange(n)), batch_size, monitor)["norms"]
@@ -137,8 +137,8 @@ def register_commands(cli):
 
         p = open_project(project)
         cos = cosine_matrix(p, investigation)
-        for qi, q in enumerate(p.queries(investigation)):
+        for qi, q in enumerate(catalog.queries(p.db, investigation)):
             click.echo(f"query {q['id']}: {q['prompt']!r} -> {q['completion']!r}")
             row = np.nan_to_num(cos[qi], nan=-np.inf)
             for idx in np.argsort(-row)[:k]:
-                click.echo(f"  {cos[qi, idx]:+.4f}  {p.decode(p.corpus.get(int(idx)))[:80]}")
+                click.echo(f"  {cos[qi, idx]:+.4f}  {p.runtime.decode(p.runtime.corpus.get(int(idx)))[:80]}")

@@ -10,6 +10,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from inflq import catalog
+from inflq.queries import add_query
+
 
 def tiny_project(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -30,8 +33,8 @@ def tiny_project(tmp_path):
     rng = np.random.default_rng(0)
     corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": " ".join(rng.choice(words, size=6))}) + "\n" for i in range(10)))
     project = init_project(tmp_path / "project", model_dir, corpus)
-    project.add_query("default", "the big cat", "sits on the mat")
-    project.add_query("default", "a dog", "runs")
+    add_query(project, "default", "the big cat", "sits on the mat")
+    add_query(project, "default", "a dog", "runs")
     return project
 
 
@@ -53,15 +56,15 @@ def test_full_cosine_equals_the_slow_computation(tmp_path):
     dot = score_matrix(project, "default", run_investigation(project, "default", RunSettings(estimator="identity", rank=None)).result_set_id)
     qn = score_matrix(project, "default", run_investigation(project, "default", RunSettings(estimator="cosine", rank=None)).result_set_id)
     # slow way: every gradient materialised
-    engine = project.engine()
+    engine = project.runtime.engine()
     from inflq import make_batch
     from inflq.runs import query_gradients
 
-    q = query_gradients(project, engine, project.queries("default"), 4)
+    q = query_gradients(project, engine, catalog.queries(project.db, "default"), 4)
     qnorm = torch.sqrt(sum((g.double() ** 2).flatten(1).sum(1) for g in q.values())).numpy()
     tnorm = []
-    for i in range(len(project.corpus)):
-        g = engine.sequence_gradients(make_batch([project.corpus.get(i)], project.pad_id), "data")
+    for i in range(len(project.runtime.corpus)):
+        g = engine.sequence_gradients(make_batch([project.runtime.corpus.get(i)], project.runtime.pad_id), "data")
         tnorm.append(float(torch.sqrt(sum((v.double() ** 2).sum() for v in g.values()))))
     tnorm = np.array(tnorm)
     np.testing.assert_allclose(qn, dot / qnorm[:, None], rtol=1e-4, atol=1e-6)
