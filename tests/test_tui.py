@@ -77,7 +77,7 @@ def pane(app, name):
 def test_journey(project_dir, tmp_path):
     from textual.widgets import DataTable, Input, Select, Static
 
-    from inflq.tui.sequence import SequenceScreen
+    from inflq.tui.screens.sequence import SequenceScreen
 
     async def journey():
         app = make_app(project_dir)
@@ -216,7 +216,7 @@ def test_journey(project_dir, tmp_path):
 def test_run_failure_shows_a_modal(project_dir):
     from textual.widgets import Select, Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     p = Project.open(project_dir)
     p.add_query("default", PROMPT, COMPLETION)
@@ -251,7 +251,7 @@ def test_run_failure_shows_a_modal(project_dir):
 def test_bad_project_folder_is_a_message(tmp_path, where):
     from textual.widgets import Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     path = tmp_path / "nope"
     if where == "not-a-project":
@@ -277,7 +277,7 @@ def test_locked_catalog_is_a_message(project_dir, monkeypatch):
     from textual.widgets import Static
 
     from inflq import catalog
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     holder = sqlite3.connect(project_dir / "catalog.db")
     holder.execute("PRAGMA journal_mode = DELETE")
@@ -292,7 +292,7 @@ def test_locked_catalog_is_a_message(project_dir, monkeypatch):
         kwargs["timeout"] = 0.05
         return real(*args, factory=Impatient, **kwargs)
 
-    monkeypatch.setattr(catalog.sqlite3, "connect", quick)
+    monkeypatch.setattr(catalog.schema.sqlite3, "connect", quick)
 
     async def go():
         app = make_app(project_dir)
@@ -312,7 +312,7 @@ def test_locked_catalog_is_a_message(project_dir, monkeypatch):
 def test_changed_model_is_a_message(project_dir, base):
     from textual.widgets import Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     other = make_model_dir(project_dir.parent / "other-model", "gpt2", seed=1)
     cfg = (project_dir / "inflq.toml").read_text().replace(str(base / "model"), str(other))
@@ -366,7 +366,7 @@ def test_results_table_at_80x24(long_id_project):
     from textual.widgets import DataTable, Select
 
     from inflq.tui.panes import ResultsPane
-    from inflq.tui.sequence import SequenceScreen
+    from inflq.tui.screens.sequence import SequenceScreen
 
     p = Project.open(long_id_project)
     p.create_investigation("facts")
@@ -487,11 +487,11 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             rp = pane(app, "run")
             for _ in range(1000):  # the scoring bar shows the two shards done before the held one
                 await pilot.pause(0.02)
-                bar = rp._bars.get("scoring", (None, None))[1]
+                bar = rp.phases.bars.get("scoring", (None, None))[1]
                 if isinstance(bar, ProgressBar) and bar.progress == 2 * shard_size:
                     break
             else:
-                raise AssertionError(f"the scoring progress was not shown: {rp._bars}")
+                raise AssertionError(f"the scoring progress was not shown: {rp.phases.bars}")
             await pilot.press("ctrl+b")
             await settle(pilot)
             run_id, status = run_row()
@@ -501,7 +501,7 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             runs_table = app.screen.query_one("#runs", DataTable)
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
             # The stopped bar keeps its count, loses its ETA; the notice says what was committed.
-            label = str(rp._bars["scoring"][0].render())
+            label = str(rp.phases.bars["scoring"][0].render())
             assert "ETA" not in label and "stopped" in label, label
             said = " ".join(str(n.message) for n in app._notifications)
             assert f"committed: {2 * shard_size} scored sequences in 2 shards" in said, said
@@ -626,7 +626,7 @@ def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
     probes are listed with their label."""
     from textual.widgets import Input
 
-    from inflq.tui.modals import InputScreen
+    from inflq.tui.screens.modals import InputScreen
 
     p = Project.open(project_dir)
     qid = p.add_query("default", PROMPT, COMPLETION)
@@ -690,7 +690,7 @@ def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
     unknown tokens only is flagged under the tokens, and adding it is refused with a dialog."""
     from textual.widgets import Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     async def go():
         app = make_app(project_dir)
@@ -725,7 +725,7 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
     plugin dropdowns carry whole descriptions."""
     from textual.widgets import Label, Select, Static
 
-    from inflq.tui.sequence import SequenceScreen
+    from inflq.tui.screens.sequence import SequenceScreen
 
     p = Project.open(long_id_project)
     p.add_query("default", PROMPT, COMPLETION)
@@ -775,7 +775,7 @@ def test_validate_screen_runs_with_progress_and_cancels(project_dir):
     from rich.console import Console
     from textual.widgets import Input, Static
 
-    from inflq.tui.tools import ValidateScreen
+    from inflq.tui.screens.tools import ValidateScreen
 
     p = Project.open(project_dir)
     p.add_query("default", PROMPT, COMPLETION)
@@ -797,7 +797,7 @@ def test_validate_screen_runs_with_progress_and_cancels(project_dir):
             console.print(screen.query_one("#val-result", Static).content)
             shown = console.export_text()
             assert "validation 1: 1 queries × 2 sequences vs PBRF" in shown and "identity" in shown, shown
-            assert "PBRF" in screen._bars and "ETA" not in str(screen._bars["PBRF"][0].render())
+            assert "PBRF" in screen.phases.bars and "ETA" not in str(screen.phases.bars["PBRF"][0].render())
             assert app.project.db["validations"].count == 1
             # A validation that would run for hours, cancelled at once: nothing saved, the screen says so.
             screen.query_one("#val-pbrf_steps", Input).value = "1000000"
@@ -824,7 +824,7 @@ def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypa
     from textual.widgets import Input, Static
 
     from inflq import plugins
-    from inflq.tui.modals import ConfirmScreen, ErrorScreen
+    from inflq.tui.screens.modals import ConfirmScreen, ErrorScreen
 
     monkeypatch.setenv("INFLQ_CONFIG_DIR", str(tmp_path / "config"))
     plugins.reset_registry()
