@@ -63,6 +63,30 @@ async def settle(pilot) -> None:
     raise AssertionError("workers did not finish")
 
 
+def drive(path, size: tuple[int, int], script):
+    """Open the app on ``path`` in a terminal of ``size``, let it settle, then run
+    ``await script(app, pilot)``; its return value."""
+
+    async def go():
+        app = make_app(path)
+        async with app.run_test(size=size) as pilot:
+            await settle(pilot)
+            return await script(app, pilot)
+
+    return asyncio.run(go())
+
+
+def seed(path, run: str | None = "identity") -> int:
+    """The test query in the default investigation and, unless ``run`` is None, a run over it
+    with that estimator at rank 4: the query's id."""
+    p = Project.open(path)
+    qid = p.add_query("default", PROMPT, COMPLETION)
+    if run is not None:
+        run_investigation(p, "default", RunSettings(estimator=run, rank=4))
+    p.close()
+    return qid
+
+
 async def type_into(pilot, selector: str, text: str) -> None:
     widget = pilot.app.screen.query_one(selector)
     widget.focus()
@@ -77,7 +101,7 @@ def pane(app, name):
 def test_journey(project_dir, tmp_path):
     from textual.widgets import DataTable, Input, Select, Static
 
-    from inflq.tui.sequence import SequenceScreen
+    from inflq.tui.screens.sequence import SequenceScreen
 
     async def journey():
         app = make_app(project_dir)
@@ -216,59 +240,51 @@ def test_journey(project_dir, tmp_path):
 def test_run_failure_shows_a_modal(project_dir):
     from textual.widgets import Select, Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
-    p = Project.open(project_dir)
-    p.add_query("default", PROMPT, COMPLETION)
-    p.close()
+    seed(project_dir, run=None)
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(100, 40)) as pilot:
-            await settle(pilot)
-            await pilot.press("3")
-            await settle(pilot)
-            app.screen.query_one("#sel-estimator", Select).value = "identity"
-            app.screen.query_one("#sel-filter", Select).value = "metadata"
-            await settle(pilot)
-            await pilot.press("ctrl+r")
-            await settle(pilot)
-            assert isinstance(app.screen, ErrorScreen)
-            assert "metadata filter: give a value" in str(app.screen.query_one("#error-message", Static).render())
-            await pilot.press("escape")
-            await settle(pilot)
-            # Still usable: the failed run is listed and the other tabs work.
-            assert not isinstance(app.screen, ErrorScreen)
-            assert app.project.db.execute("SELECT status FROM runs").fetchone()[0] == "failed"
-            await pilot.press("1")
-            await settle(pilot)
-            assert app.screen.query_one("#investigations").row_count == 1
+    async def go(app, pilot):
+        await pilot.press("3")
+        await settle(pilot)
+        app.screen.query_one("#sel-estimator", Select).value = "identity"
+        app.screen.query_one("#sel-filter", Select).value = "metadata"
+        await settle(pilot)
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen)
+        assert "metadata filter: give a value" in str(app.screen.query_one("#error-message", Static).render())
+        await pilot.press("escape")
+        await settle(pilot)
+        # Still usable: the failed run is listed and the other tabs work.
+        assert not isinstance(app.screen, ErrorScreen)
+        assert app.project.db.execute("SELECT status FROM runs").fetchone()[0] == "failed"
+        await pilot.press("1")
+        await settle(pilot)
+        assert app.screen.query_one("#investigations").row_count == 1
 
-    asyncio.run(go())
+    drive(project_dir, (100, 40), go)
 
 
 @pytest.mark.parametrize("where", ["missing", "not-a-project"])
 def test_bad_project_folder_is_a_message(tmp_path, where):
     from textual.widgets import Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     path = tmp_path / "nope"
     if where == "not-a-project":
         path.mkdir()
 
-    async def go():
-        app = make_app(path)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            assert isinstance(app.screen, ErrorScreen)
-            text = str(app.screen.query_one("#error-message", Static).render())
-            assert ("does not exist" in text) if where == "missing" else ("not an inflq project" in text)
-            await pilot.press("escape", "2", "?")
-            await settle(pilot)
-            await pilot.press("escape")
+    async def go(app, pilot):
+        assert isinstance(app.screen, ErrorScreen)
+        text = str(app.screen.query_one("#error-message", Static).render())
+        assert ("does not exist" in text) if where == "missing" else ("not an inflq project" in text)
+        await pilot.press("escape", "2", "?")
+        await settle(pilot)
+        await pilot.press("escape")
 
-    asyncio.run(go())
+    drive(path, (80, 24), go)
 
 
 def test_locked_catalog_is_a_message(project_dir, monkeypatch):
@@ -277,7 +293,7 @@ def test_locked_catalog_is_a_message(project_dir, monkeypatch):
     from textual.widgets import Static
 
     from inflq import catalog
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     holder = sqlite3.connect(project_dir / "catalog.db")
     holder.execute("PRAGMA journal_mode = DELETE")
@@ -292,18 +308,15 @@ def test_locked_catalog_is_a_message(project_dir, monkeypatch):
         kwargs["timeout"] = 0.05
         return real(*args, factory=Impatient, **kwargs)
 
-    monkeypatch.setattr(catalog.sqlite3, "connect", quick)
+    monkeypatch.setattr(catalog.schema.sqlite3, "connect", quick)
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            assert isinstance(app.screen, ErrorScreen)
-            text = str(app.screen.query_one("#error-message", Static).render())
-            assert "locked" in text
+    async def go(app, pilot):
+        assert isinstance(app.screen, ErrorScreen)
+        text = str(app.screen.query_one("#error-message", Static).render())
+        assert "locked" in text
 
     try:
-        asyncio.run(go())
+        drive(project_dir, (80, 24), go)
     finally:
         holder.rollback()
         holder.close()
@@ -312,20 +325,17 @@ def test_locked_catalog_is_a_message(project_dir, monkeypatch):
 def test_changed_model_is_a_message(project_dir, base):
     from textual.widgets import Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
     other = make_model_dir(project_dir.parent / "other-model", "gpt2", seed=1)
     cfg = (project_dir / "inflq.toml").read_text().replace(str(base / "model"), str(other))
     (project_dir / "inflq.toml").write_text(cfg)
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            assert isinstance(app.screen, ErrorScreen)
-            assert "differs from the one this project was made with" in str(app.screen.query_one("#error-message", Static).render())
+    async def go(app, pilot):
+        assert isinstance(app.screen, ErrorScreen)
+        assert "differs from the one this project was made with" in str(app.screen.query_one("#error-message", Static).render())
 
-    asyncio.run(go())
+    drive(project_dir, (80, 24), go)
 
 
 LONG_IDS = ["fact-astrobia-president-fwd-02", "fact-sunwheel-clock-inventor-fwd-07", "prose-0027"]
@@ -366,7 +376,7 @@ def test_results_table_at_80x24(long_id_project):
     from textual.widgets import DataTable, Select
 
     from inflq.tui.panes import ResultsPane
-    from inflq.tui.sequence import SequenceScreen
+    from inflq.tui.screens.sequence import SequenceScreen
 
     p = Project.open(long_id_project)
     p.create_investigation("facts")
@@ -376,67 +386,64 @@ def test_results_table_at_80x24(long_id_project):
     stored = {q: results.top(p, rs, q, "top", 100) for q in (q1, q2)}
     p.close()
 
-    async def go():
-        app = make_app(long_id_project)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            assert (app.investigation, app.result_set_id) == ("facts", rs)
-            await pilot.press("4")
-            await settle(pilot)
-            table = app.screen.query_one("#results", DataTable)
-            assert app.focused is table
-            # Ids are shown whole up to ResultsPane.ID_WIDTH, elided in the middle beyond it.
-            ids = [str(table.get_row_at(i)[2]) for i in range(table.row_count)]
-            for shown, row in zip(ids, stored[q1]):
-                full = row["seq_id"]
-                if len(full) <= ResultsPane.ID_WIDTH:
-                    assert shown == full
-                else:
-                    assert len(shown) == ResultsPane.ID_WIDTH and shown.endswith(full[-5:]) and "…" in shown
-            widths = {c.key.value: c.get_render_width(table) for c in table.ordered_columns}
-            assert widths["id"] == min(ResultsPane.ID_WIDTH, max(len(i) for i in ids)) + 2
-            room = table.size.width - table.styles.scrollbar_size_vertical
-            assert room - 4 <= sum(widths.values()) <= room, (widths, room)  # the text column fills the row
-            assert widths["text"] >= 20
-            # enter opens the highlighted sequence; esc comes back to the focused table.
-            await pilot.press("down", "enter")
-            await settle(pilot)
-            assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][1]["seq_id"]
-            await pilot.press("escape")
-            await settle(pilot)
-            assert app.focused is table
-            # A click moves the cursor; a click on the highlighted row (another column) opens it.
-            await pilot.click(table, offset=(2, 3))  # row 2 (below the header and rows 0, 1), rank column
-            await settle(pilot)
-            assert table.cursor_row == 2 and not isinstance(app.screen, SequenceScreen)
-            await pilot.click(table, offset=(40, 3))  # same row, id column
-            await settle(pilot)
-            assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][2]["seq_id"]
-            await pilot.press("escape")
-            await settle(pilot)
-            await pilot.double_click(table, offset=(60, 1))  # row 0, text column
-            await settle(pilot)
-            assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][0]["seq_id"]
-            await pilot.press("escape")
-            await settle(pilot)
-            # Choosing another query from its select: the table shows it and has the focus again.
-            choose = app.screen.query_one("#res-query", Select)
-            choose.focus()
-            await pilot.pause()
-            choose.value = q2
-            await settle(pilot)
-            assert app.query_id == q2 and app.focused is table
-            assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == [str(r["rank"]) for r in stored[q2]]
-            # / searches, enter goes back to the table; esc in the table goes to the tab bar.
-            await pilot.press("slash")
-            await pilot.press(*"fwd-07")
-            await pilot.press("enter")
-            await settle(pilot)
-            assert app.focused is table and table.row_count == sum("fwd-07" in r["seq_id"] for r in stored[q2])
-            await pilot.press("escape")
-            assert app.focused is app.screen.query_one("#tabs").query_one("Tabs")
+    async def go(app, pilot):
+        assert (app.investigation, app.result_set_id) == ("facts", rs)
+        await pilot.press("4")
+        await settle(pilot)
+        table = app.screen.query_one("#results", DataTable)
+        assert app.focused is table
+        # Ids are shown whole up to ResultsPane.ID_WIDTH, elided in the middle beyond it.
+        ids = [str(table.get_row_at(i)[2]) for i in range(table.row_count)]
+        for shown, row in zip(ids, stored[q1]):
+            full = row["seq_id"]
+            if len(full) <= ResultsPane.ID_WIDTH:
+                assert shown == full
+            else:
+                assert len(shown) == ResultsPane.ID_WIDTH and shown.endswith(full[-5:]) and "…" in shown
+        widths = {c.key.value: c.get_render_width(table) for c in table.ordered_columns}
+        assert widths["id"] == min(ResultsPane.ID_WIDTH, max(len(i) for i in ids)) + 2
+        room = table.size.width - table.styles.scrollbar_size_vertical
+        assert room - 4 <= sum(widths.values()) <= room, (widths, room)  # the text column fills the row
+        assert widths["text"] >= 20
+        # enter opens the highlighted sequence; esc comes back to the focused table.
+        await pilot.press("down", "enter")
+        await settle(pilot)
+        assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][1]["seq_id"]
+        await pilot.press("escape")
+        await settle(pilot)
+        assert app.focused is table
+        # A click moves the cursor; a click on the highlighted row (another column) opens it.
+        await pilot.click(table, offset=(2, 3))  # row 2 (below the header and rows 0, 1), rank column
+        await settle(pilot)
+        assert table.cursor_row == 2 and not isinstance(app.screen, SequenceScreen)
+        await pilot.click(table, offset=(40, 3))  # same row, id column
+        await settle(pilot)
+        assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][2]["seq_id"]
+        await pilot.press("escape")
+        await settle(pilot)
+        await pilot.double_click(table, offset=(60, 1))  # row 0, text column
+        await settle(pilot)
+        assert isinstance(app.screen, SequenceScreen) and app.screen.row["seq_id"] == stored[q1][0]["seq_id"]
+        await pilot.press("escape")
+        await settle(pilot)
+        # Choosing another query from its select: the table shows it and has the focus again.
+        choose = app.screen.query_one("#res-query", Select)
+        choose.focus()
+        await pilot.pause()
+        choose.value = q2
+        await settle(pilot)
+        assert app.query_id == q2 and app.focused is table
+        assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == [str(r["rank"]) for r in stored[q2]]
+        # / searches, enter goes back to the table; esc in the table goes to the tab bar.
+        await pilot.press("slash")
+        await pilot.press(*"fwd-07")
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.focused is table and table.row_count == sum("fwd-07" in r["seq_id"] for r in stored[q2])
+        await pilot.press("escape")
+        assert app.focused is app.screen.query_one("#tabs").query_one("Tabs")
 
-    asyncio.run(go())
+    drive(long_id_project, (80, 24), go)
 
 
 def test_cancel_and_resume_a_run(project_dir, monkeypatch):
@@ -487,11 +494,11 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             rp = pane(app, "run")
             for _ in range(1000):  # the scoring bar shows the two shards done before the held one
                 await pilot.pause(0.02)
-                bar = rp._bars.get("scoring", (None, None))[1]
+                bar = rp.phases.bars.get("scoring", (None, None))[1]
                 if isinstance(bar, ProgressBar) and bar.progress == 2 * shard_size:
                     break
             else:
-                raise AssertionError(f"the scoring progress was not shown: {rp._bars}")
+                raise AssertionError(f"the scoring progress was not shown: {rp.phases.bars}")
             await pilot.press("ctrl+b")
             await settle(pilot)
             run_id, status = run_row()
@@ -501,7 +508,7 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             runs_table = app.screen.query_one("#runs", DataTable)
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
             # The stopped bar keeps its count, loses its ETA; the notice says what was committed.
-            label = str(rp._bars["scoring"][0].render())
+            label = str(rp.phases.bars["scoring"][0].render())
             assert "ETA" not in label and "stopped" in label, label
             said = " ".join(str(n.message) for n in app._notifications)
             assert f"committed: {2 * shard_size} scored sequences in 2 shards" in said, said
@@ -541,30 +548,27 @@ def test_factor_sets_screen(project_dir):
     _, fs_id, _ = fit_factors(p, RunSettings(estimator="ekfac"))
     p.close()
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            await pilot.press("f")
-            await settle(pilot)
-            pane = app.screen.query_one("#pane-factors")
-            table = pane.query_one("#factor-sets")
-            assert table.row_count == 1
-            console = Console(width=78, record=True, file=io.StringIO())
-            console.print(pane.query_one("#factor-detail", Static).content)
-            shown = console.export_text()
-            assert f"factor set {fs_id}" in shown and "eff. dim" in shown and "under the damping" in shown
-            assert all(f"{tm}" in shown for tm in ("0.mlp.c_fc", "1.attn.c_proj"))
-            await pilot.press("d")
-            await pilot.pause()
-            await pilot.press("y")
-            await settle(pilot)
-            assert table.row_count == 0
-            await pilot.press("escape")
-            await pilot.pause()
-            assert app.screen.query("#tabs")
+    async def go(app, pilot):
+        await pilot.press("f")
+        await settle(pilot)
+        pane = app.screen.query_one("#pane-factors")
+        table = pane.query_one("#factor-sets")
+        assert table.row_count == 1
+        console = Console(width=78, record=True, file=io.StringIO())
+        console.print(pane.query_one("#factor-detail", Static).content)
+        shown = console.export_text()
+        assert f"factor set {fs_id}" in shown and "eff. dim" in shown and "under the damping" in shown
+        assert all(f"{tm}" in shown for tm in ("0.mlp.c_fc", "1.attn.c_proj"))
+        await pilot.press("d")
+        await pilot.pause()
+        await pilot.press("y")
+        await settle(pilot)
+        assert table.row_count == 0
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.screen.query("#tabs")
 
-    asyncio.run(go())
+    drive(project_dir, (80, 24), go)
     p = Project.open(project_dir)
     assert p.db["factor_sets"].count == 0
     p.close()
@@ -576,49 +580,43 @@ def test_distribution_from_every_tab_and_at_80x24(long_id_project):
     from textual.containers import VerticalScroll
     from textual.widgets import Static, TabbedContent
 
-    p = Project.open(long_id_project)
-    p.add_query("default", PROMPT, COMPLETION)
-    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
-    p.close()
+    seed(long_id_project)
 
-    async def go():
-        app = make_app(long_id_project)
-        async with app.run_test(size=(80, 24)) as pilot:
+    async def go(app, pilot):
+        tabs = app.screen.query_one("#tabs", TabbedContent)
+        for start in ("4", "7", "6", "1"):
+            await pilot.press(start)
             await settle(pilot)
-            tabs = app.screen.query_one("#tabs", TabbedContent)
-            for start in ("4", "7", "6", "1"):
-                await pilot.press(start)
-                await settle(pilot)
-                if start == "6":
-                    await pilot.press("escape")  # the probe field has the focus: leave it first
-                await pilot.press("5")
-                await settle(pilot)
-                assert tabs.active == "tab-distribution", f"5 from tab {start} stayed on {tabs.active}"
-            await pilot.press("4")
+            if start == "6":
+                await pilot.press("escape")  # the probe field has the focus: leave it first
+            await pilot.press("5")
             await settle(pilot)
-            app.screen.query_one("#pane-distribution")  # the palette's command does the same
-            next(c for c in app.get_system_commands(app.screen) if c.title == "Go to distribution").callback()
-            await settle(pilot)
-            assert tabs.active == "tab-distribution"
-            scroll = app.screen.query_one("#dist-scroll", VerticalScroll)
-            assert app.focused is scroll
-            title = app.screen.query_one("#dist-title", Static)
-            assert title.size.height >= 2, "the title wraps rather than being cut"
-            fit = app.screen.query_one("#dist-fit", Static)
-            assert scroll.virtual_size.height > scroll.size.height  # the fits are below the fold…
-            await pilot.press("end")
-            await settle(pilot)
-            assert scroll.scroll_offset.y == scroll.max_scroll_y > 0
-            assert fit.region.bottom <= scroll.region.bottom  # …and scroll into view
-            plot = app.screen.query_one("#dist-plot", Static)
-            narrow = max(len(line) for line in str(plot.render()).splitlines())
-            await pilot.resize_terminal(120, 40)
-            await settle(pilot)
-            await pilot.pause(0.1)
-            wide = max(len(line) for line in str(plot.render()).splitlines())
-            assert wide > narrow + 30, (narrow, wide)
+            assert tabs.active == "tab-distribution", f"5 from tab {start} stayed on {tabs.active}"
+        await pilot.press("4")
+        await settle(pilot)
+        app.screen.query_one("#pane-distribution")  # the palette's command does the same
+        next(c for c in app.get_system_commands(app.screen) if c.title == "Go to distribution").callback()
+        await settle(pilot)
+        assert tabs.active == "tab-distribution"
+        scroll = app.screen.query_one("#dist-scroll", VerticalScroll)
+        assert app.focused is scroll
+        title = app.screen.query_one("#dist-title", Static)
+        assert title.size.height >= 2, "the title wraps rather than being cut"
+        fit = app.screen.query_one("#dist-fit", Static)
+        assert scroll.virtual_size.height > scroll.size.height  # the fits are below the fold…
+        await pilot.press("end")
+        await settle(pilot)
+        assert scroll.scroll_offset.y == scroll.max_scroll_y > 0
+        assert fit.region.bottom <= scroll.region.bottom  # …and scroll into view
+        plot = app.screen.query_one("#dist-plot", Static)
+        narrow = max(len(line) for line in str(plot.render()).splitlines())
+        await pilot.resize_terminal(120, 40)
+        await settle(pilot)
+        await pilot.pause(0.1)
+        wide = max(len(line) for line in str(plot.render()).splitlines())
+        assert wide > narrow + 30, (narrow, wide)
 
-    asyncio.run(go())
+    drive(long_id_project, (80, 24), go)
 
 
 def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
@@ -626,30 +624,27 @@ def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
     probes are listed with their label."""
     from textual.widgets import Input
 
-    from inflq.tui.modals import InputScreen
+    from inflq.tui.screens.modals import InputScreen
 
     p = Project.open(project_dir)
     qid = p.add_query("default", PROMPT, COMPLETION)
     pid = p.add_probe(qid, "zorald pfaff was the first president of astrobia", "reversed")
     p.close()
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(100, 30)) as pilot:
-            await settle(pilot)
-            await pilot.press("6")
-            await settle(pilot)
-            box = app.screen.query_one("#probe-text", Input)
-            assert app.focused is box
-            await pilot.press(*"of the old town")
-            await settle(pilot)
-            assert box.value == "of the old town" and not isinstance(app.screen, InputScreen)
-            app.screen.query_one("#probe-estimator").value = "identity"
-            await settle(pilot)
-            shown = str(app.screen.query_one(f"#probe-{pid}").render())
-            assert f"probe {pid} reversed (identity)" in shown, shown
+    async def go(app, pilot):
+        await pilot.press("6")
+        await settle(pilot)
+        box = app.screen.query_one("#probe-text", Input)
+        assert app.focused is box
+        await pilot.press(*"of the old town")
+        await settle(pilot)
+        assert box.value == "of the old town" and not isinstance(app.screen, InputScreen)
+        app.screen.query_one("#probe-estimator").value = "identity"
+        await settle(pilot)
+        shown = str(app.screen.query_one(f"#probe-{pid}").render())
+        assert f"probe {pid} reversed (identity)" in shown, shown
 
-    asyncio.run(go())
+    drive(project_dir, (100, 30), go)
 
 
 def test_export_to_the_default_folder_stays_out_of_git(long_id_project):
@@ -657,24 +652,18 @@ def test_export_to_the_default_folder_stays_out_of_git(long_id_project):
     (and the repository ignores projects/*/exports/ too)."""
     from textual.widgets import Input
 
-    p = Project.open(long_id_project)
-    p.add_query("default", PROMPT, COMPLETION)
-    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
-    p.close()
+    seed(long_id_project)
 
-    async def go():
-        app = make_app(long_id_project)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            await pilot.press("4")
-            await settle(pilot)
-            await pilot.press("e")
-            await pilot.pause()
-            assert app.screen.query_one("#answer", Input).value == str(long_id_project / "exports")
-            await pilot.press("enter")
-            await settle(pilot)
+    async def go(app, pilot):
+        await pilot.press("4")
+        await settle(pilot)
+        await pilot.press("e")
+        await pilot.pause()
+        assert app.screen.query_one("#answer", Input).value == str(long_id_project / "exports")
+        await pilot.press("enter")
+        await settle(pilot)
 
-    asyncio.run(go())
+    drive(long_id_project, (80, 24), go)
     folder = long_id_project / "exports"
     assert sorted(f.suffix for f in folder.iterdir()) == ["", ".csv", ".jsonl", ".md"]
     subprocess.run(["git", "init", "-q", str(long_id_project)], check=True)
@@ -690,33 +679,30 @@ def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
     unknown tokens only is flagged under the tokens, and adding it is refused with a dialog."""
     from textual.widgets import Static
 
-    from inflq.tui.modals import ErrorScreen
+    from inflq.tui.screens.modals import ErrorScreen
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(100, 30)) as pilot:
-            await settle(pilot)
-            await pilot.press("2")
-            await settle(pilot)
-            await type_into(pilot, "#prompt", PROMPT)
-            await type_into(pilot, "#completion", COMPLETION)
-            await pilot.press("ctrl+l")
-            await settle(pilot)
-            says = app.screen.query_one("#model-says", Static)
-            assert "log p(completion | prompt)" in str(says.render())
-            await type_into(pilot, "#completion", "velmora")
-            await settle(pilot)
-            assert "log p" not in str(says.render()) and "ctrl+l" in str(says.render())
-            await type_into(pilot, "#completion", "quokka zzyzx")
-            await settle(pilot)
-            tokens = str(app.screen.query_one("#tokens", Static).render())
-            assert "[<unk>] [<unk>]" in tokens and "every token of the completion 'quokka zzyzx' is unknown" in tokens
-            await pilot.press("ctrl+s")
-            await settle(pilot)
-            assert isinstance(app.screen, ErrorScreen) and not app.project.queries("default")
-            assert "is unknown to the model's tokenizer" in str(app.screen.query_one("#error-message", Static).render())
+    async def go(app, pilot):
+        await pilot.press("2")
+        await settle(pilot)
+        await type_into(pilot, "#prompt", PROMPT)
+        await type_into(pilot, "#completion", COMPLETION)
+        await pilot.press("ctrl+l")
+        await settle(pilot)
+        says = app.screen.query_one("#model-says", Static)
+        assert "log p(completion | prompt)" in str(says.render())
+        await type_into(pilot, "#completion", "velmora")
+        await settle(pilot)
+        assert "log p" not in str(says.render()) and "ctrl+l" in str(says.render())
+        await type_into(pilot, "#completion", "quokka zzyzx")
+        await settle(pilot)
+        tokens = str(app.screen.query_one("#tokens", Static).render())
+        assert "[<unk>] [<unk>]" in tokens and "every token of the completion 'quokka zzyzx' is unknown" in tokens
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen) and not app.project.queries("default")
+        assert "is unknown to the model's tokenizer" in str(app.screen.query_one("#error-message", Static).render())
 
-    asyncio.run(go())
+    drive(project_dir, (100, 30), go)
 
 
 def test_footer_search_metadata_and_options_read_whole(long_id_project):
@@ -725,7 +711,7 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
     plugin dropdowns carry whole descriptions."""
     from textual.widgets import Label, Select, Static
 
-    from inflq.tui.sequence import SequenceScreen
+    from inflq.tui.screens.sequence import SequenceScreen
 
     p = Project.open(long_id_project)
     p.add_query("default", PROMPT, COMPLETION)
@@ -733,34 +719,31 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
     descriptions = {n: " ".join(c.description.split()) for n, c in p.registry.all("estimator").items()}
     p.close()
 
-    async def go():
-        app = make_app(long_id_project)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            for tab in "1234579":
-                if tab == "9":
-                    await pilot.press("4")
-                    await settle(pilot)
-                    await pilot.press("enter")  # the sequence view
-                else:
-                    await pilot.press(tab)
+    async def go(app, pilot):
+        for tab in "1234579":
+            if tab == "9":
+                await pilot.press("4")
                 await settle(pilot)
-                keys = {k.key: k.region for k in app.screen.query("FooterKey")}
-                assert "q" in keys and "question_mark" in keys, (tab, keys)
-                assert keys["q"].right <= keys["ctrl+p"].x, f"tab {tab}: Quit is under the palette key"
-            assert isinstance(app.screen, SequenceScreen)
-            meta = str(app.screen.query_one("#meta", Static).render())
-            assert meta.count("source") == 1, meta
-            await pilot.press("escape")
+                await pilot.press("enter")  # the sequence view
+            else:
+                await pilot.press(tab)
             await settle(pilot)
-            await pilot.press("slash", *"zzz")
-            await settle(pilot)
-            status = str(app.screen.query_one("#res-status", Label).render())
-            assert "no rows matching 'zzz' (searched: the 20 stored)" in status and "1-0" not in status, status
-            options = dict((v, str(prompt)) for prompt, v in app.screen.query_one("#sel-estimator", Select)._options if isinstance(v, str))
-            assert options == {n: f"{n}: {d}" for n, d in descriptions.items()}
+            keys = {k.key: k.region for k in app.screen.query("FooterKey")}
+            assert "q" in keys and "question_mark" in keys, (tab, keys)
+            assert keys["q"].right <= keys["ctrl+p"].x, f"tab {tab}: Quit is under the palette key"
+        assert isinstance(app.screen, SequenceScreen)
+        meta = str(app.screen.query_one("#meta", Static).render())
+        assert meta.count("source") == 1, meta
+        await pilot.press("escape")
+        await settle(pilot)
+        await pilot.press("slash", *"zzz")
+        await settle(pilot)
+        status = str(app.screen.query_one("#res-status", Label).render())
+        assert "no rows matching 'zzz' (searched: the 20 stored)" in status and "1-0" not in status, status
+        options = dict((v, str(prompt)) for prompt, v in app.screen.query_one("#sel-estimator", Select)._options if isinstance(v, str))
+        assert options == {n: f"{n}: {d}" for n, d in descriptions.items()}
 
-    asyncio.run(go())
+    drive(long_id_project, (80, 24), go)
 
 
 def palette_command(app, title: str):
@@ -775,45 +758,40 @@ def test_validate_screen_runs_with_progress_and_cancels(project_dir):
     from rich.console import Console
     from textual.widgets import Input, Static
 
-    from inflq.tui.tools import ValidateScreen
+    from inflq.tui.screens.tools import ValidateScreen
 
-    p = Project.open(project_dir)
-    p.add_query("default", PROMPT, COMPLETION)
-    p.close()
+    seed(project_dir, run=None)
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(100, 40)) as pilot:
-            await settle(pilot)
-            palette_command(app, "Validate estimators")()
-            await settle(pilot)
-            assert isinstance(app.screen, ValidateScreen)
-            screen = app.screen
-            for name, value in (("estimators", "identity"), ("sample", "2"), ("queries", "1"), ("fit_sequences", "8"), ("pbrf_steps", "3")):
-                screen.query_one(f"#val-{name}", Input).value = value
-            await pilot.press("ctrl+r")
-            await settle(pilot)
-            console = Console(width=98, record=True, file=io.StringIO())
-            console.print(screen.query_one("#val-result", Static).content)
-            shown = console.export_text()
-            assert "validation 1: 1 queries × 2 sequences vs PBRF" in shown and "identity" in shown, shown
-            assert "PBRF" in screen._bars and "ETA" not in str(screen._bars["PBRF"][0].render())
-            assert app.project.db["validations"].count == 1
-            # A validation that would run for hours, cancelled at once: nothing saved, the screen says so.
-            screen.query_one("#val-pbrf_steps", Input).value = "1000000"
-            screen.query_one("#val-max_minutes", Input).value = "1000000"
-            await pilot.press("ctrl+r", "ctrl+b")
-            for _ in range(1500):  # (settle would re-raise the cancelled worker's Cancelled)
-                await pilot.pause(0.02)
-                if not screen.running and "cancelled" in str(screen.query_one("#val-result", Static).render()):
-                    break
-            assert "cancelled: nothing was saved" in str(screen.query_one("#val-result", Static).render())
-            assert app.project.db["validations"].count == 1
-            await pilot.press("escape")
-            await settle(pilot)
-            assert app.screen.query("#tabs")
+    async def go(app, pilot):
+        palette_command(app, "Validate estimators")()
+        await settle(pilot)
+        assert isinstance(app.screen, ValidateScreen)
+        screen = app.screen
+        for name, value in (("estimators", "identity"), ("sample", "2"), ("queries", "1"), ("fit_sequences", "8"), ("pbrf_steps", "3")):
+            screen.query_one(f"#val-{name}", Input).value = value
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        console = Console(width=98, record=True, file=io.StringIO())
+        console.print(screen.query_one("#val-result", Static).content)
+        shown = console.export_text()
+        assert "validation 1: 1 queries × 2 sequences vs PBRF" in shown and "identity" in shown, shown
+        assert "PBRF" in screen.phases.bars and "ETA" not in str(screen.phases.bars["PBRF"][0].render())
+        assert app.project.db["validations"].count == 1
+        # A validation that would run for hours, cancelled at once: nothing saved, the screen says so.
+        screen.query_one("#val-pbrf_steps", Input).value = "1000000"
+        screen.query_one("#val-max_minutes", Input).value = "1000000"
+        await pilot.press("ctrl+r", "ctrl+b")
+        for _ in range(1500):  # (settle would re-raise the cancelled worker's Cancelled)
+            await pilot.pause(0.02)
+            if not screen.running and "cancelled" in str(screen.query_one("#val-result", Static).render()):
+                break
+        assert "cancelled: nothing was saved" in str(screen.query_one("#val-result", Static).render())
+        assert app.project.db["validations"].count == 1
+        await pilot.press("escape")
+        await settle(pilot)
+        assert app.screen.query("#tabs")
 
-    asyncio.run(go())
+    drive(project_dir, (100, 40), go)
 
 
 def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypatch):
@@ -824,7 +802,7 @@ def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypa
     from textual.widgets import Input, Static
 
     from inflq import plugins
-    from inflq.tui.modals import ConfirmScreen, ErrorScreen
+    from inflq.tui.screens.modals import ConfirmScreen, ErrorScreen
 
     monkeypatch.setenv("INFLQ_CONFIG_DIR", str(tmp_path / "config"))
     plugins.reset_registry()
@@ -843,43 +821,40 @@ def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypa
         await pilot.press("enter")
         await settle(pilot)
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(100, 30)) as pilot:
-            await settle(pilot)
-            said = " ".join(str(n.message) for n in app._notifications)
-            assert "1 local plugin, not loaded: ctrl+p → Trust local plugins" in said
-            # A wrong corpus: refused in a dialog, inflq.toml untouched.
-            palette_command(app, "Relink model or corpus")()
-            await settle(pilot)
-            await answer(pilot, "")
-            await answer(pilot, str(project_dir / "inflq.toml"))
-            assert isinstance(app.screen, ConfirmScreen)
-            await pilot.press("y")
-            await settle(pilot)
-            assert isinstance(app.screen, ErrorScreen)
-            assert "is not the corpus this project was made with" in str(app.screen.query_one("#error-message", Static).render())
-            await pilot.press("escape")
-            # The copies: relinked.
-            palette_command(app, "Relink model or corpus")()
-            await settle(pilot)
-            await answer(pilot, str(model_copy))
-            await answer(pilot, str(corpus_copy))
-            assert isinstance(app.screen, ConfirmScreen) and "renamed.jsonl" in str(app.screen.query_one(".question", Static).render())
-            await pilot.press("y")
-            await settle(pilot)
-            assert app.project.model_path.resolve() == model_copy.resolve()
-            assert app.project.corpus_path.resolve() == corpus_copy.resolve()
-            # Trust: asked, then loaded (the Run tab's estimators include it).
-            palette_command(app, "Trust local plugins")()
-            await settle(pilot)
-            assert isinstance(app.screen, ConfirmScreen) and "mine.py" in str(app.screen.query_one(".question", Static).render())
-            await pilot.press("y")
-            await settle(pilot)
-            assert "mine" in app.project.registry.names("estimator")
+    async def go(app, pilot):
+        said = " ".join(str(n.message) for n in app._notifications)
+        assert "1 local plugin, not loaded: ctrl+p → Trust local plugins" in said
+        # A wrong corpus: refused in a dialog, inflq.toml untouched.
+        palette_command(app, "Relink model or corpus")()
+        await settle(pilot)
+        await answer(pilot, "")
+        await answer(pilot, str(project_dir / "inflq.toml"))
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen)
+        assert "is not the corpus this project was made with" in str(app.screen.query_one("#error-message", Static).render())
+        await pilot.press("escape")
+        # The copies: relinked.
+        palette_command(app, "Relink model or corpus")()
+        await settle(pilot)
+        await answer(pilot, str(model_copy))
+        await answer(pilot, str(corpus_copy))
+        assert isinstance(app.screen, ConfirmScreen) and "renamed.jsonl" in str(app.screen.query_one(".question", Static).render())
+        await pilot.press("y")
+        await settle(pilot)
+        assert app.project.model_path.resolve() == model_copy.resolve()
+        assert app.project.corpus_path.resolve() == corpus_copy.resolve()
+        # Trust: asked, then loaded (the Run tab's estimators include it).
+        palette_command(app, "Trust local plugins")()
+        await settle(pilot)
+        assert isinstance(app.screen, ConfirmScreen) and "mine.py" in str(app.screen.query_one(".question", Static).render())
+        await pilot.press("y")
+        await settle(pilot)
+        assert "mine" in app.project.registry.names("estimator")
 
     try:
-        asyncio.run(go())
+        drive(project_dir, (100, 30), go)
     finally:
         plugins.reset_registry()
 
@@ -887,21 +862,15 @@ def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypa
 def test_a_lissa_result_shows_its_residual(project_dir):
     from textual.widgets import Label
 
-    p = Project.open(project_dir)
-    p.add_query("default", PROMPT, COMPLETION)
-    run_investigation(p, "default", RunSettings(estimator="lissa:depth=20,batch_size=4", rank=4))
-    p.close()
+    seed(project_dir, run="lissa:depth=20,batch_size=4")
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            await pilot.press("4")
-            await settle(pilot)
-            status = str(app.screen.query_one("#res-status", Label).render())
-            assert re.search(r"lissa:depth=20,batch_size=4: damping .* residual \d", status), status
+    async def go(app, pilot):
+        await pilot.press("4")
+        await settle(pilot)
+        status = str(app.screen.query_one("#res-status", Label).render())
+        assert re.search(r"lissa:depth=20,batch_size=4: damping .* residual \d", status), status
 
-    asyncio.run(go())
+    drive(project_dir, (80, 24), go)
 
 
 # -- snapshots -----------------------------------------------------------------------------------
@@ -921,43 +890,32 @@ def check_snapshot(name: str, svg: str) -> None:
 
 @pytest.mark.parametrize("screen", ["investigations", "query", "run", "help"])
 def test_snapshot(project_dir, screen):
-    p = Project.open(project_dir)
-    p.add_query("default", PROMPT, COMPLETION)
-    p.close()
+    seed(project_dir, run=None)
 
-    async def go():
-        app = make_app(project_dir)
-        async with app.run_test(size=(80, 24)) as pilot:
+    async def go(app, pilot):
+        keys = {"investigations": ["1"], "query": ["2"], "run": ["3"], "help": ["question_mark"]}[screen]
+        await pilot.press(*keys)
+        await settle(pilot)
+        if screen == "query":
+            app.screen.query_one("#prompt").value = PROMPT
+            app.screen.query_one("#completion").value = COMPLETION
             await settle(pilot)
-            keys = {"investigations": ["1"], "query": ["2"], "run": ["3"], "help": ["question_mark"]}[screen]
-            await pilot.press(*keys)
-            await settle(pilot)
-            if screen == "query":
-                app.screen.query_one("#prompt").value = PROMPT
-                app.screen.query_one("#completion").value = COMPLETION
-                await settle(pilot)
-                app.screen.query_one("#queries").focus()
-                await pilot.pause()
-            return app.export_screenshot()
+            app.screen.query_one("#queries").focus()
+            await pilot.pause()
+        return app.export_screenshot()
 
-    check_snapshot(screen, asyncio.run(go()))
+    check_snapshot(screen, drive(project_dir, (80, 24), go))
 
 
 def test_snapshot_results(long_id_project):
-    p = Project.open(long_id_project)
-    p.add_query("default", PROMPT, COMPLETION)
-    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
-    p.close()
+    seed(long_id_project)
 
-    async def go():
-        app = make_app(long_id_project)
-        async with app.run_test(size=(80, 24)) as pilot:
-            await settle(pilot)
-            await pilot.press("4")
-            await settle(pilot)
-            return app.export_screenshot()
+    async def go(app, pilot):
+        await pilot.press("4")
+        await settle(pilot)
+        return app.export_screenshot()
 
-    check_snapshot("results", asyncio.run(go()))
+    check_snapshot("results", drive(long_id_project, (80, 24), go))
 
 
 def test_core_imports_without_textual():
@@ -985,3 +943,126 @@ def test_compare_scores_against_a_hand_count():
     assert cmp.overlap == 0
     assert [i for i, _, _ in cmp.only_a] == [0, 1] and [i for i, _, _ in cmp.only_b] == [4, 3]
     assert cmp.only_a[0][2] == 5  # sequence 0 is B's 5th
+
+
+# -- the house: context, workers, one-way imports --------------------------------------------------
+def test_context_is_one_value_and_its_changes_reach_the_pane_in_view(long_id_project):
+    """Context.changed names what differs; a change made by the app is posted to every pane
+    (ContextChanged); the pane in view reloads, a hidden one waits until it is shown, and the pane
+    that made a change is not told to reload what it has just updated."""
+    from inflq.tui.context import Context
+
+    qid = seed(long_id_project)
+    p = Project.open(long_id_project)
+    q2 = p.add_query("default", "the capital city of astrobia is called", "velmora")
+    assert Context(p, "a", 1).changed(Context(p, "a", 2)) == {"query_id"}
+    other = Project.open(long_id_project)
+    assert Context(p).changed(Context(other)) == {"project"}
+    other.close()
+    p.close()
+
+    async def go(app, pilot):
+        from textual.widgets import Label, Select
+
+        heard: dict[str, list] = {"results": [], "query": []}
+        reloads = {"results": 0, "query": 0}
+        for name in heard:
+            widget = pane(app, name)
+
+            def told(event, name=name, real=widget.context_changed):
+                heard[name].append(event.changed)
+                real(event)
+
+            def reload(name=name, real=widget.reload):
+                reloads[name] += 1
+                real()
+
+            widget.context_changed, widget.reload = told, reload
+        await pilot.press("4")
+        await settle(pilot)
+        shown = reloads["results"]
+        app.set_context(query_id=q2)
+        await settle(pilot)
+        assert heard == {"results": [{"query_id"}], "query": [{"query_id"}]}
+        assert reloads == {"results": shown + 1, "query": 0}
+        assert f"query {q2}" in str(app.screen.query_one("#res-status", Label).render())
+        assert f"query: {q2}" in app.sub_title
+        app.screen.query_one("#res-query", Select).value = qid  # the results pane changes it itself
+        await settle(pilot)
+        assert app.query_id == qid and reloads["results"] == shown + 1 and heard["query"][-1] == {"query_id"}
+        app.set_context(query_id=qid)  # no change: nobody is told
+        await settle(pilot)
+        assert len(heard["query"]) == 2
+
+    drive(long_id_project, (80, 24), go)
+
+
+def test_distribution_loads_in_a_worker_and_drops_a_stale_load(long_id_project, monkeypatch):
+    """The score matrix is read off the UI thread: while it loads the tab says so; when the query
+    changes meanwhile, the stale load is cancelled and its result never shown."""
+    from textual.widgets import Static
+
+    seed(long_id_project)
+    p = Project.open(long_id_project)
+    q2 = p.add_query("default", "the capital city of astrobia is called", "velmora")
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    p.close()
+    real, calls, release = results.distribution, [], threading.Event()
+
+    def slow(project, investigation, query_id, result_set_id=None):
+        calls.append((query_id, threading.current_thread() is threading.main_thread()))
+        if len(calls) == 1:
+            assert release.wait(30), "the test never released the first load"
+        return real(project, investigation, query_id, result_set_id)
+
+    monkeypatch.setattr(results, "distribution", slow)
+
+    async def go(app, pilot):
+        first = app.query_id
+        await pilot.press("5")
+        for _ in range(100):
+            await pilot.pause(0.02)
+            if calls:
+                break
+        title = app.screen.query_one("#dist-title", Static)
+        assert "loading the scores" in str(title.render())
+        app.set_context(query_id=q2)
+        for _ in range(500):
+            await pilot.pause(0.02)
+            if len(calls) == 2 and "CCDF" in str(title.render()):
+                break
+        release.set()
+        await settle(pilot)
+        await pilot.pause(0.1)
+        assert [q for q, _ in calls] == [first, q2] and not any(main for _, main in calls)
+        assert str(title.render()).startswith(f"query {q2},"), str(title.render())
+
+    drive(long_id_project, (80, 24), go)
+
+
+def test_tui_imports_run_one_way():
+    """app -> layout -> panes -> screens: no pane imports the app or the layout, no screen
+    imports a pane, the app or the layout (so nothing circles back)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "inflq" / "tui"
+
+    def imports(path: Path) -> set[str]:
+        pkg = ".".join(path.relative_to(root.parent.parent).with_suffix("").parts[:-1])
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg.rsplit(".", node.level - 1)[0] if node.level else ""
+                mod = ".".join(x for x in (base, node.module) if x)
+                found |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        return found
+
+    for folder, banned in (("panes", ("inflq.tui.app", "inflq.tui.layout")),
+                           ("screens", ("inflq.tui.app", "inflq.tui.layout", "inflq.tui.panes"))):
+        for path in (root / folder).glob("*.py"):
+            bad = [m for m in imports(path) if m.startswith(banned)]
+            assert not bad, f"{path.relative_to(root)} imports {bad}"
+    for path in root.rglob("*.py"):
+        assert "._options" not in path.read_text(), f"{path.relative_to(root)} reads a private Textual attribute"

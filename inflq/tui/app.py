@@ -5,40 +5,23 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 from textual import work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, SystemCommand
 from textual.binding import Binding
+from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer, Header, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from ..errors import Cancelled, InflqError
-from .modals import ErrorScreen, HelpScreen, InputScreen
-from .panes import (
-    ComparePane,
-    DistributionPane,
-    FactorsPane,
-    InvestigationsPane,
-    Pane,
-    ProbesPane,
-    QueryPane,
-    ResultsPane,
-    RunPane,
-)
+from .context import Context, ContextChanged
+from .layout import TABS, FactorsScreen, MainScreen
+from .panes import Pane
+from .screens.modals import ConfirmScreen, ErrorScreen, HelpScreen, InputScreen
 
 EXPORTS = "exports"  # the export dialog's default folder, inside the project
-
-TABS = (
-    ("investigations", "1 Investigations", InvestigationsPane),
-    ("query", "2 Query", QueryPane),
-    ("run", "3 Run", RunPane),
-    ("results", "4 Results", ResultsPane),
-    ("distribution", "5 Distrib", DistributionPane),
-    ("probes", "6 Probes", ProbesPane),
-    ("compare", "7 Compare", ComparePane),
-)
 
 
 def default_project() -> Path:
@@ -56,49 +39,13 @@ def initial_investigation(project) -> str | None:
     if not invs:
         return None
     for table in ("result_sets", "queries"):
+        # catalog: the investigation of the table's newest row
         row = project.db.execute(
             f"SELECT i.name FROM {table} t JOIN investigations i ON i.id = t.investigation_id ORDER BY t.id DESC LIMIT 1"
         ).fetchone()
         if row is not None:
             return row[0]
     return invs[0]["name"]
-
-
-class MainScreen(Screen):
-    BINDINGS = [Binding(str(i + 1), f"tab('{tid}')", label, show=False) for i, (tid, label, _) in enumerate(TABS)] + [
-        Binding("escape", "leave_field", "Leave field", show=False),
-    ]
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        with TabbedContent(id="tabs"):
-            for tid, label, cls in TABS:
-                with TabPane(label, id=f"tab-{tid}"):
-                    yield cls(id=f"pane-{tid}")
-        yield Footer()
-
-    def action_tab(self, tid: str) -> None:
-        self.query_one("#tabs", TabbedContent).active = f"tab-{tid}"
-
-    def action_leave_field(self) -> None:
-        self.query_one("#tabs", TabbedContent).query_one("Tabs").focus()
-
-    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
-        event.pane.query_one(Pane).activate()
-
-
-class FactorsScreen(Screen):
-    """The project's cached factor sets and their spectra (key f; esc back)."""
-
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("f", "app.pop_screen", "Back", show=False)]
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        yield FactorsPane(id="pane-factors")
-        yield Footer()
-
-    def on_mount(self) -> None:
-        self.query_one(FactorsPane).activate()
 
 
 class InflqApp(App):
@@ -116,13 +63,13 @@ class InflqApp(App):
         Binding("q", "quit", "Quit"),
     ]
 
+    #: what the user works on; every pane is told when it changes (ContextChanged)
+    context: reactive[Context] = reactive(Context, init=False)
+
     def __init__(self, project_path: str | Path | None = None) -> None:
         super().__init__()
         self.project_path = Path(project_path) if project_path is not None else default_project()
-        self.project = None
-        self.investigation: str | None = None
-        self.query_id: int | None = None
-        self.result_set_id: int | None = None
+        self._context_origin: object = None  # the pane changing the context, while it does
         # Workers share the project's model; one at a time uses it (the run has its own).
         self.model_lock = threading.Lock()
         self._result_sessions: dict[int, object] = {}
@@ -144,28 +91,24 @@ class InflqApp(App):
             return False
         if self.project is not None:
             self.project.close()
-        self.project = project
         self.project_path = Path(path)
         self._result_sessions.clear()
         self._probe_sessions.clear()
-        self.investigation = initial_investigation(project)
-        self.query_id = self.result_set_id = None
-        self._default_query_and_results()
         self.title = f"inflq — {project.config.name}"
-        self._subtitle()
         if project.readonly:
             self.notify("the project is read-only: browsing only", severity="warning")
-        self._load_local_plugins()
+        # Loaded before the panes hear of the project, so the run form offers the local plugins.
+        self._load_local_plugins(project)
+        self.context = self._with_defaults(Context(project, initial_investigation(project)))
         self.check_model()
-        self.reload_active()
         return True
 
-    def _load_local_plugins(self) -> None:
+    def _load_local_plugins(self, project) -> None:
         """The project's local plugins, if the user trusts them (else say how to)."""
         from ..trust import load_project_plugins
 
         try:
-            untrusted = load_project_plugins(self.project)
+            untrusted = load_project_plugins(project)
         except (InflqError, OSError) as exc:
             self.notify(f"local plugins not loaded: {exc}", severity="warning")
             return
@@ -183,44 +126,60 @@ class InflqApp(App):
                 fix = "\n\nIn the UI: ctrl+p → Relink model or corpus, to point the project at a copy." if status == "missing" else ""
                 self.call_from_thread(self.show_error, f"{exc}{fix}", "The project's model is not usable")
 
-    def _default_query_and_results(self) -> None:
+    @staticmethod
+    def _with_defaults(ctx: Context) -> Context:
+        """The context with the investigation's first query and latest result set where it has
+        none (or one of another investigation)."""
         from .. import results
 
-        if self.project is None or self.investigation is None:
+        if ctx.project is None or ctx.investigation is None:
+            return ctx
+        qs = ctx.project.queries(ctx.investigation)
+        if qs and ctx.query_id not in {q["id"] for q in qs}:
+            ctx = replace(ctx, query_id=qs[0]["id"])
+        sets = results.result_sets(ctx.project, ctx.investigation)
+        if sets and ctx.result_set_id not in {r["id"] for r in sets}:
+            ctx = replace(ctx, result_set_id=sets[-1]["id"])
+        return ctx
+
+    # The context's parts, read by the screens (and tests) as the app's attributes.
+    @property
+    def project(self):
+        return self.context.project
+
+    @property
+    def investigation(self) -> str | None:
+        return self.context.investigation
+
+    @property
+    def query_id(self) -> int | None:
+        return self.context.query_id
+
+    @property
+    def result_set_id(self) -> int | None:
+        return self.context.result_set_id
+
+    def set_context(self, origin: object = None, **changes) -> None:
+        """Change the current investigation, query or result set (and what follows from it);
+        ``origin``: the pane that asked (it has updated itself; the others are told)."""
+        ctx = self.context
+        if "investigation" in changes and changes["investigation"] != ctx.investigation:
+            ctx = self._with_defaults(Context(ctx.project, changes["investigation"]))
+        ctx = replace(ctx, **{k: v for k, v in changes.items() if k in ("query_id", "result_set_id")})
+        if not ctx.changed(self.context):
             return
-        qs = self.project.queries(self.investigation)
-        if qs and self.query_id not in {q["id"] for q in qs}:
-            self.query_id = qs[0]["id"]
-        sets = results.result_sets(self.project, self.investigation)
-        if sets and self.result_set_id not in {r["id"] for r in sets}:
-            self.result_set_id = sets[-1]["id"]
+        self._context_origin = origin
+        try:
+            self.context = ctx
+        finally:
+            self._context_origin = None
 
-    def set_context(self, **changes) -> None:
-        """Change the current investigation, query or result set (and what follows from it)."""
-        if "investigation" in changes and changes["investigation"] != self.investigation:
-            self.investigation = changes["investigation"]
-            self.query_id = self.result_set_id = None
-            self._default_query_and_results()
-        if "query_id" in changes:
-            self.query_id = changes["query_id"]
-        if "result_set_id" in changes:
-            self.result_set_id = changes["result_set_id"]
-        self._subtitle()
-
-    def _subtitle(self) -> None:
-        parts = [f"investigation: {self.investigation or '—'}", f"query: {self.query_id or '—'}", f"results: {self.result_set_id or '—'}"]
+    def watch_context(self, old: Context, new: Context) -> None:
+        parts = [f"investigation: {new.investigation or '—'}", f"query: {new.query_id or '—'}", f"results: {new.result_set_id or '—'}"]
         self.sub_title = " · ".join(parts)
-
-    def reload_active(self) -> None:
-        try:
-            tabs = self.screen.query_one("#tabs", TabbedContent)
-        except Exception:
-            return
-        pane = tabs.get_pane(tabs.active).query_one(Pane)
-        try:
-            pane.reload()
-        except InflqError as exc:
-            self.show_error(exc)
+        for screen in self.screen_stack:
+            for pane in screen.query(Pane):
+                pane.post_message(ContextChanged(old, new, self._context_origin))
 
     # -- shared model sessions -----------------------------------------------------------------
     def result_session(self, rs_id: int):
@@ -228,6 +187,7 @@ class InflqApp(App):
         from ..results import ScoringSession
 
         if rs_id not in self._result_sessions:
+            # catalog: a result set's row
             rs = self.project.db["result_sets"].get(rs_id)
             self._result_sessions[rs_id] = ScoringSession.for_result_set(self.project, rs)
         return self._result_sessions[rs_id]
@@ -268,9 +228,6 @@ class InflqApp(App):
         self.show_error(error, title)
 
     # -- actions -------------------------------------------------------------------------------
-    def input_screen(self, prompt: str, value: str = "", placeholder: str = "", message: str = "") -> InputScreen:
-        return InputScreen(prompt, value, placeholder, message)
-
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
@@ -322,7 +279,7 @@ class InflqApp(App):
         return written
 
     def action_validate(self) -> None:
-        from .tools import ValidateScreen
+        from .screens.tools import ValidateScreen
 
         if self.project is None or self.investigation is None:
             self.notify("open a project and choose an investigation first", severity="warning")
@@ -333,8 +290,7 @@ class InflqApp(App):
     def action_relink(self) -> None:
         """Point the project at local copies of its model or corpus (``inflq relink``), asked for
         one path at a time and confirmed before inflq.toml is rewritten."""
-        from .modals import ConfirmScreen
-        from .tools import relink_question
+        from .screens.tools import relink_question
 
         if self.project is None:
             self.notify("no project is open: press o to open one", severity="warning")
@@ -377,8 +333,7 @@ class InflqApp(App):
     def action_trust(self) -> None:
         """Trust and load the project's local plugins (``inflq trust``), after confirmation."""
         from ..trust import load_project_plugins, trust
-        from .modals import ConfirmScreen
-        from .tools import trust_question
+        from .screens.tools import trust_question
 
         if self.project is None:
             self.notify("no project is open: press o to open one", severity="warning")

@@ -13,9 +13,9 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 
-from ..display import score_format
-from . import render
-from .compact import CButton, CInput
+from ...display import score_format
+from .. import render
+from ..compact import CButton, CInput
 
 
 class SequenceScreen(Screen):
@@ -124,9 +124,10 @@ class SequenceScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="self-influence")
     def self_influence(self) -> None:
-        from ..results import self_influence
+        from ...results import self_influence
 
         app = self.inflq
+        # catalog: a result set's row
         rs = app.project.db["result_sets"].get(self.row["result_set_id"])
         settings = json.loads(rs["settings"])
         with app.model_lock:

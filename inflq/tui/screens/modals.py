@@ -8,7 +8,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static
 
-from .compact import CButton, CInput
+from ..compact import CButton, CInput
 
 
 class ConfirmScreen(ModalScreen[bool]):

@@ -12,16 +12,15 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, ProgressBar, Static
+from textual.widgets import Button, Footer, Header, Input, Label, Static
 from textual.worker import Worker, WorkerState
 
-from ..errors import Cancelled, InflqError
-from ..progress import Monitor, ProgressEvent
-from . import render
-from .compact import CButton, CInput
-from .panes import RunProgress
+from ...errors import Cancelled, InflqError
+from ...progress import Monitor
+from ..compact import CButton, CInput
+from ..phases import PhaseBars, RunProgress
 
 
 class ValidateScreen(Screen):
@@ -47,8 +46,6 @@ class ValidateScreen(Screen):
     def __init__(self) -> None:
         super().__init__()
         self.monitor: Monitor | None = None
-        self._bars: dict[str, tuple[Label, ProgressBar]] = {}
-        self._last: dict[str, ProgressEvent] = {}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -61,7 +58,7 @@ class ValidateScreen(Screen):
             with Horizontal(classes="buttons"):
                 yield CButton("Start (ctrl+r)", variant="primary", id="val-start")
                 yield CButton("Cancel (ctrl+b)", variant="error", id="val-cancel", disabled=True)
-            yield Vertical(id="val-phases")
+            yield PhaseBars(id="val-phases")
             yield Static("", id="val-result", classes="detail")
         yield Footer()
 
@@ -74,7 +71,7 @@ class ValidateScreen(Screen):
         self.query_one("#val-estimators", Input).focus()
 
     def _arguments(self) -> dict:
-        from ..validate import parse_list
+        from ...validate import parse_list
 
         raw = {name: self.query_one(f"#val-{name}", Input).value.strip() for name, _, _ in self.FIELDS}
 
@@ -117,9 +114,7 @@ class ValidateScreen(Screen):
         except InflqError as exc:
             app.show_error(exc, "Cannot start the validation")
             return
-        self.query_one("#val-phases", Vertical).remove_children()
-        self._bars.clear()
-        self._last.clear()
+        self.phases.reset()
         self.query_one("#val-result", Static).update(Text("validating… (the PBRF solves take a while; ctrl+b cancels)", style="italic"))
         self._set_running(True)
         self.monitor = Monitor(on_progress=lambda ev: self.post_message(RunProgress(ev)))
@@ -142,21 +137,18 @@ class ValidateScreen(Screen):
         self.query_one("#val-start", Button).disabled = running
         self.query_one("#val-cancel", Button).disabled = not running
 
+    @property
+    def phases(self) -> PhaseBars:
+        """The validation's per-phase progress bars."""
+        return self.query_one("#val-phases", PhaseBars)
+
     def on_run_progress(self, message: RunProgress) -> None:
-        ev = message.event
-        if ev.phase not in self._bars:
-            label, bar = Label(ev.phase, classes="phase-label"), ProgressBar(total=max(ev.total, 1), show_eta=False)
-            self._bars[ev.phase] = (label, bar)
-            self.query_one("#val-phases", Vertical).mount(Horizontal(label, bar, classes="phase"))
-        label, bar = self._bars[ev.phase]
-        bar.update(total=max(ev.total, 1), progress=ev.done)
-        label.update(f"{ev.phase} {ev.done}/{ev.total} {render.eta(ev.eta)}")
-        self._last[ev.phase] = ev
+        self.phases.show(message.event)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="validate")
     def validate_worker(self, investigation: str, kwargs: dict, monitor: Monitor):
-        from ..project import Project
-        from ..validate import validate
+        from ...project import Project
+        from ...validate import validate
 
         # Its own catalog connection and model, as a run has: browsing stays responsive and safe.
         project = Project.open(self.app.project.root)
@@ -169,10 +161,7 @@ class ValidateScreen(Screen):
         if event.worker.group != "validate" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
             return
         self._set_running(False)
-        for phase, (label, _bar) in self._bars.items():  # stopped or done: no ETA
-            ev = self._last.get(phase)
-            if ev is not None:
-                label.update(f"{phase} {ev.done}/{ev.total}" + ("" if ev.done >= ev.total or event.state == WorkerState.SUCCESS else " (stopped)"))
+        self.phases.stop("" if event.state == WorkerState.SUCCESS else "(stopped)")  # no ETA
         out = self.query_one("#val-result", Static)
         if event.state == WorkerState.SUCCESS:
             out.update(validation_table(event.worker.result))
@@ -211,7 +200,7 @@ def relink_question(project, model: str, corpus: str) -> str:
 
 def trust_question(project) -> str | None:
     """The trust dialog's question, naming the plugin files (None: the folder has none)."""
-    from ..trust import is_trusted, plugin_files
+    from ...trust import is_trusted, plugin_files
 
     files = plugin_files(project.root)
     if not files:

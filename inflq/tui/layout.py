@@ -1,0 +1,67 @@
+"""The app's own screens: the main screen, a tab per task, and the factor-set screen (key f)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Footer, Header, TabbedContent, TabPane
+
+from .panes import (
+    ComparePane,
+    DistributionPane,
+    FactorsPane,
+    InvestigationsPane,
+    Pane,
+    ProbesPane,
+    QueryPane,
+    ResultsPane,
+    RunPane,
+)
+
+TABS = (
+    ("investigations", "1 Investigations", InvestigationsPane),
+    ("query", "2 Query", QueryPane),
+    ("run", "3 Run", RunPane),
+    ("results", "4 Results", ResultsPane),
+    ("distribution", "5 Distrib", DistributionPane),
+    ("probes", "6 Probes", ProbesPane),
+    ("compare", "7 Compare", ComparePane),
+)
+
+
+class MainScreen(Screen):
+    BINDINGS = [Binding(str(i + 1), f"tab('{tid}')", label, show=False) for i, (tid, label, _) in enumerate(TABS)] + [
+        Binding("escape", "leave_field", "Leave field", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(id="tabs"):
+            for tid, label, cls in TABS:
+                with TabPane(label, id=f"tab-{tid}"):
+                    yield cls(id=f"pane-{tid}")
+        yield Footer()
+
+    def action_tab(self, tid: str) -> None:
+        self.query_one("#tabs", TabbedContent).active = f"tab-{tid}"
+
+    def action_leave_field(self) -> None:
+        self.query_one("#tabs", TabbedContent).query_one("Tabs").focus()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        event.pane.query_one(Pane).activate()
+
+
+class FactorsScreen(Screen):
+    """The project's cached factor sets and their spectra (key f; esc back)."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back"), Binding("f", "app.pop_screen", "Back", show=False)]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield FactorsPane(id="pane-factors")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(FactorsPane).activate()

@@ -1,0 +1,124 @@
+"""Tab 6: hand-written probe sequences for the current query, scored (in a worker) with a
+chosen estimator and shown as token heat maps."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Input, Label, Select, Static
+from textual.worker import get_current_worker
+
+from ...display import score_format
+from ...errors import InflqError
+from .. import render
+from ..compact import CButton, CInput, CSelect
+from ..context import ContextChanged
+from .base import Pane
+
+
+class ProbesPane(Pane):
+    BINDINGS = [Binding("ctrl+s", "add", "Add + score")]
+    FOCUS = "#probe-text"  # typing a probe must not fire single-letter keys
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._estimators: list[str] = []  # the estimator select's options
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="probe-query", classes="hint")
+        with Horizontal(classes="field"):
+            yield Label("estimator", classes="field-label")
+            yield CSelect([], id="probe-estimator", allow_blank=True, prompt="estimator")
+        with Horizontal(classes="field"):
+            yield CInput(placeholder="a hand-written candidate training sequence", id="probe-text")
+            yield CButton("Add + score (ctrl+s)", variant="primary", id="probe-add")
+        yield Label(render.SIGN_NOTE, classes="hint")
+        yield VerticalScroll(id="probe-list")
+
+    def reload(self) -> None:
+        ctx = self.context
+        if self.project is None:
+            return
+        sel = self.query_one("#probe-estimator", Select)
+        names = list(self.project.registry.names("estimator"))
+        if names != self._estimators:  # the select's options: the registry's estimators
+            with self.prevent(Select.Changed):
+                sel.set_options([(n, n) for n in names])
+            self._estimators = names
+        default = "ekfac"
+        if ctx.result_set_id is not None:
+            # catalog: a result set's row
+            rs = self.project.db["result_sets"].get(ctx.result_set_id)
+            default = rs["estimator"].split(":")[0]
+        with self.prevent(Select.Changed):
+            if default in self.project.registry.names("estimator"):
+                sel.value = default
+        if ctx.query_id is None:
+            self.query_one("#probe-query", Label).update("choose a query first (Query or Results tab)")
+            return
+        q = self.project.query(ctx.query_id)
+        self.query_one("#probe-query", Label).update(f"probes for query {q['id']}: {render.snippet(q['prompt'], 40)} → {render.snippet(q['completion'], 20)}")
+        self.score()
+
+    @on(Select.Changed, "#probe-estimator")
+    def _estimator_changed(self) -> None:
+        if self.context.query_id is not None:
+            self.score()
+
+    @on(Button.Pressed, "#probe-add")
+    @on(Input.Submitted, "#probe-text")
+    def action_add(self) -> None:
+        if not self.need("query"):
+            return
+        box = self.query_one("#probe-text", Input)
+        try:
+            self.project.tokenize_sequence(box.value)
+            self.project.add_probe(self.context.query_id, box.value)
+        except InflqError as exc:
+            self.inflq.show_error(exc)
+            return
+        box.value = ""
+        self.score()
+
+    def score(self) -> None:
+        probes = self.project.probes(self.context.query_id)
+        listing = self.query_one("#probe-list", VerticalScroll)
+        listing.remove_children()
+        if not probes:
+            listing.mount(Static("no probes yet: write one above"))
+            return
+        listing.mount(Static(f"scoring {len(probes)} probes…", id="probe-wait"))
+        self.score_worker(self.context.query_id, str(self.query_one("#probe-estimator", Select).value), probes)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="probes")
+    def score_worker(self, query_id: int, estimator: str, probes: list[dict]) -> None:
+        with self.inflq.model_lock:
+            session = self.inflq.probe_session(estimator, query_id)
+            scored = session.score_texts([p["text"] for p in probes], query_id)
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self.show, probes, scored, estimator)
+
+    def context_changed(self, event: ContextChanged) -> None:
+        self.workers.cancel_group(self, "probes")  # scores for the old query are stale
+        super().context_changed(event)
+
+    def show(self, probes: list[dict], scored: list, estimator: str) -> None:
+        listing = self.query_one("#probe-list", VerticalScroll)
+        listing.remove_children()
+        order = np.argsort([-s.total for s in scored])
+        fmt = score_format(s.total for s in scored)
+        for i in order:
+            p, s = probes[i], scored[i]
+            head = Text(fmt(s.total), style="bold red" if s.total > 0 else "bold blue")
+            head.append(f"  probe {p['id']}", style="dim")
+            if p.get("label"):
+                head.append(f" {p['label']}", style="bold")
+            head.append(f" ({estimator})", style="dim")
+            listing.mount(Vertical(
+                Static(head, id=f"probe-{p['id']}"), Static(render.heat_map(s.labels, s.values), id=f"probe-heat-{p['id']}"),
+                classes="probe",
+            ))

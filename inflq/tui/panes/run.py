@@ -1,0 +1,285 @@
+"""Tab 3: the run form (plugins with their declared options, numeric settings), start, cancel
+and resume, per-phase progress, and the investigation's runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select
+from textual.worker import Worker, WorkerState
+
+from ... import results
+from ...errors import Cancelled, InflqError
+from ...options import Option
+from ...progress import Monitor, ProgressEvent
+from ...settings import RunSettings
+from .. import render
+from ..compact import CButton, CCheckbox, CInput, CSelect
+from ..phases import PhaseBars, RunProgress
+from .base import Pane, blank
+
+
+def option_widget(kind: str, opt: Option) -> Horizontal:
+    """An input for one declared plugin option (so third-party options need no UI code)."""
+    wid = f"opt-{kind}-{opt.name}"
+    if opt.type is bool:
+        w: Any = CCheckbox(opt.name, value=bool(opt.default), id=wid)
+    elif opt.choices:
+        w = CSelect([(c, c) for c in opt.choices], value=opt.default if opt.default in opt.choices else Select.BLANK, id=wid)
+    else:
+        w = CInput(placeholder="default" if opt.default is None else str(opt.default), id=wid)
+    w.tooltip = f"{opt.name} ({opt.type.__name__}): {opt.help}"
+    row = Horizontal(Label(f" {opt.name}", classes="field-label"), w, classes="field option")
+    return row
+
+
+class RunPane(Pane):
+    DEPENDS = frozenset({"project", "investigation"})
+    BINDINGS = [
+        Binding("ctrl+r", "start", "Start run"),
+        Binding("ctrl+b", "cancel", "Cancel run"),
+        Binding("ctrl+y", "resume", "Resume run"),
+    ]
+    KINDS = ("estimator", "filter", "executor")
+    DEFAULTS = {"estimator": "ekfac", "filter": "all", "executor": "local"}
+    # (RunSettings field, default shown, hint): the run's numeric settings.
+    NUMBERS = (
+        ("rank", "32", "low-rank query gradients (blank: full)"),
+        ("top_k", "20", "sequences kept per side"),
+        ("fit_sequences", "", "sequences to fit factors on (blank: all)"),
+        ("shard_size", "", f"advanced: sequences per shard, a resume's unit (blank: {RunSettings.shard_size})"),
+    )
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.monitor: Monitor | None = None
+        self._plugins_of = None  # the project whose plugins the selects offer
+        self._table_at = 0.0
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="run-form"):
+            for kind in self.KINDS:
+                with Horizontal(classes="field"):
+                    yield Label(kind, classes="field-label")
+                    yield CSelect([], allow_blank=True, id=f"sel-{kind}")
+                yield Vertical(id=f"opts-{kind}", classes="options")
+            for name, default, hint in self.NUMBERS:
+                with Horizontal(classes="field"):
+                    yield Label(name, classes="field-label")
+                    yield CInput(default, placeholder=hint, id=f"run-{name}", tooltip=hint)
+            with Horizontal(classes="buttons"):
+                yield CButton("Start (ctrl+r)", variant="primary", id="start")
+                yield CButton("Cancel (ctrl+b)", variant="error", id="cancel", disabled=True)
+                yield CButton("Resume (ctrl+y)", id="resume")
+            yield PhaseBars(id="phases", bar_classes="phase-bar")
+            runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+            runs.add_columns("run", "status", "estimator", "filter", "phase", "done")
+            yield runs
+
+    def on_mount(self) -> None:
+        self.reload_plugins()
+
+    def reload_plugins(self) -> None:
+        if self.project is None:
+            return
+        for kind in self.KINDS:
+            classes = self.project.registry.all(kind)
+            sel = self.query_one(f"#sel-{kind}", Select)
+            # Whole descriptions: the open list wraps them; the closed select shows one line.
+            sel.set_options([(f"{name}: {' '.join(cls.description.split())}", name) for name, cls in sorted(classes.items())])
+            if self.DEFAULTS[kind] in classes:
+                sel.value = self.DEFAULTS[kind]
+        self._plugins_of = self.project
+
+    @on(Select.Changed, "#sel-estimator, #sel-filter, #sel-executor")
+    async def _plugin_changed(self, event: Select.Changed) -> None:
+        kind = event.select.id.removeprefix("sel-")
+        box = self.query_one(f"#opts-{kind}", Vertical)
+        await box.remove_children()
+        if self.project is None or blank(event.value):
+            return
+        cls = self.project.registry.get(kind, str(event.value))
+        await box.mount_all([option_widget(kind, o) for o in cls.options])
+
+    def spec(self, kind: str) -> str:
+        """``name:key=value,...`` from the Select and the generated option inputs."""
+        value = self.query_one(f"#sel-{kind}", Select).value
+        if blank(value):
+            raise InflqError(f"choose a {kind}")
+        cls = self.project.registry.get(kind, str(value))
+        given = []
+        for o in cls.options:
+            w = self.query_one(f"#opt-{kind}-{o.name}")
+            if isinstance(w, Checkbox):
+                if w.value != bool(o.default):
+                    given.append(f"{o.name}={str(w.value).lower()}")
+            elif isinstance(w, Select):
+                if not blank(w.value) and w.value != o.default:
+                    given.append(f"{o.name}={w.value}")
+            elif w.value.strip():
+                v = w.value.strip()
+                if any(c in v for c in ",:") and not (kind == "filter" and o.name == "of"):
+                    raise InflqError(f"{kind} option {o.name}: commas and colons are not allowed in a value")
+                given.append(f"{o.name}={v}")
+        return str(value) + (":" + ",".join(given) if given else "")
+
+    def settings(self) -> RunSettings:
+        def number(name: str, blank: int | None) -> int | None:
+            raw = self.query_one(f"#run-{name}", Input).value.strip()
+            if not raw:
+                return blank
+            try:
+                value = int(raw)
+            except ValueError:
+                raise InflqError(f"{name} must be a whole number, got {raw!r}") from None
+            if value <= 0:
+                raise InflqError(f"{name} must be positive")
+            return value
+
+        return RunSettings(
+            estimator=self.spec("estimator"), filter=self.spec("filter"), executor=self.spec("executor"),
+            rank=number("rank", None), top_k=number("top_k", 20) or 20, fit_sequences=number("fit_sequences", None),
+            shard_size=number("shard_size", RunSettings.shard_size) or RunSettings.shard_size, seed=self.project.config.seed,
+        )
+
+    def reload(self) -> None:
+        table = self.query_one("#runs", DataTable)
+        selected = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value if table.row_count else None
+        table.clear()
+        if self.project is None:
+            return
+        if self._plugins_of is not self.project:
+            self.reload_plugins()
+        if self.context.investigation is None:
+            return
+        inv = self.project.investigation(self.context.investigation)
+        # catalog: the investigation's runs, newest first
+        for i, r in enumerate(self.project.db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id desc")):
+            table.add_row(str(r["id"]), r["status"], render.snippet(r["estimator"], 14), render.snippet(r["filter"], 14), r["phase"] or "", f"{r['done']}/{r['total']}", key=str(r["id"]))
+            if str(r["id"]) == selected:
+                table.move_cursor(row=i)
+
+    def _set_running(self, running: bool) -> None:
+        self.query_one("#start", Button).disabled = running
+        self.query_one("#resume", Button).disabled = running
+        self.query_one("#cancel", Button).disabled = not running
+
+    @on(Button.Pressed, "#start")
+    def action_start(self) -> None:
+        if not self.need("investigation"):
+            return
+        try:
+            settings = self.settings()
+            from ...runs import make_estimator, make_executor, make_filter
+
+            make_estimator(self.project, settings.estimator)
+            make_filter(self.project, settings.filter)
+            make_executor(self.project, settings.executor)
+        except InflqError as exc:
+            self.inflq.show_error(exc, "Cannot start the run")
+            return
+        if self._begin():
+            self.run_worker_(self.context.investigation, settings, None, self.monitor)
+
+    @on(Button.Pressed, "#resume")
+    def action_resume(self) -> None:
+        if not self.need("investigation"):
+            return
+        table = self.query_one("#runs", DataTable)
+        if not table.row_count:
+            self.notify("no run to resume", severity="warning")
+            return
+        run_id = int(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
+        # catalog: a run's row
+        row = self.project.db["runs"].get(run_id)
+        if row["status"] == "done":
+            self.notify(f"run {run_id} is already complete; choose a cancelled or failed run", severity="warning")
+            return
+        if self._begin():
+            from ...runs import committed_work
+
+            self.notify(f"resuming run {run_id}; {committed_work(self.project, run_id)}", timeout=8)
+            self.run_worker_(self.context.investigation, None, run_id, self.monitor)
+
+    @on(Button.Pressed, "#cancel")
+    def action_cancel(self) -> None:
+        if self.monitor is None or not self.running:
+            self.notify("no run in progress", severity="warning")
+            return
+        self.monitor.cancel()
+        self.notify("cancelling: the run stops after the current batch")
+
+    @property
+    def phases(self) -> PhaseBars:
+        """The running (or last) run's per-phase progress bars."""
+        return self.query_one("#phases", PhaseBars)
+
+    @property
+    def running(self) -> bool:
+        return any(w.group == "run" and w.is_running for w in self.app.workers)
+
+    def _begin(self) -> bool:
+        # A thread worker cannot be stopped by starting another: refuse a second run instead.
+        if self.running:
+            self.notify("a run is in progress: cancel it (ctrl+b) first", severity="warning")
+            return False
+        self.phases.reset()
+        self._set_running(True)
+        # Made here, not in the worker, so a cancel pressed before the thread starts still counts.
+        self.monitor = Monitor(on_progress=self._on_progress)
+        return True
+
+    def _on_progress(self, ev: ProgressEvent) -> None:
+        # Called in the worker thread (post_message is thread-safe); queued events of one phase
+        # collapse into the latest (RunProgress.can_replace).
+        self.post_message(RunProgress(ev))
+
+    def on_run_progress(self, message: RunProgress) -> None:
+        self.phases.show(message.event)
+        # The runs table follows the run (its status and phase are in the catalog, written by the
+        # run's own connection), at most twice a second.
+        now = time.monotonic()
+        if now - self._table_at > 0.5:
+            self._table_at = now
+            self.reload()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="run")
+    def run_worker_(self, investigation: str, settings: RunSettings | None, resume: int | None, monitor: Monitor):
+        from ...project import Project
+        from ...runs import run_investigation
+
+        # The run gets its own catalog connection and model, so browsing stays responsive and safe.
+        project = Project.open(self.project.root)
+        try:
+            return run_investigation(project, investigation, settings, monitor, resume=resume)
+        finally:
+            project.close()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        # (Pane's handler, called before this one, shows a failed worker's error.)
+        if event.worker.group != "run" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR, WorkerState.CANCELLED):
+            return
+        self._set_running(False)
+        if event.state == WorkerState.SUCCESS:
+            self.phases.stop("")
+            res = event.worker.result
+            # catalog: a result set's row
+            rs = self.project.db["result_sets"].get(res.result_set_id)
+            # The damping used and an iterative estimator's (LiSSA's) convergence residual.
+            self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id} ({rs['estimator']}: {results.estimator_summary(rs)})", timeout=10)
+            self.set_context(result_set_id=res.result_set_id)
+        elif isinstance(event.worker.error, Cancelled):
+            from ...runs import committed_work, interrupted_run
+
+            self.phases.stop("(stopped)")
+            row = interrupted_run(self.project, self.context.investigation) if self.context.investigation else None
+            done = f"; {committed_work(self.project, row['id'])}" if row else ""
+            self.notify(f"run cancelled{done}. Select it and press ctrl+y to resume", severity="warning", timeout=10)
+        else:
+            self.phases.stop("(failed)")
+        self.reload()
