@@ -17,13 +17,13 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def completion_token_logprobs(project: Project, prompt: str, completion: str, chat: bool = False) -> list[tuple[str, float]]:
     """``(token, log p(token | everything before it))`` for each measured (completion) token."""
-    tq = project.tokenize_query(prompt, completion, chat)
-    model = project.model
+    tq = project.runtime.tokenize_query(prompt, completion, chat)
+    model = project.runtime.model
     ids = torch.as_tensor(tq.tokens, dtype=torch.long, device=_device(model)).unsqueeze(0)
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, :-1].float()
     logp = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
     measured = logp[tq.completion_start - 1 :].cpu().tolist()
-    names = project.token_strings(tq.tokens[tq.completion_start :])
+    names = project.runtime.token_strings(tq.tokens[tq.completion_start :])
     return list(zip(names, measured))
 
 
@@ -35,13 +35,13 @@ def completion_logprob(project: Project, prompt: str, completion: str, chat: boo
 @torch.no_grad()
 def greedy_continuation(project: Project, prompt: str, max_new_tokens: int = 20) -> str:
     """What the model says after ``prompt`` when it always picks its most likely next token."""
-    tok = project.tokenizer
+    tok = project.runtime.tokenizer
     ids = list(tok(prompt, add_special_tokens=True)["input_ids"])
     if project.config.add_bos and tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
         ids = [tok.bos_token_id] + ids
     if not ids:
         raise InflqError("the prompt is empty and the tokenizer adds no BOS token; give a prompt")
-    model = project.model
+    model = project.runtime.model
     dev = _device(model)
     limit = project.config.max_length
     new: list[int] = []

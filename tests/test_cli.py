@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import make_model_dir
+from inflq import catalog
+from inflq.queries import add_query
 
 
 def _catalog_dump(root):
@@ -244,7 +246,7 @@ def test_changed_model_is_detected(tmp_path, corpus_file, cli_run):
 
 
 def test_changed_corpus_is_detected(project, cli_run):
-    project.add_query("default", "the old town", "river")
+    add_query(project, "default", "the old town", "river")
     with open(project.corpus_path, "a") as f:
         f.write(json.dumps({"id": "new", "text": "a new red bird"}) + "\n")
     project.close()
@@ -271,9 +273,9 @@ def test_model_and_corpus_formats(tmp_path, cli_run):
 
     p = Project.open(tmp_path / "p-llama")
     assert p.config.add_bos  # Llama's tokenizer adds BOS; sequences start with it
-    assert p.corpus.get(0)[0] == p.tokenizer.bos_token_id
-    q = p.tokenize_query("the red cat", "runs")
-    assert q.tokens[0] == p.tokenizer.bos_token_id and list(q.tokens).count(p.tokenizer.bos_token_id) == 1
+    assert p.runtime.corpus.get(0)[0] == p.runtime.tokenizer.bos_token_id
+    q = p.runtime.tokenize_query("the red cat", "runs")
+    assert q.tokens[0] == p.runtime.tokenizer.bos_token_id and list(q.tokens).count(p.runtime.tokenizer.bos_token_id) == 1
 
 
 def test_long_documents_are_chunked(tmp_path, gpt2_dir, cli_run):
@@ -286,7 +288,7 @@ def test_long_documents_are_chunked(tmp_path, gpt2_dir, cli_run):
     p = Project.open(proj)
     ids = [r["seq_id"] for r in p.db["sequences"].rows_where(order_by="idx")]
     assert ids == [f"long:{i}" for i in range(len(ids))] and len(ids) == 7  # 100 tokens / 16
-    assert all(len(p.corpus.get(i)) <= 16 for i in range(len(ids)))
+    assert all(len(p.runtime.corpus.get(i)) <= 16 for i in range(len(ids)))
 
 
 def test_relink_accepts_a_renamed_copy_of_the_corpus(project, tmp_path, cli_run):
@@ -304,7 +306,7 @@ def test_relink_accepts_a_renamed_copy_of_the_corpus(project, tmp_path, cli_run)
     from inflq.project import Project
 
     p = Project.open(root)
-    assert p.corpus_path.resolve() == copy.resolve() and len(p.corpus) == 24
+    assert p.corpus_path.resolve() == copy.resolve() and len(p.runtime.corpus) == 24
     p.close()
     changed = tmp_path / "changed.jsonl"
     changed.write_text(copy.read_text() + json.dumps({"id": "x", "text": "a red cat"}) + "\n")
@@ -335,8 +337,8 @@ def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_r
     project.close()
     os.utime(corpus)  # a copied folder: the stat cache does not vouch for the file
     p = Project.open(root)
-    assert len(p.corpus) == 24  # no "the corpus changed" error, no rebuild
-    assert p.corpus_fingerprint_recorded == legacy and p.corpus.fingerprint == legacy
+    assert len(p.runtime.corpus) == 24  # no "the corpus changed" error, no rebuild
+    assert p.corpus_fingerprint_recorded == legacy and p.runtime.corpus.fingerprint == legacy
     p.close()
     copy = tmp_path / "moved" / "train-renamed.jsonl"
     copy.parent.mkdir()
@@ -347,7 +349,7 @@ def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_r
     p = Project.open(root)
     assert p.corpus_path.resolve() == copy.resolve()
     os.utime(copy)
-    assert len(p.corpus) == 24 and p.corpus_fingerprint_recorded == legacy
+    assert len(p.runtime.corpus) == 24 and p.corpus_fingerprint_recorded == legacy
     p.close()
     assert cli_run("query", "add", root, "the old town", "river")[0] == 0
     assert cli_run("run", root, "--estimator", "identity", "--rank", "4")[0] == 0
@@ -358,8 +360,8 @@ def test_demo_headless_shows_the_result_set_of_the_asked_estimator(project, cli_
     `demo --headless --estimator X` shows: it shows (or makes) X over all sequences, and names it."""
     from inflq.runs import RunSettings, run_investigation
 
-    project.create_investigation("word-order")
-    project.add_query("word-order", "the first president of astrobia was", "zorald pfaff")
+    catalog.create_investigation(project.db, "word-order")
+    add_query(project, "word-order", "the first president of astrobia was", "zorald pfaff")
     wanted = run_investigation(project, "word-order", RunSettings(estimator="identity", rank=4)).result_set_id
     run_investigation(project, "word-order", RunSettings(estimator="identity", filter="random:n=10", rank=4))
     run_investigation(project, "word-order", RunSettings(estimator="diagonal", rank=4))

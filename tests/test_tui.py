@@ -17,8 +17,10 @@ import pytest
 pytest.importorskip("textual")
 
 from helpers import make_model_dir, write_corpus  # noqa: E402
-from inflq import results, stats  # noqa: E402
+from inflq import catalog, results, stats  # noqa: E402
+from inflq.plugins import get_registry
 from inflq.project import Project  # noqa: E402
+from inflq.queries import add_query
 from inflq.runs import RunSettings, run_investigation  # noqa: E402
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -80,7 +82,7 @@ def seed(path, run: str | None = "identity") -> int:
     """The test query in the default investigation and, unless ``run`` is None, a run over it
     with that estimator at rank 4: the query's id."""
     p = Project.open(path)
-    qid = p.add_query("default", PROMPT, COMPLETION)
+    qid = add_query(p, "default", PROMPT, COMPLETION)
     if run is not None:
         run_investigation(p, "default", RunSettings(estimator=run, rank=4))
     p.close()
@@ -116,7 +118,7 @@ def test_journey(project_dir, tmp_path):
             await pilot.press("enter")
             await settle(pilot)
             project = app.project
-            assert [i["name"] for i in project.investigations()] == ["default", "astrobia"]
+            assert [i["name"] for i in catalog.investigations(project.db)] == ["default", "astrobia"]
             assert app.investigation == "astrobia"
             # Add a query in the query editor.
             await pilot.press("2")
@@ -128,7 +130,7 @@ def test_journey(project_dir, tmp_path):
             assert "[zorald]" in tokens and "[pfaff]" in tokens
             await pilot.press("ctrl+s")
             await settle(pilot)
-            (q,) = project.queries("astrobia")
+            (q,) = catalog.queries(project.db, "astrobia")
             assert (q["prompt"], q["completion"]) == (PROMPT, COMPLETION)
             from inflq.inspect import completion_logprob
 
@@ -169,7 +171,7 @@ def test_journey(project_dir, tmp_path):
             await settle(pilot)
             assert isinstance(app.screen, SequenceScreen)
             heat = app.screen.query_one("#heat", Static).render()
-            toks = project.token_strings(project.corpus.get(stored[0]["seq_idx"]))
+            toks = project.runtime.token_strings(project.runtime.corpus.get(stored[0]["seq_idx"]))
             assert str(heat).startswith(" ".join(toks))
             assert any(span.style for span in heat.spans), "the heat map has no colours"
             assert app.screen.heat_total == pytest.approx(stored[0]["score"], rel=1e-2, abs=1e-3)
@@ -177,7 +179,7 @@ def test_journey(project_dir, tmp_path):
             app.screen.query_one("#note", Input).value = "names the president"
             await pilot.press("ctrl+s")
             await settle(pilot)
-            (tag,) = project.sequence_tags("astrobia", stored[0]["seq_id"])
+            (tag,) = catalog.sequence_tags(project.db, "astrobia", stored[0]["seq_id"])
             assert (tag["tag"], tag["note"]) == ("relevant", "names the president")
             await pilot.press("escape")
             await settle(pilot)
@@ -196,7 +198,7 @@ def test_journey(project_dir, tmp_path):
             app.screen.query_one("#probe-text", Input).value = probe
             await pilot.click("#probe-add")
             await settle(pilot)
-            (p,) = project.probes(q["id"])
+            (p,) = catalog.probes(project.db, q["id"])
             shown = str(app.screen.query_one(f"#probe-{p['id']}", Static).render())
             expected = results.ScoringSession.for_queries(project, [q["id"]], estimator="identity").score_texts([probe], q["id"])[0].total
             assert f"{expected:+.4g}" in shown
@@ -358,13 +360,13 @@ def test_initial_investigation_follows_the_latest_work(long_id_project):
 
     p = Project.open(long_id_project)
     assert initial_investigation(p) == "default"  # nothing anywhere: the first
-    p.create_investigation("facts")
-    p.add_query("facts", PROMPT, COMPLETION)
-    p.create_investigation("empty")
+    catalog.create_investigation(p.db, "facts")
+    add_query(p, "facts", PROMPT, COMPLETION)
+    catalog.create_investigation(p.db, "empty")
     assert initial_investigation(p) == "facts"  # the most recent with queries
     run_investigation(p, "facts", RunSettings(estimator="identity", rank=4))
-    p.create_investigation("later")
-    p.add_query("later", "the capital city of astrobia is called", "velmora")
+    catalog.create_investigation(p.db, "later")
+    add_query(p, "later", "the capital city of astrobia is called", "velmora")
     assert initial_investigation(p) == "facts"  # results outrank a newer query
     p.close()
 
@@ -379,9 +381,9 @@ def test_results_table_at_80x24(long_id_project):
     from inflq.tui.screens.sequence import SequenceScreen
 
     p = Project.open(long_id_project)
-    p.create_investigation("facts")
-    q1 = p.add_query("facts", PROMPT, COMPLETION)
-    q2 = p.add_query("facts", "the capital city of astrobia is called", "velmora")
+    catalog.create_investigation(p.db, "facts")
+    q1 = add_query(p, "facts", PROMPT, COMPLETION)
+    q2 = add_query(p, "facts", "the capital city of astrobia is called", "velmora")
     rs = run_investigation(p, "facts", RunSettings(estimator="identity", rank=4)).result_set_id
     stored = {q: results.top(p, rs, q, "top", 100) for q in (q1, q2)}
     p.close()
@@ -455,8 +457,8 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
     from inflq.passes import ScorePass
 
     p = Project.open(project_dir)
-    qid = p.add_query("default", PROMPT, COMPLETION)
-    n_seqs = len(p.corpus)
+    qid = add_query(p, "default", PROMPT, COMPLETION)
+    n_seqs = len(p.runtime.corpus)
     p.close()
     shard_size = 4
     scored: list[int] = []
@@ -627,8 +629,8 @@ def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
     from inflq.tui.screens.modals import InputScreen
 
     p = Project.open(project_dir)
-    qid = p.add_query("default", PROMPT, COMPLETION)
-    pid = p.add_probe(qid, "zorald pfaff was the first president of astrobia", "reversed")
+    qid = add_query(p, "default", PROMPT, COMPLETION)
+    pid = catalog.add_probe(p.db, qid, "zorald pfaff was the first president of astrobia", "reversed")
     p.close()
 
     async def go(app, pilot):
@@ -699,7 +701,7 @@ def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
         assert "[<unk>] [<unk>]" in tokens and "every token of the completion 'quokka zzyzx' is unknown" in tokens
         await pilot.press("ctrl+s")
         await settle(pilot)
-        assert isinstance(app.screen, ErrorScreen) and not app.project.queries("default")
+        assert isinstance(app.screen, ErrorScreen) and not catalog.queries(app.project.db, "default")
         assert "is unknown to the model's tokenizer" in str(app.screen.query_one("#error-message", Static).render())
 
     drive(project_dir, (100, 30), go)
@@ -714,9 +716,9 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
     from inflq.tui.screens.sequence import SequenceScreen
 
     p = Project.open(long_id_project)
-    p.add_query("default", PROMPT, COMPLETION)
+    add_query(p, "default", PROMPT, COMPLETION)
     run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
-    descriptions = {n: " ".join(c.description.split()) for n, c in p.registry.all("estimator").items()}
+    descriptions = {n: " ".join(c.description.split()) for n, c in get_registry().all("estimator").items()}
     p.close()
 
     async def go(app, pilot):
@@ -851,7 +853,7 @@ def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypa
         assert isinstance(app.screen, ConfirmScreen) and "mine.py" in str(app.screen.query_one(".question", Static).render())
         await pilot.press("y")
         await settle(pilot)
-        assert "mine" in app.project.registry.names("estimator")
+        assert "mine" in get_registry().names("estimator")
 
     try:
         drive(project_dir, (100, 30), go)
@@ -954,7 +956,7 @@ def test_context_is_one_value_and_its_changes_reach_the_pane_in_view(long_id_pro
 
     qid = seed(long_id_project)
     p = Project.open(long_id_project)
-    q2 = p.add_query("default", "the capital city of astrobia is called", "velmora")
+    q2 = add_query(p, "default", "the capital city of astrobia is called", "velmora")
     assert Context(p, "a", 1).changed(Context(p, "a", 2)) == {"query_id"}
     other = Project.open(long_id_project)
     assert Context(p).changed(Context(other)) == {"project"}
@@ -1004,7 +1006,7 @@ def test_distribution_loads_in_a_worker_and_drops_a_stale_load(long_id_project, 
 
     seed(long_id_project)
     p = Project.open(long_id_project)
-    q2 = p.add_query("default", "the capital city of astrobia is called", "velmora")
+    q2 = add_query(p, "default", "the capital city of astrobia is called", "velmora")
     run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
     p.close()
     real, calls, release = results.distribution, [], threading.Event()

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from .. import catalog
 from ..errors import InflqError
+from ..queries import add_queries, add_query
 from .base import heat_text, make_console, progress_monitor, project_at
 
 
@@ -55,7 +57,7 @@ def investigation_rename(project, name, new_name):
 def investigation_rm(project, name, yes):
     """Delete the investigation NAME with its queries, probes, runs and results."""
     p = project_at(project)
-    p.investigation(name)
+    catalog.investigation(p.db, name)
     if not yes and not click.confirm(f"delete investigation {name!r} with its queries, runs and results?"):
         raise InflqError("not deleted")
     p.delete_investigation(name)
@@ -87,13 +89,13 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
             raise InflqError(f"query file {path} does not exist")
         items = [obj for _, obj in iter_jsonl(path, "'prompt' and 'completion' fields")]
         try:
-            ids = p.add_queries(investigation, items)
+            ids = add_queries(p, investigation, items)
         except InflqError as exc:
             raise InflqError(f"{path}: {exc}") from None
     else:
         if prompt is None or completion is None:
             raise InflqError("give PROMPT and COMPLETION, or --file queries.jsonl")
-        ids = [p.add_query(investigation, prompt, completion, chat=chat, tags=list(tags), notes=notes)]
+        ids = [add_query(p, investigation, prompt, completion, chat=chat, tags=list(tags), notes=notes)]
     click.echo(f"added {len(ids)} quer{'y' if len(ids) == 1 else 'ies'} (id {', '.join(map(str, ids))})")
 
 
@@ -142,7 +144,7 @@ def probe_score(project, query_id, estimator):
     from ..results import ScoringSession
 
     p = project_at(project)
-    probes = p.probes(query_id)
+    probes = catalog.probes(p.db, query_id)
     if not probes:
         raise InflqError(f"query {query_id} has no probes; add one with `inflq probe add`")
     with progress_monitor() as monitor:

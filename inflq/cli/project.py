@@ -27,9 +27,9 @@ def init(directory, model, corpus, name, max_length, corpus_format, text_field, 
     from ..project import Project
 
     p = Project.init(Path(directory), Path(model), Path(corpus), name=name, max_length=max_length, corpus_format=corpus_format, text_field=text_field, id_field=id_field, modules=modules, add_bos=add_bos, append_eos=append_eos)
-    n = len(p.corpus)
+    n = len(p.runtime.corpus)
     click.echo(f"created {directory}: {n} training sequences, max length {p.config.max_length}, investigation 'default'")
-    note = p.unknown_tokens_note()
+    note = p.runtime.unknown_tokens_note()
     if note:
         click.echo(f"warning: {note}", err=True)
 
@@ -55,9 +55,9 @@ def corpus():
 def corpus_rebuild(project):
     """Re-tokenize the corpus after it changed."""
     p = project_at(project)
-    p.rebuild_corpus()
-    click.echo(f"tokenized {len(p.corpus)} training sequences")
-    note = p.unknown_tokens_note()
+    p.runtime.rebuild_corpus()
+    click.echo(f"tokenized {len(p.runtime.corpus)} training sequences")
+    note = p.runtime.unknown_tokens_note()
     if note:
         click.echo(f"warning: {note}", err=True)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .. import catalog
 from ..errors import InflqError
 from .base import heat_text, make_console, progress_monitor, project_at, text_room
 
@@ -30,7 +31,7 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
 
     p = project_at(project)
     rs = get_rs(p, investigation, result_set)
-    queries = [p.query(query_id)] if query_id else p.queries(investigation)
+    queries = [catalog.query(p.db, query_id)] if query_id else catalog.queries(p.db, investigation)
     side = "bottom" if bottom else "top"
     out = []
     for q in queries:
@@ -102,7 +103,7 @@ def self_influence_cmd(project, estimator, k):
     from ..display import score_format
 
     order = np.argsort(-vals)[:k]
-    rows = p.sequence_rows([int(idx[i]) for i in order])
+    rows = catalog.sequence_rows(p.db, [int(idx[i]) for i in order])
     fmt = score_format(vals[i] for i in order)
     widths = [4, 14, max([8] + [len(rows[int(idx[i])]["seq_id"]) for i in order])]
     t = Table()
@@ -111,7 +112,7 @@ def self_influence_cmd(project, estimator, k):
     t.add_column("text", overflow="ellipsis", no_wrap=True, max_width=text_room(widths))
     for r, i in enumerate(order, 1):
         seq = int(idx[i])
-        t.add_row(str(r), fmt(vals[i]), rows[seq]["seq_id"], p.decode(p.corpus.get(seq))[:100])
+        t.add_row(str(r), fmt(vals[i]), rows[seq]["seq_id"], p.runtime.decode(p.runtime.corpus.get(seq))[:100])
     make_console().print(t)
 
 
@@ -134,7 +135,7 @@ def attribute(project, investigation, query_id, seq_id, kind, result_set):
     row = next(p.db["sequences"].rows_where("seq_id = ?", [seq_id]), None)  # catalog: a sequence by seq_id
     if row is None:
         raise InflqError(f"no training sequence {seq_id!r}; ids look like <document id>:<chunk>")
-    res = ScoringSession.for_result_set(p, rs).attribute(p.corpus.get(row["idx"]), query_id, kind)
+    res = ScoringSession.for_result_set(p, rs).attribute(p.runtime.corpus.get(row["idx"]), query_id, kind)
     if kind == "token":
         make_console().print(heat_text(res.labels, res.values))
     from ..display import score_format

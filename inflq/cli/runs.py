@@ -6,6 +6,7 @@ import json
 
 import click
 
+from .. import catalog
 from ..errors import Cancelled, InflqError
 from .base import make_console, progress_monitor, project_at
 
@@ -37,7 +38,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
     from ..runs import RunSettings, run_investigation
 
     p = project_at(project)
-    p.set_runtime(device, dtype)
+    p.runtime.configure(device, dtype)
     if rank in ("full", "none", "None"):
         rank_v = None
     else:
@@ -74,7 +75,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
             raise InflqError(f"run {last} cancelled; {committed_work(p, last)}: continue with `inflq run {project} --resume {last}` (or --resume alone)") from None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
     click.echo(f"run {result.run_id} done in {result.seconds:.1f}s ({phases}); result set {result.result_set_id}")
-    click.echo(f"see the top sequences with: inflq top {project} -i {p.investigation(p.db['runs'].get(result.run_id)['investigation_id'])['name']}")  # catalog: a run by id
+    click.echo(f"see the top sequences with: inflq top {project} -i {catalog.investigation(p.db, p.db['runs'].get(result.run_id)['investigation_id'])['name']}")  # catalog: a run by id
 
 
 @click.group()
@@ -126,7 +127,7 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, ba
     from ..runs import RunSettings, fit_factors
 
     p = project_at(project)
-    p.set_runtime(device, dtype)
+    p.runtime.configure(device, dtype)
     settings = RunSettings(estimator=estimator, executor=executor or "local", modules=modules, fit_sequences=fit_sequences,
                            seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
     if resume == 0:  # the bare flag: the latest interrupted fit
@@ -202,7 +203,7 @@ def runs(project, investigation):
     from rich.table import Table
 
     p = project_at(project)
-    where, args = ("investigation_id = ?", [p.investigation(investigation)["id"]]) if investigation else (None, None)  # catalog: runs listing (its WHERE)
+    where, args = ("investigation_id = ?", [catalog.investigation(p.db, investigation)["id"]]) if investigation else (None, None)  # catalog: runs listing (its WHERE)
     t = Table("run", "status", "estimator", "filter", "phase", "progress", "seconds", "error")
     for r in p.db["runs"].rows_where(where, args, order_by="id"):  # catalog: runs listing
         t.add_row(str(r["id"]), r["status"], r["estimator"], r["filter"], r["phase"] or "", f"{r['done']}/{r['total']}", f"{r['seconds'] or 0:.1f}", (r["error"] or "")[:60])

@@ -15,6 +15,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
+from .. import catalog
 from ..errors import Cancelled, InflqError
 from .context import Context, ContextChanged
 from .layout import TABS, FactorsScreen, MainScreen
@@ -35,7 +36,7 @@ def default_project() -> Path:
 def initial_investigation(project) -> str | None:
     """The investigation to open on: the one with the most recent result set, else the one with
     the most recently added query, else the first (so a project opens on its live work)."""
-    invs = project.investigations()
+    invs = catalog.investigations(project.db)
     if not invs:
         return None
     for table in ("result_sets", "queries"):
@@ -134,7 +135,7 @@ class InflqApp(App):
 
         if ctx.project is None or ctx.investigation is None:
             return ctx
-        qs = ctx.project.queries(ctx.investigation)
+        qs = catalog.queries(ctx.project.db, ctx.investigation)
         if qs and ctx.query_id not in {q["id"] for q in qs}:
             ctx = replace(ctx, query_id=qs[0]["id"])
         sets = results.result_sets(ctx.project, ctx.investigation)

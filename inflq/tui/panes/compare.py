@@ -13,7 +13,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
-from ... import results
+from ... import catalog, results
 from ...display import score_format
 from ...errors import InflqError
 from ..compact import CButton, CInput, CSelect
@@ -79,7 +79,7 @@ class ComparePane(Pane):
         from ...stats import compare_result_sets
 
         cmp = compare_result_sets(ctx.project, ctx.investigation, a, b, ctx.query_id, k)
-        ids = {**ctx.project.sequence_rows([i for i, _, _ in cmp.only_a]), **ctx.project.sequence_rows([i for i, _, _ in cmp.only_b])}
+        ids = {**catalog.sequence_rows(ctx.project.db, [i for i, _, _ in cmp.only_a]), **catalog.sequence_rows(ctx.project.db, [i for i, _, _ in cmp.only_b])}
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._show, ctx, a, b, k, cmp, ids)
 

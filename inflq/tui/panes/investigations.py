@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Label, Static
 
-from ... import results
+from ... import catalog, results
 from ...errors import InflqError
 from .. import render
 from ..screens.modals import ConfirmScreen, InputScreen
@@ -40,7 +40,7 @@ class InvestigationsPane(Pane):
         # catalog: the number of runs per investigation
         runs = {r["investigation_id"]: r["n"] for r in self.project.db.query("SELECT investigation_id, count(*) AS n FROM runs GROUP BY investigation_id")}
         current = 0
-        for i, inv in enumerate(self.project.investigations()):
+        for i, inv in enumerate(catalog.investigations(self.project.db)):
             table.add_row(inv["name"], str(inv["num_queries"]), str(inv["num_result_sets"]), str(runs.get(inv["id"], 0)), key=inv["name"])
             if inv["name"] == self.context.investigation:
                 current = i
@@ -60,7 +60,7 @@ class InvestigationsPane(Pane):
             out.update("")
             return
         try:
-            queries = self.project.queries(name)
+            queries = catalog.queries(self.project.db, name)
             # catalog: an investigation's runs by name
             runs = list(self.project.db.query("SELECT r.* FROM runs r JOIN investigations i ON i.id = r.investigation_id WHERE i.name = ? ORDER BY r.id", [name]))
             sets = results.result_sets(self.project, name)
@@ -93,7 +93,7 @@ class InvestigationsPane(Pane):
         def done(name: str | None) -> None:
             if name:
                 try:
-                    self.project.create_investigation(name)
+                    catalog.create_investigation(self.project.db, name)
                 except InflqError as exc:
                     self.inflq.show_error(exc)
                     return
@@ -110,7 +110,7 @@ class InvestigationsPane(Pane):
         def done(new: str | None) -> None:
             if new and new.strip() != name:
                 try:
-                    self.project.rename_investigation(name, new.strip())
+                    catalog.rename_investigation(self.project.db, name, new.strip())
                 except InflqError as exc:
                     self.inflq.show_error(exc)
                     return

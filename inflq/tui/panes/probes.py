@@ -12,8 +12,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
+from ... import catalog
 from ...display import score_format
 from ...errors import InflqError
+from ...plugins import get_registry
 from .. import render
 from ..compact import CButton, CInput, CSelect
 from ..context import ContextChanged
@@ -44,7 +46,7 @@ class ProbesPane(Pane):
         if self.project is None:
             return
         sel = self.query_one("#probe-estimator", Select)
-        names = list(self.project.registry.names("estimator"))
+        names = list(get_registry().names("estimator"))
         if names != self._estimators:  # the select's options: the registry's estimators
             with self.prevent(Select.Changed):
                 sel.set_options([(n, n) for n in names])
@@ -55,12 +57,12 @@ class ProbesPane(Pane):
             rs = self.project.db["result_sets"].get(ctx.result_set_id)
             default = rs["estimator"].split(":")[0]
         with self.prevent(Select.Changed):
-            if default in self.project.registry.names("estimator"):
+            if default in get_registry().names("estimator"):
                 sel.value = default
         if ctx.query_id is None:
             self.query_one("#probe-query", Label).update("choose a query first (Query or Results tab)")
             return
-        q = self.project.query(ctx.query_id)
+        q = catalog.query(self.project.db, ctx.query_id)
         self.query_one("#probe-query", Label).update(f"probes for query {q['id']}: {render.snippet(q['prompt'], 40)} → {render.snippet(q['completion'], 20)}")
         self.score()
 
@@ -76,8 +78,8 @@ class ProbesPane(Pane):
             return
         box = self.query_one("#probe-text", Input)
         try:
-            self.project.tokenize_sequence(box.value)
-            self.project.add_probe(self.context.query_id, box.value)
+            self.project.runtime.tokenize_sequence(box.value)
+            catalog.add_probe(self.project.db, self.context.query_id, box.value)
         except InflqError as exc:
             self.inflq.show_error(exc)
             return
@@ -85,7 +87,7 @@ class ProbesPane(Pane):
         self.score()
 
     def score(self) -> None:
-        probes = self.project.probes(self.context.query_id)
+        probes = catalog.probes(self.project.db, self.context.query_id)
         listing = self.query_one("#probe-list", VerticalScroll)
         listing.remove_children()
         if not probes:

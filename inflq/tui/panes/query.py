@@ -10,7 +10,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Label, Static
 
+from ... import catalog
 from ...errors import InflqError
+from ...queries import add_query
 from .. import render
 from ..compact import CButton, CInput
 from .base import Pane
@@ -46,7 +48,7 @@ class QueryPane(Pane):
         if self.project is None or self.context.investigation is None:
             return
         current = 0
-        for i, q in enumerate(self.project.queries(self.context.investigation)):
+        for i, q in enumerate(catalog.queries(self.project.db, self.context.investigation)):
             # catalog: the query's number of probes
             n = self.project.db["probes"].count_where("query_id = ?", [q["id"]])
             table.add_row(str(q["id"]), render.snippet(q["prompt"], 36), render.snippet(q["completion"], 18), str(n), key=str(q["id"]))
@@ -57,7 +59,7 @@ class QueryPane(Pane):
 
     @on(DataTable.RowSelected, "#queries")
     def _selected(self, event: DataTable.RowSelected) -> None:
-        q = self.project.query(int(event.row_key.value))
+        q = catalog.query(self.project.db, int(event.row_key.value))
         self.query_one("#prompt", Input).value = q["prompt"]
         self.query_one("#completion", Input).value = q["completion"]
         self.set_context(query_id=q["id"])
@@ -77,10 +79,10 @@ class QueryPane(Pane):
         from ...queries import require_known_completion
 
         try:
-            tq = self.project.tokenize_query(prompt, completion)
-            text = Text.assemble(("tokens (measured ones highlighted): ", "bold"), render.query_tokens(self.project.token_strings(tq.tokens), tq.completion_start))
+            tq = self.project.runtime.tokenize_query(prompt, completion)
+            text = Text.assemble(("tokens (measured ones highlighted): ", "bold"), render.query_tokens(self.project.runtime.token_strings(tq.tokens), tq.completion_start))
             try:
-                require_known_completion(self.project.tokenizer, tq, completion)
+                require_known_completion(self.project.runtime.tokenizer, tq, completion)
             except InflqError as exc:
                 text.append(f"\n{exc}", style="bold red")
         except InflqError as exc:
@@ -92,7 +94,7 @@ class QueryPane(Pane):
             return
         prompt, completion = self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value
         try:
-            qid = self.project.add_query(self.context.investigation, prompt, completion)
+            qid = add_query(self.project, self.context.investigation, prompt, completion)
         except InflqError as exc:
             self.inflq.show_error(exc)
             return

@@ -10,7 +10,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Label, Select
 
-from ... import results
+from ... import catalog, results
 from ...display import score_format
 from .. import render
 from ..compact import CInput, CSelect
@@ -61,7 +61,7 @@ class ResultsPane(Pane):
                 s.value = self.context.result_set_id
         q = self.query_one("#res-query", Select)
         with self.prevent(Select.Changed):
-            qs = self.project.queries(self.context.investigation)
+            qs = catalog.queries(self.project.db, self.context.investigation)
             q.set_options([(f"{x['id']}: {render.snippet(x['prompt'] + ' → ' + x['completion'], 400)}", x["id"]) for x in qs])
             if self.context.query_id in {x["id"] for x in qs}:
                 q.value = self.context.query_id
@@ -114,7 +114,7 @@ class ResultsPane(Pane):
             rows = list(self.project.db.query(
                 "SELECT * FROM results WHERE result_set_id = ? AND query_id = ? AND side = ? AND (text LIKE ? OR seq_id LIKE ?) "
                 "ORDER BY rank LIMIT ? OFFSET ?", [rs, qid, side, like, like, k, offset]))
-        seqs = self.project.sequence_rows([r["seq_idx"] for r in rows])
+        seqs = catalog.sequence_rows(self.project.db, [r["seq_idx"] for r in rows])
         for r in rows:
             r["source"] = (seqs.get(r["seq_idx"]) or {}).get("source") or ""
         return rows

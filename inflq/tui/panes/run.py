@@ -13,9 +13,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select
 from textual.worker import Worker, WorkerState
 
-from ... import results
+from ... import catalog, results
 from ...errors import Cancelled, InflqError
 from ...options import Option
+from ...plugins import get_registry
 from ...progress import Monitor, ProgressEvent
 from ...settings import RunSettings
 from .. import render
@@ -88,7 +89,7 @@ class RunPane(Pane):
         if self.project is None:
             return
         for kind in self.KINDS:
-            classes = self.project.registry.all(kind)
+            classes = get_registry().all(kind)
             sel = self.query_one(f"#sel-{kind}", Select)
             # Whole descriptions: the open list wraps them; the closed select shows one line.
             sel.set_options([(f"{name}: {' '.join(cls.description.split())}", name) for name, cls in sorted(classes.items())])
@@ -103,7 +104,7 @@ class RunPane(Pane):
         await box.remove_children()
         if self.project is None or blank(event.value):
             return
-        cls = self.project.registry.get(kind, str(event.value))
+        cls = get_registry().get(kind, str(event.value))
         await box.mount_all([option_widget(kind, o) for o in cls.options])
 
     def spec(self, kind: str) -> str:
@@ -111,7 +112,7 @@ class RunPane(Pane):
         value = self.query_one(f"#sel-{kind}", Select).value
         if blank(value):
             raise InflqError(f"choose a {kind}")
-        cls = self.project.registry.get(kind, str(value))
+        cls = get_registry().get(kind, str(value))
         given = []
         for o in cls.options:
             w = self.query_one(f"#opt-{kind}-{o.name}")
@@ -157,7 +158,7 @@ class RunPane(Pane):
             self.reload_plugins()
         if self.context.investigation is None:
             return
-        inv = self.project.investigation(self.context.investigation)
+        inv = catalog.investigation(self.project.db, self.context.investigation)
         # catalog: the investigation's runs, newest first
         for i, r in enumerate(self.project.db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id desc")):
             table.add_row(str(r["id"]), r["status"], render.snippet(r["estimator"], 14), render.snippet(r["filter"], 14), r["phase"] or "", f"{r['done']}/{r['total']}", key=str(r["id"]))

@@ -13,6 +13,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Static
 
+from ... import catalog
 from ...display import score_format
 from .. import render
 from ..compact import CButton, CInput
@@ -63,7 +64,7 @@ class SequenceScreen(Screen):
 
     def on_mount(self) -> None:
         project = self.inflq.project
-        seq = project.sequence_rows([self.row["seq_idx"]]).get(self.row["seq_idx"], {})
+        seq = catalog.sequence_rows(project.db, [self.row["seq_idx"]]).get(self.row["seq_idx"], {})
         meta = Text()
         shown = ("seq_id", "doc_id", "chunk", "n_tokens", "source")
         for key in shown:
@@ -82,7 +83,7 @@ class SequenceScreen(Screen):
         app = self.inflq
         with app.model_lock:
             session = app.result_session(self.row["result_set_id"])
-            tokens = app.project.corpus.get(self.row["seq_idx"])
+            tokens = app.project.runtime.corpus.get(self.row["seq_idx"])
             res = session.attribute(tokens, self.row["query_id"], "token")
         self.app.call_from_thread(self._show_heat, res)
 
@@ -96,7 +97,7 @@ class SequenceScreen(Screen):
 
     def show_tags(self) -> None:
         app = self.inflq
-        tags = app.project.sequence_tags(app.investigation, self.row["seq_id"]) if app.investigation else []
+        tags = catalog.sequence_tags(app.project.db, app.investigation, self.row["seq_id"]) if app.investigation else []
         self.query_one("#tags", Static).update(
             "\n".join(f"• {t['tag']}" + (f": {t['note']}" if t["note"] else "") for t in tags) or "no tags yet"
         )
@@ -112,7 +113,7 @@ class SequenceScreen(Screen):
         if app.investigation is None:
             self.notify("choose an investigation first", severity="warning")
             return
-        app.project.tag_sequence(app.investigation, self.row["seq_id"], tag or "note", note)
+        catalog.tag_sequence(app.project.db, app.investigation, self.row["seq_id"], tag or "note", note)
         self.query_one("#tag", Input).value = ""
         self.query_one("#note", Input).value = ""
         self.notify(f"tagged {self.row['seq_id']}")
