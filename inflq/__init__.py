@@ -38,21 +38,32 @@ _LAZY = {
     "eigh": "linalg", "gram": "linalg",
     "ScorePass": "passes", "SelfInfluencePass": "passes", "add_into": "passes", "run_shard": "passes",
     "QueryGradients": "scoring",
+    # What the built-in plugins need beyond the contract: running a pass on a worker built from a
+    # spec (executors), loading a model (executors shipping it), the attention kernel forward-mode
+    # AD needs (LiSSA), where sampled labels sit (part of fitted factors' cache key).
+    "SAMPLED_AT": "engine", "math_attention": "engine", "build_worker": "runs",
+    "search_depth_for_result_set": "search_depth",
+    "load_model": "modeling", "pick_device": "modeling", "pick_dtype": "modeling", "quiet_transformers": "modeling",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .engine import (
+        SAMPLED_AT,
         Batch,
         Captured,
         GradientEngine,
         SequenceGradients,
         TrackedModule,
         make_batch,
+        math_attention,
         select_modules,
     )
     from .linalg import eigh, gram
+    from .modeling import load_model, pick_device, pick_dtype, quiet_transformers
     from .passes import ScorePass, SelfInfluencePass, add_into, run_shard
+    from .runs import build_worker
     from .scoring import QueryGradients
+    from .search_depth import search_depth_for_result_set
 
 
 def __getattr__(name: str):
@@ -84,6 +95,8 @@ def init_project(path, model, corpus, **kwargs):
 
 
 __all__ = [
+    "SAMPLED_AT", "build_worker", "load_model", "math_attention", "pick_device", "pick_dtype", "quiet_transformers",
+    "search_depth_for_result_set",
     "Attribution", "AttributionContext", "AttributionResult", "Batch", "Cancelled", "Captured", "Estimator",
     "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
     "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass", "SequenceGradients",
