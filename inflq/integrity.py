@@ -105,7 +105,7 @@ def _store_problem(project) -> Problem | None:
         store = CorpusStore(folder)
     except InflqError:
         return Problem(art, "unreadable", ["every run, attribution and export"])
-    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != project.db["sequences"].count  # the sequences table: CATALOG's records:
+    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != project.db["sequences"].count:  # the sequences table: CATALOG's records
         return Problem(art, "checksum", ["every run, attribution and export"])
     return None
 
@@ -185,7 +185,13 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
     keeping its result set (and so every stored top sequence) in place."""
     from .artifacts import load_tensors, save_tensors
     from .passes import ScorePass, make_shards
-    from .runs import LocalWorker, default_executor, preconditioned_queries, prepare_estimator, query_gradients
+    from .runs import (
+        LocalWorker,
+        default_executor,
+        preconditioned_queries,
+        prepare_estimator,
+        query_gradients,
+    )
     from .scoring import QueryGradients
 
     rid = run["id"]

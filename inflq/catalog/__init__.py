@@ -11,19 +11,6 @@ code outside ``inflq/catalog/`` touches ``db[...]`` or runs SQL.
 - ``validations``: saved validations against the PBRF.
 """
 
-from .schema import (
-    MIGRATION_SET,
-    CatalogDatabase,
-    busy_timeout_ms,
-    check_version,
-    connect,
-    get_meta,
-    migrations,
-    now,
-    set_meta,
-)
-
-# -- runs, results, validations (the RUNS helper's block) --
 from .results import (
     count_results,
     get_result_set,
@@ -59,6 +46,17 @@ from .runs import (
     score_shards,
     store_factor_set,
     update_run,
+)
+from .schema import (
+    MIGRATION_SET,
+    CatalogDatabase,
+    busy_timeout_ms,
+    check_version,
+    connect,
+    get_meta,
+    migrations,
+    now,
+    set_meta,
 )
 from .validations import insert_validation
 

@@ -13,8 +13,22 @@ crash or Ctrl-C loses at most the shard in flight and ``resume`` continues from 
 from ..settings import RunSettings
 from .factors import ensure_factors, fit_indices
 from .investigation import RunResult, fit_factors, run_investigation
-from .recipe import Prepared, default_executor, make_estimator, make_executor, make_filter, prepare_estimator
-from .recording import ResultRecord, committed_work, interrupted_run, result_record, start_run, store_result_set
+from .recipe import (
+    Prepared,
+    default_executor,
+    make_estimator,
+    make_executor,
+    make_filter,
+    prepare_estimator,
+)
+from .recording import (
+    ResultRecord,
+    committed_work,
+    interrupted_run,
+    result_record,
+    start_run,
+    store_result_set,
+)
 from .scoring import (
     Scorer,
     extremes,

@@ -12,8 +12,22 @@ from ..progress import Monitor
 from ..project import Project
 from ..settings import RunSettings
 from .recipe import make_estimator, make_executor, make_filter, prepare_estimator
-from .recording import record_batching, record_progress, recording_outcome, result_record, start_run, store_result_set
-from .scoring import choose_candidates, filter_context, query_compression, save_queries, score_shards, scorers_for
+from .recording import (
+    record_batching,
+    record_progress,
+    recording_outcome,
+    result_record,
+    start_run,
+    store_result_set,
+)
+from .scoring import (
+    choose_candidates,
+    filter_context,
+    query_compression,
+    save_queries,
+    score_shards,
+    scorers_for,
+)
 
 
 @dataclass

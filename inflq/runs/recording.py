@@ -68,10 +68,8 @@ def record_progress(project: Project, run_id: int, monitor: Monitor, inner):
         now = time.perf_counter()
         if now - last[0] > 0.5 or ev.done >= ev.total:
             last[0] = now
-            try:
+            with contextlib.suppress(Exception):  # progress is advisory; a busy catalog must not fail the run
                 catalog.update_run(project.db, run_id, phase=ev.phase, done=ev.done, total=ev.total)
-            except Exception:
-                pass  # progress is advisory; a busy catalog must not fail the run
 
     return on_progress
 
