@@ -39,9 +39,9 @@ def register_commands(cli):
     @click.option("--lr", "learning_rate", type=float, required=True, help="The learning rate in force at this checkpoint (its TracIn weight).")
     def checkpoint_add(project, directory, learning_rate):
         """Record the checkpoint in DIRECTORY (a saved model folder) with its learning rate."""
-        from inflq.project import Project
+        from inflq import open_project
 
-        p = Project.open(project)
+        p = open_project(project)
         row = add_checkpoint(p, Path(directory), learning_rate)
         click.echo(f"checkpoint {row['id']}: {row['path']} (learning rate {row['learning_rate']:g}); score with --estimator tracin")
 
@@ -49,9 +49,9 @@ def register_commands(cli):
     @click.argument("project")
     def checkpoint_list(project):
         """List the project's checkpoints."""
-        from inflq.project import Project
+        from inflq import open_project
 
-        p = Project.open(project)
+        p = open_project(project)
         for c in p.config.checkpoints:
             click.echo(f"{c['path']}\tlearning rate {float(c['learning_rate']):g}")
 
@@ -62,7 +62,7 @@ def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from inflq.engine import select_modules
+    from inflq import select_modules
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
