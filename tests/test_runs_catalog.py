@@ -117,6 +117,10 @@ def test_registry_defaults_and_baselines():
     assert (reg.default("executor"), reg.default("estimator"), reg.default("filter")) == ("local", "ekfac", "all")
     assert {"random", "all"} <= unfiltered_filters(reg) and "tfidf" not in unfiltered_filters(reg)
     assert split_union("tfidf:k=3+all", {"all"}) == ("tfidf:k=3", "all")
+    from inflq.settings import RunSettings
+
+    s = RunSettings(filter="random:n=5").resolve_defaults(reg)
+    assert (s.estimator, s.filter, s.executor) == ("ekfac", "random:n=5", "local")
 
 
 def test_prepare_estimator_fits_once_then_reuses(project):

@@ -75,6 +75,7 @@ def run_investigation(
         run_id = None
     if executor is not None:  # where shards run never changes their result
         settings.executor = executor
+    settings.resolve_defaults(project.registry)
     project.require_model()
     queries = project.queries(investigation)
     if not queries:
@@ -141,6 +142,7 @@ def fit_factors(
         catalog.restart_run(project.db, run_id)
     else:
         run_id = None
+    settings.resolve_defaults(project.registry)
     project.require_model()
     estimator = make_estimator(project, settings.estimator)
     executor = make_executor(project, settings.executor)

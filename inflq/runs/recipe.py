@@ -55,6 +55,7 @@ def prepare_estimator(
     """Make ``settings.estimator`` (unless given), an engine over ``settings.modules`` (unless
     given), and fit or load its factors on ``executor`` (default: the registry's default, in this
     process), committing fitting shards to ``run_id`` when given (see :func:`ensure_factors`)."""
+    settings.resolve_defaults(project.registry)
     estimator = estimator or make_estimator(project, settings.estimator)
     engine = engine or project.engine(settings.modules)
     own = executor is None

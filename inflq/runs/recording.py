@@ -26,6 +26,7 @@ from .scoring import Scorer, extreme_module_scores, pick_extremes
 
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
     inv = project.investigation(investigation)
+    settings.resolve_defaults(project.registry)
     return catalog.insert_run(project.db, {
         "investigation_id": inv["id"], "kind": kind, "estimator": settings.estimator, "filter": settings.filter,
         "executor": settings.executor, "settings": settings.to_json(), "model_fingerprint": project.model_fingerprint,
