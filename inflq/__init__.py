@@ -40,7 +40,8 @@ _LAZY = {
     "QueryGradients": "scoring",
     # What the built-in plugins need beyond the contract: running a pass on a worker built from a
     # spec (executors), loading a model (executors shipping it), the attention kernel forward-mode
-    # AD needs (LiSSA), where sampled labels sit (part of fitted factors' cache key).
+    # AD needs (LiSSA), where sampled labels sit (part of fitted factors' cache key), search depth
+    # over a result set (the tfidf plugin's command).
     "SAMPLED_AT": "engine", "math_attention": "engine", "build_worker": "runs",
     "search_depth_for_result_set": "search_depth",
     "load_model": "modeling", "pick_device": "modeling", "pick_dtype": "modeling", "quiet_transformers": "modeling",

@@ -141,7 +141,7 @@ class ScoringSession:
         return cls(project, qg, settings["query_ids"], project.engine(modules))
 
     @classmethod
-    def for_queries(cls, project: Project, query_ids: list[int], estimator: str = "ekfac", rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
+    def for_queries(cls, project: Project, query_ids: list[int], estimator: str | None = None, rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
         """Fit (or reuse cached) factors and precondition the given queries, without a corpus run."""
         from .runs import RunSettings, prepare_estimator, scorers_for
 
@@ -183,7 +183,7 @@ class ScoringSession:
         return [self.attribute(self.project.tokenize_sequence(t), query_id, "token") for t in texts]
 
 
-def self_influence(project: Project, estimator: str = "ekfac", indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
+def self_influence(project: Project, estimator: str | None = None, indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
     """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``)."""
     from .passes import SelfInfluencePass
     from .runs import LocalWorker, RunSettings, prepare_estimator
