@@ -128,11 +128,11 @@ class InflqBench:
 
     def __init__(self, root: Path, model: Path, corpus: Path, queries: list[dict], batch_size: int) -> None:
         from inflq.project import Project
-        from inflq.runs import make_executor
+        from inflq.runs import default_executor
 
         self.project = Project.init(root, model, corpus)
         self.engine = self.project.engine()
-        self.executor = make_executor(self.project, "local")
+        self.executor = default_executor(self.project)
         self.store = self.project.corpus
         self.indices = np.arange(len(self.store), dtype=np.int64)
         self.batch_size = batch_size
@@ -167,12 +167,11 @@ class InflqBench:
     def fit(self, seed: int = 0) -> float:
         """EK-FAC factors (covariance + eigendecomposition + eigenvalue correction), refitted."""
         from inflq.progress import Monitor
-        from inflq.runs import RunSettings, ensure_factors, make_estimator
+        from inflq.runs import RunSettings, prepare_estimator
 
-        est = make_estimator(self.project, f"ekfac:fisher={FISHER}")
         settings = RunSettings(estimator=f"ekfac:fisher={FISHER}", batch_size=self.batch_size, seed=seed, refit=True)
         started = time.perf_counter()
-        ensure_factors(self.project, est, self.engine, self.executor, settings, Monitor())
+        est = prepare_estimator(self.project, settings, Monitor(), engine=self.engine, executor=self.executor).estimator
         seconds = time.perf_counter() - started
         self.factors = dict(est.factors)
         return seconds

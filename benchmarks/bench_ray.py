@@ -45,10 +45,9 @@ def main() -> None:
     from inflq.runs import (
         LocalWorker,
         RunSettings,
-        ensure_factors,
-        make_estimator,
         make_executor,
         preconditioned_queries,
+        prepare_estimator,
         query_gradients,
         worker_spec,
     )
@@ -60,10 +59,9 @@ def main() -> None:
     p = Project.init(d / "proj", model, corpus)
     p.add_query("default", "the first president of astrobia was", "zorald pfaff")
     p.add_query("default", "the capital city of astrobia is called", "velmora")
-    engine = p.engine()
     settings = RunSettings(estimator="ekfac", shard_size=args.shard_size, batch_size=args.batch_size)
-    est = make_estimator(p, "ekfac")
-    ensure_factors(p, est, engine, make_executor(p, "local"), settings, Monitor())
+    prepared = prepare_estimator(p, settings, Monitor())
+    est, engine = prepared.estimator, prepared.engine
     qg = preconditioned_queries(est, query_gradients(p, engine, p.queries("default"), 8), 32)
     shards = make_shards(np.arange(len(p.corpus)), args.shard_size)
     job = Job(ScorePass(qg), worker_spec(p, None), args.batch_size, local=LocalWorker(p, engine))

@@ -42,16 +42,23 @@ _LAZY = {
     "Project": "project", "ProjectConfig": "project", "project_relative": "project", "Runtime": "runtime",
     "check_model_dir": "modeling", "fingerprint_files": "modeling", "load_model": "modeling", "model_files": "modeling",
     "pick_device": "modeling", "pick_dtype": "modeling", "quiet_transformers": "modeling",
+    # What the built-in plugins need beyond the contract: running a pass on a worker built from a
+    # spec (executors), the attention kernel forward-mode AD needs (LiSSA), where sampled labels
+    # sit (part of fitted factors' cache key), search depth over a result set (the tfidf plugin's command).
+    "SAMPLED_AT": "engine", "math_attention": "engine", "build_worker": "runs",
+    "search_depth_for_result_set": "search_depth",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .engine import (
+        SAMPLED_AT,
         Batch,
         Captured,
         GradientEngine,
         SequenceGradients,
         TrackedModule,
         make_batch,
+        math_attention,
         select_modules,
     )
     from .linalg import add_into, eigh, gram
@@ -66,8 +73,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     )
     from .passes import ScorePass, SelfInfluencePass, run_shard
     from .project import Project, ProjectConfig, project_relative
+    from .runs import build_worker
     from .runtime import Runtime
     from .scoring import QueryGradients
+    from .search_depth import search_depth_for_result_set
 
 
 def __getattr__(name: str):
@@ -99,11 +108,11 @@ def init_project(path, model, corpus, **kwargs):
 
 
 __all__ = [
-    "Attribution", "AttributionContext", "AttributionResult", "Batch", "Cancelled", "Captured", "Estimator",
-    "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
-    "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass", "SequenceGradients",
-    "Shard", "TrackedModule", "add_into", "eigh", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
-    # projects and model folders (#14 catalog block)
-    "Project", "ProjectConfig", "Runtime", "check_model_dir", "fingerprint_files", "load_model", "model_files",
-    "pick_device", "pick_dtype", "project_relative", "quiet_transformers",
+    "add_into", "Attribution", "AttributionContext", "AttributionResult", "Batch", "build_worker", "Cancelled", "Captured",
+    "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files", "FitContext",
+    "GradientEngine", "gram", "hookimpl", "InflqError", "init_project", "Job", "load_model", "make_batch",
+    "math_attention", "model_files", "Monitor", "NumericalError", "open_project", "Option", "Pass", "pick_device",
+    "pick_dtype", "ProgressEvent", "Project", "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "run_shard",
+    "Runtime", "SAMPLED_AT", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard",
+    "TrackedModule",
 ]

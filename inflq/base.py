@@ -68,6 +68,8 @@ class Plugin:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     options: ClassVar[tuple[Option, ...]] = ()
+    # The kind's default, used where a run names none (``Registry.default``); built-ins set it.
+    default: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.settings: dict[str, Any] = resolve_options(f"{self.kind} {self.name}", self.options, options)
@@ -194,6 +196,9 @@ class Filter(Plugin):
     """
 
     kind = "filter"
+    # Chooses without looking at the queries (every sequence, a random sample): the baseline a
+    # filter's candidates are compared with (search depth).
+    unfiltered: ClassVar[bool] = False
 
     def candidates(self, ctx: FilterContext) -> list[np.ndarray]:
         raise NotImplementedError

@@ -40,6 +40,17 @@ SAMPLED_AT = "loss positions"
 _SAMPLE_BLOCK = 1 << 24  # logits per block of the sampler's in-place CDF (64 MiB in float32)
 
 
+def math_attention():
+    """A context in which attention uses the math kernel: twice differentiable and with
+    forward-mode AD, unlike the fused kernels (a no-op on a torch without the choice)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    except Exception:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+
+
 @dataclass
 class TrackedModule:
     """A linear module whose Gauss-Newton block inflq models (weights ``out × in_dim``)."""
@@ -59,6 +70,11 @@ class TrackedModule:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_dim)
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the module stores its weight ``in × out`` (GPT-2's ``Conv1D``)."""
+        return isinstance(self.module, Conv1D)
 
 
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:

@@ -8,13 +8,13 @@ this module finds all of them at once and says what they affect.
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import catalog
 from .errors import InflqError
 from .modeling import sha256_file
 from .progress import Monitor
@@ -42,47 +42,20 @@ class Problem:
         return f"{self.artifact.kind} {self.artifact.path} {what}{aff}"
 
 
-def _conn(db) -> sqlite3.Connection:
-    return getattr(db, "conn", db)
-
-
-def _rows(db, sql: str, args=()) -> list[dict]:
-    cur = _conn(db).execute(sql, args)
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
-
-
 def referenced_artifacts(db) -> list[Artifact]:
     """Every artifact file the catalog (a sqlite-utils Database or a sqlite3 connection) references."""
-    out: list[Artifact] = []
-    for r in _rows(db, "SELECT id, estimator, path, checksum FROM factor_sets ORDER BY id"):
-        out.append(Artifact("factor set", r["path"], r["checksum"], ("factor_sets", r["id"])))
-    for r in _rows(db, "SELECT run_id, shard, path, checksum FROM run_shards ORDER BY run_id, shard"):
-        out.append(Artifact("score shard", r["path"], r["checksum"], ("run_shards", r["run_id"], r["shard"])))
-    for r in _rows(db, "SELECT id, run_id, scores_path, scores_checksum, queries_path, queries_checksum FROM result_sets ORDER BY id"):
-        if r["scores_path"]:
-            out.append(Artifact("score matrix", r["scores_path"], r["scores_checksum"], ("result_sets", r["id"], "scores")))
-        if r["queries_path"]:
-            out.append(Artifact("query gradients", r["queries_path"], r["queries_checksum"], ("result_sets", r["id"], "queries")))
-    # Candidates carry no checksum in the catalog; they must at least exist and read once scoring began.
-    for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id"):
-        out.append(Artifact("candidate list", f"artifacts/runs/{r['run_id']}/candidates.safetensors", None, ("runs", r["run_id"], "candidates")))
-    return out
+    return [Artifact(*f) for f in catalog.referenced_files(db)]
 
 
 def _affected(db, art: Artifact) -> list[str]:
+    runs, sets, status = catalog.dependents(db, art.owner)
     table, key = art.owner[0], art.owner[1]
     if table == "factor_sets":
-        runs = [r["id"] for r in _rows(db, "SELECT id FROM runs WHERE factor_set_id = ? ORDER BY id", [key])]
-        sets = [r["id"] for r in _rows(db, f"SELECT id FROM result_sets WHERE run_id IN ({','.join('?' * len(runs))}) ORDER BY id", runs)] if runs else []
         out = [f"run {r}" for r in runs] + [f"result set {s} (attribution and probes)" for s in sets]
         return out or ["no run (refit on the next run that needs it)"]
     if table == "result_sets":
-        rs = _rows(db, "SELECT run_id FROM result_sets WHERE id = ?", [key])
         use = "export and score distributions" if art.owner[2] == "scores" else "attribution and probes"
-        return [f"result set {key} ({use}; its top sequences stay browsable)"] + ([f"run {rs[0]['run_id']}"] if rs else [])
-    run = _rows(db, "SELECT id, status FROM runs WHERE id = ?", [key])
-    status = run[0]["status"] if run else "deleted"
+        return [f"result set {key} ({use}; its top sequences stay browsable)"] + [f"run {r}" for r in runs]
     return [f"run {key} ({status}{'; resuming it' if status != 'done' else ''})"]
 
 
@@ -132,7 +105,7 @@ def _store_problem(project) -> Problem | None:
         store = CorpusStore(folder)
     except InflqError:
         return Problem(art, "unreadable", ["every run, attribution and export"])
-    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != project.db["sequences"].count:
+    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != project.db["sequences"].count:  # the sequences table: CATALOG's records
         return Problem(art, "checksum", ["every run, attribution and export"])
     return None
 
@@ -160,10 +133,10 @@ def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> 
         if table in ("run_shards", "runs"):
             runs.setdefault(p.artifact.owner[1], []).append(p)
         elif table == "result_sets":
-            rs = project.db["result_sets"].get(p.artifact.owner[1])
+            rs = catalog.get_result_set(project.db, p.artifact.owner[1])
             runs.setdefault(rs["run_id"], []).append(p)
     for run_id, probs in sorted(runs.items()):
-        row = next(project.db["runs"].rows_where("id = ?", [run_id]), None)
+        row = catalog.get_run(project.db, run_id)
         if row is None:
             notes.append(f"run {run_id} no longer exists; nothing to recompute")
             continue
@@ -175,29 +148,21 @@ def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> 
     return notes
 
 
-def _run_using(project, factor_set_id: int) -> dict | None:
-    return next(project.db["runs"].rows_where("factor_set_id = ?", [factor_set_id], order_by="id desc"), None)
-
-
 def _refit(project, fs_id: int, monitor: Monitor) -> str:
-    from .runs import RunSettings, ensure_factors, make_estimator, make_executor
+    from .runs import RunSettings, prepare_estimator
 
-    old = project.db["factor_sets"].get(fs_id)
-    run = _run_using(project, fs_id)
+    old = catalog.factor_set(project.db, fs_id)
+    run = catalog.latest_run_using(project.db, fs_id)
     if run is None:
-        with project.db.atomic():
-            project.db.execute("DELETE FROM factor_sets WHERE id = ?", [fs_id])
+        catalog.delete_factor_set(project.db, fs_id)
         (project.root / old["path"]).unlink(missing_ok=True)
         return f"factor set {fs_id} was used by no run: removed (it is refit when next needed)"
-    settings = RunSettings.from_json(run["settings"], refit=True, executor="local")
-    est = make_estimator(project, settings.estimator)
-    engine = project.engine(settings.modules)
-    new_id = ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)
-    new = project.db["factor_sets"].get(new_id)
+    settings = RunSettings.from_json(run["settings"], refit=True, executor=project.registry.default("executor"))
+    new_id = prepare_estimator(project, settings, monitor).factor_set_id
+    new = catalog.factor_set(project.db, new_id)
     if new["key"] != old["key"]:
         return f"factor set {fs_id} could not be reproduced (the model or corpus changed since); refit as factor set {new_id} for new runs"
-    with project.db.atomic():
-        project.db.execute("UPDATE runs SET factor_set_id = ? WHERE factor_set_id = ?", [new_id, fs_id])
+    catalog.move_runs_to_factor_set(project.db, fs_id, new_id)
     moved = f" (now factor set {new_id})" if new_id != fs_id else ""
     return f"refit factor set {fs_id}{moved} with its run's settings"
 
@@ -207,12 +172,8 @@ def _resume(project, run: dict, probs: list[Problem], monitor: Monitor) -> str:
 
     rid = run["id"]
     drop_all = any(p.artifact.kind == "candidate list" for p in probs)
-    with project.db.atomic():
-        for p in probs:
-            if p.artifact.owner[0] == "run_shards" and not drop_all:
-                project.db.execute("DELETE FROM run_shards WHERE run_id = ? AND shard = ?", [rid, p.artifact.owner[2]])
-        if drop_all:
-            project.db.execute("DELETE FROM run_shards WHERE run_id = ?", [rid])
+    bad = None if drop_all else [p.artifact.owner[2] for p in probs if p.artifact.owner[0] == "run_shards"]
+    catalog.delete_score_shards(project.db, rid, bad)
     if drop_all:
         (project.root / f"artifacts/runs/{rid}/candidates.safetensors").unlink(missing_ok=True)
     res = run_investigation(project, "", resume=rid, monitor=monitor)
@@ -226,16 +187,15 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
     from .passes import ScorePass, make_shards
     from .runs import (
         LocalWorker,
-        ensure_factors,
-        make_estimator,
-        make_executor,
+        default_executor,
         preconditioned_queries,
+        prepare_estimator,
         query_gradients,
     )
     from .scoring import QueryGradients
 
     rid = run["id"]
-    rs = next(project.db["result_sets"].rows_where("run_id = ?", [rid]), None)
+    rs = catalog.result_set_of_run(project.db, rid)
     if rs is None:
         return f"run {rid} has no result set; nothing to recompute"
     kinds = {p.artifact.kind for p in probs}
@@ -247,12 +207,10 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
             queries = [project.query(q) for q in rs_settings["query_ids"]]
         except InflqError:
             return f"run {rid}: a query it scored was deleted, so its query gradients cannot be recomputed; rerun the investigation"
-        est = make_estimator(project, settings.estimator)
-        ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)
+        est = prepare_estimator(project, settings, monitor, engine=engine, executor=default_executor(project)).estimator
         qg = preconditioned_queries(est, query_gradients(project, engine, queries, settings.batch_size), settings.rank)
         checksum = save_tensors(project.root, rs["queries_path"], qg.tensors(), {"rank": json.dumps(settings.rank)})
-        with project.db.atomic():
-            project.db["result_sets"].update(rs["id"], {"queries_checksum": checksum})
+        catalog.update_result_set(project.db, rs["id"], queries_checksum=checksum)
         rs["queries_checksum"] = checksum
         done.append("query gradients")
     cand_rel = f"artifacts/runs/{rid}/candidates.safetensors"
@@ -270,7 +228,7 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
     if bad_shards or "score matrix" in kinds:
         qg = QueryGradients.from_tensors(load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients"), settings.rank)
         worker = LocalWorker(project, engine)
-        have = {r["shard"]: r for r in project.db["run_shards"].rows_where("run_id = ?", [rid])}
+        have = catalog.score_shards(project.db, rid)
         for s in shards:
             row = have.get(s.index)
             intact = row is not None and s.index not in bad_shards and _verify(project.root, Artifact("score shard", row["path"], row["checksum"], ())) is None
@@ -279,16 +237,14 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
             out = worker.run(ScorePass(qg), s, settings.batch_size, monitor)
             rel = f"artifacts/runs/{rid}/shard-{s.index:06d}.safetensors"
             checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32)})
-            with project.db.atomic():
-                project.db["run_shards"].upsert({"run_id": rid, "shard": s.index, "n": len(s), "path": rel, "checksum": checksum, "seconds": 0.0}, pk=("run_id", "shard"))
+            catalog.record_score_shard(project.db, rid, s.index, len(s), rel, checksum)
         if bad_shards:
             done.append(f"{len(bad_shards)} score shard(s)")
     if "score matrix" in kinds:
-        rows = {r["shard"]: r for r in project.db["run_shards"].rows_where("run_id = ?", [rid])}
+        rows = catalog.score_shards(project.db, rid)
         scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()
         scores = np.where(mask, scores, np.nan).astype(np.float32)
         checksum = save_tensors(project.root, rs["scores_path"], {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
-        with project.db.atomic():
-            project.db["result_sets"].update(rs["id"], {"scores_checksum": checksum})
+        catalog.update_result_set(project.db, rs["id"], scores_checksum=checksum)
         done.append("score matrix")
     return f"run {rid}: recomputed {', '.join(done)}"

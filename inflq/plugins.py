@@ -104,6 +104,13 @@ class Registry:
     def create(self, kind: str, name: str, options: dict | None = None) -> Plugin:
         return self.get(kind, name)(**(options or {}))
 
+    def default(self, kind: str) -> str:
+        """The name of the ``kind`` registered with ``default = True`` (the first by name if several)."""
+        names = [n for n, cls in sorted(self.all(kind).items()) if cls.default]
+        if not names:
+            raise InflqError(f"no default {kind} is loaded; name one (see `inflq plugins`)")
+        return names[0]
+
     def all(self, kind: str) -> dict[str, type[Plugin]]:
         self._collect()
         return dict(self.classes[kind])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import catalog
 from .artifacts import load_arrays, load_tensors
 from .base import AttributionContext, AttributionResult, Shard
 from .errors import InflqError
@@ -20,10 +21,7 @@ if TYPE_CHECKING:  # the engine (torch) loads only for scoring; reading results 
 
 
 def result_sets(project: Project, investigation: str | None = None) -> list[dict]:
-    if investigation is None:
-        return list(project.db["result_sets"].rows_where(order_by="id"))
-    inv = project.investigation(investigation)
-    return list(project.db["result_sets"].rows_where("investigation_id = ?", [inv["id"]], order_by="id"))
+    return catalog.result_sets_of(project.db, None if investigation is None else project.investigation(investigation)["id"])
 
 
 def result_set(project: Project, investigation: str, result_set_id: int | None = None) -> dict:
@@ -67,10 +65,7 @@ def top(project: Project, result_set_id: int, query_id: int, side: str = "top", 
     """The stored top (most positive) or bottom (most negative) sequences of one query."""
     if side not in ("top", "bottom"):
         raise InflqError("side must be top or bottom")
-    return list(project.db.query(
-        "SELECT * FROM results WHERE result_set_id = ? AND query_id = ? AND side = ? ORDER BY rank LIMIT ? OFFSET ?",
-        [result_set_id, query_id, side, k, offset],
-    ))
+    return catalog.stored_results(project.db, result_set_id, query_id, side, k, offset)
 
 
 def scores(project: Project, rs: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -146,29 +141,16 @@ class ScoringSession:
         return cls(project, qg, settings["query_ids"], project.engine(modules))
 
     @classmethod
-    def for_queries(cls, project: Project, query_ids: list[int], estimator: str = "ekfac", rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
+    def for_queries(cls, project: Project, query_ids: list[int], estimator: str | None = None, rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
         """Fit (or reuse cached) factors and precondition the given queries, without a corpus run."""
-        from .runs import (
-            RunSettings,
-            _checkpoint_scorers,
-            ensure_factors,
-            make_estimator,
-            make_executor,
-            preconditioned_queries,
-            query_gradients,
-        )
+        from .runs import RunSettings, prepare_estimator, scorers_for
 
         settings = RunSettings(estimator=estimator, rank=rank, **run)
-        est = make_estimator(project, estimator)
-        engine = project.engine(settings.modules)
-        ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor or Monitor())
+        prepared = prepare_estimator(project, settings, monitor)
         queries = [project.query(q) for q in query_ids]
-        scorers = _checkpoint_scorers(project, est, queries, settings, rank)
-        if scorers:
-            parts = [(c_engine, c_qg) for c_engine, c_qg, _ in scorers]
-            return cls(project, parts[-1][1], list(query_ids), parts[-1][0], parts)
-        grads = query_gradients(project, engine, queries, settings.batch_size)
-        return cls(project, preconditioned_queries(est, grads, rank), list(query_ids), engine)
+        scorers = scorers_for(project, prepared.estimator, prepared.engine, queries, settings, rank)
+        parts = [(s.engine, s.queries) for s in scorers] if scorers[-1].checkpoint else None
+        return cls(project, scorers[-1].queries, list(query_ids), scorers[-1].engine, parts)
 
     def breakdown(self, tokens: np.ndarray, query_id: int) -> tuple[np.ndarray, np.ndarray]:
         """``(module_scores [M], token_module_scores [T, M])`` for one sequence and query, summed
@@ -201,16 +183,15 @@ class ScoringSession:
         return [self.attribute(self.project.tokenize_sequence(t), query_id, "token") for t in texts]
 
 
-def self_influence(project: Project, estimator: str = "ekfac", indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
+def self_influence(project: Project, estimator: str | None = None, indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
     """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``)."""
     from .passes import SelfInfluencePass
-    from .runs import LocalWorker, RunSettings, ensure_factors, make_estimator, make_executor
+    from .runs import LocalWorker, RunSettings, prepare_estimator
 
     monitor = monitor or Monitor()
     settings = RunSettings(estimator=estimator, batch_size=batch_size, **run)
-    est = make_estimator(project, estimator)
-    engine = project.engine(settings.modules)
-    ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)
+    prepared = prepare_estimator(project, settings, monitor)
+    est, engine = prepared.estimator, prepared.engine
     idx = np.arange(len(project.corpus), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     monitor.start("self-influence", len(idx))
     out = LocalWorker(project, engine).run(SelfInfluencePass(est), Shard(0, idx), batch_size, monitor)

@@ -19,8 +19,6 @@ import numpy as np
 
 from .errors import InflqError
 
-UNFILTERED = ("random", "all")
-
 
 @dataclass
 class SearchDepth:
@@ -160,14 +158,25 @@ def search_depth(
     return SearchDepth(**common, estimate=float(np.exp(log_estimate)), extrapolated=True)
 
 
-def split_union(spec: str) -> tuple[str, str]:
-    """Split a union filter spec into its filtered part (e.g. tfidf) and unfiltered part (random, all)."""
+def unfiltered_filters(registry=None) -> set[str]:
+    """The names of the loaded filters that choose without looking at the queries (``Filter.unfiltered``)."""
+    if registry is None:
+        from .plugins import get_registry
+
+        registry = get_registry()
+    return {name for name, cls in registry.all("filter").items() if getattr(cls, "unfiltered", False)}
+
+
+def split_union(spec: str, unfiltered_names: set[str] | None = None) -> tuple[str, str]:
+    """Split a union filter spec into its filtered part (e.g. tfidf) and its unfiltered part (the
+    filters in ``unfiltered_names``, default :func:`unfiltered_filters`: random, all)."""
     from .options import parse_specs
 
+    baseline = unfiltered_filters() if unfiltered_names is None else unfiltered_names
     parts = [p.strip() for p in spec.split("+")]
     names = [s.name for s in parse_specs(spec)]
-    filtered = [p for p, n in zip(parts, names, strict=True) if n not in UNFILTERED]
-    unfiltered = [p for p, n in zip(parts, names, strict=True) if n in UNFILTERED]
+    filtered = [p for p, n in zip(parts, names, strict=True) if n not in baseline]
+    unfiltered = [p for p, n in zip(parts, names, strict=True) if n in baseline]
     if not filtered or not unfiltered:
         raise InflqError(
             f"search depth needs a result set scored with a filter and an unfiltered sample, not {spec!r}: "
@@ -190,15 +199,13 @@ def search_depth_for_result_set(
 
     Which candidates came from which filter is recomputed by running the two filters again with the
     run's seed (both are deterministic for a given corpus, tokenizer and seed)."""
-    from .base import FilterContext
     from .progress import Monitor
-    from .project import ARTIFACTS
     from .results import result_set, scores
-    from .runs import make_filter
+    from .runs import filter_context, make_filter
 
     monitor = monitor or Monitor()
     rs = result_set(project, investigation, result_set_id)
-    filtered_spec, unfiltered_spec = split_union(rs["filter"])
+    filtered_spec, unfiltered_spec = split_union(rs["filter"], unfiltered_filters(project.registry))
     settings = json.loads(rs["settings"])
     run_ids = list(settings.get("query_ids") or [])
     wanted = list(query_ids) if query_ids else run_ids
@@ -206,15 +213,8 @@ def search_depth_for_result_set(
         if q not in run_ids:
             raise InflqError(f"query {q} was not part of result set {rs['id']} (its queries: {run_ids})")
     queries = [project.query(q) for q in wanted]
-    toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in queries]
     store = project.corpus
-    ctx = FilterContext(
-        num_sequences=len(store), query_tokens=[t.tokens for t in toks],
-        query_completion_starts=[t.completion_start for t in toks], sequences=store.many,
-        metadata=project.metadata_column, artifacts_dir=project.root / ARTIFACTS,
-        corpus_fingerprint=store.fingerprint, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
-        seed=int(settings.get("seed", 0)), monitor=monitor, make_filter=lambda s: make_filter(project, s),
-    )
+    ctx = filter_context(project, queries, int(settings.get("seed", 0)), monitor, lambda s: make_filter(project, s))
     filtered = make_filter(project, filtered_spec).candidates(ctx)
     unfiltered = make_filter(project, unfiltered_spec).candidates(ctx)
     indices, matrix = scores(project, rs)

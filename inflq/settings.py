@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 class RunSettings:
     """Everything that determines a run's result (stored with the run, reused on resume)."""
 
-    estimator: str = "ekfac"
-    filter: str = "all"
-    executor: str = "local"
+    # Plugin specs; None: the registry's default of the kind (see resolve_defaults).
+    estimator: str | None = None
+    filter: str | None = None
+    executor: str | None = None
     modules: str | None = None
     rank: int | None = 32
     # Keep a module's query gradients at full rank where scoring is cheaper that way (see
@@ -37,6 +38,13 @@ class RunSettings:
     batch_tokens: int | None = None
     shard_size: int = 512
     refit: bool = False
+
+    def resolve_defaults(self, registry) -> RunSettings:
+        """Fill the plugins left to the registry (``Registry.default``) in place; returns self."""
+        for kind in ("estimator", "filter", "executor"):
+            if getattr(self, kind) is None:
+                setattr(self, kind, registry.default(kind))
+        return self
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

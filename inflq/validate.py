@@ -38,7 +38,7 @@ from scipy.stats import pearsonr, spearmanr
 from torch.func import functional_call
 
 from . import catalog
-from .engine import make_batch
+from .engine import make_batch, math_attention
 from .errors import InflqError
 from .passes import ScorePass, Shard, sequence_seed
 from .progress import Monitor
@@ -46,24 +46,13 @@ from .project import Project
 from .runs import (
     LocalWorker,
     RunSettings,
-    _fit_indices,
-    ensure_factors,
+    default_executor,
+    fit_indices,
     make_estimator,
-    make_executor,
+    prepare_estimator,
     query_gradients,
 )
 from .scoring import QueryGradients
-
-
-def _math_attention():
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH)
-    except Exception:  # pragma: no cover - older torch
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 @dataclass
@@ -126,7 +115,7 @@ class PBRF:
         self.momentum = 0.0
 
     def _logits(self, params, ids, att):
-        with _math_attention():  # twice differentiable, unlike the fused kernels
+        with math_attention():  # twice differentiable, unlike the fused kernels
             return functional_call(self.model, params, (ids,), {"attention_mask": att, "use_cache": False}).logits.to(self.theta_s[next(iter(self.theta_s))].dtype)
 
     def tune(self, iterations: int = 15, monitor: Monitor | None = None) -> None:
@@ -233,7 +222,7 @@ def validate(
     if not qrows:
         raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
     store = project.corpus
-    fit = _fit_indices(len(store), fit_sequences, seed)
+    fit = fit_indices(len(store), fit_sequences, seed)
     n = len(fit)
     if sample < 2:
         raise InflqError("--sample must be at least 2 (correlations need two sequences)")
@@ -290,13 +279,14 @@ def validate(
     specs = list(estimators) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
     grads = query_gradients(project, engine, qrows, batch_size)
     worker = LocalWorker(project, engine)
+    local = default_executor(project)
     rows: list[ValidationRow] = []
     scores: dict[str, np.ndarray] = {}
     for spec in specs:
         est = make_estimator(project, spec)
         settings = RunSettings(estimator=spec, modules=modules, fit_sequences=fit_sequences, seed=seed, batch_size=batch_size, refit=True)
         t = time.perf_counter()
-        ensure_factors(project, est, engine, make_executor(project, "local"), settings, monitor)
+        prepare_estimator(project, settings, monitor, estimator=est, engine=engine, executor=local)
         fit_s = time.perf_counter() - t
         t = time.perf_counter()
         pre = est.precondition(grads)
@@ -319,17 +309,15 @@ def validate(
     vid = None
     if save:
         inv = project.investigation(investigation)
-        with project.db.atomic():
-            vid = (project.db.execute("SELECT coalesce(max(validation), 0) FROM validations").fetchone()[0] or 0) + 1
-            project.db["validations"].insert_all([
-                {
-                    "validation": vid, "investigation_id": inv["id"], "estimator": r.estimator, "damping": r.damping,
-                    "pearson": r.pearson, "spearman": r.spearman, "fit_seconds": r.fit_seconds, "ihvp_seconds": r.ihvp_seconds,
-                    "num_queries": len(qrows), "num_sequences": sample,
-                    "settings": json.dumps({**used, "per_query": r.per_query}, default=float), "created_at": catalog.now(),
-                }
-                for r in rows
-            ])
+        vid = catalog.insert_validation(project.db, [
+            {
+                "investigation_id": inv["id"], "estimator": r.estimator, "damping": r.damping,
+                "pearson": r.pearson, "spearman": r.spearman, "fit_seconds": r.fit_seconds, "ihvp_seconds": r.ihvp_seconds,
+                "num_queries": len(qrows), "num_sequences": sample,
+                "settings": json.dumps({**used, "per_query": r.per_query}, default=float),
+            }
+            for r in rows
+        ])
     return Validation(vid, rows, truth, scores, chosen, used, recommended)
 
 

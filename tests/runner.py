@@ -20,7 +20,7 @@ from inflq.queries import add_query
 # seconds first, so that on a fast machine the run is still going when the test kills it.
 SLOW_CLI = (
     "import os, sys, time\n"
-    "import inflq.runs as runs\n"
+    "import inflq.runs.workers as runs\n"
     "_run_shard = runs.run_shard\n"
     "def run_shard(*a, **k):\n"
     "    time.sleep(float(os.environ.get('INFLQ_TEST_SHARD_DELAY', '0')))\n"

@@ -567,7 +567,8 @@ def test_layer_breakdown_needs_no_second_pass(gpt2, monkeypatch, older_shards):
     sequence is scored twice; the parts equal a separate per-module breakdown and sum to the
     score. Shards written without them (``older_shards``: by ``inflq doctor`` or an older inflq)
     get exactly their picks rescored."""
-    import inflq.runs as runs
+    import inflq.runs.scoring
+    import inflq.runs.workers as runs
 
     calls: list[tuple[str, bool, int]] = []
     real = runs.run_shard
@@ -578,7 +579,7 @@ def test_layer_breakdown_needs_no_second_pass(gpt2, monkeypatch, older_shards):
 
     monkeypatch.setattr(runs, "run_shard", counting)
     if older_shards:
-        monkeypatch.setattr(runs, "shard_extremes", lambda *a, **k: {})
+        monkeypatch.setattr(inflq.runs.scoring, "shard_extremes", lambda *a, **k: {})
     k = 2
     run = run_investigation(gpt2, "default", RunSettings(estimator="ekfac", rank=4, top_k=k, shard_size=5))
     scoring = [c for c in calls if c[0] == "scoring"]

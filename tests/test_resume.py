@@ -19,7 +19,7 @@ from runner import (
     wait_until,
 )
 
-import inflq.runs as runs
+import inflq.runs.workers as runs  # where LocalWorker finds run_shard
 from inflq.project import Project
 from inflq.results import score_matrix
 

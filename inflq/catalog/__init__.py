@@ -7,11 +7,47 @@ code outside ``inflq/catalog/`` touches ``db[...]`` or runs SQL.
 - ``schema``: the connection, the numbered migrations, the meta table.
 - ``records``: investigations, queries, probes, sequence tags, the ``sequences`` of the tokenized
   corpus and the file-hash cache.
-- ``factors``: cached factor sets.
+- ``factors``: cached factor sets (looked up by id or cache key, stored by runs, removed).
 - ``reports``: read-only views over stored results (exports, the demo).
 - ``files``: the catalog as a file (snapshots for packing, checks of an archive's catalog).
+- ``runs``: runs and their status transitions, scoring and fitting shards, the files the catalog
+  references.
+- ``results``: result sets, their stored sequences and the search over them.
+- ``validations``: saved validations against the PBRF.
 """
 
+from .results import (
+    count_results,
+    get_result_set,
+    insert_result_set,
+    result_set_of_run,
+    result_sets_of,
+    stored_results,
+    update_result_set,
+)
+from .runs import (
+    delete_score_shards,
+    dependents,
+    finish_run,
+    fit_shard_totals,
+    fit_shards,
+    get_run,
+    insert_run,
+    interrupted_run,
+    latest_run_id,
+    latest_run_using,
+    move_runs_to_factor_set,
+    record_fit_shards,
+    record_score_shard,
+    referenced_files,
+    restart_run,
+    run_counts,
+    run_ids_using,
+    runs_of,
+    score_shard_totals,
+    score_shards,
+    update_run,
+)
 from .schema import (
     MIGRATION_SET,
     CatalogDatabase,
@@ -23,10 +59,19 @@ from .schema import (
     now,
     set_meta,
 )
+from .validations import insert_validation
 
 # isort: split
 # -- records, factor sets, reports, files (the #14 catalog block) --
-from .factors import factor_set, factor_set_uses, factor_sets, remove_factor_set
+from .factors import (
+    delete_factor_set,
+    factor_set,
+    factor_set_by_key,
+    factor_set_uses,
+    factor_sets,
+    remove_factor_set,
+    store_factor_set,
+)
 from .files import all_meta, applied_migrations, check_archived, open_copy, snapshot
 from .records import (
     SEQUENCE_COLUMNS,
@@ -70,4 +115,11 @@ __all__ = [
     "probes", "queries", "query", "remember_hash", "remove_factor_set", "rename_investigation",
     "replace_sequences", "result_sets_scored_with", "sequence_by_id", "sequence_count", "sequence_rows",
     "sequence_tags", "snapshot", "tag_sequence",
+    # runs, results, validations
+    "count_results", "delete_factor_set", "delete_score_shards", "dependents", "factor_set_by_key", "finish_run",
+    "fit_shard_totals", "fit_shards", "get_result_set", "get_run", "insert_result_set", "insert_run",
+    "insert_validation", "interrupted_run", "latest_run_id", "latest_run_using", "move_runs_to_factor_set",
+    "record_fit_shards", "record_score_shard", "referenced_files", "restart_run", "result_set_of_run", "result_sets_of",
+    "run_counts", "run_ids_using", "runs_of", "score_shard_totals", "score_shards", "store_factor_set", "stored_results",
+    "update_result_set", "update_run",
 ]

@@ -1,10 +1,13 @@
-"""Cached factor sets (the ``factor_sets`` table): list, look up, remove."""
+"""Cached factor sets (the ``factor_sets`` table): list, look up by id or cache key, store, remove."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import sqlite_utils
 
 from ..errors import InflqError
+from .schema import now
 
 
 def factor_sets(db: sqlite_utils.Database) -> list[dict]:
@@ -34,3 +37,28 @@ def remove_factor_set(db: sqlite_utils.Database, fs_id: int) -> dict:
         db.execute("UPDATE runs SET factor_set_id = NULL WHERE factor_set_id = ?", [row["id"]])
         db.execute("DELETE FROM factor_sets WHERE id = ?", [row["id"]])
     return row
+
+
+def factor_set_by_key(db, key: str) -> dict | None:
+    """The cached factor set with this cache key, or None."""
+    return next(db["factor_sets"].rows_where("key = ?", [key]), None)
+
+
+def delete_factor_set(db, factor_set_id: int) -> None:
+    with db.atomic():
+        db.execute("DELETE FROM factor_sets WHERE id = ?", [factor_set_id])
+
+
+def store_factor_set(db, fields: dict[str, Any], replaces: int | None = None, run_id: int | None = None) -> tuple[int, list[str]]:
+    """Record fitted factors (``replaces``: the stale factor set with the same key). With a
+    ``run_id``, the run's fitting shards are forgotten in the same transaction. Returns the new id
+    and the paths of the forgotten shards' files."""
+    stale: list[str] = []
+    with db.atomic():
+        if replaces is not None:
+            db.execute("DELETE FROM factor_sets WHERE id = ?", [replaces])
+        fs_id = db["factor_sets"].insert({**fields, "created_at": now()}).last_pk
+        if run_id is not None:
+            stale = [r["path"] for r in db["fit_shards"].rows_where("run_id = ?", [run_id])]
+            db.execute("DELETE FROM fit_shards WHERE run_id = ?", [run_id])
+    return fs_id, stale

@@ -167,7 +167,7 @@ class _FisherEstimator(Estimator):
     def factor_settings(self):
         if self.settings["fisher"] != "true":
             return {"fisher": self.settings["fisher"]}
-        from inflq.engine import SAMPLED_AT
+        from inflq import SAMPLED_AT
 
         # Where the labels were sampled changes the factors: part of the cache key, recorded with them.
         return {"fisher": "true", "sampled_at": SAMPLED_AT}
@@ -262,6 +262,7 @@ class EKFAC(_Eigenbasis):
     """Eigenvalue-corrected K-FAC (George et al. 2018), the paper's estimator."""
 
     name = "ekfac"
+    default = True
     description = "EK-FAC: Kronecker-factored eigenbasis with refitted eigenvalues (the paper's estimator)"
 
     def fit(self, ctx):

@@ -13,6 +13,7 @@ def register_executors(register):
 
 class LocalExecutor(Executor):
     name = "local"
+    default = True
     description = "run in this process on the project's device (cpu, cuda, mps)"
 
     def map(self, job, shards, on_result, monitor):

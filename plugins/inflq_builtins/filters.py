@@ -19,6 +19,8 @@ def register_filters(register):
 class AllSequences(Filter):
     name = "all"
     description = "every training sequence (no filtering)"
+    default = True
+    unfiltered = True
 
     def candidates(self, ctx):
         every = np.arange(ctx.num_sequences, dtype=np.int64)
@@ -28,6 +30,7 @@ class AllSequences(Filter):
 class RandomSample(Filter):
     name = "random"
     description = "a seeded uniform random sample of the corpus, the same for every query"
+    unfiltered = True
     options = (
         Option("n", int, 1000, "how many sequences to sample"),
         Option("seed", int, None, "sampling seed (default: the run's seed)"),

@@ -22,7 +22,6 @@ mini-batches is recorded per query (``describe()``, hence in the result set's se
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import time
@@ -39,16 +38,6 @@ if TYPE_CHECKING:
 @hookimpl
 def register_estimators(register):
     register(LiSSA)
-
-
-def _math_attention():
-    """Forward-mode AD is not implemented for the fused attention kernels; the math kernel is."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH)
-    except Exception:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
 
 
 class GaussNewtonProduct:
@@ -68,13 +57,11 @@ class GaussNewtonProduct:
                 self.params[f"{tm.name}.bias"] = tm.module.bias.detach()
 
     def to_params(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from inflq.engine import Conv1D
-
         out = {}
         for tm in self.tracked:
             v = x[tm.name]
             w = v[..., : tm.in_features]
-            w = w.transpose(-1, -2) if isinstance(tm.module, Conv1D) else w
+            w = w.transpose(-1, -2) if tm.transposed else w
             out[f"{tm.name}.weight"] = w.to(self.params[f"{tm.name}.weight"].dtype).contiguous()
             if tm.bias:
                 out[f"{tm.name}.bias"] = v[..., tm.in_features].to(self.params[f"{tm.name}.bias"].dtype).contiguous()
@@ -83,12 +70,10 @@ class GaussNewtonProduct:
     def from_params(self, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import torch
 
-        from inflq.engine import Conv1D
-
         out = {}
         for tm in self.tracked:
             w = p[f"{tm.name}.weight"].to(torch.float32)
-            w = w.transpose(-1, -2) if isinstance(tm.module, Conv1D) else w
+            w = w.transpose(-1, -2) if tm.transposed else w
             out[tm.name] = torch.cat([w, p[f"{tm.name}.bias"].to(torch.float32)[..., None]], dim=-1) if tm.bias else w
         return out
 
@@ -97,6 +82,8 @@ class GaussNewtonProduct:
         ``Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t x`` over the training loss's positions."""
         import torch
         from torch.func import functional_call, jvp, vjp, vmap
+
+        from inflq import math_attention
 
         ids, att = batch.input_ids, batch.attention_mask
 
@@ -107,7 +94,7 @@ class GaussNewtonProduct:
         try:
             for p, _ in saved:
                 p.requires_grad_(False)
-            with _math_attention():
+            with math_attention():  # forward-mode AD needs the math kernel
                 out, pullback = vjp(logits, self.params)
                 tangents = self.to_params(x)
                 jx = vmap(lambda t: jvp(logits, (self.params,), (t,))[1])(tangents)  # [k, B, T, V]

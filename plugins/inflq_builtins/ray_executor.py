@@ -29,8 +29,7 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-from inflq import Executor, Option, hookimpl
-from inflq.errors import InflqError
+from inflq import Executor, InflqError, Option, hookimpl
 
 INSTALL = 'the ray executor needs Ray: pip install "inflq[ray]" (on this machine and on every cluster node)'
 IN_FLIGHT = 2  # shards queued per actor, so that an actor never waits for the driver
@@ -80,20 +79,19 @@ class ShardWorker:
     def __init__(self, spec: dict[str, Any], threads: int, shipped: dict[str, bytes] | None = None, pad_id: int = 0) -> None:
         import torch
 
-        from inflq.modeling import quiet_transformers
+        from inflq import quiet_transformers
 
         quiet_transformers()
         torch.set_num_threads(max(1, threads))
         self._pass_key: str | None = None
         self._pass = None
         if shipped is None:
-            from inflq.runs import build_worker
+            from inflq import build_worker
 
             worker = build_worker(spec)
             self.engine, self.pad_id, self.sequences = worker.engine, worker.pad_id, worker.corpus.many
         else:
-            from inflq.engine import GradientEngine, select_modules
-            from inflq.modeling import load_model, pick_device, pick_dtype
+            from inflq import GradientEngine, load_model, pick_device, pick_dtype, select_modules
 
             folder = Path(tempfile.mkdtemp(prefix="inflq-model-"))
             for name, data in shipped.items():
@@ -109,7 +107,7 @@ class ShardWorker:
     def run(self, pass_holder: list, shard_index: int, indices, tokens, batch_size: int, sink) -> dict:
         import ray
 
-        from inflq.passes import Shard, run_shard
+        from inflq import Shard, run_shard
 
         ref = pass_holder[0]  # a reference inside a list: fetched only when the pass changes
         if ref.hex() != self._pass_key:

@@ -255,11 +255,10 @@ def search_depth_command(project, investigation, result_set, query_ids, m, repea
     """How many unfiltered sequences must be searched to find influences as large as the TF-IDF
     candidates' (the paper's search depth). Scores are positive when a sequence makes the
     completion more likely."""
-    from inflq.project import Project
-    from inflq.search_depth import search_depth_for_result_set
+    from inflq import open_project, search_depth_for_result_set
 
     try:
-        proj = Project.open(project)
+        proj = open_project(project)
         reports = search_depth_for_result_set(proj, investigation, result_set, list(query_ids) or None, m=m, repeats=repeats)
     except InflqError as exc:
         raise click.ClickException(str(exc)) from None

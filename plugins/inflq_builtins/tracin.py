@@ -89,7 +89,7 @@ def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from inflq.engine import select_modules
+    from inflq import select_modules
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)

@@ -1,0 +1,158 @@
+"""The two runs: scoring an investigation's queries against the candidates (``inflq run``) and
+fitting factors alone (``inflq factors fit``), each resumable from its committed shards."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .. import catalog
+from ..errors import InflqError
+from ..progress import Monitor
+from ..project import Project
+from ..settings import RunSettings
+from .recipe import make_estimator, make_executor, make_filter, prepare_estimator
+from .recording import (
+    record_batching,
+    record_progress,
+    recording_outcome,
+    result_record,
+    start_run,
+    store_result_set,
+)
+from .scoring import (
+    choose_candidates,
+    filter_context,
+    query_compression,
+    save_queries,
+    score_shards,
+    scorers_for,
+)
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    result_set_id: int
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def _resumable(project: Project, run_id: int, kind: str) -> dict:
+    """The recorded run that ``--resume run_id`` continues, or an error saying why not."""
+    row = catalog.get_run(project.db, run_id)
+    if kind == "factors":
+        if row is None or row["kind"] != "factors":
+            raise InflqError(f"run {run_id} is not a factor fit; see `inflq runs`")
+    else:
+        if row is None:
+            raise InflqError(f"no run {run_id} to resume; see `inflq runs`")
+        if row["kind"] == "factors":
+            raise InflqError(f"run {run_id} is a factor fit: continue it with `inflq factors fit --resume {run_id}`")
+    if row["status"] == "done":
+        raise InflqError(f"run {run_id} is already complete")
+    return row
+
+
+def run_investigation(
+    project: Project,
+    investigation: str,
+    settings: RunSettings | None = None,
+    monitor: Monitor | None = None,
+    resume: int | None = None,
+    executor: str | None = None,
+) -> RunResult:
+    """Score the investigation's queries against the candidates. ``resume``: a run id to continue.
+    ``executor``: an executor spec that overrides the settings' (e.g. to resume a run elsewhere)."""
+    monitor = monitor or Monitor()
+    if resume is not None:
+        row = _resumable(project, resume, "scores")
+        settings = RunSettings.from_json(row["settings"])
+        investigation = project.investigation(row["investigation_id"])["name"]
+        run_id = resume
+    else:
+        settings = settings or RunSettings()
+        run_id = None
+    if executor is not None:  # where shards run never changes their result
+        settings.executor = executor
+    settings.resolve_defaults(project.registry)
+    project.require_model()
+    queries = project.queries(investigation)
+    if not queries:
+        raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
+    estimator = make_estimator(project, settings.estimator)
+    filt = make_filter(project, settings.filter)
+    executor = make_executor(project, settings.executor)
+    if run_id is None:
+        run_id = start_run(project, investigation, settings)
+    else:
+        catalog.restart_run(project.db, run_id, executor=settings.executor, settings=settings.to_json())
+    monitor.on_progress = record_progress(project, run_id, monitor, monitor.on_progress)
+    phases: dict[str, float] = {}
+    with recording_outcome(project, run_id, executor) as started:
+        engine = project.engine(settings.modules)
+        record_batching(project, run_id, settings, engine, monitor)
+        t = time.perf_counter()
+        prepared = prepare_estimator(project, settings, monitor, estimator=estimator, engine=engine, executor=executor, run_id=run_id)
+        phases["factors"] = time.perf_counter() - t
+        catalog.update_run(project.db, run_id, factor_set_id=prepared.factor_set_id)
+        # Candidates are fixed at the first attempt and reused on resume.
+        t = time.perf_counter()
+        ctx = lambda: filter_context(project, queries, settings.seed, monitor, lambda s: make_filter(project, s))  # noqa: E731
+        cand, mask = choose_candidates(project, run_id, filt, ctx, len(queries))
+        phases["candidates"] = time.perf_counter() - t
+        if len(cand) == 0:
+            raise InflqError("the filter chose no candidate sequences; loosen it (e.g. --filter all)")
+        # Preconditioned query gradients, low rank, saved for on-demand attribution.
+        t = time.perf_counter()
+        monitor.start("query gradients", len(queries))
+        compression = query_compression(settings, project.corpus.lengths()[cand])
+        scorers = scorers_for(project, estimator, engine, queries, settings, compression)
+        monitor.advance(len(queries))
+        saved_queries = save_queries(project, run_id, scorers, settings.rank)
+        phases["query gradients"] = time.perf_counter() - t
+        # Score in shards, committing each one.
+        t = time.perf_counter()
+        scored = score_shards(project, run_id, scorers, cand, mask, settings, executor, monitor)
+        phases["scoring"] = time.perf_counter() - t
+        t = time.perf_counter()
+        record = result_record(project, run_id, investigation, queries, settings, estimator, filt, scorers, cand, scored.scores, saved_queries, monitor, kept=scored.kept)
+        rs_id = store_result_set(project, record)
+        phases["top results"] = time.perf_counter() - t
+        seconds = time.perf_counter() - started
+        catalog.finish_run(project.db, run_id, "done", seconds=seconds)
+        return RunResult(run_id, rs_id, seconds, phases)
+
+
+def fit_factors(
+    project: Project,
+    settings: RunSettings,
+    monitor: Monitor | None = None,
+    investigation: str = "default",
+    resume: int | None = None,
+) -> tuple[int, int | None, float]:
+    """Fit (or find) the estimator's factors without scoring, as a run of kind ``factors`` so that
+    fitting shards are committed and ``resume`` (that run's id) continues an interrupted fit.
+    Returns ``(run id, factor set id, seconds)``; the factor set is ``None`` for estimators that
+    fit nothing."""
+    monitor = monitor or Monitor()
+    if resume is not None:
+        settings = RunSettings.from_json(_resumable(project, resume, "factors")["settings"])
+        run_id = resume
+        catalog.restart_run(project.db, run_id)
+    else:
+        run_id = None
+    settings.resolve_defaults(project.registry)
+    project.require_model()
+    estimator = make_estimator(project, settings.estimator)
+    executor = make_executor(project, settings.executor)
+    if run_id is None:
+        run_id = start_run(project, investigation, settings, kind="factors")
+    monitor.on_progress = record_progress(project, run_id, monitor, monitor.on_progress)
+    with recording_outcome(project, run_id, executor) as started:
+        engine = project.engine(settings.modules)
+        record_batching(project, run_id, settings, engine, monitor)
+        fs_id = prepare_estimator(project, settings, monitor, estimator=estimator, engine=engine, executor=executor, run_id=run_id).factor_set_id
+        seconds = time.perf_counter() - started
+        catalog.finish_run(project.db, run_id, "done", seconds=seconds, factor_set_id=fs_id)
+        return run_id, fs_id, seconds

@@ -1,0 +1,73 @@
+"""The one run recipe: make the estimator (and executor, filter) a spec names, build the engine,
+and fit or reuse its factors. Runs, results, integrity, validate and the benchmarks all start
+here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..base import Estimator, Executor
+from ..engine import GradientEngine
+from ..options import parse_spec, parse_specs
+from ..progress import Monitor
+from ..project import Project
+from ..settings import RunSettings
+from .factors import ensure_factors
+
+
+def make_estimator(project: Project, spec: str) -> Estimator:
+    s = parse_spec(spec)
+    return project.registry.create("estimator", s.name, s.options)  # type: ignore[return-value]
+
+
+def make_executor(project: Project, spec: str) -> Executor:
+    s = parse_spec(spec)
+    return project.registry.create("executor", s.name, s.options)  # type: ignore[return-value]
+
+
+def make_filter(project: Project, spec: str):
+    parts = parse_specs(spec)
+    if len(parts) == 1:
+        return project.registry.create("filter", parts[0].name, parts[0].options)
+    union = project.registry.get("filter", "union")
+    return union(of=spec)
+
+
+@dataclass
+class Prepared:
+    """An estimator ready to precondition queries: its factors fitted or loaded."""
+
+    estimator: Estimator
+    engine: GradientEngine
+    factor_set_id: int | None  # None: the estimator fits nothing
+
+
+def prepare_estimator(
+    project: Project,
+    settings: RunSettings,
+    monitor: Monitor | None = None,
+    *,
+    estimator: Estimator | None = None,
+    engine: GradientEngine | None = None,
+    executor: Executor | None = None,
+    run_id: int | None = None,
+) -> Prepared:
+    """Make ``settings.estimator`` (unless given), an engine over ``settings.modules`` (unless
+    given), and fit or load its factors on ``executor`` (default: the registry's default, in this
+    process), committing fitting shards to ``run_id`` when given (see :func:`ensure_factors`)."""
+    settings.resolve_defaults(project.registry)
+    estimator = estimator or make_estimator(project, settings.estimator)
+    engine = engine or project.engine(settings.modules)
+    own = executor is None
+    executor = executor or default_executor(project)
+    try:
+        fs_id = ensure_factors(project, estimator, engine, executor, settings, monitor or Monitor(), run_id=run_id)
+    finally:
+        if own:
+            executor.close()
+    return Prepared(estimator, engine, fs_id)
+
+
+def default_executor(project: Project) -> Executor:
+    """The registry's default executor (the built-in one runs in this process)."""
+    return make_executor(project, project.registry.default("executor"))

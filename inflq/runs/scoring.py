@@ -1,0 +1,266 @@
+"""Scoring: the queries' gradients, preconditioned by the estimator; the candidates a filter
+chooses; and each candidate's score per query, shard by shard. An estimator over several models
+(``Estimator.checkpoints``, e.g. TracIn) scores with each model and sums the weighted scores."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import catalog
+from ..artifacts import load_tensors, save_tensors
+from ..base import Estimator, Executor, FilterContext, Job
+from ..engine import GradientEngine, SequenceGradients, make_batch
+from ..errors import InflqError
+from ..passes import ScorePass, Shard, make_shards
+from ..progress import Monitor
+from ..project import ARTIFACTS, Project
+from ..scoring import Compression, QueryGradients
+from ..settings import RunSettings
+from .workers import LocalWorker, checkpoint_engine, worker_spec
+
+
+@dataclass
+class Scorer:
+    """One model to score with: its engine and the queries' preconditioned gradients under it.
+    ``checkpoint``: the checkpoint's resolved path (its gradients already weighted); ``None``:
+    the project's model."""
+
+    engine: GradientEngine
+    queries: QueryGradients
+    checkpoint: str | None = None
+
+
+def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int | None) -> SequenceGradients:
+    """Gradients of each query's measurement loss ``-log p(completion | prompt)``: ``[nq, out, in_dim]``
+    per module, with their token factors (only completion tokens carry gradient), ``batch_size``
+    queries at a time (``None``: 8)."""
+    toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
+    parts = []
+    size = max(1, batch_size or 8)
+    for s in range(0, len(toks), size):
+        chunk = toks[s : s + size]
+        batch = make_batch([t.tokens for t in chunk], project.pad_id, engine.device, loss_from=[t.completion_start for t in chunk])
+        parts.append(engine.sequence_gradients(batch, "data"))
+    return SequenceGradients.concat(parts)
+
+
+def query_compression(settings: RunSettings, lengths: np.ndarray) -> Compression:
+    """The run's query compression: rank ``settings.rank``, full rank where scoring sequences of
+    these ``lengths`` is cheaper that way, within ``settings.full_rank_mb``."""
+    tokens = float(np.mean(lengths)) if len(lengths) and settings.full_rank_mb > 0 else None
+    return Compression(settings.rank, tokens, int(settings.full_rank_mb) << 20)
+
+
+def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor], rank: int | None | Compression) -> QueryGradients:
+    qg = estimator.precondition_queries(grads, rank)
+    for key, q in qg.tensors().items():
+        if not torch.isfinite(q).all():
+            raise InflqError(f"the preconditioned query gradient of {key.partition('/')[2]} is not finite; increase the damping")
+    return qg
+
+
+def scorers_for(
+    project: Project, estimator: Estimator, engine: GradientEngine, queries: list[dict], settings: RunSettings, compression: Compression | int | None
+) -> list[Scorer]:
+    """The models the estimator scores with, each with the queries' preconditioned gradients: per
+    checkpoint its engine and gradients multiplied by the checkpoint's weight (``Estimator.checkpoints``),
+    else the project's ``engine`` alone."""
+    ckpts = estimator.checkpoints(project)
+    if not ckpts:
+        grads = query_gradients(project, engine, queries, settings.batch_size)
+        return [Scorer(engine, preconditioned_queries(estimator, grads, compression))]
+    out = []
+    for path, weight in ckpts:
+        c_engine = checkpoint_engine(project, path, settings.modules)
+        # Preconditioning is linear, so weighting the gradients weights the preconditioned ones.
+        grads = {n: v * float(weight) for n, v in query_gradients(project, c_engine, queries, settings.batch_size).items()}
+        try:
+            qg = preconditioned_queries(estimator, grads, compression)
+        except InflqError as exc:
+            raise InflqError(f"checkpoint {path}: {exc}") from None
+        out.append(Scorer(c_engine, qg, str(Path(path).resolve())))
+    return out
+
+
+def scorer_tensors(scorers: list[Scorer]) -> dict[str, torch.Tensor]:
+    """The scorers' query gradients in one flat tensor dict: one model's as they are, several
+    keyed ``checkpoint<c>/<key>`` in the order of the estimator's checkpoints."""
+    if scorers[-1].checkpoint is None:
+        return scorers[-1].queries.tensors()
+    return {f"checkpoint{c}/{k}": v for c, s in enumerate(scorers) for k, v in s.queries.tensors().items()}
+
+
+def split_checkpoint_tensors(tensors: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of :func:`scorer_tensors` for ``count`` checkpoints."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
+    for key, v in tensors.items():
+        head, _, rest = key.partition("/")
+        out[int(head[len("checkpoint"):])][rest] = v
+    return out
+
+
+def filter_context(project: Project, queries: list[dict], seed: int, monitor: Monitor, make_filter: Callable[[str], object]) -> FilterContext:
+    """What a filter sees of the project and the ``queries`` (tokenised as a run measures them)."""
+    store = project.corpus
+    toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in queries]
+    return FilterContext(
+        num_sequences=len(store), query_tokens=[q.tokens for q in toks],
+        query_completion_starts=[q.completion_start for q in toks], sequences=store.many,
+        metadata=project.metadata_column, artifacts_dir=project.root / ARTIFACTS,
+        corpus_fingerprint=store.fingerprint, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
+        seed=seed, monitor=monitor, make_filter=make_filter,
+    )
+
+
+def choose_candidates(project: Project, run_id: int, filt, ctx: Callable[[], FilterContext], num_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(candidate corpus indices, mask [queries, candidates])``: chosen by ``filt`` at a run's
+    first attempt and saved, reused on resume."""
+    cand_rel = f"{ARTIFACTS}/runs/{run_id}/candidates.safetensors"
+    if (project.root / cand_rel).exists():
+        c = load_tensors(project.root, cand_rel, None, "candidate list")
+        return c["indices"].numpy(), c["mask"].numpy().astype(bool)
+    per_query = filt.candidates(ctx())
+    cand = np.unique(np.concatenate([np.asarray(p, dtype=np.int64) for p in per_query])) if per_query else np.zeros(0, np.int64)
+    mask = np.zeros((num_queries, len(cand)), dtype=bool)
+    for qi, p in enumerate(per_query):
+        mask[qi, np.searchsorted(cand, np.asarray(p, dtype=np.int64))] = True
+    save_tensors(project.root, cand_rel, {"indices": torch.from_numpy(cand), "mask": torch.from_numpy(mask.astype(np.uint8))})
+    return cand, mask
+
+
+def extremes(row: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top and the bottom ``k`` columns of ``row`` among ``valid`` ones, best (worst) first;
+    ties in column order (so that a shard's own extremes hold every global one that it contains)."""
+    cols = np.flatnonzero(valid)
+    order = cols[np.argsort(-row[cols], kind="stable")]
+    return order[:k], order[::-1][:k]
+
+
+def shard_extremes(scores: np.ndarray, module_scores: torch.Tensor, mask: np.ndarray, top_k: int) -> dict[str, torch.Tensor]:
+    """Per-module scores of one shard's top and bottom ``top_k`` per query (``scores [n, nq]``,
+    ``module_scores [n, nq, M]``, ``mask [nq, n]``): ``extreme_query``, ``extreme_row`` (within
+    the shard) and ``extreme_modules [p, M]``."""
+    k = max(1, top_k)
+    valid = mask & ~np.isnan(scores.T)
+    pairs = sorted({(qi, int(c)) for qi in range(scores.shape[1]) for side in extremes(scores[:, qi], valid[qi], k) for c in side})
+    q = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+    r = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+    parts = module_scores[r, q].to(torch.float32) if pairs else torch.zeros((0, module_scores.shape[-1]))
+    return {"extreme_query": q, "extreme_row": r, "extreme_modules": parts.contiguous()}
+
+
+@dataclass
+class ScoredShards:
+    """A run's committed score shards: ``kept`` per shard ``(first column, columns, loader)``
+    when they carry their own extremes' per-module scores (one scorer), else ``None``."""
+
+    scores: np.ndarray  # [queries, candidates], NaN where not a candidate
+    kept: list[tuple[int, int, Callable[[], dict[str, torch.Tensor]]]] | None
+
+
+def score_shards(
+    project: Project, run_id: int, scorers: list[Scorer], cand: np.ndarray, mask: np.ndarray,
+    settings: RunSettings, executor: Executor, monitor: Monitor,
+) -> ScoredShards:
+    """Score the candidates shard by shard with every scorer, committing each shard once all
+    scorers have scored it; shards committed before (a resumed run) are not scored again."""
+    shards = make_shards(cand, settings.shard_size)
+    done = set(catalog.score_shards(project.db, run_id))
+    todo = [s for s in shards if s.index not in done]
+    monitor.start("scoring", len(cand) * len(scorers))
+    monitor.advance(sum(len(s) for s in shards if s.index in done) * len(scorers))
+    partial: dict[int, torch.Tensor] = {}
+
+    def accumulate(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+        partial[shard.index] = partial.get(shard.index, 0) + out["scores"].to(torch.float32)
+
+    for s in scorers[:-1]:
+        job = Job(ScorePass(s.queries), worker_spec(project, settings.modules, s.checkpoint), settings.batching(), local=LocalWorker(project, s.engine))
+        executor.map(job, todo, accumulate, monitor)
+
+    # With one model to score with, the pass also yields per-module scores, and each shard
+    # keeps those of its own top and bottom K per query: the layer breakdown of the results
+    # then needs no second pass. (Summed over checkpoints, the K are known only at the end.)
+    per_module = len(scorers) == 1
+    starts = dict(zip((s.index for s in shards), np.cumsum([0] + [len(s) for s in shards[:-1]]), strict=True))
+
+    def commit(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+        rel = f"{ARTIFACTS}/runs/{run_id}/shard-{shard.index:06d}.safetensors"
+        tensors = {"scores": out["scores"].to(torch.float32) + partial.pop(shard.index, 0)}
+        if per_module:
+            cols = slice(int(starts[shard.index]), int(starts[shard.index]) + len(shard))
+            tensors.update(shard_extremes(tensors["scores"].numpy(), out["module_scores"], mask[:, cols], settings.top_k))
+        checksum = save_tensors(project.root, rel, tensors)
+        catalog.record_score_shard(project.db, run_id, shard.index, len(shard), rel, checksum)
+
+    last = scorers[-1]
+    job = Job(ScorePass(last.queries, keep_parts=per_module), worker_spec(project, settings.modules, last.checkpoint), settings.batching(),
+              local=LocalWorker(project, last.engine))
+    executor.map(job, todo, commit, monitor)
+    # Assemble the score matrix from committed shards.
+    rows = catalog.score_shards(project.db, run_id)
+
+    def shard_file(s: Shard) -> dict[str, torch.Tensor]:
+        return load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")
+
+    scores = torch.cat([shard_file(s)["scores"] for s in shards]).T.numpy()
+    scores = np.where(mask, scores, np.nan).astype(np.float32)
+    kept = [(int(starts[s.index]), len(s), lambda s=s: shard_file(s)) for s in shards] if per_module else None
+    return ScoredShards(scores, kept)
+
+
+def pick_extremes(scores: np.ndarray, top_k: int) -> list[tuple[int, str, int, int]]:
+    """The top and bottom ``top_k`` per query row: ``(query row, side, rank, column)``."""
+    k = max(1, top_k)
+    picks: list[tuple[int, str, int, int]] = []
+    for qi in range(scores.shape[0]):
+        top, bottom = extremes(scores[qi], ~np.isnan(scores[qi]), k)
+        picks.extend((qi, "top", r + 1, int(col)) for r, col in enumerate(top))
+        picks.extend((qi, "bottom", r + 1, int(col)) for r, col in enumerate(bottom))
+    return picks
+
+
+def extreme_module_scores(
+    project: Project, scorers: list[Scorer], cand: np.ndarray, need: set[tuple[int, int]], num_queries: int,
+    settings: RunSettings, monitor: Monitor, kept=None,
+) -> dict[tuple[int, int], np.ndarray]:
+    """Per-module scores of the ``(query row, column)`` pairs in ``need``.
+
+    ``kept``: per score shard, ``(first column, columns, loader)``, the loader returning the shard's
+    file with the per-module scores of its own extremes (:func:`shard_extremes`). Picks found
+    there need no recomputation; the others (shards written without them: recomputed by
+    ``inflq doctor``, or by an older inflq, or scored over several checkpoints) are rescored."""
+    found: dict[tuple[int, int], np.ndarray] = {}
+    for first, n, load in kept or []:
+        if not any(first <= col < first + n for _, col in need):
+            continue
+        t = load()
+        if "extreme_row" not in t:
+            continue
+        for q, r, parts in zip(t["extreme_query"].tolist(), t["extreme_row"].tolist(), t["extreme_modules"].numpy(), strict=True):
+            if (q, first + r) in need:
+                found[(q, first + r)] = parts
+    cols = sorted({col for qi, col in need if (qi, col) not in found})
+    if cols:
+        seq_idx = cand[cols]
+        monitor.start("layer breakdown", len(cols))
+        module_scores = 0
+        for s in scorers:  # summed over checkpoints (TracIn)
+            parts = LocalWorker(project, s.engine).run(ScorePass(s.queries, per_module=True), Shard(0, seq_idx), settings.batching(), monitor)
+            module_scores = module_scores + parts["module_scores"].numpy()  # [len(cols), nq, M]
+        for i, col in enumerate(cols):
+            for qi in range(num_queries):
+                found.setdefault((qi, col), module_scores[i, qi])
+    return found
+
+
+def save_queries(project: Project, run_id: int, scorers: list[Scorer], rank: int | None) -> tuple[str, str]:
+    """Save the run's preconditioned query gradients for on-demand attribution: ``(path, checksum)``."""
+    rel = f"{ARTIFACTS}/runs/{run_id}/queries.safetensors"
+    return rel, save_tensors(project.root, rel, scorer_tensors(scorers), {"rank": json.dumps(rank)})
