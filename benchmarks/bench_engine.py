@@ -61,6 +61,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inflq.queries import add_query
+
 REPO = Path(__file__).resolve().parents[1]
 FULL_RANK_MB = 1024  # set by --full-rank-mb
 FISHER = "true"  # set by --fisher: "true" (sampled labels) or "empirical" (the data's labels, no sampling noise)
@@ -131,9 +133,9 @@ class InflqBench:
         from inflq.runs import default_executor
 
         self.project = Project.init(root, model, corpus)
-        self.engine = self.project.engine()
+        self.engine = self.project.runtime.engine()
         self.executor = default_executor(self.project)
-        self.store = self.project.corpus
+        self.store = self.project.runtime.corpus
         self.indices = np.arange(len(self.store), dtype=np.int64)
         self.batch_size = batch_size
         self.queries = queries
@@ -155,7 +157,7 @@ class InflqBench:
         started = time.perf_counter()
         for s in range(0, len(self.indices), self.batch_size):
             chunk = self.indices[s : s + self.batch_size]
-            b = make_batch(self.store.many(chunk), self.project.pad_id, self.engine.device)
+            b = make_batch(self.store.many(chunk), self.project.runtime.pad_id, self.engine.device)
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
             targets = torch.zeros_like(b.input_ids)
             targets[:, :-1] = b.input_ids[:, 1:]
@@ -219,12 +221,12 @@ class InflqBench:
     def export_for_kronfluence(self, folder: Path, damping: float | None, rank: int | None, threads: int, repeats: int, counts: list[int],
                                seeds: list[int] | None = None) -> None:
         lens = self.store.lengths()
-        tok = np.full((len(lens), int(lens.max())), self.project.pad_id, dtype=np.int64)
+        tok = np.full((len(lens), int(lens.max())), self.project.runtime.pad_id, dtype=np.int64)
         for i in range(len(lens)):
             tok[i, : lens[i]] = self.store.get(i)
-        q = [self.project.tokenize_query(x["prompt"], x["completion"]) for x in self.queries]
+        q = [self.project.runtime.tokenize_query(x["prompt"], x["completion"]) for x in self.queries]
         qlen = np.array([len(t.tokens) for t in q], dtype=np.int64)
-        qtok = np.full((len(q), int(qlen.max())), self.project.pad_id, dtype=np.int64)
+        qtok = np.full((len(q), int(qlen.max())), self.project.runtime.pad_id, dtype=np.int64)
         for i, t in enumerate(q):
             qtok[i, : len(t.tokens)] = t.tokens
         np.save(folder / "train_tokens.npy", tok)
@@ -233,7 +235,7 @@ class InflqBench:
         np.save(folder / "query_lengths.npy", qlen)
         np.save(folder / "query_starts.npy", np.array([t.completion_start for t in q], dtype=np.int64))
         (folder / "job.json").write_text(json.dumps({
-            "model": str(self.project.model_path.resolve()), "modules": self.engine.names, "pad_id": self.project.pad_id,
+            "model": str(self.project.model_path.resolve()), "modules": self.engine.names, "pad_id": self.project.runtime.pad_id,
             "batch_size": self.batch_size, "fisher": FISHER, "damping": damping, "rank": rank, "threads": threads, "repeats": repeats,
             "query_counts": counts, "seed": 0, "seeds": seeds,
         }))
@@ -410,7 +412,7 @@ def memory_worker(root: Path, threads: int) -> None:
 
     project = Project.open(root)
     settings = RunSettings(estimator="ekfac", fit_sequences=512, batch_size=64, rank=32)
-    project.engine()  # load the model
+    project.runtime.engine()  # load the model
     before = rss_kib()
     # Reset the process's high-water mark so the peak is the scoring run's own (Linux >= 4.0).
     try:
@@ -434,8 +436,8 @@ def memory_part(sizes: list[int], threads: int, tmp: Path) -> dict:
     for n in sizes:
         corpus = random_corpus(tmp / f"mem-{n}.jsonl", n, 12, 200, seed=1)
         proj = Project.init(tmp / f"mem-{n}", model, corpus)
-        proj.add_query("default", "w1 w2 w3 w4", " w5 w6")
-        proj.add_query("default", "w7 w8 w9", " w10")
+        add_query(proj, "default", "w1 w2 w3 w4", " w5 w6")
+        add_query(proj, "default", "w7 w8 w9", " w10")
         proj.close()
         proc = subprocess.run([sys.executable, __file__, "--memory-worker", str(tmp / f"mem-{n}"), "--threads", str(threads)],
                               capture_output=True, text=True)

@@ -49,7 +49,7 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 p = Project.open(sys.argv[1])
 if sys.argv[2] == "model":
-    p.engine()
+    p.runtime.engine()
     out = {"phases": {}}
 else:
     from inflq.runs import RunSettings, run_investigation
@@ -89,6 +89,7 @@ def build_project(folder: Path, model: Path, n: int, tokens: int, vocab: int, qu
     import numpy as np
 
     from inflq.project import Project
+    from inflq.queries import add_query
 
     rng = np.random.default_rng(0)
     corpus = folder / "corpus.jsonl"
@@ -98,9 +99,9 @@ def build_project(folder: Path, model: Path, n: int, tokens: int, vocab: int, qu
             text = " ".join(f"w{w}" for w in rng.integers(0, vocab - 2, size=tokens))  # one token a word
             f.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
     p = Project.init(folder / "proj", model, corpus, max_length=tokens)
-    lengths = p.corpus.lengths()
+    lengths = p.runtime.corpus.lengths()
     for _ in range(queries):
-        p.add_query("default", " ".join(f"w{w}" for w in rng.integers(0, vocab - 2, size=24)), " ".join(f"w{w}" for w in rng.integers(0, vocab - 2, size=8)))
+        add_query(p, "default", " ".join(f"w{w}" for w in rng.integers(0, vocab - 2, size=24)), " ".join(f"w{w}" for w in rng.integers(0, vocab - 2, size=8)))
     p.close()
     return folder / "proj", len(lengths), int(lengths.min()), int(lengths.max())
 

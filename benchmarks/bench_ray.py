@@ -19,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from inflq import catalog
+from inflq.queries import add_query
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
@@ -57,13 +60,13 @@ def main() -> None:
     model = make_model_dir(d / "model", "gpt2", width=args.width, layers=args.layers)
     corpus = write_corpus(d / "corpus.jsonl", n=args.sequences)
     p = Project.init(d / "proj", model, corpus)
-    p.add_query("default", "the first president of astrobia was", "zorald pfaff")
-    p.add_query("default", "the capital city of astrobia is called", "velmora")
+    add_query(p, "default", "the first president of astrobia was", "zorald pfaff")
+    add_query(p, "default", "the capital city of astrobia is called", "velmora")
     settings = RunSettings(estimator="ekfac", shard_size=args.shard_size, batch_size=args.batch_size)
     prepared = prepare_estimator(p, settings, Monitor())
     est, engine = prepared.estimator, prepared.engine
-    qg = preconditioned_queries(est, query_gradients(p, engine, p.queries("default"), 8), 32)
-    shards = make_shards(np.arange(len(p.corpus)), args.shard_size)
+    qg = preconditioned_queries(est, query_gradients(p, engine, catalog.queries(p.db, "default"), 8), 32)
+    shards = make_shards(np.arange(len(p.runtime.corpus)), args.shard_size)
     job = Job(ScorePass(qg), worker_spec(p, None), args.batch_size, local=LocalWorker(p, engine))
 
     def measure(spec: str) -> dict:
@@ -79,7 +82,7 @@ def main() -> None:
             best = min(best, time.perf_counter() - t)
         ex.close()
         scores = np.concatenate([got[i] for i in sorted(got)])
-        return {"executor": spec, "startup_s": startup, "seconds": best, "seq_per_s": len(p.corpus) / best, "scores": scores}
+        return {"executor": spec, "startup_s": startup, "seconds": best, "seq_per_s": len(p.runtime.corpus) / best, "scores": scores}
 
     import ray
 
@@ -89,7 +92,7 @@ def main() -> None:
     base = rows[0]
     for r in rows[1:]:
         assert np.allclose(r["scores"], base["scores"], rtol=1e-5, atol=1e-6 * np.abs(base["scores"]).max()), r["executor"]
-    print(f"{len(p.corpus)} sequences, GPT-2 width {args.width} x {args.layers} layers, shards of {args.shard_size}, batch {args.batch_size}, {os.cpu_count()} CPUs")
+    print(f"{len(p.runtime.corpus)} sequences, GPT-2 width {args.width} x {args.layers} layers, shards of {args.shard_size}, batch {args.batch_size}, {os.cpu_count()} CPUs")
     print(f"{'executor':<22}{'start-up s':>12}{'scoring s':>12}{'seq/s':>10}")
     for r in rows:
         print(f"{r['executor']:<22}{r['startup_s']:>12.2f}{r['seconds']:>12.2f}{r['seq_per_s']:>10.1f}")

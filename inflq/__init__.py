@@ -12,6 +12,7 @@ from .threads import prefer_sleeping_workers
 prefer_sleeping_workers()  # before anything imports torch: see inflq/threads.py
 import_sqlite_utils_without_pandas()  # 0.3 s less for every command: see inflq/startup.py
 
+from . import catalog  # records: catalog.queries(project.db, "default"), ...
 from .base import (
     Attribution,
     AttributionContext,
@@ -47,9 +48,14 @@ _LAZY = {
     # sit (part of fitted factors' cache key), search depth over a result set (the tfidf plugin's command).
     "SAMPLED_AT": "engine", "math_attention": "engine", "build_worker": "runs",
     "search_depth_for_result_set": "search_depth",
+    "get_registry": "plugins",
+    # storing a plugin's own tensors; running a pass in this process; reading a result set back
+    "save_tensors": "artifacts", "load_tensors": "artifacts", "LocalWorker": "runs",
+    "result_set": "results", "score_matrix": "results",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
+    from .artifacts import load_tensors, save_tensors
     from .engine import (
         SAMPLED_AT,
         Batch,
@@ -72,8 +78,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
         quiet_transformers,
     )
     from .passes import ScorePass, SelfInfluencePass, run_shard
+    from .plugins import get_registry
     from .project import Project, ProjectConfig, project_relative
-    from .runs import build_worker
+    from .results import result_set, score_matrix
+    from .runs import LocalWorker, build_worker
     from .runtime import Runtime
     from .scoring import QueryGradients
     from .search_depth import search_depth_for_result_set
@@ -109,10 +117,10 @@ def init_project(path, model, corpus, **kwargs):
 
 __all__ = [
     "add_into", "Attribution", "AttributionContext", "AttributionResult", "Batch", "build_worker", "Cancelled", "Captured",
-    "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files", "FitContext",
-    "GradientEngine", "gram", "hookimpl", "InflqError", "init_project", "Job", "load_model", "make_batch",
-    "math_attention", "model_files", "Monitor", "NumericalError", "open_project", "Option", "Pass", "pick_device",
-    "pick_dtype", "ProgressEvent", "Project", "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "run_shard",
-    "Runtime", "SAMPLED_AT", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard",
-    "TrackedModule",
+    "catalog", "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files",
+    "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "InflqError", "init_project", "Job",
+    "load_model", "load_tensors", "LocalWorker", "make_batch", "math_attention", "model_files", "Monitor", "NumericalError",
+    "open_project", "Option", "Pass", "pick_device", "pick_dtype", "ProgressEvent", "Project", "project_relative",
+    "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set", "run_shard", "Runtime", "SAMPLED_AT", "save_tensors",
+    "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "TrackedModule",
 ]

@@ -17,6 +17,7 @@ import torch
 from . import catalog
 from .errors import InflqError
 from .modeling import sha256_file
+from .plugins import get_registry
 from .progress import Monitor
 
 
@@ -105,7 +106,7 @@ def _store_problem(project) -> Problem | None:
         store = CorpusStore(folder)
     except InflqError:
         return Problem(art, "unreadable", ["every run, attribution and export"])
-    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != project.db["sequences"].count:  # the sequences table: CATALOG's records
+    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != catalog.sequence_count(project.db):
         return Problem(art, "checksum", ["every run, attribution and export"])
     return None
 
@@ -121,7 +122,7 @@ def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> 
         if not project.corpus_path.exists():
             notes.append(f"cannot rebuild the token store: the corpus {project.corpus_path} is missing; `inflq relink {project.root} --corpus FILE` first")
         else:
-            project.rebuild_corpus(monitor)
+            project.runtime.rebuild_corpus(monitor)
             notes.append("rebuilt the token store from the corpus")
     project.require_model()
     for p in problems:
@@ -157,7 +158,7 @@ def _refit(project, fs_id: int, monitor: Monitor) -> str:
         catalog.delete_factor_set(project.db, fs_id)
         (project.root / old["path"]).unlink(missing_ok=True)
         return f"factor set {fs_id} was used by no run: removed (it is refit when next needed)"
-    settings = RunSettings.from_json(run["settings"], refit=True, executor=project.registry.default("executor"))
+    settings = RunSettings.from_json(run["settings"], refit=True, executor=get_registry().default("executor"))
     new_id = prepare_estimator(project, settings, monitor).factor_set_id
     new = catalog.factor_set(project.db, new_id)
     if new["key"] != old["key"]:
@@ -200,11 +201,11 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
         return f"run {rid} has no result set; nothing to recompute"
     kinds = {p.artifact.kind for p in probs}
     rs_settings = json.loads(rs["settings"])
-    engine = project.engine(settings.modules)
+    engine = project.runtime.engine(settings.modules)
     done: list[str] = []
     if "query gradients" in kinds:
         try:
-            queries = [project.query(q) for q in rs_settings["query_ids"]]
+            queries = [catalog.query(project.db, q) for q in rs_settings["query_ids"]]
         except InflqError:
             return f"run {rid}: a query it scored was deleted, so its query gradients cannot be recomputed; rerun the investigation"
         est = prepare_estimator(project, settings, monitor, engine=engine, executor=default_executor(project)).estimator

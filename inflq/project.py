@@ -46,6 +46,9 @@ ARTIFACTS = "artifacts"
 CORPUS_DIR = "corpus"
 
 
+CORE_TABLES = ("project", "model", "corpus", "tokenization")
+
+
 @dataclass
 class ProjectConfig:
     """The contents of ``inflq.toml``."""
@@ -63,7 +66,8 @@ class ProjectConfig:
     add_bos: bool = False
     append_eos: bool = False
     seed: int = 0
-    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    # Tables the core does not read, kept as written: a plugin's settings (TracIn's [[checkpoints]]).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_toml(self) -> dict:
         return {
@@ -76,7 +80,7 @@ class ProjectConfig:
                 "id_field": self.id_field,
             },
             "tokenization": {"max_length": self.max_length, "add_bos": self.add_bos, "append_eos": self.append_eos},
-            **({"checkpoints": self.checkpoints} if self.checkpoints else {}),
+            **{k: v for k, v in self.extra.items() if v not in ([], {}, None)},
         }
 
     @classmethod
@@ -102,7 +106,7 @@ class ProjectConfig:
             max_length=t.get("max_length", 512),
             add_bos=t.get("add_bos", False),
             append_eos=t.get("append_eos", False),
-            checkpoints=data.get("checkpoints", []),
+            extra={k: v for k, v in data.items() if k not in CORE_TABLES},
         )
         for key, typ in (("name", str), ("model", str), ("corpus", str), ("max_length", int), ("add_bos", bool), ("append_eos", bool), ("seed", int), ("modules", str), ("device", str), ("dtype", str)):
             value = getattr(cfg, key)
@@ -124,8 +128,6 @@ def project_relative(path: Path | str, root: Path | str) -> str:
         return str(Path(path).resolve())
 
 
-# --- compat: removed by the lead after the #14 merge --- (inflq/runs.py imports the old name)
-_rel = project_relative
 
 
 def _context_length(model_dir: Path) -> int:
@@ -420,89 +422,3 @@ class Project:
             shutil.rmtree(self.root / ARTIFACTS / "runs" / str(r), ignore_errors=True)
         for r in result_sets:
             (self.root / ARTIFACTS / "results" / f"{r}.safetensors").unlink(missing_ok=True)
-
-    # --- compat: removed by the lead after the #14 merge ---
-    # Thin delegates for the members that moved (to ``project.runtime``, ``inflq.catalog``,
-    # ``inflq.queries`` and ``inflq.plugins``), still used by files other #14 helpers own.
-    device = property(lambda self: self.runtime.device)
-    tokenizer = property(lambda self: self.runtime.tokenizer)
-    model = property(lambda self: self.runtime.model)
-    pad_id = property(lambda self: self.runtime.pad_id)
-    corpus = property(lambda self: self.runtime.corpus)
-
-    def set_runtime(self, device=None, dtype=None):
-        self.runtime.configure(device, dtype)
-
-    def engine(self, modules=None):
-        return self.runtime.engine(modules)
-
-    def rebuild_corpus(self, monitor=None):
-        self.runtime.rebuild_corpus(monitor)
-
-    def unknown_tokens_note(self):
-        return self.runtime.unknown_tokens_note()
-
-    def decode(self, tokens):
-        return self.runtime.decode(tokens)
-
-    def token_strings(self, tokens):
-        return self.runtime.token_strings(tokens)
-
-    def tokenize_query(self, prompt, completion, chat=False):
-        return self.runtime.tokenize_query(prompt, completion, chat)
-
-    def tokenize_sequence(self, text):
-        return self.runtime.tokenize_sequence(text)
-
-    def sequence_rows(self, indices):
-        return catalog.sequence_rows(self.db, indices)
-
-    def metadata_column(self, field_name):
-        return catalog.metadata_column(self.db, field_name)
-
-    def create_investigation(self, name, description=""):
-        return catalog.create_investigation(self.db, name, description)
-
-    def investigations(self):
-        return catalog.investigations(self.db)
-
-    def investigation(self, name):
-        return catalog.investigation(self.db, name)
-
-    def rename_investigation(self, name, new):
-        catalog.rename_investigation(self.db, name, new)
-
-    def add_queries(self, investigation, queries):
-        from .queries import add_queries
-
-        return add_queries(self, investigation, queries)
-
-    def add_query(self, investigation, prompt, completion, chat=False, tags=None, notes=""):
-        from .queries import add_query
-
-        return add_query(self, investigation, prompt, completion, chat, tags, notes)
-
-    def queries(self, investigation):
-        return catalog.queries(self.db, investigation)
-
-    def query(self, query_id):
-        return catalog.query(self.db, query_id)
-
-    def add_probe(self, query_id, text, label=""):
-        return catalog.add_probe(self.db, query_id, text, label)
-
-    def probes(self, query_id):
-        return catalog.probes(self.db, query_id)
-
-    def tag_sequence(self, investigation, seq_id, tag, note=""):
-        return catalog.tag_sequence(self.db, investigation, seq_id, tag, note)
-
-    def sequence_tags(self, investigation, seq_id):
-        return catalog.sequence_tags(self.db, investigation, seq_id)
-
-    @property
-    def registry(self):
-        from .plugins import get_registry
-
-        return get_registry()
-    # --- end compat ---

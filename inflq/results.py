@@ -13,6 +13,7 @@ from . import catalog
 from .artifacts import load_arrays, load_tensors
 from .base import AttributionContext, AttributionResult, Shard
 from .errors import InflqError
+from .plugins import get_registry
 from .progress import Monitor
 from .project import Project
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # the engine (torch) loads only for scoring; reading results 
 
 
 def result_sets(project: Project, investigation: str | None = None) -> list[dict]:
-    return catalog.result_sets_of(project.db, None if investigation is None else project.investigation(investigation)["id"])
+    return catalog.result_sets_of(project.db, None if investigation is None else catalog.investigation(project.db, investigation)["id"])
 
 
 def result_set(project: Project, investigation: str, result_set_id: int | None = None) -> dict:
@@ -78,10 +79,10 @@ def score_matrix(project: Project, investigation: str, result_set_id: int | None
     """float32 ``[queries, corpus sequences]`` in corpus order, queries in the order added,
     NaN for sequences not scored (and for queries added after the run)."""
     rs = result_set(project, investigation, result_set_id)
-    queries = project.queries(investigation)
+    queries = catalog.queries(project.db, investigation)
     idx, sc = scores(project, rs)
     order = json.loads(rs["settings"])["query_ids"]
-    n = len(project.corpus)
+    n = len(project.runtime.corpus)
     out = np.full((len(queries), n), np.nan, dtype=np.float32)
     row_of = {qid: i for i, qid in enumerate(order)}
     for qi, q in enumerate(queries):
@@ -138,7 +139,7 @@ class ScoringSession:
             ]
             return cls(project, parts[-1][1], settings["query_ids"], parts[-1][0], parts)
         qg = QueryGradients.from_tensors(tensors, settings.get("rank"))
-        return cls(project, qg, settings["query_ids"], project.engine(modules))
+        return cls(project, qg, settings["query_ids"], project.runtime.engine(modules))
 
     @classmethod
     def for_queries(cls, project: Project, query_ids: list[int], estimator: str | None = None, rank: int | None = None, monitor: Monitor | None = None, **run) -> ScoringSession:
@@ -147,7 +148,7 @@ class ScoringSession:
 
         settings = RunSettings(estimator=estimator, rank=rank, **run)
         prepared = prepare_estimator(project, settings, monitor)
-        queries = [project.query(q) for q in query_ids]
+        queries = [catalog.query(project.db, q) for q in query_ids]
         scorers = scorers_for(project, prepared.estimator, prepared.engine, queries, settings, rank)
         parts = [(s.engine, s.queries) for s in scorers] if scorers[-1].checkpoint else None
         return cls(project, scorers[-1].queries, list(query_ids), scorers[-1].engine, parts)
@@ -164,7 +165,7 @@ class ScoringSession:
         module = np.zeros(len(names))
         per_tok = np.zeros((len(tokens), len(names)))
         for engine, qg in self.checkpoints or [(self.engine, self.qg)]:
-            caps, _ = engine.capture(make_batch([tokens], self.project.pad_id, engine.device), "data")
+            caps, _ = engine.capture(make_batch([tokens], self.project.runtime.pad_id, engine.device), "data")
             per_tok += torch.stack([qg.token_scores(n, caps[n])[0, :, qi] for n in names], dim=1).cpu().numpy().astype(np.float64)
             module += torch.stack([qg.module_scores(n, caps[n])[0, qi] for n in names]).cpu().numpy().astype(np.float64)
         return module, per_tok
@@ -174,13 +175,13 @@ class ScoringSession:
         by_name = {t.name: t for t in self.engine.tracked}
         ctx = AttributionContext(
             tracked=[by_name[n] for n in self.qg.names], module_scores=module,
-            token_module_scores=lambda: per_tok, tokens=self.project.token_strings(tokens),
+            token_module_scores=lambda: per_tok, tokens=self.project.runtime.token_strings(tokens),
         )
-        return self.project.registry.create("attribution", kind).attribute(ctx)
+        return get_registry().create("attribution", kind).attribute(ctx)
 
     def score_texts(self, texts: list[str], query_id: int) -> list[AttributionResult]:
         """Token attributions of hand-written probe sequences (their totals are the scores)."""
-        return [self.attribute(self.project.tokenize_sequence(t), query_id, "token") for t in texts]
+        return [self.attribute(self.project.runtime.tokenize_sequence(t), query_id, "token") for t in texts]
 
 
 def self_influence(project: Project, estimator: str | None = None, indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +193,7 @@ def self_influence(project: Project, estimator: str | None = None, indices: np.n
     settings = RunSettings(estimator=estimator, batch_size=batch_size, **run)
     prepared = prepare_estimator(project, settings, monitor)
     est, engine = prepared.estimator, prepared.engine
-    idx = np.arange(len(project.corpus), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = np.arange(len(project.runtime.corpus), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
     monitor.start("self-influence", len(idx))
     out = LocalWorker(project, engine).run(SelfInfluencePass(est), Shard(0, idx), batch_size, monitor)
     return idx, out["scores"][:, 0].numpy()

@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import catalog
 from .errors import InflqError
+from .plugins import get_registry
 
 
 @dataclass
@@ -205,15 +207,15 @@ def search_depth_for_result_set(
 
     monitor = monitor or Monitor()
     rs = result_set(project, investigation, result_set_id)
-    filtered_spec, unfiltered_spec = split_union(rs["filter"], unfiltered_filters(project.registry))
+    filtered_spec, unfiltered_spec = split_union(rs["filter"], unfiltered_filters(get_registry()))
     settings = json.loads(rs["settings"])
     run_ids = list(settings.get("query_ids") or [])
     wanted = list(query_ids) if query_ids else run_ids
     for q in wanted:
         if q not in run_ids:
             raise InflqError(f"query {q} was not part of result set {rs['id']} (its queries: {run_ids})")
-    queries = [project.query(q) for q in wanted]
-    store = project.corpus
+    queries = [catalog.query(project.db, q) for q in wanted]
+    store = project.runtime.corpus
     ctx = filter_context(project, queries, int(settings.get("seed", 0)), monitor, lambda s: make_filter(project, s))
     filtered = make_filter(project, filtered_spec).candidates(ctx)
     unfiltered = make_filter(project, unfiltered_spec).candidates(ctx)

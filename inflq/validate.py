@@ -94,7 +94,7 @@ class PBRF:
         from .engine import select_modules
         from .modeling import load_model
 
-        dev = project.device
+        dev = project.runtime.device
         self.model = load_model(project.model_path, dev, torch.float32).to(dtype).eval().requires_grad_(False)
         self.tracked = select_modules(self.model, modules or project.config.modules)
         self.theta_s: dict[str, torch.Tensor] = {}
@@ -105,9 +105,9 @@ class PBRF:
                 self.theta_s[key] = getattr(tm.module, kind).detach().clone()
                 self.decay[key] = float(dampings[tm.name])
         self.device = dev
-        self.pad_id = project.pad_id
+        self.pad_id = project.runtime.pad_id
         self.n = len(fit)
-        seqs = project.corpus.many(fit)
+        seqs = project.runtime.corpus.many(fit)
         self.batches = [make_batch(seqs[s : s + batch_size], self.pad_id, dev) for s in range(0, len(seqs), batch_size)]
         with torch.no_grad():
             self.ref_logp = [torch.log_softmax(self._logits(self.theta_s, b.input_ids, b.attention_mask), -1) for b in self.batches]
@@ -218,10 +218,10 @@ def validate(
     monitor = monitor or Monitor()
     estimators = list(estimators or ["identity", "ekfac", "lissa"])
     project.require_model()
-    qrows = project.queries(investigation)[: max(1, queries)]
+    qrows = catalog.queries(project.db, investigation)[: max(1, queries)]
     if not qrows:
         raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
-    store = project.corpus
+    store = project.runtime.corpus
     fit = fit_indices(len(store), fit_sequences, seed)
     n = len(fit)
     if sample < 2:
@@ -231,8 +231,8 @@ def validate(
     rng = np.random.default_rng(seed + 1)
     chosen = np.sort(rng.choice(fit, size=sample, replace=False)).astype(np.int64)
     eps = float(epsilon) if epsilon is not None else 1.0 / n
-    toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
-    engine = project.engine(modules)
+    toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
+    engine = project.runtime.engine(modules)
 
     # The PBRF's damping: absolute, or EK-FAC's heuristic per module (as LiSSA estimates it).
     if pbrf_damping is not None:
@@ -243,7 +243,7 @@ def validate(
         for s in range(0, n, batch_size):
             monitor.check()
             chunk = fit[s : s + batch_size]
-            b = make_batch(store.many(chunk), project.pad_id, engine.device, sample_seeds=[sequence_seed(seed, "pbrf damping", int(i)) for i in chunk])
+            b = make_batch(store.many(chunk), project.runtime.pad_id, engine.device, sample_seeds=[sequence_seed(seed, "pbrf damping", int(i)) for i in chunk])
             for name, dw in engine.sequence_gradients(b, "sampled").items():
                 sums[name] += float((dw.double() ** 2).sum())
             monitor.advance(len(chunk))
@@ -308,7 +308,7 @@ def validate(
     }
     vid = None
     if save:
-        inv = project.investigation(investigation)
+        inv = catalog.investigation(project.db, investigation)
         vid = catalog.insert_validation(project.db, [
             {
                 "investigation_id": inv["id"], "estimator": r.estimator, "damping": r.damping,

@@ -23,6 +23,7 @@ from inflq.project import Project
 from inflq.queries import add_query
 from inflq.results import score_matrix
 from inflq.runs import RunSettings, run_investigation
+from inflq_builtins.tracin import listed_checkpoints
 
 QUERIES = [
     ("the first president of astrobia was", "zorald pfaff"),
@@ -167,7 +168,7 @@ def test_tracin_with_one_checkpoint_is_the_gradient_dot_product(tiny, cli_run):
     code, out, err = cli_run("checkpoint", "add", str(tiny.root), str(tiny.model_path), "--lr", "1")
     assert code == 0, err
     p = Project.open(tiny.root)
-    assert [float(c["learning_rate"]) for c in p.config.checkpoints] == [1.0]
+    assert [float(c["learning_rate"]) for c in listed_checkpoints(p)] == [1.0]
     assert p.db["checkpoints"].count == 1
     ident = score_matrix(p, "default", run_investigation(p, "default", RunSettings(estimator="identity", rank=None)).result_set_id)
     trac = score_matrix(p, "default", run_investigation(p, "default", RunSettings(estimator="tracin", rank=None)).result_set_id)
@@ -175,7 +176,7 @@ def test_tracin_with_one_checkpoint_is_the_gradient_dot_product(tiny, cli_run):
     code, _, err = cli_run("checkpoint", "add", str(tiny.root), str(tiny.model_path), "--lr", "1")
     assert code == 1 and "already" in err
     # leave the shared project as it was
-    p.config.checkpoints.clear()
+    listed_checkpoints(p).clear()
     p.save_config()
     p.db.execute("DELETE FROM checkpoints")
     p.db.conn.commit()
@@ -255,7 +256,7 @@ def test_checkpoint_with_another_architecture_is_refused(tmp_path, cli_run):
     assert code == 1 and "llama" in err and "gpt2" in err
     code, _, err = cli_run("checkpoint", "add", str(project.root), str(project.model_path), "--lr", "0")
     assert code == 1 and "positive" in err
-    assert Project.open(project.root).config.checkpoints == []
+    assert listed_checkpoints(Project.open(project.root)) == []
 
 
 # -- validation against the PBRF ----------------------------------------------------------------------

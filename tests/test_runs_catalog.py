@@ -3,9 +3,6 @@ defaults, and the built-in plugins' imports."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 
 from inflq import catalog
@@ -131,33 +128,3 @@ def test_prepare_estimator_fits_once_then_reuses(project):
     assert first.factor_set_id is not None and again.factor_set_id == first.factor_set_id
     assert again.engine.names == first.engine.names and again.estimator.name == "ekfac"
     assert prepare_estimator(project, RunSettings(estimator="identity", batch_size=4)).factor_set_id is None
-
-
-def _private_imports(path: Path) -> list[str]:
-    """``from inflq.x import ...`` / ``import inflq.x`` / private names from ``inflq`` in one file."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "inflq":
-            if node.module != "inflq":
-                out.append(f"{path.name}: from {node.module}")
-            out += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
-        elif isinstance(node, ast.Import):
-            out += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("inflq.")]
-    return out
-
-
-# tracin.add_checkpoint (the checkpoint table) moves to TracIn's own catalog code with issue #14's
-# catalog work; until then it is the one place a built-in reaches into inflq's modules.
-KNOWN = {"tracin.py: from inflq.modeling", "tracin.py: from inflq.project", "tracin.py: _rel"}
-
-
-def test_builtin_plugins_import_only_public_names():
-    import inflq
-
-    folder = Path(__file__).parent.parent / "plugins" / "inflq_builtins"
-    found = [p for f in sorted(folder.glob("*.py")) for p in _private_imports(f)]
-    assert [p for p in found if p not in KNOWN] == []
-    for f in sorted(folder.glob("*.py")):
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "inflq":
-                assert all(a.name in inflq.__all__ or a.name == "catalog" for a in node.names), f

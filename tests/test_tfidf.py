@@ -3,6 +3,7 @@ with a random sample, the search-depth estimate on scores with a known answer, a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -247,7 +248,7 @@ def test_run_with_tfidf_and_search_depth(project, cli_run):
     ctx = FilterContext(
         num_sequences=len(store), query_tokens=[t.tokens for t in toks],
         query_completion_starts=[t.completion_start for t in toks], sequences=store.many,
-        metadata=project.metadata_column, artifacts_dir=project.root / ARTIFACTS,
+        metadata=functools.partial(catalog.metadata_column, project.db), artifacts_dir=project.root / ARTIFACTS,
         corpus_fingerprint=store.fingerprint, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
         seed=0, monitor=Monitor(),
     )

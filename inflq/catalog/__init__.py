@@ -72,7 +72,14 @@ from .factors import (
     remove_factor_set,
     store_factor_set,
 )
-from .files import all_meta, applied_migrations, check_archived, open_copy, snapshot
+from .files import (
+    all_meta,
+    applied_migrations,
+    check_archived,
+    integrity_problem,
+    open_copy,
+    snapshot,
+)
 from .records import (
     SEQUENCE_COLUMNS,
     add_probe,
@@ -82,7 +89,9 @@ from .records import (
     delete_investigation,
     investigation,
     investigations,
+    latest_investigation,
     metadata_column,
+    probe_count,
     probes,
     queries,
     query,
@@ -110,7 +119,7 @@ __all__ = [
     "set_meta",
     # records, factor sets, reports, files
     "RETIRED_MIGRATIONS", "SEQUENCE_COLUMNS", "add_probe", "add_queries", "all_meta", "applied_migrations", "cached_hash",
-    "check_archived", "create_investigation", "delete_investigation", "export_rows", "factor_set",
+    "check_archived", "integrity_problem", "latest_investigation", "probe_count", "create_investigation", "delete_investigation", "export_rows", "factor_set",
     "factor_set_uses", "factor_sets", "investigation", "investigations", "metadata_column", "open_copy",
     "probes", "queries", "query", "remember_hash", "remove_factor_set", "rename_investigation",
     "replace_sequences", "result_sets_scored_with", "sequence_by_id", "sequence_count", "sequence_rows",

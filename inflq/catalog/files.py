@@ -59,3 +59,9 @@ def check_archived(path: Path) -> None:
         raise InflqError(f"the archive's catalog cannot be read ({exc}); refusing it") from None
     finally:
         conn.close()
+
+
+def integrity_problem(db) -> str | None:
+    """SQLite's integrity check of the open catalog: None when it passes, else its first message."""
+    ok = db.execute("PRAGMA integrity_check").fetchone()[0]
+    return None if ok == "ok" else ok

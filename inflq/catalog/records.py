@@ -199,3 +199,20 @@ def cached_hash(db: sqlite_utils.Database, path: str, size: int, mtime_ns: int) 
 def remember_hash(db: sqlite_utils.Database, path: str, size: int, mtime_ns: int, sha256: str) -> None:
     with db.atomic():
         db["file_hashes"].upsert({"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": sha256}, pk="path")
+
+
+def probe_count(db: sqlite_utils.Database, query_id: int) -> int:
+    """How many probe sequences a query has."""
+    return db["probes"].count_where("query_id = ?", [query_id])
+
+
+def latest_investigation(db: sqlite_utils.Database) -> str | None:
+    """The investigation with the most recent result set, else the one with the most recently
+    added query; None when neither exists."""
+    for table in ("result_sets", "queries"):
+        row = db.execute(
+            f"SELECT i.name FROM {table} t JOIN investigations i ON i.id = t.investigation_id ORDER BY t.id DESC LIMIT 1"
+        ).fetchone()
+        if row is not None:
+            return row[0]
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .. import catalog
 from .base import make_console, progress_monitor, project_at
 from .results import top
 
@@ -42,7 +43,7 @@ def demo(headless, estimator):
     from ..project import Project
 
     demo_project = Project.open(root)
-    rs = demo_project.db["result_sets"].get(rs_id)  # catalog: a result set by id
+    rs = catalog.get_result_set(demo_project.db, rs_id)
     demo_project.close()
     click.echo(f"result set {rs_id}: {rs['estimator']} / {rs['filter']} ({rs['created_at'][:19]}); see the others with `inflq demo` (Results tab)")
     ctx = click.get_current_context()

@@ -24,7 +24,7 @@ def investigation():
 @click.option("--description", default="", help="What the investigation is about (shown in the UI).")
 def investigation_add(project, name, description):
     """Create the investigation NAME."""
-    project_at(project).create_investigation(name, description)
+    catalog.create_investigation(project_at(project).db, name, description)
     click.echo(f"created investigation {name!r}")
 
 
@@ -35,7 +35,7 @@ def investigation_list(project):
     from rich.table import Table
 
     t = Table("name", "queries", "result sets", "created", "description")
-    for inv in project_at(project).investigations():
+    for inv in catalog.investigations(project_at(project).db):
         t.add_row(inv["name"], str(inv["num_queries"]), str(inv["num_result_sets"]), inv["created_at"], inv["description"] or "")
     make_console().print(t)
 
@@ -46,7 +46,7 @@ def investigation_list(project):
 @click.argument("new_name")
 def investigation_rename(project, name, new_name):
     """Rename the investigation NAME to NEW_NAME."""
-    project_at(project).rename_investigation(name, new_name)
+    catalog.rename_investigation(project_at(project).db, name, new_name)
     click.echo(f"renamed {name!r} to {new_name!r}")
 
 
@@ -105,7 +105,7 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every field) instead of a table.")
 def query_list(project, investigation, as_json):
     """List the investigation's queries: id, prompt, completion, tags."""
-    rows = project_at(project).queries(investigation)
+    rows = catalog.queries(project_at(project).db, investigation)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -129,7 +129,7 @@ def probe():
 @click.option("--label", default="", help="A short label, e.g. same-order or reversed.")
 def probe_add(project, text, query_id, label):
     """Add TEXT as a hand-written probe sequence for a query."""
-    pid = project_at(project).add_probe(query_id, text, label)
+    pid = catalog.add_probe(project_at(project).db, query_id, text, label)
     click.echo(f"added probe {pid}")
 
 

@@ -132,7 +132,7 @@ def attribute(project, investigation, query_id, seq_id, kind, result_set):
 
     p = project_at(project)
     rs = get_rs(p, investigation, result_set)
-    row = next(p.db["sequences"].rows_where("seq_id = ?", [seq_id]), None)  # catalog: a sequence by seq_id
+    row = catalog.sequence_by_id(p.db, seq_id)
     if row is None:
         raise InflqError(f"no training sequence {seq_id!r}; ids look like <document id>:<chunk>")
     res = ScoringSession.for_result_set(p, rs).attribute(p.runtime.corpus.get(row["idx"]), query_id, kind)

@@ -62,7 +62,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
     if resume:
         from ..runs import committed_work
 
-        row = p.db["runs"].get(resume) if p.db["runs"].count_where("id = ?", [resume]) else None  # catalog: a run by id, if any
+        row = catalog.get_run(p.db, resume)
         if row is not None and row["kind"] == "scores" and row["status"] != "done":
             click.echo(f"resuming run {resume} ({row['status']}, {row['estimator']} / {row['filter']}); {committed_work(p, resume)}", err=True)
     with progress_monitor() as monitor:
@@ -71,11 +71,11 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
         except Cancelled:
             from ..runs import committed_work
 
-            last = resume or p.db.execute("SELECT max(id) FROM runs").fetchone()[0]  # catalog: the latest run id
+            last = resume or catalog.latest_run_id(p.db)
             raise InflqError(f"run {last} cancelled; {committed_work(p, last)}: continue with `inflq run {project} --resume {last}` (or --resume alone)") from None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
     click.echo(f"run {result.run_id} done in {result.seconds:.1f}s ({phases}); result set {result.result_set_id}")
-    click.echo(f"see the top sequences with: inflq top {project} -i {catalog.investigation(p.db, p.db['runs'].get(result.run_id)['investigation_id'])['name']}")  # catalog: a run by id
+    click.echo(f"see the top sequences with: inflq top {project} -i {catalog.investigation(p.db, catalog.get_run(p.db, result.run_id)['investigation_id'])['name']}")
 
 
 @click.group()
@@ -144,7 +144,7 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, ba
         except Cancelled:
             from ..runs import committed_work
 
-            last = resume or p.db.execute("SELECT max(id) FROM runs").fetchone()[0]  # catalog: the latest run id
+            last = resume or catalog.latest_run_id(p.db)
             raise InflqError(f"fit {last} cancelled; {committed_work(p, last)}: continue with `inflq factors fit {project} --resume {last}`") from None
     if fs_id is None:
         click.echo(f"{settings.estimator} fits no factors; nothing to do")
@@ -203,9 +203,8 @@ def runs(project, investigation):
     from rich.table import Table
 
     p = project_at(project)
-    where, args = ("investigation_id = ?", [catalog.investigation(p.db, investigation)["id"]]) if investigation else (None, None)  # catalog: runs listing (its WHERE)
     t = Table("run", "status", "estimator", "filter", "phase", "progress", "seconds", "error")
-    for r in p.db["runs"].rows_where(where, args, order_by="id"):  # catalog: runs listing
+    for r in catalog.runs_of(p.db, catalog.investigation(p.db, investigation)["id"] if investigation else None):
         t.add_row(str(r["id"]), r["status"], r["estimator"], r["filter"], r["phase"] or "", f"{r['done']}/{r['total']}", f"{r['seconds'] or 0:.1f}", (r["error"] or "")[:60])
     make_console().print(t)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from .. import catalog
 from ..errors import InflqError
 from .base import progress_monitor, project_at
 
@@ -80,8 +81,8 @@ def check(project, repair):
     p = project_at(project)
     with progress_monitor() as monitor:
         problems = do_check(p, monitor)
-    ok = p.db.execute("PRAGMA integrity_check").fetchone()[0]  # catalog: integrity check
-    if ok != "ok":
+    ok = catalog.integrity_problem(p.db)
+    if ok is not None:
         raise InflqError(f"the catalog fails SQLite's integrity check ({ok}); restore catalog.db from a backup")
     if not problems:
         click.echo("all artifacts verify; the catalog is consistent")

@@ -48,7 +48,7 @@ def ensure_factors(
     running sum through that shard where shards run in this process, else the shard's own sums;
     a run killed during fitting resumes from its last committed shard. Shards are always reduced
     in shard order, so a resumed fit equals an uninterrupted one."""
-    store = project.corpus
+    store = project.runtime.corpus
     settings.resolve_batching(engine, project)  # callers outside a run (sessions, integrity) leave it open
     indices = fit_indices(len(store), settings.fit_sequences, settings.seed)
     worker = LocalWorker(project, engine)
@@ -161,7 +161,7 @@ def ensure_factors(
             raise InflqError(f"the executor returned {len(parts)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
         return combine_results(pass_.combine, [parts[i] for i in sorted(parts)])
 
-    ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.pad_id, project=project)
+    ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.runtime.pad_id, project=project)
     if not estimator.fits_factors:
         estimator.prepare(ctx)
         return None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .. import catalog
 from ..errors import InflqError
+from ..plugins import get_registry
 from ..progress import Monitor
 from ..project import Project
 from ..settings import RunSettings
@@ -68,16 +69,16 @@ def run_investigation(
     if resume is not None:
         row = _resumable(project, resume, "scores")
         settings = RunSettings.from_json(row["settings"])
-        investigation = project.investigation(row["investigation_id"])["name"]
+        investigation = catalog.investigation(project.db, row["investigation_id"])["name"]
         run_id = resume
     else:
         settings = settings or RunSettings()
         run_id = None
     if executor is not None:  # where shards run never changes their result
         settings.executor = executor
-    settings.resolve_defaults(project.registry)
+    settings.resolve_defaults(get_registry())
     project.require_model()
-    queries = project.queries(investigation)
+    queries = catalog.queries(project.db, investigation)
     if not queries:
         raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
     estimator = make_estimator(project, settings.estimator)
@@ -90,7 +91,7 @@ def run_investigation(
     monitor.on_progress = record_progress(project, run_id, monitor, monitor.on_progress)
     phases: dict[str, float] = {}
     with recording_outcome(project, run_id, executor) as started:
-        engine = project.engine(settings.modules)
+        engine = project.runtime.engine(settings.modules)
         record_batching(project, run_id, settings, engine, monitor)
         t = time.perf_counter()
         prepared = prepare_estimator(project, settings, monitor, estimator=estimator, engine=engine, executor=executor, run_id=run_id)
@@ -106,7 +107,7 @@ def run_investigation(
         # Preconditioned query gradients, low rank, saved for on-demand attribution.
         t = time.perf_counter()
         monitor.start("query gradients", len(queries))
-        compression = query_compression(settings, project.corpus.lengths()[cand])
+        compression = query_compression(settings, project.runtime.corpus.lengths()[cand])
         scorers = scorers_for(project, estimator, engine, queries, settings, compression)
         monitor.advance(len(queries))
         saved_queries = save_queries(project, run_id, scorers, settings.rank)
@@ -142,7 +143,7 @@ def fit_factors(
         catalog.restart_run(project.db, run_id)
     else:
         run_id = None
-    settings.resolve_defaults(project.registry)
+    settings.resolve_defaults(get_registry())
     project.require_model()
     estimator = make_estimator(project, settings.estimator)
     executor = make_executor(project, settings.executor)
@@ -150,7 +151,7 @@ def fit_factors(
         run_id = start_run(project, investigation, settings, kind="factors")
     monitor.on_progress = record_progress(project, run_id, monitor, monitor.on_progress)
     with recording_outcome(project, run_id, executor) as started:
-        engine = project.engine(settings.modules)
+        engine = project.runtime.engine(settings.modules)
         record_batching(project, run_id, settings, engine, monitor)
         fs_id = prepare_estimator(project, settings, monitor, estimator=estimator, engine=engine, executor=executor, run_id=run_id).factor_set_id
         seconds = time.perf_counter() - started

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..base import Estimator, Executor
 from ..engine import GradientEngine
 from ..options import parse_spec, parse_specs
+from ..plugins import get_registry
 from ..progress import Monitor
 from ..project import Project
 from ..settings import RunSettings
@@ -17,19 +18,19 @@ from .factors import ensure_factors
 
 def make_estimator(project: Project, spec: str) -> Estimator:
     s = parse_spec(spec)
-    return project.registry.create("estimator", s.name, s.options)  # type: ignore[return-value]
+    return get_registry().create("estimator", s.name, s.options)  # type: ignore[return-value]
 
 
 def make_executor(project: Project, spec: str) -> Executor:
     s = parse_spec(spec)
-    return project.registry.create("executor", s.name, s.options)  # type: ignore[return-value]
+    return get_registry().create("executor", s.name, s.options)  # type: ignore[return-value]
 
 
 def make_filter(project: Project, spec: str):
     parts = parse_specs(spec)
     if len(parts) == 1:
-        return project.registry.create("filter", parts[0].name, parts[0].options)
-    union = project.registry.get("filter", "union")
+        return get_registry().create("filter", parts[0].name, parts[0].options)
+    union = get_registry().get("filter", "union")
     return union(of=spec)
 
 
@@ -55,9 +56,9 @@ def prepare_estimator(
     """Make ``settings.estimator`` (unless given), an engine over ``settings.modules`` (unless
     given), and fit or load its factors on ``executor`` (default: the registry's default, in this
     process), committing fitting shards to ``run_id`` when given (see :func:`ensure_factors`)."""
-    settings.resolve_defaults(project.registry)
+    settings.resolve_defaults(get_registry())
     estimator = estimator or make_estimator(project, settings.estimator)
-    engine = engine or project.engine(settings.modules)
+    engine = engine or project.runtime.engine(settings.modules)
     own = executor is None
     executor = executor or default_executor(project)
     try:
@@ -70,4 +71,4 @@ def prepare_estimator(
 
 def default_executor(project: Project) -> Executor:
     """The registry's default executor (the built-in one runs in this process)."""
-    return make_executor(project, project.registry.default("executor"))
+    return make_executor(project, get_registry().default("executor"))

@@ -18,15 +18,16 @@ from ..artifacts import save_tensors
 from ..base import Estimator, Executor
 from ..engine import GradientEngine
 from ..errors import Cancelled
+from ..plugins import get_registry
 from ..progress import Monitor
-from ..project import ARTIFACTS, Project, _rel
+from ..project import ARTIFACTS, Project, project_relative
 from ..settings import RunSettings
 from .scoring import Scorer, extreme_module_scores, pick_extremes
 
 
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
-    inv = project.investigation(investigation)
-    settings.resolve_defaults(project.registry)
+    inv = catalog.investigation(project.db, investigation)
+    settings.resolve_defaults(get_registry())
     return catalog.insert_run(project.db, {
         "investigation_id": inv["id"], "kind": kind, "estimator": settings.estimator, "filter": settings.filter,
         "executor": settings.executor, "settings": settings.to_json(), "model_fingerprint": project.model_fingerprint,
@@ -96,11 +97,11 @@ def result_record(
     seq_idx = cand[sorted({p[3] for p in picks})]
     names = qg.names
     layers = {n: t.layer for n, t in zip(engine.names, engine.tracked, strict=False)}
-    seqs = project.sequence_rows(list(map(int, seq_idx)))
-    store = project.corpus
+    seqs = catalog.sequence_rows(project.db, list(map(int, seq_idx)))
+    store = project.runtime.corpus
     rs_rel = f"{ARTIFACTS}/results/run-{run_id}.safetensors"
     rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
-    inv = project.investigation(investigation)
+    inv = catalog.investigation(project.db, investigation)
     q_rel, q_sum = saved_queries
     checkpoints = [s.checkpoint for s in scorers] if scorers[-1].checkpoint else None
     record = ResultRecord({
@@ -108,7 +109,7 @@ def result_record(
         "estimator": settings.estimator, "filter": filt.spec() if hasattr(filt, "spec") else settings.filter,
         "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "full_rank_modules": sorted(qg.full), "query_ids": [q["id"] for q in queries],
                                 # Checkpoint estimators (TracIn): the models whose query gradients the queries artifact holds, in order.
-                                **({"checkpoints": [_rel(c, project.root) for c in checkpoints]} if checkpoints else {})}, default=float),
+                                **({"checkpoints": [project_relative(c, project.root) for c in checkpoints]} if checkpoints else {})}, default=float),
         "num_candidates": int(len(cand)), "scores_path": rs_rel, "scores_checksum": rs_sum,
         "queries_path": q_rel, "queries_checksum": q_sum,
     })
@@ -121,7 +122,7 @@ def result_record(
             key = str(layers[n]) if layers[n] is not None else n
             by_layer[key] = by_layer.get(key, 0.0) + float(v)
         if idx not in text_cache:
-            text_cache[idx] = project.decode(store.get(idx))
+            text_cache[idx] = project.runtime.decode(store.get(idx))
         record.rows.append({
             "query_id": queries[qi]["id"], "side": side, "rank": rank, "seq_idx": idx,
             "seq_id": seqs[idx]["seq_id"], "score": float(scores[qi, col]),
@@ -139,7 +140,7 @@ def store_result_set(project: Project, record: ResultRecord) -> int:
 def interrupted_run(project: Project, investigation: str, kind: str = "scores") -> dict | None:
     """The investigation's most recent run of ``kind`` that did not finish (cancelled, failed, or
     left ``running`` by a killed process): what a bare ``--resume`` continues."""
-    return catalog.interrupted_run(project.db, project.investigation(investigation)["id"], kind)
+    return catalog.interrupted_run(project.db, catalog.investigation(project.db, investigation)["id"], kind)
 
 
 def committed_work(project: Project, run_id: int) -> str:

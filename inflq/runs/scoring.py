@@ -4,6 +4,7 @@ chooses; and each candidate's score per query, shard by shard. An estimator over
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,12 +41,12 @@ def query_gradients(project: Project, engine: GradientEngine, queries: list[dict
     """Gradients of each query's measurement loss ``-log p(completion | prompt)``: ``[nq, out, in_dim]``
     per module, with their token factors (only completion tokens carry gradient), ``batch_size``
     queries at a time (``None``: 8)."""
-    toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
+    toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
     parts = []
     size = max(1, batch_size or 8)
     for s in range(0, len(toks), size):
         chunk = toks[s : s + size]
-        batch = make_batch([t.tokens for t in chunk], project.pad_id, engine.device, loss_from=[t.completion_start for t in chunk])
+        batch = make_batch([t.tokens for t in chunk], project.runtime.pad_id, engine.device, loss_from=[t.completion_start for t in chunk])
         parts.append(engine.sequence_gradients(batch, "data"))
     return SequenceGradients.concat(parts)
 
@@ -107,12 +108,12 @@ def split_checkpoint_tensors(tensors: dict[str, torch.Tensor], count: int) -> li
 
 def filter_context(project: Project, queries: list[dict], seed: int, monitor: Monitor, make_filter: Callable[[str], object]) -> FilterContext:
     """What a filter sees of the project and the ``queries`` (tokenised as a run measures them)."""
-    store = project.corpus
-    toks = [project.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in queries]
+    store = project.runtime.corpus
+    toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in queries]
     return FilterContext(
         num_sequences=len(store), query_tokens=[q.tokens for q in toks],
         query_completion_starts=[q.completion_start for q in toks], sequences=store.many,
-        metadata=project.metadata_column, artifacts_dir=project.root / ARTIFACTS,
+        metadata=functools.partial(catalog.metadata_column, project.db), artifacts_dir=project.root / ARTIFACTS,
         corpus_fingerprint=store.fingerprint, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
         seed=seed, monitor=monitor, make_filter=make_filter,
     )

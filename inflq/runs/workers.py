@@ -21,8 +21,8 @@ class LocalWorker:
 
     def __init__(self, project: Project, engine: GradientEngine) -> None:
         self.engine = engine
-        self.corpus = project.corpus
-        self.pad_id = project.pad_id
+        self.corpus = project.runtime.corpus
+        self.pad_id = project.runtime.pad_id
 
     def run(
         self, pass_: Pass, shard: Shard, batch_size: int | Batching, monitor: Monitor | None, into: dict[str, torch.Tensor] | None = None
@@ -40,8 +40,8 @@ def build_worker(spec: dict[str, Any]) -> LocalWorker:
     key = json.dumps(spec, sort_keys=True)
     if key not in _WORKERS:
         project = Project.open(spec["root"])
-        project.set_runtime(spec.get("device"), spec.get("dtype"))
-        engine = checkpoint_engine(project, spec["checkpoint"], spec.get("modules")) if spec.get("checkpoint") else project.engine(spec.get("modules"))
+        project.runtime.configure(spec.get("device"), spec.get("dtype"))
+        engine = checkpoint_engine(project, spec["checkpoint"], spec.get("modules")) if spec.get("checkpoint") else project.runtime.engine(spec.get("modules"))
         _WORKERS[key] = LocalWorker(project, engine)
     return _WORKERS[key]
 
@@ -54,8 +54,8 @@ def checkpoint_engine(project: Project, path: str | Path, modules: str | None) -
 
     path = Path(path)
     if path.resolve() == project.model_path.resolve():
-        return project.engine(modules)
-    dev = project.device
+        return project.runtime.engine(modules)
+    dev = project.runtime.device
     model = load_model(path, dev, pick_dtype(project.config.dtype, dev))
     return GradientEngine(model, select_modules(model, modules or project.config.modules))
 

@@ -39,14 +39,7 @@ def initial_investigation(project) -> str | None:
     invs = catalog.investigations(project.db)
     if not invs:
         return None
-    for table in ("result_sets", "queries"):
-        # catalog: the investigation of the table's newest row
-        row = project.db.execute(
-            f"SELECT i.name FROM {table} t JOIN investigations i ON i.id = t.investigation_id ORDER BY t.id DESC LIMIT 1"
-        ).fetchone()
-        if row is not None:
-            return row[0]
-    return invs[0]["name"]
+    return catalog.latest_investigation(project.db) or invs[0]["name"]
 
 
 class InflqApp(App):
@@ -188,8 +181,7 @@ class InflqApp(App):
         from ..results import ScoringSession
 
         if rs_id not in self._result_sessions:
-            # catalog: a result set's row
-            rs = self.project.db["result_sets"].get(rs_id)
+            rs = catalog.get_result_set(self.project.db, rs_id)
             self._result_sessions[rs_id] = ScoringSession.for_result_set(self.project, rs)
         return self._result_sessions[rs_id]
 

@@ -56,7 +56,7 @@ def register_commands(cli):
         from inflq import open_project
 
         p = open_project(project)
-        for c in p.config.checkpoints:
+        for c in listed_checkpoints(p):
             click.echo(f"{c['path']}\tlearning rate {float(c['learning_rate']):g}")
 
 
@@ -118,10 +118,10 @@ def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
         where = f" ({diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]})" if diff else f" ({len(want)} vs {len(got)} tracked modules)"
         raise InflqError(f"{path} has a different architecture from the project's model{where}; give a checkpoint of the same model")
     rel = project_relative(path, project.root)
-    if any(Path(project.path(c["path"])).resolve() == path.resolve() for c in project.config.checkpoints):
+    if any(Path(project.path(c["path"])).resolve() == path.resolve() for c in listed_checkpoints(project)):
         raise InflqError(f"{path} is already a checkpoint of this project; see `inflq checkpoint list`")
     fp = fingerprint_files(model_files(path))
-    project.config.checkpoints.append({"path": rel, "learning_rate": float(learning_rate)})
+    listed_checkpoints(project).append({"path": rel, "learning_rate": float(learning_rate)})
     project.save_config()
     open_tables(project)
     db = project.db
@@ -133,6 +133,15 @@ def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
             {"path": rel, "learning_rate": float(learning_rate), "fingerprint": fp, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
         ).last_pk
     return db["checkpoints"].get(cid)
+
+
+def listed_checkpoints(project) -> list[dict]:
+    """The checkpoints ``inflq.toml`` lists (its ``[[checkpoints]]`` tables, this plugin's settings),
+    in order; the list itself, so that appending to it and saving the config records one."""
+    cps = project.config.extra.setdefault("checkpoints", [])
+    if not isinstance(cps, list) or not all(isinstance(c, dict) and "path" in c and "learning_rate" in c for c in cps):
+        raise InflqError(f"{project.root / 'inflq.toml'}: [[checkpoints]] must be tables with a path and a learning_rate; fix the file")
+    return cps
 
 
 def recorded_checkpoints(project) -> list[dict]:
@@ -151,7 +160,7 @@ class TracIn(Estimator):
     options = (Option("last", int, None, "use only the last N checkpoints listed (default: all)"),)
 
     def checkpoints(self, project):
-        cps = list(project.config.checkpoints)
+        cps = list(listed_checkpoints(project))
         if not cps:
             raise InflqError("tracin needs training checkpoints; add them with `inflq checkpoint add PROJECT DIR --lr X`")
         if self.settings["last"] is not None:

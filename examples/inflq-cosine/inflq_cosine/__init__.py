@@ -82,8 +82,7 @@ def open_tables(project) -> None:
 
 def training_norms(project, modules: str | None = None, monitor: Monitor | None = None, batch_size: int = 8) -> np.ndarray:
     """Gradient norms of every training sequence, cached as ``artifacts/cosine/*.safetensors``."""
-    from inflq.artifacts import load_tensors, save_tensors
-    from inflq.runs import LocalWorker
+    from inflq import LocalWorker, load_tensors, save_tensors
 
     open_tables(project)
     engine = project.runtime.engine(modules)
@@ -110,7 +109,7 @@ def cosine_matrix(project, investigation: str, result_set_id: int | None = None)
     sequence was not a candidate)."""
     import json
 
-    from inflq.results import result_set, score_matrix
+    from inflq import result_set, score_matrix
 
     rs = result_set(project, investigation, result_set_id)
     if rs["estimator"].split(":")[0] != "cosine":

@@ -37,8 +37,7 @@ class InvestigationsPane(Pane):
         if self.project is None:
             self.query_one("#inv-detail", Static).update("No project is open: press o to open one.")
             return
-        # catalog: the number of runs per investigation
-        runs = {r["investigation_id"]: r["n"] for r in self.project.db.query("SELECT investigation_id, count(*) AS n FROM runs GROUP BY investigation_id")}
+        runs = catalog.run_counts(self.project.db)
         current = 0
         for i, inv in enumerate(catalog.investigations(self.project.db)):
             table.add_row(inv["name"], str(inv["num_queries"]), str(inv["num_result_sets"]), str(runs.get(inv["id"], 0)), key=inv["name"])
@@ -61,8 +60,7 @@ class InvestigationsPane(Pane):
             return
         try:
             queries = catalog.queries(self.project.db, name)
-            # catalog: an investigation's runs by name
-            runs = list(self.project.db.query("SELECT r.* FROM runs r JOIN investigations i ON i.id = r.investigation_id WHERE i.name = ? ORDER BY r.id", [name]))
+            runs = catalog.runs_of(self.project.db, catalog.investigation(self.project.db, name)["id"])
             sets = results.result_sets(self.project, name)
         except InflqError as exc:
             out.update(str(exc))

@@ -53,8 +53,7 @@ class ProbesPane(Pane):
             self._estimators = names
         default = "ekfac"
         if ctx.result_set_id is not None:
-            # catalog: a result set's row
-            rs = self.project.db["result_sets"].get(ctx.result_set_id)
+            rs = catalog.get_result_set(self.project.db, ctx.result_set_id)
             default = rs["estimator"].split(":")[0]
         with self.prevent(Select.Changed):
             if default in get_registry().names("estimator"):

@@ -49,8 +49,7 @@ class QueryPane(Pane):
             return
         current = 0
         for i, q in enumerate(catalog.queries(self.project.db, self.context.investigation)):
-            # catalog: the query's number of probes
-            n = self.project.db["probes"].count_where("query_id = ?", [q["id"]])
+            n = catalog.probe_count(self.project.db, q["id"])
             table.add_row(str(q["id"]), render.snippet(q["prompt"], 36), render.snippet(q["completion"], 18), str(n), key=str(q["id"]))
             if q["id"] == self.context.query_id:
                 current = i

@@ -109,11 +109,7 @@ class ResultsPane(Pane):
         if not search:
             rows = results.top(self.project, rs, qid, side, k, offset)
         else:
-            like = f"%{search}%"
-            # catalog: search the stored top/bottom K by text or id
-            rows = list(self.project.db.query(
-                "SELECT * FROM results WHERE result_set_id = ? AND query_id = ? AND side = ? AND (text LIKE ? OR seq_id LIKE ?) "
-                "ORDER BY rank LIMIT ? OFFSET ?", [rs, qid, side, like, like, k, offset]))
+            rows = catalog.stored_results(self.project.db, rs, qid, side, k, offset, search=search)
         seqs = catalog.sequence_rows(self.project.db, [r["seq_idx"] for r in rows])
         for r in rows:
             r["source"] = (seqs.get(r["seq_idx"]) or {}).get("source") or ""
@@ -138,8 +134,7 @@ class ResultsPane(Pane):
         else:
             shown = f"no rows matching {search!r}" if search else "no rows"
         if search:  # only the stored top and bottom K are in the catalog, so only they are searched
-            # catalog: how many rows of a side are stored
-            stored = self.project.db["results"].count_where("result_set_id = ? AND query_id = ? AND side = ?", [ctx.result_set_id, ctx.query_id, self.side])
+            stored = catalog.count_results(self.project.db, ctx.result_set_id, ctx.query_id, self.side)
             shown += f" (searched: the {stored} stored)"
         status.update(
             f"{where} · result set {ctx.result_set_id} · query {ctx.query_id} · {shown}" + (" · enter opens a row" if self.page_rows else "")
@@ -150,8 +145,7 @@ class ResultsPane(Pane):
         """The damping used (and an iterative estimator's residual), as every result must show."""
         from inflq.results import estimator_summary
 
-        # catalog: a result set's row (None if gone)
-        row = next(self.project.db["result_sets"].rows_where("id = ?", [result_set_id]), None)
+        row = catalog.get_result_set(self.project.db, result_set_id)
         return f"{row['estimator']}: {estimator_summary(row)}" if row else ""
 
     def _available_width(self) -> int:

@@ -159,8 +159,7 @@ class RunPane(Pane):
         if self.context.investigation is None:
             return
         inv = catalog.investigation(self.project.db, self.context.investigation)
-        # catalog: the investigation's runs, newest first
-        for i, r in enumerate(self.project.db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id desc")):
+        for i, r in enumerate(catalog.runs_of(self.project.db, inv["id"], newest_first=True)):
             table.add_row(str(r["id"]), r["status"], render.snippet(r["estimator"], 14), render.snippet(r["filter"], 14), r["phase"] or "", f"{r['done']}/{r['total']}", key=str(r["id"]))
             if str(r["id"]) == selected:
                 table.move_cursor(row=i)
@@ -196,8 +195,7 @@ class RunPane(Pane):
             self.notify("no run to resume", severity="warning")
             return
         run_id = int(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
-        # catalog: a run's row
-        row = self.project.db["runs"].get(run_id)
+        row = catalog.get_run(self.project.db, run_id)
         if row["status"] == "done":
             self.notify(f"run {run_id} is already complete; choose a cancelled or failed run", severity="warning")
             return
@@ -269,8 +267,7 @@ class RunPane(Pane):
         if event.state == WorkerState.SUCCESS:
             self.phases.stop("")
             res = event.worker.result
-            # catalog: a result set's row
-            rs = self.project.db["result_sets"].get(res.result_set_id)
+            rs = catalog.get_result_set(self.project.db, res.result_set_id)
             # The damping used and an iterative estimator's (LiSSA's) convergence residual.
             self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id} ({rs['estimator']}: {results.estimator_summary(rs)})", timeout=10)
             self.set_context(result_set_id=res.result_set_id)

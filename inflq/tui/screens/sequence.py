@@ -128,8 +128,7 @@ class SequenceScreen(Screen):
         from ...results import self_influence
 
         app = self.inflq
-        # catalog: a result set's row
-        rs = app.project.db["result_sets"].get(self.row["result_set_id"])
+        rs = catalog.get_result_set(app.project.db, self.row["result_set_id"])
         settings = json.loads(rs["settings"])
         with app.model_lock:
             _, values = self_influence(
