@@ -96,33 +96,6 @@ def test_investigations_crud(project):
         catalog.investigation(project.db, "y")
 
 
-def test_read_only_catalog_as_root(project, cli_run, monkeypatch):
-    """tests/test_cli.py's read-only test, runnable as root (CI): root's ``os.access`` ignores the
-    permission bits, so it is made to read them as any other user's does."""
-    import os
-    import sqlite3
-
-    project.close()
-    catalog_file = project.root / "catalog.db"
-    os.chmod(catalog_file, 0o444)
-    real_access = os.access
-
-    def access(path, mode, *args, **kwargs):
-        if mode & os.W_OK and not os.stat(path).st_mode & 0o222:
-            return False
-        return real_access(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(os, "access", access)
-    try:
-        code, _, err = cli_run("query", "add", project.root, "the old town", "river")
-    finally:
-        os.chmod(catalog_file, 0o644)
-    assert code != 0
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in err, err
-    assert sqlite3.connect(catalog_file).execute("SELECT count(*) FROM queries").fetchone()[0] == 0
-
-
 def test_open_read_only(project):
     """``Project.open(..., readonly=True)`` reads, and refuses every write, whoever runs it."""
     import sqlite3
