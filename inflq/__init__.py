@@ -87,5 +87,5 @@ __all__ = [
     "Attribution", "AttributionContext", "AttributionResult", "Batch", "Cancelled", "Captured", "Estimator",
     "Executor", "Filter", "FilterContext", "FitContext", "GradientEngine", "InflqError", "Job", "Monitor",
     "NumericalError", "Option", "Pass", "ProgressEvent", "QueryGradients", "ScorePass", "SelfInfluencePass", "SequenceGradients",
-    "Shard", "TrackedModule", "add_into", "eigh", "gram", "hookimpl", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
+    "Shard", "TrackedModule", "add_into", "eigh", "gram", "hookimpl", "index", "init_project", "make_batch", "open_project", "run_shard", "select_modules",
 ]

@@ -260,17 +260,22 @@ def test_blocked_scoring_equals_unblocked(tmp_path, gpt2):
     side = np.concatenate([np.load(store.path / f"side-{i:06d}.npy") for i in range(store.num_shards)])
     whole = (q.vectors.numpy().astype(np.float64) @ (rows * side[:, :1]).T.astype(np.float64))
     cosine = whole / np.sqrt(np.outer(q.self_influence.numpy(), side[:, 1]))
-    for metric, want in (("inner", whole), ("cosine", cosine)):
-        for block_rows in (1, 3, 7, 10**6):
-            got = scores(store, q, metric, block_rows=block_rows)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
-            v, i = top_k(store, q, 5, metric, block_rows=block_rows)
-            order = np.argsort(-want, axis=1, kind="stable")[:, :5]
-            assert np.array_equal(i, store.indices[order])
-            np.testing.assert_allclose(v, np.take_along_axis(want, order, 1), rtol=1e-5, atol=1e-6 * np.abs(want).max())
-            lv, li = top_k(store, q, 3, metric, block_rows=block_rows, largest=False)
-            assert np.array_equal(li, np.argsort(want, axis=1, kind="stable")[:, :3])
-        pick = np.array([2, 3, 17, 40, 47])
-        np.testing.assert_allclose(scores(store, q, metric, indices=pick, block_rows=4), want[:, pick], rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    for metric, exact in (("inner", whole), ("cosine", cosine)):
+        tol = np.abs(exact).max()
+        unblocked = scores(store, q, metric, block_rows=10**6)  # float16 product (the default)
+        np.testing.assert_allclose(unblocked, exact, atol=1e-3 * tol)
+        for precise, want in ((True, exact), (False, unblocked)):
+            for block_rows in (1, 3, 7, 10**6):
+                got = scores(store, q, metric, block_rows=block_rows, precise=precise)
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * tol)
+                v, i = top_k(store, q, 5, metric, block_rows=block_rows, precise=precise)
+                order = np.argsort(-want, axis=1, kind="stable")[:, :5]
+                assert np.array_equal(i, store.indices[order])
+                np.testing.assert_allclose(v, np.take_along_axis(want, order, 1), rtol=1e-5, atol=1e-6 * tol)
+                lv, li = top_k(store, q, 3, metric, block_rows=block_rows, largest=False, precise=precise)
+                assert np.array_equal(li, np.argsort(want, axis=1, kind="stable")[:, :3])
+            pick = np.array([2, 3, 17, 40, 47])
+            got = scores(store, q, metric, indices=pick, block_rows=4, precise=precise)
+            np.testing.assert_allclose(got, want[:, pick], rtol=1e-5, atol=1e-6 * tol)
     manifest = json.loads((store.path / "manifest.json").read_text())
     assert manifest["width"] == model.width and os.path.getsize(store.path / "rows-000000.npy") < 10 * 2 * model.width + 200

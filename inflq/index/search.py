@@ -7,15 +7,19 @@ training sequence makes the completion more likely, as inflq's scores are. ``cos
 ``sqrt(q'ᵀ(G' + λI)⁻¹q' · rᵀ(G' + λI)⁻¹r)``: the cosine in the preconditioner's metric (the rows'
 self-influences are stored at the damping of the build).
 
-Rows are read memory-mapped, ``block_rows`` at a time, widened to float32 and multiplied by all
-queries at once; only each query's running top-k (or the requested columns) is kept.
+Rows are read memory-mapped, ``block_rows`` at a time, and multiplied by all queries at once;
+only each query's running top-k (or the requested columns) is kept. The product runs in float16
+on the stored rows as they are (queries scaled to at most 1 in magnitude, so that no product of
+``width <= 32768`` terms overflows): widening every block to float32 first moved 3x the bytes and
+took as long as the product itself. The scores' rounding is then float16's, ``~5e-4`` of the
+largest, as the rows' own storage is; ``precise=True`` widens the rows and multiplies in float32.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ from .fit import IndexModel
 from .store import Block, IndexStore
 
 METRICS = ("inner", "cosine")
+HALF_WIDTH = 32768  # widest rows multiplied in float16: |scaled query · row| <= width < 65504
 
 
 @dataclass
@@ -34,10 +39,18 @@ class PreparedQueries:
 
     vectors: torch.Tensor
     self_influence: torch.Tensor
+    _half: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def num_queries(self) -> int:
         return int(self.vectors.shape[0])
+
+    def half(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors divided by their largest magnitude, in float16, and those magnitudes."""
+        if self._half is None:
+            scale = self.vectors.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            self._half = ((self.vectors / scale[:, None]).to(torch.float16), scale)
+        return self._half
 
 
 def query_rows(
@@ -65,17 +78,23 @@ def prepare(model: IndexModel, rows: torch.Tensor) -> PreparedQueries:
     return PreparedQueries(pre, (pre * rows).sum(dim=1))
 
 
-def _widen(rows: np.ndarray) -> torch.Tensor:
+def _tensor(rows: np.ndarray) -> torch.Tensor:
     with warnings.catch_warnings():  # a read-only memory map; torch only reads it
         warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(rows).to(torch.float32)
+        return torch.from_numpy(rows)
 
 
-def block_scores(queries: PreparedQueries, block: Block, metric: str = "inner") -> torch.Tensor:
-    """Scores ``[nq, len(block)]`` of the queries against one block of rows."""
+def block_scores(queries: PreparedQueries, block: Block, metric: str = "inner", precise: bool = False) -> torch.Tensor:
+    """Scores ``[nq, len(block)]`` of the queries against one block of rows (float32)."""
     if metric not in METRICS:
         raise InflqError(f"unknown index metric {metric!r}; choose {', '.join(METRICS)}")
-    s = queries.vectors @ _widen(block.rows).T
+    rows = _tensor(block.rows)
+    if precise or rows.shape[1] > HALF_WIDTH:
+        s = queries.vectors @ rows.to(torch.float32).T
+    else:
+        vectors, qscale = queries.half()
+        s = (vectors @ rows.T).to(torch.float32)
+        s *= qscale[:, None]
     s *= torch.from_numpy(np.ascontiguousarray(block.scale))[None, :]
     if metric == "cosine":
         norms = torch.sqrt(queries.self_influence.clamp_min(0))[:, None] * torch.sqrt(torch.from_numpy(np.ascontiguousarray(block.self_influence)).clamp_min(0))[None, :]
@@ -88,14 +107,17 @@ def _check(store: IndexStore, queries: PreparedQueries) -> None:
         raise InflqError(f"queries of width {queries.vectors.shape[1]} against an index of width {store.width}")
 
 
-def scores(store: IndexStore, queries: PreparedQueries, metric: str = "inner", indices: np.ndarray | None = None, block_rows: int = 8192) -> np.ndarray:
+def scores(
+    store: IndexStore, queries: PreparedQueries, metric: str = "inner", indices: np.ndarray | None = None, block_rows: int = 8192,
+    precise: bool = False,
+) -> np.ndarray:
     """Scores ``[nq, n]`` (float32) against every stored row in corpus order, or against the rows
     of the sorted corpus ``indices`` (all of which the index must cover)."""
     _check(store, queries)
     if indices is None:
         out = np.empty((queries.num_queries, store.num_rows), dtype=np.float32)
         for b in store.blocks(block_rows):
-            out[:, b.start : b.start + len(b.indices)] = block_scores(queries, b, metric).numpy()
+            out[:, b.start : b.start + len(b.indices)] = block_scores(queries, b, metric, precise).numpy()
         return out
     indices = np.asarray(indices, dtype=np.int64)
     pos = np.searchsorted(store.indices, indices)
@@ -108,12 +130,13 @@ def scores(store: IndexStore, queries: PreparedQueries, metric: str = "inner", i
             continue
         local = pos[lo:hi] - b.start
         picked = Block(b.start, b.indices[local], np.asarray(b.rows[local]), b.scale[local], b.self_influence[local])
-        out[:, lo:hi] = block_scores(queries, picked, metric).numpy()
+        out[:, lo:hi] = block_scores(queries, picked, metric, precise).numpy()
     return out
 
 
 def top_k(
-    store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192, largest: bool = True
+    store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192, largest: bool = True,
+    precise: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` highest (``largest=False``: lowest) scores over the whole index, best
     first: ``(scores [nq, k] float32, corpus indices [nq, k] int64)``."""
@@ -124,7 +147,7 @@ def top_k(
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for b in store.blocks(block_rows):
-        s = block_scores(queries, b, metric)
+        s = block_scores(queries, b, metric, precise)
         v, i = torch.topk(s, min(k, s.shape[1]), dim=1, largest=largest)
         i = torch.from_numpy(b.indices)[i]
         if best_v is not None:
