@@ -186,10 +186,10 @@ def main() -> None:
         q = prepare(model_i, query_rows(model_i, engine, q_toks, q_starts, 0))
         got = scores(store, q)
         acc = accuracy(got, exact, depths)
-        per_seq = sum(p.stat().st_size for p in store.path.glob("*-*.npy")) / len(seqs)
+        per_seq = sum(p.stat().st_size for p in store.path.glob("*.npy")) / len(seqs)  # rows, side and indices
         sizes = sorted(set(model_i.sizes.values()))
         print(f"  [{kind}] k_s x k_a {', '.join(f'{a}x{b}' for a, b in sizes)}, width {model_i.width}: "
-              f"{per_seq:,.0f} bytes/sequence on disk ({2 * model_i.width + 8:,} of data; target <= 4,096)")
+              f"{per_seq:,.0f} bytes/sequence on disk ({2 * model_i.width + 16:,} of data; target <= 4,096)")
         print(f"    fit   {fit_s:8.2f} s = {fit_s / floor:5.2f} x FLOOR")
         print(f"    build {build_s:8.2f} s = {build_s / floor:5.2f} x FLOOR (target <= 1.5)   {1e3 * build_s / len(seqs):7.2f} ms/sequence, "
               f"{tokens / build_s:,.0f} tokens/s")

@@ -181,7 +181,17 @@ def test_projections_are_seeded_and_sized_for_the_storage_target(gpt2):
                                                           ("fc", 4 * width, width), ("mproj", width, 4 * width))]
         sizes = default_sizes(tracked)
         values = sum(ks * ka for ks, ka in sizes.values())
-        assert 2 * values + 8 <= 4096 and 2 * values + 8 > 3000, (layers, sizes)
+        assert 2 * values + 16 <= 4096 and 2 * values + 16 > 3000, (layers, sizes)
+    # The rows pass travels to other processes (executors) whole.
+    import pickle
+
+    from inflq.index import RowPass
+
+    caps, _ = gpt2.engine.capture(make_batch(gpt2.seqs[:3], PAD), "data")
+    a.rows_from_captures(caps)  # fills the per-device cache, which is not shipped
+    again = pickle.loads(pickle.dumps(RowPass(a)))
+    assert not again.model._device_cache
+    assert torch.equal(again.process(gpt2.engine, None, caps)["rows"], a.rows_from_captures(caps))
     # Eigen projections: the top eigenvectors, orthonormal rows.
     e = fit_index(gpt2.ctx(), IndexSettings(kind="eigen", k_s=4, k_a=4))
     pa = e.factors[f"pa/{n}"]
@@ -277,5 +287,23 @@ def test_blocked_scoring_equals_unblocked(tmp_path, gpt2):
             pick = np.array([2, 3, 17, 40, 47])
             got = scores(store, q, metric, indices=pick, block_rows=4, precise=precise)
             np.testing.assert_allclose(got, want[:, pick], rtol=1e-5, atol=1e-6 * tol)
+    summary = store.summary()
+    assert summary["complete"] and summary["rows_done"] == len(gpt2.seqs) and summary["bytes_per_sequence"] == 2 * model.width + 16
     manifest = json.loads((store.path / "manifest.json").read_text())
     assert manifest["width"] == model.width and os.path.getsize(store.path / "rows-000000.npy") < 10 * 2 * model.width + 200
+
+
+def test_the_key_names_what_determines_the_rows():
+    from inflq.index import index_key, key_source
+
+    idx = np.arange(10)
+
+    def key(**kw):
+        args = {"settings": IndexSettings(), "modules": ["a", "b"], "model_fingerprint": "m", "corpus_fingerprint": "c",
+                "fit_indices": idx, "indices": idx, "seed": 0, "dtype": "torch.float32", **kw}
+        return index_key(key_source(**args))
+
+    assert key() == key() and key(settings=IndexSettings(damping=1.0)) == key()  # the damping changes no stored tensor
+    for change in ({"settings": IndexSettings(kind="gaussian")}, {"settings": IndexSettings(k_s=4)}, {"seed": 1},
+                   {"fit_indices": idx[:5]}, {"indices": idx[1:]}, {"model_fingerprint": "m2"}, {"modules": ["a"]}):
+        assert key(**change) != key(), change

@@ -190,6 +190,9 @@ class IndexModel:
             setattr(settings, k, v)
         return cls(tensors, settings, json.loads(metadata["modules"]))
 
+    def __getstate__(self):  # shipped to workers with the rows pass: without copies on devices
+        return {**self.__dict__, "_device_cache": {}}
+
     def _on(self, device: torch.device) -> dict[str, torch.Tensor]:
         key = str(device)
         if key not in self._device_cache:

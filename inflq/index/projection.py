@@ -26,9 +26,10 @@ from ..engine import TrackedModule
 from ..errors import InflqError
 
 KINDS = ("orthogonal", "gaussian", "eigen")
-# Default storage per sequence: float16 values plus two float32 per row (scale, self-influence).
+# Default storage per sequence: float16 values plus 16 bytes per row (a float32 scale and
+# self-influence, the int64 corpus index).
 BUDGET_BYTES = 4096
-SIDE_BYTES = 8
+SIDE_BYTES = 16
 
 
 def default_sizes(tracked: Sequence[TrackedModule], budget_bytes: int = BUDGET_BYTES) -> dict[str, tuple[int, int]]:

@@ -13,7 +13,7 @@ Layout of ``<root>/index-<key>/``:
   their files. A shard counts only once the manifest names it, and every file is written to a
   temporary name, synced and renamed first, so a crash loses no committed shard.
 
-Bytes per sequence: ``2 × width + 8``.
+Bytes per sequence: ``2 × width + 16`` (with the index in ``indices.npy``).
 """
 
 from __future__ import annotations
@@ -46,6 +46,18 @@ def index_key(source: dict) -> str:
 
 def indices_fingerprint(indices: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:32]
+
+
+def key_source(
+    settings, modules: list[str], model_fingerprint: str, corpus_fingerprint: str, fit_indices: np.ndarray, indices: np.ndarray,
+    seed: int, dtype: str,
+) -> dict:
+    """What :func:`index_key` hashes, laid out as a factor set's cache key is (``settings`` an
+    :class:`IndexSettings`; its damping is left out: it changes no stored tensor)."""
+    return {
+        "index": settings.factor_settings(), "modules": list(modules), "model": model_fingerprint, "corpus": corpus_fingerprint,
+        "fit_data": indices_fingerprint(fit_indices), "rows": indices_fingerprint(indices), "seed": int(seed), "dtype": str(dtype),
+    }
 
 
 def _atomic(path: Path, write) -> None:
@@ -205,6 +217,18 @@ class IndexStore:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+
+    def summary(self) -> dict:
+        """What a listing shows: key, settings, sizes, rows committed and bytes on disk."""
+        m = self.manifest
+        done = self.committed()
+        size = self.size_bytes()
+        rows = sum(len(self.shard_rows(i)) for i in done)
+        return {
+            "key": m["key"], "path": str(self.path), "settings": m["settings"], "modules": len(m["modules"]), "width": m["width"],
+            "num_rows": m["num_rows"], "rows_done": rows, "complete": len(done) == self.num_shards, "size_bytes": size,
+            "bytes_per_sequence": 2 * m["width"] + 16,
+        }
 
     def blocks(self, block_rows: int = 8192) -> Iterator[Block]:
         """The stored rows, memory-mapped, ``block_rows`` at a time (never loaded whole)."""
