@@ -17,11 +17,11 @@ Typical use (a front end adds the catalog, executors and options around it)::
 from .build import RowPass, build_index, local_fit_context, local_map
 from .fit import IndexModel, IndexSettings, ProjectedCorrectionPass, ProjectedCovariancePass, fit_index
 from .projection import BUDGET_BYTES, KINDS, default_sizes
-from .search import METRICS, PreparedQueries, block_scores, prepare, query_rows, scores, top_k
+from .search import METRICS, PreparedQueries, block_scores, candidates, prepare, query_rows, scores, self_influences, top_k
 from .store import Block, IndexStore, index_key, indices_fingerprint, key_source
 
 __all__ = [
     "BUDGET_BYTES", "Block", "IndexModel", "IndexSettings", "IndexStore", "KINDS", "METRICS", "PreparedQueries",
-    "ProjectedCorrectionPass", "ProjectedCovariancePass", "RowPass", "block_scores", "build_index", "default_sizes",
-    "fit_index", "index_key", "indices_fingerprint", "key_source", "local_fit_context", "local_map", "prepare", "query_rows", "scores", "top_k",
+    "ProjectedCorrectionPass", "ProjectedCovariancePass", "RowPass", "block_scores", "build_index", "candidates", "default_sizes",
+    "fit_index", "index_key", "indices_fingerprint", "key_source", "local_fit_context", "local_map", "prepare", "query_rows", "scores", "self_influences", "top_k",
 ]

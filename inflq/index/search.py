@@ -156,3 +156,15 @@ def top_k(
             i = torch.gather(i, 1, j)
         best_v, best_i = v, i
     return best_v.numpy(), best_i.numpy()
+
+
+def candidates(store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192) -> list[np.ndarray]:
+    """Each query's top-``k`` corpus indices, sorted (what :meth:`inflq.Filter.candidates` returns):
+    the index as a candidate filter for an exact estimator."""
+    _, which = top_k(store, queries, k, metric, block_rows)
+    return [np.sort(row) for row in which]
+
+
+def self_influences(store: IndexStore, block_rows: int = 65536) -> np.ndarray:
+    """Every stored row's ``rowᵀ (G' + λI)⁻¹ row`` (at the damping of the build), in row order."""
+    return np.concatenate([b.self_influence for b in store.blocks(block_rows)]).astype(np.float32)
