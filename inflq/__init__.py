@@ -87,12 +87,20 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .search_depth import search_depth_for_result_set
 
 
+# Subpackages exported whole, imported on first use (they import torch).
+_LAZY_PACKAGES = {"index"}  # the gradient index: inflq.index.build_index, ...
+
+
 def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY_PACKAGES:
+        value = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = value
+        return value
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'inflq' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
@@ -118,9 +126,10 @@ def init_project(path, model, corpus, **kwargs):
 __all__ = [
     "add_into", "Attribution", "AttributionContext", "AttributionResult", "Batch", "build_worker", "Cancelled", "Captured",
     "catalog", "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files",
-    "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "InflqError", "init_project", "Job",
-    "load_model", "load_tensors", "LocalWorker", "make_batch", "math_attention", "model_files", "Monitor", "NumericalError",
-    "open_project", "Option", "Pass", "pick_device", "pick_dtype", "ProgressEvent", "Project", "project_relative",
-    "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set", "run_shard", "Runtime", "SAMPLED_AT", "save_tensors",
-    "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "TrackedModule",
+    "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "index", "InflqError", "init_project",
+    "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "math_attention", "model_files", "Monitor",
+    "NumericalError", "open_project", "Option", "Pass", "pick_device", "pick_dtype", "ProgressEvent", "Project",
+    "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set", "run_shard", "Runtime", "SAMPLED_AT",
+    "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard",
+    "TrackedModule",
 ]
