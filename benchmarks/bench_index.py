@@ -144,7 +144,18 @@ def main() -> None:
         args.sequences, args.length, args.width, args.layers, args.queries, args.rows = 40, 32, 64, 2, 8, "20000,60000"
 
     from inflq import GradientEngine, select_modules
-    from inflq.index import BUDGET_BYTES, IndexSettings, build_index, fit_index, local_fit_context, local_map, prepare, query_rows, scores, top_k
+    from inflq.index import (
+        BUDGET_BYTES,
+        IndexSettings,
+        build_index,
+        fit_index,
+        local_fit_context,
+        local_map,
+        prepare,
+        query_rows,
+        scores,
+        top_k,
+    )
 
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-index-"))
     rng = np.random.default_rng(0)

@@ -15,9 +15,25 @@ Typical use (a front end adds the catalog, executors and options around it)::
 """
 
 from .build import RowPass, build_index, local_fit_context, local_map
-from .fit import IndexModel, IndexSettings, ProjectedCorrectionPass, ProjectedCovariancePass, fit_index
+from .fit import (
+    IndexModel,
+    IndexSettings,
+    ProjectedCorrectionPass,
+    ProjectedCovariancePass,
+    fit_index,
+)
 from .projection import BUDGET_BYTES, KINDS, default_sizes
-from .search import METRICS, PreparedQueries, block_scores, candidates, prepare, query_rows, scores, self_influences, top_k
+from .search import (
+    METRICS,
+    PreparedQueries,
+    block_scores,
+    candidates,
+    prepare,
+    query_rows,
+    scores,
+    self_influences,
+    top_k,
+)
 from .store import Block, IndexStore, index_key, indices_fingerprint, key_source
 
 __all__ = [
