@@ -104,9 +104,12 @@ class Registry:
     def create(self, kind: str, name: str, options: dict | None = None) -> Plugin:
         return self.get(kind, name)(**(options or {}))
 
-    def default(self, kind: str) -> str:
-        """The name of the ``kind`` registered with ``default = True`` (the first by name if several)."""
+    def default(self, kind: str, required: bool = True) -> str | None:
+        """The name of the ``kind`` registered with ``default = True`` (the first by name if several);
+        None, or an error when ``required``, if no loaded plugin is the default."""
         names = [n for n, cls in sorted(self.all(kind).items()) if cls.default]
+        if not names and not required:
+            return None
         if not names:
             raise InflqError(f"no default {kind} is loaded; name one (see `inflq plugins`)")
         return names[0]

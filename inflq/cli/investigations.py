@@ -136,7 +136,7 @@ def probe_add(project, text, query_id, label):
 @probe.command("score")
 @click.argument("project")
 @click.option("--query", "query_id", type=int, required=True, help="The query id whose probes to score.")
-@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec (cached factors are reused).")
+@click.option("--estimator", default=None, help="Estimator spec (cached factors are reused) (default: the registry's default estimator; ekfac among the built-ins).")
 def probe_score(project, query_id, estimator):
     """Score the query's probes and show their most influential tokens."""
     from rich.table import Table

@@ -88,7 +88,7 @@ def export(project, investigation, fmt, output, result_set):
 
 @click.command("self-influence")
 @click.argument("project")
-@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec, as for inflq run.")
+@click.option("--estimator", default=None, help="Estimator spec, as for inflq run (default: the registry's default estimator; ekfac among the built-ins).")
 @click.option("-k", default=10, show_default=True, help="Sequences to show.")
 def self_influence_cmd(project, estimator, k):
     """Rank training sequences by self-influence (outliers, memorised or mislabelled data)."""

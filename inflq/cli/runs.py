@@ -14,8 +14,8 @@ from .base import make_console, progress_monitor, project_at
 @click.command()
 @click.argument("project")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose queries are scored.")
-@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec, e.g. ekfac or ekfac:damping=1e-3.")
-@click.option("--filter", "filter_", default="all", show_default=True, help="Candidate filter spec; join with + for a union (tfidf:k=1000+random:n=500).")
+@click.option("--estimator", default=None, help="Estimator spec, e.g. ekfac or ekfac:damping=1e-3 (default: the registry's default estimator; ekfac among the built-ins).")
+@click.option("--filter", "filter_", default=None, help="Candidate filter spec; join with + for a union (tfidf:k=1000+random:n=500). Default: the registry's default filter (all: every sequence).")
 @click.option("--executor", help="Executor spec: local (default), or ray / ray:num_gpus=1,num_workers=4 (docs/executors.md). With --resume: the run's own unless given.")
 @click.option("--address", help="Ray cluster address for --executor ray: auto, local or HOST:PORT (the same as ray:address=...).")
 @click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
@@ -51,7 +51,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
         if not executor.startswith("ray"):
             raise InflqError("--address is for --executor ray; drop it or use --executor ray")
         executor += ("," if ":" in executor else ":") + f"address={address}"
-    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor or "local", modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
+    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor, modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
     if resume == 0:  # the bare flag: the investigation's latest interrupted run
         from ..runs import interrupted_run
 
@@ -109,7 +109,7 @@ def factors_list(project, as_json):
 
 @factors.command("fit")
 @click.argument("project")
-@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec (its factor settings, e.g. ekfac:fisher=empirical).")
+@click.option("--estimator", default=None, help="Estimator spec (its factor settings, e.g. ekfac:fisher=empirical) (default: the registry's default estimator; ekfac among the built-ins).")
 @click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
 @click.option("--fit-sequences", type=int, help="Fit on a seeded sample of this many sequences (default: all).")
 @click.option("--seed", type=int, help="Seed for sampled labels and the sample (default: the project's).")
@@ -128,7 +128,7 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, ba
 
     p = project_at(project)
     p.runtime.configure(device, dtype)
-    settings = RunSettings(estimator=estimator, executor=executor or "local", modules=modules, fit_sequences=fit_sequences,
+    settings = RunSettings(estimator=estimator, executor=executor, modules=modules, fit_sequences=fit_sequences,
                            seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
     if resume == 0:  # the bare flag: the latest interrupted fit
         from ..runs import interrupted_run

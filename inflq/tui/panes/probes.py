@@ -51,7 +51,7 @@ class ProbesPane(Pane):
             with self.prevent(Select.Changed):
                 sel.set_options([(n, n) for n in names])
             self._estimators = names
-        default = "ekfac"
+        default = get_registry().default("estimator", required=False)
         if ctx.result_set_id is not None:
             rs = catalog.get_result_set(self.project.db, ctx.result_set_id)
             default = rs["estimator"].split(":")[0]

@@ -47,7 +47,6 @@ class RunPane(Pane):
         Binding("ctrl+y", "resume", "Resume run"),
     ]
     KINDS = ("estimator", "filter", "executor")
-    DEFAULTS = {"estimator": "ekfac", "filter": "all", "executor": "local"}
     # (RunSettings field, default shown, hint): the run's numeric settings.
     NUMBERS = (
         ("rank", "32", "low-rank query gradients (blank: full)"),
@@ -93,8 +92,9 @@ class RunPane(Pane):
             sel = self.query_one(f"#sel-{kind}", Select)
             # Whole descriptions: the open list wraps them; the closed select shows one line.
             sel.set_options([(f"{name}: {' '.join(cls.description.split())}", name) for name, cls in sorted(classes.items())])
-            if self.DEFAULTS[kind] in classes:
-                sel.value = self.DEFAULTS[kind]
+            default = get_registry().default(kind, required=False)
+            if default in classes:
+                sel.value = default
         self._plugins_of = self.project
 
     @on(Select.Changed, "#sel-estimator, #sel-filter, #sel-executor")
