@@ -7,10 +7,10 @@ Plugins add theirs through the ``register_commands`` hook when :func:`main` star
 
 from __future__ import annotations
 
-from . import demo, investigations, plugins, project, results, runs, sharing, validate
+from . import demo, investigations, plan, plugins, project, results, runs, sharing, validate
 from .base import add_plugin_commands, cli, main
 
-for _module in (project, investigations, runs, results, validate, sharing, plugins, demo):
+for _module in (project, investigations, runs, plan, results, validate, sharing, plugins, demo):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -1,0 +1,80 @@
+"""``plan``: predicted time and peak memory of a run, per phase, before running it."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..errors import Cancelled, InflqError
+from .base import make_console, progress_monitor, project_at
+
+
+def _gb(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GB"
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+@click.command()
+@click.argument("project")
+@click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose queries the run would score.")
+@click.option("--estimator", default=None, help="Estimator spec (default: the registry's default estimator; ekfac among the built-ins).")
+@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
+@click.option("--fit-sequences", type=int, help="Fit factors on a sample of this many sequences (default: all).")
+@click.option("--rank", default="32", show_default=True, help="Rank of the preconditioned query gradients, or 'full'.")
+@click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
+@click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen as a run chooses it).")
+@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto). Time is measured on it.")
+@click.option("--memory", type=float, help="Memory to plan for, in GB (default: what the device has free).")
+@click.option("--calibration", type=int, help="Sequences in the measured calibration (default: two batches' worth).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(project, investigation, estimator, modules, fit_sequences, rank, batch_size, batch_tokens, device, memory, calibration, as_json):
+    """Predict a run's time and peak memory per phase, from a short measured calibration."""
+    from ..plan import make_plan
+    from ..settings import RunSettings
+
+    p = project_at(project)
+    p.runtime.configure(device, None)
+    try:
+        rank_v = None if rank in ("full", "none", "None") else int(rank)
+    except ValueError:
+        raise InflqError(f"--rank must be a number or 'full', not {rank!r}") from None
+    if memory is not None and memory <= 0:
+        raise InflqError(f"--memory must be a positive number of GB, not {memory:g}")
+    settings = RunSettings(estimator=estimator, modules=modules, fit_sequences=fit_sequences, rank=rank_v,
+                           batch_size=batch_size, batch_tokens=batch_tokens, seed=p.config.seed)
+    with progress_monitor() as monitor:
+        try:
+            result = make_plan(p, settings, investigation=investigation, calibration=calibration, monitor=monitor,
+                               memory=None if memory is None else int(memory * (1 << 30)))
+        except Cancelled:
+            raise InflqError("plan cancelled; nothing was written") from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    f = result.facts
+    t = Table("phase", "time", "peak memory", "", title=(
+        f"{f['estimator']} on {f['sequences']:,} sequences ({f['tokens']:,} tokens), {f['queries']} queries, "
+        f"{f['modules']} modules, {f['device']}; {f['batch']}"))
+    for ph in result.phases:
+        t.add_row(ph.name, _seconds(ph.seconds), _gb(ph.peak_bytes), ph.note)
+    t.add_row("total", _seconds(result.seconds), _gb(result.peak_bytes), "peak")
+    console = make_console()
+    console.print(t)
+    console.print("artifacts: " + ", ".join(f"{k} {_gb(v)}" for k, v in result.artifacts.items()))
+    console.print(f"calibrated on {f['calibration_sequences']} sequences ({f['calibration_tokens']:,} tokens)"
+                  + ("" if f["queries_measured"] else "; no queries yet, one stood in for them"))
+    verdict = "fits" if result.fits else "does NOT fit"
+    click.echo(f"{verdict} in {_gb(result.memory)}")
+    for line in result.advice:
+        click.echo(f"- {line}")
+
+
+COMMANDS = (plan,)
