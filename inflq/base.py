@@ -189,6 +189,16 @@ class Estimator(Plugin):
     def describe(self) -> dict[str, Any]:
         return dict(self.settings)
 
+    def score_candidates(self, project: Any, queries: list[dict], candidates: np.ndarray, monitor: Monitor) -> np.ndarray | None:
+        """Scores ``[len(queries), len(candidates)]`` (float32) of the run's ``queries`` (catalog rows:
+        ``prompt``, ``completion``, ``chat``) against the sorted corpus ``candidates``, computed by
+        the estimator itself (e.g. from stored gradients), or ``None`` (the default): the run scores
+        them with its passes, from :meth:`precondition_queries`'s gradients. Called after
+        :meth:`prepare`; the run still preconditions the queries (for attribution and the top rows'
+        per-module scores), so scores returned here should be those gradients' scores up to the
+        estimator's own storage precision. Ignored for estimators with :meth:`checkpoints`."""
+        return None
+
     def checkpoints(self, project: Any) -> list[tuple[Path, float]] | None:
         """Models to score with, each with its weight, for estimators that sum over training
         checkpoints (TracIn): scores are ``Σ_c weight_c × score(model_c)``. ``None`` (the default):
@@ -212,6 +222,11 @@ class FilterContext:
     seed: int
     monitor: Monitor
     make_filter: Callable[[str], Filter] = field(repr=False, default=None)  # type: ignore[assignment]
+    # The project (``project.runtime``: model, tokenizer, corpus, ``engine(modules)``; ``project.db``)
+    # and the run's module spec, for filters that look at gradients or stored per-project data;
+    # ``None`` where a filter runs without a project (scripts, benchmarks).
+    project: Any = field(repr=False, default=None)
+    modules: str | None = None
 
 
 class Filter(Plugin):
