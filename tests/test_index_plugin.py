@@ -20,7 +20,7 @@ def _index_plugin():
     module is registered directly, as `docs/plugins.md` tells plugin tests to."""
     from inflq.cli import cli
 
-    get_registry().register(index_plugin, name="inflq.index")
+    get_registry().register(index_plugin, name="inflq.index", distribution="inflq")
     if "index" not in cli.commands:
         index_plugin.register_commands(cli=cli)
 
@@ -157,3 +157,56 @@ def test_index_estimator_refuses_other_modules(proj, cli_run):
     p.close()
     code, _, err = cli_run("run", proj, "--estimator", "index", "--modules", first)
     assert code == 1 and "--modules" in err
+
+
+def test_pack_carries_the_index_unless_excluded(proj, cli_run, tmp_path):
+    import tarfile
+
+    code, out, err = cli_run("index", "build", proj, "--k-s", "2", "--k-a", "2")
+    assert code == 0, err
+    key = out.split()[1].rstrip(":")
+    with_index, without = tmp_path / "with.tar", tmp_path / "without.tar"
+    assert cli_run("pack", proj, with_index)[0] == 0
+    code, _, err = cli_run("pack", proj, without, "--exclude", "artifacts/index")
+    assert code == 0, err
+
+    def names(f):
+        with tarfile.open(f) as tf:
+            return tf.getnames()
+
+    assert any(n.startswith(f"artifacts/index/index-{key}/rows-") for n in names(with_index))
+    assert not any(n.startswith("artifacts/index/") for n in names(without))
+    assert any(n.startswith("artifacts/factors/") for n in names(without))  # the rest travels
+    code, _, err = cli_run("pack", proj, tmp_path / "bad.tar", "--exclude", "artifacts/factors")
+    assert code == 1 and "the catalog references it" in err
+    code, _, err = cli_run("pack", proj, tmp_path / "bad.tar", "--exclude", "corpus")
+    assert code == 1 and "inside artifacts/" in err
+    # Unpacked, the index is usable there (the catalog row travels in the plugin's table).
+    assert cli_run("unpack", with_index, tmp_path / "copy")[0] == 0
+    code, out, _ = cli_run("index", "list", tmp_path / "copy", "--verify")
+    assert code == 0 and key in out and "checksums ok" in out
+
+
+def test_the_index_plugin_is_shaped_like_a_third_party_one():
+    """Registered through pyproject's `inflq` entry points, importing only `inflq.__all__`, cheap to
+    import (no torch at module level), and touching no core table (tests/test_architecture.py
+    runs the same guards over every built-in)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tomllib
+    from test_architecture import private_inflq_imports
+
+    import inflq
+
+    root = Path(__file__).resolve().parents[1]
+    eps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]["inflq"]
+    assert eps["index"] == "inflq_builtins.index"
+    path = root / "plugins" / "inflq_builtins" / "index.py"
+    assert private_inflq_imports(ast.parse(path.read_text()), set(inflq.__all__)) == []
+    code = "import sys, inflq_builtins.index; print(int('torch' in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0"
+    assert {"index"} <= set(get_registry().names("estimator")) and "index" in get_registry().names("filter")

@@ -249,13 +249,14 @@ def register_commands(cli):
     @click.option("--k-s", type=int, default=None, help="Projection size of each module's output side (default: from --budget).")
     @click.option("--k-a", type=int, default=None, help="Projection size of each module's input side (default: from --budget).")
     @click.option("--budget", "budget", type=int, default=None, help="Bytes per sequence shared by the modules (default 4096).")
-    @click.option("--kind", type=click.Choice(["orthogonal", "gaussian", "eigen"]), default="orthogonal", show_default=True)
+    @click.option("--kind", type=click.Choice(["orthogonal", "gaussian", "eigen"]), default="orthogonal", show_default=True,
+                  help="Projection: random orthonormal rows, Gaussian (Johnson-Lindenstrauss), or the covariances' top eigenvectors.")
     @click.option("--estimator", "fit_estimator", type=click.Choice(["ekfac", "kfac"]), default="ekfac", show_default=True,
                   help="The preconditioner fitted in the projected space.")
     @click.option("--modules", default=None, help="Which modules to track (default: the project's).")
     @click.option("--fit-sequences", type=int, default=None, help="Fit the preconditioner on a random sample of this many sequences.")
     @click.option("--executor", default=None, help="Where passes run (e.g. ray:address=auto); default: this process.")
-    @click.option("--seed", type=int, default=0, show_default=True)
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the random projections and the fit's sampled labels.")
     @click.option("--shard-size", type=int, default=4096, show_default=True, help="Rows committed at a time (Ctrl-C keeps committed shards).")
     def index_build(project, k_s, k_a, budget, kind, fit_estimator, modules, fit_sequences, executor, seed, shard_size):
         """Build (or resume) a gradient index over the whole corpus."""
