@@ -210,3 +210,32 @@ def test_the_index_plugin_is_shaped_like_a_third_party_one():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0"
     assert {"index"} <= set(get_registry().names("estimator")) and "index" in get_registry().names("filter")
+
+
+def test_a_cancelled_build_resumes_from_its_committed_shards(proj, cli_run):
+    """Ctrl-C (a cancelled Monitor) keeps the committed shards; the same build then completes them."""
+    from inflq import Cancelled, Monitor, RunSettings, index
+
+    p = open_project(proj)
+    settings = index.IndexSettings(k_s=3, k_a=3)
+    monitor = Monitor()
+
+    def on_progress(ev):
+        if ev.phase == "index" and ev.done > 8:  # in the second shard: the first is committed
+            monitor.cancel()
+
+    monitor.on_progress = on_progress
+    with pytest.raises(Cancelled):
+        index_plugin.build(p, settings, RunSettings(), monitor, shard_size=8)
+    row = index_plugin.recorded_indexes(p)[0]
+    assert row["status"] == "building"
+    folder = p.path(row["path"])
+    first = (folder / "rows-000000.npy").stat().st_mtime_ns
+    code, out, _ = cli_run("index", "list", proj)
+    assert "incomplete" in out
+    code, _, err = cli_run("run", proj, "--estimator", "index")
+    assert code == 1 and "no complete gradient index" in err
+    row, store = index_plugin.build(p, settings, RunSettings(), Monitor(), shard_size=8)
+    assert row["status"] == "complete" and store.complete and (folder / "rows-000000.npy").stat().st_mtime_ns == first
+    assert index_plugin.recorded_indexes(p)[0]["status"] == "complete"
+    p.close()
