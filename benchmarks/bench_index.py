@@ -19,6 +19,10 @@ Reported, all measured in one run:
 * per projection kind: median per-query Spearman and mean recall of the exact top-10 against
   exact EK-FAC (targets >= 0.9 and >= 0.8), and the exact top-10's recall within the index's
   top-N (the index as a candidate filter);
+* the index as a candidate filter against TF-IDF on the same workload: the exact top-10's recall
+  within each query's top ``--depth`` by the index (what ``--filter index:k=1000`` picks) and within
+  ``tfidf:k=1000``'s candidates (the paper's filter, ``inflq_builtins.tfidf``), for the first kind;
+  meaningful only with more sequences than ``--depth`` (e.g. ``--sequences 20000``);
 * 64 queries against a synthetic memory-mapped index of ``--rows`` rows at the default width
   (random float16 rows in the real format): preconditioning plus the blocked top-10 scan, with the
   file's pages cold (dropped from the page cache where possible) and warm; with several sizes
@@ -96,6 +100,26 @@ def accuracy(index_scores: np.ndarray, exact: np.ndarray, depths: list[int]) -> 
     return out
 
 
+def filter_recall(per_query: list[np.ndarray], exact: np.ndarray) -> float:
+    """Mean over queries of the fraction of the exact top-10 among a filter's candidates."""
+    top = np.argsort(-exact, axis=1)[:, :10]
+    return float(np.mean([len(set(t.tolist()) & set(np.asarray(c).tolist())) / 10 for t, c in zip(top, per_query, strict=True)]))
+
+
+def tfidf_candidates(seqs, q_toks, q_starts, k: int, work: Path) -> list[np.ndarray]:
+    """``tfidf:k=K``'s candidates for the queries over the same sequences (the built-in filter)."""
+    from inflq import FilterContext, Monitor
+    from inflq_builtins.tfidf import TfidfFilter
+
+    ctx = FilterContext(
+        num_sequences=len(seqs), query_tokens=list(q_toks), query_completion_starts=list(q_starts),
+        sequences=lambda idx: [seqs[int(i)] for i in idx], metadata=lambda name: np.full(len(seqs), "", dtype=object),
+        artifacts_dir=work / "artifacts", corpus_fingerprint=f"bench-index-{len(seqs)}-{len(seqs[0])}", tokenizer_fingerprint="synthetic",
+        seed=0, monitor=Monitor(),
+    )
+    return TfidfFilter(k=k, fallback="random").candidates(ctx)
+
+
 def drop_page_cache(path: Path) -> bool:
     """Ask the kernel to forget ``path``'s cached pages (POSIX_FADV_DONTNEED); True if it could."""
     try:
@@ -137,6 +161,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None, help="bytes per sequence (default: the index's default)")
     ap.add_argument("--rows", default="1000000", help="synthetic index sizes for the query timing, comma-separated")
     ap.add_argument("--block-rows", type=int, default=8192)
+    ap.add_argument("--depth", type=int, default=1000, help="candidates per query when comparing index:k and tfidf:k as filters")
     ap.add_argument("--dir", default=None, help="where to write indexes (default: a temporary folder)")
     ap.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes (figures meaningless)")
     args = ap.parse_args()
@@ -148,6 +173,7 @@ def main() -> None:
         BUDGET_BYTES,
         IndexSettings,
         build_index,
+        candidates,
         fit_index,
         local_fit_context,
         local_map,
@@ -209,6 +235,16 @@ def main() -> None:
               + "".join(f", exact top-10 in index top-{k}: {acc[f'recall10@{k}']:.2f}" for k in depths))
         if default_model is None:
             default_model = model_i
+            depth = min(args.depth, len(seqs))
+            t = time.perf_counter()
+            by_index = candidates(store, q, depth)
+            index_s = time.perf_counter() - t
+            t = time.perf_counter()
+            by_tfidf = tfidf_candidates(seqs, q_toks, q_starts, depth, tmp)
+            tfidf_s = time.perf_counter() - t
+            note = " (the whole corpus: both trivially 1; use --sequences > --depth)" if depth >= len(seqs) else ""
+            print(f"    as a filter, exact top-10 recall at {depth} candidates per query{note}: "
+                  f"index:k={depth} {filter_recall(by_index, exact):.3f} ({index_s:.2f} s), tfidf:k={depth} {filter_recall(by_tfidf, exact):.3f} ({tfidf_s:.2f} s)")
 
     sizes_rows = [int(x) for x in args.rows.split(",")]
     q_rows = query_rows(default_model, engine, q_toks, q_starts, 0)

@@ -25,6 +25,7 @@ from .base import (
     Job,
     Pass,
     Shard,
+    SumPass,
 )
 from .errors import Cancelled, InflqError, NumericalError
 from .hookspecs import hookimpl
@@ -52,10 +53,16 @@ _LAZY = {
     # storing a plugin's own tensors; running a pass in this process; reading a result set back
     "save_tensors": "artifacts", "load_tensors": "artifacts", "LocalWorker": "runs",
     "result_set": "results", "score_matrix": "results",
+    # a plugin that fits and runs passes as a run does (the gradient index's build command): the run
+    # settings, the one recipe, an executor from its spec and the job spec a remote worker rebuilds
+    "RunSettings": "settings", "prepare_estimator": "runs", "make_executor": "runs", "worker_spec": "runs",
+    # a plugin command's progress bar and Ctrl-C handling, as inflq's own commands show them
+    "progress_monitor": "cli.base",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .artifacts import load_tensors, save_tensors
+    from .cli.base import progress_monitor
     from .engine import (
         SAMPLED_AT,
         Batch,
@@ -81,10 +88,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .plugins import get_registry
     from .project import Project, ProjectConfig, project_relative
     from .results import result_set, score_matrix
-    from .runs import LocalWorker, build_worker
+    from .runs import LocalWorker, build_worker, make_executor, prepare_estimator, worker_spec
     from .runtime import Runtime
     from .scoring import QueryGradients
     from .search_depth import search_depth_for_result_set
+    from .settings import RunSettings
 
 
 # Subpackages exported whole, imported on first use (they import torch).
@@ -127,9 +135,9 @@ __all__ = [
     "add_into", "Attribution", "AttributionContext", "AttributionResult", "Batch", "build_worker", "Cancelled", "Captured",
     "catalog", "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files",
     "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "index", "InflqError", "init_project",
-    "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "math_attention", "model_files", "Monitor",
-    "NumericalError", "open_project", "Option", "Pass", "pick_device", "pick_dtype", "ProgressEvent", "Project",
-    "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set", "run_shard", "Runtime", "SAMPLED_AT",
-    "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard",
-    "TrackedModule",
+    "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "make_executor", "math_attention", "model_files", "Monitor",
+    "NumericalError", "open_project", "Option", "Pass", "pick_device", "pick_dtype", "prepare_estimator", "progress_monitor", "ProgressEvent", "Project",
+    "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set", "run_shard", "RunSettings", "Runtime", "SAMPLED_AT",
+    "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "SumPass",
+    "TrackedModule", "worker_spec",
 ]

@@ -62,6 +62,32 @@ class Pass:
         add_into(sums, self.process(engine, batch, captures))
 
 
+class SumPass(Pass):
+    """A ``sum`` pass whose batch results are float64 sums yielded one at a time by ``_parts(batch,
+    captures)`` (``(key, tensor)`` pairs): added into the running sums one part at a time, so that
+    memory holds the running sums and one part, not a second full set (a batch's float64 sums
+    for every module of GPT-2 small would be another 2.6 GB). EK-FAC's, K-FAC's and the diagonal's
+    fitting passes and the gradient index's are ones."""
+
+    combine: ClassVar[str] = "sum"
+
+    def _parts(self, batch: Batch, captures: dict[str, Captured]) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def process(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured]) -> dict[str, torch.Tensor]:
+        import torch
+
+        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
+
+    def accumulate(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured], sums: dict[str, torch.Tensor]) -> None:
+        import torch
+
+        from .linalg import add_into
+
+        for k, v in self._parts(batch, captures):
+            add_into(sums, {k: v}, torch.float64)
+
+
 class Plugin:
     """Common to every plugin kind: a name, a description and typed options."""
 
@@ -163,6 +189,16 @@ class Estimator(Plugin):
     def describe(self) -> dict[str, Any]:
         return dict(self.settings)
 
+    def score_candidates(self, project: Any, queries: list[dict], candidates: np.ndarray, monitor: Monitor) -> np.ndarray | None:
+        """Scores ``[len(queries), len(candidates)]`` (float32) of the run's ``queries`` (catalog rows:
+        ``prompt``, ``completion``, ``chat``) against the sorted corpus ``candidates``, computed by
+        the estimator itself (e.g. from stored gradients), or ``None`` (the default): the run scores
+        them with its passes, from :meth:`precondition_queries`'s gradients. Called after
+        :meth:`prepare`; the run still preconditions the queries (for attribution and the top rows'
+        per-module scores), so scores returned here should be those gradients' scores up to the
+        estimator's own storage precision. Ignored for estimators with :meth:`checkpoints`."""
+        return None
+
     def checkpoints(self, project: Any) -> list[tuple[Path, float]] | None:
         """Models to score with, each with its weight, for estimators that sum over training
         checkpoints (TracIn): scores are ``Σ_c weight_c × score(model_c)``. ``None`` (the default):
@@ -186,6 +222,11 @@ class FilterContext:
     seed: int
     monitor: Monitor
     make_filter: Callable[[str], Filter] = field(repr=False, default=None)  # type: ignore[assignment]
+    # The project (``project.runtime``: model, tokenizer, corpus, ``engine(modules)``; ``project.db``)
+    # and the run's module spec, for filters that look at gradients or stored per-project data;
+    # ``None`` where a filter runs without a project (scripts, benchmarks).
+    project: Any = field(repr=False, default=None)
+    modules: str | None = None
 
 
 class Filter(Plugin):

@@ -216,7 +216,9 @@ def search_depth_for_result_set(
             raise InflqError(f"query {q} was not part of result set {rs['id']} (its queries: {run_ids})")
     queries = [catalog.query(project.db, q) for q in wanted]
     store = project.runtime.corpus
-    ctx = filter_context(project, queries, int(settings.get("seed", 0)), monitor, lambda s: make_filter(project, s))
+    modules = settings.get("modules")
+    modules = ",".join(modules) if isinstance(modules, list) else modules
+    ctx = filter_context(project, queries, int(settings.get("seed", 0)), monitor, lambda s: make_filter(project, s), modules)
     filtered = make_filter(project, filtered_spec).candidates(ctx)
     unfiltered = make_filter(project, unfiltered_spec).candidates(ctx)
     indices, matrix = scores(project, rs)

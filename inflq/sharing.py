@@ -87,13 +87,26 @@ def _walk(folder: Path) -> list[Path]:
     return out
 
 
-def pack(project_dir: Path | str, archive: Path | str, *, include_model: bool = False, include_corpus: bool = False, monitor: Monitor | None = None) -> PackResult:
-    """Write ``project_dir`` to the archive ``archive`` (written to a temporary file, renamed at the end)."""
+def pack(
+    project_dir: Path | str, archive: Path | str, *, include_model: bool = False, include_corpus: bool = False,
+    exclude: tuple[str, ...] | list[str] = (), monitor: Monitor | None = None,
+) -> PackResult:
+    """Write ``project_dir`` to the archive ``archive`` (written to a temporary file, renamed at the end).
+    ``exclude``: folders inside ``artifacts/`` to leave out (a plugin's rebuildable files, such as the
+    gradient indexes under ``artifacts/index``); none may hold a file the catalog references."""
     from . import __version__
     from .integrity import referenced_artifacts
     from .project import ARTIFACTS, CATALOG_NAME, CONFIG_NAME, CORPUS_DIR, Project
 
     monitor = monitor or Monitor()
+    excluded = []
+    for e in exclude:
+        rel = Path(str(e)).as_posix().strip("/")
+        if rel.startswith("./"):
+            rel = rel[2:]
+        if not rel.startswith(f"{ARTIFACTS}/") or ".." in Path(rel).parts:
+            raise InflqError(f"--exclude {e}: give a folder inside {ARTIFACTS}/ (e.g. {ARTIFACTS}/index)")
+        excluded.append(rel.rstrip("/") + "/")
     project = Project.open(project_dir)
     root = project.root
     archive = Path(archive)
@@ -124,6 +137,9 @@ def pack(project_dir: Path | str, archive: Path | str, *, include_model: bool = 
             wanted = {a.path: a for a in referenced_artifacts(snap_db)}
         finally:
             snap_db.close()
+        for path, art in wanted.items():
+            if any(path.startswith(e) for e in excluded):
+                raise InflqError(f"cannot leave out {path}: the catalog references it (the {art.kind}); exclude a folder no run needs")
         cfg_file = staging / CONFIG_NAME
         cfg_file.write_text(tomli_w.dumps(packed_cfg.to_toml()))
 
@@ -132,7 +148,7 @@ def pack(project_dir: Path | str, archive: Path | str, *, include_model: bool = 
             if (root / sub).is_dir():
                 for f in _walk(root / sub):
                     rel = f.relative_to(root).as_posix()
-                    if not _SKIP.search(rel) and "__pycache__" not in rel:
+                    if not _SKIP.search(rel) and "__pycache__" not in rel and not any(rel.startswith(e) for e in excluded):
                         sources.append((rel, f))
         if include_model:
             for f in _walk(model_src):

@@ -16,12 +16,15 @@ from .base import progress_monitor, project_at
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--include-model", is_flag=True, help="Put the model's files in the archive (large).")
 @click.option("--include-corpus", is_flag=True, help="Put the corpus file in the archive.")
-def pack(project, file, include_model, include_corpus):
+@click.option("--exclude", "exclude", multiple=True, metavar="PATH",
+              help="Leave out the files under PATH, a folder inside artifacts/ that no run or result set needs "
+                   "(e.g. artifacts/index: the gradient indexes, rebuilt with `inflq index build`). Repeatable.")
+def pack(project, file, include_model, include_corpus, exclude):
     """Write PROJECT into one archive FILE (.tar, or .tar.gz to compress) with a checksum manifest."""
     from ..sharing import pack as do_pack
 
     with progress_monitor() as monitor:
-        res = do_pack(project, file, include_model=include_model, include_corpus=include_corpus, monitor=monitor)
+        res = do_pack(project, file, include_model=include_model, include_corpus=include_corpus, exclude=exclude, monitor=monitor)
     left = [w for w, inc in (("model", include_model), ("corpus", include_corpus)) if not inc]
     click.echo(f"wrote {res.path}: {res.files} files, {res.bytes / 1e6:.1f} MB" + (f" (without the {' and '.join(left)}: the recipient relinks local copies)" if left else ""))
 

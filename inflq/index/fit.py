@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from ..base import FitContext, Pass
+from ..base import FitContext, SumPass
 from ..engine import TrackedModule
 from ..errors import InflqError
-from ..linalg import add_into, eigh, gram
+from ..linalg import eigh, gram
 from .projection import BUDGET_BYTES, KINDS, default_sizes, random_projections, top_eigenvectors
 
 ESTIMATORS = ("ekfac", "kfac")
@@ -90,23 +90,7 @@ def _full(upper: torch.Tensor) -> torch.Tensor:
     return torch.triu(upper) + torch.triu(upper, 1).T
 
 
-class _Sums(Pass):
-    """A fitting pass whose batch results are float64 sums, added one at a time (``_parts``)."""
-
-    combine = "sum"
-
-    def _parts(self, batch, captures):
-        raise NotImplementedError
-
-    def process(self, engine, batch, captures):
-        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
-
-    def accumulate(self, engine, batch, captures, sums):
-        for k, v in self._parts(batch, captures):
-            add_into(sums, {k: v}, torch.float64)
-
-
-class ProjectedCovariancePass(_Sums):
+class ProjectedCovariancePass(SumPass):
     """Sums of ``ā' ā'ᵀ`` and ``g' g'ᵀ`` over tokens (upper triangles), projected by
     ``projections`` (``{"pa/<m>", "ps/<m>"}``) or, where that is ``None``, full width."""
 
@@ -129,7 +113,7 @@ class ProjectedCovariancePass(_Sums):
             yield f"S/{name}", gram(g, symmetric=False)
 
 
-class ProjectedCorrectionPass(_Sums):
+class ProjectedCorrectionPass(SumPass):
     """Sums over sequences of ``(Q_S'ᵀ DW' Q_A')²``, rotated per token through
     ``R_A = P_Aᵀ Q_A'`` and ``R_S = P_Sᵀ Q_S'``: ``Σ_t (R_Sᵀ g_t)(R_Aᵀ ā_t)ᵀ``."""
 

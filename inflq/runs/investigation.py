@@ -23,6 +23,7 @@ from .recording import (
 )
 from .scoring import (
     choose_candidates,
+    estimator_scores,
     filter_context,
     query_compression,
     save_queries,
@@ -99,7 +100,7 @@ def run_investigation(
         catalog.update_run(project.db, run_id, factor_set_id=prepared.factor_set_id)
         # Candidates are fixed at the first attempt and reused on resume.
         t = time.perf_counter()
-        ctx = lambda: filter_context(project, queries, settings.seed, monitor, lambda s: make_filter(project, s))  # noqa: E731
+        ctx = lambda: filter_context(project, queries, settings.seed, monitor, lambda s: make_filter(project, s), settings.modules)  # noqa: E731
         cand, mask = choose_candidates(project, run_id, filt, ctx, len(queries))
         phases["candidates"] = time.perf_counter() - t
         if len(cand) == 0:
@@ -112,9 +113,11 @@ def run_investigation(
         monitor.advance(len(queries))
         saved_queries = save_queries(project, run_id, scorers, settings.rank)
         phases["query gradients"] = time.perf_counter() - t
-        # Score in shards, committing each one.
+        # Scores from the estimator itself (a stored index), else in shards, committing each one.
         t = time.perf_counter()
-        scored = score_shards(project, run_id, scorers, cand, mask, settings, executor, monitor)
+        scored = estimator_scores(project, estimator, queries, cand, mask, monitor)
+        if scored is None:
+            scored = score_shards(project, run_id, scorers, cand, mask, settings, executor, monitor)
         phases["scoring"] = time.perf_counter() - t
         t = time.perf_counter()
         record = result_record(project, run_id, investigation, queries, settings, estimator, filt, scorers, cand, scored.scores, saved_queries, monitor, kept=scored.kept)

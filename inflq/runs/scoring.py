@@ -106,7 +106,9 @@ def split_checkpoint_tensors(tensors: dict[str, torch.Tensor], count: int) -> li
     return out
 
 
-def filter_context(project: Project, queries: list[dict], seed: int, monitor: Monitor, make_filter: Callable[[str], object]) -> FilterContext:
+def filter_context(
+    project: Project, queries: list[dict], seed: int, monitor: Monitor, make_filter: Callable[[str], object], modules: str | None = None
+) -> FilterContext:
     """What a filter sees of the project and the ``queries`` (tokenised as a run measures them)."""
     store = project.runtime.corpus
     toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in queries]
@@ -115,7 +117,7 @@ def filter_context(project: Project, queries: list[dict], seed: int, monitor: Mo
         query_completion_starts=[q.completion_start for q in toks], sequences=store.many,
         metadata=functools.partial(catalog.metadata_column, project.db), artifacts_dir=project.root / ARTIFACTS,
         corpus_fingerprint=store.fingerprint, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
-        seed=seed, monitor=monitor, make_filter=make_filter,
+        seed=seed, monitor=monitor, make_filter=make_filter, project=project, modules=modules,
     )
 
 
@@ -214,6 +216,23 @@ def score_shards(
     scores = np.where(mask, scores, np.nan).astype(np.float32)
     kept = [(int(starts[s.index]), len(s), lambda s=s: shard_file(s)) for s in shards] if per_module else None
     return ScoredShards(scores, kept)
+
+
+def estimator_scores(
+    project: Project, estimator: Estimator, queries: list[dict], cand: np.ndarray, mask: np.ndarray, monitor: Monitor
+) -> ScoredShards | None:
+    """The candidates' scores from the estimator itself (:meth:`inflq.Estimator.score_candidates`,
+    e.g. from a stored gradient index), NaN where not a candidate; ``None`` when it leaves them to
+    the scoring passes (the default) or sums over checkpoints."""
+    if estimator.checkpoints(project):
+        return None
+    out = estimator.score_candidates(project, queries, cand, monitor)
+    if out is None:
+        return None
+    out = np.asarray(out, dtype=np.float32)
+    if out.shape != mask.shape:
+        raise InflqError(f"estimator {estimator.name} returned scores of shape {out.shape} for {mask.shape[0]} queries and {mask.shape[1]} candidates")
+    return ScoredShards(np.where(mask, out, np.nan).astype(np.float32), None)
 
 
 def pick_extremes(scores: np.ndarray, top_k: int) -> list[tuple[int, str, int, int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from inflq import Estimator, FitContext, Option, Pass, hookimpl
+from inflq import Estimator, FitContext, Option, SumPass, hookimpl
 
 if TYPE_CHECKING:  # torch is imported where it is used: importing a plugin must stay cheap
     import torch
@@ -35,31 +35,7 @@ class GradientDotProduct(Estimator):
         return grads
 
 
-class _SumPass(Pass):
-    """A fitting pass whose batch results are sums, yielded one at a time by ``_parts``: added
-    into the running float64 sums one module at a time (a batch's float64 sums for every module
-    of GPT-2 small would be another 2.6 GB beside the running ones)."""
-
-    combine = "sum"
-
-    def _parts(self, batch, captures):
-        raise NotImplementedError
-
-    def process(self, engine, batch, captures):
-        import torch
-
-        return {k: v.to(torch.float64).cpu() for k, v in self._parts(batch, captures)}
-
-    def accumulate(self, engine, batch, captures, sums):
-        import torch
-
-        from inflq import add_into
-
-        for k, v in self._parts(batch, captures):
-            add_into(sums, {k: v}, torch.float64)
-
-
-class CovariancePass(_SumPass):
+class CovariancePass(SumPass):
     """Sums ``ā āᵀ`` and ``g gᵀ`` over tokens (padding contributes zeros). ``A/<module>`` and
     ``S/<module>`` hold the sums in their upper triangles (see :func:`inflq.gram`); read them with
     :func:`symmetric`."""
@@ -96,7 +72,7 @@ def rotate_first_is_cheaper(tokens: int, out: int, inn: int) -> bool:
     return tokens * (inn * inn + out * out) < out * inn * (inn + out)
 
 
-class EigenCorrectionPass(_SumPass):
+class EigenCorrectionPass(SumPass):
     """Sums ``(Q_Sᵀ DW_i Q_A)²`` over sequences, contracting in whichever order is cheaper."""
 
     phase = "eigenvalue correction"
@@ -124,7 +100,7 @@ class EigenCorrectionPass(_SumPass):
             yield f"L/{name}", rot.square_().sum(0)
 
 
-class DiagonalPass(_SumPass):
+class DiagonalPass(SumPass):
     """Sums ``DW_i²`` over sequences: the diagonal of the Fisher."""
 
     phase = "diagonal"
