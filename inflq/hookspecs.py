@@ -38,6 +38,13 @@ def register_executors(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def check_artifacts(project: Any) -> list[str]:
+    """Verify the plugin's own files in ``project`` for ``inflq check``: one line per problem, naming
+    the file and the fix (``"gradient index 3f2a… fails its checksums: rebuild it with ..."``);
+    an empty list when everything verifies. inflq cannot repair these: the line says how."""
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add click commands to the ``inflq`` command group: ``@cli.command() def mine(): ...``.
 

@@ -43,6 +43,34 @@ class Problem:
         return f"{self.artifact.kind} {self.artifact.path} {what}{aff}"
 
 
+@dataclass
+class PluginProblem:
+    """A problem a plugin found in its own files (the ``check_artifacts`` hook); inflq cannot
+    repair it, and the plugin's line says how to."""
+
+    text: str
+    plugin: str
+    artifact: Artifact = field(init=False)
+    problem: str = "plugin"
+    affected: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.artifact = Artifact("plugin artifact", self.text, None, ("plugin", self.plugin))
+
+    def line(self) -> str:
+        return self.text
+
+
+def plugin_problems(project) -> list[PluginProblem]:
+    """What the plugins' ``check_artifacts`` hooks report, each line with its plugin's name."""
+    pm = get_registry().pm
+    out = []
+    for impl in pm.hook.check_artifacts.get_hookimpls():
+        for line in impl.function(project=project) or []:
+            out.append(PluginProblem(str(line), pm.get_name(impl.plugin) or "?"))
+    return out
+
+
 def referenced_artifacts(db) -> list[Artifact]:
     """Every artifact file the catalog (a sqlite-utils Database or a sqlite3 connection) references."""
     return [Artifact(*f) for f in catalog.referenced_files(db)]
@@ -91,7 +119,7 @@ def check(project, monitor: Monitor | None = None) -> list[Problem]:
     store = _store_problem(project)
     if store:
         problems.append(store)
-    return problems
+    return problems + plugin_problems(project)
 
 
 def _store_problem(project) -> Problem | None:
@@ -124,6 +152,7 @@ def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> 
         else:
             project.runtime.rebuild_corpus(monitor)
             notes.append("rebuilt the token store from the corpus")
+    notes += [f"cannot repair {p.line()}" for p in problems if isinstance(p, PluginProblem)]
     project.require_model()
     for p in problems:
         if p.artifact.owner[0] == "factor_sets":

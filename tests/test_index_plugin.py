@@ -73,6 +73,13 @@ def test_index_build_list_rm_and_resume(proj, cli_run):
     data[-1] ^= 0xFF
     rows_file.write_bytes(bytes(data))
     assert "fail their checksums" in cli_run("index", "list", proj, "--verify")[1]
+    # ... and by `inflq check` (the check_artifacts hook), which cannot repair it and says how.
+    lines = [x for part in get_registry().pm.hook.check_artifacts(project=p) for x in part]
+    assert len(lines) == 1 and key in lines[0] and "shard(s) 0 fail their checksums" in lines[0] and "inflq index rm" in lines[0]
+    code, out, err = cli_run("check", proj)
+    assert code == 1 and lines[0] in out and err.startswith("Error: 1 damaged or missing")
+    code, out, err = cli_run("check", proj, "--repair")
+    assert code == 1 and f"cannot repair {lines[0]}" in out and "could not be recomputed" in err
     assert cli_run("index", "rm", proj, key[:8])[0] == 0
     assert not folder.exists() and index_plugin.recorded_indexes(p) == []
     code, _, err = cli_run("index", "rm", proj, "nope")

@@ -46,6 +46,22 @@ def register_filters(register):
     register(IndexFilter)
 
 
+@hookimpl
+def check_artifacts(project):
+    """`inflq check`: every recorded index's files present and its shards' checksums right."""
+    out = []
+    for r in recorded_indexes(project):
+        store = _store(project, r)
+        fix = f"remove it (`inflq index rm {project.root} {r['key']}`) and build it again (`inflq index build`)"
+        if not (store.path / "manifest.json").exists():
+            out.append(f"gradient index {r['key']} ({r['path']}) is missing; {fix}")
+            continue
+        bad = store.verify()
+        if bad:
+            out.append(f"gradient index {r['key']}: shard(s) {', '.join(map(str, bad))} fail their checksums; {fix}")
+    return out
+
+
 # -- the plugin's own catalog table -----------------------------------------------------------------
 
 MIGRATION_SET = "inflq_index"
