@@ -161,6 +161,9 @@ class Estimator(Plugin):
 
     kind = "estimator"
     fits_factors: ClassVar[bool] = False
+    # Scores a new query against the whole corpus without a pass over it (``score_candidates``
+    # from stored data, e.g. the gradient index): the TUI's live query uses such an estimator.
+    interactive: ClassVar[bool] = False
 
     def factor_settings(self) -> dict[str, Any]:
         """Settings that determine the factors (part of the factors' cache key)."""

@@ -1068,3 +1068,61 @@ def test_tui_imports_run_one_way():
             assert not bad, f"{path.relative_to(root)} imports {bad}"
     for path in root.rglob("*.py"):
         assert "._options" not in path.read_text(), f"{path.relative_to(root)} reads a private Textual attribute"
+
+
+def test_live_query_from_the_gradient_index(project_dir):
+    """As the query is typed, the index's top sequences appear (none without an index); ctrl+g
+    adds the exact scores of those sequences."""
+    from textual.widgets import Static
+
+    import inflq_builtins.index as index_plugin
+    from inflq.cli import cli, main
+
+    async def hidden(app, pilot):
+        await pilot.press("2")
+        await settle(pilot)
+        await type_into(pilot, "#prompt", PROMPT)
+        await type_into(pilot, "#completion", COMPLETION)
+        await settle(pilot)
+        return app.screen.query_one("#live", Static).display
+
+    assert drive(project_dir, (120, 50), hidden) is False
+    if get_registry().pm.get_plugin("inflq.index") is None:  # an installed inflq registers it by entry point
+        get_registry().register(index_plugin, name="inflq.index", distribution="inflq")
+    if "index" not in cli.commands:
+        index_plugin.register_commands(cli=cli)
+    try:
+        main(["index", "build", str(project_dir), "--k-s", "3", "--k-a", "3"])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    p = Project.open(project_dir)
+    assert len(index_plugin.recorded_indexes(p)) == 1
+    p.close()
+
+    async def shown(app, pilot):
+        await pilot.press("2")
+        await settle(pilot)
+        await type_into(pilot, "#prompt", PROMPT)
+        await type_into(pilot, "#completion", COMPLETION)
+        await settle(pilot)
+        live = app.screen.query_one("#live", Static)
+        before = str(live.render())
+        await pilot.press("ctrl+g")
+        await settle(pilot)
+        return live.display, before, str(live.render())
+
+    display, before, after = drive(project_dir, (120, 50), shown)
+    assert display is True
+    assert "live: top 5 by index" in before and "1. " in before and "exact" not in before.split("\n", 1)[1]
+    assert "with exact scores" in after and len(re.findall(r"  exact -?\d", after)) == 5
+    # The exact scores are a run's: EK-FAC at full rank over the same sequences.
+    from inflq.live import LiveScorer
+
+    p = Project.open(project_dir)
+    live = LiveScorer(p)
+    top = live.top(PROMPT, COMPLETION, 5)
+    add_query(p, "default", PROMPT, COMPLETION)
+    rs = run_investigation(p, "default", RunSettings(estimator="ekfac", rank=None)).result_set_id
+    row = results.score_matrix(p, "default", rs)[-1]
+    np.testing.assert_allclose(live.exact(PROMPT, COMPLETION, top.indices), row[top.indices], rtol=1e-4, atol=1e-6 * np.abs(row).max())
+    p.close()

@@ -339,6 +339,7 @@ class IndexEstimator(Estimator):
 
     name = "index"
     description = "scores from a stored gradient index (inflq index build): one matrix product for all queries"
+    interactive = True
     options = (
         Option("key", str, None, "which index (a key or its first characters; default: the newest complete one)"),
         Option("metric", str, "inner", "inner product, or cosine in the preconditioner's metric", choices=METRICS),

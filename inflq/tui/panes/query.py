@@ -1,6 +1,10 @@
-"""Tab 2: the investigation's queries, the query editor with its tokens, and what the model says."""
+"""Tab 2: the investigation's queries, the query editor with its tokens, what the model says, and
+(where a gradient index or another interactive estimator serves the project) the top sequences of
+the query as it is typed, re-scored exactly on ctrl+g."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from rich.text import Text
@@ -9,6 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Label, Static
+from textual.worker import get_current_worker
 
 from ... import catalog
 from ...errors import InflqError
@@ -23,7 +28,10 @@ class QueryPane(Pane):
     BINDINGS = [
         Binding("ctrl+s", "add", "Add query"),
         Binding("ctrl+l", "inspect", "Model says"),
+        Binding("ctrl+g", "exact", "Exact top"),
     ]
+    LIVE_DELAY = 0.35  # seconds after the last keystroke before the live query runs
+    LIVE_K = 5
     _said_for: tuple[str, str] | None = None  # the prompt and completion the model-says box is about
 
     def compose(self) -> ComposeResult:
@@ -41,6 +49,9 @@ class QueryPane(Pane):
             yield CButton("Model says (ctrl+l)", id="inspect")
         yield Static("", id="tokens", classes="detail")
         yield Static("", id="model-says", classes="detail")
+        live = Static("", id="live", classes="detail")
+        live.display = False  # shown once an interactive estimator answers
+        yield live
 
     def reload(self) -> None:
         table = self.query_one("#queries", DataTable)
@@ -72,6 +83,7 @@ class QueryPane(Pane):
             self.query_one("#model-says", Static).update(Text("(the query changed: ctrl+l asks the model about this one)", style="dim italic"))
         if self.project is not None:
             self.tokenize(self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+            self.live_query(*current)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tokenize")
     def tokenize(self, prompt: str, completion: str) -> None:
@@ -128,3 +140,62 @@ class QueryPane(Pane):
     def _show_says(self, about: tuple[str, str], text: Text) -> None:
         if about == self._said_for:  # not if the query was edited meanwhile
             self.query_one("#model-says", Static).update(text)
+
+    # -- the live query ----------------------------------------------------------------------------
+    _live_top = None  # the LiveTop shown, for ctrl+g
+
+    def _scorer(self):
+        from ...live import LiveScorer
+
+        scorer = getattr(self, "_live_scorer", None)
+        if scorer is None or scorer.project is not self.project:
+            scorer = self._live_scorer = LiveScorer(self.project)
+        return scorer
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="live")
+    def live_query(self, prompt: str, completion: str) -> None:
+        """The interactive estimator's top sequences, LIVE_DELAY after the last edit (a newer
+        edit cancels this worker while it waits)."""
+        time.sleep(self.LIVE_DELAY)
+        if get_current_worker().is_cancelled:
+            return
+        with self.inflq.model_lock:
+            top = self._scorer().top(prompt, completion, self.LIVE_K)
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self._show_live, (prompt, completion), top, None)
+
+    def _show_live(self, about: tuple[str, str], top, exact) -> None:
+        now = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        live = self.query_one("#live", Static)
+        if about != now:
+            return
+        self._live_top = (about, top)
+        live.display = top is not None
+        if top is None:
+            return
+        text = Text()
+        text.append(f"live: top {len(top.indices)} by {top.estimator} ({top.seconds * 1000:.0f} ms)", style="bold")
+        text.append("   ctrl+g: exact scores\n" if exact is None else "   with exact scores\n", style="dim")
+        for r, (sid, s, t) in enumerate(zip(top.seq_ids, top.scores, top.texts, strict=True)):
+            ex = "" if exact is None else f"  exact {exact[r]:.4g}"
+            text.append(f"{r + 1}. {sid}  {s:.4g}{ex}  ", style="bold" if r == 0 else "")
+            text.append(render.snippet(t, 60) + "\n")
+        live.update(text)
+
+    def action_exact(self) -> None:
+        if not self.need() or self._live_top is None or self._live_top[1] is None:
+            self.notify("no live results to re-score (build a gradient index: inflq index build)", severity="warning")
+            return
+        self.notify("re-scoring the live top exactly…")
+        self.exact(*self._live_top)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="exact")
+    def exact(self, about: tuple[str, str], top) -> None:
+        try:
+            with self.inflq.model_lock:
+                exact = self._scorer().exact(*about, top.indices)
+        except InflqError as exc:
+            self.app.call_from_thread(self.inflq.show_error, exc)
+            return
+        self.app.call_from_thread(self._show_live, about, top, exact)
+

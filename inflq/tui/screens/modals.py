@@ -111,6 +111,7 @@ HELP = """\
 
 [b]Investigations[/b] enter select · n new · r rename · d delete (asks first)
 [b]Query[/b]     enter select · ctrl+s add query · ctrl+l what the model says
+            (with a gradient index: the top sequences as you type; ctrl+g exact scores)
 [b]Run[/b]       ctrl+r start · ctrl+b cancel · ctrl+y resume selected run
 [b]Results[/b]   enter (or click the highlighted row) open sequence
             t/b top/bottom · / search (enter: back) · n/p page · e export
