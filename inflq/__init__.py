@@ -25,6 +25,8 @@ from .base import (
     Job,
     Pass,
     Shard,
+    TrainContext,
+    Trainer,
 )
 from .errors import Cancelled, InflqError, NumericalError
 from .hookspecs import hookimpl
@@ -122,5 +124,5 @@ __all__ = [
     "load_model", "load_tensors", "LocalWorker", "make_batch", "math_attention", "model_files", "Monitor", "NumericalError",
     "open_project", "Option", "Pass", "pick_device", "pick_dtype", "ProgressEvent", "Project", "project_relative",
     "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set", "run_shard", "Runtime", "SAMPLED_AT", "save_tensors",
-    "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "TrackedModule",
+    "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "TrackedModule", "TrainContext", "Trainer",
 ]

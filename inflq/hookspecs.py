@@ -1,7 +1,7 @@
 """The whole plugin API of inflq: each hook receives a ``register`` callable (``register_commands``:
 the command group).
 
-Built-in estimators, filters, attributions, executors and commands are registered through these
+Built-in estimators, filters, attributions, executors, trainers and commands are registered through these
 same hooks and the same ``inflq`` entry-point group that third-party plugins use (see
 ``docs/plugins.md``).
 """
@@ -35,6 +35,11 @@ def register_attributions(register: Callable[[type], None]) -> None:
 @hookspec
 def register_executors(register: Callable[[type], None]) -> None:
     """Register :class:`inflq.Executor` subclasses (where passes run): ``register(MyExecutor)``."""
+
+
+@hookspec
+def register_trainers(register: Callable[[type], None]) -> None:
+    """Register :class:`inflq.Trainer` subclasses (retraining on a corpus subset, for LDS): ``register(MyTrainer)``."""
 
 
 @hookspec
