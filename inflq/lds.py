@@ -85,6 +85,9 @@ def lds_table_rows(rows: list) -> list[tuple[str, ...]]:
 
 
 def lds_title(vid: int | None, settings: dict) -> str:
+    if settings.get("method") == "loo":
+        return (f"leave-one-out validation {vid}: {len(settings['queries'])} queries × {settings['subsets']} sequences left out "
+                f"(Spearman with the measured effect), trainer {settings['trainer']}")
     return (f"LDS validation {vid}: {len(settings['queries'])} queries × {settings['subsets']} subsets of "
             f"{settings['subset_size']} sequences, trainer {settings['trainer']}")
 
@@ -92,7 +95,7 @@ def lds_title(vid: int | None, settings: dict) -> str:
 def recommendation(damping: float | None) -> str | None:
     if damping is None:
         return None
-    return f"recommended EK-FAC damping (best LDS): {damping:g} (run with --estimator ekfac:damping={damping:g})"
+    return f"recommended EK-FAC damping (best correlation with retraining): {damping:g} (run with --estimator ekfac:damping={damping:g})"
 
 
 # -- the arithmetic --------------------------------------------------------------------------------
@@ -150,12 +153,13 @@ def query_logprobs(model, queries: list, device=None) -> np.ndarray:
     return np.array(out)
 
 
-def study_key(project: Project, qtoks: list, trainer: Trainer, seed: int, fraction: float) -> str:
-    """What determines a study's measurements, hashed: retrained subsets of another key are not reused."""
+def study_key(project: Project, qtoks: list, trainer: Trainer, seed: int, fraction: float | str) -> str:
+    """What determines a study's measurements, hashed: retrained subsets of another key are not
+    reused. ``fraction``: LDS's subset fraction, or "loo" for leave-one-out."""
     blob = {
         "model": project.model_fingerprint, "corpus": project.corpus_fingerprint_recorded, "n": len(project.runtime.corpus),
         "queries": [[int(t) for t in q.tokens] + [int(q.completion_start)] for q in qtoks],
-        "trainer": trainer.name, "trainer_settings": trainer.settings, "seed": int(seed), "fraction": float(fraction),
+        "trainer": trainer.name, "trainer_settings": trainer.settings, "seed": int(seed), "fraction": fraction,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -227,6 +231,62 @@ def estimator_scores(project: Project, spec: str, qrows: list[dict], engine, mod
     return total, fit_s, time.perf_counter() - t, est.settings.get("damping")
 
 
+def _queries_and_specs(project: Project, investigation: str, estimators, dampings, queries) -> tuple[list[dict], list[str]]:
+    from .runs import make_estimator
+
+    project.require_model()
+    qrows = catalog.queries(project.db, investigation)
+    if queries is not None:
+        qrows = qrows[: max(1, queries)]
+    if not qrows:
+        raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
+    specs = list(estimators or ["identity", "ekfac", "lissa"]) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
+    for spec in specs:
+        make_estimator(project, spec)  # a bad spec fails now, not after hours of retraining
+    return qrows, specs
+
+
+def _compare(project: Project, qrows, specs, predict, measured, modules, seed, batch_size, monitor) -> tuple[list[LDSRow], dict[str, np.ndarray], list[str]]:
+    """Each spec's scores over the corpus, turned into predictions by ``predict`` and correlated
+    per query (Spearman, and Pearson) with ``measured``."""
+    from .runs import default_executor
+
+    engine = project.runtime.engine(modules)
+    executor = default_executor(project)
+    rows: list[LDSRow] = []
+    preds: dict[str, np.ndarray] = {}
+    try:
+        for spec in specs:
+            scores, fit_s, score_s, damping = estimator_scores(project, spec, qrows, engine, modules, seed, batch_size, monitor, executor)
+            p = predict(scores)
+            per_q = lds_per_query(p, measured)
+            mean, ci = mean_and_ci(per_q)
+            pear = [float(pearsonr(p[:, q], measured[:, q])[0]) if np.std(p[:, q]) > 0 and np.std(measured[:, q]) > 0 else float("nan") for q in range(len(qrows))]
+            rows.append(LDSRow(spec, mean, ci, float(np.nanmean(pear)) if np.isfinite(pear).any() else float("nan"), fit_s, score_s, damping, per_q.tolist()))
+            preds[spec] = p
+    finally:
+        executor.close()
+    return rows, preds, engine.names
+
+
+def _save(project: Project, investigation: str, method: str, rows: list[LDSRow], used: dict, num_queries: int, num: int) -> int:
+    inv = catalog.investigation(project.db, investigation)
+    return catalog.insert_validation(project.db, [
+        {
+            "investigation_id": inv["id"], "method": method, "estimator": r.estimator, "damping": r.damping,
+            "lds": r.lds, "lds_ci": r.ci, "pearson": r.pearson, "spearman": r.lds, "fit_seconds": r.fit_seconds,
+            "ihvp_seconds": r.score_seconds, "num_queries": num_queries, "num_sequences": num,
+            "settings": json.dumps({**used, "per_query": r.per_query}, default=float),
+        }
+        for r in rows
+    ])
+
+
+def _best_damping(rows: list[LDSRow]) -> float | None:
+    sweep = [r for r in rows if r.estimator.startswith("ekfac:damping=")]
+    return max(sweep, key=lambda r: r.lds if math.isfinite(r.lds) else -2).damping if sweep else None
+
+
 def validate_lds(
     project: Project,
     investigation: str,
@@ -245,64 +305,85 @@ def validate_lds(
     """LDS of each estimator spec (and of ``ekfac:damping=λ`` for each of ``dampings``, recommending
     the λ with the best LDS) over ``subsets`` subsets of ``fraction`` of the corpus, retrained with
     ``trainer`` (a spec; default: the registry's default trainer). ``queries``: the first that many
-    of the investigation's queries (default: all)."""
-    from .runs import default_executor, make_estimator, make_trainer
+    of the investigation's queries (default: all). ``seed`` seeds the subsets, every retraining and
+    the estimators' fitting."""
+    from .runs import make_trainer
 
     monitor = monitor or Monitor()
-    project.require_model()
     if subsets < 3:
         raise InflqError("--subsets must be at least 3 (a Spearman correlation over subsets)")
-    qrows = catalog.queries(project.db, investigation)
-    if queries is not None:
-        qrows = qrows[: max(1, queries)]
-    if not qrows:
-        raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
-    specs = list(estimators or ["identity", "ekfac", "lissa"]) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
-    for spec in specs:
-        make_estimator(project, spec)  # a bad spec fails now, not after hours of retraining
+    qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
     tr = make_trainer(project, trainer)
     assert isinstance(tr, Trainer)
     n = len(project.runtime.corpus)
     subs = [subset_indices(n, fraction, seed, j) for j in range(subsets)]
     qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
-    study = study_key(project, qtoks, tr, seed, fraction)
+    study = study_key(project, qtoks, tr, seed, float(fraction))
 
     t0 = time.perf_counter()
     measured, trained = retrain_subsets(project, tr, qtoks, study, subs, seed, monitor)
     retrain_s = time.perf_counter() - t0
-
-    engine = project.runtime.engine(modules)
-    executor = default_executor(project)
-    rows: list[LDSRow] = []
-    preds: dict[str, np.ndarray] = {}
-    try:
-        for spec in specs:
-            scores, fit_s, score_s, damping = estimator_scores(project, spec, qrows, engine, modules, seed, batch_size, monitor, executor)
-            p = subset_predictions(scores, subs)
-            per_q = lds_per_query(p, measured)
-            mean, ci = mean_and_ci(per_q)
-            pear = [float(pearsonr(p[:, q], measured[:, q])[0]) if np.std(p[:, q]) > 0 and np.std(measured[:, q]) > 0 else float("nan") for q in range(len(qrows))]
-            rows.append(LDSRow(spec, mean, ci, float(np.nanmean(pear)) if np.isfinite(pear).any() else float("nan"), fit_s, score_s, damping, per_q.tolist()))
-            preds[spec] = p
-    finally:
-        executor.close()
-    sweep = [r for r in rows if r.estimator.startswith("ekfac:damping=")]
-    recommended = max(sweep, key=lambda r: r.lds if math.isfinite(r.lds) else -2).damping if sweep else None
+    rows, preds, names = _compare(project, qrows, specs, lambda scores: subset_predictions(scores, subs), measured, modules, seed, batch_size, monitor)
+    recommended = _best_damping(rows)
     used = {
-        "queries": [q["id"] for q in qrows], "subsets": subsets, "fraction": fraction, "subset_size": len(subs[0]), "num_corpus": n,
-        "trainer": tr.spec(), "seed": seed, "study": study, "retrain_seconds": retrain_s, "retrained_now": len(trained),
-        "modules": engine.names, "recommended_damping": recommended,
+        "method": "lds", "queries": [q["id"] for q in qrows], "subsets": subsets, "fraction": fraction, "subset_size": len(subs[0]),
+        "num_corpus": n, "trainer": tr.spec(), "seed": seed, "study": study, "retrain_seconds": retrain_s, "retrained_now": len(trained),
+        "modules": names, "recommended_damping": recommended,
     }
-    vid = None
-    if save:
-        inv = catalog.investigation(project.db, investigation)
-        vid = catalog.insert_validation(project.db, [
-            {
-                "investigation_id": inv["id"], "method": "lds", "estimator": r.estimator, "damping": r.damping,
-                "lds": r.lds, "lds_ci": r.ci, "pearson": r.pearson, "spearman": r.lds, "fit_seconds": r.fit_seconds,
-                "ihvp_seconds": r.score_seconds, "num_queries": len(qrows), "num_sequences": subsets,
-                "settings": json.dumps({**used, "per_query": r.per_query}, default=float),
-            }
-            for r in rows
-        ])
+    vid = _save(project, investigation, "lds", rows, used, len(qrows), subsets) if save else None
     return LDSValidation(vid, rows, measured, preds, used, recommended, trained)
+
+
+def loo_sequences(n: int, count: int, seed: int) -> np.ndarray:
+    """The first ``count`` of a permutation of the corpus seeded by ``seed`` (a larger count extends
+    a smaller one's choice)."""
+    if not 3 <= count < n:
+        raise InflqError(f"--loo {count} must be at least 3 and below the {n} sequences of the corpus")
+    return np.random.default_rng([int(seed), 0x100]).permutation(n)[:count].astype(np.int64)
+
+
+def validate_loo(
+    project: Project,
+    investigation: str,
+    estimators: list[str] | None = None,
+    count: int = 8,
+    trainer: str | None = None,
+    dampings: list[float] | None = None,
+    queries: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    modules: str | None = None,
+    monitor: Monitor | None = None,
+    save: bool = True,
+) -> LDSValidation:
+    """Leave-one-out: retrain on the whole corpus and on the corpus without each of ``count``
+    seeded sequences; the measured effect of sequence i on a query is ``m(all) − m(all ∖ i)``
+    (positive: including i raised the completion's log-probability, inflq's sign), correlated
+    (Spearman per query, over the ``count`` sequences, averaged) with each estimator's score of i.
+    Retrained models are committed as LDS subsets are (subset 0: all; k: without the k-th sequence)."""
+    from .runs import make_trainer
+
+    monitor = monitor or Monitor()
+    qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
+    tr = make_trainer(project, trainer)
+    assert isinstance(tr, Trainer)
+    n = len(project.runtime.corpus)
+    left = loo_sequences(n, count, seed)
+    everything = np.arange(n, dtype=np.int64)
+    subs = [everything] + [np.delete(everything, i) for i in left]
+    qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
+    study = study_key(project, qtoks, tr, seed, "loo")
+
+    t0 = time.perf_counter()
+    measured, trained = retrain_subsets(project, tr, qtoks, study, subs, seed, monitor)
+    retrain_s = time.perf_counter() - t0
+    effect = measured[0][None, :] - measured[1:]
+    rows, preds, names = _compare(project, qrows, specs, lambda scores: scores[left], effect, modules, seed, batch_size, monitor)
+    recommended = _best_damping(rows)
+    used = {
+        "method": "loo", "queries": [q["id"] for q in qrows], "subsets": count, "left_out": [int(i) for i in left], "subset_size": n - 1,
+        "num_corpus": n, "trainer": tr.spec(), "seed": seed, "study": study, "retrain_seconds": retrain_s, "retrained_now": len(trained),
+        "modules": names, "recommended_damping": recommended,
+    }
+    vid = _save(project, investigation, "loo", rows, used, len(qrows), count) if save else None
+    return LDSValidation(vid, rows, effect, preds, used, recommended, trained)

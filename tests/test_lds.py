@@ -178,6 +178,32 @@ def test_lds_is_exact_against_a_linear_outcome(tiny, stub_registry):
     assert back[0]["settings"]["trainer"] == "linear-stub" and back[0]["num_sequences"] == 8
 
 
+def test_leave_one_out_is_exact_against_a_linear_outcome(tiny, stub_registry, cli_run):
+    """m(all) − m(all ∖ i) rises with w_i when the outcome is increasing in Σ w: identity's LOO
+    correlation is 1 for every query; a larger --loo reuses the models already retrained."""
+    from inflq.lds import estimator_scores, loo_sequences, validate_loo
+    from inflq.runs import default_executor
+
+    qrows = catalog.queries(tiny.db, "default")
+    ident = estimator_scores(tiny, "identity", qrows, tiny.runtime.engine(), None, 0, 8, Monitor(), default_executor(tiny))[0]
+    StubTrainer.weights, StubTrainer.sign, StubTrainer.calls = ident, 1.0, []
+    v = validate_loo(tiny, "default", ["identity"], count=4, trainer="linear-stub", save=False)
+    assert v.rows[0].per_query == pytest.approx([1.0, 1.0, 1.0])
+    left = loo_sequences(16, 4, 0)
+    assert [len(c) for c in StubTrainer.calls] == [16, 15, 15, 15, 15]
+    assert [sorted(set(range(16)) - set(c.tolist())) for c in StubTrainer.calls[1:]] == [[int(i)] for i in left]
+    assert np.array_equal(loo_sequences(16, 5, 0)[:4], left)
+    code, out, err = cli_run("validate", str(tiny.root), "--loo", "5", "--trainer", "linear-stub", "--estimators", "identity")
+    assert code == 0, err
+    assert "leave-one-out validation" in out and len(StubTrainer.calls) == 6  # only the 5th sequence's model is new
+    rows = catalog.validation_rows(tiny.db, method="loo")
+    assert rows[0]["lds"] == pytest.approx(1.0) and rows[0]["settings"]["left_out"] == loo_sequences(16, 5, 0).tolist()
+    code, out, err = cli_run("validate", str(tiny.root), "--loo", "5", "--lds")
+    assert code == 1 and "give one" in err
+    with pytest.raises(InflqError, match="--loo 2"):
+        validate_loo(tiny, "default", ["identity"], count=2, trainer="linear-stub")
+
+
 def test_lds_refuses_bad_input(tiny):
     from inflq.lds import validate_lds
 
@@ -226,7 +252,7 @@ def test_validate_lds_end_to_end_cancels_and_resumes(tmp_path, cli_run, monkeypa
                              "--estimators", "identity,ekfac", "--dampings", "1e-3,1")
     assert code == 0, err
     assert len(trained) == 4 and len({tuple(t) for t in trained}) == 4  # subsets 1-3 now; 0 not again
-    assert "LDS validation" in out and "recommended EK-FAC damping (best LDS)" in out
+    assert "LDS validation" in out and "recommended EK-FAC damping (best correlation with retraining)" in out
     p = Project.open(tmp_path / "project")
     rows = catalog.validation_rows(p.db, method="lds")
     assert [r["estimator"] for r in rows] == ["identity", "ekfac", "ekfac:damping=0.001", "ekfac:damping=1.0"]
@@ -239,3 +265,32 @@ def test_validate_lds_end_to_end_cancels_and_resumes(tmp_path, cli_run, monkeypa
     assert code == 0, err
     assert len(trained) == 4
     p.close()
+
+
+def test_adamw_trainer_is_seeded_from_config_and_shares_the_demo_loop(tiny):
+    """Same seed and subset: the same model; another subset or seed: another; a fresh init of
+    config.json (not the project's weights); and the demo's training script calls this loop."""
+    import inspect
+
+    from inflq import TrainContext
+    from inflq.plugins import get_registry
+
+    tr = get_registry().create("trainer", "adamw", {"epochs": 1, "batch_size": 4, "threads": 1})
+
+    def train(idx, seed):
+        return tr.train(TrainContext(tiny, np.asarray(idx, np.int64), seed, Monitor(), Path(".")))
+
+    def flat(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    a, b = flat(train(range(8), 0)), flat(train(range(8), 0))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, flat(train(range(1, 9), 0))) and not torch.equal(a, flat(train(range(8), 1)))
+    assert not torch.equal(a, flat(tiny.runtime.model))
+    monitor = Monitor()
+    monitor.cancel()
+    with pytest.raises(Cancelled):
+        tr.train(TrainContext(tiny, np.arange(8), 0, monitor, Path(".")))
+    demo = (Path(__file__).resolve().parents[1] / "projects" / "demo" / "train_model.py").read_text()
+    assert "from inflq_builtins.trainers import train_causal_lm" in demo and "opt.step()" not in demo
+    assert "opt.step()" in inspect.getsource(__import__("inflq_builtins.trainers").trainers.train_causal_lm)

@@ -25,21 +25,37 @@ from .base import make_console, progress_monitor, project_at
 @click.option("--lds", is_flag=True, help="Linear datamodeling score: retrain on random subsets instead of the PBRF.")
 @click.option("--subsets", default=32, show_default=True, help="--lds: how many subsets to retrain on.")
 @click.option("--fraction", default=0.5, show_default=True, help="--lds: the share of the corpus in each subset.")
+@click.option("--loo", type=int, help="Leave-one-out: retrain without each of this many seeded sequences (and once on all) instead of the PBRF.")
 @click.option("--trainer", "trainer_spec", help="--lds: the trainer spec, e.g. adamw:epochs=6 (default: the default trainer).")
-def validate(project, investigation, estimators, sample, dampings, queries, fit_sequences, epsilon, pbrf_steps, pbrf_damping, max_minutes, seed, batch_size, lds, subsets, fraction, trainer_spec):
+def validate(project, investigation, estimators, sample, dampings, queries, fit_sequences, epsilon, pbrf_steps, pbrf_damping, max_minutes, seed, batch_size, lds, subsets, fraction, loo, trainer_spec):
     """Measure estimators against the PBRF ground truth on a sample of fitting sequences, or with
-    --lds against retraining (each retrained subset is committed: rerun to resume)."""
+    --lds (--loo N) against retraining on random subsets (without single sequences); each retrained
+    model's measurements are committed: rerun to resume."""
     from rich.table import Table
 
+    from ..errors import InflqError
     from ..validate import parse_list
     from ..validate import validate as run_validation
 
     p = project_at(project)
-    if lds:
-        from ..lds import LDS_COLUMNS, lds_table_rows, lds_title, recommendation, validate_lds
+    if lds and loo is not None:
+        raise InflqError("--lds and --loo are two validations; give one")
+    if lds or loo is not None:
+        from ..lds import (
+            LDS_COLUMNS,
+            lds_table_rows,
+            lds_title,
+            recommendation,
+            validate_lds,
+            validate_loo,
+        )
 
+        common = {"trainer": trainer_spec, "dampings": parse_list(dampings, float), "queries": queries, "seed": seed, "batch_size": batch_size}
         with progress_monitor() as monitor:
-            v = validate_lds(p, investigation, parse_list(estimators), subsets=subsets, fraction=fraction, trainer=trainer_spec, dampings=parse_list(dampings, float), queries=queries, seed=seed, batch_size=batch_size, monitor=monitor)
+            if lds:
+                v = validate_lds(p, investigation, parse_list(estimators), subsets=subsets, fraction=fraction, monitor=monitor, **common)
+            else:
+                v = validate_loo(p, investigation, parse_list(estimators), count=loo, monitor=monitor, **common)
 
         t = Table(*LDS_COLUMNS, title=lds_title(v.id, v.settings))
         for cells in lds_table_rows(v.rows):
