@@ -26,6 +26,8 @@ from .base import (
     Pass,
     Shard,
     SumPass,
+    TrainContext,
+    Trainer,
 )
 from .errors import Cancelled, InflqError, NumericalError
 from .hookspecs import hookimpl
@@ -135,9 +137,10 @@ __all__ = [
     "add_into", "Attribution", "AttributionContext", "AttributionResult", "Batch", "build_worker", "Cancelled", "Captured",
     "catalog", "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files",
     "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "index", "InflqError", "init_project",
-    "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "make_executor", "math_attention", "model_files", "Monitor",
-    "NumericalError", "open_project", "Option", "Pass", "pick_device", "pick_dtype", "prepare_estimator", "progress_monitor", "ProgressEvent", "Project",
-    "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set", "run_shard", "RunSettings", "Runtime", "SAMPLED_AT",
-    "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set", "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "SumPass",
-    "TrackedModule", "worker_spec",
+    "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "make_executor", "math_attention", "model_files",
+    "Monitor", "NumericalError", "open_project", "Option", "Pass", "pick_device", "pick_dtype", "prepare_estimator",
+    "progress_monitor", "ProgressEvent", "Project", "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set",
+    "run_shard", "RunSettings", "Runtime", "SAMPLED_AT", "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set",
+    "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "SumPass", "TrackedModule", "TrainContext", "Trainer",
+    "worker_spec",
 ]

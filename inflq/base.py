@@ -1,4 +1,4 @@
-"""Plugin base classes: Estimator, Filter, Attribution, Executor, and the contexts they receive.
+"""Plugin base classes: Estimator, Filter, Attribution, Executor, Trainer, and the contexts they receive.
 
 A plugin is a subclass with a ``name``, a one-line ``description`` and declared ``options``;
 it is registered through a hook in :mod:`inflq.hookspecs`. See ``docs/plugins.md``.
@@ -314,3 +314,40 @@ class Executor(Plugin):
 
     def close(self) -> None:
         pass
+
+
+# -- trainers --------------------------------------------------------------------------------------
+@dataclass
+class TrainContext:
+    """What a trainer may use to retrain the project's model on a subset of its corpus.
+
+    ``project``: the :class:`inflq.Project` (``project.model_path`` holds ``config.json``;
+    ``project.runtime.corpus`` the tokenized corpus, ``.many(indices)`` its sequences;
+    ``project.runtime.pad_id``). ``indices``: the sorted corpus indices to train on. ``seed``: the
+    seed of the initialisation and the data order (the same seed gives the same model for the same
+    subset). ``workdir``: a temporary folder the trainer may write to, deleted after the subset is
+    measured. ``monitor``: check it (``monitor.check()``) between steps so that Ctrl-C stops within
+    a step."""
+
+    project: Any
+    indices: np.ndarray
+    seed: int
+    monitor: Monitor
+    workdir: Path
+
+
+class Trainer(Plugin):
+    """Retrains the project's model, from the same initialisation recipe, on a subset of the corpus
+    (the ground truth of the linear datamodeling score and of leave-one-out retraining).
+
+    ``train(ctx)`` returns the retrained model in memory: a causal LM ``torch.nn.Module`` whose
+    ``model(input_ids, attention_mask=...)`` returns an object with ``.logits`` (a Hugging Face
+    model), on any device; inflq measures the queries' log-probabilities with it and then drops it.
+    A trainer that trains elsewhere may instead return the path of a ``save_pretrained`` folder
+    (inside ``ctx.workdir``), which inflq loads.
+    """
+
+    kind = "trainer"
+
+    def train(self, ctx: TrainContext) -> torch.nn.Module | Path:
+        raise NotImplementedError

@@ -1,7 +1,7 @@
 """The whole plugin API of inflq: each hook receives a ``register`` callable (``register_commands``:
 the command group).
 
-Built-in estimators, filters, attributions, executors and commands are registered through these
+Built-in estimators, filters, attributions, executors, trainers and commands are registered through these
 same hooks and the same ``inflq`` entry-point group that third-party plugins use (see
 ``docs/plugins.md``).
 """
@@ -42,6 +42,11 @@ def check_artifacts(project: Any) -> list[str]:
     """Verify the plugin's own files in ``project`` for ``inflq check``: one line per problem, naming
     the file and the fix (``"gradient index 3f2a… fails its checksums: rebuild it with ..."``);
     an empty list when everything verifies. inflq cannot repair these: the line says how."""
+
+
+@hookspec
+def register_trainers(register: Callable[[type], None]) -> None:
+    """Register :class:`inflq.Trainer` subclasses (retraining on a corpus subset, for LDS): ``register(MyTrainer)``."""
 
 
 @hookspec

@@ -13,7 +13,7 @@ from types import ModuleType
 import pluggy
 
 from . import hookspecs
-from .base import Attribution, Estimator, Executor, Filter, Plugin
+from .base import Attribution, Estimator, Executor, Filter, Plugin, Trainer
 from .errors import InflqError
 
 
@@ -26,9 +26,9 @@ class LoadedPlugin:
 
 
 class Registry:
-    """The loaded plugins and the estimator, filter, attribution and executor classes they register."""
+    """The loaded plugins and the estimator, filter, attribution, executor and trainer classes they register."""
 
-    KINDS = {"estimator": Estimator, "filter": Filter, "attribution": Attribution, "executor": Executor}
+    KINDS = {"estimator": Estimator, "filter": Filter, "attribution": Attribution, "executor": Executor, "trainer": Trainer}
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("inflq")
@@ -69,6 +69,7 @@ class Registry:
             "filter": self.pm.hook.register_filters,
             "attribution": self.pm.hook.register_attributions,
             "executor": self.pm.hook.register_executors,
+            "trainer": self.pm.hook.register_trainers,
         }
         for kind, hook in hooks.items():
             for impl in hook.get_hookimpls():

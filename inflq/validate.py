@@ -20,8 +20,8 @@ do not scale with the gradient, and at ε = 1/N the response is a small, ε-line
 plain (momentum) gradient descent resolves symmetrically for ±ε, so the difference cancels
 second-order terms and shared optimisation error.
 
-Leave-one-out retraining (a user-supplied training function) is not implemented; see
-``docs/validation.md``.
+Retraining as the ground truth (the linear datamodeling score, leave-one-out) is in
+:mod:`inflq.lds`, with a ``trainer`` plugin; see ``docs/validation.md``.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ EXPECTED = {
     "results": ["result_set_id", "query_id", "side", "rank", "seq_idx", "seq_id", "score", "module_scores", "layer_scores", "text"],
     "sequence_tags": ["id", "investigation_id", "seq_id", "tag", "note", "created_at"],
     "file_hashes": ["path", "size", "mtime_ns", "sha256"],
-    "validations": ["id", "validation", "investigation_id", "estimator", "damping", "pearson", "spearman", "fit_seconds", "ihvp_seconds", "num_queries", "num_sequences", "settings", "created_at"],
+    "validations": ["id", "validation", "investigation_id", "estimator", "damping", "pearson", "spearman", "fit_seconds", "ihvp_seconds", "num_queries", "num_sequences", "settings", "created_at", "method", "lds", "lds_ci"],
+    "lds_subsets": ["study", "subset", "num_sequences", "indices_sha", "measurements", "seconds", "created_at"],
     "fit_shards": ["run_id", "pass_key", "shard", "n", "factor_key", "path", "checksum", "seconds"],
     "_sqlite_migrations": ["id", "migration_set", "name", "applied_at"],
 }

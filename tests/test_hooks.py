@@ -64,6 +64,15 @@ def test_register_filters_attributions_executors():
     assert "all" in collect(hook.register_filters)
 
 
+def test_register_trainers_reaches_the_builtin_trainer():
+    from inflq import Trainer
+    from inflq.plugins import get_registry
+
+    got = collect(get_registry().pm.hook.register_trainers)
+    assert "adamw" in got and all(issubclass(c, Trainer) and c.description for c in got.values())
+    assert get_registry().default("trainer") == "adamw"
+
+
 def test_register_commands_adds_commands_to_a_group():
     from inflq.plugins import get_registry
 

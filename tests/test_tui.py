@@ -796,6 +796,45 @@ def test_validate_screen_runs_with_progress_and_cancels(project_dir):
     drive(project_dir, (100, 40), go)
 
 
+def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
+    """Method lds on the validate screen: retrains with the built-in trainer (tiny settings), shows
+    the LDS table, and the latest saved LDS validation is shown again when the screen reopens."""
+    import io
+
+    from rich.console import Console
+    from textual.widgets import Input, Static
+
+    from inflq.tui.screens.tools import ValidateScreen
+
+    seed(project_dir, run=None)
+
+    def shown(screen) -> str:
+        console = Console(width=120, record=True, file=io.StringIO())
+        console.print(screen.query_one("#val-result", Static).content)
+        return console.export_text()
+
+    async def go(app, pilot):
+        palette_command(app, "Validate estimators")()
+        await settle(pilot)
+        screen = app.screen
+        assert isinstance(screen, ValidateScreen)
+        for name, value in (("method", "lds"), ("estimators", "identity"), ("queries", "1"), ("subsets", "3"), ("trainer", "adamw:epochs=1,batch_size=8,threads=1")):
+            screen.query_one(f"#val-{name}", Input).value = value
+        await pilot.press("ctrl+r")
+        await settle(pilot)
+        text = shown(screen)
+        assert "LDS validation 1: 1 queries × 3 subsets" in text and "identity" in text, text
+        assert "LDS retraining" in screen.phases.bars
+        assert [r["method"] for r in app.project.db.query("SELECT method FROM validations")] == ["lds"]
+        await pilot.press("escape")
+        await settle(pilot)
+        palette_command(app, "Validate estimators")()
+        await settle(pilot)
+        assert "LDS validation 1: 1 queries × 3 subsets" in shown(app.screen)
+
+    drive(project_dir, (120, 40), go)
+
+
 def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypatch):
     """Relink asks for the model and corpus copies, confirms, then checks fingerprints (a wrong
     corpus is a dialog, not a crash); Trust names the plugin files, confirms and loads them."""

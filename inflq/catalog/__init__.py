@@ -13,7 +13,7 @@ code outside ``inflq/catalog/`` touches ``db[...]`` or runs SQL.
 - ``runs``: runs and their status transitions, scoring and fitting shards, the files the catalog
   references.
 - ``results``: result sets, their stored sequences and the search over them.
-- ``validations``: saved validations against the PBRF.
+- ``validations``: saved validations against the PBRF and LDS retraining; ``lds_subsets``: LDS's committed retrained subsets.
 """
 
 from .results import (
@@ -59,7 +59,7 @@ from .schema import (
     now,
     set_meta,
 )
-from .validations import insert_validation
+from .validations import insert_lds_subset, insert_validation, lds_subsets, validation_rows
 
 # isort: split
 # -- records, factor sets, reports, files (the #14 catalog block) --
@@ -127,7 +127,7 @@ __all__ = [
     # runs, results, validations
     "count_results", "delete_factor_set", "delete_score_shards", "dependents", "factor_set_by_key", "finish_run",
     "fit_shard_totals", "fit_shards", "get_result_set", "get_run", "insert_result_set", "insert_run",
-    "insert_validation", "interrupted_run", "latest_run_id", "latest_run_using", "move_runs_to_factor_set",
+    "insert_lds_subset", "insert_validation", "lds_subsets", "validation_rows", "interrupted_run", "latest_run_id", "latest_run_using", "move_runs_to_factor_set",
     "record_fit_shards", "record_score_shard", "referenced_files", "restart_run", "result_set_of_run", "result_sets_of",
     "run_counts", "run_ids_using", "runs_of", "score_shard_totals", "score_shards", "store_factor_set", "stored_results",
     "update_result_set", "update_run",

@@ -184,6 +184,22 @@ def m0004_fit_shards(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0005_lds")
+def m0005_lds(db: sqlite_utils.Database) -> None:
+    # LDS (`inflq validate --lds`): a validation row says which ground truth it was measured
+    # against (``method``: "pbrf" or "lds"); an LDS row's score and its 95 % interval over queries.
+    db["validations"].add_column("method", str, not_null_default="pbrf")
+    db["validations"].add_column("lds", float)
+    db["validations"].add_column("lds_ci", float)
+    # One row per retrained subset: the queries' measured log-probabilities under the model
+    # retrained on it (a committed shard: a rerun of the same study skips it). ``study`` is the key
+    # of what determines the measurements (model, corpus, queries, trainer, seed, fraction).
+    db["lds_subsets"].create(
+        {"study": str, "subset": int, "num_sequences": int, "indices_sha": str, "measurements": str, "seconds": float, "created_at": str},
+        pk=("study", "subset"),
+    )
+
+
 class CatalogDatabase(sqlite_utils.Database):
     """sqlite-utils' Database whose outermost transactions begin IMMEDIATE: the write lock is taken
     (waiting up to the busy timeout) before the first read. A deferred BEGIN that reads first and

@@ -1,8 +1,10 @@
-"""Validations against the proximal Bregman response (``validations``): one row per estimator of
-each ``inflq validate`` that was saved."""
+"""Validations (``validations``): one row per estimator of each ``inflq validate`` that was
+saved, against the proximal Bregman response (``method`` "pbrf") or retraining (``method`` "lds");
+and the committed shards of LDS retraining (``lds_subsets``)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .schema import now
@@ -14,3 +16,40 @@ def insert_validation(db, rows: list[dict[str, Any]]) -> int:
         vid = (db.execute("SELECT coalesce(max(validation), 0) FROM validations").fetchone()[0] or 0) + 1
         db["validations"].insert_all([{**r, "validation": vid, "created_at": now()} for r in rows])
     return vid
+
+
+def validation_rows(db, validation: int | None = None, method: str | None = None) -> list[dict[str, Any]]:
+    """The rows of validation ``validation`` (default: the latest one, of ``method`` if given), in
+    insertion order; ``settings`` decoded."""
+    where, args = [], []
+    if method is not None:
+        where.append("method = ?")
+        args.append(method)
+    if validation is None:
+        cond = f" WHERE {' AND '.join(where)}" if where else ""
+        validation = db.execute(f"SELECT max(validation) FROM validations{cond}", args).fetchone()[0]
+        if validation is None:
+            return []
+    rows = db.execute("SELECT * FROM validations WHERE validation = ? ORDER BY id", [validation])
+    cols = [c[0] for c in rows.description]
+    out = [dict(zip(cols, r)) for r in rows.fetchall()]
+    for r in out:
+        r["settings"] = json.loads(r["settings"]) if r.get("settings") else {}
+    return out
+
+
+def lds_subsets(db, study: str) -> dict[int, dict[str, Any]]:
+    """The committed retrained subsets of LDS study ``study``, by subset number (``measurements``
+    decoded to a list of floats, one per query)."""
+    rows = db.execute("SELECT subset, num_sequences, indices_sha, measurements, seconds FROM lds_subsets WHERE study = ? ORDER BY subset", [study]).fetchall()
+    return {int(s): {"num_sequences": n, "indices_sha": sha, "measurements": json.loads(m), "seconds": sec} for s, n, sha, m, sec in rows}
+
+
+def insert_lds_subset(db, study: str, subset: int, num_sequences: int, indices_sha: str, measurements: list[float], seconds: float) -> None:
+    """Commit one retrained subset's measurements (replacing a row of the same study and subset)."""
+    with db.atomic():
+        db["lds_subsets"].upsert(
+            {"study": study, "subset": int(subset), "num_sequences": int(num_sequences), "indices_sha": indices_sha,
+             "measurements": json.dumps([float(x) for x in measurements]), "seconds": float(seconds), "created_at": now()},
+            pk=("study", "subset"),
+        )

@@ -18,7 +18,7 @@ def plugins(as_json):
     from ..plugins import get_registry
 
     reg = get_registry()
-    kinds = ("estimator", "filter", "attribution", "executor")
+    kinds = tuple(reg.KINDS)
     if as_json:
         click.echo(json.dumps({
             "plugins": [lp.__dict__ for lp in reg.loaded],

@@ -19,6 +19,7 @@ from .recipe import (
     make_estimator,
     make_executor,
     make_filter,
+    make_trainer,
     prepare_estimator,
 )
 from .recording import (
@@ -46,7 +47,7 @@ from .workers import LocalWorker, build_worker, checkpoint_engine, worker_spec
 __all__ = [
     "LocalWorker", "Prepared", "ResultRecord", "RunResult", "RunSettings", "Scorer", "build_worker", "checkpoint_engine",
     "committed_work", "default_executor", "ensure_factors", "extremes", "filter_context", "fit_factors", "fit_indices", "interrupted_run",
-    "make_estimator", "make_executor", "make_filter", "preconditioned_queries", "prepare_estimator", "query_compression",
+    "make_estimator", "make_executor", "make_filter", "make_trainer", "preconditioned_queries", "prepare_estimator", "query_compression",
     "query_gradients", "result_record", "run_investigation", "scorer_tensors", "scorers_for", "shard_extremes",
     "split_checkpoint_tensors", "start_run", "store_result_set", "worker_spec",
 ]

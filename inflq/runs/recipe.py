@@ -26,6 +26,12 @@ def make_executor(project: Project, spec: str) -> Executor:
     return get_registry().create("executor", s.name, s.options)  # type: ignore[return-value]
 
 
+def make_trainer(project: Project, spec: str | None = None):
+    """The trainer ``spec`` names (default: the registry's default trainer)."""
+    s = parse_spec(spec or get_registry().default("trainer"))
+    return get_registry().create("trainer", s.name, s.options)
+
+
 def make_filter(project: Project, spec: str):
     parts = parse_specs(spec)
     if len(parts) == 1:

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
-import time
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from inflq_builtins.trainers import train_causal_lm
 
 HERE = Path(__file__).resolve().parent
 EOS = "<|endoftext|>"
@@ -73,17 +73,6 @@ def encode_docs(tokenizer, texts: list[str]) -> list[list[int]]:
         ids = ids[: N_POSITIONS - 1] + [tokenizer.eos_token_id]
         out.append(ids)
     return out
-
-
-def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention_mask[i, : len(s)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 @torch.no_grad()
@@ -163,48 +152,11 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.98))
-    steps_per_epoch = math.ceil(len(seqs) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    warmup = min(200, total // 10)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(1, total - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order_rng = random.Random(args.seed)
-    model.train()
-    t0 = time.perf_counter()
-    step = 0
-    for epoch in range(args.epochs):
-        order = list(range(len(seqs)))
-        order_rng.shuffle(order)
-        tot_loss, tot_tok = 0.0, 0
-        for b in range(0, len(order), args.batch_size):
-            batch = collate([seqs[i] for i in order[b: b + args.batch_size]],
-                            tokenizer.pad_token_id)
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            n_tok = int((batch["labels"][:, 1:] != -100).sum())
-            tot_loss += out.loss.item() * n_tok
-            tot_tok += n_tok
-        if epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == args.epochs:
-            print(f"epoch {epoch + 1:3d}/{args.epochs}  loss {tot_loss / tot_tok:.4f}  "
-                  f"lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:6.1f}s", flush=True)
-    train_time = time.perf_counter() - t0
+    # The training loop is the built-in `adamw` trainer's (LDS retrains with the same recipe).
+    stats = train_causal_lm(model, seqs, tokenizer.pad_token_id, epochs=args.epochs,
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            log=lambda line: print(line, flush=True))
+    step, train_time = stats["steps"], stats["train_time_s"]
     print(f"training wall time: {train_time:.1f}s ({step} steps, {args.threads} threads)")
 
     model.eval()
@@ -235,7 +187,7 @@ def main() -> None:
         "seed": args.seed, "epochs": args.epochs, "steps": step, "batch_size": args.batch_size,
         "lr": args.lr, "threads": args.threads, "train_time_s": round(train_time, 1),
         "n_params": n_params, "vocab_size": len(tokenizer), "n_docs": len(seqs),
-        "final_train_loss": tot_loss / tot_tok,
+        "final_train_loss": stats["final_train_loss"],
         "queries": results,
     }
     with open(args.out / "train_summary.json", "w", encoding="utf-8") as f:

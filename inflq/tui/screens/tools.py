@@ -1,5 +1,5 @@
 """What the CLI's maintenance commands do, in the TUI: validating estimators against the PBRF
-ground truth (``inflq validate``), relinking the model or corpus (``inflq relink``) and trusting
+ground truth or retraining (``inflq validate [--lds]``), relinking the model or corpus (``inflq relink``) and trusting
 a project's local plugins (``inflq trust``). Validation runs in a thread worker with progress
 bars and a cancel; relink and trust ask for confirmation first."""
 
@@ -25,7 +25,8 @@ from ..phases import PhaseBars, RunProgress
 
 class ValidateScreen(Screen):
     """``inflq validate`` on the current investigation: estimators against the PBRF ground truth
-    on a sample of fitting sequences, and an optional EK-FAC damping sweep (esc back)."""
+    on a sample of fitting sequences, or (method lds) against retraining on random subsets, and an
+    optional EK-FAC damping sweep (esc back). Shows the latest saved LDS validation on opening."""
 
     BINDINGS = [
         Binding("escape", "back", "Back"),
@@ -34,6 +35,7 @@ class ValidateScreen(Screen):
     ]
     # (validate() argument, default shown, what it is)
     FIELDS = (
+        ("method", "pbrf", "pbrf (the PBRF ground truth) or lds (retraining on random subsets; resumable)"),
         ("estimators", "identity,ekfac,lissa", "estimator specs to compare, comma-separated"),
         ("sample", "20", "fitting sequences to solve the PBRF for (two solves each)"),
         ("queries", "3", "how many of the investigation's queries"),
@@ -41,6 +43,9 @@ class ValidateScreen(Screen):
         ("dampings", "", "EK-FAC dampings to sweep, e.g. 1e-4,1e-2 (blank: none)"),
         ("pbrf_steps", "300", "optimiser steps per PBRF solve (fewer: faster, less exact)"),
         ("max_minutes", "30", "refuse a sample whose PBRF solves would take longer"),
+        ("subsets", "32", "lds: subsets to retrain on (each committed as it finishes)"),
+        ("fraction", "0.5", "lds: the share of the corpus in each subset"),
+        ("trainer", "", "lds: trainer spec, e.g. adamw:epochs=6 (blank: the default)"),
     )
 
     def __init__(self) -> None:
@@ -66,9 +71,16 @@ class ValidateScreen(Screen):
         app = self.app
         self.query_one("#validate-title", Static).update(
             f"Validate estimators on investigation {app.investigation!r}: Pearson and Spearman correlation with the PBRF "
-            "ground truth (docs/validation.md). The same as `inflq validate`; results are saved with the project."
+            "ground truth, or (method lds) the linear datamodeling score against retraining (docs/validation.md). "
+            "The same as `inflq validate [--lds]`; results are saved with the project."
         )
         self.query_one("#val-estimators", Input).focus()
+        if app.project is not None:
+            from ... import catalog
+
+            rows = catalog.validation_rows(app.project.db, method="lds")
+            if rows:
+                self.query_one("#val-result", Static).update(lds_table(rows[0]["validation"], rows, rows[0]["settings"], rows[0]["settings"].get("recommended_damping")))
 
     def _arguments(self) -> dict:
         from ...validate import parse_list
@@ -91,7 +103,20 @@ class ValidateScreen(Screen):
         estimators = parse_list(raw["estimators"])
         if not estimators:
             raise InflqError("name at least one estimator, e.g. identity,ekfac")
+        method = raw["method"].lower()
+        if method not in ("pbrf", "lds"):
+            raise InflqError(f"method must be pbrf or lds, got {raw['method']!r}")
+        if method == "lds":
+            try:
+                fraction = float(raw["fraction"])
+            except ValueError:
+                raise InflqError(f"fraction must be a number, got {raw['fraction']!r}") from None
+            return {
+                "method": "lds", "estimators": estimators, "subsets": whole("subsets"), "fraction": fraction,
+                "trainer": raw["trainer"] or None, "dampings": parse_list(raw["dampings"], float), "queries": whole("queries"),
+            }
         return {
+            "method": "pbrf",
             "estimators": estimators, "sample": whole("sample"), "queries": whole("queries"), "fit_sequences": whole("fit_sequences"),
             "dampings": parse_list(raw["dampings"], float), "pbrf_steps": whole("pbrf_steps"), "max_minutes": minutes,
         }
@@ -115,7 +140,7 @@ class ValidateScreen(Screen):
             app.show_error(exc, "Cannot start the validation")
             return
         self.phases.reset()
-        self.query_one("#val-result", Static).update(Text("validating… (the PBRF solves take a while; ctrl+b cancels)", style="italic"))
+        self.query_one("#val-result", Static).update(Text("validating… (the PBRF solves or the retraining take a while; ctrl+b cancels)", style="italic"))
         self._set_running(True)
         self.monitor = Monitor(on_progress=lambda ev: self.post_message(RunProgress(ev)))
         self.validate_worker(app.investigation, kwargs, self.monitor)
@@ -126,11 +151,11 @@ class ValidateScreen(Screen):
             self.notify("no validation in progress", severity="warning")
             return
         self.monitor.cancel()
-        self.notify("cancelling: the validation stops after the current step")
+        self.notify("cancelling: the validation stops after the current step (LDS keeps the subsets already retrained)")
 
     def action_back(self) -> None:
         if self.running and self.monitor is not None:
-            self.monitor.cancel()  # nothing is left half-saved: results are saved only at the end
+            self.monitor.cancel()  # nothing is left half-saved: results at the end, LDS subsets as each finishes
         self.app.pop_screen()
 
     def _set_running(self, running: bool) -> None:
@@ -147,13 +172,16 @@ class ValidateScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="validate")
     def validate_worker(self, investigation: str, kwargs: dict, monitor: Monitor):
+        from ...lds import validate_lds
         from ...project import Project
         from ...validate import validate
 
         # Its own catalog connection and model, as a run has: browsing stays responsive and safe.
         project = Project.open(self.app.project.root)
+        kwargs = dict(kwargs)
+        run = validate_lds if kwargs.pop("method") == "lds" else validate
         try:
-            return validate(project, investigation, monitor=monitor, **kwargs)
+            return run(project, investigation, monitor=monitor, **kwargs)
         finally:
             project.close()
 
@@ -164,9 +192,10 @@ class ValidateScreen(Screen):
         self.phases.stop("" if event.state == WorkerState.SUCCESS else "(stopped)")  # no ETA
         out = self.query_one("#val-result", Static)
         if event.state == WorkerState.SUCCESS:
-            out.update(validation_table(event.worker.result))
+            v = event.worker.result
+            out.update(lds_table(v.id, v.rows, v.settings, v.recommended_damping) if hasattr(v, "measured") else validation_table(v))
         elif isinstance(event.worker.error, Cancelled):
-            out.update(Text("cancelled: nothing was saved; start again when you like", style="italic"))
+            out.update(Text("cancelled: nothing was saved (LDS: the subsets retrained so far were; start again to resume)", style="italic"))
         else:
             out.update("")
             self.app.worker_failed(event)
@@ -184,6 +213,19 @@ def validation_table(v) -> Table:
         t.add_row(r.estimator, f"{r.pearson:.3f}", f"{r.spearman:.3f}", f"{r.fit_seconds:.3f}", f"{r.ihvp_seconds:.4f}")
     if v.recommended_damping is not None:
         t.caption = f"recommended EK-FAC damping: {v.recommended_damping:g} (estimator ekfac:damping={v.recommended_damping:g})"
+        t.caption_justify = "left"
+    return t
+
+
+def lds_table(vid, rows, settings: dict, recommended: float | None) -> Table:
+    """An LDS validation's scores (``LDSRow``s or saved rows), as ``inflq validate --lds`` prints them."""
+    from ...lds import LDS_COLUMNS, lds_table_rows, lds_title, recommendation
+
+    t = Table(*LDS_COLUMNS, title=lds_title(vid, settings), title_justify="left", box=None, pad_edge=False)
+    for cells in lds_table_rows(rows):
+        t.add_row(*cells)
+    if recommended is not None:
+        t.caption = recommendation(recommended)
         t.caption_justify = "left"
     return t
 

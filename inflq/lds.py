@@ -1,0 +1,389 @@
+"""The linear datamodeling score (LDS): estimators against retraining.
+
+Train the model on M random subsets of the corpus (each holding ``fraction`` of it) with a
+``trainer`` plugin, measure each query's ``log p(completion | prompt)`` under each retrained model;
+an estimator's prediction for a subset is the sum of its scores (over the full corpus, from the
+project's model) of the sequences the subset holds. A query's LDS is the Spearman correlation, over
+subsets, between predictions and measurements; the estimator's LDS is its mean over queries, with a
+95 % t-interval over queries (Park et al. 2023; the Kronfluence and bergson examples).
+
+Resumable: each retrained subset's measurements are committed at once (``lds_subsets``, keyed by the
+study: model, corpus, queries, trainer, seed and fraction; subset ``j``'s indices depend only on the
+seed, ``j`` and the corpus size, so raising M extends a study). A rerun skips committed subsets;
+Ctrl-C loses at most the subset in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from scipy.stats import t as student_t
+
+from . import catalog
+from .base import TrainContext, Trainer
+from .errors import InflqError
+from .progress import Monitor
+from .project import Project
+
+
+@dataclass
+class LDSRow:
+    """One estimator (at one damping): its LDS over subsets, per query and averaged."""
+
+    estimator: str
+    lds: float
+    ci: float
+    pearson: float
+    fit_seconds: float
+    score_seconds: float
+    damping: float | None = None
+    per_query: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LDSValidation:
+    """The result of :func:`validate_lds`."""
+
+    id: int | None
+    rows: list[LDSRow]
+    measured: np.ndarray  # [subsets, queries]
+    predictions: dict[str, np.ndarray]  # spec -> [subsets, queries]
+    settings: dict[str, Any]
+    recommended_damping: float | None = None
+    trained: list[int] = field(default_factory=list)  # the subsets retrained by this call
+
+
+LDS_COLUMNS = ("estimator", "damping", "LDS", "± 95% CI", "pearson", "fit s", "score s")
+
+
+def lds_table_rows(rows: list) -> list[tuple[str, ...]]:
+    """The cells of an LDS table (``LDS_COLUMNS``) for :class:`LDSRow`s or saved catalog rows
+    (``catalog.validation_rows``), as the CLI and the TUI show them."""
+
+    def num(x, form: str) -> str:  # NaN is saved as NULL: either shows as "—"
+        return "—" if x is None or not math.isfinite(x) else format(x, form)
+
+    def cells(estimator, damping, lds, ci, pearson, fit_s, score_s):
+        return (estimator, "" if damping is None else f"{damping:g}", num(lds, ".3f"), num(ci, ".3f"), num(pearson, ".3f"), num(fit_s, ".1f"), num(score_s, ".1f"))
+
+    out = []
+    for r in rows:
+        if isinstance(r, dict):
+            out.append(cells(r["estimator"], r["damping"], r["lds"], r["lds_ci"], r["pearson"], r["fit_seconds"], r["ihvp_seconds"]))
+        else:
+            out.append(cells(r.estimator, r.damping, r.lds, r.ci, r.pearson, r.fit_seconds, r.score_seconds))
+    return out
+
+
+def lds_title(vid: int | None, settings: dict) -> str:
+    if settings.get("method") == "loo":
+        return (f"leave-one-out validation {vid}: {len(settings['queries'])} queries × {settings['subsets']} sequences left out "
+                f"(Spearman with the measured effect), trainer {settings['trainer']}")
+    return (f"LDS validation {vid}: {len(settings['queries'])} queries × {settings['subsets']} subsets of "
+            f"{settings['subset_size']} sequences, trainer {settings['trainer']}")
+
+
+def recommendation(damping: float | None) -> str | None:
+    if damping is None:
+        return None
+    return f"recommended EK-FAC damping (best correlation with retraining): {damping:g} (run with --estimator ekfac:damping={damping:g})"
+
+
+# -- the arithmetic --------------------------------------------------------------------------------
+def subset_indices(n: int, fraction: float, seed: int, subset: int) -> np.ndarray:
+    """Subset ``subset``'s sorted corpus indices: ``round(fraction × n)`` of ``n``, drawn from a
+    generator seeded by (``seed``, ``subset``) alone."""
+    k = int(round(fraction * n))
+    if not 0 < fraction < 1 or k < 1 or k >= n:
+        raise InflqError(f"--fraction {fraction} must leave between 1 and {n - 1} of the {n} sequences in a subset")
+    rng = np.random.default_rng([int(seed), 0x1D5, int(subset)])
+    return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
+
+
+def subset_predictions(scores: np.ndarray, subsets: list[np.ndarray]) -> np.ndarray:
+    """``[subsets, queries]``: per subset, the sum of ``scores[i, q]`` over its sequences ``i``."""
+    return np.stack([scores[idx].sum(0) for idx in subsets])
+
+
+def lds_per_query(predictions: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Spearman over subsets (rows) between predictions and measurements, per query (column);
+    NaN where either is constant."""
+    out = np.full(predictions.shape[1], np.nan)
+    for q in range(predictions.shape[1]):
+        a, b = predictions[:, q], measured[:, q]
+        if np.std(a) > 0 and np.std(b) > 0:
+            out[q] = float(spearmanr(a, b)[0])
+    return out
+
+
+def mean_and_ci(values: np.ndarray) -> tuple[float, float]:
+    """The mean of the finite ``values`` and the half-width of its 95 % t-interval (NaN with fewer
+    than two)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(student_t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+# -- the ground truth ------------------------------------------------------------------------------
+def query_logprobs(model, queries: list, device=None) -> np.ndarray:
+    """``log p(completion | prompt)`` of each tokenized query (``tokens``, ``completion_start``) under ``model``."""
+    import torch
+
+    device = device or next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for q in queries:
+            ids = torch.as_tensor(np.asarray(q.tokens, np.int64), device=device)[None]
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.double()
+            logp = torch.log_softmax(logits, -1)[0, :-1].gather(1, ids[0, 1:, None])[:, 0]
+            out.append(float(logp[q.completion_start - 1 :].sum()))
+    return np.array(out)
+
+
+def study_key(project: Project, qtoks: list, trainer: Trainer, seed: int, fraction: float | str) -> str:
+    """What determines a study's measurements, hashed: retrained subsets of another key are not
+    reused. ``fraction``: LDS's subset fraction, or "loo" for leave-one-out."""
+    blob = {
+        "model": project.model_fingerprint, "corpus": project.corpus_fingerprint_recorded, "n": len(project.runtime.corpus),
+        "queries": [[int(t) for t in q.tokens] + [int(q.completion_start)] for q in qtoks],
+        "trainer": trainer.name, "trainer_settings": trainer.settings, "seed": int(seed), "fraction": fraction,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _indices_sha(idx: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest()[:16]
+
+
+def retrain_subsets(
+    project: Project, trainer: Trainer, qtoks: list, study: str, subsets: list[np.ndarray], seed: int, monitor: Monitor
+) -> tuple[np.ndarray, list[int]]:
+    """The measurements ``[subsets, queries]``, retraining the subsets not yet committed to
+    ``study`` (each committed as soon as it is measured). Returns them and the subsets trained now."""
+    from .modeling import load_model
+
+    done = catalog.lds_subsets(project.db, study)
+    measured = np.zeros((len(subsets), len(qtoks)))
+    todo = []
+    for j, idx in enumerate(subsets):
+        row = done.get(j)
+        if row is not None and row["indices_sha"] == _indices_sha(idx) and len(row["measurements"]) == len(qtoks):
+            measured[j] = row["measurements"]
+        else:
+            todo.append(j)
+    monitor.start("LDS retraining", len(subsets))
+    monitor.advance(len(subsets) - len(todo), f"{len(subsets) - len(todo)} subsets already trained")
+    for j in todo:
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="inflq-lds-") as wd:
+            out = trainer.train(TrainContext(project, subsets[j], int(seed), monitor, Path(wd)))
+            if isinstance(out, (str, Path)):
+                import torch
+
+                out = load_model(Path(out), project.runtime.device, torch.float32)
+            out.eval()
+            measured[j] = query_logprobs(out, qtoks)
+            del out
+        if not np.isfinite(measured[j]).all():
+            raise InflqError(f"the model retrained on subset {j} gives non-finite log-probabilities; check the trainer's settings")
+        catalog.insert_lds_subset(project.db, study, j, len(subsets[j]), _indices_sha(subsets[j]), measured[j].tolist(), time.perf_counter() - t)
+        monitor.advance(1, f"subset {j + 1} of {len(subsets)} trained")
+    return measured, todo
+
+
+# -- the estimators' scores --------------------------------------------------------------------------
+def estimator_scores(project: Project, spec: str, qrows: list[dict], engine, modules: str | None, seed: int, batch_size: int, monitor: Monitor, executor):
+    """Scores ``[sequences, queries]`` of every corpus sequence under estimator ``spec`` (factors
+    fitted on the whole corpus or reused, through :func:`inflq.runs.prepare_estimator`; TracIn sums
+    its checkpoints), with the seconds spent preparing and scoring, and its damping."""
+    from .base import Shard
+    from .passes import ScorePass
+    from .runs import LocalWorker, RunSettings, make_estimator, prepare_estimator, scorers_for
+
+    est = make_estimator(project, spec)
+    settings = RunSettings(estimator=spec, modules=modules, fit_sequences=None, seed=seed, batch_size=batch_size)
+    t = time.perf_counter()
+    prepare_estimator(project, settings, monitor, estimator=est, engine=engine, executor=executor)
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    everything = Shard(0, np.arange(len(project.runtime.corpus), dtype=np.int64))
+    total = None
+    for scorer in scorers_for(project, est, engine, qrows, settings, None):
+        monitor.start(f"LDS scores: {spec}", len(everything))
+        got = LocalWorker(project, scorer.engine).run(ScorePass(scorer.queries), everything, batch_size, monitor)["scores"].double().numpy()
+        total = got if total is None else total + got
+    assert total is not None
+    if not np.isfinite(total).all():
+        raise InflqError(f"{spec} produced non-finite scores; increase its damping")
+    return total, fit_s, time.perf_counter() - t, est.settings.get("damping")
+
+
+def _queries_and_specs(project: Project, investigation: str, estimators, dampings, queries) -> tuple[list[dict], list[str]]:
+    from .runs import make_estimator
+
+    project.require_model()
+    qrows = catalog.queries(project.db, investigation)
+    if queries is not None:
+        qrows = qrows[: max(1, queries)]
+    if not qrows:
+        raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
+    specs = list(estimators or ["identity", "ekfac", "lissa"]) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
+    for spec in specs:
+        make_estimator(project, spec)  # a bad spec fails now, not after hours of retraining
+    return qrows, specs
+
+
+def _compare(project: Project, qrows, specs, predict, measured, modules, seed, batch_size, monitor) -> tuple[list[LDSRow], dict[str, np.ndarray], list[str]]:
+    """Each spec's scores over the corpus, turned into predictions by ``predict`` and correlated
+    per query (Spearman, and Pearson) with ``measured``."""
+    from .runs import default_executor
+
+    engine = project.runtime.engine(modules)
+    executor = default_executor(project)
+    rows: list[LDSRow] = []
+    preds: dict[str, np.ndarray] = {}
+    try:
+        for spec in specs:
+            scores, fit_s, score_s, damping = estimator_scores(project, spec, qrows, engine, modules, seed, batch_size, monitor, executor)
+            p = predict(scores)
+            per_q = lds_per_query(p, measured)
+            mean, ci = mean_and_ci(per_q)
+            pear = [float(pearsonr(p[:, q], measured[:, q])[0]) if np.std(p[:, q]) > 0 and np.std(measured[:, q]) > 0 else float("nan") for q in range(len(qrows))]
+            rows.append(LDSRow(spec, mean, ci, float(np.nanmean(pear)) if np.isfinite(pear).any() else float("nan"), fit_s, score_s, damping, per_q.tolist()))
+            preds[spec] = p
+    finally:
+        executor.close()
+    return rows, preds, engine.names
+
+
+def _save(project: Project, investigation: str, method: str, rows: list[LDSRow], used: dict, num_queries: int, num: int) -> int:
+    inv = catalog.investigation(project.db, investigation)
+    return catalog.insert_validation(project.db, [
+        {
+            "investigation_id": inv["id"], "method": method, "estimator": r.estimator, "damping": r.damping,
+            "lds": r.lds, "lds_ci": r.ci, "pearson": r.pearson, "spearman": r.lds, "fit_seconds": r.fit_seconds,
+            "ihvp_seconds": r.score_seconds, "num_queries": num_queries, "num_sequences": num,
+            "settings": json.dumps({**used, "per_query": r.per_query}, default=float),
+        }
+        for r in rows
+    ])
+
+
+def _best_damping(rows: list[LDSRow]) -> float | None:
+    sweep = [r for r in rows if r.estimator.startswith("ekfac:damping=")]
+    return max(sweep, key=lambda r: r.lds if math.isfinite(r.lds) else -2).damping if sweep else None
+
+
+def validate_lds(
+    project: Project,
+    investigation: str,
+    estimators: list[str] | None = None,
+    subsets: int = 32,
+    fraction: float = 0.5,
+    trainer: str | None = None,
+    dampings: list[float] | None = None,
+    queries: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    modules: str | None = None,
+    monitor: Monitor | None = None,
+    save: bool = True,
+) -> LDSValidation:
+    """LDS of each estimator spec (and of ``ekfac:damping=λ`` for each of ``dampings``, recommending
+    the λ with the best LDS) over ``subsets`` subsets of ``fraction`` of the corpus, retrained with
+    ``trainer`` (a spec; default: the registry's default trainer). ``queries``: the first that many
+    of the investigation's queries (default: all). ``seed`` seeds the subsets, every retraining and
+    the estimators' fitting."""
+    from .runs import make_trainer
+
+    monitor = monitor or Monitor()
+    if subsets < 3:
+        raise InflqError("--subsets must be at least 3 (a Spearman correlation over subsets)")
+    qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
+    tr = make_trainer(project, trainer)
+    assert isinstance(tr, Trainer)
+    n = len(project.runtime.corpus)
+    subs = [subset_indices(n, fraction, seed, j) for j in range(subsets)]
+    qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
+    study = study_key(project, qtoks, tr, seed, float(fraction))
+
+    t0 = time.perf_counter()
+    measured, trained = retrain_subsets(project, tr, qtoks, study, subs, seed, monitor)
+    retrain_s = time.perf_counter() - t0
+    rows, preds, names = _compare(project, qrows, specs, lambda scores: subset_predictions(scores, subs), measured, modules, seed, batch_size, monitor)
+    recommended = _best_damping(rows)
+    used = {
+        "method": "lds", "queries": [q["id"] for q in qrows], "subsets": subsets, "fraction": fraction, "subset_size": len(subs[0]),
+        "num_corpus": n, "trainer": tr.spec(), "seed": seed, "study": study, "retrain_seconds": retrain_s, "retrained_now": len(trained),
+        "modules": names, "recommended_damping": recommended,
+    }
+    vid = _save(project, investigation, "lds", rows, used, len(qrows), subsets) if save else None
+    return LDSValidation(vid, rows, measured, preds, used, recommended, trained)
+
+
+def loo_sequences(n: int, count: int, seed: int) -> np.ndarray:
+    """The first ``count`` of a permutation of the corpus seeded by ``seed`` (a larger count extends
+    a smaller one's choice)."""
+    if not 3 <= count < n:
+        raise InflqError(f"--loo {count} must be at least 3 and below the {n} sequences of the corpus")
+    return np.random.default_rng([int(seed), 0x100]).permutation(n)[:count].astype(np.int64)
+
+
+def validate_loo(
+    project: Project,
+    investigation: str,
+    estimators: list[str] | None = None,
+    count: int = 8,
+    trainer: str | None = None,
+    dampings: list[float] | None = None,
+    queries: int | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    modules: str | None = None,
+    monitor: Monitor | None = None,
+    save: bool = True,
+) -> LDSValidation:
+    """Leave-one-out: retrain on the whole corpus and on the corpus without each of ``count``
+    seeded sequences; the measured effect of sequence i on a query is ``m(all) − m(all ∖ i)``
+    (positive: including i raised the completion's log-probability, inflq's sign), correlated
+    (Spearman per query, over the ``count`` sequences, averaged) with each estimator's score of i.
+    Retrained models are committed as LDS subsets are (subset 0: all; k: without the k-th sequence)."""
+    from .runs import make_trainer
+
+    monitor = monitor or Monitor()
+    qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
+    tr = make_trainer(project, trainer)
+    assert isinstance(tr, Trainer)
+    n = len(project.runtime.corpus)
+    left = loo_sequences(n, count, seed)
+    everything = np.arange(n, dtype=np.int64)
+    subs = [everything] + [np.delete(everything, i) for i in left]
+    qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
+    study = study_key(project, qtoks, tr, seed, "loo")
+
+    t0 = time.perf_counter()
+    measured, trained = retrain_subsets(project, tr, qtoks, study, subs, seed, monitor)
+    retrain_s = time.perf_counter() - t0
+    effect = measured[0][None, :] - measured[1:]
+    rows, preds, names = _compare(project, qrows, specs, lambda scores: scores[left], effect, modules, seed, batch_size, monitor)
+    recommended = _best_damping(rows)
+    used = {
+        "method": "loo", "queries": [q["id"] for q in qrows], "subsets": count, "left_out": [int(i) for i in left], "subset_size": n - 1,
+        "num_corpus": n, "trainer": tr.spec(), "seed": seed, "study": study, "retrain_seconds": retrain_s, "retrained_now": len(trained),
+        "modules": names, "recommended_damping": recommended,
+    }
+    vid = _save(project, investigation, "loo", rows, used, len(qrows), count) if save else None
+    return LDSValidation(vid, rows, effect, preds, used, recommended, trained)

@@ -1,0 +1,146 @@
+"""The built-in trainer: the demo's training recipe (projects/demo/train_model.py calls
+:func:`train_causal_lm` from here, so the two cannot drift apart).
+
+A fresh random initialisation of the project's ``config.json`` (``torch.manual_seed(seed)`` then
+``AutoModelForCausalLM.from_config``; nothing is downloaded), then AdamW (betas 0.9/0.98, weight
+decay on matrices only), linear warmup to ``lr`` and a cosine decay to 5 % of it, gradient norm
+clipped at 1, batches of whole sequences in an order shuffled per epoch with ``random.Random(seed)``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from inflq import InflqError, Monitor, Option, Trainer, hookimpl
+
+
+@hookimpl
+def register_trainers(register):
+    register(AdamWTrainer)
+
+
+def collate(seqs: Sequence[Sequence[int]], pad_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
+    import torch
+
+    n = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        attention_mask[i, : len(s)] = 1
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def train_causal_lm(
+    model,
+    seqs: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    epochs: int = 12,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    warmup: int = 200,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    monitor: Monitor | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train ``model`` in place on ``seqs`` (token lists) with the demo's recipe; returns
+    ``{"steps", "train_time_s", "final_train_loss"}``. Warmup lasts ``min(warmup, total steps // 10)``
+    steps. ``monitor`` is checked before every step (Ctrl-C stops within one step); ``log`` gets one
+    line per reported epoch."""
+    import torch
+
+    if not len(seqs):
+        raise InflqError("the trainer got no training sequences; raise --fraction")
+    device = next(model.parameters()).device
+    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(seqs) / batch_size)
+    total = steps_per_epoch * epochs
+    warm = min(warmup, total // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        frac = (step - warm) / max(1, total - warm)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order_rng = random.Random(seed)
+    model.train()
+    t0 = time.perf_counter()
+    step = 0
+    tot_loss, tot_tok = 0.0, 0
+    for epoch in range(epochs):
+        order = list(range(len(seqs)))
+        order_rng.shuffle(order)
+        tot_loss, tot_tok = 0.0, 0
+        for b in range(0, len(order), batch_size):
+            if monitor is not None:
+                monitor.check()
+            batch = {k: v.to(device) for k, v in collate([seqs[i] for i in order[b : b + batch_size]], pad_id).items()}
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            n_tok = int((batch["labels"][:, 1:] != -100).sum())
+            tot_loss += out.loss.item() * n_tok
+            tot_tok += n_tok
+        if log is not None and (epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == epochs):
+            log(f"epoch {epoch + 1:3d}/{epochs}  loss {tot_loss / tot_tok:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:6.1f}s")
+    model.eval()
+    return {"steps": step, "train_time_s": time.perf_counter() - t0, "final_train_loss": tot_loss / max(tot_tok, 1)}
+
+
+class AdamWTrainer(Trainer):
+    name = "adamw"
+    default = True
+    description = "retrain from a fresh random init of config.json: AdamW, warmup + cosine (the demo's recipe)"
+    options = (
+        Option("epochs", int, 12, "passes over the subset"),
+        Option("lr", float, 3e-3, "peak learning rate"),
+        Option("batch_size", int, 32, "sequences per step"),
+        Option("warmup", int, 200, "warmup steps (at most a tenth of all steps)"),
+        Option("weight_decay", float, 0.01, "AdamW weight decay on matrices"),
+        Option("threads", int, 2, "torch CPU threads while training (0: leave as set)"),
+        Option("device", str, "cpu", "where to train: cpu or the project's device (project)", choices=("cpu", "project")),
+    )
+
+    def train(self, ctx):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        s = self.settings
+        for key in ("epochs", "batch_size"):
+            if s[key] < 1:
+                raise InflqError(f"trainer adamw: {key} must be at least 1")
+        model_dir = Path(ctx.project.model_path)
+        if not (model_dir / "config.json").exists():
+            raise InflqError(f"{model_dir} has no config.json; the adamw trainer builds the model from it")
+        device = ctx.project.runtime.device if s["device"] == "project" else torch.device("cpu")
+        threads = torch.get_num_threads()
+        if s["threads"] and s["threads"] > 0:
+            torch.set_num_threads(int(s["threads"]))
+        try:
+            config = AutoConfig.from_pretrained(str(model_dir))
+            torch.manual_seed(int(ctx.seed))
+            model = AutoModelForCausalLM.from_config(config).float().to(device)
+            seqs = [[int(t) for t in x] for x in ctx.project.runtime.corpus.many(ctx.indices)]
+            train_causal_lm(
+                model, seqs, ctx.project.runtime.pad_id, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
+                warmup=s["warmup"], weight_decay=s["weight_decay"], seed=int(ctx.seed), monitor=ctx.monitor,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        return model
