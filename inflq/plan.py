@@ -145,6 +145,7 @@ def make_plan(
     from .plugins import get_registry
     from .runs import (
         LocalWorker,
+        fit_indices,
         make_estimator,
         preconditioned_queries,
         query_compression,
@@ -162,7 +163,7 @@ def make_plan(
     if n == 0:
         raise InflqError("the corpus has no sequences; add some and run `inflq corpus rebuild`")
     rng = np.random.default_rng(settings.seed)
-    fit_idx = np.sort(rng.choice(n, size=min(n, settings.fit_sequences or n), replace=False))
+    fit_idx = fit_indices(n, settings.fit_sequences, settings.seed)  # the run's own fitting sample
     fit_tokens = int(lengths[fit_idx].sum())
     all_tokens = int(lengths.sum())
     queries = catalog.queries(project.db, investigation)
