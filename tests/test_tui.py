@@ -1117,13 +1117,17 @@ def test_live_query_from_the_gradient_index(project_dir):
     import inflq_builtins.index as index_plugin
     from inflq.cli import cli, main
 
-    async def hidden(app, pilot):
+    async def type_query(app, pilot) -> Static:
+        """The query typed into the Query tab, once the live worker has answered: the live box."""
         await pilot.press("2")
         await settle(pilot)
         await type_into(pilot, "#prompt", PROMPT)
         await type_into(pilot, "#completion", COMPLETION)
         await settle(pilot)
-        return app.screen.query_one("#live", Static).display
+        return app.screen.query_one("#live", Static)
+
+    async def hidden(app, pilot):
+        return (await type_query(app, pilot)).display
 
     assert drive(project_dir, (120, 50), hidden) is False
     if get_registry().pm.get_plugin("inflq.index") is None:  # an installed inflq registers it by entry point
@@ -1139,12 +1143,7 @@ def test_live_query_from_the_gradient_index(project_dir):
     p.close()
 
     async def shown(app, pilot):
-        await pilot.press("2")
-        await settle(pilot)
-        await type_into(pilot, "#prompt", PROMPT)
-        await type_into(pilot, "#completion", COMPLETION)
-        await settle(pilot)
-        live = app.screen.query_one("#live", Static)
+        live = await type_query(app, pilot)
         before = str(live.render())
         await pilot.press("ctrl+g")
         await settle(pilot)
