@@ -119,6 +119,30 @@ def split_query(text: str) -> dict:
     return {"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:]), "chat": False}
 
 
+
+def floor_seconds(model, batches) -> float:
+    """FLOOR: one plain forward + backward with parameter gradients (eval mode) over ``batches``
+    (inflq Batches, made lazily), the unit every benchmark states its costs in."""
+    import torch
+    from torch.nn import functional as F
+
+    model.eval()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    started = time.perf_counter()
+    for b in batches:
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+        targets = torch.zeros_like(b.input_ids)
+        targets[:, :-1] = b.input_ids[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+        (ce * b.loss_mask.reshape(-1)).sum().backward()
+        model.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    for p, f in flags:
+        p.requires_grad_(f)
+    return seconds
+
 def demo_model_ready() -> bool:
     model = DEMO / "model"
     return (model / "config.json").is_file() and any(model.glob("*.safetensors"))
@@ -145,26 +169,10 @@ class InflqBench:
 
     def floor(self) -> float:
         """One plain forward + backward (parameter gradients, eval mode) over the corpus."""
-        import torch
-        from torch.nn import functional as F
-
         from inflq.engine import make_batch
 
-        model = self.engine.model
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(True)
-        started = time.perf_counter()
-        for s in range(0, len(self.indices), self.batch_size):
-            chunk = self.indices[s : s + self.batch_size]
-            b = make_batch(self.store.many(chunk), self.project.runtime.pad_id, self.engine.device)
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-            targets = torch.zeros_like(b.input_ids)
-            targets[:, :-1] = b.input_ids[:, 1:]
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-            (ce * b.loss_mask.reshape(-1)).sum().backward()
-            model.zero_grad(set_to_none=True)
-        return time.perf_counter() - started
+        chunks = (self.indices[s : s + self.batch_size] for s in range(0, len(self.indices), self.batch_size))
+        return floor_seconds(self.engine.model, (make_batch(self.store.many(c), self.project.runtime.pad_id, self.engine.device) for c in chunks))
 
     def fit(self, seed: int = 0) -> float:
         """EK-FAC factors (covariance + eigendecomposition + eigenvalue correction), refitted."""

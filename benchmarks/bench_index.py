@@ -34,12 +34,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_engine, beside this file
 
 
 def random_gpt2(width: int, layers: int, vocab: int, positions: int, seed: int = 0):
@@ -53,26 +56,11 @@ def random_gpt2(width: int, layers: int, vocab: int, positions: int, seed: int =
 
 def floor_seconds(model, seqs: list[np.ndarray], batch_size: int) -> float:
     """One plain forward + backward with parameter gradients over ``seqs`` (bench_engine's FLOOR)."""
-    from torch.nn import functional as F
+    from bench_engine import floor_seconds as floor
 
     from inflq import make_batch
 
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(True)
-    started = time.perf_counter()
-    for s in range(0, len(seqs), batch_size):
-        b = make_batch(seqs[s : s + batch_size], 0)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-        targets = torch.zeros_like(b.input_ids)
-        targets[:, :-1] = b.input_ids[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-        (ce * b.loss_mask.reshape(-1)).sum().backward()
-        model.zero_grad(set_to_none=True)
-    seconds = time.perf_counter() - started
-    for p, f in flags:
-        p.requires_grad_(f)
-    return seconds
+    return floor(model, (make_batch(seqs[s : s + batch_size], 0) for s in range(0, len(seqs), batch_size)))
 
 
 def exact_ekfac_scores(engine, ctx, q_toks, q_starts, seqs, batch_size) -> tuple[np.ndarray, object]:
