@@ -66,7 +66,7 @@ def test_advice_names_the_fix():
     plan = Plan(phases, {}, memory=8 << 30)
     assert not plan.fits
     text = " ".join(advise(plan, cov_sums=40 << 30, batch_bytes=1 << 20, score_bytes=1 << 20, factor_bytes=1 << 20))
-    assert "--modules" in text and "fitting" not in text
+    assert "--modules" in text and "--fit-memory 2" in text and "fitting" not in text
     plan = Plan([Phase("fit: covariance", 5000.0, 1 << 30), Phase("scoring", 100.0, 1 << 30)], {}, memory=8 << 30)
     assert plan.fits and any("--fit-sequences" in a for a in advise(plan, 1, 1, 1, 1))
 
