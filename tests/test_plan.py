@@ -61,6 +61,26 @@ def test_a_pass_time_is_its_rate_times_the_runs_tokens(project, monkeypatch):
     assert by["scoring"] == pytest.approx(int(lengths.sum()) / calib)
 
 
+def test_a_fit_by_module_is_planned_as_one_pass_per_group(project, monkeypatch):
+    """With --fit-memory the calibration runs the covariance pass once per group (each one timed
+    stretch on the one-second clock), so the prediction is the groups times one pass's."""
+    import inflq.plan as plan_mod
+    from inflq.base import FitContext
+    from inflq_builtins.estimators import covariance_bytes
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(plan_mod, "_clock", lambda: float(next(ticks)))
+    add_query(project, "default", "the old town", " river")
+    engine = project.runtime.engine()
+    memory = max(covariance_bytes(tm) for tm in engine.tracked) + 64
+    groups = FitContext(engine, None, 0, 0, None, memory=memory).groups(covariance_bytes)
+    assert len(groups) >= 3
+    plan = make_plan(project, RunSettings(estimator="kfac", batch_size=4, fit_memory=memory / 2**30), calibration=5)
+    lengths = project.runtime.corpus.lengths()
+    by = {p.name: p.seconds for p in plan.phases}
+    assert by["fit: covariance"] == pytest.approx(len(groups) * int(lengths.sum()) / plan.facts["calibration_tokens"])
+
+
 def test_advice_names_the_fix():
     phases = [Phase("fit: covariance", 10.0, 50 << 30), Phase("scoring", 4000.0, 2 << 30)]
     plan = Plan(phases, {}, memory=8 << 30)

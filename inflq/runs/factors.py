@@ -56,7 +56,11 @@ def ensure_factors(
     With a ``run_id``, every fitting pass commits each shard as it arrives (``fit_shards``): the
     running sum through that shard where shards run in this process, else the shard's own sums;
     a run killed during fitting resumes from its last committed shard. Shards are always reduced
-    in shard order, so a resumed fit equals an uninterrupted one."""
+    in shard order, so a resumed fit equals an uninterrupted one.
+
+    The fit's memory budget (``FitContext.memory``: ``settings.fit_memory`` or the executor's
+    ``fit_memory()``, the smaller) lets estimators fit by module, a pass per group of modules;
+    each group's pass is keyed and its files named by a hash of its modules."""
     store = project.runtime.corpus
     settings.resolve_batching(engine, project)  # callers outside a run (sessions, integrity) leave it open
     indices = fit_indices(len(store), settings.fit_sequences, settings.seed)
@@ -173,7 +177,8 @@ def ensure_factors(
             raise InflqError(f"the executor returned {len(parts)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
         return combine_results(pass_.combine, [parts[i] for i in sorted(parts)])
 
-    budgets = [b for b in (fit_memory_bytes(settings.fit_memory), executor.fit_memory()) if b is not None]
+    own = getattr(executor, "fit_memory", None)  # executors written before fitting by module lack it
+    budgets = [b for b in (fit_memory_bytes(settings.fit_memory), own() if own else None) if b is not None]
     ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.runtime.pad_id, project=project,
                      memory=min(budgets) if budgets else None)
     if not estimator.fits_factors:
