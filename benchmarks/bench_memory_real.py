@@ -13,6 +13,9 @@ Memory figures do not depend on machine load; times do.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory_real.py --sequences 64 256 1024
     OMP_NUM_THREADS=1 python benchmarks/bench_memory_real.py --layers 12 --sequences 16 64
+    python benchmarks/bench_memory_real.py --vocab 2000 --tokens 128 --sequences 16 --fit-memory 0.25
+
+``--fit-memory GB`` fits by module (``inflq run --fit-memory``), a pass per group of modules.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ if sys.argv[2] == "model":
     out = {"phases": {}}
 else:
     from inflq.runs import RunSettings, run_investigation
-    s = RunSettings(estimator=sys.argv[4], batch_size=int(sys.argv[5]))
+    s = RunSettings(estimator=sys.argv[4], batch_size=int(sys.argv[5]), fit_memory=json.loads(sys.argv[6]))
     r = run_investigation(p, "default", s, monitor=Monitor(on_progress=lambda ev: phase.__setitem__(0, ev.phase)))
     out = {"phases": r.phases, "seconds": r.seconds}
 phase[0] = "end"
@@ -134,6 +137,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--estimator", default="ekfac")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fit-memory", type=float, default=None, help="GB of sums per fitting pass: fit by module (default: no limit)")
     ap.add_argument("--cli", action="store_true", help="run the real `inflq run` command (no phase times)")
     ap.add_argument("--workdir", default=None, help="keep the models and projects here (default: a temporary folder)")
     args = ap.parse_args()
@@ -144,7 +148,7 @@ def main() -> None:
     if not (model / "config.json").exists():
         build_model(model, args.layers, args.width, args.vocab, args.tokens)
     print(f"== peak RSS: GPT-2 {args.layers} layers x {args.width}, vocabulary {args.vocab:,}, {args.tokens}-token sequences, "
-          f"{args.estimator}, batch {args.batch_size}, {args.queries} queries, {args.threads} thread(s); "
+          f"{args.estimator}, batch {args.batch_size}, {args.queries} queries, {args.threads} thread(s), fit memory {args.fit_memory or 'unlimited'} GB; "
           f"{'`inflq run`' if args.cli else 'run_investigation'} in a fresh process per size")
     rows = []
     base = None
@@ -155,8 +159,9 @@ def main() -> None:
             print(f"model only (open the project, load the model): peak RSS {base:.2f} GB")
         if args.cli:
             cmd = [sys.executable, "-m", "inflq.cli", "run", str(proj), "--estimator", args.estimator, "--batch-size", str(args.batch_size)]
+            cmd += ["--fit-memory", str(args.fit_memory)] if args.fit_memory else []
         else:
-            cmd = [sys.executable, "-c", WORKER, str(proj), "run", str(args.threads), args.estimator, str(args.batch_size)]
+            cmd = [sys.executable, "-c", WORKER, str(proj), "run", str(args.threads), args.estimator, str(args.batch_size), json.dumps(args.fit_memory)]
         rss, out, wall = measure(cmd, env)
         phases = out.get("phases", {})
         rows.append((n, rss))

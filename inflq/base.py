@@ -41,6 +41,17 @@ class Pass:
     labels: ClassVar[str] = "data"  # "data" or "sampled"
     combine: ClassVar[str] = "sum"  # "sum" or "concat"
     seed: int = 0
+    # The tracked modules whose results this pass yields (``None``: all of them). A fit by module
+    # (``FitContext.groups``) runs a pass once per group of modules, each time with that group
+    # here; the engine still captures every tracked module, so the group's results are bitwise
+    # those of a pass over all of them.
+    modules: tuple[str, ...] | None = None
+
+    def selected(self, captures: dict[str, Captured]) -> Iterator[tuple[str, Captured]]:
+        """``captures``' items for :attr:`modules` (all of them when it is ``None``), in order."""
+        if self.modules is None:
+            return iter(captures.items())
+        return ((name, captures[name]) for name in self.modules)
 
     def process(self, engine: GradientEngine, batch: Batch, captures: dict[str, Captured]) -> dict[str, torch.Tensor]:
         """Results for this batch, or (passes that group work across batches) ``{}`` and later
@@ -123,10 +134,41 @@ class FitContext:
     sequences: Callable[[np.ndarray], list[np.ndarray]] | None = None
     pad_id: int = 0
     project: Any = None
+    # Bytes of sums one fitting pass may hold (per worker and on the driver), from the run's
+    # ``--fit-memory`` or the executor's :meth:`Executor.fit_memory`; ``None``: no limit.
+    memory: int | None = None
 
     @property
     def tracked(self) -> list[TrackedModule]:
         return self.engine.tracked
+
+    def groups(self, sums_bytes: Callable[[TrackedModule], int], what: str = "sums") -> list[tuple[str, ...] | None]:
+        """The tracked modules in groups whose sums fit :attr:`memory`, for fitting by module: run a
+        pass per group with ``pass_.modules = group``. ``sums_bytes(module)`` is what one module
+        adds to a pass's sums. Groups are consecutive runs of the tracked modules, in order, each
+        filled as far as the budget allows. Without a budget, or when everything fits, one group
+        ``[None]``: a single pass over all modules, as without fitting by module."""
+        from .errors import InflqError
+
+        sizes = [(tm.name, int(sums_bytes(tm))) for tm in self.tracked]
+        if self.memory is None or sum(b for _, b in sizes) <= self.memory:
+            return [None]
+        out: list[tuple[str, ...]] = []
+        group: list[str] = []
+        held = 0
+        for name, b in sizes:
+            if b > self.memory:
+                raise InflqError(
+                    f"module {name}'s {what} need {b / 2**30:.3g} GB, more than the fitting memory of "
+                    f"{self.memory / 2**30:.3g} GB: raise --fit-memory (or the executor's memory), or untrack it (--modules)"
+                )
+            if group and held + b > self.memory:
+                out.append(tuple(group))
+                group, held = [], 0
+            group.append(name)
+            held += b
+        out.append(tuple(group))
+        return out
 
     def batches(self, batch_size: int, seed: int | None = None) -> Iterator[Batch]:
         """Endless shuffled mini-batches of the fitting data (for iterative estimators such as LiSSA)."""
@@ -311,6 +353,12 @@ class Executor(Plugin):
         monitor: Monitor,
     ) -> None:
         raise NotImplementedError
+
+    def fit_memory(self) -> int | None:
+        """Bytes of sums one fitting pass may hold on a worker (its memory budget), or ``None``
+        (no limit of the executor's own). Where the fit's sums exceed it, estimators fit by module
+        (:meth:`FitContext.groups`)."""
+        return None
 
     def close(self) -> None:
         pass

@@ -146,6 +146,7 @@ def make_plan(
     from .runs import (
         LocalWorker,
         fit_indices,
+        fit_memory_bytes,
         make_estimator,
         preconditioned_queries,
         query_compression,
@@ -213,8 +214,11 @@ def make_plan(
     factors: dict[str, torch.Tensor] = {}
     fit_seconds = 0.0
     if estimator.fits_factors:
+        # With --fit-memory the calibration fits by module as the run would: a pass per group of
+        # modules, each timed under its phase (the times add up) and peaking at one group's sums.
         ctx = FitContext(engine, run_pass, len(sample), settings.seed, quiet, indices=sample,
-                         sequences=runtime.corpus.many, pad_id=runtime.pad_id, project=project)
+                         sequences=runtime.corpus.many, pad_id=runtime.pad_id, project=project,
+                         memory=fit_memory_bytes(settings.fit_memory))
         meter.reset()
         t0 = _clock()
         factors = estimator.fit(ctx)
@@ -261,17 +265,22 @@ def make_plan(
         "calibration_sequences": len(sample), "calibration_tokens": sample_tokens, "device": str(engine.device),
         "estimator": settings.estimator, "queries_measured": len(queries),
     })
-    plan.advice = advise(plan, cov_sums, batch_bytes, score_bytes, factor_bytes)
+    held = cov_sums if settings.fit_memory is None else min(cov_sums, fit_memory_bytes(settings.fit_memory))
+    plan.advice = advise(plan, held, batch_bytes, score_bytes, factor_bytes)
     return plan
 
 
 def advise(plan: Plan, cov_sums: int, batch_bytes: int, score_bytes: int, factor_bytes: int) -> list[str]:
-    """What to change where a phase does not fit, or a run would be long."""
+    """What to change where a phase does not fit, or a run would be long. ``cov_sums``: the
+    covariance sums one pass holds (one group's, fitting by module)."""
     out: list[str] = []
     generic: list[Phase] = []
     for p in (p for p in plan.phases if p.peak_bytes > plan.memory):
         if p.name == "fit: covariance" and cov_sums > plan.memory / 2:
-            out.append(f"{p.name}: the covariance sums alone need {size(cov_sums)}: track fewer modules (--modules mlp, or name globs)")
+            gb = max(0.1, int(plan.memory / 4 / 2**30 * 10) / 10)
+            out.append(f"{p.name}: the covariance sums alone need {size(cov_sums)}: fit by module with --fit-memory {gb:g} "
+                       f"(a covariance pass per group of modules whose sums fit {gb:g} GB; on Ray, --executor ray:memory=GB per worker), "
+                       "or track fewer modules (--modules mlp, or name globs)")
         elif p.name.startswith("fit:") and factor_bytes > plan.memory / 2:
             out.append(f"{p.name}: the factors need {size(factor_bytes)}: track fewer modules, or use a diagonal estimator")
         elif p.name == "scoring" and score_bytes > plan.memory / 4:

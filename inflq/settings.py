@@ -38,6 +38,9 @@ class RunSettings:
     batch_tokens: int | None = None
     shard_size: int = 512
     refit: bool = False
+    # GB of sums one fitting pass may hold (per worker and on the driver): above it, factors are
+    # fitted by module, one group of modules per pass (FitContext.groups). None: no limit.
+    fit_memory: float | None = None
 
     def resolve_defaults(self, registry) -> RunSettings:
         """Fill the plugins left to the registry (``Registry.default``) in place; returns self."""

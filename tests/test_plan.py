@@ -61,12 +61,32 @@ def test_a_pass_time_is_its_rate_times_the_runs_tokens(project, monkeypatch):
     assert by["scoring"] == pytest.approx(int(lengths.sum()) / calib)
 
 
+def test_a_fit_by_module_is_planned_as_one_pass_per_group(project, monkeypatch):
+    """With --fit-memory the calibration runs the covariance pass once per group (each one timed
+    stretch on the one-second clock), so the prediction is the groups times one pass's."""
+    import inflq.plan as plan_mod
+    from inflq.base import FitContext
+    from inflq_builtins.estimators import covariance_bytes
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(plan_mod, "_clock", lambda: float(next(ticks)))
+    add_query(project, "default", "the old town", " river")
+    engine = project.runtime.engine()
+    memory = max(covariance_bytes(tm) for tm in engine.tracked) + 64
+    groups = FitContext(engine, None, 0, 0, None, memory=memory).groups(covariance_bytes)
+    assert len(groups) >= 3
+    plan = make_plan(project, RunSettings(estimator="kfac", batch_size=4, fit_memory=memory / 2**30), calibration=5)
+    lengths = project.runtime.corpus.lengths()
+    by = {p.name: p.seconds for p in plan.phases}
+    assert by["fit: covariance"] == pytest.approx(len(groups) * int(lengths.sum()) / plan.facts["calibration_tokens"])
+
+
 def test_advice_names_the_fix():
     phases = [Phase("fit: covariance", 10.0, 50 << 30), Phase("scoring", 4000.0, 2 << 30)]
     plan = Plan(phases, {}, memory=8 << 30)
     assert not plan.fits
     text = " ".join(advise(plan, cov_sums=40 << 30, batch_bytes=1 << 20, score_bytes=1 << 20, factor_bytes=1 << 20))
-    assert "--modules" in text and "fitting" not in text
+    assert "--modules" in text and "--fit-memory 2" in text and "fitting" not in text
     plan = Plan([Phase("fit: covariance", 5000.0, 1 << 30), Phase("scoring", 100.0, 1 << 30)], {}, memory=8 << 30)
     assert plan.fits and any("--fit-sequences" in a for a in advise(plan, 1, 1, 1, 1))
 

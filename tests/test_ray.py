@@ -1,5 +1,6 @@
 """The Ray executor on a real local Ray cluster (loopback, 2 CPU workers, token authentication on):
-same scores as the local executor, a worker killed mid-run is survived, a run killed under the
+same scores as the local executor, a fit by module on workers with a memory limit, a worker killed
+mid-run is survived, a run killed under the
 local executor resumes on Ray, and a client without the cluster's token is refused."""
 
 from __future__ import annotations
@@ -103,6 +104,43 @@ def test_ray_scores_equal_local_scores(cluster, baseline, cli_run, tmp_path):
     p = Project.open(proj)
     assert p.db["runs"].get(2)["executor"] == RAY2
     p.close()
+    assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
+
+
+def test_fit_by_module_on_workers_with_a_memory_limit(cluster, baseline, cli_run, monkeypatch, tmp_path):
+    """Workers of ``memory=GB`` whose half cannot hold every module's covariance sums: the fit runs
+    a pass per group of modules, no worker returns (and the driver never reduces) more than one
+    group's sums, and the scores are the local run's."""
+    from inflq_builtins import ray_executor
+    from inflq_builtins.estimators import covariance_bytes
+
+    src, expected = baseline
+    proj = copy_project(src, "ray-by-module")
+    p = Project.open(proj)
+    tracked = p.runtime.engine().tracked
+    p.close()
+    budget = max(covariance_bytes(tm) for tm in tracked) + 64  # one or two modules' sums
+    assert budget < sum(covariance_bytes(tm) for tm in tracked) / 3
+    returned: list[tuple[str, tuple | None, int]] = []
+    real_map = ray_executor.RayExecutor.map
+
+    def spy_map(self, job, shards, on_result, monitor):
+        def on(shard, out):
+            returned.append((job.pass_.phase, job.pass_.modules, sum(v.numel() * v.element_size() for v in out.values())))
+            on_result(shard, out)
+
+        return real_map(self, job, shards, on, monitor)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "map", spy_map)
+    spec = f"ray:num_workers=2,memory={2 * budget / 2**30:.12g}"
+    code, out, err = cli_run("run", proj, *ARGS, "--refit", "--executor", spec)
+    assert code == 0, err
+    fitting = [r for r in returned if r[0] != "scoring"]
+    assert {phase for phase, _, _ in fitting} == {"covariance", "eigenvalue correction"}
+    groups = {modules for phase, modules, _ in fitting if phase == "covariance"}
+    assert len(groups) >= 3 and None not in groups
+    assert sorted(n for g in groups for n in g) == sorted(tm.name for tm in tracked)
+    assert all(b <= budget + 16 for _, _, b in fitting), max(b for _, _, b in fitting)
     assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
 
 

@@ -31,9 +31,10 @@ def _seconds(s: float | None) -> str:
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen as a run chooses it).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto). Time is measured on it.")
 @click.option("--memory", type=float, help="Memory to plan for, in GB (default: what the device has free).")
+@click.option("--fit-memory", type=float, help="GB of sums one fitting pass may hold: plan a fit by module, as `inflq run --fit-memory` does.")
 @click.option("--calibration", type=int, help="Sequences in the measured calibration (default: two batches' worth).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(project, investigation, estimator, modules, fit_sequences, rank, batch_size, batch_tokens, device, memory, calibration, as_json):
+def plan(project, investigation, estimator, modules, fit_sequences, rank, batch_size, batch_tokens, device, memory, fit_memory, calibration, as_json):
     """Predict a run's time and peak memory per phase, from a short measured calibration."""
     from ..plan import make_plan
     from ..settings import RunSettings
@@ -47,7 +48,7 @@ def plan(project, investigation, estimator, modules, fit_sequences, rank, batch_
     if memory is not None and memory <= 0:
         raise InflqError(f"--memory must be a positive number of GB, not {memory:g}")
     settings = RunSettings(estimator=estimator, modules=modules, fit_sequences=fit_sequences, rank=rank_v,
-                           batch_size=batch_size, batch_tokens=batch_tokens, seed=p.config.seed)
+                           batch_size=batch_size, batch_tokens=batch_tokens, seed=p.config.seed, fit_memory=fit_memory)
     with progress_monitor() as monitor:
         try:
             result = make_plan(p, settings, investigation=investigation, calibration=calibration, monitor=monitor,

@@ -28,12 +28,13 @@ from .base import make_console, progress_monitor, project_at
 @click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen from the model's size and the free memory; recorded with the run).")
 @click.option("--shard-size", default=512, show_default=True, help="Sequences per committed shard.")
+@click.option("--fit-memory", type=float, help="GB of sums one fitting pass may hold (per worker and on the driver): larger factors are fitted by module, a group of modules per pass (default: no limit, or ray:memory's half).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype for this run (default: the project's).")
 @click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
 @click.option("--resume", "resume", type=int, is_flag=False, flag_value=0,
               help="Continue a cancelled or failed run: by id, or alone (after PROJECT) the investigation's latest interrupted run.")
-def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, batch_tokens, shard_size, device, dtype, refit, resume):
+def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, batch_tokens, shard_size, fit_memory, device, dtype, refit, resume):
     """Fit what is needed and score the investigation's queries."""
     from ..runs import RunSettings, run_investigation
 
@@ -51,7 +52,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
         if not executor.startswith("ray"):
             raise InflqError("--address is for --executor ray; drop it or use --executor ray")
         executor += ("," if ":" in executor else ":") + f"address={address}"
-    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor, modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
+    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor, modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit, fit_memory=fit_memory)
     if resume == 0:  # the bare flag: the investigation's latest interrupted run
         from ..runs import interrupted_run
 
@@ -116,20 +117,21 @@ def factors_list(project, as_json):
 @click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
 @click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen from the model's size and the free memory; recorded with the run).")
 @click.option("--shard-size", default=512, show_default=True, help="Sequences per committed fitting shard.")
+@click.option("--fit-memory", type=float, help="GB of sums one fitting pass may hold (per worker and on the driver): larger factors are fitted by module, a group of modules per pass (default: no limit, or ray:memory's half).")
 @click.option("--executor", help="Executor spec: local (default) or ray[:...] (docs/executors.md).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype for the fit (default: the project's).")
 @click.option("--refit", is_flag=True, help="Recompute even if these factors are cached.")
 @click.option("--resume", type=int, is_flag=False, flag_value=0, help="Continue an interrupted fit: by run id, or alone (after PROJECT) the latest one.")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
-def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, batch_tokens, shard_size, executor, device, dtype, refit, resume, investigation):
+def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, batch_tokens, shard_size, fit_memory, executor, device, dtype, refit, resume, investigation):
     """Fit factors now (e.g. on a GPU machine), for later runs to reuse; resumable."""
     from ..runs import RunSettings, fit_factors
 
     p = project_at(project)
     p.runtime.configure(device, dtype)
     settings = RunSettings(estimator=estimator, executor=executor, modules=modules, fit_sequences=fit_sequences,
-                           seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit)
+                           seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit, fit_memory=fit_memory)
     if resume == 0:  # the bare flag: the latest interrupted fit
         from ..runs import interrupted_run
 

@@ -11,7 +11,7 @@ crash or Ctrl-C loses at most the shard in flight and ``resume`` continues from 
 """
 
 from ..settings import RunSettings
-from .factors import ensure_factors, fit_indices
+from .factors import ensure_factors, fit_indices, fit_memory_bytes
 from .investigation import RunResult, fit_factors, run_investigation
 from .recipe import (
     Prepared,
@@ -46,7 +46,7 @@ from .workers import LocalWorker, build_worker, checkpoint_engine, worker_spec
 
 __all__ = [
     "LocalWorker", "Prepared", "ResultRecord", "RunResult", "RunSettings", "Scorer", "build_worker", "checkpoint_engine",
-    "committed_work", "default_executor", "ensure_factors", "extremes", "filter_context", "fit_factors", "fit_indices", "interrupted_run",
+    "committed_work", "default_executor", "ensure_factors", "extremes", "filter_context", "fit_factors", "fit_indices", "fit_memory_bytes", "interrupted_run",
     "make_estimator", "make_executor", "make_filter", "make_trainer", "preconditioned_queries", "prepare_estimator", "query_compression",
     "query_gradients", "result_record", "run_investigation", "scorer_tensors", "scorers_for", "shard_extremes",
     "split_checkpoint_tensors", "start_run", "store_result_set", "worker_spec",

@@ -33,6 +33,15 @@ def fit_indices(n: int, fit_sequences: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=fit_sequences, replace=False)).astype(np.int64)
 
 
+def fit_memory_bytes(gb: float | None) -> int | None:
+    """``--fit-memory GB`` in bytes (``None``: no limit)."""
+    if gb is None:
+        return None
+    if gb <= 0:
+        raise InflqError("--fit-memory must be a positive number of GB")
+    return int(gb * 2**30)
+
+
 def ensure_factors(
     project: Project,
     estimator: Estimator,
@@ -47,7 +56,11 @@ def ensure_factors(
     With a ``run_id``, every fitting pass commits each shard as it arrives (``fit_shards``): the
     running sum through that shard where shards run in this process, else the shard's own sums;
     a run killed during fitting resumes from its last committed shard. Shards are always reduced
-    in shard order, so a resumed fit equals an uninterrupted one."""
+    in shard order, so a resumed fit equals an uninterrupted one.
+
+    The fit's memory budget (``FitContext.memory``: ``settings.fit_memory`` or the executor's
+    ``fit_memory()``, the smaller) lets estimators fit by module, a pass per group of modules;
+    each group's pass is keyed and its files named by a hash of its modules."""
     store = project.runtime.corpus
     settings.resolve_batching(engine, project)  # callers outside a run (sessions, integrity) leave it open
     indices = fit_indices(len(store), settings.fit_sequences, settings.seed)
@@ -56,14 +69,17 @@ def ensure_factors(
     pass_count = [0]
 
     def run_pass(pass_: Pass) -> dict[str, torch.Tensor]:
-        pass_key = f"{pass_count[0]}:{pass_.phase}"
+        # A pass over one group of modules (a fit by module) is named by its group too, so that a
+        # resume under another grouping never reads another group's committed sums.
+        group = "" if pass_.modules is None else hashlib.sha256("\n".join(pass_.modules).encode()).hexdigest()[:8]
+        pass_key = f"{pass_count[0]}:{pass_.phase}" + (f":{group}" if group else "")
+        number = f"{pass_count[0]}" + (f"-{group}" if group else "")  # the committed files' names
         pass_count[0] += 1
         pass_.seed = settings.seed
         shards = make_shards(indices, settings.shard_size)
         committing = run_id is not None and factor_key is not None
-        number = pass_key.split(":")[0]
         if pass_.combine != "sum":
-            return _concat_pass(pass_, pass_key, shards, committing)
+            return _concat_pass(pass_, pass_key, number, shards, committing)
         # Sums are reduced in shard order, so a resumed fit equals an uninterrupted one: ``total``
         # holds shards [0, next); a shard that arrives early waits in ``held`` (as its committed
         # file, read when its turn comes). Run in this process, shards add straight into
@@ -139,7 +155,7 @@ def ensure_factors(
             raise InflqError(f"the executor returned {len(done)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
         return total
 
-    def _concat_pass(pass_: Pass, pass_key: str, shards: list[Shard], committing: bool) -> dict[str, torch.Tensor]:
+    def _concat_pass(pass_: Pass, pass_key: str, number: str, shards: list[Shard], committing: bool) -> dict[str, torch.Tensor]:
         parts: dict[int, dict[str, torch.Tensor]] = {}
         if committing:
             for r in catalog.fit_shards(project.db, run_id, pass_key):
@@ -151,7 +167,7 @@ def ensure_factors(
         def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
             parts[shard.index] = out
             if committing:
-                rel = f"{ARTIFACTS}/runs/{run_id}/fit-{pass_key.split(':')[0]}-{shard.index:06d}.safetensors"
+                rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
                 checksum = save_tensors(project.root, rel, out)
                 catalog.record_fit_shards(project.db, run_id, pass_key, factor_key, {shard.index: len(shard)}, rel, checksum)
 
@@ -161,7 +177,10 @@ def ensure_factors(
             raise InflqError(f"the executor returned {len(parts)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
         return combine_results(pass_.combine, [parts[i] for i in sorted(parts)])
 
-    ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.runtime.pad_id, project=project)
+    own = getattr(executor, "fit_memory", None)  # executors written before fitting by module lack it
+    budgets = [b for b in (fit_memory_bytes(settings.fit_memory), own() if own else None) if b is not None]
+    ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.runtime.pad_id, project=project,
+                     memory=min(budgets) if budgets else None)
     if not estimator.fits_factors:
         estimator.prepare(ctx)
         return None

@@ -38,13 +38,14 @@ class GradientDotProduct(Estimator):
 class CovariancePass(SumPass):
     """Sums ``ā āᵀ`` and ``g gᵀ`` over tokens (padding contributes zeros). ``A/<module>`` and
     ``S/<module>`` hold the sums in their upper triangles (see :func:`inflq.gram`); read them with
-    :func:`symmetric`."""
+    :func:`symmetric`. ``modules``: only these modules' sums (a fit by module), else all."""
 
     phase = "covariance"
     labels = "sampled"
 
-    def __init__(self, labels: str = "sampled") -> None:
+    def __init__(self, labels: str = "sampled", modules: tuple[str, ...] | None = None) -> None:
         self.labels = labels
+        self.modules = modules
 
     def _parts(self, batch, captures):
         """This batch's sums one by one (float32 Gram matrices, summed in float64)."""
@@ -54,9 +55,20 @@ class CovariancePass(SumPass):
 
         yield "tokens", batch.attention_mask.sum().to(torch.float64).reshape(1)
         yield "sequences", torch.tensor([float(batch.size)], dtype=torch.float64, device=batch.input_ids.device)
-        for name, cap in captures.items():
+        for name, cap in self.selected(captures):
             yield f"A/{name}", gram(cap.activations.reshape(-1, cap.activations.shape[-1]), symmetric=False)
             yield f"S/{name}", gram(cap.gradients.reshape(-1, cap.gradients.shape[-1]), symmetric=False)
+
+
+def covariance_bytes(tm) -> int:
+    """What one module adds to the covariance pass's float64 sums: ``A`` and ``S``."""
+    return 8 * (tm.in_dim**2 + tm.out_features**2)
+
+
+def correction_bytes(tm) -> int:
+    """What one module costs the eigenvalue-correction pass: its float64 ``Λ`` sums and the float32
+    eigenvectors the pass carries."""
+    return 8 * tm.out_features * tm.in_dim + 4 * (tm.in_dim**2 + tm.out_features**2)
 
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
@@ -73,22 +85,25 @@ def rotate_first_is_cheaper(tokens: int, out: int, inn: int) -> bool:
 
 
 class EigenCorrectionPass(SumPass):
-    """Sums ``(Q_Sᵀ DW_i Q_A)²`` over sequences, contracting in whichever order is cheaper."""
+    """Sums ``(Q_Sᵀ DW_i Q_A)²`` over sequences, contracting in whichever order is cheaper.
+    ``modules``: only these modules (a fit by module; ``qa`` and ``qs`` then hold only theirs)."""
 
     phase = "eigenvalue correction"
     labels = "sampled"
 
-    def __init__(self, qa: dict[str, torch.Tensor], qs: dict[str, torch.Tensor], labels: str = "sampled") -> None:
+    def __init__(self, qa: dict[str, torch.Tensor], qs: dict[str, torch.Tensor], labels: str = "sampled",
+                 modules: tuple[str, ...] | None = None) -> None:
         self.qa = qa
         self.qs = qs
         self.labels = labels
+        self.modules = modules
 
     def _parts(self, batch, captures):
         """This batch's sums one module at a time (float32, summed in float64)."""
         import torch
 
         yield "sequences", torch.tensor([float(batch.size)], dtype=torch.float64)
-        for name, cap in captures.items():
+        for name, cap in self.selected(captures):
             qa = self.qa[name].to(cap.activations.device, torch.float32)
             qs = self.qs[name].to(cap.activations.device, torch.float32)
             g, a = cap.gradients, cap.activations
@@ -106,14 +121,15 @@ class DiagonalPass(SumPass):
     phase = "diagonal"
     labels = "sampled"
 
-    def __init__(self, labels: str = "sampled") -> None:
+    def __init__(self, labels: str = "sampled", modules: tuple[str, ...] | None = None) -> None:
         self.labels = labels
+        self.modules = modules
 
     def _parts(self, batch, captures):
         import torch
 
         yield "sequences", torch.tensor([float(batch.size)], dtype=torch.float64)
-        for name, cap in captures.items():
+        for name, cap in self.selected(captures):
             dw = cap.sequence_gradients()
             yield f"D/{name}", (dw * dw).sum(0)
 
@@ -172,27 +188,33 @@ class _Eigenbasis(_FisherEstimator):
     def _eigendecompose(self, ctx: FitContext) -> tuple[dict, dict, dict, dict, dict]:
         """Eigenvectors (float32: all that the factors keep) and float64 eigenvalues of A and S
         per module. Each covariance sum is dropped once decomposed, so memory holds one set of
-        sums, shrinking as the eigenvectors grow."""
+        sums, shrinking as the eigenvectors grow. Fitting by module (``ctx.memory``), one
+        covariance pass per group of modules, each group decomposed before the next is summed:
+        memory holds one group's sums."""
         import torch
 
         from inflq import eigh
 
-        cov = ctx.run_pass(CovariancePass(self._labels))
-        tokens = float(cov["tokens"].sum())
-        seqs = float(cov["sequences"].sum())
-        if tokens <= 0:
-            raise ValueError("no fitting tokens")
-        ctx.monitor.start("eigendecomposition", len(ctx.tracked))
         qa, qs, la, ls = {}, {}, {}, {}
-        for tm in ctx.tracked:
-            for key, vals, vecs in (("A", la, qa), ("S", ls, qs)):
-                m = cov.pop(f"{key}/{tm.name}")
-                m /= tokens
-                vals[tm.name], q = eigh(m, ctx.engine.device)
-                del m
-                vecs[tm.name] = q.to(torch.float32)
-            ctx.monitor.advance(1)
-        return qa, qs, la, ls, {"tokens": tokens, "sequences": seqs}
+        counts: dict[str, float] = {}
+        by_name = {tm.name: tm for tm in ctx.tracked}
+        for group in ctx.groups(covariance_bytes, "covariance sums"):
+            cov = ctx.run_pass(CovariancePass(self._labels, group))
+            counts = {"tokens": float(cov["tokens"].sum()), "sequences": float(cov["sequences"].sum())}
+            if counts["tokens"] <= 0:
+                raise ValueError("no fitting tokens")
+            names = list(by_name) if group is None else group
+            ctx.monitor.start("eigendecomposition", len(names))
+            for name in names:
+                for key, vals, vecs in (("A", la, qa), ("S", ls, qs)):
+                    m = cov.pop(f"{key}/{name}")
+                    m /= counts["tokens"]
+                    vals[name], q = eigh(m, ctx.engine.device)
+                    del m
+                    vecs[name] = q.to(torch.float32)
+                ctx.monitor.advance(1)
+            del cov
+        return qa, qs, la, ls, counts
 
     def load_factors(self, tensors):
         self.factors = tensors
@@ -245,13 +267,19 @@ class EKFAC(_Eigenbasis):
         import torch
 
         qa, qs, _, _, counts = self._eigendecompose(ctx)
-        corr = ctx.run_pass(EigenCorrectionPass(qa, qs, self._labels))
-        seqs = float(corr["sequences"].sum())
+        lam = {}
+        for group in ctx.groups(correction_bytes, "eigenvalue-correction sums"):  # a pass per group, as the covariance
+            names = [tm.name for tm in ctx.tracked] if group is None else group
+            corr = ctx.run_pass(EigenCorrectionPass({n: qa[n] for n in names}, {n: qs[n] for n in names}, self._labels, group))
+            seqs = float(corr["sequences"].sum())
+            for name in names:
+                lam[name] = (corr.pop(f"L/{name}") / seqs).to(torch.float32)
+            del corr
         out = {}
         for tm in ctx.tracked:
             out[f"qa/{tm.name}"] = qa[tm.name]
             out[f"qs/{tm.name}"] = qs[tm.name]
-            out[f"lambda/{tm.name}"] = (corr.pop(f"L/{tm.name}") / seqs).to(torch.float32)
+            out[f"lambda/{tm.name}"] = lam[tm.name]
         self.load_factors(out)
         return out
 
@@ -287,9 +315,13 @@ class Diagonal(_FisherEstimator):
     def fit(self, ctx):
         import torch
 
-        d = ctx.run_pass(DiagonalPass(self._labels))
-        seqs = float(d["sequences"].sum())
-        out = {f"diag/{tm.name}": (d[f"D/{tm.name}"] / seqs).to(torch.float32) for tm in ctx.tracked}
+        diag = {}
+        for group in ctx.groups(lambda tm: 8 * tm.out_features * tm.in_dim, "diagonal sums"):
+            d = ctx.run_pass(DiagonalPass(self._labels, group))
+            seqs = float(d["sequences"].sum())
+            for name in [tm.name for tm in ctx.tracked] if group is None else group:
+                diag[name] = (d.pop(f"D/{name}") / seqs).to(torch.float32)
+        out = {f"diag/{tm.name}": diag[tm.name] for tm in ctx.tracked}
         self.load_factors(out)
         return out
 

@@ -8,6 +8,10 @@ the catalog and the artifacts.
 * Shards are dispatched to actors (two in flight per actor); results come back to the driver,
   which commits scoring shards and reduces fitting sums in shard order, exactly as the local
   executor does, so both give the same numbers.
+* ``memory=GB`` reserves that much of Ray's ``memory`` resource per actor and bounds what a
+  fitting pass sums there: where the factors' sums exceed half of it (the rest holds the model and
+  a batch), estimators fit by module (:meth:`inflq.FitContext.groups`): one pass per group of
+  modules, so neither a worker nor the driver ever holds every module's sums.
 * Progress streams back per batch through a small progress actor.
 * Cancelling (Ctrl-C) kills the actors, so work in flight stops at once; committed shards stay.
 * A lost actor (process or node death) is replaced and its shards are retried on live actors, up
@@ -130,6 +134,7 @@ class RayExecutor(Executor):
         Option("num_workers", int, None, "actors to start (default: as many as the cluster's resources allow)"),
         Option("num_gpus", float, 0.0, "GPUs per actor (1 for one model per GPU)"),
         Option("num_cpus", float, 1.0, "CPUs per actor"),
+        Option("memory", float, None, "GB of memory per actor (Ray's memory resource); factors whose sums exceed half of it are fitted by module, a group of modules per pass"),
         Option("ship_model", bool, False, "send the model folder through the object store and tokens with each shard (no shared filesystem)"),
         Option("max_retries", int, 3, "times a shard is retried after its worker is lost"),
         Option("start_timeout", float, 600.0, "seconds to wait for a first worker (e.g. while the cluster scales up)"),
@@ -187,12 +192,19 @@ class RayExecutor(Executor):
             return max(1, int(self.settings["num_workers"]))
         res = self._ray.cluster_resources()
         if self.settings["num_gpus"] > 0:
-            return max(1, int(res.get("GPU", 0) // self.settings["num_gpus"]))
-        return max(1, int(res.get("CPU", 1) // max(self.settings["num_cpus"], 1e-9)))
+            count = int(res.get("GPU", 0) // self.settings["num_gpus"])
+        else:
+            count = int(res.get("CPU", 1) // max(self.settings["num_cpus"], 1e-9))
+        if self.settings["memory"]:
+            count = min(count, int(res.get("memory", 0) // int(self.settings["memory"] * 2**30)))
+        return max(1, count)
 
     def _start_actor(self, spec: dict, job) -> None:
         ray = self._ray
-        cls = ray.remote(num_cpus=self.settings["num_cpus"], num_gpus=self.settings["num_gpus"])(ShardWorker)
+        resources: dict[str, Any] = {"num_cpus": self.settings["num_cpus"], "num_gpus": self.settings["num_gpus"]}
+        if self.settings["memory"] is not None:
+            resources["memory"] = int(self.settings["memory"] * 2**30)
+        cls = ray.remote(**resources)(ShardWorker)
         pad_id = job.local.pad_id if job.local is not None else 0
         handle = cls.remote(spec, int(max(1, self.settings["num_cpus"])), self._shipped, pad_id)
         self._actors[handle._actor_id.hex()] = {"handle": handle, "ready": False, "ping": handle.pid.remote(), "load": 0, "since": time.monotonic()}
@@ -221,6 +233,14 @@ class RayExecutor(Executor):
             with contextlib.suppress(Exception):
                 self._ray.kill(a["handle"], no_restart=True)
         self._actors.clear()
+
+    def fit_memory(self) -> int | None:
+        gb = self.settings["memory"]
+        if gb is None:
+            return None
+        if gb <= 0:
+            raise InflqError("ray:memory must be a positive number of GB per worker")
+        return int(gb * 2**30) // 2  # the other half: the model and a batch
 
     # -- the map ------------------------------------------------------------------------------
     def map(self, job, shards, on_result, monitor):
