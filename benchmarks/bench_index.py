@@ -136,6 +136,29 @@ def synthetic_index(root: Path, model, rows: int, shard_size: int = 32768, seed:
     return store
 
 
+def build_scaling(args, model, engine, many, seqs, fit_ctx, sizes: list[int], budget: int, tmp: Path) -> None:
+    """Build time (the rows pass) against corpus size, with one preconditioner (fitted on the
+    first ``--sequences``) for every size; each size a fresh index; FLOOR over the largest."""
+    from inflq.index import IndexSettings, build_index, fit_index, local_map
+
+    kind = args.kinds.split(",")[0]
+    model_i = fit_index(fit_ctx, IndexSettings(kind=kind, budget_bytes=budget))
+    floor_seconds(model, seqs[: args.batch_size], args.batch_size)  # warm-up
+    print(f"  build scaling ({kind}, width {model_i.width}); load average at start {os.getloadavg()[0]:.2f}")
+    timings = []
+    for n in sizes:
+        floor = floor_seconds(model, seqs[:n], args.batch_size)
+        t = time.perf_counter()
+        build_index(tmp / "scaling", f"{kind}-{n}", model_i, np.arange(n, dtype=np.int64), local_map(engine, many, 0, args.batch_size), shard_size=4096)
+        s = time.perf_counter() - t
+        timings.append((n, s))
+        print(f"    {n:>8,} sequences: build {s:8.2f} s ({1e3 * s / n:6.2f} ms/sequence) = {s / floor:5.2f} x FLOOR ({floor:.2f} s); "
+              f"load average {os.getloadavg()[0]:.2f}")
+    if len(timings) >= 2:
+        x, y = np.log([n for n, _ in timings]), np.log([s for _, s in timings])
+        print(f"    build time ~ sequences^{np.polyfit(x, y, 1)[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sequences", type=int, default=500)
@@ -151,6 +174,13 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=8192)
     ap.add_argument("--depth", type=int, default=1000, help="candidates per query when comparing index:k and tfidf:k as filters")
     ap.add_argument("--dir", default=None, help="where to write indexes (default: a temporary folder)")
+    ap.add_argument("--build-sizes", default=None,
+                    help="instead of the rest: time the build (rows pass) over these corpus sizes, comma-separated (e.g. 1000,2000,4000), "
+                         "the preconditioner fitted once on the first --sequences, and fit the exponent")
+    ap.add_argument("--faiss", default=None,
+                    help="also time FAISS search (inflq.index.top_k search='faiss') at these nprobe values, comma-separated (e.g. 8,32,128), "
+                         "with its recall of the exact scan's top 10; needs pip install 'inflq[faiss]'")
+    ap.add_argument("--only-query", action="store_true", help="skip the exact EK-FAC reference and accuracy: fit the first kind, then time queries")
     ap.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes (figures meaningless)")
     args = ap.parse_args()
     if args.quick:
@@ -173,7 +203,8 @@ def main() -> None:
 
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-index-"))
     rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, args.vocab, size=args.length).astype(np.int64) for _ in range(args.sequences)]
+    build_sizes = [int(x) for x in args.build_sizes.split(",")] if args.build_sizes else []
+    seqs = [rng.integers(1, args.vocab, size=args.length).astype(np.int64) for _ in range(max([args.sequences, *build_sizes]))]
     q_len = min(64, args.length)
     q_toks = [rng.integers(1, args.vocab, size=q_len).astype(np.int64) for _ in range(args.queries)]
     q_starts = [q_len - 16] * args.queries
@@ -187,7 +218,11 @@ def main() -> None:
           f"{len(engine.tracked)} modules, {args.queries} queries, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
 
     def ctx():
-        return local_fit_context(engine, many, indices, 0, seed=0, batch_size=args.batch_size, shard_size=256)
+        return local_fit_context(engine, many, indices[: args.sequences], 0, seed=0, batch_size=args.batch_size, shard_size=256)
+
+    if build_sizes:
+        build_scaling(args, model, engine, many, seqs, ctx(), build_sizes, budget, tmp)
+        return
 
     floor_seconds(model, seqs[: args.batch_size], args.batch_size)  # warm-up
     floor = floor_seconds(model, seqs, args.batch_size)

@@ -230,6 +230,23 @@ class IndexStore:
             "bytes_per_sequence": 2 * m["width"] + 16,
         }
 
+    def rows_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored rows (float16), scales and self-influences at the sorted row ``positions``,
+        read memory-mapped shard by shard (what approximate search re-scores)."""
+        if not self.complete:
+            raise InflqError(f"the index at {self.path} is incomplete; resume its build")
+        positions = np.asarray(positions, dtype=np.int64)
+        size = int(self.manifest["shard_size"])
+        rows = np.empty((len(positions), self.width), dtype=np.float16)
+        side = np.empty((len(positions), 2), dtype=np.float32)
+        shard_of = positions // size
+        for i in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == i)
+            local = positions[at] - i * size
+            rows[at] = np.load(self.path / f"rows-{i:06d}.npy", mmap_mode="r", allow_pickle=False)[local]
+            side[at] = np.load(self.path / f"side-{i:06d}.npy", mmap_mode="r", allow_pickle=False)[local]
+        return rows, side[:, 0], side[:, 1]
+
     def blocks(self, block_rows: int = 8192) -> Iterator[Block]:
         """The stored rows, memory-mapped, ``block_rows`` at a time (never loaded whole)."""
         if not self.complete:

@@ -435,6 +435,8 @@ class IndexFilter(Filter):
         Option("k", int, 1000, "how many candidates per query"),
         Option("key", str, None, "which index (default: the newest complete one)"),
         Option("metric", str, "inner", "inner product, or cosine in the preconditioner's metric", choices=METRICS),
+        Option("search", str, "exact", "exact blocked scan, or approximate through FAISS (pip install 'inflq[faiss]')", choices=("exact", "faiss")),
+        Option("nprobe", int, 32, "with search=faiss: how many of FAISS's lists each query probes (more: slower, higher recall)"),
     )
 
     def candidates(self, ctx) -> list[np.ndarray]:
@@ -446,6 +448,8 @@ class IndexFilter(Filter):
             raise InflqError("the index filter needs a project (FilterContext.project): its index lives there")
         if self.settings["k"] is None or self.settings["k"] < 1:
             raise InflqError("index filter: k must be at least 1, e.g. --filter index:k=1000")
+        if self.settings["search"] == "faiss":
+            index.require_faiss()  # before any pass: the missing extra is a one-line error
         project = ctx.project
         _, store = find_index(project, self.settings["key"])
         model = store.model()
@@ -453,6 +457,6 @@ class IndexFilter(Filter):
         ctx.monitor.start("index filter", len(ctx.query_tokens))
         rows = index.query_rows(model, engine, ctx.query_tokens, ctx.query_completion_starts, project.runtime.pad_id)
         q = index.prepare(model, rows.to(torch.float32))
-        out = index.candidates(store, q, self.settings["k"], self.settings["metric"])
+        out = index.candidates(store, q, self.settings["k"], self.settings["metric"], search=self.settings["search"], nprobe=self.settings["nprobe"])
         ctx.monitor.advance(len(ctx.query_tokens))
         return out
