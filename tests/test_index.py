@@ -341,7 +341,7 @@ def test_faiss_search_probing_every_list_finds_the_exact_top_k(tmp_path, gpt2):
     toks, starts = queries()
     q = prepare(model, query_rows(model, gpt2.engine, toks, starts, PAD))
     nlist = approx.default_nlist(store.num_rows)
-    assert nlist == 75
+    assert nlist == 54
     for metric in ("inner", "cosine"):
         for largest in (True, False):
             want_v, want_i = top_k(store, q, 5, metric, largest=largest, precise=True)

@@ -54,8 +54,9 @@ def check_search(search: str) -> None:
 
 
 def default_nlist(num_rows: int) -> int:
-    """``4·sqrt(n)`` lists, at most one per 40 rows (FAISS's training minimum), at least 1."""
-    return max(1, min(int(4 * math.sqrt(num_rows)), num_rows // _TRAIN_PER_LIST))
+    """``sqrt(n)`` lists (1,000 at a million rows: training and adding cost ``n·nlist·width``
+    each), at most one per 40 rows (FAISS's training minimum), at least 1."""
+    return max(1, min(int(math.sqrt(num_rows)), num_rows // _TRAIN_PER_LIST))
 
 
 def _vectors(rows: np.ndarray, scale: np.ndarray, self_influence: np.ndarray, metric: str) -> np.ndarray:
