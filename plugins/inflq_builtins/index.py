@@ -351,12 +351,15 @@ class IndexEstimator(Estimator):
         self.store = None
         self.model = None
         self.engine = None
+        self._last_queries = None
+        self._sequence_rows = {}  # sha256 of a sequence's tokens -> (projected row, self-influence)
 
     def prepare(self, ctx):
         if ctx.project is None:
             raise InflqError("the index estimator needs a project (its index lives there)")
         self.row, self.store = find_index(ctx.project, self.settings["key"])
         self.model = self.store.model()
+        self._last_queries, self._sequence_rows = None, {}
         if list(self.model.names) != list(ctx.engine.names):
             raise InflqError(
                 f"index {self.row['key']} covers {len(self.model.names)} modules, the run tracks {len(ctx.engine.names)}: "
@@ -408,14 +411,55 @@ class IndexEstimator(Estimator):
         qg.rank = r_max or None
         return qg
 
+    def _prepared(self, project, queries):
+        """The queries' preconditioned projected rows; the last queries' are kept (the live query
+        scores the index's rows and then the probes with the same ones)."""
+        from inflq import index
+
+        key = [(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
+        if self._last_queries is None or self._last_queries[0] != key:
+            self._last_queries = (key, index.prepare(self.model, _query_rows(project, self.model, self.engine, queries)))
+        return self._last_queries[1]
+
     def score_candidates(self, project, queries, candidates, monitor):
         from inflq import index
 
         monitor.start("index scores", len(queries))
-        q = index.prepare(self.model, _query_rows(project, self.model, self.engine, queries))
-        out = index.scores(self.store, q, self.settings["metric"], indices=candidates)
+        out = index.scores(self.store, self._prepared(project, queries), self.settings["metric"], indices=candidates)
         monitor.advance(len(queries))
         return out
+
+    def score_sequences(self, project, queries, sequences, monitor):
+        """Queries against sequences outside the corpus (probes): each sequence's projected row and
+        self-influence are computed once with the index's model (its training loss, as a stored
+        row's) and cached by its tokens; scored in float32 as ``scores(precise=True)`` would."""
+        import hashlib
+
+        import numpy as np
+        import torch
+
+        from inflq import make_batch
+
+        keys = [hashlib.sha256(np.ascontiguousarray(s, dtype=np.int64).tobytes()).hexdigest() for s in sequences]
+        todo = [keys.index(k) for k in dict.fromkeys(keys) if k not in self._sequence_rows]
+        monitor.start("index probes", len(todo))
+        for s in range(0, len(todo), 8):
+            part = todo[s : s + 8]
+            captures, _ = self.engine.capture(make_batch([np.asarray(sequences[i]) for i in part], project.runtime.pad_id, self.engine.device), "data")
+            rows = self.model.rows_from_captures(captures).to("cpu", torch.float32)
+            selfs = self.model.self_influence(rows)
+            for j, i in enumerate(part):
+                self._sequence_rows[keys[i]] = (rows[j], selfs[j])
+            monitor.advance(len(part))
+        q = self._prepared(project, queries)
+        if not sequences:
+            return np.zeros((q.num_queries, 0), dtype=np.float32)
+        rows = torch.stack([self._sequence_rows[k][0] for k in keys])
+        out = q.vectors @ rows.T
+        if self.settings["metric"] == "cosine":
+            selfs = torch.stack([self._sequence_rows[k][1] for k in keys])
+            out = out / (torch.sqrt(q.self_influence.clamp_min(0))[:, None] * torch.sqrt(selfs.clamp_min(0))[None, :]).clamp_min(torch.finfo(torch.float32).tiny)
+        return out.numpy().astype(np.float32)
 
     def describe(self):
         m = self.store.manifest if self.store is not None else {}
