@@ -365,6 +365,11 @@ def test_faiss_search_probing_every_list_finds_the_exact_top_k(tmp_path, gpt2):
     from inflq.index import candidates
 
     assert [list(c) for c in candidates(store, q, 5, search="faiss", nprobe=nlist)] == [sorted(r) for r in again[1].tolist()]
+    # A damaged cache file is built again.
+    path.write_bytes(b"not a faiss index")
+    approx._cache.clear()
+    rebuilt = top_k(store, q, 5, "inner", search="faiss", nprobe=nlist, refine=20)
+    assert np.array_equal(rebuilt[1], again[1]) and path.stat().st_size > 1000
 
 
 def test_faiss_missing_or_misused_is_a_one_line_error(tmp_path, gpt2, monkeypatch):

@@ -99,9 +99,13 @@ def faiss_index(store: IndexStore, metric: str = "inner", nlist: int | None = No
         cached = _cache.get(str(path))
         if cached is not None:
             return cached
+        index = None
         if path.exists():
-            index = faiss.read_index(str(path))
-        else:
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError:  # a damaged cache file: built again below
+                path.unlink()
+        if index is None:
             monitor = monitor or Monitor()
             monitor.start("faiss", store.num_rows, f"building a FAISS index ({nlist} lists) over {store.num_rows:,} rows")
             quantizer = faiss.IndexFlatIP(store.width)
