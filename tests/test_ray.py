@@ -192,6 +192,7 @@ def test_index_build_on_ray_equals_the_local_build(cluster, baseline, cli_run):
     on the Ray workers; the index (its key, its model, every row and side value) is the local
     build's, up to the order in which the workers' fitting sums are added."""
     import numpy as np
+    import torch
 
     import inflq_builtins.index as index_plugin
     from inflq.cli import cli
@@ -212,12 +213,20 @@ def test_index_build_on_ray_equals_the_local_build(cluster, baseline, cli_run):
         assert row["status"] == "complete" and store.complete and store.num_shards == math.ceil(N / 10)
         rows = np.concatenate([np.asarray(b.rows, dtype=np.float32) * b.scale[:, None] for b in store.blocks(7)])
         side = np.concatenate([b.self_influence for b in store.blocks(7)])
-        built[name] = (row["key"], store.model().tensors(), rows, side)
+        built[name] = (row["key"], store.model(), rows, side)
         p.close()
     (key_l, model_l, rows_l, side_l), (key_r, model_r, rows_r, side_r) = built["index-local"], built["index-ray"]
     assert key_l == key_r
-    assert model_l.keys() == model_r.keys()
-    for k in model_l:
-        np.testing.assert_allclose(model_r[k].numpy(), model_l[k].numpy(), rtol=1e-4, atol=1e-6 * float(model_l[k].abs().max()), err_msg=k)
-    np.testing.assert_allclose(rows_r, rows_l, rtol=2e-3, atol=1e-3 * np.abs(rows_l).max())  # float16 storage
+    tensors_l, tensors_r = model_l.tensors(), model_r.tensors()
+    assert tensors_l.keys() == tensors_r.keys()
+    for k in tensors_l:  # the seeded projections are the same draws
+        if k.startswith(("ps/", "pa/")):
+            assert torch.equal(tensors_l[k], tensors_r[k]), k
+    # The rows use the projections only: the same up to float16 storage.
+    np.testing.assert_allclose(rows_r, rows_l, rtol=2e-3, atol=1e-3 * np.abs(rows_l).max())
+    # The preconditioner (sums added in another order: eigenvectors of close eigenvalues turn a
+    # little, so compare what it does) applied to the rows, and the stored self-influences.
+    rows = torch.from_numpy(rows_l)
+    pre_l, pre_r = model_l.precondition(rows).numpy(), model_r.precondition(rows).numpy()
+    np.testing.assert_allclose(pre_r, pre_l, rtol=1e-3, atol=1e-4 * np.abs(pre_l).max())
     np.testing.assert_allclose(side_r, side_l, rtol=1e-3)

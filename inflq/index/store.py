@@ -11,7 +11,9 @@ Layout of ``<root>/index-<key>/``:
   self-influence ``rowᵀ (G' + λI)⁻¹ row`` (at the damping of the build) serves the cosine;
 * ``manifest.json``: the settings, the key's source and the committed shards with the SHA-256 of
   their files. A shard counts only once the manifest names it, and every file is written to a
-  temporary name, synced and renamed first, so a crash loses no committed shard.
+  temporary name, synced and renamed first, so a crash loses no committed shard;
+* ``faiss-<metric>-ivf<nlist>-sq8.index``: where approximate search was asked for, its FAISS index
+  (:mod:`inflq.index.approx`), built from the complete shards.
 
 Bytes per sequence: ``2 × width + 16`` (with the index in ``indices.npy``).
 """
