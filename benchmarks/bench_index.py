@@ -138,7 +138,7 @@ def synthetic_index(root: Path, model, rows: int, shard_size: int = 32768, seed:
 
 def build_scaling(args, model, engine, many, seqs, fit_ctx, sizes: list[int], budget: int, tmp: Path) -> None:
     """Build time (the rows pass) against corpus size, with one preconditioner (fitted on the
-    first ``--sequences``) for every size; each size a fresh index; FLOOR over the largest."""
+    first ``--sequences``) for every size; each size a fresh index; FLOOR over the smallest."""
     from inflq.index import IndexSettings, build_index, fit_index, local_map
 
     kind = args.kinds.split(",")[0]
@@ -146,14 +146,14 @@ def build_scaling(args, model, engine, many, seqs, fit_ctx, sizes: list[int], bu
     floor_seconds(model, seqs[: args.batch_size], args.batch_size)  # warm-up
     print(f"  build scaling ({kind}, width {model_i.width}); load average at start {os.getloadavg()[0]:.2f}")
     timings = []
+    floor = floor_seconds(model, seqs[: sizes[0]], args.batch_size) / sizes[0]  # per sequence
     for n in sizes:
-        floor = floor_seconds(model, seqs[:n], args.batch_size)
         t = time.perf_counter()
         build_index(tmp / "scaling", f"{kind}-{n}", model_i, np.arange(n, dtype=np.int64), local_map(engine, many, 0, args.batch_size), shard_size=4096)
         s = time.perf_counter() - t
         timings.append((n, s))
-        print(f"    {n:>8,} sequences: build {s:8.2f} s ({1e3 * s / n:6.2f} ms/sequence) = {s / floor:5.2f} x FLOOR ({floor:.2f} s); "
-              f"load average {os.getloadavg()[0]:.2f}")
+        print(f"    {n:>8,} sequences: build {s:8.2f} s ({1e3 * s / n:6.2f} ms/sequence) = {s / (n * floor):5.2f} x FLOOR "
+              f"({1e3 * floor:.2f} ms/sequence over the first {sizes[0]:,}); load average {os.getloadavg()[0]:.2f}")
     if len(timings) >= 2:
         x, y = np.log([n for n, _ in timings]), np.log([s for _, s in timings])
         print(f"    build time ~ sequences^{np.polyfit(x, y, 1)[0]:.2f}")
