@@ -136,6 +136,54 @@ def synthetic_index(root: Path, model, rows: int, shard_size: int = 32768, seed:
     return store
 
 
+def build_scaling(args, model, engine, many, seqs, fit_ctx, sizes: list[int], budget: int, tmp: Path) -> None:
+    """Build time (the rows pass) against corpus size, with one preconditioner (fitted on the
+    first ``--sequences``) for every size; each size a fresh index; FLOOR over the smallest."""
+    from inflq.index import IndexSettings, build_index, fit_index, local_map
+
+    kind = args.kinds.split(",")[0]
+    model_i = fit_index(fit_ctx, IndexSettings(kind=kind, budget_bytes=budget))
+    floor_seconds(model, seqs[: args.batch_size], args.batch_size)  # warm-up
+    print(f"  build scaling ({kind}, width {model_i.width}); load average at start {os.getloadavg()[0]:.2f}")
+    timings = []
+    floor = floor_seconds(model, seqs[: sizes[0]], args.batch_size) / sizes[0]  # per sequence
+    for n in sizes:
+        t = time.perf_counter()
+        build_index(tmp / "scaling", f"{kind}-{n}", model_i, np.arange(n, dtype=np.int64), local_map(engine, many, 0, args.batch_size), shard_size=4096)
+        s = time.perf_counter() - t
+        timings.append((n, s))
+        print(f"    {n:>8,} sequences: build {s:8.2f} s ({1e3 * s / n:6.2f} ms/sequence) = {s / (n * floor):5.2f} x FLOOR "
+              f"({1e3 * floor:.2f} ms/sequence over the first {sizes[0]:,}); load average {os.getloadavg()[0]:.2f}")
+    if len(timings) >= 2:
+        x, y = np.log([n for n, _ in timings]), np.log([s for _, s in timings])
+        print(f"    build time ~ sequences^{np.polyfit(x, y, 1)[0]:.2f}")
+
+
+def faiss_timing(store, q, nprobes: list[int], block_rows: int) -> None:
+    """FAISS search (``top_k(search="faiss")``) against the exact scan: the FAISS index's build
+    (once, cached beside the shards), then per ``nprobe`` the 64 queries' time (warm, median of 2)
+    and their recall of the exact top 10."""
+    from inflq.index import approx, top_k
+
+    _, exact = top_k(store, q, 10, block_rows=block_rows)
+    nlist = approx.default_nlist(store.num_rows)
+    path = approx.faiss_path(store, "inner", nlist)
+    cached = path.exists()
+    t = time.perf_counter()
+    approx.faiss_index(store, "inner", block_rows=block_rows)
+    built = time.perf_counter() - t
+    size = path.stat().st_size / 2**30
+    print(f"      FAISS IVF{nlist},SQ8 ({size:.2f} GiB file): {'read from its cache file' if cached else 'built'} in {built:.1f} s")
+    for nprobe in nprobes:
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            _, got = top_k(store, q, 10, search="faiss", nprobe=nprobe)
+            times.append(time.perf_counter() - t)
+        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.tolist(), got.tolist(), strict=True)]))
+        print(f"      nprobe {nprobe:>5}: {statistics.median(times):6.3f} s, recall of the exact top 10 {recall:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sequences", type=int, default=500)
@@ -151,6 +199,13 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=8192)
     ap.add_argument("--depth", type=int, default=1000, help="candidates per query when comparing index:k and tfidf:k as filters")
     ap.add_argument("--dir", default=None, help="where to write indexes (default: a temporary folder)")
+    ap.add_argument("--build-sizes", default=None,
+                    help="instead of the rest: time the build (rows pass) over these corpus sizes, comma-separated (e.g. 1000,2000,4000), "
+                         "the preconditioner fitted once on the first --sequences, and fit the exponent")
+    ap.add_argument("--faiss", default=None,
+                    help="also time FAISS search (inflq.index.top_k search='faiss') at these nprobe values, comma-separated (e.g. 8,32,128), "
+                         "with its recall of the exact scan's top 10; needs pip install 'inflq[faiss]'")
+    ap.add_argument("--only-query", action="store_true", help="skip the exact EK-FAC reference and accuracy: fit the first kind, then time queries")
     ap.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes (figures meaningless)")
     args = ap.parse_args()
     if args.quick:
@@ -173,7 +228,8 @@ def main() -> None:
 
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="bench-index-"))
     rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, args.vocab, size=args.length).astype(np.int64) for _ in range(args.sequences)]
+    build_sizes = [int(x) for x in args.build_sizes.split(",")] if args.build_sizes else []
+    seqs = [rng.integers(1, args.vocab, size=args.length).astype(np.int64) for _ in range(max([args.sequences, *build_sizes]))]
     q_len = min(64, args.length)
     q_toks = [rng.integers(1, args.vocab, size=q_len).astype(np.int64) for _ in range(args.queries)]
     q_starts = [q_len - 16] * args.queries
@@ -187,52 +243,59 @@ def main() -> None:
           f"{len(engine.tracked)} modules, {args.queries} queries, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
 
     def ctx():
-        return local_fit_context(engine, many, indices, 0, seed=0, batch_size=args.batch_size, shard_size=256)
+        return local_fit_context(engine, many, indices[: args.sequences], 0, seed=0, batch_size=args.batch_size, shard_size=256)
 
-    floor_seconds(model, seqs[: args.batch_size], args.batch_size)  # warm-up
-    floor = floor_seconds(model, seqs, args.batch_size)
-    print(f"  FLOOR (forward + backward)        {floor:8.2f} s   {1e3 * floor / len(seqs):7.2f} ms/sequence")
-
-    t = time.perf_counter()
-    exact, est = exact_ekfac_scores(engine, ctx(), q_toks, q_starts, seqs, args.batch_size)
-    exact_s = time.perf_counter() - t
-    print(f"  exact EK-FAC fit + scoring        {exact_s:8.2f} s = {exact_s / floor:5.2f} x FLOOR")
+    if build_sizes:
+        build_scaling(args, model, engine, many, seqs, ctx(), build_sizes, budget, tmp)
+        return
 
     default_model = None
-    depths = [d for d in (50, 100, 1000) if d < len(seqs)]
-    for kind in args.kinds.split(","):
-        settings = IndexSettings(kind=kind, budget_bytes=budget)
+    if args.only_query:
+        default_model = fit_index(ctx(), IndexSettings(kind=args.kinds.split(",")[0], budget_bytes=budget))
+    else:
+        floor_seconds(model, seqs[: args.batch_size], args.batch_size)  # warm-up
+        floor = floor_seconds(model, seqs, args.batch_size)
+        print(f"  FLOOR (forward + backward)        {floor:8.2f} s   {1e3 * floor / len(seqs):7.2f} ms/sequence")
+
         t = time.perf_counter()
-        model_i = fit_index(ctx(), settings)
-        fit_s = time.perf_counter() - t
-        t = time.perf_counter()
-        store = build_index(tmp / "built", kind, model_i, indices, local_map(engine, many, 0, args.batch_size), shard_size=4096)
-        build_s = time.perf_counter() - t
-        q = prepare(model_i, query_rows(model_i, engine, q_toks, q_starts, 0))
-        got = scores(store, q)
-        acc = accuracy(got, exact, depths)
-        per_seq = sum(p.stat().st_size for p in store.path.glob("*.npy")) / len(seqs)  # rows, side and indices
-        sizes = sorted(set(model_i.sizes.values()))
-        print(f"  [{kind}] k_s x k_a {', '.join(f'{a}x{b}' for a, b in sizes)}, width {model_i.width}: "
-              f"{per_seq:,.0f} bytes/sequence on disk ({2 * model_i.width + 16:,} of data; target <= 4,096)")
-        print(f"    fit   {fit_s:8.2f} s = {fit_s / floor:5.2f} x FLOOR")
-        print(f"    build {build_s:8.2f} s = {build_s / floor:5.2f} x FLOOR (target <= 1.5)   {1e3 * build_s / len(seqs):7.2f} ms/sequence, "
-              f"{tokens / build_s:,.0f} tokens/s")
-        print(f"    vs exact EK-FAC: Spearman median {acc['spearman_median']:.3f} (min {acc['spearman_min']:.3f}; target >= 0.9), "
-              f"top-10 recall {acc['recall10@10']:.2f} (target >= 0.8)"
-              + "".join(f", exact top-10 in index top-{k}: {acc[f'recall10@{k}']:.2f}" for k in depths))
-        if default_model is None:
-            default_model = model_i
-            depth = min(args.depth, len(seqs))
+        exact, est = exact_ekfac_scores(engine, ctx(), q_toks, q_starts, seqs, args.batch_size)
+        exact_s = time.perf_counter() - t
+        print(f"  exact EK-FAC fit + scoring        {exact_s:8.2f} s = {exact_s / floor:5.2f} x FLOOR")
+
+        depths = [d for d in (50, 100, 1000) if d < len(seqs)]
+        for kind in args.kinds.split(","):
+            settings = IndexSettings(kind=kind, budget_bytes=budget)
             t = time.perf_counter()
-            by_index = candidates(store, q, depth)
-            index_s = time.perf_counter() - t
+            model_i = fit_index(ctx(), settings)
+            fit_s = time.perf_counter() - t
             t = time.perf_counter()
-            by_tfidf = tfidf_candidates(seqs, q_toks, q_starts, depth, tmp)
-            tfidf_s = time.perf_counter() - t
-            note = " (the whole corpus: both trivially 1; use --sequences > --depth)" if depth >= len(seqs) else ""
-            print(f"    as a filter, exact top-10 recall at {depth} candidates per query{note}: "
-                  f"index:k={depth} {filter_recall(by_index, exact):.3f} ({index_s:.2f} s), tfidf:k={depth} {filter_recall(by_tfidf, exact):.3f} ({tfidf_s:.2f} s)")
+            store = build_index(tmp / "built", kind, model_i, indices, local_map(engine, many, 0, args.batch_size), shard_size=4096)
+            build_s = time.perf_counter() - t
+            q = prepare(model_i, query_rows(model_i, engine, q_toks, q_starts, 0))
+            got = scores(store, q)
+            acc = accuracy(got, exact, depths)
+            per_seq = sum(p.stat().st_size for p in store.path.glob("*.npy")) / len(seqs)  # rows, side and indices
+            sizes = sorted(set(model_i.sizes.values()))
+            print(f"  [{kind}] k_s x k_a {', '.join(f'{a}x{b}' for a, b in sizes)}, width {model_i.width}: "
+                  f"{per_seq:,.0f} bytes/sequence on disk ({2 * model_i.width + 16:,} of data; target <= 4,096)")
+            print(f"    fit   {fit_s:8.2f} s = {fit_s / floor:5.2f} x FLOOR")
+            print(f"    build {build_s:8.2f} s = {build_s / floor:5.2f} x FLOOR (target <= 1.5)   {1e3 * build_s / len(seqs):7.2f} ms/sequence, "
+                  f"{tokens / build_s:,.0f} tokens/s")
+            print(f"    vs exact EK-FAC: Spearman median {acc['spearman_median']:.3f} (min {acc['spearman_min']:.3f}; target >= 0.9), "
+                  f"top-10 recall {acc['recall10@10']:.2f} (target >= 0.8)"
+                  + "".join(f", exact top-10 in index top-{k}: {acc[f'recall10@{k}']:.2f}" for k in depths))
+            if default_model is None:
+                default_model = model_i
+                depth = min(args.depth, len(seqs))
+                t = time.perf_counter()
+                by_index = candidates(store, q, depth)
+                index_s = time.perf_counter() - t
+                t = time.perf_counter()
+                by_tfidf = tfidf_candidates(seqs, q_toks, q_starts, depth, tmp)
+                tfidf_s = time.perf_counter() - t
+                note = " (the whole corpus: both trivially 1; use --sequences > --depth)" if depth >= len(seqs) else ""
+                print(f"    as a filter, exact top-10 recall at {depth} candidates per query{note}: "
+                      f"index:k={depth} {filter_recall(by_index, exact):.3f} ({index_s:.2f} s), tfidf:k={depth} {filter_recall(by_tfidf, exact):.3f} ({tfidf_s:.2f} s)")
 
     sizes_rows = [int(x) for x in args.rows.split(",")]
     q_rows = query_rows(default_model, engine, q_toks, q_starts, 0)
@@ -253,7 +316,9 @@ def main() -> None:
         timings.append((n, warm))
         cold = next((v[0] for k, v in runs.items() if k.startswith("cold")), float("nan"))
         print(f"    {n:>10,} rows ({store.size_bytes() / 2**30:5.2f} GiB, written in {made:6.1f} s): cold {cold:6.2f} s, "
-              f"warm {warm:6.2f} s (target <= 2 s at 1,000,000)")
+              f"warm {warm:6.2f} s (target <= 2 s at 1,000,000); load average {os.getloadavg()[0]:.2f}")
+        if args.faiss:
+            faiss_timing(store, prepare(default_model, q_rows), [int(x) for x in args.faiss.split(",")], args.block_rows)
     if len(timings) >= 2:
         x, y = np.log([n for n, _ in timings]), np.log([s for _, s in timings])
         print(f"    query time ~ rows^{np.polyfit(x, y, 1)[0]:.2f}")

@@ -244,6 +244,14 @@ class Estimator(Plugin):
         estimator's own storage precision. Ignored for estimators with :meth:`checkpoints`."""
         return None
 
+    def score_sequences(self, project: Any, queries: list[dict], sequences: list[np.ndarray], monitor: Monitor) -> np.ndarray | None:
+        """Scores ``[len(queries), len(sequences)]`` (float32) of ``queries`` against token
+        sequences outside the corpus (e.g. hand-written probes, tokenized as training sequences),
+        on the same scale as :meth:`score_candidates`'s, or ``None`` (the default: not offered).
+        An interactive estimator offers it so that the live query scores probes beside its top
+        rows; it may cache what it computes per sequence. Called after :meth:`prepare`."""
+        return None
+
     def checkpoints(self, project: Any) -> list[tuple[Path, float]] | None:
         """Models to score with, each with its weight, for estimators that sum over training
         checkpoints (TracIn): scores are ``Σ_c weight_c × score(model_c)``. ``None`` (the default):

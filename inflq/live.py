@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +25,19 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class LiveProbe:
+    """A probe scored against the live query: its score on the index rows' scale and its rank
+    among them (1 + the number of corpus sequences scoring higher)."""
+
+    id: int
+    query_id: int
+    label: str
+    text: str
+    score: float
+    rank: int
+
+
+@dataclass
 class LiveTop:
     estimator: str
     indices: np.ndarray  # corpus indices, best first
@@ -32,6 +45,8 @@ class LiveTop:
     seq_ids: list[str]
     texts: list[str]
     seconds: float
+    probes: list[LiveProbe] = field(default_factory=list)  # best first
+    num_rows: int = 0
 
 
 def interactive_estimator() -> str | None:
@@ -48,6 +63,7 @@ class LiveScorer:
         self.project = project
         self._prepared: dict[str | None, object] = {}
         self._lock = threading.Lock()
+        self._tokens: dict[str, np.ndarray] = {}
 
     def _prepare(self, estimator: str | None):
         from .runs import RunSettings, prepare_estimator
@@ -59,9 +75,11 @@ class LiveScorer:
             self._prepared[estimator] = (prepared, settings)
         return self._prepared[estimator]
 
-    def top(self, prompt: str, completion: str, k: int = 5) -> LiveTop | None:
+    def top(self, prompt: str, completion: str, k: int = 5, probes: list[dict] | None = None) -> LiveTop | None:
         """The interactive estimator's top ``k`` sequences for the query; None when no interactive
-        estimator is registered or it cannot serve this project (e.g. no index built yet)."""
+        estimator is registered or it cannot serve this project (e.g. no index built yet).
+        ``probes`` (catalog rows: ``id``, ``query_id``, ``text``, ``label``) are scored too, where
+        the estimator offers :meth:`inflq.Estimator.score_sequences`, and ranked among the corpus."""
         name = interactive_estimator()
         if name is None or not prompt.strip() or not completion.strip():
             return None
@@ -72,6 +90,10 @@ class LiveScorer:
                 n = len(self.project.runtime.corpus)
                 query = {"prompt": prompt, "completion": completion, "chat": 0}
                 scores = prepared.estimator.score_candidates(self.project, [query], np.arange(n, dtype=np.int64), Monitor())
+                probe_scores = None
+                if scores is not None and probes:
+                    tokens = [self._probe_tokens(p["text"]) for p in probes]
+                    probe_scores = prepared.estimator.score_sequences(self.project, [query], tokens, Monitor())
             except InflqError:
                 return None
         if scores is None:
@@ -81,7 +103,20 @@ class LiveScorer:
         best = np.argsort(-finite, kind="stable")[:k]
         rows = catalog.sequence_rows(self.project.db, [int(i) for i in best])
         texts = [self.project.runtime.decode(self.project.runtime.corpus.get(int(i))) for i in best]
-        return LiveTop(name, best, row[best], [rows[int(i)]["seq_id"] for i in best], texts, time.perf_counter() - t0)
+        scored = []
+        if probe_scores is not None:
+            ranked = np.sort(finite)
+            for p, s in zip(probes, np.asarray(probe_scores, dtype=np.float64).reshape(-1), strict=True):
+                rank = 1 + int(len(ranked) - np.searchsorted(ranked, s, side="right"))
+                scored.append(LiveProbe(int(p["id"]), int(p["query_id"]), p.get("label") or "", p["text"], float(s), rank))
+            scored.sort(key=lambda p: -p.score)
+        return LiveTop(name, best, row[best], [rows[int(i)]["seq_id"] for i in best], texts, time.perf_counter() - t0, scored, n)
+
+    def _probe_tokens(self, text: str) -> np.ndarray:
+        """A probe's tokens as a training sequence's (kept: probes are re-scored at every keystroke)."""
+        if text not in self._tokens:
+            self._tokens[text] = self.project.runtime.tokenize_sequence(text)
+        return self._tokens[text]
 
     def exact(self, prompt: str, completion: str, indices: np.ndarray, estimator: str | None = None) -> np.ndarray:
         """Exact scores of the query against ``indices`` with ``estimator`` (default: the registry's

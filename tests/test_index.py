@@ -313,3 +313,76 @@ def test_the_key_names_what_determines_the_rows():
     for change in ({"settings": IndexSettings(kind="gaussian")}, {"settings": IndexSettings(k_s=4)}, {"seed": 1},
                    {"fit_indices": idx[:5]}, {"indices": idx[1:]}, {"model_fingerprint": "m2"}, {"modules": ["a"]}):
         assert key(**change) != key(), change
+
+
+def _random_store(tmp_path, model, n: int, seed: int = 0) -> IndexStore:
+    """An index of ``n`` random rows at ``model``'s width (the real format), in clusters as real
+    gradients are, with varied row scales."""
+    store = IndexStore.create(tmp_path, f"random-{n}", model, np.arange(0, 2 * n, 2, dtype=np.int64), shard_size=700)
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn((20, model.width), generator=gen)
+    for i in range(store.num_shards):
+        m = len(store.shard_rows(i))
+        rows = centres[torch.randint(0, 20, (m,), generator=gen)] + 0.5 * torch.randn((m, model.width), generator=gen)
+        rows *= torch.rand((m, 1), generator=gen) + 0.25
+        store.commit(i, rows, torch.rand((m,), generator=gen) + 0.5)
+    return store
+
+
+def test_faiss_search_probing_every_list_finds_the_exact_top_k(tmp_path, gpt2):
+    """search="faiss": FAISS's candidates re-scored exactly; probing every list (recall 1 but
+    for its 8-bit codes, which the re-scoring of refine × k candidates absorbs) it returns the
+    exact scan's top-k and scores. The FAISS index is cached beside the shards and reused."""
+    pytest.importorskip("faiss")
+    from inflq.index import approx
+
+    model = fit_index(gpt2.ctx(), IndexSettings(kind="orthogonal", k_s=4, k_a=6))
+    store = _random_store(tmp_path, model, 3000)
+    toks, starts = queries()
+    q = prepare(model, query_rows(model, gpt2.engine, toks, starts, PAD))
+    nlist = approx.default_nlist(store.num_rows)
+    assert nlist == 54
+    for metric in ("inner", "cosine"):
+        for largest in (True, False):
+            want_v, want_i = top_k(store, q, 5, metric, largest=largest, precise=True)
+            got_v, got_i = top_k(store, q, 5, metric, largest=largest, search="faiss", nprobe=nlist, refine=20)
+            assert np.array_equal(got_i, want_i), (metric, largest)
+            np.testing.assert_allclose(got_v, want_v, rtol=1e-5, atol=1e-6 * np.abs(want_v).max())
+        assert approx.faiss_path(store, metric, nlist).is_file()
+    # Few lists probed: an approximation, still mostly right on clustered rows, scores exact where found.
+    v, i = top_k(store, q, 10, "inner", search="faiss", nprobe=4)
+    exact = scores(store, q, "inner", precise=True)
+    found = i >= 0
+    assert found.any()
+    pos = np.searchsorted(store.indices, np.where(found, i, 0))
+    np.testing.assert_allclose(v[found], np.take_along_axis(exact, pos, 1)[found], rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+    # Cached on disk: a fresh process's search reads the file instead of building again.
+    path = approx.faiss_path(store, "inner", nlist)
+    stamp = path.stat().st_mtime_ns
+    approx._cache.clear()
+    again = top_k(store, q, 5, "inner", search="faiss", nprobe=nlist, refine=20)
+    assert path.stat().st_mtime_ns == stamp and np.array_equal(again[1], top_k(store, q, 5, "inner", precise=True)[1])
+    from inflq.index import candidates
+
+    assert [list(c) for c in candidates(store, q, 5, search="faiss", nprobe=nlist)] == [sorted(r) for r in again[1].tolist()]
+    # A damaged cache file is built again.
+    path.write_bytes(b"not a faiss index")
+    approx._cache.clear()
+    rebuilt = top_k(store, q, 5, "inner", search="faiss", nprobe=nlist, refine=20)
+    assert np.array_equal(rebuilt[1], again[1]) and path.stat().st_size > 1000
+
+
+def test_faiss_missing_or_misused_is_a_one_line_error(tmp_path, gpt2, monkeypatch):
+    from inflq.errors import InflqError
+    from inflq.index import approx
+
+    model = fit_index(gpt2.ctx(), IndexSettings(kind="orthogonal", k_s=4, k_a=6))
+    store = _random_store(tmp_path, model, 100)
+    toks, starts = queries()
+    q = prepare(model, query_rows(model, gpt2.engine, toks, starts, PAD))
+    with pytest.raises(InflqError, match="unknown index search 'annoy'; choose exact, faiss"):
+        top_k(store, q, 5, search="annoy")
+    monkeypatch.setattr(approx, "_cache", {})
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    with pytest.raises(InflqError, match=r"pip install 'inflq\[faiss\]'"):
+        top_k(store, q, 5, search="faiss")

@@ -4,6 +4,7 @@ inflq's own EK-FAC runs (`--estimator ekfac`), never the index's code."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -153,6 +154,11 @@ def test_index_filter_full_depth_equals_unfiltered_and_small_k_keeps_k(proj, cli
     for qi in range(exact.shape[0]):
         chosen = set(idx_k[np.isfinite(small[qi])])
         assert chosen == set(idx_all[np.argsort(-exact[qi])[:4]])
+    if importlib.util.find_spec("faiss") is not None:  # FAISS probing every list: the same candidates
+        code, _, err = cli_run("run", proj, "--estimator", "ekfac", "--filter", "index:k=4,search=faiss,nprobe=100000", "--top-k", "3")
+        assert code == 0, err
+        _, idx_a, approx = _latest(proj)
+        assert np.array_equal(idx_a, idx_k) and np.array_equal(np.isfinite(approx), np.isfinite(small))
     code, _, err = cli_run("run", proj, "--estimator", "ekfac", "--filter", "index:k=0")
     assert code == 1 and "k must be at least 1" in err
 

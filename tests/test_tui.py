@@ -1110,8 +1110,9 @@ def test_tui_imports_run_one_way():
 
 
 def test_live_query_from_the_gradient_index(project_dir):
-    """As the query is typed, the index's top sequences appear (none without an index); ctrl+g
-    adds the exact scores of those sequences."""
+    """As the query is typed, the index's top sequences appear (none without an index), with the
+    investigation's probes scored from the index and ranked among the corpus; ctrl+g adds the
+    exact scores of the top sequences."""
     from textual.widgets import Static
 
     import inflq_builtins.index as index_plugin
@@ -1140,6 +1141,10 @@ def test_live_query_from_the_gradient_index(project_dir):
         assert exc.code in (0, None)
     p = Project.open(project_dir)
     assert len(index_plugin.recorded_indexes(p)) == 1
+    # The investigation's probes (on a query of its own) are scored from the index as the query is typed.
+    other = add_query(p, "default", "the capital city of astrobia is called", "velmora")
+    probe_texts = ["zorald pfaff was the first president of astrobia", "velmora is a city of rivers", "zorald pfaff"]
+    probe_ids = [catalog.add_probe(p.db, other, t, label="mine" if i == 0 else "") for i, t in enumerate(probe_texts)]
     p.close()
 
     async def shown(app, pilot):
@@ -1153,12 +1158,35 @@ def test_live_query_from_the_gradient_index(project_dir):
     assert display is True
     assert "live: top 5 by index" in before and "1. " in before and "exact" not in before.split("\n", 1)[1]
     assert "with exact scores" in after and len(re.findall(r"  exact -?\d", after)) == 5
-    # The exact scores are a run's: EK-FAC at full rank over the same sequences.
     from inflq.live import LiveScorer
 
     p = Project.open(project_dir)
+    n = len(p.runtime.corpus)
+    assert f"probes, ranked among the {n:,} corpus sequences" in before
+    shown_probes = re.findall(r"probe (\d+)(?: mine)? \(query (\d+)\)  (\S+)  rank (\S+)", before)
     live = LiveScorer(p)
-    top = live.top(PROMPT, COMPLETION, 5)
+    top = live.top(PROMPT, COMPLETION, 5, catalog.investigation_probes(p.db, "default"))
+    assert sorted(int(i) for i, *_ in shown_probes) == sorted(probe_ids) and all(int(q) == other for _, q, *_ in shown_probes)
+    assert [(int(i), f"{s:.4g}", f"{r:,}") for i, _, s, r in [(pr.id, pr.query_id, pr.score, pr.rank) for pr in top.probes]] == \
+        [(int(i), s, r) for i, _, s, r in shown_probes]
+    # A probe's score is the index's projected EK-FAC, computed the slow way: the query's
+    # preconditioned gradient lifted to the full space, against the probe's full weight gradient;
+    # its rank counts the corpus sequences whose index scores are higher.
+    from inflq import make_batch
+    from inflq.progress import Monitor
+    from inflq.runs import query_gradients
+
+    est = live._prepare("index")[0].estimator
+    qgrads = query_gradients(p, est.engine, [{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], None)
+    lifted = est.precondition(qgrads)
+    all_scores = est.score_candidates(p, [{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], np.arange(n), Monitor())[0]
+    for pr in top.probes:
+        grads = est.engine.sequence_gradients(make_batch([p.runtime.tokenize_sequence(pr.text)], p.runtime.pad_id), "data")
+        slow = float(sum((lifted[m][0].double() * grads[m][0].double()).sum() for m in lifted))
+        assert pr.score == pytest.approx(slow, rel=1e-4, abs=1e-6 * abs(all_scores).max())
+        assert pr.rank == 1 + int((all_scores > pr.score).sum())
+    assert [pr.score for pr in top.probes] == sorted((pr.score for pr in top.probes), reverse=True)
+    # The exact scores are a run's: EK-FAC at full rank over the same sequences.
     add_query(p, "default", PROMPT, COMPLETION)
     rs = run_investigation(p, "default", RunSettings(estimator="ekfac", rank=None)).result_set_id
     row = results.score_matrix(p, "default", rs)[-1]

@@ -122,6 +122,13 @@ def probes(db: sqlite_utils.Database, query_id: int) -> list[dict]:
     return list(db["probes"].rows_where("query_id = ?", [query_id], order_by="id"))
 
 
+def investigation_probes(db: sqlite_utils.Database, investigation_name: str | int) -> list[dict]:
+    """The probes of every query of an investigation, in query order then probe order."""
+    inv = investigation(db, investigation_name)
+    return list(db.query(
+        "SELECT p.* FROM probes p JOIN queries q ON q.id = p.query_id WHERE q.investigation_id = ? ORDER BY q.position, p.id", [inv["id"]]))
+
+
 # -- sequence tags --------------------------------------------------------------------------------
 
 

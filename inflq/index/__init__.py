@@ -14,6 +14,7 @@ Typical use (a front end adds the catalog, executors and options around it)::
     values, which = top_k(store, q, k=10)                             # or scores(store, q, indices=...)
 """
 
+from .approx import SEARCHES, faiss_index, faiss_top_k, require_faiss
 from .build import RowPass, build_index, local_fit_context, local_map
 from .fit import (
     IndexModel,
@@ -38,6 +39,6 @@ from .store import Block, IndexStore, index_key, indices_fingerprint, key_source
 
 __all__ = [
     "BUDGET_BYTES", "Block", "IndexModel", "IndexSettings", "IndexStore", "KINDS", "METRICS", "PreparedQueries",
-    "ProjectedCorrectionPass", "ProjectedCovariancePass", "RowPass", "block_scores", "build_index", "candidates", "default_sizes",
-    "fit_index", "index_key", "indices_fingerprint", "key_source", "local_fit_context", "local_map", "prepare", "query_rows", "scores", "self_influences", "top_k",
+    "ProjectedCorrectionPass", "ProjectedCovariancePass", "RowPass", "SEARCHES", "block_scores", "build_index", "candidates", "default_sizes",
+    "faiss_index", "faiss_top_k", "fit_index", "index_key", "indices_fingerprint", "key_source", "local_fit_context", "local_map", "prepare", "query_rows", "require_faiss", "scores", "self_influences", "top_k",
 ]

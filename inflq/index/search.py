@@ -26,10 +26,10 @@ import torch
 
 from ..engine import GradientEngine, make_batch
 from ..errors import InflqError
+from .approx import METRICS, NPROBE, REFINE, check_search, faiss_top_k
 from .fit import IndexModel
 from .store import Block, IndexStore
 
-METRICS = ("inner", "cosine")
 HALF_WIDTH = 32768  # widest rows multiplied in float16: |scaled query · row| <= width < 65504
 
 
@@ -136,14 +136,19 @@ def scores(
 
 def top_k(
     store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192, largest: bool = True,
-    precise: bool = False,
+    precise: bool = False, search: str = "exact", nprobe: int = NPROBE, refine: int = REFINE, nlist: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` highest (``largest=False``: lowest) scores over the whole index, best
-    first: ``(scores [nq, k] float32, corpus indices [nq, k] int64)``."""
+    first: ``(scores [nq, k] float32, corpus indices [nq, k] int64)``. ``search="faiss"``: through
+    an approximate FAISS index instead of the exact scan (:mod:`inflq.index.approx`: ``nprobe``,
+    ``refine``, ``nlist``; the candidates it finds are scored exactly)."""
     _check(store, queries)
+    check_search(search)
     k = min(int(k), store.num_rows)
     if k <= 0:
         raise InflqError("top_k needs k >= 1")
+    if search == "faiss":
+        return faiss_top_k(store, queries, k, metric, largest, nprobe, refine, nlist, block_rows)
     best_v: torch.Tensor | None = None
     best_i: torch.Tensor | None = None
     for b in store.blocks(block_rows):
@@ -158,11 +163,14 @@ def top_k(
     return best_v.numpy(), best_i.numpy()
 
 
-def candidates(store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192) -> list[np.ndarray]:
+def candidates(
+    store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192, search: str = "exact",
+    nprobe: int = NPROBE,
+) -> list[np.ndarray]:
     """Each query's top-``k`` corpus indices, sorted (what :meth:`inflq.Filter.candidates` returns):
-    the index as a candidate filter for an exact estimator."""
-    _, which = top_k(store, queries, k, metric, block_rows)
-    return [np.sort(row) for row in which]
+    the index as a candidate filter for an exact estimator (``search="faiss"``: approximately)."""
+    _, which = top_k(store, queries, k, metric, block_rows, search=search, nprobe=nprobe)
+    return [np.sort(row[row >= 0]) for row in which]
 
 
 def self_influences(store: IndexStore, block_rows: int = 65536) -> np.ndarray:

@@ -11,7 +11,9 @@ Layout of ``<root>/index-<key>/``:
   self-influence ``rowᵀ (G' + λI)⁻¹ row`` (at the damping of the build) serves the cosine;
 * ``manifest.json``: the settings, the key's source and the committed shards with the SHA-256 of
   their files. A shard counts only once the manifest names it, and every file is written to a
-  temporary name, synced and renamed first, so a crash loses no committed shard.
+  temporary name, synced and renamed first, so a crash loses no committed shard;
+* ``faiss-<metric>-ivf<nlist>-sq8.index``: where approximate search was asked for, its FAISS index
+  (:mod:`inflq.index.approx`), built from the complete shards.
 
 Bytes per sequence: ``2 × width + 16`` (with the index in ``indices.npy``).
 """
@@ -229,6 +231,23 @@ class IndexStore:
             "num_rows": m["num_rows"], "rows_done": rows, "complete": len(done) == self.num_shards, "size_bytes": size,
             "bytes_per_sequence": 2 * m["width"] + 16,
         }
+
+    def rows_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored rows (float16), scales and self-influences at the sorted row ``positions``,
+        read memory-mapped shard by shard (what approximate search re-scores)."""
+        if not self.complete:
+            raise InflqError(f"the index at {self.path} is incomplete; resume its build")
+        positions = np.asarray(positions, dtype=np.int64)
+        size = int(self.manifest["shard_size"])
+        rows = np.empty((len(positions), self.width), dtype=np.float16)
+        side = np.empty((len(positions), 2), dtype=np.float32)
+        shard_of = positions // size
+        for i in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == i)
+            local = positions[at] - i * size
+            rows[at] = np.load(self.path / f"rows-{i:06d}.npy", mmap_mode="r", allow_pickle=False)[local]
+            side[at] = np.load(self.path / f"side-{i:06d}.npy", mmap_mode="r", allow_pickle=False)[local]
+        return rows, side[:, 0], side[:, 1]
 
     def blocks(self, block_rows: int = 8192) -> Iterator[Block]:
         """The stored rows, memory-mapped, ``block_rows`` at a time (never loaded whole)."""

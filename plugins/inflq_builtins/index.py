@@ -351,12 +351,15 @@ class IndexEstimator(Estimator):
         self.store = None
         self.model = None
         self.engine = None
+        self._last_queries = None
+        self._sequence_rows = {}  # sha256 of a sequence's tokens -> (projected row, self-influence)
 
     def prepare(self, ctx):
         if ctx.project is None:
             raise InflqError("the index estimator needs a project (its index lives there)")
         self.row, self.store = find_index(ctx.project, self.settings["key"])
         self.model = self.store.model()
+        self._last_queries, self._sequence_rows = None, {}
         if list(self.model.names) != list(ctx.engine.names):
             raise InflqError(
                 f"index {self.row['key']} covers {len(self.model.names)} modules, the run tracks {len(ctx.engine.names)}: "
@@ -408,14 +411,55 @@ class IndexEstimator(Estimator):
         qg.rank = r_max or None
         return qg
 
+    def _prepared(self, project, queries):
+        """The queries' preconditioned projected rows; the last queries' are kept (the live query
+        scores the index's rows and then the probes with the same ones)."""
+        from inflq import index
+
+        key = [(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
+        if self._last_queries is None or self._last_queries[0] != key:
+            self._last_queries = (key, index.prepare(self.model, _query_rows(project, self.model, self.engine, queries)))
+        return self._last_queries[1]
+
     def score_candidates(self, project, queries, candidates, monitor):
         from inflq import index
 
         monitor.start("index scores", len(queries))
-        q = index.prepare(self.model, _query_rows(project, self.model, self.engine, queries))
-        out = index.scores(self.store, q, self.settings["metric"], indices=candidates)
+        out = index.scores(self.store, self._prepared(project, queries), self.settings["metric"], indices=candidates)
         monitor.advance(len(queries))
         return out
+
+    def score_sequences(self, project, queries, sequences, monitor):
+        """Queries against sequences outside the corpus (probes): each sequence's projected row and
+        self-influence are computed once with the index's model (its training loss, as a stored
+        row's) and cached by its tokens; scored in float32 as ``scores(precise=True)`` would."""
+        import hashlib
+
+        import numpy as np
+        import torch
+
+        from inflq import make_batch
+
+        keys = [hashlib.sha256(np.ascontiguousarray(s, dtype=np.int64).tobytes()).hexdigest() for s in sequences]
+        todo = [keys.index(k) for k in dict.fromkeys(keys) if k not in self._sequence_rows]
+        monitor.start("index probes", len(todo))
+        for s in range(0, len(todo), 8):
+            part = todo[s : s + 8]
+            captures, _ = self.engine.capture(make_batch([np.asarray(sequences[i]) for i in part], project.runtime.pad_id, self.engine.device), "data")
+            rows = self.model.rows_from_captures(captures).to("cpu", torch.float32)
+            selfs = self.model.self_influence(rows)
+            for j, i in enumerate(part):
+                self._sequence_rows[keys[i]] = (rows[j], selfs[j])
+            monitor.advance(len(part))
+        q = self._prepared(project, queries)
+        if not sequences:
+            return np.zeros((q.num_queries, 0), dtype=np.float32)
+        rows = torch.stack([self._sequence_rows[k][0] for k in keys])
+        out = q.vectors @ rows.T
+        if self.settings["metric"] == "cosine":
+            selfs = torch.stack([self._sequence_rows[k][1] for k in keys])
+            out = out / (torch.sqrt(q.self_influence.clamp_min(0))[:, None] * torch.sqrt(selfs.clamp_min(0))[None, :]).clamp_min(torch.finfo(torch.float32).tiny)
+        return out.numpy().astype(np.float32)
 
     def describe(self):
         m = self.store.manifest if self.store is not None else {}
@@ -435,6 +479,8 @@ class IndexFilter(Filter):
         Option("k", int, 1000, "how many candidates per query"),
         Option("key", str, None, "which index (default: the newest complete one)"),
         Option("metric", str, "inner", "inner product, or cosine in the preconditioner's metric", choices=METRICS),
+        Option("search", str, "exact", "exact blocked scan, or approximate through FAISS (pip install 'inflq[faiss]')", choices=("exact", "faiss")),
+        Option("nprobe", int, 32, "with search=faiss: how many of FAISS's lists each query probes (more: slower, higher recall)"),
     )
 
     def candidates(self, ctx) -> list[np.ndarray]:
@@ -446,6 +492,8 @@ class IndexFilter(Filter):
             raise InflqError("the index filter needs a project (FilterContext.project): its index lives there")
         if self.settings["k"] is None or self.settings["k"] < 1:
             raise InflqError("index filter: k must be at least 1, e.g. --filter index:k=1000")
+        if self.settings["search"] == "faiss":
+            index.require_faiss()  # before any pass: the missing extra is a one-line error
         project = ctx.project
         _, store = find_index(project, self.settings["key"])
         model = store.model()
@@ -453,6 +501,6 @@ class IndexFilter(Filter):
         ctx.monitor.start("index filter", len(ctx.query_tokens))
         rows = index.query_rows(model, engine, ctx.query_tokens, ctx.query_completion_starts, project.runtime.pad_id)
         q = index.prepare(model, rows.to(torch.float32))
-        out = index.candidates(store, q, self.settings["k"], self.settings["metric"])
+        out = index.candidates(store, q, self.settings["k"], self.settings["metric"], search=self.settings["search"], nprobe=self.settings["nprobe"])
         ctx.monitor.advance(len(ctx.query_tokens))
         return out

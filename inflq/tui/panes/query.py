@@ -159,8 +159,9 @@ class QueryPane(Pane):
         time.sleep(self.LIVE_DELAY)
         if get_current_worker().is_cancelled:
             return
+        probes = catalog.investigation_probes(self.project.db, self.context.investigation) if self.context.investigation else []
         with self.inflq.model_lock:
-            top = self._scorer().top(prompt, completion, self.LIVE_K)
+            top = self._scorer().top(prompt, completion, self.LIVE_K, probes)
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._show_live, (prompt, completion), top, None)
 
@@ -180,6 +181,12 @@ class QueryPane(Pane):
             ex = "" if exact is None else f"  exact {exact[r]:.4g}"
             text.append(f"{r + 1}. {sid}  {s:.4g}{ex}  ", style="bold" if r == 0 else "")
             text.append(render.snippet(t, 60) + "\n")
+        if top.probes:
+            text.append(f"probes, ranked among the {top.num_rows:,} corpus sequences:\n", style="bold")
+            for p in top.probes:
+                label = f" {p.label}" if p.label else ""
+                text.append(f"   probe {p.id}{label} (query {p.query_id})  {p.score:.4g}  rank {p.rank:,}  ")
+                text.append(render.snippet(p.text, 50) + "\n")
         live.update(text)
 
     def action_exact(self) -> None:
