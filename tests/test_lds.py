@@ -198,6 +198,17 @@ def test_leave_one_out_is_exact_against_a_linear_outcome(tiny, stub_registry, cl
     assert "leave-one-out validation" in out and len(StubTrainer.calls) == 6  # only the 5th sequence's model is new
     rows = catalog.validation_rows(tiny.db, method="loo")
     assert rows[0]["lds"] == pytest.approx(1.0) and rows[0]["settings"]["left_out"] == loo_sequences(16, 5, 0).tolist()
+    # --leave-out names sequences by id; models already retrained for them (keyed by the left-out
+    # index) are reused, in any order.
+    ids = catalog.metadata_column(tiny.db, "seq_id")
+    chosen = [str(ids[i]) for i in loo_sequences(16, 5, 0)[[4, 0, 2]]]
+    v = validate_loo(tiny, "default", ["identity"], trainer="linear-stub", sequences=chosen, save=False)
+    assert len(StubTrainer.calls) == 6 and v.settings["left_out"] == [int(i) for i in loo_sequences(16, 5, 0)[[4, 0, 2]]]
+    assert v.rows[0].per_query == pytest.approx([1.0, 1.0, 1.0])
+    with pytest.raises(InflqError, match="no training sequence 'nope'"):
+        validate_loo(tiny, "default", ["identity"], trainer="linear-stub", sequences=[chosen[0], chosen[1], "nope"])
+    with pytest.raises(InflqError, match="at least 3 different"):
+        validate_loo(tiny, "default", ["identity"], trainer="linear-stub", sequences=[chosen[0], chosen[0], chosen[1]])
     code, out, err = cli_run("validate", str(tiny.root), "--loo", "5", "--lds")
     assert code == 1 and "give one" in err
     with pytest.raises(InflqError, match="--loo 2"):
