@@ -368,6 +368,24 @@ class Executor(Plugin):
         (:meth:`FitContext.groups`)."""
         return None
 
+    def run_tasks(
+        self,
+        fn: Callable[[Any, Monitor], Any],
+        tasks: list,
+        on_result: Callable[[int, Any], None],
+        monitor: Monitor,
+    ) -> None:
+        """Run independent tasks, e.g. one retraining each (``inflq validate --lds``): ``fn(task,
+        monitor)`` for each of ``tasks``, calling ``on_result(i, result)`` in the driver as task ``i``
+        finishes (in any order). This default runs them in this process, one after another, in
+        order, with the driver's ``monitor`` (so ``fn`` can stop within a step). An executor that
+        runs them elsewhere needs ``fn`` to be a module-level function and the tasks and results
+        picklable, calls ``fn`` with a monitor of its own, and stops the tasks in flight (their
+        results lost) once ``monitor`` is cancelled."""
+        for i, task in enumerate(tasks):
+            monitor.check()
+            on_result(i, fn(task, monitor))
+
     def close(self) -> None:
         pass
 

@@ -168,39 +168,92 @@ def _indices_sha(idx: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest()[:16]
 
 
+@dataclass
+class QueryTokens:
+    """A tokenized query as the measurement needs it (picklable, for tasks run elsewhere)."""
+
+    tokens: list[int]
+    completion_start: int
+
+
+_TASK_PROJECTS: dict[str, Project] = {}  # per process: the driver's own project, or one opened by a worker
+
+
+def retrain_task(task: dict, monitor: Monitor) -> list[float]:
+    """One retraining, as an executor's task (``Executor.run_tasks``): train ``task["trainer"]`` (a
+    spec) on the corpus sequences ``task["indices"]`` of the project in ``task["root"]`` (opened
+    read-only once per process; the driver's own project in the driver) with ``task["seed"]``, and
+    return each query's ``log p(completion | prompt)`` under the retrained model."""
+    from .modeling import load_model
+    from .runs import make_trainer
+
+    root = task["root"]
+    project = _TASK_PROJECTS.get(root)
+    if project is None:
+        project = _TASK_PROJECTS[root] = Project.open(root, readonly=True)
+    trainer = make_trainer(project, task["trainer"])
+    qtoks = [QueryTokens(list(t), int(c)) for t, c in task["queries"]]
+    with tempfile.TemporaryDirectory(prefix="inflq-lds-") as wd:
+        out = trainer.train(TrainContext(project, np.asarray(task["indices"], np.int64), int(task["seed"]), monitor, Path(wd)))
+        if isinstance(out, (str, Path)):
+            import torch
+
+            out = load_model(Path(out), project.runtime.device, torch.float32)
+        out.eval()
+        measured = query_logprobs(out, qtoks)
+        del out
+    return measured.tolist()
+
+
 def retrain_subsets(
-    project: Project, trainer: Trainer, qtoks: list, study: str, subsets: list[np.ndarray], seed: int, monitor: Monitor
+    project: Project, trainer: Trainer, qtoks: list, study: str, subsets: list[np.ndarray], seed: int, monitor: Monitor, executor=None,
+    keys: list[int] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """The measurements ``[subsets, queries]``, retraining the subsets not yet committed to
-    ``study`` (each committed as soon as it is measured). Returns them and the subsets trained now."""
-    from .modeling import load_model
-
+    ``study`` on ``executor`` (``Executor.run_tasks``; default: the registry's default executor,
+    in this process), each committed by this process as soon as it is measured. ``keys``: the
+    number each subset is committed under (default: its position). Returns them and the positions
+    of the subsets trained now."""
     done = catalog.lds_subsets(project.db, study)
+    keys = list(range(len(subsets))) if keys is None else [int(k) for k in keys]
     measured = np.zeros((len(subsets), len(qtoks)))
     todo = []
     for j, idx in enumerate(subsets):
-        row = done.get(j)
+        row = done.get(keys[j])
         if row is not None and row["indices_sha"] == _indices_sha(idx) and len(row["measurements"]) == len(qtoks):
             measured[j] = row["measurements"]
         else:
             todo.append(j)
     monitor.start("LDS retraining", len(subsets))
     monitor.advance(len(subsets) - len(todo), f"{len(subsets) - len(todo)} subsets already trained")
-    for j in todo:
-        t = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="inflq-lds-") as wd:
-            out = trainer.train(TrainContext(project, subsets[j], int(seed), monitor, Path(wd)))
-            if isinstance(out, (str, Path)):
-                import torch
+    root = str(project.root.resolve())
+    queries = [([int(t) for t in q.tokens], int(q.completion_start)) for q in qtoks]
+    tasks = [{"root": root, "trainer": trainer.spec(), "indices": subsets[j], "seed": int(seed), "queries": queries} for j in todo]
+    started = time.perf_counter()
+    last = [started]
 
-                out = load_model(Path(out), project.runtime.device, torch.float32)
-            out.eval()
-            measured[j] = query_logprobs(out, qtoks)
-            del out
+    def on_result(i: int, got: list[float]) -> None:
+        j = todo[i]
+        measured[j] = got
         if not np.isfinite(measured[j]).all():
             raise InflqError(f"the model retrained on subset {j} gives non-finite log-probabilities; check the trainer's settings")
-        catalog.insert_lds_subset(project.db, study, j, len(subsets[j]), _indices_sha(subsets[j]), measured[j].tolist(), time.perf_counter() - t)
+        now = time.perf_counter()  # in parallel: the time since the previous subset arrived
+        catalog.insert_lds_subset(project.db, study, keys[j], len(subsets[j]), _indices_sha(subsets[j]), measured[j].tolist(), now - last[0])
+        last[0] = now
         monitor.advance(1, f"subset {j + 1} of {len(subsets)} trained")
+
+    if executor is None:
+        from .runs import default_executor
+
+        executor = default_executor(project)
+    seeded = root not in _TASK_PROJECTS
+    if seeded:
+        _TASK_PROJECTS[root] = project  # a task run in this process uses the driver's project
+    try:
+        executor.run_tasks(retrain_task, tasks, on_result, monitor)
+    finally:
+        if seeded:
+            _TASK_PROJECTS.pop(root, None)
     return measured, todo
 
 
@@ -229,6 +282,16 @@ def estimator_scores(project: Project, spec: str, qrows: list[dict], engine, mod
     if not np.isfinite(total).all():
         raise InflqError(f"{spec} produced non-finite scores; increase its damping")
     return total, fit_s, time.perf_counter() - t, est.settings.get("damping")
+
+
+def _retrain(project: Project, trainer: Trainer, qtoks, study: str, subs, seed: int, monitor: Monitor, executor: str | None, keys=None):
+    from .runs import default_executor, make_executor
+
+    ex = make_executor(project, executor) if executor else default_executor(project)
+    try:
+        return retrain_subsets(project, trainer, qtoks, study, subs, seed, monitor, ex, keys)
+    finally:
+        ex.close()
 
 
 def _queries_and_specs(project: Project, investigation: str, estimators, dampings, queries) -> tuple[list[dict], list[str]]:
@@ -301,12 +364,15 @@ def validate_lds(
     modules: str | None = None,
     monitor: Monitor | None = None,
     save: bool = True,
+    executor: str | None = None,
 ) -> LDSValidation:
     """LDS of each estimator spec (and of ``ekfac:damping=λ`` for each of ``dampings``, recommending
     the λ with the best LDS) over ``subsets`` subsets of ``fraction`` of the corpus, retrained with
     ``trainer`` (a spec; default: the registry's default trainer). ``queries``: the first that many
     of the investigation's queries (default: all). ``seed`` seeds the subsets, every retraining and
-    the estimators' fitting."""
+    the estimators' fitting. ``executor``: the executor spec the retrainings run on
+    (``Executor.run_tasks``, e.g. ``ray:num_workers=4``; default: the registry's default, in this
+    process); each is committed here as it arrives, so a rerun resumes either way."""
     from .runs import make_trainer
 
     monitor = monitor or Monitor()
@@ -321,7 +387,7 @@ def validate_lds(
     study = study_key(project, qtoks, tr, seed, float(fraction))
 
     t0 = time.perf_counter()
-    measured, trained = retrain_subsets(project, tr, qtoks, study, subs, seed, monitor)
+    measured, trained = _retrain(project, tr, qtoks, study, subs, seed, monitor, executor)
     retrain_s = time.perf_counter() - t0
     rows, preds, names = _compare(project, qrows, specs, lambda scores: subset_predictions(scores, subs), measured, modules, seed, batch_size, monitor)
     recommended = _best_damping(rows)
@@ -332,6 +398,13 @@ def validate_lds(
     }
     vid = _save(project, investigation, "lds", rows, used, len(qrows), subsets) if save else None
     return LDSValidation(vid, rows, measured, preds, used, recommended, trained)
+
+
+def _sequence_index(project: Project, seq_id: str) -> int:
+    row = catalog.sequence_by_id(project.db, str(seq_id).strip())
+    if row is None:
+        raise InflqError(f"no training sequence {seq_id!r}; ids look like <document id>:<chunk>")
+    return int(row["idx"])
 
 
 def loo_sequences(n: int, count: int, seed: int) -> np.ndarray:
@@ -355,12 +428,15 @@ def validate_loo(
     modules: str | None = None,
     monitor: Monitor | None = None,
     save: bool = True,
+    executor: str | None = None,
+    sequences: list[str] | None = None,
 ) -> LDSValidation:
     """Leave-one-out: retrain on the whole corpus and on the corpus without each of ``count``
-    seeded sequences; the measured effect of sequence i on a query is ``m(all) − m(all ∖ i)``
+    seeded sequences (or of the ``sequences`` named by id, ``document id:chunk``); the measured effect of sequence i on a query is ``m(all) − m(all ∖ i)``
     (positive: including i raised the completion's log-probability, inflq's sign), correlated
     (Spearman per query, over the ``count`` sequences, averaged) with each estimator's score of i.
-    Retrained models are committed as LDS subsets are (subset 0: all; k: without the k-th sequence)."""
+    Retrained models are committed as LDS subsets are (subset 0: all; 1 + i: without corpus
+    sequence i, so that any choice reuses them), on ``executor`` as in :func:`validate_lds`."""
     from .runs import make_trainer
 
     monitor = monitor or Monitor()
@@ -368,14 +444,20 @@ def validate_loo(
     tr = make_trainer(project, trainer)
     assert isinstance(tr, Trainer)
     n = len(project.runtime.corpus)
-    left = loo_sequences(n, count, seed)
+    if sequences:
+        left = np.array([_sequence_index(project, s) for s in sequences], np.int64)
+        if len(set(left.tolist())) != len(left) or len(left) < 3:
+            raise InflqError(f"--leave-out needs at least 3 different sequences, got {len(set(left.tolist()))}")
+        count = len(left)
+    else:
+        left = loo_sequences(n, count, seed)
     everything = np.arange(n, dtype=np.int64)
     subs = [everything] + [np.delete(everything, i) for i in left]
     qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
-    study = study_key(project, qtoks, tr, seed, "loo")
+    study = study_key(project, qtoks, tr, seed, "loo:1+index")  # subsets keyed by the left-out index
 
     t0 = time.perf_counter()
-    measured, trained = retrain_subsets(project, tr, qtoks, study, subs, seed, monitor)
+    measured, trained = _retrain(project, tr, qtoks, study, subs, seed, monitor, executor, keys=[0] + [1 + int(i) for i in left])
     retrain_s = time.perf_counter() - t0
     effect = measured[0][None, :] - measured[1:]
     rows, preds, names = _compare(project, qrows, specs, lambda scores: scores[left], effect, modules, seed, batch_size, monitor)

@@ -198,6 +198,17 @@ def test_leave_one_out_is_exact_against_a_linear_outcome(tiny, stub_registry, cl
     assert "leave-one-out validation" in out and len(StubTrainer.calls) == 6  # only the 5th sequence's model is new
     rows = catalog.validation_rows(tiny.db, method="loo")
     assert rows[0]["lds"] == pytest.approx(1.0) and rows[0]["settings"]["left_out"] == loo_sequences(16, 5, 0).tolist()
+    # --leave-out names sequences by id; models already retrained for them (keyed by the left-out
+    # index) are reused, in any order.
+    ids = catalog.metadata_column(tiny.db, "seq_id")
+    chosen = [str(ids[i]) for i in loo_sequences(16, 5, 0)[[4, 0, 2]]]
+    v = validate_loo(tiny, "default", ["identity"], trainer="linear-stub", sequences=chosen, save=False)
+    assert len(StubTrainer.calls) == 6 and v.settings["left_out"] == [int(i) for i in loo_sequences(16, 5, 0)[[4, 0, 2]]]
+    assert v.rows[0].per_query == pytest.approx([1.0, 1.0, 1.0])
+    with pytest.raises(InflqError, match="no training sequence 'nope'"):
+        validate_loo(tiny, "default", ["identity"], trainer="linear-stub", sequences=[chosen[0], chosen[1], "nope"])
+    with pytest.raises(InflqError, match="at least 3 different"):
+        validate_loo(tiny, "default", ["identity"], trainer="linear-stub", sequences=[chosen[0], chosen[0], chosen[1]])
     code, out, err = cli_run("validate", str(tiny.root), "--loo", "5", "--lds")
     assert code == 1 and "give one" in err
     with pytest.raises(InflqError, match="--loo 2"):
@@ -294,3 +305,62 @@ def test_adamw_trainer_is_seeded_from_config_and_shares_the_demo_loop(tiny):
     demo = (Path(__file__).resolve().parents[1] / "projects" / "demo" / "train_model.py").read_text()
     assert "from inflq_builtins.trainers import train_causal_lm" in demo and "opt.step()" not in demo
     assert "opt.step()" in inspect.getsource(__import__("inflq_builtins.trainers").trainers.train_causal_lm)
+
+
+def test_adamw_loop_saves_evenly_spaced_checkpoints_with_their_learning_rates(tiny, tmp_path):
+    """K checkpoints after steps round(k·T/K), each holding the weights after exactly that step (as
+    the next step's forward pass sees them) and the learning rate of the step that produced it (the
+    schedule by hand); the final model is bitwise the one trained without checkpoints; `inflq
+    checkpoint add` accepts them."""
+    import json
+    import math
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from inflq_builtins.tracin import add_checkpoint, listed_checkpoints
+    from inflq_builtins.trainers import checkpoint_steps, train_causal_lm
+
+    assert checkpoint_steps(372, 5) == [74, 149, 223, 298, 372]
+    assert checkpoint_steps(12, 3) == [4, 8, 12] and checkpoint_steps(3, 3) == [1, 2, 3] and checkpoint_steps(12, 0) == []
+    with pytest.raises(InflqError, match="ask for fewer"):
+        checkpoint_steps(3, 4)
+
+    seqs = [[int(t) for t in x] for x in tiny.runtime.corpus.many(np.arange(16))]
+    config = AutoConfig.from_pretrained(str(tiny.model_path))
+
+    def fresh():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).float()
+
+    def flat(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    lr, epochs, bs = 0.01, 3, 4  # 16 sequences: 4 steps an epoch, 12 in all, warmup min(200, 12 // 10) = 1
+    plain = fresh()
+    train_causal_lm(plain, seqs, tiny.runtime.pad_id, epochs=epochs, batch_size=bs, lr=lr, seed=0)
+    model = fresh()
+    seen = []  # the weights each step's forward pass sees: seen[s] = after s steps
+    model.register_forward_pre_hook(lambda mod, args: seen.append(flat(mod).clone()))
+    with pytest.raises(InflqError, match="checkpoint_dir"):
+        train_causal_lm(fresh(), seqs, tiny.runtime.pad_id, epochs=1, batch_size=bs, checkpoints=2)
+    out = train_causal_lm(model, seqs, tiny.runtime.pad_id, epochs=epochs, batch_size=bs, lr=lr, seed=0,
+                          checkpoints=3, checkpoint_dir=tmp_path / "ckpts")
+    assert torch.equal(flat(model), flat(plain))  # saving changed nothing
+    assert len(seen) == 12
+    seen.append(flat(model))
+
+    def rate(step):  # the schedule by hand: 1 warmup step, then cosine from lr to 0.05 lr over the other 11
+        return lr * (1.0 if step == 0 else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 11)))
+
+    assert [c["step"] for c in out["checkpoints"]] == [4, 8, 12]
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == ["step-00004", "step-00008", "step-00012"]
+    for c in out["checkpoints"]:
+        folder = Path(c["path"])
+        meta = json.loads((folder / "checkpoint.json").read_text())
+        assert meta == {"step": c["step"], "learning_rate": c["learning_rate"]}
+        assert meta["learning_rate"] == pytest.approx(rate(c["step"] - 1), rel=1e-12)
+        saved = AutoModelForCausalLM.from_pretrained(str(folder)).float()
+        assert torch.equal(flat(saved), seen[c["step"]])
+    assert not torch.equal(seen[4], seen[8])
+    row = add_checkpoint(tiny, Path(out["checkpoints"][0]["path"]), out["checkpoints"][0]["learning_rate"])
+    assert row["learning_rate"] == pytest.approx(rate(3)) and listed_checkpoints(tiny)[-1]["learning_rate"] == row["learning_rate"]

@@ -77,3 +77,25 @@ def test_scoring_that_runs_out_of_memory_mid_group_loses_no_sequence(project, mo
     for key in ("scores", "module_scores"):
         assert got[key].shape == want[key].shape
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6 * float(want[key].abs().max()))
+
+
+def test_run_tasks_runs_in_order_in_this_process_with_the_driver_monitor():
+    """The default ``Executor.run_tasks`` (every executor has it; the local one uses it): tasks one
+    after another, in order, each given the driver's monitor; a cancelled monitor stops before the
+    next task."""
+    from inflq import Cancelled, Monitor
+    from inflq_builtins.executors import LocalExecutor
+
+    monitor = Monitor()
+    seen, got = [], []
+
+    def fn(task, m):
+        seen.append((task, m is monitor))
+        if task == 3:
+            monitor.cancel()
+        return task * 10
+
+    with pytest.raises(Cancelled):
+        LocalExecutor().run_tasks(fn, [1, 2, 3, 4], lambda i, r: got.append((i, r)), monitor)
+    assert seen == [(1, True), (2, True), (3, True)]  # task 4 never started
+    assert got == [(0, 10), (1, 20), (2, 30)]  # the task in flight when cancelled still reports

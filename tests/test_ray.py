@@ -205,6 +205,47 @@ CLIENT = textwrap.dedent("""
 """)
 
 
+def test_lds_and_loo_retrainings_on_ray_equal_the_sequential_ones(cluster, tmp_path, cli_run, monkeypatch):
+    """validate --lds/--loo --executor ray: the retrainings run in Ray's worker processes (none in
+    the driver), the driver commits each, and the measurements and LDS equal the sequential path's."""
+    import numpy as np
+
+    from inflq import catalog
+    from inflq.lds import validate_lds, validate_loo
+
+    a, b = make_project(tmp_path / "a", n=16), make_project(tmp_path / "b", n=16)
+    adamw = get_registry().get("trainer", "adamw")
+    in_driver: list[int] = []
+    real = adamw.train
+
+    def counting(self, ctx):
+        in_driver.append(len(ctx.indices))
+        return real(self, ctx)
+
+    monkeypatch.setattr(adamw, "train", counting)
+    spec = "adamw:epochs=2,batch_size=4,lr=0.01,threads=1"
+    seq = validate_lds(a, "default", ["identity"], subsets=4, trainer=spec, save=False)
+    assert len(in_driver) == 4
+    on_ray = validate_lds(b, "default", ["identity"], subsets=4, trainer=spec, save=False, executor=RAY2)
+    assert len(in_driver) == 4, "the Ray path retrained in the driver"
+    assert on_ray.trained == [0, 1, 2, 3] and np.array_equal(seq.measured, on_ray.measured)
+    assert [r.per_query for r in seq.rows] == [r.per_query for r in on_ray.rows]
+    study = on_ray.settings["study"]
+    assert sorted(catalog.lds_subsets(b.db, study)) == [0, 1, 2, 3]  # committed by the driver
+    # Leave-one-out through the CLI, against the sequential API.
+    loo = validate_loo(a, "default", ["identity"], count=3, trainer=spec, save=False)
+    b.close()
+    code, out, err = cli_run("validate", str(tmp_path / "b" / "proj"), "--loo", "3", "--trainer", spec, "--estimators", "identity", "--executor", RAY2)
+    assert code == 0, err
+    assert len(in_driver) == 4 + 4 and "leave-one-out validation" in out
+    p = Project.open(tmp_path / "b" / "proj")
+    row = catalog.validation_rows(p.db, method="loo")[0]
+    np.testing.assert_array_equal(np.array(row["settings"]["per_query"], float), loo.rows[0].per_query)
+    assert row["settings"]["retrained_now"] == 4
+    p.close()
+    a.close()
+
+
 def _client(address: str, tmp_path, **env) -> subprocess.Popen:
     e = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # No token file in $HOME/.ray either; give up retrying a refused connection after 5 s.

@@ -26,8 +26,10 @@ from .base import make_console, progress_monitor, project_at
 @click.option("--subsets", default=32, show_default=True, help="--lds: how many subsets to retrain on.")
 @click.option("--fraction", default=0.5, show_default=True, help="--lds: the share of the corpus in each subset.")
 @click.option("--loo", type=int, help="Leave-one-out: retrain without each of this many seeded sequences (and once on all) instead of the PBRF.")
-@click.option("--trainer", "trainer_spec", help="--lds: the trainer spec, e.g. adamw:epochs=6 (default: the default trainer).")
-def validate(project, investigation, estimators, sample, dampings, queries, fit_sequences, epsilon, pbrf_steps, pbrf_damping, max_minutes, seed, batch_size, lds, subsets, fraction, loo, trainer_spec):
+@click.option("--leave-out", "leave_out", help="Leave-one-out over these sequences instead of seeded ones: comma-separated ids (document id:chunk).")
+@click.option("--trainer", "trainer_spec", help="--lds/--loo: the trainer spec, e.g. adamw:epochs=6 (default: the default trainer).")
+@click.option("--executor", "executor_spec", help="--lds/--loo: where the retrainings run, e.g. ray:num_workers=4 (default: this process, one after another).")
+def validate(project, investigation, estimators, sample, dampings, queries, fit_sequences, epsilon, pbrf_steps, pbrf_damping, max_minutes, seed, batch_size, lds, subsets, fraction, loo, leave_out, trainer_spec, executor_spec):
     """Measure estimators against the PBRF ground truth on a sample of fitting sequences, or with
     --lds (--loo N) against retraining on random subsets (without single sequences); each retrained
     model's measurements are committed: rerun to resume."""
@@ -38,9 +40,11 @@ def validate(project, investigation, estimators, sample, dampings, queries, fit_
     from ..validate import validate as run_validation
 
     p = project_at(project)
-    if lds and loo is not None:
+    if lds and (loo is not None or leave_out):
         raise InflqError("--lds and --loo are two validations; give one")
-    if lds or loo is not None:
+    if (trainer_spec or executor_spec) and not (lds or loo is not None or leave_out):
+        raise InflqError("--trainer and --executor are for retraining; add --lds or --loo N")
+    if lds or loo is not None or leave_out:
         from ..lds import (
             LDS_COLUMNS,
             lds_table_rows,
@@ -50,12 +54,12 @@ def validate(project, investigation, estimators, sample, dampings, queries, fit_
             validate_loo,
         )
 
-        common = {"trainer": trainer_spec, "dampings": parse_list(dampings, float), "queries": queries, "seed": seed, "batch_size": batch_size}
+        common = {"trainer": trainer_spec, "dampings": parse_list(dampings, float), "queries": queries, "seed": seed, "batch_size": batch_size, "executor": executor_spec}
         with progress_monitor() as monitor:
             if lds:
                 v = validate_lds(p, investigation, parse_list(estimators), subsets=subsets, fraction=fraction, monitor=monitor, **common)
             else:
-                v = validate_loo(p, investigation, parse_list(estimators), count=loo, monitor=monitor, **common)
+                v = validate_loo(p, investigation, parse_list(estimators), count=loo or 0, sequences=parse_list(leave_out), monitor=monitor, **common)
 
         t = Table(*LDS_COLUMNS, title=lds_title(v.id, v.settings))
         for cells in lds_table_rows(v.rows):

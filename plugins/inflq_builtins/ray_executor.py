@@ -16,6 +16,10 @@ the catalog and the artifacts.
 * Cancelling (Ctrl-C) kills the actors, so work in flight stops at once; committed shards stay.
 * A lost actor (process or node death) is replaced and its shards are retried on live actors, up
   to ``max_retries`` times per shard.
+* Independent tasks (``Executor.run_tasks``: one LDS or leave-one-out retraining each) run as Ray
+  tasks with ``num_cpus``/``num_gpus`` each, at most as many at once as there would be actors; each
+  result comes back to the driver, which commits it as it arrives. The tasks open the project
+  folder at the driver's path (a shared filesystem; ``ship_model`` does not apply to them).
 
 Security: a Ray cluster runs whatever code a connected client sends. Keep Ray's token
 authentication on (the default for clusters that ``ray.init`` starts, Ray >= 2.59) and give inflq
@@ -340,6 +344,44 @@ class RayExecutor(Executor):
             self._kill_all()
             raise
 
+    # -- independent tasks --------------------------------------------------------------------
+    def run_tasks(self, fn, tasks, on_result, monitor):
+        if not tasks:
+            return
+        ray = self._connect(monitor)
+        from ray.exceptions import RayTaskError, WorkerCrashedError
+
+        remote = ray.remote(num_cpus=self.settings["num_cpus"], num_gpus=self.settings["num_gpus"], max_retries=self.settings["max_retries"])(_run_task)
+        width = self._worker_count()
+        fn_ref = ray.put(fn)
+        queue = deque(enumerate(tasks))
+        inflight: dict[Any, int] = {}
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < width:
+                    i, task = queue.popleft()
+                    inflight[remote.remote(fn_ref, task, int(max(1, self.settings["num_cpus"])))] = i
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.1)
+                monitor.check()
+                for ref in done:
+                    i = inflight.pop(ref)
+                    try:
+                        out = ray.get(ref)
+                    except RayTaskError as exc:
+                        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+                        if isinstance(cause, InflqError):
+                            raise InflqError(str(cause)) from None
+                        raise cause from None
+                    except WorkerCrashedError:
+                        raise InflqError(f"task {i} lost its Ray worker {self.settings['max_retries'] + 1} times; check the cluster (`ray status`) and resume") from None
+                    on_result(i, out)
+        except BaseException:
+            # Cancelled, an error or Ctrl-C: stop the tasks in flight now (their results are lost).
+            for ref in inflight:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise
+
     def close(self) -> None:
         if self._ray is None:
             return
@@ -353,6 +395,18 @@ class RayExecutor(Executor):
             self._owns_ray = False
         self._spec_key = None
         self._shipped = None
+
+
+def _run_task(fn, task, threads: int):
+    """A Ray task: ``fn(task, monitor)`` with torch on ``threads`` threads and a monitor of its own
+    (the driver cancels by cancelling the task)."""
+    import torch
+
+    from inflq import Monitor, quiet_transformers
+
+    quiet_transformers()
+    torch.set_num_threads(max(1, threads))
+    return fn(task, Monitor())
 
 
 def _first_line(exc: BaseException) -> str:

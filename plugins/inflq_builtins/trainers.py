@@ -5,10 +5,17 @@ A fresh random initialisation of the project's ``config.json`` (``torch.manual_s
 ``AutoModelForCausalLM.from_config``; nothing is downloaded), then AdamW (betas 0.9/0.98, weight
 decay on matrices only), linear warmup to ``lr`` and a cosine decay to 5 % of it, gradient norm
 clipped at 1, batches of whole sequences in an order shuffled per epoch with ``random.Random(seed)``.
+
+With ``checkpoints=K`` (``train_model.py --checkpoints K``) it also saves K
+evenly spaced checkpoints for TracIn (:func:`checkpoint_steps`): a ``save_pretrained`` folder
+``step-NNNNN`` each, with ``checkpoint.json`` holding the step and the learning rate in force there
+(the rate of the step that produced it), which ``inflq checkpoint add PROJECT DIR --lr X`` records.
+Saving reads the weights only: the final model is bitwise the same with or without checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -37,6 +44,28 @@ def collate(seqs: Sequence[Sequence[int]], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def checkpoint_steps(total: int, count: int) -> list[int]:
+    """``count`` evenly spaced steps of ``total`` (after step ``round(k × total / count)``, k = 1..count;
+    the last is the final model), without repeats."""
+    if count < 0:
+        raise InflqError(f"checkpoints must be 0 or more, not {count}")
+    if count > total:
+        raise InflqError(f"{count} checkpoints need at least {count} training steps, there are {total}; ask for fewer")
+    return sorted({max(1, round(k * total / count)) for k in range(1, count + 1)})
+
+
+def save_checkpoint(model, folder: Path, step: int, learning_rate: float) -> Path:
+    """``model`` saved with ``save_pretrained`` into ``folder/step-NNNNN`` with ``checkpoint.json``
+    (step, learning rate); returns the checkpoint's folder."""
+    out = Path(folder) / f"step-{step:05d}"
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    with open(out / "checkpoint.json", "w", encoding="utf-8") as f:
+        json.dump({"step": step, "learning_rate": learning_rate}, f)
+        f.write("\n")
+    return out
+
+
 def train_causal_lm(
     model,
     seqs: Sequence[Sequence[int]],
@@ -50,11 +79,15 @@ def train_causal_lm(
     seed: int = 0,
     monitor: Monitor | None = None,
     log: Callable[[str], None] | None = None,
+    checkpoints: int = 0,
+    checkpoint_dir: Path | None = None,
 ) -> dict:
     """Train ``model`` in place on ``seqs`` (token lists) with the demo's recipe; returns
-    ``{"steps", "train_time_s", "final_train_loss"}``. Warmup lasts ``min(warmup, total steps // 10)``
-    steps. ``monitor`` is checked before every step (Ctrl-C stops within one step); ``log`` gets one
-    line per reported epoch."""
+    ``{"steps", "train_time_s", "final_train_loss", "checkpoints"}``. Warmup lasts
+    ``min(warmup, total steps // 10)`` steps. ``monitor`` is checked before every step (Ctrl-C stops
+    within one step); ``log`` gets one line per reported epoch. ``checkpoints``: save that many
+    evenly spaced checkpoints under ``checkpoint_dir`` (:func:`save_checkpoint`); ``"checkpoints"``
+    lists them as ``{"path", "step", "learning_rate"}``."""
     import torch
 
     if not len(seqs):
@@ -74,6 +107,10 @@ def train_causal_lm(
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    if checkpoints and checkpoint_dir is None:
+        raise InflqError("checkpoints need a folder to be saved in (checkpoint_dir)")
+    save_at = set(checkpoint_steps(total, checkpoints)) if checkpoints else set()
+    saved: list[dict] = []
     order_rng = random.Random(seed)
     model.train()
     t0 = time.perf_counter()
@@ -91,16 +128,20 @@ def train_causal_lm(
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            step_lr = float(sched.get_last_lr()[0])  # the rate this step uses
             opt.step()
             sched.step()
             step += 1
+            if step in save_at:
+                assert checkpoint_dir is not None
+                saved.append({"path": str(save_checkpoint(model, checkpoint_dir, step, step_lr)), "step": step, "learning_rate": step_lr})
             n_tok = int((batch["labels"][:, 1:] != -100).sum())
             tot_loss += out.loss.item() * n_tok
             tot_tok += n_tok
         if log is not None and (epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == epochs):
             log(f"epoch {epoch + 1:3d}/{epochs}  loss {tot_loss / tot_tok:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.perf_counter() - t0:6.1f}s")
     model.eval()
-    return {"steps": step, "train_time_s": time.perf_counter() - t0, "final_train_loss": tot_loss / max(tot_tok, 1)}
+    return {"steps": step, "train_time_s": time.perf_counter() - t0, "final_train_loss": tot_loss / max(tot_tok, 1), "checkpoints": saved}
 
 
 class AdamWTrainer(Trainer):

@@ -17,6 +17,12 @@ log-probability of the completion (summed over completion tokens) and the
 greedy continuation of the prompt, and the training wall time; the same
 numbers go to ``<out>/train_summary.json``.
 
+``--checkpoints K`` also saves K evenly spaced training checkpoints for TracIn
+into ``--checkpoint-dir`` (default ``checkpoints/`` beside this script, not
+committed: rerun to regenerate them), ``step-NNNNN/`` each with its learning
+rate in ``checkpoint.json``, and prints the ``inflq checkpoint add`` commands
+that register them.  The final model is the same, bit for bit, with or without.
+
 Deterministic: fixed seed, fixed thread count, deterministic algorithms.
 """
 
@@ -113,6 +119,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--checkpoints", type=int, default=0,
+                    help="save this many evenly spaced checkpoints for TracIn (default: none)")
+    ap.add_argument("--checkpoint-dir", type=Path, default=HERE / "checkpoints")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -155,7 +164,8 @@ def main() -> None:
     # The training loop is the built-in `adamw` trainer's (LDS retrains with the same recipe).
     stats = train_causal_lm(model, seqs, tokenizer.pad_token_id, epochs=args.epochs,
                             batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                            log=lambda line: print(line, flush=True))
+                            log=lambda line: print(line, flush=True),
+                            checkpoints=args.checkpoints, checkpoint_dir=args.checkpoint_dir)
     step, train_time = stats["steps"], stats["train_time_s"]
     print(f"training wall time: {train_time:.1f}s ({step} steps, {args.threads} threads)")
 
@@ -195,6 +205,10 @@ def main() -> None:
         f.write("\n")
     size = os.path.getsize(args.out / "model.safetensors") / 1e6
     print(f"saved to {args.out} (model.safetensors {size:.2f} MB)")
+    if stats["checkpoints"]:
+        print(f"{len(stats['checkpoints'])} checkpoints in {args.checkpoint_dir}; register them for TracIn with")
+        for c in stats["checkpoints"]:
+            print(f"  inflq checkpoint add PROJECT {c['path']} --lr {c['learning_rate']!r}")
 
 
 if __name__ == "__main__":
