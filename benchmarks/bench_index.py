@@ -63,16 +63,16 @@ def floor_seconds(model, seqs: list[np.ndarray], batch_size: int) -> float:
     return floor(model, (make_batch(seqs[s : s + batch_size], 0) for s in range(0, len(seqs), batch_size)))
 
 
-def exact_ekfac_scores(engine, ctx, q_toks, q_starts, seqs, batch_size) -> tuple[np.ndarray, object]:
+def exact_ekfac_scores(engine, ctx, q_toks, q_starts, seqs, batch_size, pad: int = 0) -> tuple[np.ndarray, object]:
     """Exact EK-FAC scores ``[nq, n]``: inflq's estimator, full-rank queries, its ScorePass."""
     from inflq import ScorePass, Shard, make_batch, run_shard
     from inflq_builtins.estimators import EKFAC
 
     est = EKFAC()
     est.fit(ctx)
-    grads = engine.sequence_gradients(make_batch(q_toks, 0, loss_from=q_starts), "data")
+    grads = engine.sequence_gradients(make_batch(q_toks, pad, loss_from=q_starts), "data")
     qg = est.precondition_queries(grads, None)
-    out = run_shard(engine, lambda idx: [seqs[int(i)] for i in idx], ScorePass(qg), Shard(0, np.arange(len(seqs))), 0, batch_size)
+    out = run_shard(engine, lambda idx: [seqs[int(i)] for i in idx], ScorePass(qg), Shard(0, np.arange(len(seqs))), pad, batch_size)
     return out["scores"].T.numpy(), est
 
 
@@ -86,6 +86,23 @@ def accuracy(index_scores: np.ndarray, exact: np.ndarray, depths: list[int]) -> 
         top_index = np.argsort(-index_scores, axis=1)[:, :k]
         out[f"recall10@{k}"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_exact, top_index, strict=True)]))
     return out
+
+
+def damping_sweep(model_i, store, q_rows, exact: np.ndarray, est, factors: list[str]) -> None:
+    """The same stored rows re-scored at other dampings: a factor times each module's mean projected
+    eigenvalue, ``exact`` (exact EK-FAC's own damping per module) or ``none`` (no preconditioner)."""
+    from inflq.index import IndexModel, prepare, scores
+
+    for f in factors:
+        if f == "exact":
+            m = IndexModel.from_tensors(model_i.tensors(), model_i.metadata())
+            m.dampings = dict(est.dampings)
+        elif f == "none":
+            m = IndexModel.from_tensors(model_i.tensors(), model_i.metadata(), damping=1e12)
+        else:
+            m = IndexModel.from_tensors(model_i.tensors(), model_i.metadata(), damping_factor=float(f))
+        acc = accuracy(scores(store, prepare(m, q_rows)), exact, [])
+        print(f"      damping {f:>6}: Spearman median {acc['spearman_median']:.3f}, top-10 recall {acc['recall10@10']:.2f}")
 
 
 def filter_recall(per_query: list[np.ndarray], exact: np.ndarray) -> float:
@@ -206,6 +223,11 @@ def main() -> None:
                     help="also time FAISS search (inflq.index.top_k search='faiss') at these nprobe values, comma-separated (e.g. 8,32,128), "
                          "with its recall of the exact scan's top 10; needs pip install 'inflq[faiss]'")
     ap.add_argument("--only-query", action="store_true", help="skip the exact EK-FAC reference and accuracy: fit the first kind, then time queries")
+    ap.add_argument("--dampings", default=None,
+                    help="also re-score each kind's rows at these damping factors (x mean projected eigenvalue), comma-separated; "
+                         "'exact' uses exact EK-FAC's own damping per module, 'none' no preconditioner")
+    ap.add_argument("--demo", action="store_true",
+                    help="the demo project's trained model, corpus and queries instead of the random workload (accuracy only)")
     ap.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes (figures meaningless)")
     args = ap.parse_args()
     if args.quick:
@@ -235,15 +257,22 @@ def main() -> None:
     q_starts = [q_len - 16] * args.queries
     model = random_gpt2(args.width, args.layers, args.vocab, max(args.length, q_len))
     engine = GradientEngine(model, select_modules(model, "all"))
+    pad = 0
+    if args.demo:  # the trained model and real text (bench_index_ceiling's copy of the demo)
+        from bench_index_ceiling import demo_workload
+
+        engine, seqs, q_toks, q_starts, pad = demo_workload()
+        model, args.sequences, args.queries, args.length = engine.model, len(seqs), len(q_toks), int(np.mean([len(x) for x in seqs]))
     many = lambda idx: [seqs[int(i)] for i in idx]  # noqa: E731
     indices = np.arange(len(seqs), dtype=np.int64)
     tokens = len(seqs) * args.length
     budget = args.budget or BUDGET_BYTES
-    print(f"== gradient index: random GPT-2 {args.layers}x{args.width}, {len(seqs)} sequences x {args.length} tokens, "
+    what = "the demo project" if args.demo else f"random GPT-2 {args.layers}x{args.width}"
+    print(f"== gradient index: {what}, {len(seqs)} sequences x {args.length} tokens, "
           f"{len(engine.tracked)} modules, {args.queries} queries, batch {args.batch_size}, torch threads {torch.get_num_threads()}")
 
     def ctx():
-        return local_fit_context(engine, many, indices[: args.sequences], 0, seed=0, batch_size=args.batch_size, shard_size=256)
+        return local_fit_context(engine, many, indices[: args.sequences], pad, seed=0, batch_size=args.batch_size, shard_size=256)
 
     if build_sizes:
         build_scaling(args, model, engine, many, seqs, ctx(), build_sizes, budget, tmp)
@@ -258,7 +287,7 @@ def main() -> None:
         print(f"  FLOOR (forward + backward)        {floor:8.2f} s   {1e3 * floor / len(seqs):7.2f} ms/sequence")
 
         t = time.perf_counter()
-        exact, est = exact_ekfac_scores(engine, ctx(), q_toks, q_starts, seqs, args.batch_size)
+        exact, est = exact_ekfac_scores(engine, ctx(), q_toks, q_starts, seqs, args.batch_size, pad)
         exact_s = time.perf_counter() - t
         print(f"  exact EK-FAC fit + scoring        {exact_s:8.2f} s = {exact_s / floor:5.2f} x FLOOR")
 
@@ -269,9 +298,10 @@ def main() -> None:
             model_i = fit_index(ctx(), settings)
             fit_s = time.perf_counter() - t
             t = time.perf_counter()
-            store = build_index(tmp / "built", kind, model_i, indices, local_map(engine, many, 0, args.batch_size), shard_size=4096)
+            store = build_index(tmp / "built", kind, model_i, indices, local_map(engine, many, pad, args.batch_size), shard_size=4096)
             build_s = time.perf_counter() - t
-            q = prepare(model_i, query_rows(model_i, engine, q_toks, q_starts, 0))
+            q_rows_i = query_rows(model_i, engine, q_toks, q_starts, pad)
+            q = prepare(model_i, q_rows_i)
             got = scores(store, q)
             acc = accuracy(got, exact, depths)
             per_seq = sum(p.stat().st_size for p in store.path.glob("*.npy")) / len(seqs)  # rows, side and indices
@@ -284,6 +314,10 @@ def main() -> None:
             print(f"    vs exact EK-FAC: Spearman median {acc['spearman_median']:.3f} (min {acc['spearman_min']:.3f}; target >= 0.9), "
                   f"top-10 recall {acc['recall10@10']:.2f} (target >= 0.8)"
                   + "".join(f", exact top-10 in index top-{k}: {acc[f'recall10@{k}']:.2f}" for k in depths))
+            if args.dampings:
+                damping_sweep(model_i, store, q_rows_i, exact, est, args.dampings.split(","))
+            if args.demo:
+                continue
             if default_model is None:
                 default_model = model_i
                 depth = min(args.depth, len(seqs))
@@ -297,6 +331,8 @@ def main() -> None:
                 print(f"    as a filter, exact top-10 recall at {depth} candidates per query{note}: "
                       f"index:k={depth} {filter_recall(by_index, exact):.3f} ({index_s:.2f} s), tfidf:k={depth} {filter_recall(by_tfidf, exact):.3f} ({tfidf_s:.2f} s)")
 
+    if args.demo:
+        return
     sizes_rows = [int(x) for x in args.rows.split(",")]
     q_rows = query_rows(default_model, engine, q_toks, q_starts, 0)
     print(f"  query: {args.queries} queries, top-10 over a synthetic memory-mapped index, width {default_model.width}, blocks of {args.block_rows:,} rows")
