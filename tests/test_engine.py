@@ -212,18 +212,90 @@ def test_sampled_labels_follow_the_models_distribution(project):
     batch = make_batch([toks] * n, project.runtime.pad_id, sample_seeds=list(range(n)))
     big = engine.model(input_ids=batch.input_ids).logits
     captured = []
-    original = torch.nn.functional.cross_entropy
+    original = engine.sample_labels
 
-    def spy(input, target, **kw):
-        captured.append(target.detach().clone())
-        return original(input, target, **kw)
+    def spy(logits, batch):
+        captured.append(original(logits, batch))
+        return captured[-1]
 
     import unittest.mock
 
-    with unittest.mock.patch.object(torch.nn.functional, "cross_entropy", spy):
+    with unittest.mock.patch.object(engine, "sample_labels", spy):
         engine.losses(big, batch, "sampled")
     labels = captured[0].view(n, -1)[:, 2]
     freq = torch.bincount(labels, minlength=probs.numel()).float() / n
     top = probs.argsort(descending=True)[:5]
     assert torch.allclose(freq[top], probs[top], atol=4 * float((probs[top] * (1 - probs[top]) / n).sqrt().max()) + 1e-3)
     assert float(freq[probs < 1e-6].sum()) == 0.0
+
+
+def whole_cross_entropy(logits, batch, labels, engine):
+    """The loss as inflq computed it before issue 17: one ``cross_entropy`` over all ``[B·T, V]``."""
+    B, T, V = logits.shape
+    if labels == "data":
+        targets = torch.zeros_like(batch.input_ids)
+        targets[:, :-1] = batch.input_ids[:, 1:]
+    else:
+        targets = engine.sample_labels(logits, batch)
+    ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
+    return ce * batch.loss_mask
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 1000])
+def test_rowwise_cross_entropy_is_bitwise_the_whole_one(models, monkeypatch, rows):
+    """The loss computed a block of rows at a time (issue 17: no [B, T, vocab] log-softmax or
+    gradient copies) gives bitwise the values, the logits' gradients and the whole captures of one
+    cross-entropy over all rows, with data and with sampled labels, on a right-padded batch, and
+    whether or not its backward pass writes over the logits."""
+    import inflq.engine as engine_module
+    from inflq.engine import GradientEngine, make_batch
+
+    monkeypatch.setattr(engine_module, "_LOSS_ROWS", rows)
+    model = models["gpt2"]
+    engine = GradientEngine(model, select_modules(model, "all"))
+    gen = np.random.default_rng(0)
+    V = model.get_input_embeddings().num_embeddings
+    seqs = [gen.integers(0, V, size=n).tolist() for n in (9, 6, 8)]
+    batch = make_batch(seqs, 0, sample_seeds=[5, 6, 7])
+    for labels in ("data", "sampled"):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.detach()
+        want_x = logits.clone().requires_grad_(True)
+        want = whole_cross_entropy(want_x, batch, labels, engine)
+        (want_grad,) = torch.autograd.grad(want.sum(), want_x)
+        for consume in (False, True):
+            x = logits.clone().requires_grad_(True)
+            got = engine.losses(x, batch, labels, consume=consume)
+            assert torch.equal(got, want)
+            (grad,) = torch.autograd.grad(got.sum(), x)
+            assert torch.equal(grad, want_grad)
+            assert consume or torch.equal(x.detach(), logits)  # not consumed: the logits are intact
+        caps, loss = engine.capture(batch, labels)
+        with monkeypatch.context() as m:
+            m.setattr(engine, "losses", lambda lg, b, lab, consume=False: whole_cross_entropy(lg, b, lab, engine))
+            want_caps, want_loss = engine.capture(batch, labels)
+        assert torch.equal(loss, want_loss)
+        for name, cap in caps.items():
+            assert torch.equal(cap.gradients, want_caps[name].gradients), name
+            assert torch.equal(cap.activations, want_caps[name].activations), name
+            assert float(cap.gradients.abs().max()) > 0
+
+
+def test_rowwise_cross_entropy_is_bitwise_at_a_real_vocabulary():
+    """The same at GPT-2's vocabulary width (50,257: the vectorised kernels' row tails differ from
+    a tiny vocabulary's), in blocks that do not divide the rows, with masked-out rows."""
+    from inflq.engine import _RowwiseCrossEntropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 50257, generator=gen) * 3
+    targets = torch.randint(0, 50257, (37,), generator=gen)
+    weights = (torch.rand(37, generator=gen) > 0.2).float()
+    x = logits.clone().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(x, targets, reduction="none")
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), x)
+    for rows in (5, 16, 64):
+        for consume in (False, True):
+            y = logits.clone().requires_grad_(True)
+            got = _RowwiseCrossEntropy.apply(y, targets, rows, consume)
+            assert torch.equal(got, want.detach())
+            (grad,) = torch.autograd.grad((got * weights).sum(), y)
+            assert torch.equal(grad, want_grad)
