@@ -299,3 +299,31 @@ def test_rowwise_cross_entropy_is_bitwise_at_a_real_vocabulary():
             assert torch.equal(got, want.detach())
             (grad,) = torch.autograd.grad((got * weights).sum(), y)
             assert torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, arch):
+    """Where a batch holds more padded tokens than ``pass_tokens``, capture runs one forward and
+    backward pass per group of sequences (issue 17: memory holds one group's autograd graph) and
+    gets bitwise the captures and losses of one pass over the batch, with data and sampled labels,
+    right padding included (groups of 1, 2 and 4 sequences, the last one shorter)."""
+    from inflq.engine import _PASS_TOKENS, GradientEngine, make_batch
+
+    model = models[arch]
+    whole = GradientEngine(model, select_modules(model, "all"), pass_tokens=0)
+    assert GradientEngine(model, whole.tracked).pass_tokens == _PASS_TOKENS  # the CPU's default
+    V = model.get_input_embeddings().num_embeddings
+    gen = np.random.default_rng(1)
+    seqs = [gen.integers(3, V, size=n).tolist() for n in (9, 6, 8, 9, 3)]
+    batch = make_batch(seqs, 0, sample_seeds=[21, 22, 23, 24, 25], loss_from=[0, 2, 0, 4, 0])
+    for labels in ("data", "sampled"):
+        want, want_loss = whole.capture(batch, labels)
+        for rows in (1, 2, 4):
+            split = GradientEngine(model, whole.tracked, pass_tokens=rows * 9 + 1)
+            got, loss = split.capture(batch, labels)
+            assert torch.equal(loss, want_loss)
+            assert list(got) == list(want)
+            for name in want:
+                assert torch.equal(got[name].activations, want[name].activations), (labels, rows, name)
+                assert torch.equal(got[name].gradients, want[name].gradients), (labels, rows, name)
+        assert float(want_loss.min()) > 0
