@@ -327,3 +327,44 @@ def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, a
                 assert torch.equal(got[name].activations, want[name].activations), (labels, rows, name)
                 assert torch.equal(got[name].gradients, want[name].gradients), (labels, rows, name)
         assert float(want_loss.min()) > 0
+
+
+def test_a_shard_holds_one_batchs_captures_at_a_time(models):
+    """run_shard drops a batch's captures before it captures the next (issue 17: on GPT-2 small a
+    batch's captures are 1.2 GB), for sum and concat passes alike."""
+    import weakref
+
+    from inflq import Pass, SumPass
+    from inflq.engine import GradientEngine
+    from inflq.passes import Shard, run_shard
+
+    model = models["gpt2"]
+    V = model.get_input_embeddings().num_embeddings
+    gen = np.random.default_rng(2)
+    seqs = [gen.integers(3, V, size=6).tolist() for _ in range(6)]
+    alive: list[weakref.ref] = []
+
+    class Checking(GradientEngine):
+        def capture(self, batch, labels="data"):
+            assert all(r() is None for r in alive), "the previous batch's captures are still held"
+            caps, loss = super().capture(batch, labels)
+            alive.extend(weakref.ref(c.gradients) for c in caps.values())
+            return caps, loss
+
+    class Sums(SumPass):
+        labels = "data"
+
+        def _parts(self, batch, captures):
+            yield "n", torch.tensor([float(batch.size)], dtype=torch.float64)
+
+    class Rows(Pass):
+        combine = "concat"
+
+        def process(self, engine, batch, captures):
+            return {"n": torch.full((batch.size,), float(len(captures)))}
+
+    engine = Checking(model, select_modules(model, "all"))
+    assert float(run_shard(engine, lambda idx: [seqs[i] for i in idx], Sums(), Shard(0, np.arange(6)), 0, 2)["n"]) == 6.0
+    assert len(alive) == 3 * len(engine.tracked)
+    out = run_shard(engine, lambda idx: [seqs[i] for i in idx], Rows(), Shard(0, np.arange(6)), 0, 2)
+    assert out["n"].tolist() == [float(len(engine.tracked))] * 6
