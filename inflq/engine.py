@@ -42,7 +42,11 @@ _LAYER = re.compile(r"\.(\d+)(\.|$)")
 # fitted under an older rule are never reused in silence.
 SAMPLED_AT = "loss positions"
 _SAMPLE_BLOCK = 1 << 24  # logits per block of the sampler's in-place CDF (64 MiB in float32)
-_PASS_TOKENS = 512  # padded tokens per forward and backward pass on the CPU (GradientEngine.capture)
+# GradientEngine.capture on the CPU: a batch whose captures would exceed _SPLIT_ABOVE bytes runs in
+# passes of _PASS_BYTES of captures, at least _PASS_TOKENS padded tokens each (GPT-2 small: 2 x 256).
+_SPLIT_ABOVE = 1 << 30
+_PASS_BYTES = 1 << 28
+_PASS_TOKENS = 512
 _LOSS_ROWS = 256  # positions per block of the cross-entropy (256 x 50,257 float32 logits: 51 MB)
 
 
@@ -310,10 +314,11 @@ class GradientEngine:
         self.model = model
         self.tracked = tracked
         self.device = next(model.parameters()).device
-        # Padded tokens per forward and backward pass (:meth:`capture`): on the CPU _PASS_TOKENS by
-        # default, where splitting a batch was checked to change no bit; elsewhere (a GPU's kernels
-        # may depend on the batch's size) one pass per batch unless asked. 0: one pass per batch.
-        self.pass_tokens = (_PASS_TOKENS if self.device.type == "cpu" else 0) if pass_tokens is None else int(pass_tokens)
+        # Padded tokens per forward and backward pass (:meth:`capture`); 0: one pass per batch. By
+        # default (None) on the CPU, where splitting a batch was checked to change no bit, only
+        # batches with large captures are split (:meth:`_pass_tokens`); elsewhere (a GPU's kernels
+        # may depend on the batch's size) one pass per batch unless asked.
+        self.pass_tokens = (None if self.device.type == "cpu" else 0) if pass_tokens is None else int(pass_tokens)
 
     @property
     def names(self) -> list[str]:
@@ -411,12 +416,14 @@ class GradientEngine:
 
     def capture(self, batch: Batch, labels: str = "data") -> tuple[dict[str, Captured], torch.Tensor]:
         """The captures of a batch and its per-sequence losses ``[B]``: one forward and backward
-        pass, or, where the batch holds more than :attr:`pass_tokens` padded tokens, one per group
+        pass, or, where the batch holds more than ``pass_tokens`` padded tokens, one per group
         of sequences, each padded as in the whole batch, their captures written into the batch's.
         Memory then holds the autograd graph of one group, not of the batch (on GPT-2 small, 2.8 GB
         for 8 × 256 tokens), and the captures are bitwise those of one pass on the CPU (every
         sequence's rows go through the same kernels at the same widths; tests/test_engine.py)."""
-        rows = batch.size if not self.pass_tokens else max(1, self.pass_tokens // max(1, int(batch.input_ids.shape[1])))
+        T = max(1, int(batch.input_ids.shape[1]))
+        limit = self._pass_tokens(batch.size * T) if self.pass_tokens is None else self.pass_tokens
+        rows = batch.size if not limit else max(1, limit // T)
         if rows >= batch.size:
             return self._capture(batch, labels)
         captured: dict[str, Captured] = {}
@@ -435,6 +442,15 @@ class GradientEngine:
                 have.gradients[s:e] = cap.gradients
             del part
         return captured, torch.cat(losses)
+
+    def _pass_tokens(self, tokens: int) -> int:
+        """The default pass size for a batch of ``tokens`` padded tokens: one pass (0) where its
+        captures take at most ``_SPLIT_ABOVE`` bytes (small models keep their large, fast
+        batches), else passes of ``_PASS_BYTES`` of captures, at least ``_PASS_TOKENS`` tokens."""
+        per_token = 4 * sum(t.in_dim + t.out_features for t in self.tracked)  # float32 activations and gradients
+        if tokens * per_token <= _SPLIT_ABOVE:
+            return 0
+        return max(_PASS_TOKENS, _PASS_BYTES // max(1, per_token))
 
     def _capture(self, batch: Batch, labels: str) -> tuple[dict[str, Captured], torch.Tensor]:
         """One forward and backward pass over the whole ``batch``."""

@@ -307,11 +307,26 @@ def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, a
     backward pass per group of sequences (issue 17: memory holds one group's autograd graph) and
     gets bitwise the captures and losses of one pass over the batch, with data and sampled labels,
     right padding included (groups of 1, 2 and 4 sequences, the last one shorter)."""
-    from inflq.engine import _PASS_TOKENS, GradientEngine, make_batch
+    import inflq.engine as engine_module
+    from inflq.engine import GradientEngine, make_batch
 
     model = models[arch]
     whole = GradientEngine(model, select_modules(model, "all"), pass_tokens=0)
-    assert GradientEngine(model, whole.tracked).pass_tokens == _PASS_TOKENS  # the CPU's default
+    auto = GradientEngine(model, whole.tracked)  # the CPU's default: split only batches with large captures
+    per_token = 4 * sum(t.in_dim + t.out_features for t in whole.tracked)
+    assert auto.pass_tokens is None and auto._pass_tokens(4096) == 0  # a tiny model's batch: one pass
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine_module, "_SPLIT_ABOVE", 10 * per_token)
+        m.setattr(engine_module, "_PASS_TOKENS", 2)
+        assert auto._pass_tokens(10) == 0 and auto._pass_tokens(11) == engine_module._PASS_BYTES // per_token
+        m.setattr(engine_module, "_PASS_BYTES", 18 * per_token)
+        assert auto._pass_tokens(11) == 18  # 2 sequences of 9 tokens per pass below
+        batch = make_batch([[5] * 9] * 4, 0)
+        assert torch.equal(auto.capture(batch)[1], whole.capture(batch)[1])
+        calls = []
+        m.setattr(auto, "_capture", lambda b, labels: calls.append(b.size) or whole._capture(b, labels))
+        auto.capture(batch)
+        assert calls == [2, 2]
     V = model.get_input_embeddings().num_embeddings
     gen = np.random.default_rng(1)
     seqs = [gen.integers(3, V, size=n).tolist() for n in (9, 6, 8, 9, 3)]
