@@ -383,3 +383,21 @@ def test_a_shard_holds_one_batchs_captures_at_a_time(models):
     assert len(alive) == 3 * len(engine.tracked)
     out = run_shard(engine, lambda idx: [seqs[i] for i in idx], Rows(), Shard(0, np.arange(6)), 0, 2)
     assert out["n"].tolist() == [float(len(engine.tracked))] * 6
+
+
+def test_the_allocator_is_bounded_on_glibc_unless_the_user_chose(monkeypatch):
+    """On glibc Linux the engine fixes malloc's mmap threshold (issue 17), once per process;
+    where the user set MALLOC_MMAP_THRESHOLD_ their choice stands and mallopt is not called."""
+    import platform
+    import sys
+
+    import inflq.engine as engine_module
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    monkeypatch.setattr(engine_module, "_allocator_bounded", None)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert engine_module.bound_allocator() is False
+    monkeypatch.setattr(engine_module, "_allocator_bounded", None)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert engine_module.bound_allocator() is glibc
+    assert engine_module._allocator_bounded is glibc  # decided once: later engines do not call mallopt again
