@@ -39,7 +39,7 @@ from .progress import Monitor, ProgressEvent
 _LAZY = {
     "Batch": "engine", "Captured": "engine", "GradientEngine": "engine", "SequenceGradients": "engine",
     "TrackedModule": "engine", "make_batch": "engine", "select_modules": "engine",
-    "add_into": "linalg", "eigh": "linalg", "gram": "linalg",
+    "add_into": "linalg", "eigh": "linalg", "gram": "linalg", "pack_upper": "linalg", "unpack_upper": "linalg",
     "ScorePass": "passes", "SelfInfluencePass": "passes", "run_shard": "passes",
     "QueryGradients": "scoring",
     # projects and model folders, for plugins (#14 catalog block)
@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
         math_attention,
         select_modules,
     )
-    from .linalg import add_into, eigh, gram
+    from .linalg import add_into, eigh, gram, pack_upper, unpack_upper
     from .modeling import (
         check_model_dir,
         fingerprint_files,
@@ -138,9 +138,9 @@ __all__ = [
     "catalog", "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files",
     "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "index", "InflqError", "init_project",
     "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "make_executor", "math_attention", "model_files",
-    "Monitor", "NumericalError", "open_project", "Option", "Pass", "pick_device", "pick_dtype", "prepare_estimator",
+    "Monitor", "NumericalError", "open_project", "Option", "pack_upper", "Pass", "pick_device", "pick_dtype", "prepare_estimator",
     "progress_monitor", "ProgressEvent", "Project", "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set",
     "run_shard", "RunSettings", "Runtime", "SAMPLED_AT", "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set",
     "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "SumPass", "TrackedModule", "TrainContext", "Trainer",
-    "worker_spec",
+    "unpack_upper", "worker_spec",
 ]

@@ -13,8 +13,12 @@ embeddings are made to require grad instead, so the backward pass computes activ
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fnmatch
+import os
+import platform
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +42,37 @@ _LAYER = re.compile(r"\.(\d+)(\.|$)")
 # fitted under an older rule are never reused in silence.
 SAMPLED_AT = "loss positions"
 _SAMPLE_BLOCK = 1 << 24  # logits per block of the sampler's in-place CDF (64 MiB in float32)
+# GradientEngine.capture on the CPU: a batch whose captures would exceed _SPLIT_ABOVE bytes runs in
+# passes of _PASS_BYTES of captures, at least _PASS_TOKENS padded tokens each (GPT-2 small: 2 x 256).
+_SPLIT_ABOVE = 1 << 30
+_PASS_BYTES = 1 << 28
+_PASS_TOKENS = 512
+_LOSS_ROWS = 256  # positions per block of the cross-entropy (256 x 50,257 float32 logits: 51 MB)
+
+
+_MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks get mappings of their own, unmapped when freed
+_allocator_bounded: bool | None = None
+
+
+def bound_allocator() -> bool:
+    """On glibc Linux, have ``malloc`` serve every block of 1 MiB or more with a mapping of its own,
+    returned to the system when freed (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, once per process).
+
+    glibc's default threshold rises, up to 32 MiB, each time a large mapped block is freed; the
+    engine's many 6-25 MB tensors per batch then come from the heap, which fragments and keeps
+    what was freed: on GPT-2 small's batches of 8 × 256 tokens the resident memory of a fit grew
+    by gigabytes over its tensors (docs/benchmarks.md, issue 17). Skipped where the user set
+    ``MALLOC_MMAP_THRESHOLD_`` (their choice stands), on other C libraries and platforms. Returns
+    whether the threshold is set."""
+    global _allocator_bounded
+    if _allocator_bounded is None:
+        _allocator_bounded = False
+        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+            try:
+                _allocator_bounded = ctypes.CDLL(None).mallopt(-3, _MMAP_THRESHOLD) == 1  # -3: M_MMAP_THRESHOLD
+            except (OSError, AttributeError):  # pragma: no cover - a glibc without mallopt
+                _allocator_bounded = False
+    return _allocator_bounded
 
 
 def math_attention():
@@ -233,6 +268,37 @@ class SequenceGradients(dict):
         return cls(dense, factors)
 
 
+class _RowwiseCrossEntropy(torch.autograd.Function):
+    """``cross_entropy(logits, targets, reduction="none")`` over ``[N, V]`` logits, ``rows`` rows at
+    a time, forward and backward. Each block runs torch's own cross-entropy (and, in the backward
+    pass, its own autograd of it) on a block of rows, and those kernels treat every row on its
+    own, so values and gradients are bitwise those of one call on the whole; but only one block's
+    log-softmax and gradient exist at a time, instead of three ``[N, V]`` copies (log-softmax, its
+    gradient, the logits' gradient). With ``consume`` the logits' gradient is written over the
+    logits (they must be float32 and needed by no one else afterwards)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int, consume: bool) -> torch.Tensor:
+        ce = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+        for s in range(0, logits.shape[0], rows):
+            ce[s : s + rows] = nn.functional.cross_entropy(logits[s : s + rows], targets[s : s + rows], reduction="none")
+        ctx.save_for_backward(logits, targets)
+        ctx.rows, ctx.consume = rows, consume
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        out = logits.detach() if ctx.consume else torch.empty_like(logits)
+        with torch.enable_grad():
+            for s in range(0, logits.shape[0], ctx.rows):
+                block = logits[s : s + ctx.rows].detach().requires_grad_(True)
+                ce = nn.functional.cross_entropy(block, targets[s : s + ctx.rows], reduction="none")
+                (g,) = torch.autograd.grad(ce, block, grad[s : s + ctx.rows])
+                out[s : s + ctx.rows] = g
+        return out, None, None, None
+
+
 class GradientEngine:
     """Runs a model and captures what every estimator needs from its tracked modules.
 
@@ -243,10 +309,16 @@ class GradientEngine:
     softmax cross-entropy (see :data:`SAMPLED_AT`).
     """
 
-    def __init__(self, model: nn.Module, tracked: list[TrackedModule]) -> None:
+    def __init__(self, model: nn.Module, tracked: list[TrackedModule], pass_tokens: int | None = None) -> None:
+        bound_allocator()
         self.model = model
         self.tracked = tracked
         self.device = next(model.parameters()).device
+        # Padded tokens per forward and backward pass (:meth:`capture`); 0: one pass per batch. By
+        # default (None) on the CPU, where splitting a batch was checked to change no bit, only
+        # batches with large captures are split (:meth:`_pass_tokens`); elsewhere (a GPU's kernels
+        # may depend on the batch's size) one pass per batch unless asked.
+        self.pass_tokens = (None if self.device.type == "cpu" else 0) if pass_tokens is None else int(pass_tokens)
 
     @property
     def names(self) -> list[str]:
@@ -288,9 +360,14 @@ class GradientEngine:
             for p, flag in saved:
                 p.requires_grad_(flag)
 
-    def losses(self, logits: torch.Tensor, batch: Batch, labels: str) -> torch.Tensor:
-        """Per-position cross-entropy ``[B, T]`` (zero where the loss mask is off)."""
-        logits = logits.float()
+    def losses(self, logits: torch.Tensor, batch: Batch, labels: str, consume: bool = False) -> torch.Tensor:
+        """Per-position cross-entropy ``[B, T]`` (zero where the loss mask is off).
+
+        Computed ``_LOSS_ROWS`` positions at a time (:class:`_RowwiseCrossEntropy`): no log-softmax
+        or gradient copy of the whole ``[B, T, vocab]`` logits exists, and the values and gradients
+        are bitwise those of ``cross_entropy`` on the whole. ``consume=True`` lets the backward pass
+        write the logits' gradient over the logits themselves (float32 logits the caller no longer
+        needs, as in :meth:`capture`)."""
         B, T, V = logits.shape
         if labels == "data":
             targets = torch.zeros_like(batch.input_ids)
@@ -299,7 +376,8 @@ class GradientEngine:
             targets = self.sample_labels(logits, batch)
         else:
             raise ValueError(f"unknown labels {labels!r}")
-        ce = nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
+        owned = consume or logits.dtype != torch.float32  # .float() below makes a copy of its own
+        ce = _RowwiseCrossEntropy.apply(logits.float().reshape(-1, V), targets.reshape(-1), _LOSS_ROWS, owned).view(B, T)
         return ce * batch.loss_mask
 
     @staticmethod
@@ -337,12 +415,53 @@ class GradientEngine:
         return targets
 
     def capture(self, batch: Batch, labels: str = "data") -> tuple[dict[str, Captured], torch.Tensor]:
-        """One forward and backward pass; returns the captures and per-sequence losses ``[B]``."""
+        """The captures of a batch and its per-sequence losses ``[B]``: one forward and backward
+        pass, or, where the batch holds more than ``pass_tokens`` padded tokens, one per group
+        of sequences, each padded as in the whole batch, their captures written into the batch's.
+        Memory then holds the autograd graph of one group, not of the batch (on GPT-2 small, 2.8 GB
+        for 8 × 256 tokens), and the captures are bitwise those of one pass on the CPU (every
+        sequence's rows go through the same kernels at the same widths; tests/test_engine.py)."""
+        T = max(1, int(batch.input_ids.shape[1]))
+        limit = self._pass_tokens(batch.size * T) if self.pass_tokens is None else self.pass_tokens
+        rows = batch.size if not limit else max(1, limit // T)
+        if rows >= batch.size:
+            return self._capture(batch, labels)
+        captured: dict[str, Captured] = {}
+        losses = []
+        for s in range(0, batch.size, rows):
+            e = min(batch.size, s + rows)
+            seeds = batch.sample_seeds[s:e] if batch.sample_seeds is not None else None
+            part, loss = self._capture(Batch(batch.input_ids[s:e], batch.attention_mask[s:e], batch.loss_mask[s:e], seeds), labels)
+            losses.append(loss)
+            for name, cap in part.items():
+                have = captured.get(name)
+                if have is None:
+                    a, g = cap.activations, cap.gradients
+                    have = captured[name] = Captured(a.new_empty((batch.size,) + a.shape[1:]), g.new_empty((batch.size,) + g.shape[1:]))
+                have.activations[s:e] = cap.activations
+                have.gradients[s:e] = cap.gradients
+            del part
+        return captured, torch.cat(losses)
+
+    def _pass_tokens(self, tokens: int) -> int:
+        """The default pass size for a batch of ``tokens`` padded tokens: one pass (0) where its
+        captures take at most ``_SPLIT_ABOVE`` bytes (small models keep their large, fast
+        batches), else passes of ``_PASS_BYTES`` of captures, at least ``_PASS_TOKENS`` tokens."""
+        per_token = 4 * sum(t.in_dim + t.out_features for t in self.tracked)  # float32 activations and gradients
+        if tokens * per_token <= _SPLIT_ABOVE:
+            return 0
+        return max(_PASS_TOKENS, _PASS_BYTES // max(1, per_token))
+
+    def _capture(self, batch: Batch, labels: str) -> tuple[dict[str, Captured], torch.Tensor]:
+        """One forward and backward pass over the whole ``batch``."""
         store: dict[str, list[torch.Tensor | None]] = {t.name: [None, None] for t in self.tracked}
         self.model.eval()
         with self._hooks(store), torch.enable_grad():
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            per_token = self.losses(out.logits, batch, labels)
+            logits = out.logits
+            del out  # the logits' only other reference: the loss may then reuse them for their gradient
+            per_token = self.losses(logits, batch, labels, consume=True)
+            del logits
             seq_loss = per_token.sum(dim=1)
             total = seq_loss.sum()
             if not torch.isfinite(total):

@@ -241,7 +241,8 @@ def make_plan(
     model_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     batch_tok = batching.tokens or (batching.sequences or 8) * int(lengths.max())
     batch_bytes = batch_tok * bytes_per_token(engine, project.config.max_length)
-    cov_sums = sum(8 * (t.in_dim**2 + t.out_features**2) for t in engine.tracked)
+    # float64 upper triangles, packed (CovariancePass): n(n+1)/2 entries for an n-wide factor
+    cov_sums = sum(4 * (t.in_dim * (t.in_dim + 1) + t.out_features * (t.out_features + 1)) for t in engine.tracked)
     largest = max((max(t.in_dim, t.out_features) for t in engine.tracked), default=1)
     factor_bytes = sum(v.numel() * v.element_size() for v in factors.values())
     query_bytes = sum(v.numel() * v.element_size() for v in qg.tensors().values()) * nq // len(probe)

@@ -212,18 +212,192 @@ def test_sampled_labels_follow_the_models_distribution(project):
     batch = make_batch([toks] * n, project.runtime.pad_id, sample_seeds=list(range(n)))
     big = engine.model(input_ids=batch.input_ids).logits
     captured = []
-    original = torch.nn.functional.cross_entropy
+    original = engine.sample_labels
 
-    def spy(input, target, **kw):
-        captured.append(target.detach().clone())
-        return original(input, target, **kw)
+    def spy(logits, batch):
+        captured.append(original(logits, batch))
+        return captured[-1]
 
     import unittest.mock
 
-    with unittest.mock.patch.object(torch.nn.functional, "cross_entropy", spy):
+    with unittest.mock.patch.object(engine, "sample_labels", spy):
         engine.losses(big, batch, "sampled")
     labels = captured[0].view(n, -1)[:, 2]
     freq = torch.bincount(labels, minlength=probs.numel()).float() / n
     top = probs.argsort(descending=True)[:5]
     assert torch.allclose(freq[top], probs[top], atol=4 * float((probs[top] * (1 - probs[top]) / n).sqrt().max()) + 1e-3)
     assert float(freq[probs < 1e-6].sum()) == 0.0
+
+
+def whole_cross_entropy(logits, batch, labels, engine):
+    """The loss as inflq computed it before issue 17: one ``cross_entropy`` over all ``[B·T, V]``."""
+    B, T, V = logits.shape
+    if labels == "data":
+        targets = torch.zeros_like(batch.input_ids)
+        targets[:, :-1] = batch.input_ids[:, 1:]
+    else:
+        targets = engine.sample_labels(logits, batch)
+    ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
+    return ce * batch.loss_mask
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 1000])
+def test_rowwise_cross_entropy_is_bitwise_the_whole_one(models, monkeypatch, rows):
+    """The loss computed a block of rows at a time (issue 17: no [B, T, vocab] log-softmax or
+    gradient copies) gives bitwise the values, the logits' gradients and the whole captures of one
+    cross-entropy over all rows, with data and with sampled labels, on a right-padded batch, and
+    whether or not its backward pass writes over the logits."""
+    import inflq.engine as engine_module
+    from inflq.engine import GradientEngine, make_batch
+
+    monkeypatch.setattr(engine_module, "_LOSS_ROWS", rows)
+    model = models["gpt2"]
+    engine = GradientEngine(model, select_modules(model, "all"))
+    gen = np.random.default_rng(0)
+    V = model.get_input_embeddings().num_embeddings
+    seqs = [gen.integers(0, V, size=n).tolist() for n in (9, 6, 8)]
+    batch = make_batch(seqs, 0, sample_seeds=[5, 6, 7])
+    for labels in ("data", "sampled"):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.detach()
+        want_x = logits.clone().requires_grad_(True)
+        want = whole_cross_entropy(want_x, batch, labels, engine)
+        (want_grad,) = torch.autograd.grad(want.sum(), want_x)
+        for consume in (False, True):
+            x = logits.clone().requires_grad_(True)
+            got = engine.losses(x, batch, labels, consume=consume)
+            assert torch.equal(got, want)
+            (grad,) = torch.autograd.grad(got.sum(), x)
+            assert torch.equal(grad, want_grad)
+            assert consume or torch.equal(x.detach(), logits)  # not consumed: the logits are intact
+        caps, loss = engine.capture(batch, labels)
+        with monkeypatch.context() as m:
+            m.setattr(engine, "losses", lambda lg, b, lab, consume=False: whole_cross_entropy(lg, b, lab, engine))
+            want_caps, want_loss = engine.capture(batch, labels)
+        assert torch.equal(loss, want_loss)
+        for name, cap in caps.items():
+            assert torch.equal(cap.gradients, want_caps[name].gradients), name
+            assert torch.equal(cap.activations, want_caps[name].activations), name
+            assert float(cap.gradients.abs().max()) > 0
+
+
+def test_rowwise_cross_entropy_is_bitwise_at_a_real_vocabulary():
+    """The same at GPT-2's vocabulary width (50,257: the vectorised kernels' row tails differ from
+    a tiny vocabulary's), in blocks that do not divide the rows, with masked-out rows."""
+    from inflq.engine import _RowwiseCrossEntropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 50257, generator=gen) * 3
+    targets = torch.randint(0, 50257, (37,), generator=gen)
+    weights = (torch.rand(37, generator=gen) > 0.2).float()
+    x = logits.clone().requires_grad_(True)
+    want = torch.nn.functional.cross_entropy(x, targets, reduction="none")
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), x)
+    for rows in (5, 16, 64):
+        for consume in (False, True):
+            y = logits.clone().requires_grad_(True)
+            got = _RowwiseCrossEntropy.apply(y, targets, rows, consume)
+            assert torch.equal(got, want.detach())
+            (grad,) = torch.autograd.grad((got * weights).sum(), y)
+            assert torch.equal(grad, want_grad)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, arch):
+    """Where a batch holds more padded tokens than ``pass_tokens``, capture runs one forward and
+    backward pass per group of sequences (issue 17: memory holds one group's autograd graph) and
+    gets bitwise the captures and losses of one pass over the batch, with data and sampled labels,
+    right padding included (groups of 1, 2 and 4 sequences, the last one shorter)."""
+    import inflq.engine as engine_module
+    from inflq.engine import GradientEngine, make_batch
+
+    model = models[arch]
+    whole = GradientEngine(model, select_modules(model, "all"), pass_tokens=0)
+    auto = GradientEngine(model, whole.tracked)  # the CPU's default: split only batches with large captures
+    per_token = 4 * sum(t.in_dim + t.out_features for t in whole.tracked)
+    assert auto.pass_tokens is None and auto._pass_tokens(4096) == 0  # a tiny model's batch: one pass
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(engine_module, "_SPLIT_ABOVE", 10 * per_token)
+        m.setattr(engine_module, "_PASS_TOKENS", 2)
+        assert auto._pass_tokens(10) == 0 and auto._pass_tokens(11) == engine_module._PASS_BYTES // per_token
+        m.setattr(engine_module, "_PASS_BYTES", 18 * per_token)
+        assert auto._pass_tokens(11) == 18  # 2 sequences of 9 tokens per pass below
+        batch = make_batch([[5] * 9] * 4, 0)
+        assert torch.equal(auto.capture(batch)[1], whole.capture(batch)[1])
+        calls = []
+        m.setattr(auto, "_capture", lambda b, labels: calls.append(b.size) or whole._capture(b, labels))
+        auto.capture(batch)
+        assert calls == [2, 2]
+    V = model.get_input_embeddings().num_embeddings
+    gen = np.random.default_rng(1)
+    seqs = [gen.integers(3, V, size=n).tolist() for n in (9, 6, 8, 9, 3)]
+    batch = make_batch(seqs, 0, sample_seeds=[21, 22, 23, 24, 25], loss_from=[0, 2, 0, 4, 0])
+    for labels in ("data", "sampled"):
+        want, want_loss = whole.capture(batch, labels)
+        for rows in (1, 2, 4):
+            split = GradientEngine(model, whole.tracked, pass_tokens=rows * 9 + 1)
+            got, loss = split.capture(batch, labels)
+            assert torch.equal(loss, want_loss)
+            assert list(got) == list(want)
+            for name in want:
+                assert torch.equal(got[name].activations, want[name].activations), (labels, rows, name)
+                assert torch.equal(got[name].gradients, want[name].gradients), (labels, rows, name)
+        assert float(want_loss.min()) > 0
+
+
+def test_a_shard_holds_one_batchs_captures_at_a_time(models):
+    """run_shard drops a batch's captures before it captures the next (issue 17: on GPT-2 small a
+    batch's captures are 1.2 GB), for sum and concat passes alike."""
+    import weakref
+
+    from inflq import Pass, SumPass
+    from inflq.engine import GradientEngine
+    from inflq.passes import Shard, run_shard
+
+    model = models["gpt2"]
+    V = model.get_input_embeddings().num_embeddings
+    gen = np.random.default_rng(2)
+    seqs = [gen.integers(3, V, size=6).tolist() for _ in range(6)]
+    alive: list[weakref.ref] = []
+
+    class Checking(GradientEngine):
+        def capture(self, batch, labels="data"):
+            assert all(r() is None for r in alive), "the previous batch's captures are still held"
+            caps, loss = super().capture(batch, labels)
+            alive.extend(weakref.ref(c.gradients) for c in caps.values())
+            return caps, loss
+
+    class Sums(SumPass):
+        labels = "data"
+
+        def _parts(self, batch, captures):
+            yield "n", torch.tensor([float(batch.size)], dtype=torch.float64)
+
+    class Rows(Pass):
+        combine = "concat"
+
+        def process(self, engine, batch, captures):
+            return {"n": torch.full((batch.size,), float(len(captures)))}
+
+    engine = Checking(model, select_modules(model, "all"))
+    assert float(run_shard(engine, lambda idx: [seqs[i] for i in idx], Sums(), Shard(0, np.arange(6)), 0, 2)["n"]) == 6.0
+    assert len(alive) == 3 * len(engine.tracked)
+    out = run_shard(engine, lambda idx: [seqs[i] for i in idx], Rows(), Shard(0, np.arange(6)), 0, 2)
+    assert out["n"].tolist() == [float(len(engine.tracked))] * 6
+
+
+def test_the_allocator_is_bounded_on_glibc_unless_the_user_chose(monkeypatch):
+    """On glibc Linux the engine fixes malloc's mmap threshold (issue 17), once per process;
+    where the user set MALLOC_MMAP_THRESHOLD_ their choice stands and mallopt is not called."""
+    import platform
+    import sys
+
+    import inflq.engine as engine_module
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    monkeypatch.setattr(engine_module, "_allocator_bounded", None)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert engine_module.bound_allocator() is False
+    monkeypatch.setattr(engine_module, "_allocator_bounded", None)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    assert engine_module.bound_allocator() is glibc
+    assert engine_module._allocator_bounded is glibc  # decided once: later engines do not call mallopt again

@@ -276,3 +276,59 @@ def test_fitting_sums_are_one_running_sum_whatever_the_executor(project):
     close(_fit_sums(project, local, run_id, settings))
     assert n > 4 * settings.shard_size
     close(_fit_sums(project, _Executor(), start_run(project, "default", settings, kind="factors"), settings))
+
+
+def test_packed_covariance_sums_give_bitwise_the_factors_of_square_ones(project):
+    """Covariance sums kept as packed upper triangles (issue 17: half the memory) hold exactly the
+    upper triangles of the square sums inflq kept before, so the float64 eigendecompositions (which
+    read the upper triangle only) are bitwise the same; a running sum of squares (a fit resumed
+    from before the packing) is packed before the next batch is added."""
+    from inflq import SumPass, add_into, eigh, gram, pack_upper, unpack_upper
+    from inflq.passes import Shard, run_shard
+    from inflq_builtins.estimators import CovariancePass, symmetric
+
+    class SquarePass(CovariancePass):  # the sums as inflq kept them before issue 17
+        accumulate = SumPass.accumulate
+
+        def _parts(self, batch, captures):
+            for key, v in super()._parts(batch, captures):
+                if key[:2] in ("A/", "S/"):
+                    c = captures[key[2:]]
+                    x = c.activations if key[0] == "A" else c.gradients
+                    v = gram(x.reshape(-1, x.shape[-1]), symmetric=False)
+                yield key, v
+
+    engine = project.runtime.engine()
+    shard = Shard(0, np.arange(len(project.runtime.corpus)))
+    packed = run_shard(engine, project.runtime.corpus.many, CovariancePass(), shard, project.runtime.pad_id, 3)
+    square = run_shard(engine, project.runtime.corpus.many, SquarePass(), shard, project.runtime.pad_id, 3)
+    assert set(packed) == set(square)
+    keys = [k for k in square if k[:2] in ("A/", "S/")]
+    assert keys
+    for key in keys:
+        n = square[key].shape[0]
+        assert packed[key].shape == (n * (n + 1) // 2,) and packed[key].dtype == torch.float64
+        assert torch.equal(packed[key], pack_upper(square[key]))
+        assert torch.equal(unpack_upper(packed[key]), torch.triu(square[key]))
+        assert torch.equal(symmetric(packed[key]), symmetric(square[key]))
+        want_vals, want_vecs = eigh(square[key] / 7.0)
+        got_vals, got_vecs = eigh(unpack_upper(packed[key]) / 7.0)
+        assert torch.equal(got_vals, want_vals) and torch.equal(got_vecs, want_vecs), key
+    # Resumed from a running sum of squares: the next batches add into its packed form.
+    half = Shard(0, np.arange(4))
+    rest = Shard(1, np.arange(4, len(project.runtime.corpus)))
+    sums = run_shard(engine, project.runtime.corpus.many, SquarePass(), half, project.runtime.pad_id, 4)
+    from inflq.engine import make_batch
+
+    pass_ = CovariancePass()
+    seqs = project.runtime.corpus.many(rest.indices)
+    batch = make_batch(seqs, project.runtime.pad_id, sample_seeds=[pass_.seed + 1000 + i for i in range(len(seqs))])
+    caps, _ = engine.capture(batch, "sampled")
+    pass_.accumulate(engine, batch, caps, sums)
+    expect = run_shard(engine, project.runtime.corpus.many, CovariancePass(), half, project.runtime.pad_id, 4)
+    for k, v in pass_._parts(batch, caps):
+        add_into(expect, {k: v}, torch.float64)
+    for key in keys:
+        assert torch.equal(sums[key], expect[key]), key
+    with pytest.raises(ValueError, match="no packed upper triangle"):
+        unpack_upper(torch.zeros(5, dtype=torch.float64))
