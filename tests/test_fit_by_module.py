@@ -15,7 +15,7 @@ from inflq.progress import Monitor
 from inflq.runs import RunSettings, fit_factors
 
 SUMS = {  # what one module adds to each estimator's fitting sums (estimators.py's arithmetic)
-    "covariance": lambda tm: 8 * (tm.in_dim**2 + tm.out_features**2),
+    "covariance": lambda tm: 8 * (tm.in_dim * (tm.in_dim + 1) // 2 + tm.out_features * (tm.out_features + 1) // 2),  # packed
     "correction": lambda tm: 8 * tm.out_features * tm.in_dim + 4 * (tm.in_dim**2 + tm.out_features**2),
     "diagonal": lambda tm: 8 * tm.out_features * tm.in_dim,
 }
@@ -84,7 +84,8 @@ def test_fit_by_module_equals_the_ordinary_fit_bitwise(project, held_sums, monke
     keys.clear()
     engine = project.runtime.engine()
     first = "diagonal" if estimator == "diagonal" else "covariance"
-    memory = max(SUMS[first](tm) for tm in engine.tracked) + 64  # a group of one or two modules
+    kinds = [first, "correction"] if estimator == "ekfac" else [first]
+    memory = max(SUMS[k](tm) for k in kinds for tm in engine.tracked) + 64  # a group of one or two modules
     _, by_module_id, _ = fit_factors(project, RunSettings(**settings, refit=True, fit_memory=memory / 2**30))
     assert by_module_id == fs_id  # the same factor set: how the fit was grouped does not change it
     by_module = _factors(project, by_module_id)
@@ -109,7 +110,7 @@ def test_interrupted_fit_by_module_resumes_from_its_committed_shards(project, he
     """Cancel during the second group's covariance pass; --resume runs only the shards not yet
     committed (the first group's pass not at all) and gives the ordinary fit's factors."""
     engine = project.runtime.engine()
-    memory = max(SUMS["covariance"](tm) for tm in engine.tracked) + 64
+    memory = max(SUMS[k](tm) for k in ("covariance", "correction") for tm in engine.tracked) + 64
     settings = dict(estimator="ekfac", shard_size=5, batch_size=3)
     monitor = Monitor()
     phases = [""]
