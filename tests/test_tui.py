@@ -1183,7 +1183,7 @@ def test_live_query_from_the_gradient_index(project_dir):
     for pr in top.probes:
         grads = est.engine.sequence_gradients(make_batch([p.runtime.tokenize_sequence(pr.text)], p.runtime.pad_id), "data")
         slow = float(sum((lifted[m][0].double() * grads[m][0].double()).sum() for m in lifted))
-        assert pr.score == pytest.approx(slow, rel=1e-4, abs=1e-6 * abs(all_scores).max())
+        assert pr.score == pytest.approx(slow, rel=1e-4, abs=1e-6 * float(abs(all_scores).max()))
         assert pr.rank == 1 + int((all_scores > pr.score).sum())
     assert [pr.score for pr in top.probes] == sorted((pr.score for pr in top.probes), reverse=True)
     # The exact scores are a run's: EK-FAC at full rank over the same sequences.

@@ -60,6 +60,7 @@ class RunPane(Pane):
         self.monitor: Monitor | None = None
         self._plugins_of = None  # the project whose plugins the selects offer
         self._table_at = 0.0
+        self._table_pending = False
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="run-form"):
@@ -242,10 +243,20 @@ class RunPane(Pane):
         self.phases.show(message.event)
         # The runs table follows the run (its status and phase are in the catalog, written by the
         # run's own connection), at most twice a second.
+        # A throttled event leaves a trailing reload, so the table catches up with the last event
+        # even when the run then goes quiet for a while (a long batch, a held shard).
         now = time.monotonic()
         if now - self._table_at > 0.5:
             self._table_at = now
             self.reload()
+        elif not self._table_pending:
+            self._table_pending = True
+            self.set_timer(0.5 - (now - self._table_at), self._trailing_reload)
+
+    def _trailing_reload(self) -> None:
+        self._table_pending = False
+        self._table_at = time.monotonic()
+        self.reload()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="run")
     def run_worker_(self, investigation: str, settings: RunSettings | None, resume: int | None, monitor: Monitor):
