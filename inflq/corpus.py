@@ -150,11 +150,29 @@ def unknown_tokens_note(info: dict, unk_token: str | None) -> str | None:
             f"({unk_token or 'unk'}), so the model sees each of them as that one token; check that the corpus and the model belong together")
 
 
+def _aside(folder: Path) -> Path:
+    """Where :func:`build_store` moves the previous store while it swaps in the new one."""
+    return folder.with_name(folder.name + ".old")
+
+
+def _settled(folder: Path) -> Path:
+    """The store folder to read: ``folder``, or, where a rebuild was killed between moving the old
+    store aside and moving the new one in, the old store, moved back (or read where it is, if the
+    project is not writable)."""
+    aside = _aside(folder)
+    if not folder.exists() and aside.exists():
+        try:
+            os.replace(aside, folder)
+        except OSError:
+            return aside
+    return folder
+
+
 class CorpusStore:
     """Read-only access to the tokenized training sequences of a project."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
+        self.folder = _settled(Path(folder))
         try:
             self.info = json.loads((self.folder / "store.json").read_text())
             self.offsets = np.load(self.folder / "offsets.npy", allow_pickle=False)
@@ -268,6 +286,13 @@ def _build_store(documents, tokenizer, folder, *, max_length, add_bos, append_eo
     info = {"fingerprint": fingerprint, "max_length": max_length, "add_bos": add_bos, "append_eos": append_eos, "num_sequences": idx,
             "num_tokens": offsets[-1], "unknown_tokens": unknown}
     (tmp / "store.json").write_text(json.dumps(info, indent=2))
+    # Swap by renames only, so a kill at any moment leaves a whole store: the new one, or the old
+    # one in place or aside (``.old``, which CorpusStore puts back). Deleting the old store before
+    # the rename left a window where the folder was half deleted.
+    aside = _aside(folder)
+    if aside.exists():
+        shutil.rmtree(aside)
     if folder.exists():
-        shutil.rmtree(folder)
+        os.replace(folder, aside)
     os.replace(tmp, folder)
+    shutil.rmtree(aside, ignore_errors=True)

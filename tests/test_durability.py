@@ -195,3 +195,40 @@ def test_writers_killed_at_random_points_leave_a_consistent_catalog(project, tmp
         np.testing.assert_allclose(score_matrix(p, "default", result.result_set_id), expected, rtol=1e-5, atol=1e-6)
     assert integrity.check(p) == []
     p.close()
+
+
+def test_a_rebuild_killed_between_its_renames_leaves_the_old_store_usable(project, monkeypatch):
+    """The token store is swapped by renames only: killed after moving the old store aside and
+    before moving the new one in, the next open puts the old store back (and a read-only opener
+    reads it where it is); a completed rebuild leaves nothing aside."""
+    from inflq import corpus as corpus_mod
+    from inflq.corpus import CorpusStore
+
+    folder = project.store_dir
+    before = CorpusStore(folder)
+    n, first = len(before), before.get(0).copy()
+    del before
+    real_replace = os.replace
+
+    def killed_after_first(src, dst):  # the rebuild dies right after moving the old store aside
+        real_replace(src, dst)
+        if str(dst).endswith(".old"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_mod.os, "replace", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        project.runtime.rebuild_corpus()
+    monkeypatch.setattr(corpus_mod.os, "replace", real_replace)
+    assert not folder.exists() and folder.with_name(folder.name + ".old").exists()
+
+    monkeypatch.setattr(corpus_mod.os, "replace", lambda *a: (_ for _ in ()).throw(PermissionError("read-only")))
+    read_only = CorpusStore(folder)  # cannot move it back: reads it aside
+    assert len(read_only) == n and np.array_equal(read_only.get(0), first)
+    monkeypatch.setattr(corpus_mod.os, "replace", real_replace)
+
+    store = CorpusStore(folder)  # moved back into place
+    assert folder.exists() and not folder.with_name(folder.name + ".old").exists()
+    assert len(store) == n and np.array_equal(store.get(0), first)
+
+    project.runtime.rebuild_corpus()  # a whole rebuild: the new store in place, nothing aside
+    assert len(CorpusStore(folder)) == n and not folder.with_name(folder.name + ".old").exists()
