@@ -59,7 +59,7 @@ def width_row(args, width: int) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from inflq import GradientEngine, eigh, make_batch, select_modules
+    from inflq import GradientEngine, eigh, make_batch, select_modules, unpack_upper
     from inflq_builtins.estimators import CovariancePass, EigenCorrectionPass
 
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def width_row(args, width: int) -> str:
     qa, qs, eig_s, largest = {}, {}, 0.0, (0, 0.0)
     for tm in tracked:
         for key, store in (("A", qa), ("S", qs)):
-            m = sums[f"{key}/{tm.name}"] / float(sums["tokens"])
+            m = unpack_upper(sums[f"{key}/{tm.name}"]) / float(sums["tokens"])
             t = time.perf_counter()
             _, q = eigh(m, "cpu")
             dt = time.perf_counter() - t

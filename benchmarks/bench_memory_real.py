@@ -54,6 +54,18 @@ p = Project.open(sys.argv[1])
 if sys.argv[2] == "model":
     p.runtime.engine()
     out = {"phases": {}}
+elif sys.argv[2] == "floor":
+    # FLOOR: a plain forward + backward with parameter gradients over every sequence, in batches of
+    # the run's size, in eval mode (what training the model for one epoch costs, the optimizer aside).
+    from inflq.engine import make_batch
+    model, rt = p.runtime.engine().model, p.runtime
+    n, bs = len(rt.corpus.lengths()), int(sys.argv[5])
+    t = time.perf_counter()
+    for s in range(0, n, bs):
+        batch = make_batch(rt.corpus.many(list(range(s, min(n, s + bs)))), rt.pad_id, model.device)
+        model.zero_grad(set_to_none=True)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.input_ids, use_cache=False).loss.backward()
+    out = {"phases": {}, "floor": time.perf_counter() - t}
 else:
     from inflq.runs import RunSettings, run_investigation
     s = RunSettings(estimator=sys.argv[4], batch_size=int(sys.argv[5]), fit_memory=json.loads(sys.argv[6]))
@@ -138,6 +150,7 @@ def main() -> None:
     ap.add_argument("--estimator", default="ekfac")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fit-memory", type=float, default=None, help="GB of sums per fitting pass: fit by module (default: no limit)")
+    ap.add_argument("--floor", action="store_true", help="also time FLOOR (forward + backward over the corpus) in a fresh process; fit / FLOOR")
     ap.add_argument("--cli", action="store_true", help="run the real `inflq run` command (no phase times)")
     ap.add_argument("--workdir", default=None, help="keep the models and projects here (default: a temporary folder)")
     args = ap.parse_args()
@@ -167,6 +180,10 @@ def main() -> None:
         rows.append((n, rss))
         print(f"{n:>6} sequences ({count} stored, {lo}-{hi} tokens): peak RSS {rss:.2f} GB ({rss - base:+.2f} GB over the model), "
               f"wall {wall:.0f} s" + ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) if phases else ""), flush=True)
+        if args.floor:
+            _, fl, _ = measure([sys.executable, "-c", WORKER, str(proj), "floor", str(args.threads), args.estimator, str(args.batch_size), "null"], env)
+            ratios = ", ".join(f"{k} {v / fl['floor']:.2f}" for k, v in phases.items() if v >= 0.5)
+            print(f"        FLOOR {fl['floor']:.1f} s" + (f"; as multiples of FLOOR: {ratios}" if ratios else ""), flush=True)
         if out.get("peaks"):
             print("        sampled peak RSS by phase: " + ", ".join(f"{k} {v:.2f} GB" for k, v in out["peaks"].items()), flush=True)
     if len(rows) > 1:

@@ -85,21 +85,26 @@ def run_shard(
         toks = [all_tokens[i] for i in chunk]
         seeds = [sequence_seed(pass_.seed, pass_.phase, int(shard.indices[i])) for i in chunk]
         batch = make_batch(toks, pad_id, engine.device, sample_seeds=seeds)
-        adding = False
+        started = False  # a group of this batch has reached the pass (its sums, or its pending scores)
+        results: list[dict[str, torch.Tensor]] = []
         try:
-            captures, _ = engine.capture(batch, pass_.labels)
-            if summing:
-                adding = True
-                pass_.accumulate(engine, batch, captures, sums)
-                result = None
-            else:
-                result = pass_.process(engine, batch, captures)
-            # Not held while the next batch is captured: a batch's captures are 1.2 GB on GPT-2 small.
-            del captures
+            # One group of sequences at a time where the engine splits the batch (large models on
+            # the CPU): the pass consumes each group's captures before the next is captured, so
+            # memory holds one group's (0.3 GB on GPT-2 small), not the batch's (1.2 GB).
+            for group, captures, _ in engine.capture_parts(batch, pass_.labels):
+                if summing:
+                    started = True  # before adding: an addition may fail half-way
+                    pass_.accumulate(engine, group, captures, sums)
+                else:
+                    out = pass_.process(engine, group, captures)  # leaves nothing behind if it fails
+                    started = True
+                    if out:
+                        results.append(out)
+                del captures
         except torch.OutOfMemoryError:
-            if adding:  # part of this batch may be in the sums already: retrying would count it twice
+            if started:  # part of this batch is in the sums (or the pass's pending rows) already: a retry would count it twice
                 raise InflqError(
-                    f"out of device memory while adding a batch to the {pass_.phase} sums; use a smaller --batch-tokens"
+                    f"out of device memory in the {pass_.phase} pass, part-way through a batch; use a smaller --batch-tokens"
                 ) from None
             if len(chunk) == 1:
                 raise InflqError("one sequence does not fit in device memory: use a shorter context or a larger device") from None
@@ -107,7 +112,7 @@ def run_shard(
             if engine.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if result:
+        for result in results:
             parts.append({k: v.detach().to("cpu") for k, v in result.items()})
         pos += len(chunk)
         if monitor is not None:

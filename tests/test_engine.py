@@ -346,7 +346,9 @@ def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, a
 
 def test_a_shard_holds_one_batchs_captures_at_a_time(models):
     """run_shard drops a batch's captures before it captures the next (issue 17: on GPT-2 small a
-    batch's captures are 1.2 GB), for sum and concat passes alike."""
+    batch's captures are 1.2 GB), for sum and concat passes alike; where the engine splits a batch
+    into groups of sequences, the pass consumes each group's captures before the next group is
+    captured, and sums and rows are those of unsplit batches."""
     import weakref
 
     from inflq import Pass, SumPass
@@ -358,11 +360,14 @@ def test_a_shard_holds_one_batchs_captures_at_a_time(models):
     gen = np.random.default_rng(2)
     seqs = [gen.integers(3, V, size=6).tolist() for _ in range(6)]
     alive: list[weakref.ref] = []
+    sizes: list[int] = []  # the batches captured
+    seen: list[int] = []  # the batches the sum pass was given
 
     class Checking(GradientEngine):
-        def capture(self, batch, labels="data"):
-            assert all(r() is None for r in alive), "the previous batch's captures are still held"
-            caps, loss = super().capture(batch, labels)
+        def _capture(self, batch, labels):
+            assert all(r() is None for r in alive), "the previous captures are still held"
+            sizes.append(batch.size)
+            caps, loss = super()._capture(batch, labels)
             alive.extend(weakref.ref(c.gradients) for c in caps.values())
             return caps, loss
 
@@ -370,19 +375,35 @@ def test_a_shard_holds_one_batchs_captures_at_a_time(models):
         labels = "data"
 
         def _parts(self, batch, captures):
+            seen.append(next(iter(captures.values())).gradients.shape[0])
             yield "n", torch.tensor([float(batch.size)], dtype=torch.float64)
+            yield "g", sum(c.gradients.double().sum() for c in captures.values()).reshape(1)
 
     class Rows(Pass):
         combine = "concat"
 
         def process(self, engine, batch, captures):
-            return {"n": torch.full((batch.size,), float(len(captures)))}
+            return {"n": torch.full((batch.size,), float(len(captures))), "g": captures["transformer.h.0.mlp.c_fc"].gradients.sum((1, 2))}
 
-    engine = Checking(model, select_modules(model, "all"))
-    assert float(run_shard(engine, lambda idx: [seqs[i] for i in idx], Sums(), Shard(0, np.arange(6)), 0, 2)["n"]) == 6.0
-    assert len(alive) == 3 * len(engine.tracked)
-    out = run_shard(engine, lambda idx: [seqs[i] for i in idx], Rows(), Shard(0, np.arange(6)), 0, 2)
-    assert out["n"].tolist() == [float(len(engine.tracked))] * 6
+    def shard(engine, pass_):
+        return run_shard(engine, lambda idx: [seqs[i] for i in idx], pass_, Shard(0, np.arange(6)), 0, 3)
+
+    whole = Checking(model, select_modules(model, "all"), pass_tokens=0)
+    want_sums = shard(whole, Sums())
+    assert float(want_sums["n"]) == 6.0 and sizes == [3, 3]
+    assert len(alive) == 2 * len(whole.tracked)
+    want_rows = shard(whole, Rows())
+    assert want_rows["n"].tolist() == [float(len(whole.tracked))] * 6
+
+    sizes.clear()
+    seen.clear()
+    split = Checking(model, select_modules(model, "all"), pass_tokens=6)  # groups of one sequence
+    got = shard(split, Sums())
+    assert sizes == [1] * 6 and seen == [1] * 6  # captured and consumed a group at a time
+    assert float(got["n"]) == 6.0 and torch.allclose(got["g"], want_sums["g"], rtol=1e-5, atol=1e-7)
+    rows = shard(split, Rows())
+    assert rows["n"].tolist() == want_rows["n"].tolist()
+    assert torch.equal(rows["g"], want_rows["g"])  # each sequence's rows are bitwise those of the unsplit batch
 
 
 def test_the_allocator_is_bounded_on_glibc_unless_the_user_chose(monkeypatch):
