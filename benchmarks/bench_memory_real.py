@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--estimator", default="ekfac")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fit-memory", type=float, default=None, help="GB of sums per fitting pass: fit by module (default: no limit)")
-    ap.add_argument("--floor", action="store_true", help="also time FLOOR (forward + backward over the corpus) in a fresh process; fit / FLOOR")
+    ap.add_argument("--floor", action="store_true", help="also time FLOOR (forward + backward over the corpus, batches of --batch-size) in a fresh process, at the first size, and give each phase as a multiple of it (scaled by the number of sequences at the other sizes)")
     ap.add_argument("--cli", action="store_true", help="run the real `inflq run` command (no phase times)")
     ap.add_argument("--workdir", default=None, help="keep the models and projects here (default: a temporary folder)")
     args = ap.parse_args()
@@ -165,6 +165,7 @@ def main() -> None:
           f"{'`inflq run`' if args.cli else 'run_investigation'} in a fresh process per size")
     rows = []
     base = None
+    floor = None
     for n in args.sequences:
         proj, count, lo, hi = build_project(tmp / f"n{n}", model, n, args.tokens, args.vocab, args.queries)
         if base is None:
@@ -181,9 +182,13 @@ def main() -> None:
         print(f"{n:>6} sequences ({count} stored, {lo}-{hi} tokens): peak RSS {rss:.2f} GB ({rss - base:+.2f} GB over the model), "
               f"wall {wall:.0f} s" + ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) if phases else ""), flush=True)
         if args.floor:
-            _, fl, _ = measure([sys.executable, "-c", WORKER, str(proj), "floor", str(args.threads), args.estimator, str(args.batch_size), "null"], env)
-            ratios = ", ".join(f"{k} {v / fl['floor']:.2f}" for k, v in phases.items() if v >= 0.5)
-            print(f"        FLOOR {fl['floor']:.1f} s" + (f"; as multiples of FLOOR: {ratios}" if ratios else ""), flush=True)
+            if floor is None:  # timed on the first size; the same sequences and batches cost it in proportion
+                _, fl, _ = measure([sys.executable, "-c", WORKER, str(proj), "floor", str(args.threads), args.estimator, str(args.batch_size), "null"], env)
+                floor = (fl["floor"], count)
+            this = floor[0] * count / floor[1]
+            ratios = ", ".join(f"{k} {v / this:.2f}" for k, v in phases.items() if v >= 0.5)
+            how = "measured" if floor[1] == count else f"{floor[0]:.1f} s measured at {floor[1]} sequences, scaled"
+            print(f"        FLOOR {this:.1f} s ({how})" + (f"; as multiples of FLOOR: {ratios}" if ratios else ""), flush=True)
         if out.get("peaks"):
             print("        sampled peak RSS by phase: " + ", ".join(f"{k} {v:.2f} GB" for k, v in out["peaks"].items()), flush=True)
     if len(rows) > 1:

@@ -53,6 +53,23 @@ def test_gram_uses_one_pool_at_a_time(torch_threads, monkeypatch):
     assert calls == ([(1, "blas")] if torch_threads == 1 else [])
 
 
+def test_pack_upper_is_the_upper_triangle_row_by_row():
+    """Exactly the entries with i <= j, in row order, for contiguous and transposed matrices;
+    unpack_upper puts them back. gram's upper triangle comes back row-major (contiguous), the
+    layout the packing reads fastest."""
+    from inflq import pack_upper, unpack_upper
+
+    m = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = torch.tensor([float(m[i, j]) for i in range(7) for j in range(i, 7)], dtype=torch.float64)
+    assert torch.equal(pack_upper(m), want)
+    assert torch.equal(pack_upper(m.T.contiguous().T), want)  # column-major storage, same values
+    assert torch.equal(unpack_upper(want), torch.triu(m))
+    with pytest.raises(ValueError):
+        pack_upper(torch.zeros(3, 4))
+    assert gram(torch.randn(40, 9)).is_contiguous()  # both routes (the fixture)
+    assert gram(torch.randn(40, 9), symmetric=False).is_contiguous()
+
+
 def test_gram_falls_back_to_matmul_for_other_dtypes():
     x = torch.randn(30, 8).to(torch.bfloat16)
     assert torch.equal(gram(x), x.T @ x)
