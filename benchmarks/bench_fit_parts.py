@@ -11,10 +11,13 @@ For a random-weight GPT-2 (``--layers`` x each ``--widths``, vocabulary 50,257) 
   seconds and as FLOORs.
 
 A fit of N sequences costs about (N / batch) x (capture + covariance + capture + correction) plus
-the eigendecompositions once, so ``fit / FLOOR`` follows from these parts. Medians of
+the eigendecompositions once, so ``fit / FLOOR`` follows from these parts: the last column is the
+N from which it is at most 3. ``--eigh-max N`` skips the decompositions of larger matrices (at
+4,096 wide the MLP's are 16,384²) and extrapolates their time at n³ from the largest measured. Medians of
 ``--repeats``. Timings depend on machine load (the memory-bound parts most).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_fit_parts.py --widths 768 1024
+    OMP_NUM_THREADS=1 python benchmarks/bench_fit_parts.py --widths 4096 --layers 1 --repeats 1 --eigh-max 4097
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eigh-max", type=int, default=None,
+                    help="skip eigendecompositions of matrices larger than this (their time extrapolated at n³ from the largest measured)")
     args = ap.parse_args()
 
     import torch
@@ -49,8 +54,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"== EK-FAC fit parts per batch of {args.batch_size} x {args.tokens} tokens, GPT-2 {args.layers} layers, "
           f"vocabulary {args.vocab:,}, {args.threads} thread(s), median of {args.repeats}")
-    print("| width | FLOOR | capture | covariance sums | correction sums | eigh, all modules (once per fit) | largest eigh |")
-    print("|---|---|---|---|---|---|---|")
+    print("| width | FLOOR | capture | covariance sums | correction sums | per batch (2 captures + sums) | eigh, all modules (once per fit) "
+          "| largest eigh measured | fit <= 3 x FLOOR from (sequences) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for width in args.widths:
         print(width_row(args, width), flush=True)
 
@@ -85,21 +91,41 @@ def width_row(args, width: int) -> str:
     sums: dict[str, torch.Tensor] = {}
     cov.accumulate(engine, batch, captures, sums)
     cov_s = timed(lambda: cov.accumulate(engine, batch, captures, sums), args.repeats)
-    qa, qs, eig_s, largest = {}, {}, 0.0, (0, 0.0)
+    qa, qs, eig_s, largest, guessed = {}, {}, 0.0, (0, 0.0), 0
+    measured: list[tuple[int, float]] = []
     for tm in tracked:
         for key, store in (("A", qa), ("S", qs)):
+            n = tm.in_dim if key == "A" else tm.out_features
+            if args.eigh_max and n > args.eigh_max:
+                # Not decomposed here (a 16,384² float64 eigh takes most of an hour on one thread):
+                # identity eigenvectors cost the correction the same as any dense ones.
+                store[tm.name] = torch.eye(n)
+                guessed += 1
+                continue
             m = unpack_upper(sums[f"{key}/{tm.name}"]) / float(sums["tokens"])
             t = time.perf_counter()
             _, q = eigh(m, "cpu")
             dt = time.perf_counter() - t
             eig_s += dt
-            largest = max(largest, (m.shape[0], dt))
+            measured.append((n, dt))
+            largest = max(largest, (n, dt))
             store[tm.name] = q.to(torch.float32)
+    sums.clear()  # the float64 sums: 3 GB at 4,096 wide
+    if guessed:  # the skipped ones, from the largest measured, at n³
+        big_n, big_s = largest
+        eig_s += sum(big_s * ((tm.in_dim if k == "A" else tm.out_features) / big_n) ** 3
+                     for tm in tracked for k in ("A", "S") if (tm.in_dim if k == "A" else tm.out_features) > args.eigh_max)
     corr = EigenCorrectionPass(qa, qs)
     corr_sums: dict[str, torch.Tensor] = {}
     corr_s = timed(lambda: corr.accumulate(engine, batch, captures, corr_sums), args.repeats)
+    per_batch = (2 * capture_s + cov_s + corr_s) / floor_s
+    eig_floor = eig_s / floor_s
+    # A fit of N sequences: N / batch batches at per_batch FLOORs each, plus the eigendecompositions once.
+    from_n = f"{args.batch_size * eig_floor / (3 - per_batch):,.0f}" if per_batch < 3 else "never"
+    note = f" ({guessed} of them extrapolated at n³)" if guessed else ""
     return (f"| {width} | {floor_s:.2f} s | {capture_s / floor_s:.2f} | {cov_s / floor_s:.2f} | {corr_s / floor_s:.2f} | "
-            f"{eig_s:.1f} s = {eig_s / floor_s:.1f} FLOOR | {largest[0]}²: {largest[1]:.1f} s |")
+            f"**{per_batch:.2f}** | {eig_s:.1f} s = {eig_floor:.1f} FLOOR{note} | {largest[0]}²: {largest[1]:.1f} s | {from_n} |")
+
 
 if __name__ == "__main__":
     main()
