@@ -143,6 +143,18 @@ def test_builtin_plugins_import_only_public_names():
     )
 
 
+def test_the_plugin_guide_lists_the_public_api_exactly():
+    """docs/plugins.md's table of what a plugin may import names every name in ``inflq.__all__``,
+    and nothing else: a name exported without a line there is one plugin authors cannot find."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    section = text.split("## The public API: what a plugin may import", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| for ")]
+    listed = {name for row in rows for name in re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", row.split("|")[2])}
+    assert listed, "the table was not found"
+    assert sorted(set(inflq.__all__) - listed) == [], "exported but not in docs/plugins.md's public-API table"
+    assert sorted(listed - set(inflq.__all__)) == [], "in docs/plugins.md's public-API table but not exported"
+
+
 def test_the_import_guard_sees_private_names():
     src = "from inflq.runs import build_worker\nfrom inflq import Job, _secret\nimport inflq.project\nx = inflq.project\n"
     assert sorted(line for line, _ in private_inflq_imports(ast.parse(src), {"Job"})) == [1, 2, 3, 4]
