@@ -249,6 +249,9 @@ class _Eigenbasis(_FisherEstimator):
                 raise ValueError("no fitting tokens")
             names = list(by_name) if group is None else list(group)
             order = [(name, key) for name in names for key in ("A", "S")]
+            if ctx.remote_tasks:  # on several workers the largest first, so that none is left with a long one at the end
+                sizes = {(name, key): cov[f"{key}/{name}"].numel() for name, key in order}
+                order.sort(key=sizes.__getitem__, reverse=True)
             halves = dict.fromkeys(names, 0)
             ctx.monitor.start("eigendecomposition", len(names))
 
