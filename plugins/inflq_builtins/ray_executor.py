@@ -44,6 +44,7 @@ from inflq import Executor, InflqError, Option, hookimpl
 
 INSTALL = 'the ray executor needs Ray: pip install "inflq[ray]" (on this machine and on every cluster node)'
 IN_FLIGHT = 2  # shards queued per actor, so that an actor never waits for the driver
+_NONE = object()
 
 
 @hookimpl
@@ -354,6 +355,11 @@ class RayExecutor(Executor):
 
     # -- independent tasks --------------------------------------------------------------------
     def run_tasks(self, fn, tasks, on_result, monitor):
+        tasks = iter(tasks)
+        first = [next(tasks, _NONE)]
+        if first[0] is _NONE:  # nothing to run: no cluster to connect to
+            return
+        tasks = _taken_once(first, tasks)
         ray = self._connect(monitor)
         if self._actors:  # a fit's actors hold the cluster's resources: the tasks run on them
             self._tasks_on_actors(ray, fn, tasks, on_result, monitor)
@@ -444,10 +450,12 @@ class RayExecutor(Executor):
                         if attempts[i] > self.settings["max_retries"]:
                             raise InflqError(f"task {i} lost its Ray worker {attempts[i]} times; check the cluster (`ray status`) and resume") from None
                         monitor.warn(f"a Ray worker was lost; its task runs again on another worker (task {i}, attempt {attempts[i] + 1})")
-                        self.lost_workers += 1
-                        with contextlib.suppress(Exception):
-                            ray.kill(self._actors.pop(actor_id)["handle"], no_restart=True)
-                        self._start_actor(self._spec, self._job)
+                        lost = self._actors.pop(actor_id, None)
+                        if lost is not None:
+                            self.lost_workers += 1
+                            with contextlib.suppress(Exception):
+                                ray.kill(lost["handle"], no_restart=True)
+                            self._start_actor(self._spec, self._job)  # a replacement, wherever Ray finds room
                         retry.append((i, task_ref))
                         continue
                     except RayTaskError as exc:
@@ -486,6 +494,13 @@ def _run_task(fn, task, threads: int):
     quiet_transformers()
     torch.set_num_threads(max(1, threads))
     return fn(task, Monitor())
+
+
+def _taken_once(first: list, rest):
+    """``first``'s one item, then ``rest``'s: the item leaves ``first`` as it is taken, so that
+    nothing here keeps a task's data once it is sent."""
+    yield first.pop()
+    yield from rest
 
 
 def _owned(out):
