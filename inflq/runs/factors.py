@@ -183,7 +183,8 @@ def ensure_factors(
     # Independent pieces of the fit (EK-FAC's eigendecompositions) run as the executor's tasks: in
     # this process, in order, on the local executor; on the workers on Ray.
     ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.runtime.pad_id, project=project,
-                     memory=min(budgets) if budgets else None, tasks=executor.run_tasks, remote_tasks=executor.remote_tasks)
+                     memory=min(budgets) if budgets else None,
+                     tasks=getattr(executor, "run_tasks", None), remote_tasks=bool(getattr(executor, "remote_tasks", False)))  # executors not built on Executor may lack them
     if not estimator.fits_factors:
         estimator.prepare(ctx)
         return None
