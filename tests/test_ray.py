@@ -150,7 +150,7 @@ def eigh_fit(baseline, monkeypatch, request):
     and its local factors (at one torch thread, as on the workers: the bits of the sums and of
     eigh can depend on the thread count); then, for the Ray fits that follow, a count of the
     eigendecompositions the driver computes and, per task the Ray executor runs, its process id,
-    its sum's size and whether the fit's actors ran it."""
+    its sum's size and whether the fit's actors ran it (each seeing no GPU: the workers have none)."""
     import torch
 
     from inflq.artifacts import load_tensors
@@ -179,8 +179,14 @@ def eigh_fit(baseline, monkeypatch, request):
         on_actors = bool(self._actors)
         if on_actors:
             out["actor_pids"].update(ray.get([a["handle"].pid.remote() for a in self._actors.values()]))
-        traced = lambda task, m: (os.getpid(), task["sum"].numel(), fn(task, m))  # noqa: E731 (a lambda travels by value)
-        return real_tasks(self, traced, tasks, lambda i, r: (out["ran"].append((r[0], r[1], on_actors)), on_result(i, r[2])), monitor)
+        traced = lambda task, m: (os.getpid(), task["sum"].numel(), os.environ.get("CUDA_VISIBLE_DEVICES"), fn(task, m))  # noqa: E731 (a lambda travels by value)
+
+        def on(i, r):
+            assert r[2] == "", "a worker without GPUs sees the node's"
+            out["ran"].append((r[0], r[1], on_actors))
+            on_result(i, r[3])
+
+        return real_tasks(self, traced, tasks, on, monitor)
 
     monkeypatch.setattr(ray_executor.RayExecutor, "run_tasks", spy)
     try:

@@ -89,6 +89,8 @@ class ShardWorker:
     """A Ray actor: one worker context, loaded once, running passes over shards."""
 
     def __init__(self, spec: dict[str, Any], threads: int, shipped: dict[str, bytes] | None = None, pad_id: int = 0) -> None:
+        if spec.get("device") == "cpu":
+            _hide_gpus()
         import torch
 
         from inflq import quiet_transformers
@@ -375,7 +377,7 @@ class RayExecutor(Executor):
             while True:
                 while len(inflight) < width and (item := next(queue, None)) is not None:
                     i, task = item
-                    inflight[remote.remote(fn_ref, task, int(max(1, self.settings["num_cpus"])))] = i
+                    inflight[remote.remote(fn_ref, task, int(max(1, self.settings["num_cpus"])), self.settings["num_gpus"] > 0)] = i
                     del item, task
                 if not inflight:
                     break
@@ -484,9 +486,11 @@ class RayExecutor(Executor):
         self._shipped = None
 
 
-def _run_task(fn, task, threads: int):
+def _run_task(fn, task, threads: int, gpus: bool = False):
     """A Ray task: ``fn(task, monitor)`` with torch on ``threads`` threads and a monitor of its own
-    (the driver cancels by cancelling the task)."""
+    (the driver cancels by cancelling the task); without ``gpus``, none visible."""
+    if not gpus:
+        _hide_gpus()
     import torch
 
     from inflq import Monitor, quiet_transformers
@@ -494,6 +498,18 @@ def _run_task(fn, task, threads: int):
     quiet_transformers()
     torch.set_num_threads(max(1, threads))
     return fn(task, Monitor())
+
+
+def _hide_gpus() -> None:
+    """Make this worker see no GPU: it was given none (``num_gpus=0``), and Ray (2.60 at least)
+    leaves every GPU of the node visible then, so that code picking CUDA where it is available (a
+    fit's eigendecompositions) would use a GPU reserved for someone else. Before CUDA starts in this
+    process, where it has not already."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def _taken_once(first: list, rest):
@@ -510,9 +526,9 @@ def _owned(out):
 
     if isinstance(out, torch.Tensor):
         return out.clone()
-    if isinstance(out, (tuple, list)):
+    if type(out) in (tuple, list):
         return type(out)(_owned(v) for v in out)
-    if isinstance(out, dict):
+    if type(out) is dict:
         return {k: _owned(v) for k, v in out.items()}
     return out
 
