@@ -14,6 +14,7 @@ Memory figures do not depend on machine load; times do.
     OMP_NUM_THREADS=1 python benchmarks/bench_memory_real.py --sequences 64 256 1024
     OMP_NUM_THREADS=1 python benchmarks/bench_memory_real.py --layers 12 --sequences 16 64
     python benchmarks/bench_memory_real.py --vocab 2000 --tokens 128 --sequences 16 --fit-memory 0.25
+    python benchmarks/bench_memory_real.py --estimator kfac --tokens 128 --sequences 16 --executor ray:num_workers=2,memory=0.5
 
 ``--fit-memory GB`` fits by module (``inflq run --fit-memory``), a pass per group of modules.
 """
@@ -37,9 +38,17 @@ from inflq.progress import Monitor
 from inflq.project import Project
 
 # Resident memory sampled every 50 ms, the highest per phase (the process's own high-water mark,
-# from the kernel, is the figure that counts; this only says where it happens).
+# from the kernel, is the figure that counts; this only says where it happens), and each phase's
+# wall seconds (summed over its spans: a fit by module enters a phase once per group).
 page = os.sysconf("SC_PAGE_SIZE")
 phase, peaks, done = ["load"], {}, threading.Event()
+spans, since = {}, [time.perf_counter()]
+
+def on_progress(ev):
+    if ev.phase != phase[0]:
+        now = time.perf_counter()
+        spans[phase[0]] = spans.get(phase[0], 0.0) + now - since[0]
+        phase[0], since[0] = ev.phase, now
 
 def sample():
     with open("/proc/self/statm") as f:
@@ -68,10 +77,11 @@ elif sys.argv[2] == "floor":
     out = {"phases": {}, "floor": time.perf_counter() - t}
 else:
     from inflq.runs import RunSettings, run_investigation
-    s = RunSettings(estimator=sys.argv[4], batch_size=int(sys.argv[5]), fit_memory=json.loads(sys.argv[6]))
-    r = run_investigation(p, "default", s, monitor=Monitor(on_progress=lambda ev: phase.__setitem__(0, ev.phase)))
+    s = RunSettings(estimator=sys.argv[4], batch_size=int(sys.argv[5]), fit_memory=json.loads(sys.argv[6]), executor=sys.argv[7] or None)
+    r = run_investigation(p, "default", s, monitor=Monitor(on_progress=on_progress))
     out = {"phases": r.phases, "seconds": r.seconds}
-phase[0] = "end"
+on_progress(type("End", (), {"phase": "end"}))
+out["spans"] = {k: v for k, v in spans.items() if k != "load"}
 time.sleep(0.1)
 done.set()
 print(json.dumps({**out, "peaks": peaks}))
@@ -151,6 +161,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fit-memory", type=float, default=None, help="GB of sums per fitting pass: fit by module (default: no limit)")
     ap.add_argument("--floor", action="store_true", help="also time FLOOR (forward + backward over the corpus, batches of --batch-size) in a fresh process, at the first size, and give each phase as a multiple of it (scaled by the number of sequences at the other sizes)")
+    ap.add_argument("--executor", default=None, help="the run's executor spec, e.g. ray:num_workers=2,memory=0.6 (default: local); "
+                    "the peak RSS then counts the Ray processes the run starts, the sampled figures the driver alone")
     ap.add_argument("--cli", action="store_true", help="run the real `inflq run` command (no phase times)")
     ap.add_argument("--workdir", default=None, help="keep the models and projects here (default: a temporary folder)")
     args = ap.parse_args()
@@ -161,7 +173,8 @@ def main() -> None:
     if not (model / "config.json").exists():
         build_model(model, args.layers, args.width, args.vocab, args.tokens)
     print(f"== peak RSS: GPT-2 {args.layers} layers x {args.width}, vocabulary {args.vocab:,}, {args.tokens}-token sequences, "
-          f"{args.estimator}, batch {args.batch_size}, {args.queries} queries, {args.threads} thread(s), fit memory {args.fit_memory or 'unlimited'} GB; "
+          f"{args.estimator}, batch {args.batch_size}, {args.queries} queries, {args.threads} thread(s), fit memory {args.fit_memory or 'unlimited'} GB, "
+          f"executor {args.executor or 'local'}; "
           f"{'`inflq run`' if args.cli else 'run_investigation'} in a fresh process per size")
     rows = []
     base = None
@@ -174,8 +187,9 @@ def main() -> None:
         if args.cli:
             cmd = [sys.executable, "-m", "inflq.cli", "run", str(proj), "--estimator", args.estimator, "--batch-size", str(args.batch_size)]
             cmd += ["--fit-memory", str(args.fit_memory)] if args.fit_memory else []
+            cmd += ["--executor", args.executor] if args.executor else []
         else:
-            cmd = [sys.executable, "-c", WORKER, str(proj), "run", str(args.threads), args.estimator, str(args.batch_size), json.dumps(args.fit_memory)]
+            cmd = [sys.executable, "-c", WORKER, str(proj), "run", str(args.threads), args.estimator, str(args.batch_size), json.dumps(args.fit_memory), args.executor or ""]
         rss, out, wall = measure(cmd, env)
         phases = out.get("phases", {})
         rows.append((n, rss))
@@ -189,8 +203,10 @@ def main() -> None:
             ratios = ", ".join(f"{k} {v / this:.2f}" for k, v in phases.items() if v >= 0.5)
             how = "measured" if floor[1] == count else f"{floor[0]:.1f} s measured at {floor[1]} sequences, scaled"
             print(f"        FLOOR {this:.1f} s ({how})" + (f"; as multiples of FLOOR: {ratios}" if ratios else ""), flush=True)
+        if out.get("spans"):
+            print("        wall seconds by phase: " + ", ".join(f"{k} {v:.1f} s" for k, v in out["spans"].items()), flush=True)
         if out.get("peaks"):
-            print("        sampled peak RSS by phase: " + ", ".join(f"{k} {v:.2f} GB" for k, v in out["peaks"].items()), flush=True)
+            print("        sampled peak RSS by phase (this process): " + ", ".join(f"{k} {v:.2f} GB" for k, v in out["peaks"].items()), flush=True)
     if len(rows) > 1:
         print(f"ratio largest/smallest: {rows[-1][1] / rows[0][1]:.3f} (target <= 1.1)")
 

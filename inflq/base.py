@@ -6,7 +6,7 @@ it is registered through a hook in :mod:`inflq.hookspecs`. See ``docs/plugins.md
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -137,10 +137,36 @@ class FitContext:
     # Bytes of sums one fitting pass may hold (per worker and on the driver), from the run's
     # ``--fit-memory`` or the executor's :meth:`Executor.fit_memory`; ``None``: no limit.
     memory: int | None = None
+    # The executor's :meth:`Executor.run_tasks` (``tasks(fn, tasks, on_result, monitor)``) and
+    # whether it runs tasks in other processes (:attr:`Executor.remote_tasks`); ``None``: in this
+    # process, in order (a context built without an executor: tests, benchmarks, plans).
+    tasks: Callable[[Callable[[Any, Monitor], Any], Iterable, Callable[[int, Any], None], Monitor], None] | None = None
+    remote_tasks: bool = False
 
     @property
     def tracked(self) -> list[TrackedModule]:
         return self.engine.tracked
+
+    @property
+    def task_device(self) -> torch.device | None:
+        """The device a task of :meth:`run_tasks` should compute on: the engine's where tasks run
+        in this process; ``None`` where they run elsewhere (each on its own process's device)."""
+        return None if self.remote_tasks else self.engine.device
+
+    def run_tasks(self, fn: Callable[[Any, Monitor], Any], tasks: Iterable, on_result: Callable[[int, Any], None]) -> None:
+        """Independent pieces of a fit (EK-FAC: one eigendecomposition each) on the executor's
+        workers: ``fn(task, monitor)`` for each of ``tasks``, ``on_result(i, result)`` in this process
+        as task ``i`` finishes (in any order where the executor runs them elsewhere; ``fn`` must
+        then be a module-level function, the tasks and results picklable). ``tasks`` may be a
+        generator: each task is taken only when it is sent, so a task's data can be dropped by the
+        driver as it goes. Without an executor, and on the local one, the tasks run here, one
+        after another, in order; cancelling :attr:`monitor` stops them between tasks."""
+        if self.tasks is not None:
+            self.tasks(fn, tasks, on_result, self.monitor)
+            return
+        for i, task in enumerate(tasks):
+            self.monitor.check()
+            on_result(i, fn(task, self.monitor))
 
     def groups(self, sums_bytes: Callable[[TrackedModule], int], what: str = "sums") -> list[tuple[str, ...] | None]:
         """The tracked modules in groups whose sums fit :attr:`memory`, for fitting by module: run a
@@ -352,6 +378,9 @@ class Executor(Plugin):
     shard finishes (in any order). Must stop within one batch once ``monitor`` is cancelled."""
 
     kind = "executor"
+    # True where :meth:`run_tasks` runs the tasks in other processes (the Ray executor): a task that
+    # computes on a device then uses its own process's (``FitContext.task_device`` is ``None``).
+    remote_tasks: ClassVar[bool] = False
 
     def map(
         self,
@@ -371,17 +400,20 @@ class Executor(Plugin):
     def run_tasks(
         self,
         fn: Callable[[Any, Monitor], Any],
-        tasks: list,
+        tasks: Iterable,
         on_result: Callable[[int, Any], None],
         monitor: Monitor,
     ) -> None:
-        """Run independent tasks, e.g. one retraining each (``inflq validate --lds``): ``fn(task,
-        monitor)`` for each of ``tasks``, calling ``on_result(i, result)`` in the driver as task ``i``
-        finishes (in any order). This default runs them in this process, one after another, in
-        order, with the driver's ``monitor`` (so ``fn`` can stop within a step). An executor that
-        runs them elsewhere needs ``fn`` to be a module-level function and the tasks and results
-        picklable, calls ``fn`` with a monitor of its own, and stops the tasks in flight (their
-        results lost) once ``monitor`` is cancelled."""
+        """Run independent tasks, e.g. one retraining each (``inflq validate --lds``) or one
+        eigendecomposition each (:meth:`FitContext.run_tasks`): ``fn(task, monitor)`` for each of
+        ``tasks``, calling ``on_result(i, result)`` in the driver as task ``i`` finishes (in any
+        order). ``tasks`` may be a generator: take each task only when sending it (a fit's tasks
+        carry covariance sums the driver drops as they go). This default runs them in this
+        process, one after another, in order, with the driver's ``monitor`` (so ``fn`` can stop
+        within a step). An executor that runs them elsewhere (set :attr:`remote_tasks`) needs
+        ``fn`` to be a module-level function and the tasks and results picklable, calls ``fn``
+        with a monitor of its own, and stops the tasks in flight (their results lost) once
+        ``monitor`` is cancelled."""
         for i, task in enumerate(tasks):
             monitor.check()
             on_result(i, fn(task, monitor))

@@ -144,3 +144,71 @@ def test_fit_memory_is_checked_and_planned(project, cli_run):
     assert code == 1 and "--fit-memory must be a positive number of GB" in err
     code, out, err = cli_run("factors", "fit", project.root, "--fit-memory", "1e-9")
     assert code == 1 and "covariance sums need" in err and "raise --fit-memory" in err
+
+
+def test_fit_context_runs_tasks_here_in_order_by_default(project):
+    """A FitContext built without an executor (tests, benchmarks, plans) runs its tasks in this
+    process, one after another, in order, each taken from the generator only when it runs, on the
+    engine's device; a cancelled monitor stops them between tasks."""
+    ctx, engine = _ctx(project, None)
+    assert ctx.task_device == engine.device and not ctx.remote_tasks
+    log: list[tuple[str, int]] = []
+
+    def tasks():
+        for i in range(4):
+            log.append(("taken", i))
+            yield i
+
+    def fn(task, monitor):
+        assert monitor is ctx.monitor
+        log.append(("ran", task))
+        return task * 10
+
+    ctx.run_tasks(fn, tasks(), lambda i, out: log.append(("result", out)))
+    assert log == [x for i in range(4) for x in (("taken", i), ("ran", i), ("result", 10 * i))]
+    log.clear()
+
+    def cancelling(i, out):
+        log.append(("result", out))
+        if i == 1:
+            ctx.monitor.cancel()
+
+    with pytest.raises(Cancelled):
+        ctx.run_tasks(fn, tasks(), cancelling)
+    assert [x for x in log if x[0] == "ran"] == [("ran", 0), ("ran", 1)]
+
+
+@pytest.mark.parametrize("fit_memory", [None, "group"])
+def test_eigendecompositions_are_the_executors_tasks_on_packed_sums(project, monkeypatch, fit_memory):
+    """Locally each eigendecomposition is a task of the executor's run_tasks, in module order (A, then
+    S), sent one packed float64 sum at a time (each leaving the driver's sums as it is sent) and
+    computed on the engine's device; its result is exactly the driver's former computation (the
+    sum's square over the tokens, float64 eigh, float32 eigenvectors)."""
+    from inflq import eigh, unpack_upper
+    from inflq_builtins import estimators
+
+    engine = project.runtime.engine()
+    sizes = [n * (n + 1) // 2 for tm in engine.tracked for n in (tm.in_dim, tm.out_features)]
+    memory = None if fit_memory is None else max(SUMS["covariance"](tm) for tm in engine.tracked) + 64
+    real = estimators.eigendecompose_task
+    seen: list[tuple[int, torch.dtype, str]] = []
+
+    def spy(task, monitor):
+        packed, tokens = task["sum"], task["tokens"]
+        seen.append((packed.numel(), packed.dtype, str(task["device"])))
+        m = unpack_upper(packed.clone())
+        m /= tokens
+        values, vectors = eigh(m, engine.device)
+        out = real(task, monitor)
+        assert "sum" not in task  # the task let go of the sum
+        assert torch.equal(out[0], values) and out[0].dtype == torch.float64
+        assert torch.equal(out[1], vectors.to(torch.float32)) and out[1].dtype == torch.float32
+        return out
+
+    monkeypatch.setattr(estimators, "eigendecompose_task", spy)
+    events: list[tuple[int, int]] = []
+    monitor = Monitor(on_progress=lambda ev: events.append((ev.done, ev.total)) if ev.phase == "eigendecomposition" else None)
+    fit_factors(project, RunSettings(estimator="kfac", shard_size=5, batch_size=3, fit_memory=None if memory is None else memory / 2**30), monitor)
+    assert seen == [(n, torch.float64, str(engine.device)) for n in sizes]
+    groups = [engine.names] if memory is None else ctx_groups(project, memory, "covariance")
+    assert events == [(k, len(g)) for g in groups for k in range(len(g) + 1)]  # a module at a time, group by group

@@ -144,6 +144,124 @@ def test_fit_by_module_on_workers_with_a_memory_limit(cluster, baseline, cli_run
     assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
 
 
+@pytest.fixture
+def eigh_fit(baseline, monkeypatch, request):
+    """A copy of the baseline project, its fit-by-module settings (a group of one or two modules)
+    and its local factors (at one torch thread, as on the workers: the bits of the sums and of
+    eigh can depend on the thread count); then, for the Ray fits that follow, a count of the
+    eigendecompositions the driver computes and, per task the Ray executor runs, its process id,
+    its sum's size and whether the fit's actors ran it (each seeing no GPU: the workers have none)."""
+    import torch
+
+    from inflq.artifacts import load_tensors
+    from inflq.runs import RunSettings, fit_factors
+    from inflq_builtins import ray_executor
+    from inflq_builtins.estimators import correction_bytes, covariance_bytes
+
+    src, _ = baseline
+    p = Project.open(copy_project(src, request.node.name))
+    tracked = p.runtime.engine().tracked
+    budget = max(f(tm) for f in (covariance_bytes, correction_bytes) for tm in tracked) + 64
+    settings = dict(estimator="ekfac", shard_size=SHARD, batch_size=2, seed=p.config.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    _, local_id, _ = fit_factors(p, RunSettings(**settings, fit_memory=budget / 2**30))
+    out = {"project": p, "tracked": tracked, "settings": settings, "spec": f"ray:num_workers=2,memory={2 * budget / 2**30:.12g}",
+           "local": load_tensors(p.root, p.db["factor_sets"].get(local_id)["path"], None), "local_id": local_id,
+           "driver_eighs": [], "ran": [], "actor_pids": set()}
+    real_eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: (out["driver_eighs"].append(1), real_eigh(*a, **k))[1])
+    real_tasks = ray_executor.RayExecutor.run_tasks
+
+    def spy(self, fn, tasks, on_result, monitor):
+        import ray
+
+        on_actors = bool(self._actors)
+        if on_actors:
+            out["actor_pids"].update(ray.get([a["handle"].pid.remote() for a in self._actors.values()]))
+        traced = lambda task, m: (os.getpid(), task["sum"].numel(), os.environ.get("CUDA_VISIBLE_DEVICES"), fn(task, m))  # noqa: E731 (a lambda travels by value)
+
+        def on(i, r):
+            assert r[2] == "", "a worker without GPUs sees the node's"
+            out["ran"].append((r[0], r[1], on_actors))
+            on_result(i, r[3])
+
+        return real_tasks(self, traced, tasks, on, monitor)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "run_tasks", spy)
+    try:
+        yield out
+    finally:
+        torch.set_num_threads(threads)
+        p.close()
+
+
+def _same_factors(fit, fs_id) -> None:
+    import torch
+
+    from inflq.artifacts import load_tensors
+
+    p, local = fit["project"], fit["local"]
+    assert fs_id == fit["local_id"]
+    on_ray = load_tensors(p.root, p.db["factor_sets"].get(fs_id)["path"], None)
+    assert list(on_ray) == list(local)
+    for key in local:
+        assert torch.equal(on_ray[key], local[key]), key
+
+
+def test_eigendecompositions_of_a_fit_by_module_run_on_the_workers(cluster, eigh_fit):
+    """`ray:memory=GB` fits by module and each group's eigendecompositions run on the fit's actors
+    (their process ids, never the driver's: the driver computes no eigh at all), from packed sums;
+    the phase advances per module; and the factors are bitwise the local fit's."""
+    from inflq.runs import RunSettings, fit_factors
+
+    fit = eigh_fit
+    events: list[tuple[int, int]] = []
+    monitor = Monitor(on_progress=lambda ev: events.append((ev.done, ev.total)) if ev.phase == "eigendecomposition" else None)
+    _, fs_id, _ = fit_factors(fit["project"], RunSettings(**fit["settings"], refit=True, executor=fit["spec"]), monitor)
+    _same_factors(fit, fs_id)
+    assert not fit["driver_eighs"], "an eigendecomposition ran in the driver"
+    assert len(fit["actor_pids"]) == 2 and os.getpid() not in fit["actor_pids"]
+    assert all(on_actors and pid in fit["actor_pids"] for pid, _, on_actors in fit["ran"])
+    assert sorted(n for _, n, _ in fit["ran"]) == sorted(n * (n + 1) // 2 for tm in fit["tracked"] for n in (tm.in_dim, tm.out_features))  # packed
+    totals = [total for done, total in events if done == 0]  # a phase per group
+    assert len(totals) >= 3 and sum(totals) == len(fit["tracked"])
+    assert events == [(k, total) for total in totals for k in range(total + 1)]  # advanced a module at a time
+
+
+def test_eigendecompositions_on_ray_stop_on_cancel_and_resume(cluster, eigh_fit):
+    """Cancelled during a group's eigendecompositions on Ray: the fit stops there (the actors
+    killed with the tasks in flight, no result taken after the cancel); resumed, the groups whose covariance passes were all
+    committed decompose as Ray tasks (no actors running yet), the rest on the actors, none in the
+    driver, and the factors are the local fit's."""
+    from inflq.errors import Cancelled
+    from inflq.runs import RunSettings, fit_factors
+
+    fit = eigh_fit
+    p = fit["project"]
+    monitor = Monitor()
+    at_cancel: list[int] = []
+
+    def on_progress(ev):
+        if ev.phase == "eigendecomposition" and ev.done == 1 and not at_cancel:  # the first module decomposed
+            at_cancel.append(len(fit["ran"]))
+            monitor.cancel()
+
+    monitor.on_progress = on_progress
+    with pytest.raises(Cancelled):
+        fit_factors(p, RunSettings(**fit["settings"], refit=True, executor=fit["spec"]), monitor)
+    assert at_cancel and len(fit["ran"]) == at_cancel[0] < 2 * len(fit["tracked"])  # no result taken after the cancel
+    run_id = p.db.execute("SELECT max(id) FROM runs").fetchone()[0]
+    assert p.db["runs"].get(run_id)["status"] == "cancelled"
+    fit["ran"].clear()
+    _, fs_id, _ = fit_factors(p, RunSettings(), resume=run_id)
+    _same_factors(fit, fs_id)
+    assert not fit["driver_eighs"]
+    assert {on_actors for _, _, on_actors in fit["ran"]} == {False, True}
+    assert os.getpid() not in {pid for pid, _, _ in fit["ran"]}
+    assert len(fit["ran"]) == 2 * len(fit["tracked"])
+
+
 def test_killed_worker_is_survived(cluster, baseline, monkeypatch, tmp_path, cli_run):
     import ray
 

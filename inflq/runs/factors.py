@@ -60,7 +60,8 @@ def ensure_factors(
 
     The fit's memory budget (``FitContext.memory``: ``settings.fit_memory`` or the executor's
     ``fit_memory()``, the smaller) lets estimators fit by module, a pass per group of modules;
-    each group's pass is keyed and its files named by a hash of its modules."""
+    each group's pass is keyed and its files named by a hash of its modules. ``FitContext.run_tasks``
+    is the executor's ``run_tasks`` (EK-FAC's eigendecompositions run there)."""
     store = project.runtime.corpus
     settings.resolve_batching(engine, project)  # callers outside a run (sessions, integrity) leave it open
     indices = fit_indices(len(store), settings.fit_sequences, settings.seed)
@@ -179,8 +180,11 @@ def ensure_factors(
 
     own = getattr(executor, "fit_memory", None)  # executors written before fitting by module lack it
     budgets = [b for b in (fit_memory_bytes(settings.fit_memory), own() if own else None) if b is not None]
+    # Independent pieces of the fit (EK-FAC's eigendecompositions) run as the executor's tasks: in
+    # this process, in order, on the local executor; on the workers on Ray.
     ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.runtime.pad_id, project=project,
-                     memory=min(budgets) if budgets else None)
+                     memory=min(budgets) if budgets else None,
+                     tasks=getattr(executor, "run_tasks", None), remote_tasks=bool(getattr(executor, "remote_tasks", False)))  # executors not built on Executor may lack them
     if not estimator.fits_factors:
         estimator.prepare(ctx)
         return None

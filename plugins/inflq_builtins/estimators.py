@@ -93,6 +93,34 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
     return torch.triu(upper) + torch.triu(upper, 1).T
 
 
+def eigendecompose_sum(packed: torch.Tensor, tokens: float, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 eigenvalues and float32 eigenvectors of the covariance whose float64 sum over
+    ``tokens`` tokens has the upper triangle ``packed`` (:func:`inflq.pack_upper`), computed on
+    ``device`` through :func:`inflq.eigh` (float64; CUDA where ``device`` is a CUDA device);
+    ``None``: this process's own device, its CUDA device if it has one (a Ray worker's GPU), else
+    the CPU. Pass ``packed`` as the only reference to it: it is dropped once unpacked, so memory
+    holds one square at a time."""
+    import torch
+
+    from inflq import eigh, unpack_upper
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    m = unpack_upper(packed)
+    del packed
+    m /= tokens
+    values, vectors = eigh(m, device)
+    del m
+    return values, vectors.to(torch.float32)
+
+
+def eigendecompose_task(task: dict, monitor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One eigendecomposition as an executor's task (``FitContext.run_tasks``): ``task`` holds the
+    packed ``sum``, its ``tokens`` and the ``device`` (:func:`eigendecompose_sum`). The sum leaves
+    the task as it is decomposed."""
+    return eigendecompose_sum(task.pop("sum"), task["tokens"], task["device"])
+
+
 def rotate_first_is_cheaper(tokens: int, out: int, inn: int) -> bool:
     """Rotating each token costs T(in² + out²) + T·in·out; forming DW then rotating costs
     T·in·out + in·out·(in + out). Per sequence."""
@@ -202,32 +230,47 @@ class _Eigenbasis(_FisherEstimator):
 
     def _eigendecompose(self, ctx: FitContext) -> tuple[dict, dict, dict, dict, dict]:
         """Eigenvectors (float32: all that the factors keep) and float64 eigenvalues of A and S
-        per module. Each covariance sum is dropped once decomposed, so memory holds one set of
-        sums, shrinking as the eigenvectors grow. Fitting by module (``ctx.memory``), one
-        covariance pass per group of modules, each group decomposed before the next is summed:
-        memory holds one group's sums."""
-        import torch
-
-        from inflq import eigh, unpack_upper
+        per module, one task each (:func:`eigendecompose_task`) on the executor's workers
+        (``ctx.run_tasks``): in this process, in order, on the local executor. Each covariance sum
+        leaves the driver's dict as its task is sent (packed: half a square's bytes), so memory
+        holds one set of sums, shrinking as the eigenvectors arrive. Fitting by module
+        (``ctx.memory``), one covariance pass per group of modules, each group decomposed before
+        the next is summed: memory holds one group's sums."""
+        from inflq import InflqError
 
         qa, qs, la, ls = {}, {}, {}, {}
         counts: dict[str, float] = {}
         by_name = {tm.name: tm for tm in ctx.tracked}
+        device = ctx.task_device
         for group in ctx.groups(covariance_bytes, "covariance sums"):
             cov = ctx.run_pass(CovariancePass(self._labels, group))
             counts = {"tokens": float(cov["tokens"].sum()), "sequences": float(cov["sequences"].sum())}
             if counts["tokens"] <= 0:
                 raise ValueError("no fitting tokens")
-            names = list(by_name) if group is None else group
+            names = list(by_name) if group is None else list(group)
+            order = [(name, key) for name in names for key in ("A", "S")]
+            if ctx.remote_tasks:  # on several workers the largest first, so that none is left with a long one at the end
+                sizes = {(name, key): cov[f"{key}/{name}"].numel() for name, key in order}
+                order.sort(key=sizes.__getitem__, reverse=True)
+            halves = dict.fromkeys(names, 0)
             ctx.monitor.start("eigendecomposition", len(names))
-            for name in names:
-                for key, vals, vecs in (("A", la, qa), ("S", ls, qs)):
-                    m = unpack_upper(cov.pop(f"{key}/{name}"))  # one square at a time
-                    m /= counts["tokens"]
-                    vals[name], q = eigh(m, ctx.engine.device)
-                    del m
-                    vecs[name] = q.to(torch.float32)
-                ctx.monitor.advance(1)
+
+            def tasks(cov=cov, order=order, tokens=counts["tokens"]):
+                for name, key in order:  # one sum out of the driver's dict per task sent
+                    yield {"sum": cov.pop(f"{key}/{name}"), "tokens": tokens, "device": device}
+
+            def on_result(i, out, order=order, halves=halves):
+                name, key = order[i]
+                values, vectors = (la, qa) if key == "A" else (ls, qs)
+                values[name], vectors[name] = out
+                halves[name] += 1
+                if halves[name] == 2:
+                    ctx.monitor.advance(1)
+
+            ctx.run_tasks(eigendecompose_task, tasks(), on_result)
+            missing = [n for n, h in halves.items() if h != 2]
+            if missing:
+                raise InflqError(f"the executor returned no eigendecomposition of {', '.join(missing)}; rerun the fit")
             del cov
         return qa, qs, la, ls, counts
 

@@ -20,6 +20,9 @@ the catalog and the artifacts.
   tasks with ``num_cpus``/``num_gpus`` each, at most as many at once as there would be actors; each
   result comes back to the driver, which commits it as it arrives. The tasks open the project
   folder at the driver's path (a shared filesystem; ``ship_model`` does not apply to them).
+  During a fit (``FitContext.run_tasks``: EK-FAC's eigendecompositions, one covariance each) the
+  fit's actors hold the cluster's resources, so the tasks run on them instead, one at a time per
+  actor, on the actor's own device (its GPU where it has one).
 
 Security: a Ray cluster runs whatever code a connected client sends. Keep Ray's token
 authentication on (the default for clusters that ``ray.init`` starts, Ray >= 2.59) and give inflq
@@ -41,6 +44,7 @@ from inflq import Executor, InflqError, Option, hookimpl
 
 INSTALL = 'the ray executor needs Ray: pip install "inflq[ray]" (on this machine and on every cluster node)'
 IN_FLIGHT = 2  # shards queued per actor, so that an actor never waits for the driver
+_NONE = object()
 
 
 @hookimpl
@@ -85,6 +89,8 @@ class ShardWorker:
     """A Ray actor: one worker context, loaded once, running passes over shards."""
 
     def __init__(self, spec: dict[str, Any], threads: int, shipped: dict[str, bytes] | None = None, pad_id: int = 0) -> None:
+        if spec.get("device") == "cpu":
+            _hide_gpus()
         import torch
 
         from inflq import quiet_transformers
@@ -112,6 +118,13 @@ class ShardWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def call(self, fn, task):
+        """One of :meth:`RayExecutor.run_tasks`' tasks on this actor (its device, threads and
+        memory reservation): ``fn(task, monitor)`` with a monitor of its own."""
+        from inflq import Monitor
+
+        return fn(task, Monitor())
+
     def run(self, pass_holder: list, shard_index: int, indices, tokens, batch_size: int, sink) -> dict:
         import ray
 
@@ -133,6 +146,7 @@ class ShardWorker:
 class RayExecutor(Executor):
     name = "ray"
     description = "run shards on a Ray cluster's actors (GPUs or CPUs); pip install 'inflq[ray]'"
+    remote_tasks = True
     options = (
         Option("address", str, None, "unset: $RAY_ADDRESS or a private local cluster; local: a private local cluster; auto: the cluster `ray start` began on this machine; HOST:PORT: a remote cluster's GCS"),
         Option("num_workers", int, None, "actors to start (default: as many as the cluster's resources allow)"),
@@ -226,7 +240,7 @@ class RayExecutor(Executor):
                 folder = Path(spec["model"])
                 files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
                 self._shipped = ray.put(files)
-        self._spec = spec
+        self._spec, self._job = spec, job
         if self._sink is None:
             self._sink = ray.remote(num_cpus=0)(_ProgressSink).remote()
         for _ in range(self._worker_count() - len(self._actors)):
@@ -324,10 +338,7 @@ class RayExecutor(Executor):
                         queue.appendleft(shard)
                         continue
                     except RayTaskError as exc:
-                        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-                        if isinstance(cause, InflqError):
-                            raise InflqError(str(cause)) from None
-                        raise cause from None
+                        _raise_cause(exc)
                     except GetTimeoutError:  # pragma: no cover - ready refs do not time out
                         continue
                     if actor_id in self._actors:
@@ -346,40 +357,118 @@ class RayExecutor(Executor):
 
     # -- independent tasks --------------------------------------------------------------------
     def run_tasks(self, fn, tasks, on_result, monitor):
-        if not tasks:
+        tasks = iter(tasks)
+        first = [next(tasks, _NONE)]
+        if first[0] is _NONE:  # nothing to run: no cluster to connect to
             return
+        tasks = _taken_once(first, tasks)
         ray = self._connect(monitor)
+        if self._actors:  # a fit's actors hold the cluster's resources: the tasks run on them
+            self._tasks_on_actors(ray, fn, tasks, on_result, monitor)
+            return
         from ray.exceptions import RayTaskError, WorkerCrashedError
 
         remote = ray.remote(num_cpus=self.settings["num_cpus"], num_gpus=self.settings["num_gpus"], max_retries=self.settings["max_retries"])(_run_task)
         width = self._worker_count()
         fn_ref = ray.put(fn)
-        queue = deque(enumerate(tasks))
+        queue = iter(enumerate(tasks))  # taken one at a time, as each is sent
         inflight: dict[Any, int] = {}
         try:
-            while queue or inflight:
-                while queue and len(inflight) < width:
-                    i, task = queue.popleft()
-                    inflight[remote.remote(fn_ref, task, int(max(1, self.settings["num_cpus"])))] = i
+            while True:
+                while len(inflight) < width and (item := next(queue, None)) is not None:
+                    i, task = item
+                    inflight[remote.remote(fn_ref, task, int(max(1, self.settings["num_cpus"])), self.settings["num_gpus"] > 0)] = i
+                    del item, task
+                if not inflight:
+                    break
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.1)
                 monitor.check()
                 for ref in done:
                     i = inflight.pop(ref)
                     try:
-                        out = ray.get(ref)
+                        out = _owned(ray.get(ref))
                     except RayTaskError as exc:
-                        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-                        if isinstance(cause, InflqError):
-                            raise InflqError(str(cause)) from None
-                        raise cause from None
+                        _raise_cause(exc)
                     except WorkerCrashedError:
                         raise InflqError(f"task {i} lost its Ray worker {self.settings['max_retries'] + 1} times; check the cluster (`ray status`) and resume") from None
+                    del ref
                     on_result(i, out)
         except BaseException:
             # Cancelled, an error or Ctrl-C: stop the tasks in flight now (their results are lost).
             for ref in inflight:
                 with contextlib.suppress(Exception):
                     ray.cancel(ref, force=True)
+            raise
+
+    def _tasks_on_actors(self, ray, fn, tasks, on_result, monitor) -> None:
+        """``run_tasks`` on the actors a fit started (each task asks for no resources of its own):
+        one task in flight per actor, each task's data in the object store only while it is in
+        flight; a task whose actor is lost runs again on another (a replacement is started), up to
+        ``max_retries`` times; cancelling kills the actors, as for a pass."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        fn_ref = ray.put(fn)
+        queue = iter(enumerate(tasks))
+        retry: deque = deque()
+        attempts: Counter = Counter()
+        inflight: dict[Any, tuple[str, int, Any]] = {}  # result ref: (actor, task number, task ref)
+        exhausted = False
+        try:
+            while True:
+                for actor_id, a in list(self._actors.items()):
+                    if not a["ready"] or a["load"]:
+                        continue
+                    if retry:
+                        i, task_ref = retry.popleft()
+                    elif not exhausted and (item := next(queue, None)) is not None:
+                        i, task_ref = item[0], ray.put(item[1])  # the task's data leaves the driver here
+                        del item
+                    else:
+                        exhausted = True
+                        break
+                    inflight[a["handle"].call.remote(fn_ref, task_ref)] = (actor_id, i, task_ref)
+                    a["load"] += 1
+                if not inflight and exhausted and not retry:
+                    break
+                pings = {a["ping"]: i for i, a in self._actors.items() if not a["ready"]}
+                if not inflight and not pings:
+                    raise InflqError("no Ray worker is left to run the tasks; check the cluster (`ray status`) and resume")
+                done, _ = ray.wait([*inflight, *pings], num_returns=1, timeout=0.1)
+                monitor.check()
+                for ref in done:
+                    if ref in pings:
+                        try:
+                            ray.get(ref)
+                            self._actors[pings[ref]]["ready"] = True
+                        except (RayActorError, RayTaskError) as exc:
+                            self._actors.pop(pings[ref], None)
+                            raise InflqError(f"a Ray worker failed to start: {_first_line(exc)}") from None
+                        continue
+                    actor_id, i, task_ref = inflight.pop(ref)
+                    try:
+                        out = _owned(ray.get(ref))
+                    except RayActorError:
+                        attempts[i] += 1
+                        if attempts[i] > self.settings["max_retries"]:
+                            raise InflqError(f"task {i} lost its Ray worker {attempts[i]} times; check the cluster (`ray status`) and resume") from None
+                        monitor.warn(f"a Ray worker was lost; its task runs again on another worker (task {i}, attempt {attempts[i] + 1})")
+                        lost = self._actors.pop(actor_id, None)
+                        if lost is not None:
+                            self.lost_workers += 1
+                            with contextlib.suppress(Exception):
+                                ray.kill(lost["handle"], no_restart=True)
+                            self._start_actor(self._spec, self._job)  # a replacement, wherever Ray finds room
+                        retry.append((i, task_ref))
+                        continue
+                    except RayTaskError as exc:
+                        _raise_cause(exc)
+                    if actor_id in self._actors:
+                        self._actors[actor_id]["load"] -= 1
+                    del ref, task_ref
+                    on_result(i, out)
+        except BaseException:
+            # Cancelled, an error or Ctrl-C twice: stop the tasks in flight now (their results are lost).
+            self._kill_all()
             raise
 
     def close(self) -> None:
@@ -397,9 +486,11 @@ class RayExecutor(Executor):
         self._shipped = None
 
 
-def _run_task(fn, task, threads: int):
+def _run_task(fn, task, threads: int, gpus: bool = False):
     """A Ray task: ``fn(task, monitor)`` with torch on ``threads`` threads and a monitor of its own
-    (the driver cancels by cancelling the task)."""
+    (the driver cancels by cancelling the task); without ``gpus``, none visible."""
+    if not gpus:
+        _hide_gpus()
     import torch
 
     from inflq import Monitor, quiet_transformers
@@ -407,6 +498,47 @@ def _run_task(fn, task, threads: int):
     quiet_transformers()
     torch.set_num_threads(max(1, threads))
     return fn(task, Monitor())
+
+
+def _hide_gpus() -> None:
+    """Make this worker see no GPU: it was given none (``num_gpus=0``), and Ray (2.60 at least)
+    leaves every GPU of the node visible then, so that code picking CUDA where it is available (a
+    fit's eigendecompositions) would use a GPU reserved for someone else. Before CUDA starts in this
+    process, where it has not already."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def _taken_once(first: list, rest):
+    """``first``'s one item, then ``rest``'s: the item leaves ``first`` as it is taken, so that
+    nothing here keeps a task's data once it is sent."""
+    yield first.pop()
+    yield from rest
+
+
+def _owned(out):
+    """A task's result with its tensors copied out of the object store: a tensor read from it may
+    alias a buffer that Ray reuses once the reference is gone."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if type(out) in (tuple, list):
+        return type(out)(_owned(v) for v in out)
+    if type(out) is dict:
+        return {k: _owned(v) for k, v in out.items()}
+    return out
+
+
+def _raise_cause(exc: BaseException):
+    """Re-raise the exception a Ray task raised (an ``InflqError`` as a one-line one)."""
+    cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+    if isinstance(cause, InflqError):
+        raise InflqError(str(cause)) from None
+    raise cause from None
 
 
 def _first_line(exc: BaseException) -> str:
