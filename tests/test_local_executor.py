@@ -14,8 +14,9 @@ from inflq_builtins.estimators import CovariancePass
 
 
 def _fake_oom(monkeypatch, engine, fits: int):
-    """Make ``engine.capture`` fail like CUDA does for batches larger than ``fits``."""
-    real = engine.capture
+    """Make the engine's forward and backward pass (``_capture``, under ``capture`` and
+    ``capture_parts``) fail like CUDA does for batches larger than ``fits``."""
+    real = engine._capture
     sizes: list[int] = []
 
     def capture(batch, labels):
@@ -24,7 +25,7 @@ def _fake_oom(monkeypatch, engine, fits: int):
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
         return real(batch, labels)
 
-    monkeypatch.setattr(engine, "capture", capture)
+    monkeypatch.setattr(engine, "_capture", capture)
     return sizes
 
 
@@ -99,3 +100,24 @@ def test_run_tasks_runs_in_order_in_this_process_with_the_driver_monitor():
         LocalExecutor().run_tasks(fn, [1, 2, 3, 4], lambda i, r: got.append((i, r)), monitor)
     assert seen == [(1, True), (2, True), (3, True)]  # task 4 never started
     assert got == [(0, 10), (1, 20), (2, 30)]  # the task in flight when cancelled still reports
+
+
+def test_out_of_memory_part_way_through_a_split_batch_is_a_clear_error(project, monkeypatch):
+    """Where the engine splits a batch into groups of sequences, the pass has already taken the
+    first groups when a later one runs out of memory: retrying the batch smaller would count them
+    twice, so it stops with a one-line error naming the fix (nothing of the failed shard is kept)."""
+    engine = project.runtime.engine()
+    monkeypatch.setattr(engine, "pass_tokens", 1)  # groups of one sequence
+    real = engine._capture
+    calls: list[int] = []
+
+    def capture(batch, labels):
+        calls.append(batch.size)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        return real(batch, labels)
+
+    monkeypatch.setattr(engine, "_capture", capture)
+    with pytest.raises(InflqError, match="part-way through a batch; use a smaller --batch-tokens"):
+        run_shard(engine, project.runtime.corpus.many, CovariancePass(), Shard(0, np.arange(4)), project.runtime.pad_id, 4)
+    assert calls == [1, 1]
