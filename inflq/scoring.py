@@ -6,6 +6,7 @@ preconditioned gradient. Which way to contract is chosen per module by counting 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -54,13 +55,24 @@ class Compression:
     rank: int | None = 32
     tokens: float | None = None
     full_rank_bytes: int = 1 << 30
+    # The modules kept at full rank, decided beforehand (:meth:`fixed`): the same for every part of
+    # a batch of queries preconditioned a few at a time.
+    full_rank: frozenset[str] | None = None
 
     @classmethod
     def of(cls, rank: int | None | Compression) -> Compression:
         return rank if isinstance(rank, Compression) else cls(rank=rank)
 
+    def fixed(self, shapes: dict[str, tuple[int, int, int]]) -> Compression:
+        """This compression with its full-rank modules planned once, for all ``shapes`` (``name ->
+        (nq, out, in)`` of the whole batch of queries), so that parts of the batch compressed apart
+        are held alike and join (:meth:`QueryGradients.concat`)."""
+        return dataclasses.replace(self, full_rank=frozenset(self.plan(shapes)))
+
     def plan(self, shapes: dict[str, tuple[int, int, int]]) -> set[str]:
         """The modules (``name -> (nq, out, in)``) to keep at full rank."""
+        if self.full_rank is not None:
+            return set(self.full_rank) & set(shapes)
         full: set[str] = set()
         budget = self.full_rank_bytes
         for name, (nq, out, inn) in shapes.items():
@@ -143,6 +155,24 @@ class QueryGradients:
             qg.left[name] = (s_basis @ left.to(torch.float32)).contiguous()
             qg.right[name] = (a_basis @ right.to(torch.float32)).contiguous()
         return qg
+
+    @classmethod
+    def concat(cls, parts: list[QueryGradients]) -> QueryGradients:
+        """Join batches of queries held alike (the same modules at full rank, the same rank), in
+        order: what preconditioning a few queries at a time (:func:`inflq.runs.preconditioned_query_gradients`)
+        puts back together."""
+        first = parts[0]
+        for p in parts[1:]:
+            if set(p.full) != set(first.full) or set(p.left) != set(first.left) or p.rank != first.rank:
+                raise ValueError("query gradients held differently (full rank, rank) cannot be joined")
+        if len(parts) == 1:
+            return first
+        return cls(
+            {k: torch.cat([p.full[k] for p in parts]) for k in first.full},
+            {k: torch.cat([p.left[k] for p in parts]) for k in first.left},
+            {k: torch.cat([p.right[k] for p in parts]) for k in first.right},
+            first.rank,
+        )
 
     @property
     def names(self) -> list[str]:

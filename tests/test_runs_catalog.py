@@ -128,3 +128,47 @@ def test_prepare_estimator_fits_once_then_reuses(project):
     assert first.factor_set_id is not None and again.factor_set_id == first.factor_set_id
     assert again.engine.names == first.engine.names and again.estimator.name == "ekfac"
     assert prepare_estimator(project, RunSettings(estimator="identity", batch_size=4)).factor_set_id is None
+
+
+def test_queries_preconditioned_a_few_at_a_time_equal_all_at_once(project):
+    """Memory for query gradients is bounded by a few queries' dense gradients (issue 17: GPT-2
+    small's peak was every query's dense gradient at once): preconditioned one query at a time, the
+    queries come out as preconditioned all together, with the full-rank modules planned once for the
+    whole batch (a plan made per part would hold some modules differently and fail to join)."""
+    import torch
+
+    from inflq import catalog
+    from inflq.queries import add_query
+    from inflq.runs import (
+        RunSettings,
+        preconditioned_queries,
+        preconditioned_query_gradients,
+        prepare_estimator,
+        query_gradients,
+    )
+    from inflq.scoring import Compression, QueryGradients
+
+    for prompt, completion in [("the first president of astrobia was", "zorald pfaff"), ("a river flows through the old", "town"),
+                               ("the capital city of astrobia is called", "velmora"), ("people eat bread and", "cheese in winter"), ("the red cat runs with the", "big dog")]:
+        add_query(project, "default", prompt, completion)
+    queries = catalog.queries(project.db, "default")
+    prepared = prepare_estimator(project, RunSettings(estimator="ekfac", batch_size=4))
+    est, engine = prepared.estimator, prepared.engine
+    # A budget for full-rank modules that holds some of them for 5 queries but not for 2: planned
+    # per part, the parts would differ.
+    sizes = sorted(4 * t.out_features * t.in_dim for t in engine.tracked)
+    policy = Compression(rank=2, tokens=64.0, full_rank_bytes=5 * sizes[len(sizes) // 2])
+    want = preconditioned_queries(est, query_gradients(project, engine, queries, 4), policy)
+    assert want.full and want.left, "the case needs modules of both kinds"
+    per_query = 4 * sum(t.out_features * t.in_dim for t in engine.tracked)
+    for chunk in (1, 2 * per_query, 10 * per_query):
+        got = preconditioned_query_gradients(project, est, engine, queries, 4, policy, chunk_bytes=chunk)
+        assert set(got.full) == set(want.full) and set(got.left) == set(want.left) and got.num_queries == 5
+        for key, value in want.tensors().items():
+            torch.testing.assert_close(got.tensors()[key], value, rtol=1e-5, atol=1e-6)
+    weighted = preconditioned_query_gradients(project, est, engine, queries, 4, policy, weight=2.0, chunk_bytes=1)
+    torch.testing.assert_close(weighted.dense(want.names[0]), 2.0 * want.dense(want.names[0]), rtol=1e-5, atol=1e-6)
+    parts = [preconditioned_queries(est, query_gradients(project, engine, queries[:2], 4), Compression(rank=2)),
+             preconditioned_queries(est, query_gradients(project, engine, queries[2:], 4), Compression(rank=None))]
+    with pytest.raises(ValueError, match="held differently"):
+        QueryGradients.concat(parts)

@@ -35,6 +35,7 @@ from .scoring import (
     extremes,
     filter_context,
     preconditioned_queries,
+    preconditioned_query_gradients,
     query_compression,
     query_gradients,
     scorer_tensors,
@@ -47,7 +48,7 @@ from .workers import LocalWorker, build_worker, checkpoint_engine, worker_spec
 __all__ = [
     "LocalWorker", "Prepared", "ResultRecord", "RunResult", "RunSettings", "Scorer", "build_worker", "checkpoint_engine",
     "committed_work", "default_executor", "ensure_factors", "extremes", "filter_context", "fit_factors", "fit_indices", "fit_memory_bytes", "interrupted_run",
-    "make_estimator", "make_executor", "make_filter", "make_trainer", "preconditioned_queries", "prepare_estimator", "query_compression",
+    "make_estimator", "make_executor", "make_filter", "make_trainer", "preconditioned_queries", "preconditioned_query_gradients", "prepare_estimator", "query_compression",
     "query_gradients", "result_record", "run_investigation", "scorer_tensors", "scorers_for", "shard_extremes",
     "split_checkpoint_tensors", "start_run", "store_result_set", "worker_spec",
 ]
