@@ -148,9 +148,8 @@ def make_plan(
         fit_indices,
         fit_memory_bytes,
         make_estimator,
-        preconditioned_queries,
+        preconditioned_query_gradients,
         query_compression,
-        query_gradients,
     )
 
     monitor = monitor or Monitor()
@@ -230,7 +229,8 @@ def make_plan(
     # Timed with the investigation's queries; without any, one stands in (say so in the plan).
     probe = queries or [{"prompt": runtime.decode(runtime.corpus.get(int(sample[0])))[:200], "completion": " the", "chat": 0}]
     compression = query_compression(settings, lengths)
-    qg = measured("query gradients", lambda: preconditioned_queries(estimator, query_gradients(project, engine, probe, settings.batch_size), compression))
+    # As a run forms them: a few queries at a time (memory holds a few queries' dense gradients).
+    qg = measured("query gradients", lambda: preconditioned_query_gradients(project, estimator, engine, probe, settings.batch_size, compression))
     query_seconds = pass_seconds.pop("query gradients") * nq / len(probe)
     monitor.advance(1)
     measured("scoring", lambda: worker.run(ScorePass(qg, keep_parts=True), Shard(0, sample), batching, quiet))
