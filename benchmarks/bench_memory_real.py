@@ -64,17 +64,15 @@ if sys.argv[2] == "model":
     p.runtime.engine()
     out = {"phases": {}}
 elif sys.argv[2] == "floor":
-    # FLOOR: a plain forward + backward with parameter gradients over every sequence, in batches of
-    # the run's size, in eval mode (what training the model for one epoch costs, the optimizer aside).
+    # FLOOR over every sequence, in batches of the run's size: the benchmarks' one definition
+    # (bench_engine.floor_seconds; argv[6] is the benchmarks folder).
+    sys.path.insert(0, sys.argv[6])
+    from bench_engine import floor_seconds
     from inflq.engine import make_batch
     model, rt = p.runtime.engine().model, p.runtime
     n, bs = len(rt.corpus.lengths()), int(sys.argv[5])
-    t = time.perf_counter()
-    for s in range(0, n, bs):
-        batch = make_batch(rt.corpus.many(list(range(s, min(n, s + bs)))), rt.pad_id, model.device)
-        model.zero_grad(set_to_none=True)
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.input_ids, use_cache=False).loss.backward()
-    out = {"phases": {}, "floor": time.perf_counter() - t}
+    batches = (make_batch(rt.corpus.many(list(range(s, min(n, s + bs)))), rt.pad_id, model.device) for s in range(0, n, bs))
+    out = {"phases": {}, "floor": floor_seconds(model, batches)}
 else:
     from inflq.runs import RunSettings, run_investigation
     s = RunSettings(estimator=sys.argv[4], batch_size=int(sys.argv[5]), fit_memory=json.loads(sys.argv[6]), executor=sys.argv[7] or None)
@@ -197,7 +195,7 @@ def main() -> None:
               f"wall {wall:.0f} s" + ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) if phases else ""), flush=True)
         if args.floor:
             if floor is None:  # timed on the first size; the same sequences and batches cost it in proportion
-                _, fl, _ = measure([sys.executable, "-c", WORKER, str(proj), "floor", str(args.threads), args.estimator, str(args.batch_size), "null"], env)
+                _, fl, _ = measure([sys.executable, "-c", WORKER, str(proj), "floor", str(args.threads), args.estimator, str(args.batch_size), str(Path(__file__).resolve().parent)], env)
                 floor = (fl["floor"], count)
             this = floor[0] * count / floor[1]
             ratios = ", ".join(f"{k} {v / this:.2f}" for k, v in phases.items() if v >= 0.5)
