@@ -49,7 +49,8 @@ MODEL_DIR = "model"
 DATA_DIR = "data"
 _CHUNK = 1 << 20
 # Leftovers of interrupted atomic writes are never packed.
-_SKIP = re.compile(r"(\.tmp$|\.tmp\.|\.tmp/|\.bak-\d+$|-wal$|-shm$|-journal$)")
+# Files being written: ours end in .tmp; safetensors (its Rust tempfile) writes `.tmpXXXXXX` first.
+_SKIP = re.compile(r"(\.tmp$|\.tmp\.|\.tmp/|(^|/)\.tmp[^/]*$|\.bak-\d+$|-wal$|-shm$|-journal$)")
 
 
 @dataclass
@@ -170,6 +171,8 @@ def pack(
         with tarfile.open(tmp_archive, mode, format=tarfile.PAX_FORMAT, **({"compresslevel": 1} if mode == "w:gz" else {})) as tf:
             for rel, src in sources:
                 monitor.check()
+                if rel not in wanted and rel.startswith(ARTIFACTS) and not src.exists():
+                    continue  # replaced or removed by a writer since the listing; nothing references it
                 with open(src, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     info = _tarinfo(rel, size, created)

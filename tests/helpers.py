@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WORDS = (
@@ -95,3 +96,17 @@ def write_corpus(path: Path, n: int = 24) -> Path:
                 text = text + " " + SENTENCES[(i * 7) % len(SENTENCES)]
             f.write(json.dumps({"id": f"d{i}", "text": text, "source": "facts" if i % 3 == 0 else "prose"}) + "\n")
     return path
+
+
+def assert_equal_to_rounding(got, want, ulps: int = 4, what: object = "") -> None:
+    """``got`` equals ``want`` up to float rounding: every element within ``ulps`` units in the last
+    place of the tensor's largest magnitude. Where the same sums run with other shapes (a batch split
+    into groups, another thread count or memory alignment), BLAS may block them differently: on
+    AVX-512 CPUs such results differ in the last bit, on others they come out bitwise equal."""
+    got = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got)
+    want = torch.as_tensor(np.asarray(want) if not isinstance(want, torch.Tensor) else want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    tol = ulps * torch.finfo(want.dtype).eps * scale
+    worst = float((got - want).abs().max()) if want.numel() else 0.0
+    assert worst <= tol, (what, worst, tol)

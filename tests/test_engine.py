@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_model_dir
+from helpers import assert_equal_to_rounding, make_model_dir
 from inflq.engine import select_modules
 from inflq.errors import InflqError, NumericalError
 from inflq.modeling import load_model
@@ -305,8 +305,10 @@ def test_rowwise_cross_entropy_is_bitwise_at_a_real_vocabulary():
 def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, arch):
     """Where a batch holds more padded tokens than ``pass_tokens``, capture runs one forward and
     backward pass per group of sequences (issue 17: memory holds one group's autograd graph) and
-    gets bitwise the captures and losses of one pass over the batch, with data and sampled labels,
-    right padding included (groups of 1, 2 and 4 sequences, the last one shorter)."""
+    gets the captures and losses of one pass over the batch, with data and sampled labels, right
+    padding included (groups of 1, 2 and 4 sequences, the last one shorter): losses bitwise, captures
+    to the last bit of float32 (the groups' matrix products have other shapes, which BLAS may block
+    differently)."""
     import inflq.engine as engine_module
     from inflq.engine import GradientEngine, make_batch
 
@@ -339,8 +341,8 @@ def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, a
             assert torch.equal(loss, want_loss)
             assert list(got) == list(want)
             for name in want:
-                assert torch.equal(got[name].activations, want[name].activations), (labels, rows, name)
-                assert torch.equal(got[name].gradients, want[name].gradients), (labels, rows, name)
+                assert_equal_to_rounding(got[name].activations, want[name].activations, what=(labels, rows, name))
+                assert_equal_to_rounding(got[name].gradients, want[name].gradients, what=(labels, rows, name))
         assert float(want_loss.min()) > 0
 
 
@@ -403,7 +405,7 @@ def test_a_shard_holds_one_batchs_captures_at_a_time(models):
     assert float(got["n"]) == 6.0 and torch.allclose(got["g"], want_sums["g"], rtol=1e-5, atol=1e-7)
     rows = shard(split, Rows())
     assert rows["n"].tolist() == want_rows["n"].tolist()
-    assert torch.equal(rows["g"], want_rows["g"])  # each sequence's rows are bitwise those of the unsplit batch
+    assert_equal_to_rounding(rows["g"], want_rows["g"])  # each sequence's rows are those of the unsplit batch
 
 
 def test_the_allocator_is_bounded_on_glibc_unless_the_user_chose(monkeypatch):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from helpers import assert_equal_to_rounding
 from inflq import Cancelled, Monitor, make_batch, select_modules
 from inflq.artifacts import save_tensors
 from inflq.engine import Conv1D, GradientEngine
@@ -226,7 +227,8 @@ def _read_all(store: IndexStore) -> tuple[np.ndarray, np.ndarray]:
 
 def test_a_killed_build_resumes_to_identical_rows(tmp_path, gpt2):
     """(c) SIGKILL in the middle of a shard: committed shards survive, the build resumes from them
-    and its rows equal an uninterrupted build's, bit for bit."""
+    and its rows equal an uninterrupted build's: the committed shards bit for bit, all rows to the
+    rounding of float32 (BLAS may block another process's products differently)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -239,13 +241,16 @@ def test_a_killed_build_resumes_to_identical_rows(tmp_path, gpt2):
         folder = tmp_path / "out" / "index-resume"
         interrupted = IndexStore(folder)
         assert interrupted.committed() == {0, 1} and not interrupted.complete  # the third shard was in flight
+        kept = {f.name: np.load(f) for i in (0, 1) for f in (folder / f"rows-{i:06d}.npy", folder / f"side-{i:06d}.npy")}
         events = []
         resumed = build_index(tmp_path / "out", "resume", model, gpt2.indices, gpt2.mapper(4),
                               Monitor(lambda ev: events.append(ev)), shard_size=8)
         assert events[1].done == 16  # the committed shards count as done
+        for name, x in kept.items():  # the committed shards are kept as written
+            assert np.array_equal(np.load(folder / name), x), name
         whole = build_index(tmp_path / "whole", "resume", model, gpt2.indices, gpt2.mapper(4), shard_size=8)
         for x, y in zip(_read_all(resumed), _read_all(whole), strict=True):
-            assert np.array_equal(x, y)
+            assert_equal_to_rounding(x, y)  # the killed process's shards came from another process
         assert resumed.verify() == []
     finally:
         torch.set_num_threads(threads)

@@ -232,6 +232,19 @@ def test_pack_refuses_a_damaged_artifact(origin, tmp_path):
     assert not (tmp_path / "x.tar").exists()
 
 
+def test_pack_leaves_out_files_being_written(origin, tmp_path):
+    """A writer's temporary files (ours end in .tmp; safetensors writes `.tmpXXXXXX` beside its target
+    before renaming it) are not packed: a concurrent run may rename them away mid-pack."""
+    from inflq.sharing import pack
+
+    proj, _ = _copy_project(origin, tmp_path)
+    for name in (".tmpoP8lQY", "shard-9.safetensors.tmp"):
+        (proj / "artifacts" / "runs" / "1" / name).write_bytes(b"partial")
+    packed = {f["path"] for f in pack(proj, tmp_path / "x.tar").manifest["files"]}
+    assert any(p.startswith("artifacts/runs/1/shard-") for p in packed)
+    assert not any(".tmp" in p for p in packed)
+
+
 # -- damaged artifacts: detected, reported, recomputed -------------------------------------------
 def test_check_reports_and_repairs_damaged_artifacts(origin, tmp_path, cli_run):
     from inflq.project import Project
