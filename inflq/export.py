@@ -21,7 +21,7 @@ FIELDS = ("result_set_id", "query_id", "prompt", "completion", "side", "rank", "
 
 
 def _rows(project: Project, investigation: str, result_set_id: int | None) -> tuple[dict, list[dict]]:
-    from .results import result_set
+    from .reading import result_set
 
     rs = result_set(project, investigation, result_set_id)
     return rs, catalog.export_rows(project.db, rs["id"])
@@ -102,7 +102,7 @@ def _md_cell(text: str, n: int = 80) -> str:
 
 def export_markdown(project: Project, investigation: str, result_set_id: int | None, path: Path | str, k: int = 10) -> Path:
     """A report: settings, per query the top and bottom ``k`` sequences, the tail plot and fit."""
-    from .results import query_scores
+    from .reading import query_scores
     from .stats import powerlaw_tail
 
     path = _target(path)

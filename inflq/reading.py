@@ -18,7 +18,7 @@ from .progress import Monitor
 from .project import Project
 
 if TYPE_CHECKING:  # the engine (torch) loads only for scoring; reading results back needs NumPy only
-    from .scoring import QueryGradients
+    from .contractions import QueryGradients
 
 
 def result_sets(project: Project, investigation: str | None = None) -> list[dict]:
@@ -125,8 +125,8 @@ class ScoringSession:
 
     @classmethod
     def for_result_set(cls, project: Project, rs: dict) -> ScoringSession:
+        from .contractions import QueryGradients
         from .runs import checkpoint_engine, split_checkpoint_tensors
-        from .scoring import QueryGradients
 
         settings = json.loads(rs["settings"])
         tensors = load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients")

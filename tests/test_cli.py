@@ -513,7 +513,7 @@ def test_plugins_add_their_commands_through_the_hook_once_when_inflq_starts():
 
 
 def test_the_cli_modules_import_one_way():
-    """Command modules import the shared base (and each other only downwards); the base imports no
+    """Command modules import the shared `common` module (and each other only downwards); `common` imports no
     command module; only ``inflq/cli/__init__.py`` gathers them."""
     import ast
     from pathlib import Path
@@ -527,7 +527,7 @@ def test_the_cli_modules_import_one_way():
         tree = ast.parse((folder / f"{name}.py").read_text())
         edges[name] = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
         assert edges[name] <= siblings, (name, edges[name])
-    assert edges["base"] == set()
+    assert edges["common"] == set()
 
     def reaches(start, target, seen=()):
         return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in edges[start])

@@ -10,7 +10,7 @@ import click
 from .. import catalog
 from ..errors import InflqError
 from ..queries import add_queries, add_query
-from .base import heat_text, make_console, progress_monitor, project_at
+from .common import heat_text, make_console, progress_monitor, project_at
 
 
 @click.group()
@@ -141,7 +141,7 @@ def probe_score(project, query_id, estimator):
     """Score the query's probes and show their most influential tokens."""
     from rich.table import Table
 
-    from ..results import ScoringSession
+    from ..reading import ScoringSession
 
     p = project_at(project)
     probes = catalog.probes(p.db, query_id)
