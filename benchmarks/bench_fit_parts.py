@@ -65,7 +65,9 @@ def width_row(args, width: int) -> str:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from inflq import GradientEngine, eigh, make_batch, select_modules, unpack_upper
+    from inflq import GradientEngine, make_batch
+    from inflq.engine import select_modules
+    from inflq.linalg import eigh, unpack_upper
     from inflq_builtins.estimators import CovariancePass, EigenCorrectionPass
 
     torch.manual_seed(0)

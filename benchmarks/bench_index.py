@@ -65,7 +65,8 @@ def floor_seconds(model, seqs: list[np.ndarray], batch_size: int) -> float:
 
 def exact_ekfac_scores(engine, ctx, q_toks, q_starts, seqs, batch_size, pad: int = 0) -> tuple[np.ndarray, object]:
     """Exact EK-FAC scores ``[nq, n]``: inflq's estimator, full-rank queries, its ScorePass."""
-    from inflq import ScorePass, Shard, make_batch, run_shard
+    from inflq import Shard, make_batch
+    from inflq.passes import ScorePass, run_shard
     from inflq_builtins.estimators import EKFAC
 
     est = EKFAC()
@@ -233,7 +234,8 @@ def main() -> None:
     if args.quick:
         args.sequences, args.length, args.width, args.layers, args.queries, args.rows = 40, 32, 64, 2, 8, "20000,60000"
 
-    from inflq import GradientEngine, select_modules
+    from inflq import GradientEngine
+    from inflq.engine import select_modules
     from inflq.index import (
         BUDGET_BYTES,
         IndexSettings,

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def random_workload(n: int, length: int, queries: int):
     from bench_index import random_gpt2
 
-    from inflq import GradientEngine, select_modules
+    from inflq import GradientEngine
+    from inflq.engine import select_modules
 
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 1000, size=length).astype(np.int64) for _ in range(n)]

@@ -1,7 +1,12 @@
 """inflq: which training sequences made the model say this? Influence functions (EK-FAC) for
 causal language models, after Grosse et al. 2023.
 
-The public API for scripts, notebooks and plugins. The headless core never imports Textual.
+This package's names (``inflq.__all__``) are the plugin contract: what a third-party estimator,
+filter, attribution, executor or trainer may use, documented in docs/plugins.md and kept stable.
+Scripts and notebooks also use the modules (``inflq.runs``, ``inflq.reading``, ``inflq.queries``:
+README.md, "Python API"). What inflq's own built-in plugins need beyond the contract is in
+:mod:`inflq._builtins_api`, which is unstable. The package root imports nothing from the CLI or
+the TUI, and the headless core never imports Textual.
 """
 
 from typing import TYPE_CHECKING
@@ -12,7 +17,6 @@ from .threads import prefer_sleeping_workers
 prefer_sleeping_workers()  # before anything imports torch: see inflq/threads.py
 import_sqlite_utils_without_pandas()  # 0.3 s less for every command: see inflq/startup.py
 
-from . import catalog  # records: catalog.queries(project.db, "default"), ...
 from .base import (
     Attribution,
     AttributionContext,
@@ -24,81 +28,60 @@ from .base import (
     FitContext,
     Job,
     Pass,
+    ScoringContext,
     Shard,
     SumPass,
     TrainContext,
     Trainer,
 )
-from .errors import Cancelled, InflqError, NumericalError
+from .errors import Cancelled, InflqError
 from .hookspecs import hookimpl
 from .options import Option
-from .progress import Monitor, ProgressEvent
+from .progress import Monitor
 
-# The gradient engine's names import torch (1-2 s); they load on first use so that `inflq --help`,
+# Names that import torch (1-2 s) or the catalog load on first use, so that `inflq --help`,
 # `inflq runs` and every plugin's import stay fast (PEP 562 module __getattr__).
 _LAZY = {
+    # the gradient engine's objects a plugin receives (ctx.engine, captures, batches)
     "Batch": "engine", "Captured": "engine", "GradientEngine": "engine", "SequenceGradients": "engine",
-    "TrackedModule": "engine", "make_batch": "engine", "select_modules": "engine",
-    "add_into": "linalg", "eigh": "linalg", "gram": "linalg", "pack_upper": "linalg", "unpack_upper": "linalg",
-    "ScorePass": "passes", "SelfInfluencePass": "passes", "run_shard": "passes",
-    "QueryGradients": "contractions",
-    # projects and model folders, for plugins (#14 catalog block)
-    "Project": "project", "ProjectConfig": "project", "project_relative": "project", "Runtime": "runtime",
-    "check_model_dir": "modeling", "fingerprint_files": "modeling", "load_model": "modeling", "model_files": "modeling",
-    "pick_device": "modeling", "pick_dtype": "modeling", "quiet_transformers": "modeling",
-    # What the built-in plugins need beyond the contract: running a pass on a worker built from a
-    # spec (executors), the attention kernel forward-mode AD needs (LiSSA), where sampled labels
-    # sit (part of fitted factors' cache key), search depth over a result set (the tfidf plugin's command).
-    "SAMPLED_AT": "engine", "math_attention": "engine", "build_worker": "runs",
-    "search_depth_for_result_set": "search_depth",
+    "TrackedModule": "engine", "make_batch": "engine",
+    # what precondition_queries returns, and how a run asks it to be held
+    "QueryGradients": "contractions", "Compression": "contractions",
+    # a sum pass's accumulation (Pass.accumulate)
+    "add_into": "linalg",
+    # running a pass: in this process (a command of the plugin's own), or on a remote executor's
+    # worker rebuilt from a job's picklable spec
+    "LocalWorker": "runs.workers", "build_worker": "runs.workers",
     "get_registry": "plugins",
-    # storing a plugin's own tensors; running a pass in this process; reading a result set back
-    "save_tensors": "artifacts", "load_tensors": "artifacts", "LocalWorker": "runs",
-    "result_set": "reading", "score_matrix": "reading",
-    # a plugin that fits and runs passes as a run does (the gradient index's build command): the run
-    # settings, the one recipe, an executor from its spec and the job spec a remote worker rebuilds
-    "RunSettings": "settings", "prepare_estimator": "runs", "make_executor": "runs", "worker_spec": "runs",
-    # a plugin command's progress bar and Ctrl-C handling, as inflq's own commands show them
-    "progress_monitor": "cli.common",
+    # the project a plugin receives, its own tensors, and result sets read back
+    "Project": "project", "Runtime": "runtime",
+    "save_tensors": "artifacts", "load_tensors": "artifacts",
+    "result_set": "reading", "score_matrix": "reading", "investigation_queries": "reading",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
+    from . import testing
     from .artifacts import load_tensors, save_tensors
-    from .cli.common import progress_monitor
-    from .contractions import QueryGradients
+    from .contractions import Compression, QueryGradients
     from .engine import (
-        SAMPLED_AT,
         Batch,
         Captured,
         GradientEngine,
         SequenceGradients,
         TrackedModule,
         make_batch,
-        math_attention,
-        select_modules,
     )
-    from .linalg import add_into, eigh, gram, pack_upper, unpack_upper
-    from .modeling import (
-        check_model_dir,
-        fingerprint_files,
-        load_model,
-        model_files,
-        pick_device,
-        pick_dtype,
-        quiet_transformers,
-    )
-    from .passes import ScorePass, SelfInfluencePass, run_shard
+    from .linalg import add_into
     from .plugins import get_registry
-    from .project import Project, ProjectConfig, project_relative
-    from .reading import result_set, score_matrix
-    from .runs import LocalWorker, build_worker, make_executor, prepare_estimator, worker_spec
+    from .project import Project
+    from .reading import investigation_queries, result_set, score_matrix
+    from .runs.workers import LocalWorker, build_worker
     from .runtime import Runtime
-    from .search_depth import search_depth_for_result_set
-    from .settings import RunSettings
 
 
-# Subpackages exported whole, imported on first use (they import torch).
-_LAZY_PACKAGES = {"index"}  # the gradient index: inflq.index.build_index, ...
+# Subpackages exported whole, imported on first use: a tiny project and gradient helpers for
+# plugins' tests (inflq.testing.tiny_project, ...).
+_LAZY_PACKAGES = {"testing"}
 
 
 def __getattr__(name: str):
@@ -134,13 +117,17 @@ def init_project(path, model, corpus, **kwargs):
 
 
 __all__ = [
-    "add_into", "Attribution", "AttributionContext", "AttributionResult", "Batch", "build_worker", "Cancelled", "Captured",
-    "catalog", "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files",
-    "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "index", "InflqError", "init_project",
-    "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "make_executor", "math_attention", "model_files",
-    "Monitor", "NumericalError", "open_project", "Option", "pack_upper", "Pass", "pick_device", "pick_dtype", "prepare_estimator",
-    "progress_monitor", "ProgressEvent", "Project", "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set",
-    "run_shard", "RunSettings", "Runtime", "SAMPLED_AT", "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set",
-    "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "SumPass", "TrackedModule", "TrainContext", "Trainer",
-    "unpack_upper", "worker_spec",
+    # plugin kinds, their options and registration
+    "Attribution", "Estimator", "Executor", "Filter", "Trainer", "Option", "hookimpl", "get_registry",
+    # what each kind receives
+    "AttributionContext", "AttributionResult", "FilterContext", "FitContext", "ScoringContext", "TrainContext",
+    # passes and where they run
+    "Job", "Pass", "Shard", "SumPass", "add_into", "LocalWorker", "build_worker",
+    # gradients
+    "Batch", "Captured", "Compression", "GradientEngine", "QueryGradients", "SequenceGradients", "TrackedModule", "make_batch",
+    # progress and errors
+    "Cancelled", "InflqError", "Monitor",
+    # projects, a plugin's own tensors, results read back, tests
+    "Project", "Runtime", "init_project", "open_project", "load_tensors", "save_tensors",
+    "investigation_queries", "result_set", "score_matrix", "testing",
 ]

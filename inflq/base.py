@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # torch (1-2 s to import) and numpy load where used: plugins 
     import numpy as np
     import torch
 
-    from .contractions import QueryGradients
-    from .engine import Batch, Captured, GradientEngine, TrackedModule
+    from .contractions import Compression, QueryGradients
+    from .engine import Batch, Captured, GradientEngine, SequenceGradients, TrackedModule
 
 
 # -- passes: the unit of work executors distribute (run by inflq.passes.run_shard) -------------------
@@ -119,7 +119,7 @@ class Plugin:
         return self.name + (":" + ",".join(f"{k}={v}" for k, v in given.items()) if given else "")
 
 
-# -- estimators ------------------------------------------------------------------------------------
+# -- fitting -------------------------------------------------------------------------------------
 @dataclass
 class FitContext:
     """What an estimator's ``fit`` may use: the engine's tracked modules, the fitting data as
@@ -213,6 +213,49 @@ class FitContext:
                 yield make_batch(self.sequences(chunk), self.pad_id, self.engine.device, sample_seeds=seeds)
 
 
+# -- estimators ------------------------------------------------------------------------------------
+@dataclass
+class ScoringContext:
+    """What an estimator that scores the candidates itself (:meth:`Estimator.score_candidates`) may
+    use: the run's queries and candidates, passes of its own over the candidates, and the queries'
+    gradients.
+
+    ``run_pass(pass_)`` runs ``pass_`` over the candidate sequences on the run's executor, shard by
+    shard (the run's ``--shard-size``), and returns its results combined as ``pass_.combine`` says:
+    for a ``"concat"`` pass, one row per candidate, in the order of ``candidates``. In a run, each
+    shard is committed as it arrives, so that a run stopped during the pass continues from its last
+    committed shard (``inflq run --resume``); the committed shards are dropped once the run is done,
+    so keep what you need (``inflq.save_tensors``, a table of your own). Outside a run (the TUI's
+    live query) the pass runs in this process and commits nothing.
+
+    ``query_gradients()``: the queries' gradients ``∇ measurement loss`` as :meth:`Estimator.precondition`
+    receives them (an :class:`inflq.SequenceGradients`, computed on first call). ``preconditioned``:
+    the queries' preconditioned gradients the run saved (from :meth:`Estimator.precondition_queries`),
+    with which its scoring passes would score; ``None`` outside a run."""
+
+    project: Any
+    queries: list[dict]  # catalog rows: id, prompt, completion, chat
+    candidates: np.ndarray  # sorted int64 corpus indices
+    monitor: Monitor
+    engine: GradientEngine
+    run_pass: Callable[[Pass], dict[str, torch.Tensor]] = field(repr=False)
+    query_gradients: Callable[[], SequenceGradients] = field(repr=False)
+    preconditioned: QueryGradients | None = field(default=None, repr=False)
+    seed: int = 0
+
+
+def describe_briefly(described: dict[str, Any], longest: int = 60) -> str:
+    """``key value, ...`` of the short scalar entries of an estimator's :meth:`Estimator.describe`
+    (numbers to 3 significant digits; nested values and long texts left to the stored settings)."""
+    parts = []
+    for key, value in described.items():
+        if isinstance(value, bool) or (isinstance(value, str) and 0 < len(value) <= longest):
+            parts.append(f"{key} {value}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key} {value:.3g}" if isinstance(value, float) else f"{key} {value}")
+    return ", ".join(parts)
+
+
 class Estimator(Plugin):
     """An inverse-Hessian approximation (the *preconditioner*) and, optionally, fitted factors.
 
@@ -224,7 +267,8 @@ class Estimator(Plugin):
       * ``precondition(grads)`` maps gradients ``{module: [n, out, in_dim]}`` to
         ``(G + λI)⁻¹ grads``. Scores are ``⟨precondition(∇ measurement loss), ∇ training loss⟩``,
         positive when the training sequence makes the completion more likely.
-      * ``describe()`` returns what a result must record (e.g. the damping used).
+      * ``describe()`` returns what a result must record (e.g. the damping used), and
+        ``summarize(described)`` says it in one line for result headers.
     """
 
     kind = "estimator"
@@ -232,6 +276,11 @@ class Estimator(Plugin):
     # Scores a new query against the whole corpus without a pass over it (``score_candidates``
     # from stored data, e.g. the gradient index): the TUI's live query uses such an estimator.
     interactive: ClassVar[bool] = False
+    # The preconditioned queries must never be compressed (a rank-r factorisation would change the
+    # scores this estimator means, e.g. a projection's dense PᵀP q): runs hold every module at full
+    # rank whatever ``--rank`` says, record rank ``None``, and refuse with a one-line error when the
+    # queries exceed ``--full-rank-memory`` rather than compress them.
+    full_rank_queries: ClassVar[bool] = False
 
     def factor_settings(self) -> dict[str, Any]:
         """Settings that determine the factors (part of the factors' cache key)."""
@@ -250,21 +299,33 @@ class Estimator(Plugin):
     def precondition(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def precondition_queries(self, grads: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
-        """The queries' preconditioned gradients at rank ``rank`` (``None``: full rank).
-        Default: :meth:`precondition`, then compress; estimators with a cheaper route override it."""
+    def precondition_queries(self, grads: dict[str, torch.Tensor], rank: int | None | Compression) -> QueryGradients:
+        """The queries' preconditioned gradients, held as ``rank`` says: an ``int`` (rank-r factors),
+        ``None`` (full rank) or an :class:`inflq.Compression` (runs pass one: a rank, and full rank
+        where scoring is cheaper that way; full rank throughout for :attr:`full_rank_queries`).
+        Default: :meth:`precondition`, then :meth:`QueryGradients.from_preconditioned` with
+        ``rank``; estimators with a cheaper route override it and hand ``rank`` on the same way."""
         from .contractions import QueryGradients
 
         return QueryGradients.from_preconditioned(self.precondition(grads), rank)
 
     def describe(self) -> dict[str, Any]:
+        """What a result set must record (stored in its settings as ``estimator_settings``): by
+        default the options' values; add what the run found out (the damping used, convergence)."""
         return dict(self.settings)
 
-    def score_candidates(self, project: Any, queries: list[dict], candidates: np.ndarray, monitor: Monitor) -> np.ndarray | None:
-        """Scores ``[len(queries), len(candidates)]`` (float32) of the run's ``queries`` (catalog rows:
-        ``prompt``, ``completion``, ``chat``) against the sorted corpus ``candidates``, computed by
-        the estimator itself (e.g. from stored gradients), or ``None`` (the default): the run scores
-        them with its passes, from :meth:`precondition_queries`'s gradients. Called after
+    @classmethod
+    def summarize(cls, described: dict[str, Any]) -> str:
+        """One line for result headers (``inflq top``, the TUI's results) from what :meth:`describe`
+        returned for a result set: by default its short scalar entries as ``key value``
+        (:func:`describe_briefly`). Override to say it better (EK-FAC: the damping it used)."""
+        return describe_briefly(described)
+
+    def score_candidates(self, ctx: ScoringContext) -> np.ndarray | None:
+        """Scores ``[len(ctx.queries), len(ctx.candidates)]`` (float32) of the run's queries against
+        the sorted corpus ``ctx.candidates``, computed by the estimator itself (from stored data, or
+        from a pass of its own over the candidates, ``ctx.run_pass``), or ``None`` (the default): the
+        run scores them with its passes, from :meth:`precondition_queries`'s gradients. Called after
         :meth:`prepare`; the run still preconditions the queries (for attribution and the top rows'
         per-module scores), so scores returned here should be those gradients' scores up to the
         estimator's own storage precision. Ignored for estimators with :meth:`checkpoints`."""

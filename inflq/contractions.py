@@ -111,9 +111,11 @@ class QueryGradients:
     _flat_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_preconditioned(cls, grads: dict[str, torch.Tensor], rank: int | None | Compression = 32) -> QueryGradients:
-        """Compress ``grads`` (``[nq, out, in_dim]`` per module) to rank ``rank`` (``None``: keep full;
-        a :class:`Compression`: full rank where that is cheaper)."""
+    def from_preconditioned(cls, grads: dict[str, torch.Tensor], rank: int | None | Compression) -> QueryGradients:
+        """Hold ``grads`` (``[nq, out, in_dim]`` per module) as ``rank`` says: an ``int``, rank-``rank``
+        factors (truncated SVDs: scores change wherever a module's rank exceeds it); ``None``, full
+        rank (exact); a :class:`Compression`, its rank with full rank where that is cheaper. No
+        default: an estimator hands on the ``rank`` its ``precondition_queries`` received."""
         policy = Compression.of(rank)
         rank = policy.rank
         full = policy.plan({n: tuple(q.shape) for n, q in grads.items()})
@@ -134,7 +136,7 @@ class QueryGradients:
         rotated: dict[str, torch.Tensor],
         qs: dict[str, torch.Tensor],
         qa: dict[str, torch.Tensor],
-        rank: int | None | Compression = 32,
+        rank: int | None | Compression,
     ) -> QueryGradients:
         """Build from preconditioned gradients still in a Kronecker eigenbasis, ``Q = Q_S R Q_Aᵀ``.
 

@@ -83,13 +83,16 @@ class LiveScorer:
         name = interactive_estimator()
         if name is None or not prompt.strip() or not completion.strip():
             return None
+        from .runs import scoring_context
+
         t0 = time.perf_counter()
         with self._lock:
             try:
-                prepared, _ = self._prepare(name)
+                prepared, settings = self._prepare(name)
                 n = len(self.project.runtime.corpus)
                 query = {"prompt": prompt, "completion": completion, "chat": 0}
-                scores = prepared.estimator.score_candidates(self.project, [query], np.arange(n, dtype=np.int64), Monitor())
+                ctx = scoring_context(self.project, prepared.estimator, prepared.engine, [query], np.arange(n, dtype=np.int64), settings, Monitor())
+                scores = prepared.estimator.score_candidates(ctx)
                 probe_scores = None
                 if scores is not None and probes:
                     tokens = [self._probe_tokens(p["text"]) for p in probes]

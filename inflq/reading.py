@@ -38,17 +38,27 @@ def result_set(project: Project, investigation: str, result_set_id: int | None =
     return sets[-1]
 
 
+def investigation_queries(project: Project, investigation: str) -> list[dict]:
+    """The investigation's queries, in the order added (the rows of :func:`score_matrix`), as
+    catalog rows: ``id``, ``prompt``, ``completion``, ``chat``."""
+    return catalog.queries(project.db, investigation)
+
+
 def estimator_summary(rs: dict) -> str:
-    """One line on how a result set was estimated: the damping actually used (mean over modules),
-    the query rank, and an iterative estimator's convergence residual when it recorded one."""
+    """One line on how a result set was estimated: what its estimator's :meth:`inflq.Estimator.summarize`
+    makes of the ``describe()`` recorded with it (the built-in EK-FAC: the damping actually used; LiSSA:
+    also its convergence residual; a plugin: its own line, by default its short scalar entries), then
+    the rank its queries were held at."""
+    from .base import Estimator
+
     settings = json.loads(rs["settings"] or "{}")
     est = settings.get("estimator_settings") or {}
-    parts = []
-    per_module = est.get("damping_per_module")
-    if isinstance(per_module, dict) and per_module:
-        mean = sum(per_module.values()) / len(per_module)
-        how = f"{est['damping']:.3g}" if est.get("damping") is not None else f"{est.get('damping_factor', 0.1):g} × mean eigenvalue"
-        parts.append(f"damping {how} (λ mean {mean:.3g})")
+    # A result set outlives its plugin: without it, the default rendering of what it recorded.
+    cls = get_registry().all("estimator").get((rs.get("estimator") or "").split(":")[0], Estimator)
+    try:
+        parts = [cls.summarize(est)]
+    except Exception:  # a plugin's summary must not take `inflq top` down
+        parts = [Estimator.summarize(est)]
     rank = settings.get("rank")
     full = settings.get("full_rank_modules")
     if rank is None or (full is not None and len(full) == len(settings.get("modules") or ())):
@@ -57,9 +67,7 @@ def estimator_summary(rs: dict) -> str:
         parts.append(f"rank {rank} ({len(full)} of {len(settings.get('modules') or ())} modules full rank, where cheaper)")
     else:
         parts.append(f"rank {rank}")
-    if est.get("residual") is not None:
-        parts.append(f"residual {est['residual']:.3g}")
-    return ", ".join(parts)
+    return ", ".join(p for p in parts if p)
 
 
 def top(project: Project, result_set_id: int, query_id: int, side: str = "top", k: int = 20, offset: int = 0) -> list[dict]:

@@ -1,8 +1,10 @@
 """Guards for the shape of the house (docs/architecture.md): they fail when a change strays from it.
 
 - Only ``inflq/catalog/`` knows the core's table names or runs SQL.
-- The built-in plugins import only what ``inflq/__init__.py`` exports, as a third-party plugin must,
-  and touch no core table.
+- The plugin contract is ``inflq.__all__``: third-party-shaped plugins (examples/, the test plugins)
+  import nothing else (and :mod:`inflq.testing` in their tests); the built-in plugins import the
+  contract and :mod:`inflq._builtins_api` (unstable, what they need beyond it), and touch no core
+  table. The package root imports nothing from the CLI or the TUI.
 - No import circles among inflq's modules.
 - The headless core never imports Textual.
 
@@ -23,7 +25,8 @@ from inflq import catalog
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "inflq"
 BUILTINS = ROOT / "plugins" / "inflq_builtins"
-EXAMPLE = ROOT / "examples" / "inflq-cosine" / "inflq_cosine"
+# Plugins shaped as a third party's: the examples (package and tests) and the suite's own.
+THIRD_PARTY = [ROOT / "examples" / "inflq-cosine", ROOT / "examples" / "inflq-plugin-template", ROOT / "tests" / "trak_lite.py"]
 
 SQL = re.compile(
     r"^\s*(SELECT\s.*\bFROM\s|SELECT\s+(max|min|count|coalesce|1)\b|INSERT\s+(OR\s+\w+\s+)?INTO\s|UPDATE\s+\w+\s+SET\s|DELETE\s+FROM\s"
@@ -114,33 +117,94 @@ def test_builtin_plugins_touch_no_core_table(tmp_path):
     assert not offenders, "built-in plugins must use catalog functions for core tables:\n" + "\n".join(offenders)
 
 
-def private_inflq_imports(tree: ast.AST, public: set[str]) -> list[tuple[int, str]]:
-    """Imports in ``tree`` of anything but the names ``inflq/__init__.py`` exports."""
+def private_inflq_imports(tree: ast.AST, public: set[str], modules: dict[str, set[str]] | None = None) -> list[tuple[int, str]]:
+    """Imports in ``tree`` of anything but the names ``inflq/__init__.py`` exports (``public``) and,
+    for each module that ``modules`` names, the names given there (``{"inflq.testing": {...}}``)."""
+    modules = modules or {}
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module.startswith("inflq."):
+            if node.module in modules:
+                found += [(node.lineno, f"from {node.module} import {a.name}") for a in node.names if a.name not in modules[node.module]]
+            elif node.module.startswith("inflq."):
                 found.append((node.lineno, f"from {node.module} import ..."))
             elif node.module == "inflq":
                 found += [(node.lineno, f"from inflq import {a.name}") for a in node.names if a.name not in public]
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.startswith("inflq.")]
+            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.startswith("inflq.") and a.name not in modules]
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "inflq" and node.attr not in public:
             found.append((node.lineno, f"inflq.{node.attr}"))
     return found
 
 
-def test_builtin_plugins_import_only_public_names():
-    """The built-ins, and the example third-party plugin that docs/plugins.md points to."""
+def _files(paths: list[Path]) -> list[Path]:
+    return [f for p in paths for f in ([p] if p.is_file() else _py_files(p))]
+
+
+def builtin_names() -> dict[str, set[str]]:
+    """What the built-in plugins may import beyond the contract: :mod:`inflq._builtins_api`."""
+    from inflq import _builtins_api
+
+    return {"inflq._builtins_api": set(_builtins_api.__all__)}
+
+
+def test_builtin_plugins_import_the_contract_and_the_builtins_api_only():
     public = set(inflq.__all__)
     offenders = []
-    for path in _py_files(BUILTINS) + _py_files(EXAMPLE):
-        for line, what in private_inflq_imports(ast.parse(path.read_text(), str(path)), public):
+    for path in _py_files(BUILTINS):
+        for line, what in private_inflq_imports(ast.parse(path.read_text(), str(path)), public, builtin_names()):
             offenders.append(f"{_rel(path)}:{line}: {what}")
     assert not offenders, (
-        "built-in plugins are shaped like third-party ones: import only names in inflq.__all__ "
-        "(make what they need public):\n" + "\n".join(offenders)
+        "built-in plugins import only names in inflq.__all__, and inflq._builtins_api for what they need beyond it:\n" + "\n".join(offenders)
     )
+
+
+def test_third_party_plugins_import_the_contract_only():
+    """The example plugin, the template and the suite's own third-party-shaped plugins (trak-lite)
+    are written against ``inflq.__all__`` alone; their tests may add :mod:`inflq.testing`."""
+    from inflq import testing
+
+    public = set(inflq.__all__)
+    offenders = []
+    files = _files(THIRD_PARTY)
+    assert len(files) >= 5 and all(p.exists() for p in THIRD_PARTY)
+    for path in files:
+        for line, what in private_inflq_imports(ast.parse(path.read_text(), str(path)), public, {"inflq.testing": set(testing.__all__)}):
+            offenders.append(f"{_rel(path)}:{line}: {what}")
+    assert not offenders, (
+        "third-party plugins import only names in inflq.__all__ (docs/plugins.md): export what they need, "
+        "or use inflq.testing in tests:\n" + "\n".join(offenders)
+    )
+
+
+def test_the_builtins_api_holds_only_what_the_builtins_use():
+    """Each of its names resolves, none is also in the contract, and some built-in imports it: the
+    module does not grow into a second public API."""
+    from inflq import _builtins_api
+
+    used: set[str] = set()
+    for path in _py_files(BUILTINS):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "inflq._builtins_api":
+                used |= {a.name for a in node.names}
+    names = set(_builtins_api.__all__)
+    assert not names & set(inflq.__all__)
+    assert sorted(names - used) == [], "in inflq._builtins_api but used by no built-in"
+    for name in names:
+        assert getattr(_builtins_api, name) is not None
+
+
+def test_the_package_root_imports_no_front_end():
+    """Not at import, and not on first use of any contract name: the CLI and the TUI are clients."""
+    import subprocess
+    import sys
+
+    tree = ast.parse((CORE / "__init__.py").read_text())
+    named = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)] + [str(v) for v in inflq._LAZY.values()]
+    assert not [m for m in named if m.split(".")[0] in ("cli", "tui")], named
+    code = "import sys, inflq\nfor n in inflq.__all__: getattr(inflq, n)\nprint(sorted(m for m in sys.modules if m.startswith(('inflq.cli', 'inflq.tui', 'textual'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 def test_the_plugin_guide_lists_the_public_api_exactly():
@@ -158,6 +222,8 @@ def test_the_plugin_guide_lists_the_public_api_exactly():
 def test_the_import_guard_sees_private_names():
     src = "from inflq.runs import build_worker\nfrom inflq import Job, _secret\nimport inflq.project\nx = inflq.project\n"
     assert sorted(line for line, _ in private_inflq_imports(ast.parse(src), {"Job"})) == [1, 2, 3, 4]
+    src = "from inflq.testing import cli, _x\nfrom inflq.testing import tiny_project\nimport inflq.testing\n"
+    assert [line for line, _ in private_inflq_imports(ast.parse(src), set(), {"inflq.testing": {"cli", "tiny_project"}})] == [1]
 
 
 def _module_name(path: Path) -> str:

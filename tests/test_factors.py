@@ -283,7 +283,8 @@ def test_packed_covariance_sums_give_bitwise_the_factors_of_square_ones(project)
     upper triangles of the square sums inflq kept before, so the float64 eigendecompositions (which
     read the upper triangle only) are bitwise the same; a running sum of squares (a fit resumed
     from before the packing) is packed before the next batch is added."""
-    from inflq import SumPass, add_into, eigh, gram, pack_upper, unpack_upper
+    from inflq import SumPass, add_into
+    from inflq.linalg import eigh, gram, pack_upper, unpack_upper
     from inflq.passes import Shard, run_shard
     from inflq_builtins.estimators import CovariancePass, symmetric
 

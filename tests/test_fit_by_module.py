@@ -184,7 +184,7 @@ def test_eigendecompositions_are_the_executors_tasks_on_packed_sums(project, mon
     S), sent one packed float64 sum at a time (each leaving the driver's sums as it is sent) and
     computed on the engine's device; its result is exactly the driver's former computation (the
     sum's square over the tokens, float64 eigh, float32 eigenvectors)."""
-    from inflq import eigh, unpack_upper
+    from inflq.linalg import eigh, unpack_upper
     from inflq_builtins import estimators
 
     engine = project.runtime.engine()

@@ -21,9 +21,9 @@ import torch
 from scipy.stats import spearmanr
 
 from helpers import assert_equal_to_rounding
-from inflq import Cancelled, Monitor, make_batch, select_modules
+from inflq import Cancelled, Monitor, make_batch
 from inflq.artifacts import save_tensors
-from inflq.engine import Conv1D, GradientEngine
+from inflq.engine import Conv1D, GradientEngine, select_modules
 from inflq.index import (
     IndexModel,
     IndexSettings,

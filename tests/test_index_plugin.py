@@ -201,7 +201,8 @@ def test_pack_carries_the_index_unless_excluded(proj, cli_run, tmp_path):
 
 
 def test_the_index_plugin_is_shaped_like_a_third_party_one():
-    """Registered through pyproject's `inflq` entry points, importing only `inflq.__all__`, cheap to
+    """Registered through pyproject's `inflq` entry points, importing only `inflq.__all__` and
+    `inflq._builtins_api` (what built-ins need beyond the contract), cheap to
     import (no torch at module level), and touching no core table (tests/test_architecture.py
     runs the same guards over every built-in)."""
     import ast
@@ -210,7 +211,7 @@ def test_the_index_plugin_is_shaped_like_a_third_party_one():
     from pathlib import Path
 
     import tomllib
-    from test_architecture import private_inflq_imports
+    from test_architecture import builtin_names, private_inflq_imports
 
     import inflq
 
@@ -218,7 +219,7 @@ def test_the_index_plugin_is_shaped_like_a_third_party_one():
     eps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]["inflq"]
     assert eps["index"] == "inflq_builtins.gradient_index"
     path = root / "plugins" / "inflq_builtins" / "gradient_index.py"
-    assert private_inflq_imports(ast.parse(path.read_text()), set(inflq.__all__)) == []
+    assert private_inflq_imports(ast.parse(path.read_text()), set(inflq.__all__), builtin_names()) == []
     code = "import sys, inflq_builtins.gradient_index; print(int('torch' in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0"
@@ -227,7 +228,8 @@ def test_the_index_plugin_is_shaped_like_a_third_party_one():
 
 def test_a_cancelled_build_resumes_from_its_committed_shards(proj, cli_run):
     """Ctrl-C (a cancelled Monitor) keeps the committed shards; the same build then completes them."""
-    from inflq import Cancelled, Monitor, RunSettings, index
+    from inflq import Cancelled, Monitor, index
+    from inflq.settings import RunSettings
 
     p = open_project(proj)
     settings = index.IndexSettings(k_s=3, k_a=3)

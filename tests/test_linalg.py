@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inflq import gram
+from inflq.linalg import gram
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread-syrk", "2-threads-matmul"], autouse=True)
@@ -57,7 +57,7 @@ def test_pack_upper_is_the_upper_triangle_row_by_row():
     """Exactly the entries with i <= j, in row order, for contiguous and transposed matrices;
     unpack_upper puts them back. gram's upper triangle comes back row-major (contiguous), the
     layout the packing reads fastest."""
-    from inflq import pack_upper, unpack_upper
+    from inflq.linalg import pack_upper, unpack_upper
 
     m = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     want = torch.tensor([float(m[i, j]) for i in range(7) for j in range(i, 7)], dtype=torch.float64)
@@ -78,7 +78,7 @@ def test_gram_falls_back_to_matmul_for_other_dtypes():
 def test_eigh_is_float64_from_the_upper_triangle_on_any_device():
     """inflq.eigh: float64 on the CPU for CPU tensors, for devices without float64 eigh (MPS) and
     where the device's attempt fails (here CUDA is absent): the same answer every time."""
-    from inflq import eigh
+    from inflq.linalg import eigh
 
     x = torch.randn(200, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     full = x.T @ x
@@ -95,7 +95,7 @@ def test_eigh_is_float64_from_the_upper_triangle_on_any_device():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_eigh_on_cuda_matches_the_cpu():  # pragma: no cover - run where a GPU is lent
-    from inflq import eigh
+    from inflq.linalg import eigh
 
     x = torch.randn(500, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     full = x.T @ x

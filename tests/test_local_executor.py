@@ -52,7 +52,8 @@ def test_one_sequence_that_does_not_fit_is_a_clear_error(project, monkeypatch):
 def test_scoring_that_runs_out_of_memory_mid_group_loses_no_sequence(project, monkeypatch):
     """Deferred dot products: a batch that fails after the pass computed (but had not yet returned)
     earlier batches' scores is retried smaller, and every sequence's score comes out once, in order."""
-    from inflq import QueryGradients, ScorePass
+    from inflq import QueryGradients
+    from inflq.passes import ScorePass
     from inflq.runs import query_gradients
 
     engine = project.runtime.engine()

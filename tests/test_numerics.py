@@ -18,9 +18,9 @@ from scipy.stats import pearsonr, spearmanr
 from torch.func import functional_call, jacfwd, jacrev
 
 from helpers import make_model_dir, write_corpus
-from inflq import Monitor, QueryGradients, ScorePass, Shard, catalog, make_batch, run_shard
+from inflq import Monitor, QueryGradients, Shard, catalog, make_batch
 from inflq.engine import Conv1D
-from inflq.passes import sequence_seed
+from inflq.passes import ScorePass, run_shard, sequence_seed
 from inflq.project import Project
 from inflq.queries import add_query
 from inflq.reading import ScoringSession, score_matrix

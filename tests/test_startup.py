@@ -92,7 +92,8 @@ def test_batching_fills_a_token_budget_in_length_order():
 def test_auto_batching_follows_the_model_and_the_memory(project):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from inflq import GradientEngine, select_modules
+    from inflq import GradientEngine
+    from inflq.engine import select_modules
 
     small = project.runtime.engine()
     roomy = auto_batching(small, 64, memory=8 << 30)

@@ -1174,12 +1174,14 @@ def test_live_query_from_the_gradient_index(project_dir):
     # its rank counts the corpus sequences whose index scores are higher.
     from inflq import make_batch
     from inflq.progress import Monitor
-    from inflq.runs import query_gradients
+    from inflq.runs import query_gradients, scoring_context
 
-    est = live._prepare("index")[0].estimator
+    prepared, settings = live._prepare("index")
+    est = prepared.estimator
     qgrads = query_gradients(p, est.engine, [{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], None)
     lifted = est.precondition(qgrads)
-    all_scores = est.score_candidates(p, [{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], np.arange(n), Monitor())[0]
+    ctx = scoring_context(p, est, est.engine, [{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], np.arange(n), settings, Monitor())
+    all_scores = est.score_candidates(ctx)[0]
     for pr in top.probes:
         grads = est.engine.sequence_gradients(make_batch([p.runtime.tokenize_sequence(pr.text)], p.runtime.pad_id), "data")
         slow = float(sum((lifted[m][0].double() * grads[m][0].double()).sum() for m in lifted))

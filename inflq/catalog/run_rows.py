@@ -144,6 +144,15 @@ def record_fit_shards(db, run_id: int, pass_key: str, factor_key: str, sizes: di
             )
 
 
+def forget_fit_shards(db, run_id: int, prefix: str) -> list[str]:
+    """Forget the run's committed pass shards whose pass key starts with ``prefix`` (an estimator's
+    own passes over the candidates, once the run is done). Returns the paths of their files."""
+    with db.atomic():
+        rows = _rows(db, "SELECT DISTINCT path FROM fit_shards WHERE run_id = ? AND substr(pass_key, 1, ?) = ?", [run_id, len(prefix), prefix])
+        db.execute("DELETE FROM fit_shards WHERE run_id = ? AND substr(pass_key, 1, ?) = ?", [run_id, len(prefix), prefix])
+    return [r["path"] for r in rows]
+
+
 def fit_shard_totals(db, run_id: int) -> list[tuple[str, int, int]]:
     """Per fitting pass of the run: ``(pass key, shards, sequences)`` committed."""
     return [tuple(r) for r in db.execute(

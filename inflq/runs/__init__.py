@@ -3,7 +3,8 @@ choose candidates, and score them shard by shard. Each finished shard is committ
 crash or Ctrl-C loses at most the shard in flight and ``resume`` continues from there.
 
 - ``recipe``: make the estimator, executor and filter a spec names; :func:`prepare_estimator`.
-- ``factors``: fitting (or loading) factors, pass by pass, shard by shard.
+- ``fitting``: fitting (or loading) factors, pass by pass, shard by shard.
+- ``committed``: passes whose shards a run commits as they arrive (a fit's, an estimator's own).
 - ``scoring``: query gradients, preconditioning, candidates, score shards, extremes.
 - ``recording``: a run's record in the catalog, its result set, what an interrupted run kept.
 - ``investigation``: :func:`run_investigation` and :func:`fit_factors`.
@@ -40,6 +41,7 @@ from .scoring import (
     query_gradients,
     scorer_tensors,
     scorers_for,
+    scoring_context,
     shard_extremes,
     split_checkpoint_tensors,
 )
@@ -49,6 +51,6 @@ __all__ = [
     "LocalWorker", "Prepared", "ResultRecord", "RunResult", "RunSettings", "Scorer", "build_worker", "checkpoint_engine",
     "committed_work", "default_executor", "ensure_factors", "extremes", "filter_context", "fit_factors", "fit_indices", "fit_memory_bytes", "interrupted_run",
     "make_estimator", "make_executor", "make_filter", "make_trainer", "preconditioned_queries", "preconditioned_query_gradients", "prepare_estimator", "query_compression",
-    "query_gradients", "result_record", "run_investigation", "scorer_tensors", "scorers_for", "shard_extremes",
+    "query_gradients", "result_record", "run_investigation", "scorer_tensors", "scorers_for", "scoring_context", "shard_extremes",
     "split_checkpoint_tensors", "start_run", "store_result_set", "worker_spec",
 ]

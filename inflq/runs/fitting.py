@@ -17,10 +17,11 @@ from ..artifacts import load_tensors, save_tensors
 from ..base import Estimator, Executor, FitContext, Job
 from ..engine import GradientEngine
 from ..errors import InflqError
-from ..passes import Pass, Shard, add_into, combine_results, make_shards
+from ..passes import Pass, Shard, add_into, make_shards
 from ..progress import Monitor
 from ..project import ARTIFACTS, Project
 from ..settings import RunSettings
+from .committed import run_committed_pass
 from .workers import LocalWorker, worker_spec
 
 
@@ -157,26 +158,9 @@ def ensure_factors(
         return total
 
     def _concat_pass(pass_: Pass, pass_key: str, number: str, shards: list[Shard], committing: bool) -> dict[str, torch.Tensor]:
-        parts: dict[int, dict[str, torch.Tensor]] = {}
-        if committing:
-            for r in catalog.fit_shards(project.db, run_id, pass_key):
-                if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]]):
-                    parts[r["shard"]] = load_tensors(project.root, r["path"], r["checksum"], "fitting shard")
-        monitor.start(pass_.phase, len(indices))
-        monitor.advance(sum(len(shards[i]) for i in parts))
-
-        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
-            parts[shard.index] = out
-            if committing:
-                rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
-                checksum = save_tensors(project.root, rel, out)
-                catalog.record_fit_shards(project.db, run_id, pass_key, factor_key, {shard.index: len(shard)}, rel, checksum)
-
         job = Job(pass_, worker_spec(project, settings.modules), settings.batching(), local=worker)
-        executor.map(job, [s for s in shards if s.index not in parts], on_result, monitor)
-        if len(parts) != len(shards):
-            raise InflqError(f"the executor returned {len(parts)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
-        return combine_results(pass_.combine, [parts[i] for i in sorted(parts)])
+        return run_committed_pass(project, executor, job, shards, monitor, run_id=run_id if committing else None, pass_key=pass_key,
+                                  data_key=factor_key or "", files=f"{ARTIFACTS}/runs/{run_id}/fit-{number}")
 
     own = getattr(executor, "fit_memory", None)  # executors written before fitting by module lack it
     budgets = [b for b in (fit_memory_bytes(settings.fit_memory), own() if own else None) if b is not None]

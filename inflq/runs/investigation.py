@@ -25,10 +25,13 @@ from .scoring import (
     choose_candidates,
     estimator_scores,
     filter_context,
+    forget_candidate_passes,
+    honour_full_rank,
     query_compression,
     save_queries,
     score_shards,
     scorers_for,
+    scoring_context,
 )
 
 
@@ -85,6 +88,7 @@ def run_investigation(
     estimator = make_estimator(settings.estimator)
     filt = make_filter(settings.filter)
     executor = make_executor(settings.executor)
+    honour_full_rank(estimator, settings, monitor)  # before the settings are recorded
     if run_id is None:
         run_id = start_run(project, investigation, settings)
     else:
@@ -108,14 +112,17 @@ def run_investigation(
         # Preconditioned query gradients, low rank, saved for on-demand attribution.
         t = time.perf_counter()
         monitor.start("query gradients", len(queries))
-        compression = query_compression(settings, project.runtime.corpus.lengths()[cand])
+        compression = query_compression(settings, project.runtime.corpus.lengths()[cand], estimator)
         scorers = scorers_for(project, estimator, engine, queries, settings, compression)
         monitor.advance(len(queries))
         saved_queries = save_queries(project, run_id, scorers, settings.rank)
         phases["query gradients"] = time.perf_counter() - t
-        # Scores from the estimator itself (a stored index), else in shards, committing each one.
+        # Scores from the estimator itself (a stored index, or passes of its own over the candidates,
+        # committed shard by shard), else by the scoring passes, in shards, committing each one.
         t = time.perf_counter()
-        scored = estimator_scores(project, estimator, queries, cand, mask, monitor)
+        own = scoring_context(project, estimator, engine, queries, cand, settings, monitor, executor=executor, run_id=run_id,
+                              preconditioned=scorers[-1].queries)
+        scored = estimator_scores(project, estimator, own, mask)
         if scored is None:
             scored = score_shards(project, run_id, scorers, cand, mask, settings, executor, monitor)
         phases["scoring"] = time.perf_counter() - t
@@ -125,6 +132,7 @@ def run_investigation(
         phases["top results"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         catalog.finish_run(project.db, run_id, "done", seconds=seconds)
+        forget_candidate_passes(project, run_id)
         return RunResult(run_id, rs_id, seconds, phases)
 
 

@@ -22,7 +22,7 @@ from ..plugins import get_registry
 from ..progress import Monitor
 from ..project import ARTIFACTS, Project, project_relative
 from ..settings import RunSettings
-from .scoring import Scorer, extreme_module_scores, pick_extremes
+from .scoring import CANDIDATE_PASSES, Scorer, extreme_module_scores, pick_extremes
 
 
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
@@ -150,11 +150,16 @@ def committed_work(project: Project, run_id: int) -> str:
     row = catalog.get_run(project.db, run_id)
     shard_size = RunSettings.from_json(row["settings"]).shard_size
     parts = []
+    totals = catalog.fit_shard_totals(project.db, run_id)
     if row["factor_set_id"] is not None:
         parts.append(f"its factors (factor set {row['factor_set_id']})")
     else:
-        for key, n_shards, n_seqs in catalog.fit_shard_totals(project.db, run_id):
-            parts.append(f"{n_seqs} sequences of the {key.split(':', 1)[1]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
+        for key, n_shards, n_seqs in totals:
+            if not key.startswith(CANDIDATE_PASSES):
+                parts.append(f"{n_seqs} sequences of the {key.split(':', 1)[1]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
+    for key, n_shards, n_seqs in totals:
+        if key.startswith(CANDIDATE_PASSES):  # the estimator's own pass over the candidates
+            parts.append(f"{n_seqs} candidates of the estimator's {key.split(':', 2)[2]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
     n_shards, n_seqs = catalog.score_shard_totals(project.db, run_id)
     if n_shards:
         parts.append(f"{n_seqs} scored sequences in {n_shards} shard{'s' if n_shards != 1 else ''}")

@@ -4,7 +4,10 @@ chooses; and each candidate's score per query, shard by shard. An estimator over
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ import torch
 
 from .. import catalog
 from ..artifacts import load_tensors, save_tensors
-from ..base import Estimator, Executor, FilterContext, Job
+from ..base import Estimator, Executor, FilterContext, Job, ScoringContext
 from ..contractions import Compression, QueryGradients
 from ..engine import GradientEngine, SequenceGradients, make_batch
 from ..errors import InflqError
@@ -23,6 +26,7 @@ from ..passes import ScorePass, Shard, make_shards
 from ..progress import Monitor
 from ..project import ARTIFACTS, Project
 from ..settings import RunSettings
+from .committed import run_committed_pass
 from .workers import LocalWorker, checkpoint_engine, worker_spec
 
 
@@ -51,15 +55,41 @@ def query_gradients(project: Project, engine: GradientEngine, queries: list[dict
     return SequenceGradients.concat(parts)
 
 
-def query_compression(settings: RunSettings, lengths: np.ndarray) -> Compression:
+def query_compression(settings: RunSettings, lengths: np.ndarray, estimator: Estimator | None = None) -> Compression:
     """The run's query compression: rank ``settings.rank``, full rank where scoring sequences of
-    these ``lengths`` is cheaper that way, within ``settings.full_rank_mb``."""
+    these ``lengths`` is cheaper that way, within ``settings.full_rank_mb``; full rank throughout
+    for an estimator whose queries must not be compressed (:attr:`Estimator.full_rank_queries`)."""
+    if estimator is not None and estimator.full_rank_queries:
+        return Compression(None, None, int(settings.full_rank_mb) << 20)
     tokens = float(np.mean(lengths)) if len(lengths) and settings.full_rank_mb > 0 else None
     return Compression(settings.rank, tokens, int(settings.full_rank_mb) << 20)
 
 
+def honour_full_rank(estimator: Estimator, settings: RunSettings, monitor: Monitor) -> None:
+    """A run of an estimator whose queries must not be compressed (:attr:`Estimator.full_rank_queries`)
+    holds them at full rank, so its settings say rank ``None`` (recorded with the run and its result
+    set, shown by ``inflq top`` and the TUI); a rank asked for is reported as not applied (a warning
+    when it is not the default one)."""
+    if not estimator.full_rank_queries or settings.rank is None:
+        return
+    say = monitor.note if settings.rank == RunSettings().rank else monitor.warn
+    say(f"estimator {estimator.name} keeps its query gradients at full rank (compressing them would change its scores): "
+        f"rank {settings.rank} not applied")
+    settings.rank = None
+
+
+def full_rank_query_bytes(engine: GradientEngine, num_queries: int) -> int:
+    """Bytes of ``num_queries`` preconditioned query gradients held at full rank (float32)."""
+    return 4 * num_queries * sum(t.out_features * t.in_dim for t in engine.tracked)
+
+
 def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor], rank: int | None | Compression) -> QueryGradients:
     qg = estimator.precondition_queries(grads, rank)
+    if estimator.full_rank_queries and qg.left:
+        raise InflqError(
+            f"estimator {estimator.name} declares full_rank_queries, but its precondition_queries factorised "
+            f"{', '.join(sorted(qg.left))}: hand its rank on to QueryGradients.from_preconditioned"
+        )
     for key, q in qg.tensors().items():
         if not torch.isfinite(q).all():
             raise InflqError(f"the preconditioned query gradient of {key.partition('/')[2]} is not finite; increase the damping")
@@ -87,9 +117,12 @@ def preconditioned_query_gradients(
     dense gradients at once (which grew with the number of queries). Which modules stay at full rank
     is planned once for all the queries, so the parts join; each query is preconditioned and
     compressed on its own either way, so the result is the one of all queries at once."""
-    per_query = 4 * sum(t.out_features * t.in_dim for t in engine.tracked)
+    per_query = full_rank_query_bytes(engine, 1)
     size = max(1, int(chunk_bytes) // max(1, per_query))
-    policy = Compression.of(compression).fixed({t.name: (len(queries), t.out_features, t.in_dim) for t in engine.tracked})
+    policy = Compression.of(compression)
+    if estimator.full_rank_queries:  # whatever the caller asked: this estimator's scores need them whole
+        policy = dataclasses.replace(policy, rank=None, tokens=None)
+    policy = policy.fixed({t.name: (len(queries), t.out_features, t.in_dim) for t in engine.tracked})
     parts = []
     for s in range(0, len(queries), size):
         grads = query_gradients(project, engine, queries[s : s + size], batch_size)
@@ -107,6 +140,15 @@ def scorers_for(
     checkpoint its engine and gradients multiplied by the checkpoint's weight (``Estimator.checkpoints``),
     else the project's ``engine`` alone."""
     ckpts = estimator.checkpoints(project)
+    if estimator.full_rank_queries:
+        cap = Compression.of(compression).full_rank_bytes
+        need = full_rank_query_bytes(engine, len(queries)) * max(1, len(ckpts or ()))
+        if need > cap:
+            raise InflqError(
+                f"estimator {estimator.name} keeps its query gradients at full rank: {len(queries)} queries need "
+                f"{need / 2**20:,.0f} MiB, more than the {cap / 2**20:,.0f} MiB allowed; raise --full-rank-memory to "
+                f"{-(-need // 2**20):,}, or score fewer queries or modules (--modules)"
+            )
     if not ckpts:
         return [Scorer(engine, preconditioned_query_gradients(project, estimator, engine, queries, settings.batch_size, compression))]
     out = []
@@ -249,15 +291,50 @@ def score_shards(
     return ScoredShards(scores, kept)
 
 
-def estimator_scores(
-    project: Project, estimator: Estimator, queries: list[dict], cand: np.ndarray, mask: np.ndarray, monitor: Monitor
-) -> ScoredShards | None:
+# An estimator's own passes over the candidates (ScoringContext.run_pass) commit their shards under
+# pass keys with this prefix, apart from the fit's; they are dropped when the run is done.
+CANDIDATE_PASSES = "candidates:"
+
+
+def scoring_context(
+    project: Project, estimator: Estimator, engine: GradientEngine, queries: list[dict], cand: np.ndarray, settings: RunSettings,
+    monitor: Monitor, *, executor: Executor | None = None, run_id: int | None = None, preconditioned: QueryGradients | None = None,
+) -> ScoringContext:
+    """What :meth:`inflq.Estimator.score_candidates` receives. Its ``run_pass`` runs a pass over
+    ``cand`` in shards of ``settings.shard_size`` on ``executor``; with a ``run_id``, each shard is
+    committed to the run as it arrives (``fit_shards``, pass key ``candidates:<n>:<phase>``) and a
+    resumed run reads the committed ones back. Without an executor, passes run in this process."""
+    count = itertools.count()
+    # What the estimator's passes ran over: shards committed for other candidates are stale.
+    data_key = hashlib.sha256(f"{estimator.spec()}|{settings.seed}|{settings.shard_size}".encode() + np.asarray(cand, np.int64).tobytes()).hexdigest()[:24]
+    worker = LocalWorker(project, engine)
+
+    def run_pass(pass_) -> dict[str, torch.Tensor]:
+        n = next(count)
+        pass_.seed = settings.seed
+        job = Job(pass_, worker_spec(project, settings.modules), settings.batching(), local=worker)
+        return run_committed_pass(
+            project, executor, job, make_shards(cand, settings.shard_size), monitor, run_id=run_id,
+            pass_key=f"{CANDIDATE_PASSES}{n}:{pass_.phase}", data_key=data_key, files=f"{ARTIFACTS}/runs/{run_id}/candidates-{n}",
+        )
+
+    grads = functools.cache(lambda: query_gradients(project, engine, queries, settings.batch_size))
+    return ScoringContext(project, queries, np.asarray(cand, np.int64), monitor, engine, run_pass, grads, preconditioned, settings.seed)
+
+
+def forget_candidate_passes(project: Project, run_id: int) -> None:
+    """Drop a finished run's committed shards of the estimator's own passes (it kept what it needed)."""
+    for rel in catalog.forget_fit_shards(project.db, run_id, CANDIDATE_PASSES):
+        (project.root / rel).unlink(missing_ok=True)
+
+
+def estimator_scores(project: Project, estimator: Estimator, ctx: ScoringContext, mask: np.ndarray) -> ScoredShards | None:
     """The candidates' scores from the estimator itself (:meth:`inflq.Estimator.score_candidates`,
-    e.g. from a stored gradient index), NaN where not a candidate; ``None`` when it leaves them to
-    the scoring passes (the default) or sums over checkpoints."""
+    e.g. from a stored gradient index or a pass of its own), NaN where not a candidate; ``None``
+    when it leaves them to the scoring passes (the default) or sums over checkpoints."""
     if estimator.checkpoints(project):
         return None
-    out = estimator.score_candidates(project, queries, cand, monitor)
+    out = estimator.score_candidates(ctx)
     if out is None:
         return None
     out = np.asarray(out, dtype=np.float32)

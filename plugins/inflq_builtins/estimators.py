@@ -53,7 +53,7 @@ class CovariancePass(SumPass):
         """This batch's sums one by one (float32 Gram matrices' upper triangles, summed in float64)."""
         import torch
 
-        from inflq import gram, pack_upper
+        from inflq._builtins_api import gram, pack_upper
 
         yield "tokens", batch.attention_mask.sum().to(torch.float64).reshape(1)
         yield "sequences", torch.tensor([float(batch.size)], dtype=torch.float64, device=batch.input_ids.device)
@@ -62,7 +62,7 @@ class CovariancePass(SumPass):
             yield f"S/{name}", pack_upper(gram(cap.gradients.reshape(-1, cap.gradients.shape[-1]), symmetric=False))
 
     def accumulate(self, engine, batch, captures, sums):
-        from inflq import pack_upper
+        from inflq._builtins_api import pack_upper
 
         for k, v in sums.items():  # a running sum of square matrices (a fit resumed from before the packing)
             if k[:2] in ("A/", "S/") and v.dim() == 2:
@@ -87,7 +87,7 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
     :func:`inflq.pack_upper`)."""
     import torch
 
-    from inflq import unpack_upper
+    from inflq._builtins_api import unpack_upper
 
     upper = unpack_upper(upper)
     return torch.triu(upper) + torch.triu(upper, 1).T
@@ -102,7 +102,7 @@ def eigendecompose_sum(packed: torch.Tensor, tokens: float, device: torch.device
     holds one square at a time."""
     import torch
 
-    from inflq import eigh, unpack_upper
+    from inflq._builtins_api import eigh, unpack_upper
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -188,6 +188,17 @@ _DAMPING = (
 )
 
 
+def damping_summary(described: dict) -> str:
+    """The damping a result was computed with, from ``describe()``: the rule and the mean λ over
+    modules (``damping 0.1 × mean eigenvalue (λ mean 0.002)``); empty without per-module dampings."""
+    per_module = described.get("damping_per_module")
+    if not isinstance(per_module, dict) or not per_module:
+        return ""
+    mean = sum(per_module.values()) / len(per_module)
+    how = f"{described['damping']:.3g}" if described.get("damping") is not None else f"{described.get('damping_factor', 0.1):g} × mean eigenvalue"
+    return f"damping {how} (λ mean {mean:.3g})"
+
+
 class _FisherEstimator(Estimator):
     """Shared by the fitted estimators: the Fisher's labels and the damping rule."""
 
@@ -202,7 +213,7 @@ class _FisherEstimator(Estimator):
     def factor_settings(self):
         if self.settings["fisher"] != "true":
             return {"fisher": self.settings["fisher"]}
-        from inflq import SAMPLED_AT
+        from inflq._builtins_api import SAMPLED_AT
 
         # Where the labels were sampled changes the factors: part of the cache key, recorded with them.
         return {"fisher": "true", "sampled_at": SAMPLED_AT}
@@ -223,6 +234,10 @@ class _FisherEstimator(Estimator):
         if self.dampings:
             d["damping_per_module"] = self.dampings
         return d
+
+    @classmethod
+    def summarize(cls, described):
+        return damping_summary(described)
 
 
 class _Eigenbasis(_FisherEstimator):

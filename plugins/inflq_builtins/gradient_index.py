@@ -101,7 +101,7 @@ def _record(project, row: dict) -> None:
 
 
 def _store(project, row: dict):
-    from inflq import index
+    from inflq._builtins_api import index
 
     return index.IndexStore(project.path(row["path"]))
 
@@ -134,7 +134,7 @@ def find_index(project, key: str | None = None):
 
 
 def _query_rows(project, model, engine, queries: list[dict]):
-    from inflq import index
+    from inflq._builtins_api import index
 
     toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
     return index.query_rows(model, engine, [t.tokens for t in toks], [t.completion_start for t in toks], project.runtime.pad_id)
@@ -163,7 +163,7 @@ class IndexFit(Estimator):
         return self.index_settings.factor_settings()
 
     def fit(self, ctx):
-        from inflq import index
+        from inflq._builtins_api import index
 
         self.model = index.fit_index(ctx, self.index_settings)
         return self.model.tensors()
@@ -172,7 +172,7 @@ class IndexFit(Estimator):
         self._tensors = tensors
 
     def prepare(self, ctx):
-        from inflq import index
+        from inflq._builtins_api import index
 
         self.fit_indices = ctx.indices
         if self.model is None:
@@ -185,15 +185,8 @@ def build(project, index_settings, run, monitor, shard_size: int = 4096):
     sequences, seed, batching). Returns ``(catalog row, store)``."""
     import numpy as np
 
-    from inflq import (
-        Job,
-        LocalWorker,
-        get_registry,
-        index,
-        make_executor,
-        prepare_estimator,
-        worker_spec,
-    )
+    from inflq import Job, LocalWorker, get_registry
+    from inflq._builtins_api import index, make_executor, prepare_estimator, worker_spec
 
     project.require_model()
     run.resolve_defaults(get_registry())
@@ -276,7 +269,8 @@ def register_commands(cli):
     @click.option("--shard-size", type=int, default=4096, show_default=True, help="Rows committed at a time (Ctrl-C keeps committed shards).")
     def index_build(project, k_s, k_a, budget, kind, fit_estimator, modules, fit_sequences, executor, seed, shard_size):
         """Build (or resume) a gradient index over the whole corpus."""
-        from inflq import Cancelled, RunSettings, index, open_project, progress_monitor
+        from inflq import Cancelled, open_project
+        from inflq._builtins_api import RunSettings, index, progress_monitor
 
         p = open_project(project)
         extra = {} if budget is None else {"budget_bytes": budget}
@@ -414,19 +408,19 @@ class IndexEstimator(Estimator):
     def _prepared(self, project, queries):
         """The queries' preconditioned projected rows; the last queries' are kept (the live query
         scores the index's rows and then the probes with the same ones)."""
-        from inflq import index
+        from inflq._builtins_api import index
 
         key = [(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
         if self._last_queries is None or self._last_queries[0] != key:
             self._last_queries = (key, index.prepare(self.model, _query_rows(project, self.model, self.engine, queries)))
         return self._last_queries[1]
 
-    def score_candidates(self, project, queries, candidates, monitor):
-        from inflq import index
+    def score_candidates(self, ctx):
+        from inflq._builtins_api import index
 
-        monitor.start("index scores", len(queries))
-        out = index.scores(self.store, self._prepared(project, queries), self.settings["metric"], indices=candidates)
-        monitor.advance(len(queries))
+        ctx.monitor.start("index scores", len(ctx.queries))
+        out = index.scores(self.store, self._prepared(ctx.project, ctx.queries), self.settings["metric"], indices=ctx.candidates)
+        ctx.monitor.advance(len(ctx.queries))
         return out
 
     def score_sequences(self, project, queries, sequences, monitor):
@@ -486,7 +480,7 @@ class IndexFilter(Filter):
     def candidates(self, ctx) -> list[np.ndarray]:
         import torch
 
-        from inflq import index
+        from inflq._builtins_api import index
 
         if ctx.project is None:
             raise InflqError("the index filter needs a project (FilterContext.project): its index lives there")

@@ -83,7 +83,7 @@ class GaussNewtonProduct:
         import torch
         from torch.func import functional_call, jvp, vjp, vmap
 
-        from inflq import math_attention
+        from inflq._builtins_api import math_attention
 
         ids, att = batch.input_ids, batch.attention_mask
 
@@ -265,3 +265,12 @@ class LiSSA(Estimator):
             d["residuals"] = self.residuals
         d["ihvp_seconds"] = self.ihvp_seconds
         return d
+
+    @classmethod
+    def summarize(cls, described: dict[str, Any]) -> str:
+        from inflq_builtins.estimators import damping_summary
+
+        parts = [damping_summary(described)]
+        if described.get("residual") is not None:
+            parts.append(f"residual {described['residual']:.3g}")
+        return ", ".join(p for p in parts if p)

@@ -93,7 +93,7 @@ class ShardWorker:
             _hide_gpus()
         import torch
 
-        from inflq import quiet_transformers
+        from inflq._builtins_api import quiet_transformers
 
         quiet_transformers()
         torch.set_num_threads(max(1, threads))
@@ -105,7 +105,8 @@ class ShardWorker:
             worker = build_worker(spec)
             self.engine, self.pad_id, self.sequences = worker.engine, worker.pad_id, worker.corpus.many
         else:
-            from inflq import GradientEngine, load_model, pick_device, pick_dtype, select_modules
+            from inflq import GradientEngine
+            from inflq._builtins_api import load_model, pick_device, pick_dtype, select_modules
 
             folder = Path(tempfile.mkdtemp(prefix="inflq-model-"))
             for name, data in shipped.items():
@@ -128,7 +129,8 @@ class ShardWorker:
     def run(self, pass_holder: list, shard_index: int, indices, tokens, batch_size: int, sink) -> dict:
         import ray
 
-        from inflq import Shard, run_shard
+        from inflq import Shard
+        from inflq._builtins_api import run_shard
 
         ref = pass_holder[0]  # a reference inside a list: fetched only when the pass changes
         if ref.hex() != self._pass_key:
@@ -493,7 +495,8 @@ def _run_task(fn, task, threads: int, gpus: bool = False):
         _hide_gpus()
     import torch
 
-    from inflq import Monitor, quiet_transformers
+    from inflq import Monitor
+    from inflq._builtins_api import quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(max(1, threads))

@@ -255,7 +255,8 @@ def search_depth_command(project, investigation, result_set, query_ids, m, repea
     """How many unfiltered sequences must be searched to find influences as large as the TF-IDF
     candidates' (the paper's search depth). Scores are positive when a sequence makes the
     completion more likely."""
-    from inflq import open_project, search_depth_for_result_set
+    from inflq import open_project
+    from inflq._builtins_api import search_depth_for_result_set
 
     try:
         proj = open_project(project)

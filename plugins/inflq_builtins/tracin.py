@@ -89,7 +89,7 @@ def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str,
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from inflq import select_modules
+    from inflq._builtins_api import select_modules
 
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
@@ -103,7 +103,12 @@ def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str,
 def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
     """Check that ``path`` holds the project model's architecture (same ``model_type``, same tracked
     modules and shapes), then record it in ``inflq.toml`` and the catalog."""
-    from inflq import check_model_dir, fingerprint_files, model_files, project_relative
+    from inflq._builtins_api import (
+        check_model_dir,
+        fingerprint_files,
+        model_files,
+        project_relative,
+    )
 
     path = Path(path)
     check_model_dir(path)

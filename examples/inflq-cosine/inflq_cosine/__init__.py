@@ -16,7 +16,7 @@ import numpy as np
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from inflq import Estimator, InflqError, Monitor, Pass, Shard, catalog, hookimpl
+from inflq import Estimator, InflqError, Monitor, Pass, Shard, hookimpl
 
 # -- the estimator -----------------------------------------------------------------------------------
 
@@ -132,11 +132,11 @@ def register_commands(cli):
     @click.option("-k", default=5, show_default=True, help="Sequences per query.")
     def cosine_cmd(project, investigation, k):
         """Top training sequences by full gradient cosine similarity (needs a cosine run)."""
-        from inflq import open_project
+        from inflq import investigation_queries, open_project
 
         p = open_project(project)
         cos = cosine_matrix(p, investigation)
-        for qi, q in enumerate(catalog.queries(p.db, investigation)):
+        for qi, q in enumerate(investigation_queries(p, investigation)):
             click.echo(f"query {q['id']}: {q['prompt']!r} -> {q['completion']!r}")
             row = np.nan_to_num(cos[qi], nan=-np.inf)
             for idx in np.argsort(-row)[:k]:
