@@ -227,6 +227,8 @@ def using_plugin(*modules: ModuleType) -> Iterator[Registry]:
     reset_registry()
     registry = get_registry()
     for module in modules:
+        if registry.pm.is_registered(module):  # installed: its entry point registered it (and its commands)
+            continue
         registry.register(module)
         if hasattr(module, "register_commands"):
             module.register_commands(cli=group)

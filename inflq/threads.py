@@ -8,8 +8,8 @@ machine (and over 10x on a loaded one):
   and on a busy machine they spin against the processes that would do the work.
   ``OMP_WAIT_POLICY=PASSIVE`` makes them sleep instead; libgomp reads it once, when torch loads,
   so it must be in the environment before ``import torch``.
-* SciPy's and NumPy's OpenBLAS keep pools of their own (``?syrk`` in :func:`inflq.gram`), whose
-  threads also spin after each call, against torch's. :func:`inflq.gram` therefore runs BLAS on one
+* SciPy's and NumPy's OpenBLAS keep pools of their own (``?syrk`` in :func:`inflq.linalg.gram`), whose
+  threads also spin after each call, against torch's. :func:`inflq.linalg.gram` therefore runs BLAS on one
   thread, and only when torch itself uses one; with more torch threads the product stays in torch's
   pool (threadpoolctl controls the BLAS pools).
 

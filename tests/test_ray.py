@@ -440,3 +440,43 @@ def test_index_build_on_ray_equals_the_local_build(cluster, baseline, cli_run):
     pre_l, pre_r = model_l.precondition(rows).numpy(), model_r.precondition(rows).numpy()
     np.testing.assert_allclose(pre_r, pre_l, rtol=1e-3, atol=1e-4 * np.abs(pre_l).max())
     np.testing.assert_allclose(side_r, side_l, rtol=1e-3)
+
+
+def test_a_plugins_own_pass_over_the_candidates_runs_on_the_workers(cluster, baseline, cli_run, monkeypatch):
+    """tests/trak_lite.py, a third-party-shaped estimator, fitted and with its own pass over the
+    candidates (ScoringContext.run_pass) on the Ray workers: the same rows, so the same scores, as
+    the local executor's. Its passes travel by value: the workers cannot import tests/."""
+    import ray.cloudpickle
+    import torch
+    import trak_lite
+
+    from inflq import load_tensors
+    from inflq.testing import using_plugin
+    from inflq_builtins import ray_executor
+
+    phases: list[str] = []
+    real_map = ray_executor.RayExecutor.map
+
+    def spy(self, job, shards, on_result, monitor):
+        phases.append(job.pass_.phase)
+        return real_map(self, job, shards, on_result, monitor)
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "map", spy)
+    src, _ = baseline
+    got = {}
+    ray.cloudpickle.register_pickle_by_value(trak_lite)
+    try:
+        with using_plugin(trak_lite):
+            for name, extra in (("trak-local", []), ("trak-ray", ["--executor", RAY2])):
+                proj = copy_project(src, name)
+                code, out, err = cli_run("run", proj, "--estimator", "trak-lite", "--shard-size", str(SHARD), *extra)
+                assert code == 0, err
+                p = Project.open(proj)
+                row = next(iter(p.db["trak_lite_rows"].rows))
+                got[name] = (score_matrix(p, "default"), load_tensors(p.root, row["path"], row["checksum"])["rows"])
+                p.close()
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(trak_lite)
+    assert phases == ["projected covariance", trak_lite.PHASE]
+    assert_same_scores(got["trak-local"][0], got["trak-ray"][0])
+    torch.testing.assert_close(got["trak-ray"][1], got["trak-local"][1], rtol=1e-5, atol=1e-6 * float(got["trak-local"][1].abs().max()))

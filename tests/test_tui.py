@@ -268,6 +268,33 @@ def test_run_failure_shows_a_modal(project_dir):
     drive(project_dir, (100, 40), go)
 
 
+def test_a_full_rank_estimator_takes_the_rank_field(project_dir):
+    """An estimator whose queries are never compressed (tests/trak_lite.py) runs at full rank: the
+    run form shows no rank for it, and gives the default back for one that compresses."""
+    import trak_lite
+    from textual.widgets import Input, Select
+
+    from inflq.testing import using_plugin
+
+    seed(project_dir, run=None)
+
+    async def go(app, pilot):
+        await pilot.press("3")
+        await settle(pilot)
+        rank = app.screen.query_one("#run-rank", Input)
+        assert rank.value == "32" and not rank.disabled
+        app.screen.query_one("#sel-estimator", Select).value = "trak-lite"
+        await settle(pilot)
+        assert rank.disabled and rank.value == "" and "never compressed" in rank.placeholder
+        assert app.screen.query_one("RunPane").settings().rank is None
+        app.screen.query_one("#sel-estimator", Select).value = "identity"
+        await settle(pilot)
+        assert rank.value == "32" and not rank.disabled
+
+    with using_plugin(trak_lite):
+        drive(project_dir, (100, 40), go)
+
+
 @pytest.mark.parametrize("where", ["missing", "not-a-project"])
 def test_bad_project_folder_is_a_message(tmp_path, where):
     from textual.widgets import Static

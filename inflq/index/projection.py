@@ -68,7 +68,7 @@ def random_projection(k: int, dim: int, seed: int, kind: str) -> torch.Tensor:
 
 def top_eigenvectors(matrix: torch.Tensor, k: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The ``[k, dim]`` top eigenvectors (rows, largest eigenvalue first) of a symmetric matrix
-    (read from its upper triangle), computed in float64 (see :func:`inflq.eigh`)."""
+    (read from its upper triangle), computed in float64 (see :func:`inflq.linalg.eigh`)."""
     from ..linalg import eigh
 
     _, vectors = eigh(matrix, device)

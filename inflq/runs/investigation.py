@@ -22,6 +22,7 @@ from .recording import (
     store_result_set,
 )
 from .scoring import (
+    check_full_rank_memory,
     choose_candidates,
     estimator_scores,
     filter_context,
@@ -97,6 +98,7 @@ def run_investigation(
     phases: dict[str, float] = {}
     with recording_outcome(project, run_id, executor) as started:
         engine = project.runtime.engine(settings.modules)
+        check_full_rank_memory(project, estimator, engine, len(queries), int(settings.full_rank_mb) << 20)  # before any fitting
         record_batching(project, run_id, settings, engine, monitor)
         t = time.perf_counter()
         prepared = prepare_estimator(project, settings, monitor, estimator=estimator, engine=engine, executor=executor, run_id=run_id)

@@ -83,6 +83,21 @@ def full_rank_query_bytes(engine: GradientEngine, num_queries: int) -> int:
     return 4 * num_queries * sum(t.out_features * t.in_dim for t in engine.tracked)
 
 
+def check_full_rank_memory(project: Project, estimator: Estimator, engine: GradientEngine, num_queries: int, cap: int) -> None:
+    """For an estimator whose queries must not be compressed: a one-line error, before any work,
+    when they would exceed ``cap`` bytes at full rank (``--full-rank-memory``), rather than memory
+    running out while scoring or the queries being compressed after all."""
+    if not estimator.full_rank_queries:
+        return
+    need = full_rank_query_bytes(engine, num_queries) * max(1, len(estimator.checkpoints(project) or ()))
+    if need > cap:
+        raise InflqError(
+            f"estimator {estimator.name} keeps its query gradients at full rank: {num_queries} queries need "
+            f"{need / 2**20:,.1f} MiB, more than the {cap / 2**20:,.0f} MiB allowed; raise --full-rank-memory to "
+            f"{-(-need // 2**20):,}, or score fewer queries or modules (--modules)"
+        )
+
+
 def preconditioned_queries(estimator: Estimator, grads: dict[str, torch.Tensor], rank: int | None | Compression) -> QueryGradients:
     qg = estimator.precondition_queries(grads, rank)
     if estimator.full_rank_queries and qg.left:
@@ -139,16 +154,8 @@ def scorers_for(
     """The models the estimator scores with, each with the queries' preconditioned gradients: per
     checkpoint its engine and gradients multiplied by the checkpoint's weight (``Estimator.checkpoints``),
     else the project's ``engine`` alone."""
+    check_full_rank_memory(project, estimator, engine, len(queries), Compression.of(compression).full_rank_bytes)
     ckpts = estimator.checkpoints(project)
-    if estimator.full_rank_queries:
-        cap = Compression.of(compression).full_rank_bytes
-        need = full_rank_query_bytes(engine, len(queries)) * max(1, len(ckpts or ()))
-        if need > cap:
-            raise InflqError(
-                f"estimator {estimator.name} keeps its query gradients at full rank: {len(queries)} queries need "
-                f"{need / 2**20:,.0f} MiB, more than the {cap / 2**20:,.0f} MiB allowed; raise --full-rank-memory to "
-                f"{-(-need // 2**20):,}, or score fewer queries or modules (--modules)"
-            )
     if not ckpts:
         return [Scorer(engine, preconditioned_query_gradients(project, estimator, engine, queries, settings.batch_size, compression))]
     out = []

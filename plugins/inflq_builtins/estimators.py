@@ -37,9 +37,9 @@ class GradientDotProduct(Estimator):
 
 class CovariancePass(SumPass):
     """Sums ``ā āᵀ`` and ``g gᵀ`` over tokens (padding contributes zeros). ``A/<module>`` and
-    ``S/<module>`` hold the sums' upper triangles, packed (:func:`inflq.pack_upper`: half the
+    ``S/<module>`` hold the sums' upper triangles, packed (:func:`inflq.linalg.pack_upper`: half the
     memory of the squares, 1.3 GB instead of 2.6 GB for GPT-2 small); read them with
-    :func:`symmetric` or :func:`inflq.unpack_upper`. ``modules``: only these modules' sums (a fit
+    :func:`symmetric` or :func:`inflq.linalg.unpack_upper`. ``modules``: only these modules' sums (a fit
     by module), else all."""
 
     phase = "covariance"
@@ -72,7 +72,7 @@ class CovariancePass(SumPass):
 
 def covariance_bytes(tm) -> int:
     """What one module adds to the covariance pass's float64 sums: ``A`` and ``S``, packed upper
-    triangles (:func:`inflq.pack_upper`)."""
+    triangles (:func:`inflq.linalg.pack_upper`)."""
     return 8 * (tm.in_dim * (tm.in_dim + 1) // 2 + tm.out_features * (tm.out_features + 1) // 2)
 
 
@@ -84,7 +84,7 @@ def correction_bytes(tm) -> int:
 
 def symmetric(upper: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose upper triangle is ``upper``'s (a square matrix, or one packed by
-    :func:`inflq.pack_upper`)."""
+    :func:`inflq.linalg.pack_upper`)."""
     import torch
 
     from inflq._builtins_api import unpack_upper
@@ -95,8 +95,8 @@ def symmetric(upper: torch.Tensor) -> torch.Tensor:
 
 def eigendecompose_sum(packed: torch.Tensor, tokens: float, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 eigenvalues and float32 eigenvectors of the covariance whose float64 sum over
-    ``tokens`` tokens has the upper triangle ``packed`` (:func:`inflq.pack_upper`), computed on
-    ``device`` through :func:`inflq.eigh` (float64; CUDA where ``device`` is a CUDA device);
+    ``tokens`` tokens has the upper triangle ``packed`` (:func:`inflq.linalg.pack_upper`), computed on
+    ``device`` through :func:`inflq.linalg.eigh` (float64; CUDA where ``device`` is a CUDA device);
     ``None``: this process's own device, its CUDA device if it has one (a Ray worker's GPU), else
     the CPU. Pass ``packed`` as the only reference to it: it is dropped once unpacked, so memory
     holds one square at a time."""

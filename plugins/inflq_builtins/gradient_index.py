@@ -3,7 +3,7 @@
 :mod:`inflq.index` (docs/gradient-index.md).
 
 * ``inflq index build PROJECT``: fits the projections and the projected EK-FAC (or K-FAC) through
-  the one run recipe (``inflq.prepare_estimator``: the fit runs on the chosen executor and is cached
+  the one run recipe (``inflq.runs.prepare_estimator``: the fit runs on the chosen executor and is cached
   as a factor set named ``index-fit``), then writes every corpus sequence's row, shard by shard,
   under ``artifacts/index/index-<key>/`` (the key a content hash: building again resumes). Its
   catalog row lives in this plugin's own table (``gradient_indexes``, migration set
@@ -181,7 +181,7 @@ class IndexFit(Estimator):
 
 def build(project, index_settings, run, monitor, shard_size: int = 4096):
     """Fit (or reuse) the index's preconditioner and write every corpus sequence's row, resuming an
-    interrupted build of the same key. ``run``: an ``inflq.RunSettings`` (modules, executor, fitting
+    interrupted build of the same key. ``run``: an ``inflq.runs.RunSettings`` (modules, executor, fitting
     sequences, seed, batching). Returns ``(catalog row, store)``."""
     import numpy as np
 

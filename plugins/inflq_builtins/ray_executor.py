@@ -2,7 +2,7 @@
 the catalog and the artifacts.
 
 * Each actor holds one worker context (model, gradient engine, token store), built once per actor
-  by :func:`inflq.runs.build_worker` from the project folder, which the workers must be able to read
+  by :func:`inflq.build_worker` from the project folder, which the workers must be able to read
   at the same path (a shared filesystem). With ``ship_model=true`` the model folder travels through
   the object store instead and each shard's tokens travel with its task: no shared filesystem.
 * Shards are dispatched to actors (two in flight per actor); results come back to the driver,

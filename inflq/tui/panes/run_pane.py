@@ -107,6 +107,18 @@ class RunPane(Pane):
             return
         cls = get_registry().get(kind, str(event.value))
         await box.mount_all([option_widget(kind, o) for o in cls.options])
+        if kind == "estimator":
+            self._show_query_rank(bool(getattr(cls, "full_rank_queries", False)))
+
+    def _show_query_rank(self, full: bool) -> None:
+        """An estimator whose queries are never compressed runs at full rank: the rank field says so
+        (and is not offered) rather than show a rank the run would not apply."""
+        rank = self.query_one("#run-rank", Input)
+        if full:
+            rank.value, rank.placeholder, rank.disabled = "", "full: this estimator's queries are never compressed", True
+        elif rank.disabled:
+            default, hint = next((d, h) for n, d, h in self.NUMBERS if n == "rank")
+            rank.value, rank.placeholder, rank.disabled = default, hint, False
 
     def spec(self, kind: str) -> str:
         """``name:key=value,...`` from the Select and the generated option inputs."""
