@@ -246,7 +246,7 @@ def _read_parquet(path: Path, fields: Fields) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise InflqError("reading parquet needs pyarrow: pip install pyarrow") from None
+        raise InflqError("reading parquet needs pyarrow: pip install 'inflq[parquet]'") from None
     try:
         pf = pq.ParquetFile(str(path))
     except Exception as exc:
