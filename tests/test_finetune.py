@@ -335,3 +335,24 @@ def test_bf16_model_captures_and_factors_in_float32_and_float64(tmp_path):
     p.runtime.configure(dtype="float32")
     fp32 = score_matrix(p, "default", run_investigation(p, "default", RunSettings(estimator="ekfac", batch_size=8)).result_set_id)[0]
     assert spearmanr(bf16, fp32)[0] > 0.9
+
+
+def test_pack_and_unpack_carry_the_adapter(tmp_path):
+    from inflq.sharing import pack, unpack
+
+    p, base, adapter = lora_project(tmp_path)
+    fp = p.model_fingerprint
+    p.close()
+    packed = pack(p.root, tmp_path / "with.tar.gz", include_model=True, include_corpus=True)
+    assert any(f["path"] == "adapter/adapter_model.safetensors" for f in packed.manifest["files"])
+    assert packed.manifest["fingerprints"]["adapter_fingerprint"] and packed.manifest["origin"]["adapter"] == str(adapter.resolve())
+    unpack(tmp_path / "with.tar.gz", tmp_path / "copy")
+    copy = Project.open(tmp_path / "copy")
+    assert copy.config.adapter == "adapter" and copy.model_status() == "ok" and copy.model_fingerprint == fp
+    engine = copy.runtime.engine()
+    assert all(".lora_" in t.name for t in engine.tracked)
+    # Without the model the archive points at where model and adapter were; a moved adapter is relinked.
+    pack(p.root, tmp_path / "without.tar.gz")
+    unpack(tmp_path / "without.tar.gz", tmp_path / "bare")
+    bare = Project.open(tmp_path / "bare")
+    assert Path(bare.config.adapter) == adapter.resolve() and bare.model_status() == "ok"
