@@ -498,7 +498,7 @@ def _build_store(documents, tokenizer, folder, *, max_length, add_bos, append_eo
                 counts["unknown"] += int((arr == unk).sum())
             out.write(arr.tobytes())
             if mask is not None and loss_on == "response" and targets_out is None:
-                targets_out = open(tmp / "targets.bin", "wb")
+                targets_out = open(tmp / "targets.bin", "wb")  # noqa: SIM115 (closed in the finally below)
                 targets_out.write(np.ones(offsets[-1], np.uint8).tobytes())
             if targets_out is not None:
                 m = np.ones(len(arr), np.uint8) if mask is None else np.asarray(mask, np.uint8)

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_model_dir
 from scipy.stats import spearmanr
 
+from helpers import make_model_dir
 from inflq import InflqError, catalog, targets_of
 from inflq.engine import make_batch
 from inflq.project import Project

@@ -106,7 +106,13 @@ def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
     modules and shapes), or, for a project with a LoRA adapter, an adapter of the same
     configuration (rank, alpha, target modules: a checkpoint of the fine-tune), then record it in
     ``inflq.toml`` and the catalog."""
-    from inflq import check_model_dir, fingerprint_files, is_adapter_dir, model_files, project_relative
+    from inflq import (
+        check_model_dir,
+        fingerprint_files,
+        is_adapter_dir,
+        model_files,
+        project_relative,
+    )
 
     path = Path(path)
     if not (learning_rate > 0):

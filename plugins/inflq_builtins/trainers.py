@@ -27,7 +27,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from inflq import InflqError, Monitor, Option, Trainer, hookimpl, is_adapter_dir, require_peft, targets_of
+from inflq import (
+    InflqError,
+    Monitor,
+    Option,
+    Trainer,
+    hookimpl,
+    is_adapter_dir,
+    require_peft,
+    targets_of,
+)
 
 
 @hookimpl

@@ -55,7 +55,7 @@ def instruction_rows(mc) -> tuple[list[dict], list[dict]]:
     rng = random.Random(20240601)
     rows: list[dict] = []
     queries: list[dict] = []
-    prose = [json.loads(line) for line in open(DEMO / "corpus.jsonl", encoding="utf-8")]
+    prose = [json.loads(line) for line in (DEMO / "corpus.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     prose = [d for d in prose if d["source"] == "prose" and d["text"].count(". ") >= 1]
     unrelated = [d["text"].split(". ", 1)[1] for d in prose[-16:]]
     for k, (rel, subj, obj) in enumerate(mc.REVERSED_ONLY):
@@ -92,7 +92,9 @@ def train_adapter(out: Path, checkpoints: int = 0) -> dict:
     import torch
     from peft import LoraConfig
 
-    from inflq import load_model  # inflq first: it sets the offline switches before transformers loads
+    from inflq import (
+        load_model,  # inflq first: it sets the offline switches before transformers loads
+    )
     from inflq.corpus import CorpusStore, build_store, read_documents
     from inflq.modeling import load_tokenizer
     from inflq_builtins.trainers import AdamWLoRATrainer, train_lora
