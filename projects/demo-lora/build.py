@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -118,7 +119,7 @@ def train_adapter(out: Path, checkpoints: int = 0) -> dict:
     # The base is named relative to each adapter, so a clone elsewhere still finds it.
     for folder in [out] + [Path(c["path"]) for c in summary["checkpoints"]]:
         cfg = json.loads((folder / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = str(Path("..", *([".."] * (folder.parent != HERE)), "demo", "model"))
+        cfg["base_model_name_or_path"] = os.path.relpath(BASE, folder)
         (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return summary
 
