@@ -32,7 +32,7 @@ def main() -> None:
 
     from inflq.project import Project
     from inflq.queries import add_queries
-    from inflq.results import score_matrix
+    from inflq.reading import score_matrix
     from inflq.runs import RunSettings, run_investigation
 
     torch.set_num_threads(2)

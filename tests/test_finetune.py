@@ -19,7 +19,7 @@ from inflq import InflqError, catalog, targets_of
 from inflq.engine import make_batch
 from inflq.project import Project
 from inflq.queries import add_query
-from inflq.results import score_matrix
+from inflq.reading import score_matrix
 from inflq.runs import RunSettings, run_investigation
 
 # A chat template in the test vocabulary's words: "he" opens a user turn, "she" an assistant's,
