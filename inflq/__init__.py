@@ -49,6 +49,9 @@ _LAZY = {
     "QueryGradients": "contractions", "Compression": "contractions",
     # a sum pass's accumulation (Pass.accumulate)
     "add_into": "linalg",
+    # fine-tunes (docs/finetune.md): a training sequence's mask of trained tokens, as corpus.get and
+    # FilterContext.sequences hand it over; peft for a trainer of LoRA adapters
+    "TrainingTokens": "corpus", "targets_of": "corpus", "require_peft": "modeling",
     # running a pass: in this process (a command of the plugin's own), or on a remote executor's
     # worker rebuilt from a job's picklable spec
     "LocalWorker": "runs.workers", "build_worker": "runs.workers",
@@ -63,6 +66,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from . import testing
     from .artifacts import load_tensors, save_tensors
     from .contractions import Compression, QueryGradients
+    from .corpus import TrainingTokens, targets_of
     from .engine import (
         Batch,
         Captured,
@@ -72,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
         make_batch,
     )
     from .linalg import add_into
+    from .modeling import require_peft
     from .plugins import get_registry
     from .project import Project
     from .reading import investigation_queries, result_set, score_matrix
@@ -125,6 +130,8 @@ __all__ = [
     "Job", "Pass", "Shard", "SumPass", "add_into", "LocalWorker", "build_worker",
     # gradients
     "Batch", "Captured", "Compression", "GradientEngine", "QueryGradients", "SequenceGradients", "TrackedModule", "make_batch",
+    # fine-tunes: the trained tokens of a sequence, peft
+    "TrainingTokens", "targets_of", "require_peft",
     # progress and errors
     "Cancelled", "InflqError", "Monitor",
     # projects, a plugin's own tensors, results read back, tests

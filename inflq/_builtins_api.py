@@ -24,8 +24,9 @@ _LAZY = {
     # the Ray executor: a pass over a shard on an actor, and an engine over a model shipped to it
     "run_shard": "passes", "select_modules": "engine",
     "load_model": "modeling", "pick_device": "modeling", "pick_dtype": "modeling", "quiet_transformers": "modeling",
-    # TracIn: checkpoints recorded as project-relative paths with their fingerprints
-    "check_model_dir": "modeling", "fingerprint_files": "modeling", "model_files": "modeling",
+    # TracIn: checkpoints recorded as project-relative paths with their fingerprints, LoRA adapter
+    # checkpoints of a fine-tune (also the LoRA trainer's)
+    "check_model_dir": "modeling", "fingerprint_files": "modeling", "model_files": "modeling", "is_adapter_dir": "modeling",
     "project_relative": "project",
     # tfidf's search-depth command
     "search_depth_for_result_set": "search_depth",
