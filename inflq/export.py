@@ -103,7 +103,7 @@ def export_markdown(project: Project, investigation: str, result_set_id: int | N
         "",
         f"- estimator: `{rs['estimator']}` {json.dumps(settings.get('estimator_settings', {}), default=str)}",
         f"- filter: `{rs['filter']}`, candidates: {rs['num_candidates']}",
-        f"- rank: {settings.get('rank')}, top K: {settings.get('top_k')}, created {rs['created_at']}",
+        f"- query rank: {'full' if settings.get('rank') is None else settings['rank']}, top K: {settings.get('top_k')}, created {rs['created_at']}",
         "",
         f"> {SIGN_NOTE}",
         "",
