@@ -95,6 +95,7 @@ def test_queries_stay_full_rank_and_the_run_says_so(project):
         assert "keeps its query gradients at full rank" in res.err and "raise --full-rank-memory to 1" in res.err
 
 
+@pytest.mark.slow  # three runs, one stopped and resumed
 def test_its_own_rows_come_from_a_pass_through_the_executor(project, monkeypatch):
     """The rows pass runs on the run's executor, 5 shards of 5 sequences; stopped after two, the run
     resumes with the other three; the stored rows are the slow Φ, the scores the slow ones, the top
