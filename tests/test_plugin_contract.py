@@ -143,7 +143,7 @@ def test_its_own_rows_come_from_a_pass_through_the_executor(project, monkeypatch
         top = json.loads(cli("top", project.root, "--json", "-k", "3").out)
         for q in top:
             for r in q["results"]:
-                parts = r["module_scores"] if isinstance(r["module_scores"], dict) else json.loads(r["module_scores"])
+                parts = r["module_scores"]  # an object: `top --json` decodes the stored JSON
                 assert sum(parts.values()) == pytest.approx(r["score"], rel=1e-4, abs=1e-6 * np.abs(want).max())
         # A new run over the same candidates reads the stored rows back: no pass at all.
         seen.clear()
