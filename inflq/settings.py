@@ -250,7 +250,8 @@ class RunSettings(Declared):
     executor: str | None = setting(
         None, "Executor spec: local (default), or ray / ray:num_gpus=1,num_workers=4 (docs/executors.md).",
         plugin="executor", groups=(RUN, FIT, INDEX, FORM))
-    modules: str | None = setting(None, "Tracked modules: all, mlp, attention or name globs (default: the project's).", groups=(RUN, FIT, PLAN, INDEX))
+    modules: str | None = setting(
+        None, "Tracked modules: all, mlp, attention, lora (an adapter's A and B layers) or name globs (default: the project's).", groups=(RUN, FIT, PLAN, INDEX))
     rank: int | None = setting(
         32, "Rank of the preconditioned query gradients, or 'full'.", type=int, minimum=1, none_word="full",
         hint="low-rank query gradients, or full", groups=(RUN, PLAN, FORM))
