@@ -110,7 +110,7 @@ def factors_list(project, as_json):
 
 @factors.command("fit")
 @click.argument("project")
-@RunSettings.click_options("factors fit")
+@RunSettings.click_options("factors fit", notes={"estimator": "Its factor settings (e.g. ekfac:fisher=empirical) name the factors fitted."})
 @DeviceSettings.click_options("factors fit")
 @click.option("--resume", type=int, is_flag=False, flag_value=0, help="Continue an interrupted fit: by run id, or alone (after PROJECT) the latest one.")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
