@@ -285,7 +285,7 @@ def test_a_full_rank_estimator_takes_the_rank_field(project_dir):
         assert rank.value == "32" and not rank.disabled
         app.screen.query_one("#sel-estimator", Select).value = "trak-lite"
         await settle(pilot)
-        assert rank.disabled and rank.value == "" and "never compressed" in rank.placeholder
+        assert rank.disabled and rank.value == "full" and "never compressed" in str(rank.tooltip)
         assert app.screen.query_one("RunPane").settings().rank is None
         app.screen.query_one("#sel-estimator", Select).value = "identity"
         await settle(pilot)
@@ -829,7 +829,7 @@ def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
     import io
 
     from rich.console import Console
-    from textual.widgets import Input, Static
+    from textual.widgets import Static
 
     from inflq.tui.screens.tools import ValidateScreen
 
@@ -846,7 +846,7 @@ def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
         screen = app.screen
         assert isinstance(screen, ValidateScreen)
         for name, value in (("method", "lds"), ("estimators", "identity"), ("queries", "1"), ("subsets", "3"), ("trainer", "adamw:epochs=1,batch_size=8,threads=1")):
-            screen.query_one(f"#val-{name}", Input).value = value
+            screen.query_one(f"#val-{name}").value = value  # (method: a select of the declared choices)
         await pilot.press("ctrl+r")
         await settle(pilot)
         text = shown(screen)
