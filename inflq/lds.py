@@ -157,7 +157,7 @@ def study_key(project: Project, qtoks: list, trainer: Trainer, seed: int, fracti
     """What determines a study's measurements, hashed: retrained subsets of another key are not
     reused. ``fraction``: LDS's subset fraction, or "loo" for leave-one-out."""
     blob = {
-        "model": project.model_fingerprint, "corpus": project.corpus_fingerprint_recorded, "n": len(project.runtime.corpus),
+        "model": project.model_fingerprint, "corpus": project.corpus_identity.recorded, "n": len(project.runtime.corpus),
         "queries": [[int(t) for t in q.tokens] + [int(q.completion_start)] for q in qtoks],
         "trainer": trainer.name, "trainer_settings": trainer.settings, "seed": int(seed), "fraction": fraction,
     }

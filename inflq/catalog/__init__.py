@@ -46,6 +46,7 @@ from .run_rows import (
     runs_of,
     score_shard_totals,
     score_shards,
+    scored_run_ids,
     update_run,
 )
 from .schema import (
@@ -131,5 +132,5 @@ __all__ = [
     "insert_lds_subset", "insert_validation", "lds_subsets", "validation_rows", "interrupted_run", "latest_run_id", "latest_run_using", "move_runs_to_factor_set",
     "record_fit_shards", "record_score_shard", "referenced_files", "restart_run", "result_set_of_run", "result_sets_of",
     "run_counts", "run_ids_using", "runs_of", "score_shard_totals", "score_shards", "store_factor_set", "stored_results",
-    "update_result_set", "update_run",
+    "update_result_set", "update_run", "scored_run_ids",
 ]

@@ -171,10 +171,12 @@ def referenced_files(db) -> list[tuple[str, str, str | None, tuple]]:
             out.append(("score matrix", r["scores_path"], r["scores_checksum"], ("result_sets", r["id"], "scores")))
         if r["queries_path"]:
             out.append(("query gradients", r["queries_path"], r["queries_checksum"], ("result_sets", r["id"], "queries")))
-    # Candidates carry no checksum in the catalog; they must at least exist and read once scoring began.
-    for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id"):
-        out.append(("candidate list", f"artifacts/runs/{r['run_id']}/candidates.safetensors", None, ("runs", r["run_id"], "candidates")))
     return out
+
+
+def scored_run_ids(db) -> list[int]:
+    """The runs that committed at least one scoring shard (their candidates were chosen)."""
+    return [r["run_id"] for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id")]
 
 
 def dependents(db, owner: tuple) -> tuple[list[int], list[int], str | None]:

@@ -8,6 +8,7 @@ import click
 
 from .. import catalog
 from ..errors import InflqError
+from ..layout import ARTIFACTS
 from .common import progress_monitor, project_at
 
 
@@ -17,8 +18,8 @@ from .common import progress_monitor, project_at
 @click.option("--include-model", is_flag=True, help="Put the model's files in the archive (large).")
 @click.option("--include-corpus", is_flag=True, help="Put the corpus file in the archive.")
 @click.option("--exclude", "exclude", multiple=True, metavar="PATH",
-              help="Leave out the files under PATH, a folder inside artifacts/ that no run or result set needs "
-                   "(e.g. artifacts/index: the gradient indexes, rebuilt with `inflq index build`). Repeatable.")
+              help=f"Leave out the files under PATH, a folder inside {ARTIFACTS}/ that no run or result set needs "
+                   f"(e.g. {ARTIFACTS}/index: the gradient indexes, rebuilt with `inflq index build`). Repeatable.")
 def pack(project, file, include_model, include_corpus, exclude):
     """Write PROJECT into one archive FILE (.tar, or .tar.gz to compress) with a checksum manifest."""
     from ..sharing import pack as do_pack

@@ -12,14 +12,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import catalog
+from .. import catalog, layout
 from ..artifacts import load_tensors, save_tensors
 from ..base import Estimator, Executor, FitContext, Job
 from ..engine import GradientEngine
 from ..errors import InflqError
 from ..passes import Pass, Shard, add_into, combine_results, make_shards
 from ..progress import Monitor
-from ..project import ARTIFACTS, Project
+from ..project import Project
 from ..settings import RunSettings
 from .workers import LocalWorker, worker_spec
 
@@ -99,14 +99,14 @@ def ensure_factors(
                 by_path.setdefault(r["path"], []).append(r)
             for rel, group in by_path.items():
                 covered = sorted(r["shard"] for r in group)
-                if "-upto-" in rel:  # a running sum: valid only if every shard it covers is still recorded
-                    last = int(rel.rsplit("-", 1)[1].split(".")[0])
-                    if covered == list(range(last + 1)) and last + 1 > nxt[0]:
-                        total = load_tensors(project.root, rel, group[0]["checksum"], "fitting shard")
-                        nxt[0], prefix_rel[0] = last + 1, rel
+                last = layout.running_sum_last(rel)
+                # A running sum: valid only if every shard it covers is still recorded.
+                if last is not None and covered == list(range(last + 1)) and last + 1 > nxt[0]:
+                    total = load_tensors(project.root, rel, group[0]["checksum"], "fitting shard")
+                    nxt[0], prefix_rel[0] = last + 1, rel
             for rel, group in by_path.items():
                 for r in group:
-                    if "-upto-" not in rel and r["shard"] >= nxt[0]:
+                    if layout.running_sum_last(rel) is None and r["shard"] >= nxt[0]:
                         held[r["shard"]] = (r["path"], r["checksum"])
             done = set(range(nxt[0])) | set(held)
         monitor.start(pass_.phase, len(indices))
@@ -125,14 +125,14 @@ def ensure_factors(
             checksum = save_tensors(project.root, rel, tensors)
             # A running sum: every shard it covers now points to it.
             catalog.record_fit_shards(project.db, run_id, pass_key, factor_key, {i: len(shards[i]) for i in covered}, rel, checksum,
-                                      running_sum="-upto-" in rel)
+                                      running_sum=layout.running_sum_last(rel) is not None)
             return checksum
 
         def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
             done.add(shard.index)
             if out is not total:  # one shard's own sums (another process, or an executor without Job.sums)
                 if committing:
-                    rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
+                    rel = layout.fit_shard(run_id, number, shard.index)
                     checksum = commit(rel, [shard.index], out)
                     held[shard.index] = out if shard.index == nxt[0] else (rel, checksum)  # an early one waits on disk
                 else:
@@ -145,7 +145,7 @@ def ensure_factors(
             fold()  # shards committed earlier, out of order, that now follow
             if committing:
                 old = prefix_rel[0]
-                prefix_rel[0] = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-upto-{nxt[0] - 1:06d}.safetensors"
+                prefix_rel[0] = layout.fit_running_sum(run_id, number, nxt[0] - 1)
                 commit(prefix_rel[0], list(range(shard.index, nxt[0])), total)
                 if old is not None and old != prefix_rel[0]:
                     (project.root / old).unlink(missing_ok=True)
@@ -168,7 +168,7 @@ def ensure_factors(
         def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
             parts[shard.index] = out
             if committing:
-                rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
+                rel = layout.fit_shard(run_id, number, shard.index)
                 checksum = save_tensors(project.root, rel, out)
                 catalog.record_fit_shards(project.db, run_id, pass_key, factor_key, {shard.index: len(shard)}, rel, checksum)
 
@@ -214,7 +214,7 @@ def ensure_factors(
     started = time.perf_counter()
     tensors = estimator.fit(ctx)
     seconds = time.perf_counter() - started
-    rel = f"{ARTIFACTS}/factors/{estimator.name}-{key}.safetensors"
+    rel = layout.factor_set(estimator.name, key)
     checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True)})
     fs_id, stale = catalog.store_factor_set(project.db, {
         "key": key, "estimator": estimator.name, "settings": json.dumps(estimator.factor_settings(), sort_keys=True),
@@ -224,7 +224,7 @@ def ensure_factors(
     if run_id is not None:  # the factor set now holds what the fitting shards were kept for
         for rel_path in stale:
             (project.root / rel_path).unlink(missing_ok=True)
-        for orphan in (project.root / ARTIFACTS / "runs" / str(run_id)).glob("fit-*"):  # a kill between commit and cleanup
+        for orphan in layout.fit_files(project.root, run_id):  # a kill between commit and cleanup
             orphan.unlink(missing_ok=True)
     estimator.prepare(ctx)
     return fs_id

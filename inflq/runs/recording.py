@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import catalog
+from .. import catalog, layout
 from ..artifacts import save_tensors
 from ..base import Estimator, Executor
 from ..engine import GradientEngine
 from ..errors import Cancelled
 from ..plugins import get_registry
 from ..progress import Monitor
-from ..project import ARTIFACTS, Project, project_relative
+from ..project import Project, project_relative
 from ..settings import RunSettings
 from .scoring import Scorer, extreme_module_scores, pick_extremes
 
@@ -31,7 +31,7 @@ def start_run(project: Project, investigation: str, settings: RunSettings, kind:
     return catalog.insert_run(project.db, {
         "investigation_id": inv["id"], "kind": kind, "estimator": settings.estimator, "filter": settings.filter,
         "executor": settings.executor, "settings": settings.to_json(), "model_fingerprint": project.model_fingerprint,
-        "corpus_fingerprint": project.corpus_fingerprint_recorded,
+        "corpus_fingerprint": project.corpus_identity.recorded,
     })
 
 
@@ -99,7 +99,7 @@ def result_record(
     layers = {n: t.layer for n, t in zip(engine.names, engine.tracked, strict=False)}
     seqs = catalog.sequence_rows(project.db, list(map(int, seq_idx)))
     store = project.runtime.corpus
-    rs_rel = f"{ARTIFACTS}/results/run-{run_id}.safetensors"
+    rs_rel = layout.score_matrix(run_id)
     rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
     inv = catalog.investigation(project.db, investigation)
     q_rel, q_sum = saved_queries
