@@ -386,8 +386,9 @@ class Project:
         them to the plugin's ``check_artifacts`` hook."""
         return layout.plugin_folder(name)
 
-    def delete_investigation(self, name: str) -> None:
-        """Delete an investigation with its queries, probes, runs and results (artifacts too)."""
-        runs, _ = catalog.delete_investigation(self.db, name)
-        for r in runs:  # every file of a run is in its folder (inflq/layout.py)
-            shutil.rmtree(self.root / layout.run_folder(r), ignore_errors=True)
+    def delete_investigation(self, name: str, force: bool = False) -> None:
+        """Delete an investigation with its queries, probes, runs, results and validations, rows
+        first and then the files they named (:func:`inflq.removal.remove_investigation`)."""
+        from .removal import remove_investigation
+
+        remove_investigation(self, name, force=force)

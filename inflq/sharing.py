@@ -99,6 +99,7 @@ def pack(
     from .integrity import referenced_artifacts
     from .layout import ARTIFACTS, CATALOG, CONFIG, CORPUS, LOCAL_PLUGINS
     from .project import Project
+    from .removal import orphans
 
     monitor = monitor or Monitor()
     excluded = []
@@ -146,11 +147,14 @@ def pack(
         cfg_file.write_text(tomli_w.dumps(packed_cfg.to_toml()))
 
         sources: list[tuple[str, Path]] = [(CONFIG, cfg_file), (CATALOG, snap)]
+        # Files no row names (a removed run's, say) are not passed on; `inflq gc` reclaims them here.
+        orphaned = {o.path for o in orphans(project)} - set(wanted)
         for sub in (ARTIFACTS, CORPUS, LOCAL_PLUGINS):
             if (root / sub).is_dir():
                 for f in _walk(root / sub):
                     rel = f.relative_to(root).as_posix()
-                    if not _SKIP.search(rel) and "__pycache__" not in rel and not any(rel.startswith(e) for e in excluded):
+                    if (not _SKIP.search(rel) and "__pycache__" not in rel and rel not in orphaned
+                            and not any(rel.startswith(e) for e in excluded)):
                         sources.append((rel, f))
         if include_model:
             for f in _walk(model_src):

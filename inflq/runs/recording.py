@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,11 +29,15 @@ from .scoring import Scorer, extreme_module_scores, pick_extremes
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
     inv = catalog.investigation(project.db, investigation)
     settings.resolve_defaults(get_registry())
-    return catalog.insert_run(project.db, {
+    run_id = catalog.insert_run(project.db, {
         "investigation_id": inv["id"], "kind": kind, "estimator": settings.estimator, "filter": settings.filter,
         "executor": settings.executor, "settings": settings.to_json(), "model_fingerprint": project.model_fingerprint,
         "corpus_fingerprint": project.corpus_identity.recorded,
     })
+    # Ids are never given twice now, but a run removed by an older inflq may have left its folder
+    # under this id: a new run must not read its candidates.
+    shutil.rmtree(project.root / layout.run_folder(run_id), ignore_errors=True)
+    return run_id
 
 
 @contextlib.contextmanager

@@ -232,16 +232,18 @@ def build(project, index_settings, run, monitor, shard_size: int = 4096):
 
 
 def remove(project, key: str) -> dict:
-    """Delete an index's files and its catalog row."""
+    """Delete an index's catalog row, then its files."""
     rows = [r for r in recorded_indexes(project) if r["key"].startswith(str(key))]
     if len(rows) != 1:
         raise InflqError(f"{key!r} names {len(rows)} indexes; give a key from `inflq index list {project.root}`")
     row = rows[0]
+    # The row first, then its files: a crash in between leaves files no row names, never a row
+    # naming missing files (inflq's own removals keep the same order).
+    with project.db.atomic():
+        project.db["gradient_indexes"].delete(row["key"])
     folder = project.path(row["path"])
     if folder.exists():
         shutil.rmtree(folder)
-    with project.db.atomic():
-        project.db["gradient_indexes"].delete(row["key"])
     return row
 
 
