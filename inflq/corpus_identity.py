@@ -16,6 +16,7 @@ from .corpus import (
     build_store,
     corpus_fingerprint,
     read_documents,
+    truncation_note,
     unknown_tokens_note,
 )
 from .errors import InflqError
@@ -95,16 +96,18 @@ class CorpusIdentity:
             raise InflqError("the project is read-only; copy it somewhere writable to rebuild its corpus")
         cfg, path = project.config, self.path
         fp = corpus_fingerprint(path)
-        docs = read_documents(path, cfg.corpus_format, cfg.text_field, cfg.id_field)
-        rows = build_store(docs, tokenizer, self.store_dir, max_length=cfg.max_length, add_bos=cfg.add_bos, append_eos=cfg.append_eos, fingerprint=fp)
+        docs = read_documents(path, cfg.corpus_format, fields=cfg.fields)
+        rows = build_store(docs, tokenizer, self.store_dir, max_length=cfg.max_length, add_bos=cfg.add_bos, append_eos=cfg.append_eos,
+                           fingerprint=fp, loss_on=cfg.loss_on, too_long=cfg.too_long)
         meta = {"corpus_fingerprint": fp, "corpus_content_fingerprint": fp}
         if path.is_file():
             st = path.stat()
             meta["corpus_stat"] = [str(path.resolve()), st.st_size, st.st_mtime_ns]
         catalog.replace_sequences(project.db, rows, meta)
-        note = self.unknown_tokens_note(tokenizer)
-        if note and monitor is not None:
-            monitor.warn(note)
+        if monitor is not None:
+            for note in (self.unknown_tokens_note(tokenizer), self.truncation_note()):
+                if note:
+                    monitor.warn(note)
 
     def unknown_tokens_note(self, tokenizer) -> str | None:
         """A warning with the share of the corpus's tokens the tokenizer did not know (None: none)."""
@@ -114,10 +117,18 @@ class CorpusIdentity:
             return None
         return unknown_tokens_note(info, getattr(tokenizer, "unk_token", None))
 
+    def truncation_note(self) -> str | None:
+        """A warning with the number of instruction documents truncated or left out for the context (None: none)."""
+        try:
+            return truncation_note(CorpusStore(self.store_dir).info)
+        except InflqError:
+            return None
+
     def store(self, tokenizer) -> CorpusStore:
         """The token store, checked against the corpus: rebuilt where it is missing or was built from
         another corpus than the recorded one; refused (never silently reused) when the corpus file
-        changed since it was tokenized. ``tokenizer``: for a rebuild."""
+        changed since it was tokenized; rebuilt too where it was tokenized under other loss settings
+        (``inflq.toml`` edited). ``tokenizer``: for a rebuild."""
         store_dir, path, recorded = self.store_dir, self.path, self.recorded
         if not store_dir.exists():
             if not path.exists():
@@ -131,7 +142,9 @@ class CorpusIdentity:
                     f"run `inflq corpus rebuild {self.project.root}` (earlier result sets keep their own sequence ids)"
                 )
             self.remember_stat()  # recognised: skip the hash next time
-        if store.fingerprint != recorded:
+        cfg = self.project.config
+        # A store tokenized under other loss settings (inflq.toml edited) is rebuilt, not reused.
+        if store.fingerprint != recorded or store.info.get("loss_on", cfg.loss_on) != cfg.loss_on or store.info.get("too_long", cfg.too_long) != cfg.too_long:
             self.rebuild(tokenizer)
             store = CorpusStore(store_dir)
         return store

@@ -39,16 +39,25 @@ class Runtime:
     def tokenizer(self):
         if self._tokenizer is None:
             check_model_dir(self.project.model_path)
-            self._tokenizer = load_tokenizer(self.project.model_path)
+            self._tokenizer = load_tokenizer(self.project.tokenizer_path)
         return self._tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype here: the project's ``dtype``, ``auto`` being the model's own."""
+        return pick_dtype(self.project.config.dtype, self.device, self.project.model_path)
 
     @property
     def model(self):
         if self._model is None:
             self.project.require_model()
-            dev = self.device
-            self._model = load_model(self.project.model_path, dev, pick_dtype(self.project.config.dtype, dev))
+            self._model = self.load_model()
         return self._model
+
+    def load_model(self, dtype: torch.dtype | None = None, device: torch.device | None = None):
+        """A fresh copy of the project's model (with its adapter), in ``dtype`` and on ``device``
+        (default: the project's), that the caller owns (PBRF, TracIn's checkpoints, trainers)."""
+        return load_model(self.project.model_path, device or self.device, dtype or self.dtype, self.project.adapter_path)
 
     def configure(self, device: str | None = None, dtype: str | None = None) -> None:
         """Change device or dtype for this session (the model reloads on next use)."""
@@ -101,6 +110,10 @@ class Runtime:
     def unknown_tokens_note(self) -> str | None:
         """A warning with the share of the corpus's tokens the tokenizer did not know (None: none)."""
         return self.project.corpus_identity.unknown_tokens_note(self.tokenizer)
+
+    def truncation_note(self) -> str | None:
+        """A warning with the number of instruction documents truncated or left out for the context (None: none)."""
+        return self.project.corpus_identity.truncation_note()
 
     @property
     def corpus(self) -> CorpusStore:
