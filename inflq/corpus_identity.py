@@ -7,8 +7,9 @@ stays the project's corpus identity (factor sets and runs are keyed by it)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import catalog
 from .corpus import (
@@ -124,16 +125,17 @@ class CorpusIdentity:
         except InflqError:
             return None
 
-    def store(self, tokenizer) -> CorpusStore:
+    def store(self, tokenizer: Callable[[], Any]) -> CorpusStore:
         """The token store, checked against the corpus: rebuilt where it is missing or was built from
         another corpus than the recorded one; refused (never silently reused) when the corpus file
         changed since it was tokenized; rebuilt too where it was tokenized under other loss settings
-        (``inflq.toml`` edited). ``tokenizer``: for a rebuild."""
+        (``inflq.toml`` edited). ``tokenizer``: returns the tokenizer, called only for a rebuild (reading
+        a project's results needs no model folder)."""
         store_dir, path, recorded = self.store_dir, self.path, self.recorded
         if not store_dir.exists():
             if not path.exists():
                 raise InflqError(f"the corpus {path} and its token store are both missing; restore the corpus")
-            self.rebuild(tokenizer)
+            self.rebuild(tokenizer())
         store = CorpusStore(store_dir)
         if path.exists() and self.current() != recorded:
             if not self.matches(path):
@@ -145,7 +147,7 @@ class CorpusIdentity:
         cfg = self.project.config
         # A store tokenized under other loss settings (inflq.toml edited) is rebuilt, not reused.
         if store.fingerprint != recorded or store.info.get("loss_on", cfg.loss_on) != cfg.loss_on or store.info.get("too_long", cfg.too_long) != cfg.too_long:
-            self.rebuild(tokenizer)
+            self.rebuild(tokenizer())
             store = CorpusStore(store_dir)
         return store
 

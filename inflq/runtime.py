@@ -119,5 +119,5 @@ class Runtime:
     def corpus(self) -> CorpusStore:
         """The token store; rebuilt (never silently reused) when the corpus file changed."""
         if self._store is None:
-            self._store = self.project.corpus_identity.store(self.tokenizer)
+            self._store = self.project.corpus_identity.store(lambda: self.tokenizer)
         return self._store
