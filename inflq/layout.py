@@ -76,15 +76,6 @@ def fit_running_sum(run_id: int, pass_name: str, last: int) -> str:
     return f"{run_folder(run_id)}/fit-{pass_name}-upto-{int(last):06d}{_SUFFIX}"
 
 
-_RUNNING_SUM = re.compile(r"-upto-(\d+)\.safetensors$")
-
-
-def running_sum_last(path: str) -> int | None:
-    """The last shard a running sum's file covers; ``None`` for a single shard's file."""
-    m = _RUNNING_SUM.search(path)
-    return int(m.group(1)) if m else None
-
-
 def fit_files(root: Path | str, run_id: int) -> list[Path]:
     """The fitting shards' files on disk in a run's folder (what a finished fit no longer needs)."""
     return sorted((Path(root) / run_folder(run_id)).glob("fit-*"))

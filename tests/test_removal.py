@@ -62,6 +62,7 @@ def _cancel_during(phase: str, after: int = 8) -> Monitor:
     return monitor
 
 
+@pytest.mark.slow  # two runs, a PBRF validation and four retrainings
 def test_investigation_rm_after_run_validate_and_lds_leaves_nothing_behind(proj, cli_run):
     """The issue's bug, through the CLI: after `run`, `validate` and `validate --lds` (and a run
     cancelled while fitting, which keeps fitting shards), `investigation rm` succeeds and leaves no
