@@ -232,6 +232,9 @@ class Estimator(Plugin):
     # Scores a new query against the whole corpus without a pass over it (``score_candidates``
     # from stored data, e.g. the gradient index): the TUI's live query uses such an estimator.
     interactive: ClassVar[bool] = False
+    # Its place in the comparison set that ``inflq validate`` measures when no estimators are named
+    # (``Registry.comparison``; the built-ins: identity 0, ekfac 1, lissa 2); None: not in it.
+    compared: ClassVar[int | None] = None
 
     def factor_settings(self) -> dict[str, Any]:
         """Settings that determine the factors (part of the factors' cache key)."""
@@ -319,6 +322,10 @@ class Filter(Plugin):
     # Chooses without looking at the queries (every sequence, a random sample): the baseline a
     # filter's candidates are compared with (search depth).
     unfiltered: ClassVar[bool] = False
+    # Combines other filters: the name of its one option, which holds their specs joined with
+    # ``+`` (the built-in ``union``: ``of``). A ``--filter a+b`` is made as this filter with
+    # that option set to ``a+b`` (``Registry.joining``).
+    joins: ClassVar[str | None] = None
 
     def candidates(self, ctx: FilterContext) -> list[np.ndarray]:
         raise NotImplementedError

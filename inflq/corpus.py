@@ -83,9 +83,6 @@ class TrainingTokens(np.ndarray):
         same = obj is not None and getattr(obj, "shape", None) == self.shape
         self.targets = getattr(obj, "targets", None) if same else None
 
-    def __reduce__(self):  # pickled with its mask (tokens shipped to remote workers)
-        return (TrainingTokens, (np.asarray(self), self.targets))
-
 
 def targets_of(tokens: Any) -> np.ndarray | None:
     """The mask of trained target tokens of a training sequence (:class:`TrainingTokens`), or

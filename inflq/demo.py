@@ -53,18 +53,21 @@ def ensure_demo(progress: Callable[[str], None] | None = None) -> Path:
     return root
 
 
-def run_demo(root: Path, estimator: str = "ekfac", monitor: Monitor | None = None) -> int:
-    """Run the demo investigation once with ``estimator`` over every sequence (reusing the latest
-    result set made so, e.g. in the UI) and return its id. Result sets with another estimator or a
-    candidate filter are never returned for it."""
+def run_demo(root: Path, estimator: str | None = None, monitor: Monitor | None = None) -> int:
+    """Run the demo investigation once with ``estimator`` (default: the registry's default) and the
+    default run settings (the default filter: every sequence among the built-ins), reusing the
+    latest result set made so (e.g. in the UI), and return its id. Result sets with another
+    estimator or filter are never returned for it."""
+    from .plugins import get_registry
     from .runs import RunSettings, run_investigation
 
+    settings = RunSettings(estimator=estimator).resolve_defaults(get_registry())
     project = Project.open(root)
     try:
         inv = catalog.investigation(project.db, INVESTIGATION)
-        existing = catalog.result_sets_scored_with(project.db, inv["id"], estimator, "all")
+        existing = catalog.result_sets_scored_with(project.db, inv["id"], settings.estimator, settings.filter)
         if existing:
             return existing[-1]["id"]
-        return run_investigation(project, INVESTIGATION, RunSettings(estimator=estimator, rank=32, top_k=20), monitor).result_set_id
+        return run_investigation(project, INVESTIGATION, settings, monitor).result_set_id
     finally:
         project.close()

@@ -31,8 +31,12 @@ from scipy.stats import t as student_t
 from . import catalog
 from .base import TrainContext, Trainer
 from .errors import InflqError
+from .plugins import get_registry
 from .progress import Monitor
 from .project import Project
+from .settings import ValidationSettings
+
+_DEFAULT = ValidationSettings()  # the keyword arguments' defaults: declared in inflq/settings.py
 
 
 @dataclass
@@ -92,10 +96,48 @@ def lds_title(vid: int | None, settings: dict) -> str:
             f"{settings['subset_size']} sequences, trainer {settings['trainer']}")
 
 
-def recommendation(damping: float | None) -> str | None:
-    if damping is None:
+# -- what is compared: shared by validate (the PBRF) and the retraining validations ----------------
+def compared_specs(estimators: list[str] | None, dampings: list[float] | None) -> tuple[list[str], str | None]:
+    """The estimator specs a validation compares: ``estimators`` (default: the registry's
+    comparison set) and the default estimator at each of ``dampings`` (``ekfac:damping=λ`` among
+    the built-ins); with the name of the estimator whose damping is swept (None: no sweep)."""
+    registry = get_registry()
+    specs = list(estimators or registry.comparison("estimator"))
+    if not dampings:
+        return specs, None
+    swept = registry.default("estimator")
+    if "damping" not in {o.name for o in registry.get("estimator", swept).options}:
+        raise InflqError(f"--dampings sweeps the default estimator's damping, and {swept} has no damping option; "
+                         "name specs with their damping in --estimators instead")
+    return specs + [f"{swept}:damping={d!r}" for d in dampings], swept
+
+
+def best_damping(rows: list, swept: str | None, score) -> float | None:
+    """The damping of the swept estimator's row (``swept:damping=λ``) with the best ``score(row)``."""
+    if swept is None:
         return None
-    return f"recommended EK-FAC damping (best correlation with retraining): {damping:g} (run with --estimator ekfac:damping={damping:g})"
+    sweep = [r for r in rows if r.estimator.startswith(f"{swept}:damping=")]
+    return max(sweep, key=lambda r: score(r) if math.isfinite(score(r)) else -2).damping if sweep else None
+
+
+def swept_estimator(settings: dict, rows: list) -> str | None:
+    """The estimator whose damping a validation swept: recorded in its settings, or (validations
+    saved before it was) read from its rows' specs (``name:damping=λ``)."""
+    if settings.get("damping_sweep"):
+        return settings["damping_sweep"]
+    for r in rows:
+        name, _, rest = (r["estimator"] if isinstance(r, dict) else r.estimator).partition(":")
+        if rest.startswith("damping="):
+            return name
+    return None
+
+
+def recommendation(damping: float | None, swept: str | None, against: str = "retraining") -> str | None:
+    """The line recommending the swept estimator's best damping, as the CLI and the TUI show it."""
+    if damping is None or swept is None:
+        return None
+    return f"recommended {swept} damping (best correlation with {against}): {damping:g} (run with --estimator {swept}:damping={damping:g})"
+
 
 
 # -- the arithmetic --------------------------------------------------------------------------------
@@ -298,7 +340,7 @@ def _retrain(project: Project, investigation: str, trainer: Trainer, qtoks, stud
         ex.close()
 
 
-def _queries_and_specs(project: Project, investigation: str, estimators, dampings, queries) -> tuple[list[dict], list[str]]:
+def _queries_and_specs(project: Project, investigation: str, estimators, dampings, queries) -> tuple[list[dict], list[str], str | None]:
     from .runs import make_estimator
 
     project.require_model()
@@ -307,10 +349,10 @@ def _queries_and_specs(project: Project, investigation: str, estimators, damping
         qrows = qrows[: max(1, queries)]
     if not qrows:
         raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
-    specs = list(estimators or ["identity", "ekfac", "lissa"]) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
+    specs, swept = compared_specs(estimators, dampings)
     for spec in specs:
         make_estimator(spec)  # a bad spec fails now, not after hours of retraining
-    return qrows, specs
+    return qrows, specs, swept
 
 
 def _compare(project: Project, qrows, specs, predict, measured, modules, seed, batch_size, monitor) -> tuple[list[LDSRow], dict[str, np.ndarray], list[str]]:
@@ -349,28 +391,24 @@ def _save(project: Project, investigation: str, method: str, rows: list[LDSRow],
     ])
 
 
-def _best_damping(rows: list[LDSRow]) -> float | None:
-    sweep = [r for r in rows if r.estimator.startswith("ekfac:damping=")]
-    return max(sweep, key=lambda r: r.lds if math.isfinite(r.lds) else -2).damping if sweep else None
-
-
 def validate_lds(
     project: Project,
     investigation: str,
-    estimators: list[str] | None = None,
-    subsets: int = 32,
-    fraction: float = 0.5,
-    trainer: str | None = None,
-    dampings: list[float] | None = None,
-    queries: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
+    estimators: list[str] | None = _DEFAULT.estimators,
+    subsets: int = _DEFAULT.subsets,
+    fraction: float = _DEFAULT.fraction,
+    trainer: str | None = _DEFAULT.trainer,
+    dampings: list[float] | None = _DEFAULT.dampings,
+    queries: int | None = _DEFAULT.queries,
+    seed: int = _DEFAULT.seed,
+    batch_size: int = _DEFAULT.batch_size,
     modules: str | None = None,
     monitor: Monitor | None = None,
     save: bool = True,
-    executor: str | None = None,
+    executor: str | None = _DEFAULT.executor,
 ) -> LDSValidation:
-    """LDS of each estimator spec (and of ``ekfac:damping=λ`` for each of ``dampings``, recommending
+    """LDS of each estimator spec (default: the registry's comparison set) and of the default
+    estimator at each of ``dampings`` (``ekfac:damping=λ`` among the built-ins; recommending
     the λ with the best LDS) over ``subsets`` subsets of ``fraction`` of the corpus, retrained with
     ``trainer`` (a spec; default: the registry's default trainer). ``queries``: the first that many
     of the investigation's queries (default: all). ``seed`` seeds the subsets, every retraining and
@@ -382,7 +420,7 @@ def validate_lds(
     monitor = monitor or Monitor()
     if subsets < 3:
         raise InflqError("--subsets must be at least 3 (a Spearman correlation over subsets)")
-    qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
+    qrows, specs, swept = _queries_and_specs(project, investigation, estimators, dampings, queries)
     tr = make_trainer(trainer)
     assert isinstance(tr, Trainer)
     n = len(project.runtime.corpus)
@@ -394,11 +432,11 @@ def validate_lds(
     measured, trained = _retrain(project, investigation, tr, qtoks, study, subs, seed, monitor, executor)
     retrain_s = time.perf_counter() - t0
     rows, preds, names = _compare(project, qrows, specs, lambda scores: subset_predictions(scores, subs), measured, modules, seed, batch_size, monitor)
-    recommended = _best_damping(rows)
+    recommended = best_damping(rows, swept, lambda r: r.lds)
     used = {
         "method": "lds", "queries": [q["id"] for q in qrows], "subsets": subsets, "fraction": fraction, "subset_size": len(subs[0]),
         "num_corpus": n, "trainer": tr.spec(), "seed": seed, "study": study, "retrain_seconds": retrain_s, "retrained_now": len(trained),
-        "modules": names, "recommended_damping": recommended,
+        "modules": names, "recommended_damping": recommended, "damping_sweep": swept,
     }
     vid = _save(project, investigation, "lds", rows, used, len(qrows), subsets) if save else None
     return LDSValidation(vid, rows, measured, preds, used, recommended, trained)
@@ -422,18 +460,18 @@ def loo_sequences(n: int, count: int, seed: int) -> np.ndarray:
 def validate_loo(
     project: Project,
     investigation: str,
-    estimators: list[str] | None = None,
-    count: int = 8,
-    trainer: str | None = None,
-    dampings: list[float] | None = None,
-    queries: int | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
+    estimators: list[str] | None = _DEFAULT.estimators,
+    count: int | None = _DEFAULT.count,
+    trainer: str | None = _DEFAULT.trainer,
+    dampings: list[float] | None = _DEFAULT.dampings,
+    queries: int | None = _DEFAULT.queries,
+    seed: int = _DEFAULT.seed,
+    batch_size: int = _DEFAULT.batch_size,
     modules: str | None = None,
     monitor: Monitor | None = None,
     save: bool = True,
-    executor: str | None = None,
-    sequences: list[str] | None = None,
+    executor: str | None = _DEFAULT.executor,
+    sequences: list[str] | None = _DEFAULT.sequences,
 ) -> LDSValidation:
     """Leave-one-out: retrain on the whole corpus and on the corpus without each of ``count``
     seeded sequences (or of the ``sequences`` named by id, ``document id:chunk``); the measured effect of sequence i on a query is ``m(all) − m(all ∖ i)``
@@ -444,7 +482,9 @@ def validate_loo(
     from .runs import make_trainer
 
     monitor = monitor or Monitor()
-    qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
+    if count is None and not sequences:
+        raise InflqError("leave-one-out needs a count of seeded sequences (--loo N) or the sequences to leave out (--leave-out ID,ID,ID)")
+    qrows, specs, swept = _queries_and_specs(project, investigation, estimators, dampings, queries)
     tr = make_trainer(trainer)
     assert isinstance(tr, Trainer)
     n = len(project.runtime.corpus)
@@ -465,11 +505,11 @@ def validate_loo(
     retrain_s = time.perf_counter() - t0
     effect = measured[0][None, :] - measured[1:]
     rows, preds, names = _compare(project, qrows, specs, lambda scores: scores[left], effect, modules, seed, batch_size, monitor)
-    recommended = _best_damping(rows)
+    recommended = best_damping(rows, swept, lambda r: r.lds)
     used = {
         "method": "loo", "queries": [q["id"] for q in qrows], "subsets": count, "left_out": [int(i) for i in left], "subset_size": n - 1,
         "num_corpus": n, "trainer": tr.spec(), "seed": seed, "study": study, "retrain_seconds": retrain_s, "retrained_now": len(trained),
-        "modules": names, "recommended_damping": recommended,
+        "modules": names, "recommended_damping": recommended, "damping_sweep": swept,
     }
     vid = _save(project, investigation, "loo", rows, used, len(qrows), count) if save else None
     return LDSValidation(vid, rows, effect, preds, used, recommended, trained)

@@ -115,6 +115,22 @@ class Registry:
             raise InflqError(f"no default {kind} is loaded; name one (see `inflq plugins`)")
         return names[0]
 
+    def comparison(self, kind: str = "estimator") -> list[str]:
+        """The names of the ``kind`` plugins compared when none are named (``inflq validate``):
+        those with a ``compared`` place, in its order (then by name)."""
+        ranked = [(cls.compared, name) for name, cls in self.all(kind).items() if getattr(cls, "compared", None) is not None]
+        if not ranked:
+            raise InflqError(f"no loaded {kind} is in the default comparison set; name the {kind}s to compare (see `inflq plugins`)")
+        return [name for _, name in sorted(ranked)]
+
+    def joining(self, kind: str = "filter") -> type[Plugin]:
+        """The ``kind`` plugin that combines others (``joins``: the option holding their ``+``-joined
+        specs), the first by name if several; an error if none is loaded."""
+        names = [n for n, cls in sorted(self.all(kind).items()) if getattr(cls, "joins", None)]
+        if not names:
+            raise InflqError(f"no loaded {kind} combines {kind}s joined with +; name one {kind} (see `inflq plugins`)")
+        return self.all(kind)[names[0]]
+
     def all(self, kind: str) -> dict[str, type[Plugin]]:
         self._collect()
         return dict(self.classes[kind])

@@ -41,6 +41,7 @@ from . import catalog
 from .contractions import QueryGradients
 from .engine import make_batch, math_attention
 from .errors import InflqError
+from .lds import best_damping, compared_specs
 from .passes import ScorePass, Shard, sequence_seed
 from .progress import Monitor
 from .project import Project
@@ -53,6 +54,9 @@ from .runs import (
     prepare_estimator,
     query_gradients,
 )
+from .settings import PBRF_QUERIES, ValidationSettings
+
+_DEFAULT = ValidationSettings()  # the keyword arguments' defaults: declared in inflq/settings.py
 
 
 @dataclass
@@ -193,30 +197,33 @@ class PBRF:
 def validate(
     project: Project,
     investigation: str,
-    estimators: list[str] | None = None,
-    sample: int = 20,
-    dampings: list[float] | None = None,
-    queries: int = 3,
-    fit_sequences: int | None = 128,
-    epsilon: float | None = None,
-    pbrf_steps: int = 300,
-    pbrf_damping: float | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
+    estimators: list[str] | None = _DEFAULT.estimators,
+    sample: int = _DEFAULT.sample,
+    dampings: list[float] | None = _DEFAULT.dampings,
+    queries: int | None = _DEFAULT.queries,
+    fit_sequences: int | None = _DEFAULT.fit_sequences,
+    epsilon: float | None = _DEFAULT.epsilon,
+    pbrf_steps: int = _DEFAULT.pbrf_steps,
+    pbrf_damping: float | None = _DEFAULT.pbrf_damping,
+    seed: int = _DEFAULT.seed,
+    batch_size: int = _DEFAULT.batch_size,
     modules: str | None = None,
-    max_minutes: float = 30.0,
+    max_minutes: float = _DEFAULT.max_minutes,
     monitor: Monitor | None = None,
     save: bool = True,
 ) -> Validation:
     """Correlate estimators' influence scores with PBRF influences on a sample of fitting sequences.
 
-    ``dampings`` sweeps EK-FAC's absolute damping (``ekfac:damping=λ``) and recommends the value
-    with the best Pearson correlation. Refuses (with its estimated cost) a sample whose PBRF solves
-    would take longer than ``max_minutes``.
+    ``estimators``: specs (default: the registry's comparison set, ``Registry.comparison``).
+    ``dampings`` sweeps the default estimator's absolute damping (``ekfac:damping=λ`` among the
+    built-ins) and recommends the value with the best Pearson correlation. ``queries``: the first
+    that many of the investigation's queries (default 3). Refuses (with its estimated cost) a
+    sample whose PBRF solves would take longer than ``max_minutes``.
     """
     monitor = monitor or Monitor()
-    estimators = list(estimators or ["identity", "ekfac", "lissa"])
+    specs, swept = compared_specs(estimators, dampings)
     project.require_model()
+    queries = PBRF_QUERIES if queries is None else queries
     qrows = catalog.queries(project.db, investigation)[: max(1, queries)]
     if not qrows:
         raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
@@ -275,7 +282,6 @@ def validate(
     del pbrf
 
     # Estimators, each timed: fitting (or preparing) and the inverse-HVPs of the query gradients.
-    specs = list(estimators) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
     grads = query_gradients(project, engine, qrows, batch_size)
     worker = LocalWorker(project, engine)
     local = default_executor()
@@ -298,12 +304,12 @@ def validate(
         d = est.settings.get("damping") if hasattr(est, "settings") else None
         rows.append(ValidationRow(spec, float(np.nanmean([p for p, _ in per_query])), float(np.nanmean([s for _, s in per_query])), fit_s, ihvp_s, d, per_query))
         scores[spec] = got
-    sweep = [r for r in rows if r.estimator.startswith("ekfac:damping=")]
-    recommended = max(sweep, key=lambda r: (r.pearson if math.isfinite(r.pearson) else -2)).damping if sweep else None
+    recommended = best_damping(rows, swept, lambda r: r.pearson)
     used = {
         "queries": [q["id"] for q in qrows], "sample": [int(i) for i in chosen], "fit_sequences": n, "epsilon": eps,
         "pbrf_steps": pbrf_steps, "pbrf_damping": pb_damp, "pbrf_seconds": pbrf_seconds, "pbrf_seconds_per_solve": pbrf_seconds / (2 * sample),
         "seed": seed, "modules": engine.names, "optimizer": "SGD + Nesterov momentum, float64", "recommended_damping": recommended,
+        "damping_sweep": swept,
     }
     vid = None
     if save:

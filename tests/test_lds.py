@@ -263,7 +263,7 @@ def test_validate_lds_end_to_end_cancels_and_resumes(tmp_path, cli_run, monkeypa
                              "--estimators", "identity,ekfac", "--dampings", "1e-3,1")
     assert code == 0, err
     assert len(trained) == 4 and len({tuple(t) for t in trained}) == 4  # subsets 1-3 now; 0 not again
-    assert "LDS validation" in out and "recommended EK-FAC damping (best correlation with retraining)" in out
+    assert "LDS validation" in out and "recommended ekfac damping (best correlation with retraining)" in out
     p = Project.open(tmp_path / "project")
     rows = catalog.validation_rows(p.db, method="lds")
     assert [r["estimator"] for r in rows] == ["identity", "ekfac", "ekfac:damping=0.001", "ekfac:damping=1.0"]

@@ -109,6 +109,31 @@ def test_ray_scores_equal_local_scores(cluster, baseline, cli_run, tmp_path):
     assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
 
 
+def test_instruction_data_shipped_to_the_workers_keeps_its_loss_mask(cluster, tmp_path, cli_run):
+    """With ship_model=true the tokens travel with each shard: an instruction corpus's loss mask
+    (the response's tokens) travels beside them, so the Ray run's scores are the local run's (a
+    mask lost on the way would train on the prompts too and change every score)."""
+    import json
+
+    from helpers import make_model_dir
+    from inflq.queries import add_query
+
+    rows = [{"id": f"r{i}", "prompt": f"the capital city of place{i % 5} is", "completion": f" velmora {i}"} for i in range(12)]
+    corpus = tmp_path / "pairs.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = Project.init(tmp_path / "proj", make_model_dir(tmp_path / "model", "gpt2"), corpus)
+    add_query(p, "default", "the capital city of astrobia is", " velmora")
+    p.close()
+    local = copy_project(tmp_path / "proj", "local")
+    for proj, extra in ((local, []), (tmp_path / "proj", ["--executor", "ray:num_workers=2,ship_model=true"])):
+        code, _, err = cli_run("run", proj, "--shard-size", "4", "--batch-size", "2", "--estimator", "identity", *extra)
+        assert code == 0, err
+    assert_same_scores(export_npy(cli_run, local, tmp_path / "l.npy"), export_npy(cli_run, tmp_path / "proj", tmp_path / "r.npy"))
+    q = Project.open(tmp_path / "proj")
+    assert q.runtime.corpus.get(0).targets is not None and not q.runtime.corpus.get(0).targets.all()  # the corpus has a mask to keep
+    q.close()
+
+
 def test_fit_by_module_on_workers_with_a_memory_limit(cluster, baseline, cli_run, monkeypatch, tmp_path):
     """Workers of ``memory=GB`` whose half cannot hold every module's covariance sums: the fit runs
     a pass per group of modules, no worker returns (and the driver never reduces) more than one

@@ -802,7 +802,7 @@ def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
     import io
 
     from rich.console import Console
-    from textual.widgets import Input, Static
+    from textual.widgets import Static
 
     from inflq.tui.screens.tools import ValidateScreen
 
@@ -819,7 +819,7 @@ def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
         screen = app.screen
         assert isinstance(screen, ValidateScreen)
         for name, value in (("method", "lds"), ("estimators", "identity"), ("queries", "1"), ("subsets", "3"), ("trainer", "adamw:epochs=1,batch_size=8,threads=1")):
-            screen.query_one(f"#val-{name}", Input).value = value
+            screen.query_one(f"#val-{name}").value = value  # (method: a select of the declared choices)
         await pilot.press("ctrl+r")
         await settle(pilot)
         text = shown(screen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import catalog
+from ..settings import RunSettings
 from .common import make_console, progress_monitor, project_at
 from .result_commands import top
 
@@ -27,7 +28,7 @@ def ui(project):
 
 @click.command()
 @click.option("--headless", is_flag=True, help="Run the demo investigation and print its top sequences instead of opening the UI.")
-@click.option("--estimator", default="ekfac", show_default=True, help="Estimator spec of the result set to show (run if there is none).")
+@RunSettings.click_options("demo", notes={"estimator": "Its result set is shown (run if there is none)."})
 def demo(headless, estimator):
     """Prepare the demo project (projects/demo) and open it."""
     from ..demo import ensure_demo, run_demo

@@ -10,6 +10,7 @@ import click
 from .. import catalog
 from ..errors import InflqError
 from ..queries import add_queries, add_query
+from ..settings import RunSettings
 from .common import heat_text, make_console, progress_monitor, project_at
 
 
@@ -183,7 +184,7 @@ def probe_add(project, text, query_id, label):
 @probe.command("score")
 @click.argument("project")
 @click.option("--query", "query_id", type=int, required=True, help="The query id whose probes to score.")
-@click.option("--estimator", default=None, help="Estimator spec (cached factors are reused) (default: the registry's default estimator; ekfac among the built-ins).")
+@RunSettings.click_options("probe score", notes={"estimator": "Its cached factors are reused."})
 def probe_score(project, query_id, estimator):
     """Score the query's probes and show their most influential tokens."""
     from rich.table import Table

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..errors import Cancelled, InflqError
+from ..settings import DeviceSettings, RunSettings
 from .common import make_console, progress_monitor, project_at
 
 
@@ -23,32 +24,20 @@ def _seconds(s: float | None) -> str:
 @click.command()
 @click.argument("project")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose queries the run would score.")
-@click.option("--estimator", default=None, help="Estimator spec (default: the registry's default estimator; ekfac among the built-ins).")
-@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
-@click.option("--fit-sequences", type=int, help="Fit factors on a sample of this many sequences (default: all).")
-@click.option("--rank", default="32", show_default=True, help="Rank of the preconditioned query gradients, or 'full'.")
-@click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
-@click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen as a run chooses it).")
-@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto). Time is measured on it.")
+@RunSettings.click_options("plan", notes={"fit_memory": "The plan plans such a fit, as `inflq run --fit-memory` runs it."})
+@DeviceSettings.click_options("plan", notes={"device": "Time is measured on it."})
 @click.option("--memory", type=float, help="Memory to plan for, in GB (default: what the device has free).")
-@click.option("--fit-memory", type=float, help="GB of sums one fitting pass may hold: plan a fit by module, as `inflq run --fit-memory` does.")
 @click.option("--calibration", type=int, help="Sequences in the measured calibration (default: two batches' worth).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(project, investigation, estimator, modules, fit_sequences, rank, batch_size, batch_tokens, device, memory, fit_memory, calibration, as_json):
+def plan(project, investigation, memory, calibration, as_json, **given):
     """Predict a run's time and peak memory per phase, from a short measured calibration."""
     from ..plan import make_plan
-    from ..settings import RunSettings
 
     p = project_at(project)
-    p.runtime.configure(device, None)
-    try:
-        rank_v = None if rank in ("full", "none", "None") else int(rank)
-    except ValueError:
-        raise InflqError(f"--rank must be a number or 'full', not {rank!r}") from None
+    p.runtime.configure(DeviceSettings.from_values(given).device, None)
     if memory is not None and memory <= 0:
         raise InflqError(f"--memory must be a positive number of GB, not {memory:g}")
-    settings = RunSettings(estimator=estimator, modules=modules, fit_sequences=fit_sequences, rank=rank_v,
-                           batch_size=batch_size, batch_tokens=batch_tokens, seed=p.config.seed, fit_memory=fit_memory)
+    settings = RunSettings.from_values(given, p)
     with progress_monitor() as monitor:
         try:
             result = make_plan(p, settings, investigation=investigation, calibration=calibration, monitor=monitor,

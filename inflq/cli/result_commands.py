@@ -10,6 +10,7 @@ import click
 
 from .. import catalog
 from ..errors import InflqError
+from ..settings import RunSettings
 from .common import heat_text, make_console, progress_monitor, project_at, text_room
 
 
@@ -91,7 +92,7 @@ def export(project, investigation, fmt, output, result_set):
 
 @click.command("self-influence")
 @click.argument("project")
-@click.option("--estimator", default=None, help="Estimator spec, as for inflq run (default: the registry's default estimator; ekfac among the built-ins).")
+@RunSettings.click_options("self-influence")
 @click.option("-k", default=10, show_default=True, help="Sequences to show.")
 def self_influence_cmd(project, estimator, k):
     """Rank training sequences by self-influence (outliers, memorised or mislabelled data)."""

@@ -8,58 +8,61 @@ import click
 
 from .. import catalog
 from ..errors import Cancelled, InflqError
+from ..settings import DeviceSettings, RunSettings
 from .common import make_console, progress_monitor, project_at
+
+
+def _resume_target(p, project: str, investigation: str, resume: int | None, kind: str) -> int | None:
+    """The run ``--resume`` names: its id, or (the bare flag, 0) the investigation's latest
+    interrupted run of ``kind``."""
+    if resume != 0:
+        return resume
+    from ..runs import interrupted_run
+
+    row = interrupted_run(p, investigation, kind=kind)
+    if row is None:
+        what = "run" if kind == "scores" else "factor fit"
+        raise InflqError(f"investigation {investigation!r} has no interrupted {what} to resume; see `inflq runs {project}`, or give a run id")
+    return row["id"]
+
+
+def _cancelled(p, what: str, resume: int | None, again: str) -> InflqError:
+    """The one line a cancelled run or fit ends with: what it kept and how to continue."""
+    from ..runs import committed_work
+
+    last = resume or catalog.latest_run_id(p.db)
+    return InflqError(f"{what} {last} cancelled; {committed_work(p, last)}: continue with `{again} --resume {last}` (or --resume alone)")
+
+
+def _device(p, given: dict) -> None:
+    from ..settings import DeviceSettings
+
+    device = DeviceSettings.from_values(given)
+    p.runtime.configure(device.device, device.dtype)
 
 
 @click.command()
 @click.argument("project")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation whose queries are scored.")
-@click.option("--estimator", default=None, help="Estimator spec, e.g. ekfac or ekfac:damping=1e-3 (default: the registry's default estimator; ekfac among the built-ins).")
-@click.option("--filter", "filter_", default=None, help="Candidate filter spec; join with + for a union (tfidf:k=1000+random:n=500). Default: the registry's default filter (all: every sequence).")
-@click.option("--executor", help="Executor spec: local (default), or ray / ray:num_gpus=1,num_workers=4 (docs/executors.md). With --resume: the run's own unless given.")
+@RunSettings.click_options("run", notes={"executor": "With --resume: the run's own unless given."})
 @click.option("--address", help="Ray cluster address for --executor ray: auto, local or HOST:PORT (the same as ray:address=...).")
-@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
-@click.option("--rank", default="32", show_default=True, help="Rank of the preconditioned query gradients, or 'full'.")
-@click.option("--full-rank-memory", "full_rank_mb", type=click.IntRange(min=0), default=1024, show_default=True,
-              help="MiB of query gradients kept at full rank where scoring is cheaper (and exact) that way; 0: always --rank.")
-@click.option("--top-k", default=20, show_default=True, help="Top and bottom sequences stored per query.")
-@click.option("--fit-sequences", type=int, help="Fit factors on a seeded sample of this many sequences (default: all).")
-@click.option("--seed", type=int, help="Seed for sampled labels and samples (default: the project's).")
-@click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
-@click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen from the model's size and the free memory; recorded with the run).")
-@click.option("--shard-size", default=512, show_default=True, help="Sequences per committed shard.")
-@click.option("--fit-memory", type=float, help="GB of sums one fitting pass may hold (per worker and on the driver): larger factors are fitted by module, a group of modules per pass (default: no limit, or ray:memory's half).")
-@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype for this run (default: the project's).")
-@click.option("--refit", is_flag=True, help="Recompute the estimator's factors even if cached.")
+@DeviceSettings.click_options("run")
 @click.option("--resume", "resume", type=int, is_flag=False, flag_value=0,
               help="Continue a cancelled or failed run: by id, or alone (after PROJECT) the investigation's latest interrupted run.")
-def run(project, investigation, estimator, filter_, executor, address, modules, rank, full_rank_mb, top_k, fit_sequences, seed, batch_size, batch_tokens, shard_size, fit_memory, device, dtype, refit, resume):
+def run(project, investigation, address, resume, **given):
     """Fit what is needed and score the investigation's queries."""
-    from ..runs import RunSettings, run_investigation
+    from ..runs import run_investigation
 
     p = project_at(project)
-    p.runtime.configure(device, dtype)
-    if rank in ("full", "none", "None"):
-        rank_v = None
-    else:
-        try:
-            rank_v = int(rank)
-        except ValueError:
-            raise InflqError(f"--rank must be a number or 'full', not {rank!r}") from None
+    _device(p, given)
+    executor = given["executor"]
     if address:
         executor = executor or "ray"
         if not executor.startswith("ray"):
             raise InflqError("--address is for --executor ray; drop it or use --executor ray")
-        executor += ("," if ":" in executor else ":") + f"address={address}"
-    settings = RunSettings(estimator=estimator, filter=filter_, executor=executor, modules=modules, rank=rank_v, full_rank_mb=full_rank_mb, top_k=top_k, fit_sequences=fit_sequences, seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit, fit_memory=fit_memory)
-    if resume == 0:  # the bare flag: the investigation's latest interrupted run
-        from ..runs import interrupted_run
-
-        row = interrupted_run(p, investigation)
-        if row is None:
-            raise InflqError(f"investigation {investigation!r} has no interrupted run to resume; see `inflq runs {project}`, or give a run id")
-        resume = row["id"]
+        given["executor"] = executor = executor + ("," if ":" in executor else ":") + f"address={address}"
+    settings = RunSettings.from_values(given, p)
+    resume = _resume_target(p, project, investigation, resume, "scores")
     if resume:
         from ..runs import committed_work
 
@@ -70,10 +73,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
         try:
             result = run_investigation(p, investigation, settings, monitor, resume=resume, executor=executor if resume else None)
         except Cancelled:
-            from ..runs import committed_work
-
-            last = resume or catalog.latest_run_id(p.db)
-            raise InflqError(f"run {last} cancelled; {committed_work(p, last)}: continue with `inflq run {project} --resume {last}` (or --resume alone)") from None
+            raise _cancelled(p, "run", resume, f"inflq run {project}") from None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
     click.echo(f"run {result.run_id} done in {result.seconds:.1f}s ({phases}); result set {result.result_set_id}")
     click.echo(f"see the top sequences with: inflq top {project} -i {catalog.investigation(p.db, catalog.get_run(p.db, result.run_id)['investigation_id'])['name']}")
@@ -110,44 +110,26 @@ def factors_list(project, as_json):
 
 @factors.command("fit")
 @click.argument("project")
-@click.option("--estimator", default=None, help="Estimator spec (its factor settings, e.g. ekfac:fisher=empirical) (default: the registry's default estimator; ekfac among the built-ins).")
-@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's).")
-@click.option("--fit-sequences", type=int, help="Fit on a seeded sample of this many sequences (default: all).")
-@click.option("--seed", type=int, help="Seed for sampled labels and the sample (default: the project's).")
-@click.option("--batch-size", type=int, help="Sequences per batch (default: as many as the token budget holds).")
-@click.option("--batch-tokens", type=int, help="Padded tokens per batch (default: chosen from the model's size and the free memory; recorded with the run).")
-@click.option("--shard-size", default=512, show_default=True, help="Sequences per committed fitting shard.")
-@click.option("--fit-memory", type=float, help="GB of sums one fitting pass may hold (per worker and on the driver): larger factors are fitted by module, a group of modules per pass (default: no limit, or ray:memory's half).")
-@click.option("--executor", help="Executor spec: local (default) or ray[:...] (docs/executors.md).")
-@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="Model dtype for the fit (default: the project's).")
-@click.option("--refit", is_flag=True, help="Recompute even if these factors are cached.")
+@RunSettings.click_options("factors fit", notes={"estimator": "Its factor settings (e.g. ekfac:fisher=empirical) name the factors fitted."})
+@DeviceSettings.click_options("factors fit")
 @click.option("--resume", type=int, is_flag=False, flag_value=0, help="Continue an interrupted fit: by run id, or alone (after PROJECT) the latest one.")
 @click.option("-i", "--investigation", default="default", show_default=True, help="Investigation the fitting run is listed under.")
-def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, batch_tokens, shard_size, fit_memory, executor, device, dtype, refit, resume, investigation):
+def factors_fit(project, resume, investigation, **given):
     """Fit factors now (e.g. on a GPU machine), for later runs to reuse; resumable."""
-    from ..runs import RunSettings, fit_factors
+    from ..runs import fit_factors
 
     p = project_at(project)
-    p.runtime.configure(device, dtype)
-    settings = RunSettings(estimator=estimator, executor=executor, modules=modules, fit_sequences=fit_sequences,
-                           seed=p.config.seed if seed is None else seed, batch_size=batch_size, batch_tokens=batch_tokens, shard_size=shard_size, refit=refit, fit_memory=fit_memory)
-    if resume == 0:  # the bare flag: the latest interrupted fit
-        from ..runs import interrupted_run
-
-        row = interrupted_run(p, investigation, kind="factors")
-        if row is None:
-            raise InflqError(f"no interrupted factor fit to resume in investigation {investigation!r}; see `inflq runs {project}`")
-        resume = row["id"]
+    _device(p, given)
+    settings = RunSettings.from_values(given, p)
+    if resume == 0:
+        resume = _resume_target(p, project, investigation, resume, "factors")
+        row = catalog.get_run(p.db, resume)
         click.echo(f"resuming factor fit {resume} ({row['status']}, {row['estimator']})", err=True)
     with progress_monitor() as monitor:
         try:
             run_id, fs_id, seconds = fit_factors(p, settings, monitor, investigation, resume=resume)
         except Cancelled:
-            from ..runs import committed_work
-
-            last = resume or catalog.latest_run_id(p.db)
-            raise InflqError(f"fit {last} cancelled; {committed_work(p, last)}: continue with `inflq factors fit {project} --resume {last}`") from None
+            raise _cancelled(p, "fit", resume, f"inflq factors fit {project}") from None
     if fs_id is None:
         click.echo(f"{settings.estimator} fits no factors; nothing to do")
     else:

@@ -33,11 +33,13 @@ def make_trainer(spec: str | None = None):
 
 
 def make_filter(spec: str):
+    """The filter ``spec`` names; specs joined with ``+`` are made as the registry's joining
+    filter (``Filter.joins``; the built-in ``union``)."""
     parts = parse_specs(spec)
     if len(parts) == 1:
         return get_registry().create("filter", parts[0].name, parts[0].options)
-    union = get_registry().get("filter", "union")
-    return union(of=spec)
+    joining = get_registry().joining("filter")
+    return joining(**{joining.joins: spec})
 
 
 @dataclass

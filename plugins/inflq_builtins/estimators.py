@@ -30,6 +30,7 @@ class GradientDotProduct(Estimator):
 
     name = "identity"
     description = "gradient dot product (no Hessian): the naive baseline"
+    compared = 0  # inflq validate's default comparison: the baseline, EK-FAC, LiSSA
 
     def precondition(self, grads):
         return grads
@@ -319,6 +320,7 @@ class EKFAC(_Eigenbasis):
 
     name = "ekfac"
     default = True
+    compared = 1
     description = "EK-FAC: Kronecker-factored eigenbasis with refitted eigenvalues (the paper's estimator)"
 
     def fit(self, ctx):

@@ -68,6 +68,7 @@ class MetadataFilter(Filter):
 class Union(Filter):
     name = "union"
     description = "the union of other filters' candidates, per query (of=tfidf:k=100+random:n=500)"
+    joins = "of"  # --filter a+b is made as union:of=a+b
     options = (Option("of", str, None, "filter specs joined with +"),)
 
     def candidates(self, ctx):

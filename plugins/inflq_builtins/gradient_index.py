@@ -257,6 +257,10 @@ def _size(n: float) -> str:
 
 @hookimpl
 def register_commands(cli):
+    from inflq import (
+        RunSettings,  # declares the run settings (and their options) a build shares with runs
+    )
+
     @cli.group("index")
     def index_group():
         """The gradient index: per-sequence gradients stored once, queries answered from them
@@ -271,19 +275,18 @@ def register_commands(cli):
                   help="Projection: random orthonormal rows, Gaussian (Johnson-Lindenstrauss), or the covariances' top eigenvectors.")
     @click.option("--estimator", "fit_estimator", type=click.Choice(["ekfac", "kfac"]), default="ekfac", show_default=True,
                   help="The preconditioner fitted in the projected space.")
-    @click.option("--modules", default=None, help="Which modules to track (default: the project's).")
-    @click.option("--fit-sequences", type=int, default=None, help="Fit the preconditioner on a random sample of this many sequences.")
-    @click.option("--executor", default=None, help="Where passes run (e.g. ray:address=auto); default: this process.")
+    @RunSettings.click_options("index build", notes={"fit_sequences": "Here: the preconditioner's fit."})
+    # The index's own seed and shards (recorded in its key; rows, not a run's sequences).
     @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the random projections and the fit's sampled labels.")
     @click.option("--shard-size", type=int, default=4096, show_default=True, help="Rows committed at a time (Ctrl-C keeps committed shards).")
-    def index_build(project, k_s, k_a, budget, kind, fit_estimator, modules, fit_sequences, executor, seed, shard_size):
+    def index_build(project, k_s, k_a, budget, kind, fit_estimator, seed, shard_size, **given):
         """Build (or resume) a gradient index over the whole corpus."""
-        from inflq import Cancelled, RunSettings, index, open_project, progress_monitor
+        from inflq import Cancelled, index, open_project, progress_monitor
 
         p = open_project(project)
         extra = {} if budget is None else {"budget_bytes": budget}
         settings = index.IndexSettings(kind=kind, k_s=k_s, k_a=k_a, estimator=fit_estimator, seed=seed, **extra)
-        run = RunSettings(modules=modules, fit_sequences=fit_sequences, executor=executor, seed=seed)
+        run = RunSettings.from_values({**given, "seed": seed})
         with progress_monitor() as monitor:
             try:
                 row, store = build(p, settings, run, monitor, shard_size)

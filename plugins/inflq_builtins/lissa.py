@@ -120,6 +120,7 @@ class LiSSA(Estimator):
 
     name = "lissa"
     description = "LiSSA: iterative inverse-HVP with exact Gauss-Newton products (the paper's baseline)"
+    compared = 2
     options = (
         Option("damping", float, None, "absolute damping λ (default: damping_factor × mean Gauss-Newton eigenvalue, per module, as EK-FAC)"),
         Option("damping_factor", float, 0.1, "λ = damping_factor × mean eigenvalue per module, when no damping is given"),

@@ -139,8 +139,10 @@ class ShardWorker:
         ref = pass_holder[0]  # a reference inside a list: fetched only when the pass changes
         if ref.hex() != self._pass_key:
             self._pass, self._pass_key = ray.get(ref), ref.hex()
-        if tokens is not None:
-            by_index = dict(zip(map(int, indices), tokens))
+        if tokens is not None:  # (token ids, targets or None) per sequence: the mask travels beside them
+            from inflq import TrainingTokens
+
+            by_index = {int(i): (t if m is None else TrainingTokens(t, m)) for i, (t, m) in zip(indices, tokens)}
 
             def sequences(idx):
                 return [by_index[int(i)] for i in idx]
@@ -460,7 +462,13 @@ class _Shards(_Work):
 
     def send(self, handle, shard):
         ex = self.executor
-        tokens = self.job.local.corpus.many(shard.indices) if ex._shipped is not None else None
+        tokens = None
+        if ex._shipped is not None:  # plain arrays: a training sequence's loss mask travels beside its tokens
+            import numpy as np
+
+            from inflq import targets_of
+
+            tokens = [(np.asarray(t), targets_of(t)) for t in self.job.local.corpus.many(shard.indices)]
         return handle.run.remote([self.pass_ref], shard.index, shard.indices, tokens, self.job.batch_size, ex._sink)
 
     def poll(self, inflight: list) -> None:

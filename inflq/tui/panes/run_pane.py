@@ -10,7 +10,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select
+from textual.widgets import Button, Checkbox, DataTable, Label, Select
 from textual.worker import Worker, WorkerState
 
 from ... import catalog, reading
@@ -21,6 +21,7 @@ from ...progress import Monitor, ProgressEvent
 from ...settings import RunSettings
 from .. import render
 from ..compact import CButton, CCheckbox, CInput, CSelect
+from ..forms import setting_field, setting_value
 from ..phases import PhaseBars, RunProgress
 from .pane import Pane, blank
 
@@ -46,14 +47,10 @@ class RunPane(Pane):
         Binding("ctrl+b", "cancel", "Cancel run"),
         Binding("ctrl+y", "resume", "Resume run"),
     ]
-    KINDS = ("estimator", "filter", "executor")
-    # (RunSettings field, default shown, hint): the run's numeric settings.
-    NUMBERS = (
-        ("rank", "32", "low-rank query gradients (blank: full)"),
-        ("top_k", "20", "sequences kept per side"),
-        ("fit_sequences", "", "sequences to fit factors on (blank: all)"),
-        ("shard_size", "", f"advanced: sequences per shard, a resume's unit (blank: {RunSettings.shard_size})"),
-    )
+    # The form: the run settings declared for it (inflq/settings.py), in their order; those naming
+    # a plugin kind are a select of the registry's plugins and the chosen one's declared options.
+    FORM = RunSettings.declared("run form")
+    KINDS = tuple(s.plugin for s in FORM if s.plugin)
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -64,15 +61,14 @@ class RunPane(Pane):
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="run-form"):
-            for kind in self.KINDS:
+            for s in self.FORM:
+                if not s.plugin:
+                    yield setting_field(s, "run")
+                    continue
                 with Horizontal(classes="field"):
-                    yield Label(kind, classes="field-label")
-                    yield CSelect([], allow_blank=True, id=f"sel-{kind}")
-                yield Vertical(id=f"opts-{kind}", classes="options")
-            for name, default, hint in self.NUMBERS:
-                with Horizontal(classes="field"):
-                    yield Label(name, classes="field-label")
-                    yield CInput(default, placeholder=hint, id=f"run-{name}", tooltip=hint)
+                    yield Label(s.name, classes="field-label")
+                    yield CSelect([], allow_blank=True, id=f"sel-{s.plugin}", tooltip=s.help)
+                yield Vertical(id=f"opts-{s.plugin}", classes="options")
             with Horizontal(classes="buttons"):
                 yield CButton("Start (ctrl+r)", variant="primary", id="start")
                 yield CButton("Cancel (ctrl+b)", variant="error", id="cancel", disabled=True)
@@ -114,6 +110,8 @@ class RunPane(Pane):
         if blank(value):
             raise InflqError(f"choose a {kind}")
         cls = get_registry().get(kind, str(value))
+        # A plugin that combines others (Filter.joins: the union) is made from the specs it joins.
+        joins = getattr(cls, "joins", None)
         given = []
         for o in cls.options:
             w = self.query_one(f"#opt-{kind}-{o.name}")
@@ -125,29 +123,17 @@ class RunPane(Pane):
                     given.append(f"{o.name}={w.value}")
             elif w.value.strip():
                 v = w.value.strip()
-                if any(c in v for c in ",:") and not (kind == "filter" and o.name == "of"):
+                if o.name == joins:
+                    return v
+                if any(c in v for c in ",:"):
                     raise InflqError(f"{kind} option {o.name}: commas and colons are not allowed in a value")
                 given.append(f"{o.name}={v}")
         return str(value) + (":" + ",".join(given) if given else "")
 
     def settings(self) -> RunSettings:
-        def number(name: str, blank: int | None) -> int | None:
-            raw = self.query_one(f"#run-{name}", Input).value.strip()
-            if not raw:
-                return blank
-            try:
-                value = int(raw)
-            except ValueError:
-                raise InflqError(f"{name} must be a whole number, got {raw!r}") from None
-            if value <= 0:
-                raise InflqError(f"{name} must be positive")
-            return value
-
-        return RunSettings(
-            estimator=self.spec("estimator"), filter=self.spec("filter"), executor=self.spec("executor"),
-            rank=number("rank", None), top_k=number("top_k", 20) or 20, fit_sequences=number("fit_sequences", None),
-            shard_size=number("shard_size", RunSettings.shard_size) or RunSettings.shard_size, seed=self.project.config.seed,
-        )
+        """The run settings the form gives (the seed: the project's, as on the command line)."""
+        values = {s.name: self.spec(s.plugin) if s.plugin else setting_value(self, s, "run") for s in self.FORM}
+        return RunSettings.from_values(values, self.project)
 
     def reload(self) -> None:
         table = self.query_one("#runs", DataTable)

@@ -14,39 +14,30 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, Static
+from textual.widgets import Button, Footer, Header, Input, Static
 from textual.worker import Worker, WorkerState
 
 from ...errors import Cancelled, InflqError
 from ...progress import Monitor
-from ..compact import CButton, CInput
+from ...settings import ValidationSettings
+from ..compact import CButton
+from ..forms import setting_field, setting_value
 from ..phases import PhaseBars, RunProgress
 
 
 class ValidateScreen(Screen):
     """``inflq validate`` on the current investigation: estimators against the PBRF ground truth
     on a sample of fitting sequences, or (method lds) against retraining on random subsets, and an
-    optional EK-FAC damping sweep (esc back). Shows the latest saved LDS validation on opening."""
+    optional sweep of the default estimator's damping (esc back). Shows the latest saved LDS validation on opening."""
 
     BINDINGS = [
         Binding("escape", "back", "Back"),
         Binding("ctrl+r", "start", "Start"),
         Binding("ctrl+b", "cancel", "Cancel"),
     ]
-    # (validate() argument, default shown, what it is)
-    FIELDS = (
-        ("method", "pbrf", "pbrf (the PBRF ground truth) or lds (retraining on random subsets; resumable)"),
-        ("estimators", "identity,ekfac,lissa", "estimator specs to compare, comma-separated"),
-        ("sample", "20", "fitting sequences to solve the PBRF for (two solves each)"),
-        ("queries", "3", "how many of the investigation's queries"),
-        ("fit_sequences", "128", "fitting sequences N for the estimators and the PBRF"),
-        ("dampings", "", "EK-FAC dampings to sweep, e.g. 1e-4,1e-2 (blank: none)"),
-        ("pbrf_steps", "300", "optimiser steps per PBRF solve (fewer: faster, less exact)"),
-        ("max_minutes", "30", "refuse a sample whose PBRF solves would take longer"),
-        ("subsets", "32", "lds: subsets to retrain on (each committed as it finishes)"),
-        ("fraction", "0.5", "lds: the share of the corpus in each subset"),
-        ("trainer", "", "lds: trainer spec, e.g. adamw:epochs=6 (blank: the default)"),
-    )
+    # The validation settings declared for this form (inflq/settings.py), in their order; the
+    # method's other settings take their declared defaults, as on the command line.
+    FIELDS = ValidationSettings.declared("validate form")
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,10 +47,8 @@ class ValidateScreen(Screen):
         yield Header()
         with VerticalScroll(id="validate-body"):
             yield Static("", id="validate-title", classes="hint")
-            for name, default, hint in self.FIELDS:
-                with Horizontal(classes="field"):
-                    yield Label(name.replace("_", " "), classes="field-label")
-                    yield CInput(default, placeholder=hint, id=f"val-{name}", tooltip=hint)
+            for s in self.FIELDS:
+                yield setting_field(s, "val")
             with Horizontal(classes="buttons"):
                 yield CButton("Start (ctrl+r)", variant="primary", id="val-start")
                 yield CButton("Cancel (ctrl+b)", variant="error", id="val-cancel", disabled=True)
@@ -83,43 +72,10 @@ class ValidateScreen(Screen):
                 self.query_one("#val-result", Static).update(lds_table(rows[0]["validation"], rows, rows[0]["settings"], rows[0]["settings"].get("recommended_damping")))
 
     def _arguments(self) -> dict:
-        from ...validate import parse_list
-
-        raw = {name: self.query_one(f"#val-{name}", Input).value.strip() for name, _, _ in self.FIELDS}
-
-        def whole(name: str) -> int:
-            try:
-                value = int(raw[name])
-            except ValueError:
-                raise InflqError(f"{name.replace('_', ' ')} must be a whole number, got {raw[name]!r}") from None
-            if value <= 0:
-                raise InflqError(f"{name.replace('_', ' ')} must be positive")
-            return value
-
-        try:
-            minutes = float(raw["max_minutes"])
-        except ValueError:
-            raise InflqError(f"max minutes must be a number, got {raw['max_minutes']!r}") from None
-        estimators = parse_list(raw["estimators"])
-        if not estimators:
-            raise InflqError("name at least one estimator, e.g. identity,ekfac")
-        method = raw["method"].lower()
-        if method not in ("pbrf", "lds"):
-            raise InflqError(f"method must be pbrf or lds, got {raw['method']!r}")
-        if method == "lds":
-            try:
-                fraction = float(raw["fraction"])
-            except ValueError:
-                raise InflqError(f"fraction must be a number, got {raw['fraction']!r}") from None
-            return {
-                "method": "lds", "estimators": estimators, "subsets": whole("subsets"), "fraction": fraction,
-                "trainer": raw["trainer"] or None, "dampings": parse_list(raw["dampings"], float), "queries": whole("queries"),
-            }
-        return {
-            "method": "pbrf",
-            "estimators": estimators, "sample": whole("sample"), "queries": whole("queries"), "fit_sequences": whole("fit_sequences"),
-            "dampings": parse_list(raw["dampings"], float), "pbrf_steps": whole("pbrf_steps"), "max_minutes": minutes,
-        }
+        """The method and its keyword arguments (``validate`` or ``validate_lds``'s), from the form."""
+        settings = ValidationSettings.from_values({s.name: setting_value(self, s, "val") for s in self.FIELDS})
+        method = settings.method_of()
+        return {"method": method, **settings.values(method)}
 
     @property
     def running(self) -> bool:
@@ -212,20 +168,22 @@ def validation_table(v) -> Table:
     for r in v.rows:
         t.add_row(r.estimator, f"{r.pearson:.3f}", f"{r.spearman:.3f}", f"{r.fit_seconds:.3f}", f"{r.ihvp_seconds:.4f}")
     if v.recommended_damping is not None:
-        t.caption = f"recommended EK-FAC damping: {v.recommended_damping:g} (estimator ekfac:damping={v.recommended_damping:g})"
+        from ...lds import recommendation
+
+        t.caption = recommendation(v.recommended_damping, v.settings.get("damping_sweep"), "the PBRF")
         t.caption_justify = "left"
     return t
 
 
 def lds_table(vid, rows, settings: dict, recommended: float | None) -> Table:
     """An LDS validation's scores (``LDSRow``s or saved rows), as ``inflq validate --lds`` prints them."""
-    from ...lds import LDS_COLUMNS, lds_table_rows, lds_title, recommendation
+    from ...lds import LDS_COLUMNS, lds_table_rows, lds_title, recommendation, swept_estimator
 
     t = Table(*LDS_COLUMNS, title=lds_title(vid, settings), title_justify="left", box=None, pad_edge=False)
     for cells in lds_table_rows(rows):
         t.add_row(*cells)
     if recommended is not None:
-        t.caption = recommendation(recommended)
+        t.caption = recommendation(recommended, swept_estimator(settings, rows))
         t.caption_justify = "left"
     return t
 
