@@ -10,8 +10,9 @@ from pathlib import Path
 
 from . import catalog
 from .errors import InflqError
+from .layout import CATALOG, CATALOG_SIDE_FILES
 from .progress import Monitor
-from .project import CATALOG_NAME, Project
+from .project import Project
 from .queries import add_queries
 
 INVESTIGATION = "word-order"
@@ -28,7 +29,7 @@ def demo_root() -> Path:
 def ensure_demo(progress: Callable[[str], None] | None = None) -> Path:
     """Build the demo's catalog and its prepared investigation on first use."""
     root = demo_root()
-    if (root / CATALOG_NAME).exists():
+    if (root / CATALOG).exists():
         return root
     if progress:
         progress(f"preparing the demo project in {root} (first use)…")
@@ -45,7 +46,7 @@ def ensure_demo(progress: Callable[[str], None] | None = None) -> Path:
                     catalog.add_probe(project.db, ids[int(pr["query"])], pr["text"], pr.get("label", ""))
     except BaseException:
         project.close()
-        for p in (CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm"):
+        for p in (CATALOG, *CATALOG_SIDE_FILES):
             (root / p).unlink(missing_ok=True)
         raise
     project.close()

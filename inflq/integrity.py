@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import catalog
+from . import catalog, layout
 from .errors import InflqError
 from .modeling import sha256_file
 from .plugins import get_registry
@@ -73,7 +73,10 @@ def plugin_problems(project) -> list[PluginProblem]:
 
 def referenced_artifacts(db) -> list[Artifact]:
     """Every artifact file the catalog (a sqlite-utils Database or a sqlite3 connection) references."""
-    return [Artifact(*f) for f in catalog.referenced_files(db)]
+    out = [Artifact(*f) for f in catalog.referenced_files(db)]
+    # Candidates carry no checksum in the catalog; they must at least exist and read once scoring began.
+    out += [Artifact("candidate list", layout.candidates(r), None, ("runs", r, "candidates")) for r in catalog.scored_run_ids(db)]
+    return out
 
 
 def _affected(db, art: Artifact) -> list[str]:
@@ -123,19 +126,12 @@ def check(project, monitor: Monitor | None = None) -> list[Problem]:
 
 
 def _store_problem(project) -> Problem | None:
-    from .corpus import CorpusStore
-    from .project import CORPUS_DIR
-
-    folder = project.root / CORPUS_DIR
-    art = Artifact("token store", CORPUS_DIR, None, ("sequences", None))
-    if not folder.exists():
+    art = Artifact("token store", layout.CORPUS, None, ("sequences", None))
+    found = project.corpus_identity.store_problem()
+    if found == "missing":
         return Problem(art, "missing", ["every run, attribution and export (rebuilt from the corpus file)"])
-    try:
-        store = CorpusStore(folder)
-    except InflqError:
-        return Problem(art, "unreadable", ["every run, attribution and export"])
-    if store.fingerprint != project.corpus_fingerprint_recorded or len(store) != catalog.sequence_count(project.db):
-        return Problem(art, "checksum", ["every run, attribution and export"])
+    if found is not None:
+        return Problem(art, "unreadable" if found == "unreadable" else "checksum", ["every run, attribution and export"])
     return None
 
 
@@ -205,7 +201,7 @@ def _resume(project, run: dict, probs: list[Problem], monitor: Monitor) -> str:
     bad = None if drop_all else [p.artifact.owner[2] for p in probs if p.artifact.owner[0] == "run_shards"]
     catalog.delete_score_shards(project.db, rid, bad)
     if drop_all:
-        (project.root / f"artifacts/runs/{rid}/candidates.safetensors").unlink(missing_ok=True)
+        (project.root / layout.candidates(rid)).unlink(missing_ok=True)
     res = run_investigation(project, "", resume=rid, monitor=monitor)
     return f"resumed run {rid}: recomputed its missing shards (result set {res.result_set_id})"
 
@@ -243,7 +239,7 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
         catalog.update_result_set(project.db, rs["id"], queries_checksum=checksum)
         rs["queries_checksum"] = checksum
         done.append("query gradients")
-    cand_rel = f"artifacts/runs/{rid}/candidates.safetensors"
+    cand_rel = layout.candidates(rid)
     if "candidate list" in kinds:
         if "score matrix" in kinds:
             return f"run {rid}: both its candidate list and its score matrix are damaged; rerun the investigation"
@@ -265,7 +261,7 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
             if intact:
                 continue
             out = worker.run(ScorePass(qg), s, settings.batch_size, monitor)
-            rel = f"artifacts/runs/{rid}/shard-{s.index:06d}.safetensors"
+            rel = layout.score_shard(rid, s.index)
             checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32)})
             catalog.record_score_shard(project.db, rid, s.index, len(s), rel, checksum)
         if bad_shards:

@@ -199,7 +199,7 @@ def study_key(project: Project, qtoks: list, trainer: Trainer, seed: int, fracti
     """What determines a study's measurements, hashed: retrained subsets of another key are not
     reused. ``fraction``: LDS's subset fraction, or "loo" for leave-one-out."""
     blob = {
-        "model": project.model_fingerprint, "corpus": project.corpus_fingerprint_recorded, "n": len(project.runtime.corpus),
+        "model": project.model_fingerprint, "corpus": project.corpus_identity.recorded, "n": len(project.runtime.corpus),
         "queries": [[int(t) for t in q.tokens] + [int(q.completion_start)] for q in qtoks],
         "trainer": trainer.name, "trainer_settings": trainer.settings, "seed": int(seed), "fraction": fraction,
     }
@@ -250,13 +250,14 @@ def retrain_task(task: dict, monitor: Monitor) -> list[float]:
 
 def retrain_subsets(
     project: Project, trainer: Trainer, qtoks: list, study: str, subsets: list[np.ndarray], seed: int, monitor: Monitor, executor=None,
-    keys: list[int] | None = None,
+    keys: list[int] | None = None, investigation_id: int | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """The measurements ``[subsets, queries]``, retraining the subsets not yet committed to
     ``study`` on ``executor`` (``Executor.run_tasks``; default: the registry's default executor,
     in this process), each committed by this process as soon as it is measured. ``keys``: the
-    number each subset is committed under (default: its position). Returns them and the positions
-    of the subsets trained now."""
+    number each subset is committed under (default: its position); ``investigation_id``: the
+    investigation they are retrained for (removed with it). Returns them and the positions of the
+    subsets trained now."""
     done = catalog.lds_subsets(project.db, study)
     keys = list(range(len(subsets))) if keys is None else [int(k) for k in keys]
     measured = np.zeros((len(subsets), len(qtoks)))
@@ -281,7 +282,8 @@ def retrain_subsets(
         if not np.isfinite(measured[j]).all():
             raise InflqError(f"the model retrained on subset {j} gives non-finite log-probabilities; check the trainer's settings")
         now = time.perf_counter()  # in parallel: the time since the previous subset arrived
-        catalog.insert_lds_subset(project.db, study, keys[j], len(subsets[j]), _indices_sha(subsets[j]), measured[j].tolist(), now - last[0])
+        catalog.insert_lds_subset(project.db, study, keys[j], len(subsets[j]), _indices_sha(subsets[j]), measured[j].tolist(), now - last[0],
+                                  investigation_id)
         last[0] = now
         monitor.advance(1, f"subset {j + 1} of {len(subsets)} trained")
 
@@ -327,12 +329,13 @@ def estimator_scores(project: Project, spec: str, qrows: list[dict], engine, mod
     return total, fit_s, time.perf_counter() - t, est.settings.get("damping")
 
 
-def _retrain(project: Project, trainer: Trainer, qtoks, study: str, subs, seed: int, monitor: Monitor, executor: str | None, keys=None):
+def _retrain(project: Project, investigation: str, trainer: Trainer, qtoks, study: str, subs, seed: int, monitor: Monitor, executor: str | None, keys=None):
     from .runs import default_executor, make_executor
 
     ex = make_executor(executor) if executor else default_executor()
     try:
-        return retrain_subsets(project, trainer, qtoks, study, subs, seed, monitor, ex, keys)
+        inv = catalog.investigation(project.db, investigation)["id"]
+        return retrain_subsets(project, trainer, qtoks, study, subs, seed, monitor, ex, keys, investigation_id=inv)
     finally:
         ex.close()
 
@@ -426,7 +429,7 @@ def validate_lds(
     study = study_key(project, qtoks, tr, seed, float(fraction))
 
     t0 = time.perf_counter()
-    measured, trained = _retrain(project, tr, qtoks, study, subs, seed, monitor, executor)
+    measured, trained = _retrain(project, investigation, tr, qtoks, study, subs, seed, monitor, executor)
     retrain_s = time.perf_counter() - t0
     rows, preds, names = _compare(project, qrows, specs, lambda scores: subset_predictions(scores, subs), measured, modules, seed, batch_size, monitor)
     recommended = best_damping(rows, swept, lambda r: r.lds)
@@ -498,7 +501,7 @@ def validate_loo(
     study = study_key(project, qtoks, tr, seed, "loo:1+index")  # subsets keyed by the left-out index
 
     t0 = time.perf_counter()
-    measured, trained = _retrain(project, tr, qtoks, study, subs, seed, monitor, executor, keys=[0] + [1 + int(i) for i in left])
+    measured, trained = _retrain(project, investigation, tr, qtoks, study, subs, seed, monitor, executor, keys=[0] + [1 + int(i) for i in left])
     retrain_s = time.perf_counter() - t0
     effect = measured[0][None, :] - measured[1:]
     rows, preds, names = _compare(project, qrows, specs, lambda scores: scores[left], effect, modules, seed, batch_size, monitor)

@@ -19,8 +19,9 @@ from typing import Any
 
 import sqlite_utils
 
-from . import catalog
-from .corpus import LOSS_ON, TOO_LONG, Fields, corpus_fingerprint
+from . import catalog, layout
+from .corpus import LOSS_ON, TOO_LONG, Fields
+from .corpus_identity import CorpusIdentity
 from .errors import InflqError
 from .modeling import (
     adapter_base,
@@ -44,12 +45,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 import tomli_w
-
-CONFIG_NAME = "inflq.toml"
-CATALOG_NAME = "catalog.db"
-ARTIFACTS = "artifacts"
-CORPUS_DIR = "corpus"
-
 
 CORE_TABLES = ("project", "model", "corpus", "tokenization")
 
@@ -224,7 +219,7 @@ class Project:
         an adapter the tokenizer is the adapter's where it was saved with one, and ``modules``
         defaults to ``lora`` (its A and B layers: what the fine-tune trained)."""
         root, model, corpus = Path(root), Path(model), Path(corpus)
-        if (root / CONFIG_NAME).exists():
+        if (root / layout.CONFIG).exists():
             raise InflqError(f"{root} is already an inflq project; open it instead")
         if adapter is None and is_adapter_dir(model):
             adapter, model = model, adapter_base(model, base)
@@ -265,19 +260,19 @@ class Project:
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         try:
-            (root / CONFIG_NAME).write_text(tomli_w.dumps(config.to_toml()))
-            db = catalog.connect(root / CATALOG_NAME, create=True)
+            (root / layout.CONFIG).write_text(tomli_w.dumps(config.to_toml()))
+            db = catalog.connect(root / layout.CATALOG, create=True)
             project = cls(root, config, db)
             project.runtime = Runtime(project, tokenizer)
             project.refresh_fingerprints(monitor)
-            project.runtime.rebuild_corpus(monitor)
+            project.corpus_identity.rebuild(tokenizer, monitor)
             catalog.create_investigation(project.db, "default", "created with the project")
             return project
         except BaseException:
             if created:
                 shutil.rmtree(root, ignore_errors=True)
             else:
-                for p in (CONFIG_NAME, CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm", CORPUS_DIR, ARTIFACTS):
+                for p in (layout.CONFIG, layout.CATALOG, *layout.CATALOG_SIDE_FILES, layout.CORPUS, layout.ARTIFACTS):
                     target = root / p
                     if target.is_dir():
                         shutil.rmtree(target, ignore_errors=True)
@@ -291,16 +286,16 @@ class Project:
         root = Path(root)
         if not root.exists():
             raise InflqError(f"project folder {root} does not exist; create one with `inflq init {root} --model DIR --corpus FILE`")
-        cfg_path = root / CONFIG_NAME
+        cfg_path = root / layout.CONFIG
         if not cfg_path.is_file():
-            raise InflqError(f"{root} is not an inflq project (no {CONFIG_NAME}); create one with `inflq init`")
+            raise InflqError(f"{root} is not an inflq project (no {layout.CONFIG}); create one with `inflq init`")
         try:
             data = tomllib.loads(cfg_path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise InflqError(f"{cfg_path}: not valid TOML ({exc}); fix the file") from None
         config = ProjectConfig.from_toml(data, str(cfg_path))
-        readonly = readonly or not os.access(root, os.W_OK) or ((root / CATALOG_NAME).exists() and not os.access(root / CATALOG_NAME, os.W_OK))
-        db = catalog.connect(root / CATALOG_NAME, readonly=readonly)
+        readonly = readonly or not os.access(root, os.W_OK) or ((root / layout.CATALOG).exists() and not os.access(root / layout.CATALOG, os.W_OK))
+        db = catalog.connect(root / layout.CATALOG, readonly=readonly)
         project = cls(root, config, db)
         project.readonly = readonly
         return project
@@ -312,25 +307,25 @@ class Project:
         """Build the catalog of a folder that ships only its ``inflq.toml`` (the demo does):
         fingerprints, the tokenized corpus and a default investigation. Nothing is left on error."""
         root = Path(root)
-        if (root / CATALOG_NAME).exists():
+        if (root / layout.CATALOG).exists():
             return cls.open(root)
-        config = ProjectConfig.from_toml(tomllib.loads((root / CONFIG_NAME).read_text(encoding="utf-8")), str(root / CONFIG_NAME))
-        db = catalog.connect(root / CATALOG_NAME, create=True)
+        config = ProjectConfig.from_toml(tomllib.loads((root / layout.CONFIG).read_text(encoding="utf-8")), str(root / layout.CONFIG))
+        db = catalog.connect(root / layout.CATALOG, create=True)
         project = cls(root, config, db)
         try:
             project.refresh_fingerprints(monitor)
-            project.runtime.rebuild_corpus(monitor)
+            project.corpus_identity.rebuild(project.runtime.tokenizer, monitor)
             catalog.create_investigation(project.db, "default", "created with the project")
         except BaseException:
             db.close()
-            for p in (CATALOG_NAME, CATALOG_NAME + "-wal", CATALOG_NAME + "-shm"):
+            for p in (layout.CATALOG, *layout.CATALOG_SIDE_FILES):
                 (root / p).unlink(missing_ok=True)
-            shutil.rmtree(root / CORPUS_DIR, ignore_errors=True)
+            shutil.rmtree(root / layout.CORPUS, ignore_errors=True)
             raise
         return project
 
     def save_config(self) -> None:
-        path = self.root / CONFIG_NAME
+        path = self.root / layout.CONFIG
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(tomli_w.dumps(self.config.to_toml()))
         os.replace(tmp, path)
@@ -346,7 +341,7 @@ class Project:
             return self._db
         db = getattr(self._thread_dbs, "db", None)
         if db is None:
-            db = catalog.connect(self.root / CATALOG_NAME, readonly=self.readonly)
+            db = catalog.connect(self.root / layout.CATALOG, readonly=self.readonly)
             self._thread_dbs.db = db
         return db
 
@@ -420,37 +415,6 @@ class Project:
     def current_tokenizer_fingerprint(self) -> str:
         return fingerprint_files(tokenizer_files(self.tokenizer_path), self._hash_cached)
 
-    def current_corpus_fingerprint(self) -> str:
-        if not self.corpus_path.exists():
-            raise InflqError(f"the corpus {self.corpus_path} is missing; restore it or point inflq.toml at a copy")
-        if self.corpus_path.is_file():
-            st = self.corpus_path.stat()
-            cached = catalog.get_meta(self.db, "corpus_stat")
-            if cached == [str(self.corpus_path.resolve()), st.st_size, st.st_mtime_ns]:
-                return catalog.get_meta(self.db, "corpus_fingerprint")
-        return corpus_fingerprint(self.corpus_path)
-
-    def corpus_matches(self, path: Path) -> bool:
-        """Whether ``path`` holds the corpus this project was tokenized from, by content.
-
-        The recorded fingerprint stays the project's corpus identity (factor sets and runs are
-        keyed by it). A project made when a file's fingerprint also hashed its name is
-        recognised by that rule, with the name its config gave it, and its content-only
-        fingerprint is then recorded beside it (``corpus_content_fingerprint``), so a renamed
-        or moved copy is recognised from then on."""
-        recorded = self.corpus_fingerprint_recorded
-        fp = corpus_fingerprint(path)
-        if fp in (recorded, catalog.get_meta(self.db, "corpus_content_fingerprint", None)):
-            return True
-        if Path(path).is_file():
-            for name in dict.fromkeys((Path(self.config.corpus).name, Path(path).name)):
-                if corpus_fingerprint(path, legacy_name=name) == recorded:
-                    if not self.readonly:
-                        with self.db.atomic():
-                            catalog.set_meta(self.db, "corpus_content_fingerprint", fp)
-                    return True
-        return False
-
     def refresh_fingerprints(self, monitor: Monitor | None = None) -> None:
         """Record the current model's fingerprint (used at init and by ``relink``)."""
         base, adapter = self.current_base_fingerprint(), self.current_adapter_fingerprint()
@@ -463,10 +427,6 @@ class Project:
     @property
     def model_fingerprint(self) -> str:
         return catalog.get_meta(self.db, "model_fingerprint", "")
-
-    @property
-    def corpus_fingerprint_recorded(self) -> str:
-        return catalog.get_meta(self.db, "corpus_fingerprint", "")
 
     def model_status(self) -> str:
         """``ok``, ``missing`` or ``different`` (from the fingerprint this project recorded)."""
@@ -513,7 +473,7 @@ class Project:
         if corpus is not None:
             if not Path(corpus).exists():
                 raise InflqError(f"{corpus} does not exist")
-            if not self.corpus_matches(Path(corpus)):
+            if not self.corpus_identity.matches(Path(corpus)):
                 raise InflqError(f"{corpus} is not the corpus this project was made with (its content differs)")
             self.config.corpus = project_relative(Path(corpus), self.root)
         self.save_config()
@@ -524,15 +484,26 @@ class Project:
         """The model, tokenizer, device, token store and engine factory, built on first use."""
         return Runtime(self)
 
+    @cached_property
+    def corpus_identity(self) -> CorpusIdentity:
+        """The corpus's recorded and current fingerprints and its token store (one owner, which the
+        runtime uses too)."""
+        return CorpusIdentity(self)
+
     @property
     def store_dir(self) -> Path:
         """The folder of the corpus's token store."""
-        return self.root / CORPUS_DIR
+        return self.root / layout.CORPUS
 
-    def delete_investigation(self, name: str) -> None:
-        """Delete an investigation with its queries, probes, runs and results (artifacts too)."""
-        runs, result_sets = catalog.delete_investigation(self.db, name)
-        for r in runs:
-            shutil.rmtree(self.root / ARTIFACTS / "runs" / str(r), ignore_errors=True)
-        for r in result_sets:
-            (self.root / ARTIFACTS / "results" / f"{r}.safetensors").unlink(missing_ok=True)
+    def plugin_folder(self, name: str) -> str:
+        """Where a plugin keeps its own files (``artifacts/<name>``), relative to the project folder
+        (``project.path(...)`` makes it absolute). No core row names them: ``inflq check`` leaves
+        them to the plugin's ``check_artifacts`` hook."""
+        return layout.plugin_folder(name)
+
+    def delete_investigation(self, name: str, force: bool = False) -> None:
+        """Delete an investigation with its queries, probes, runs, results and validations, rows
+        first and then the files they named (:func:`inflq.removal.remove_investigation`)."""
+        from .removal import remove_investigation
+
+        remove_investigation(self, name, force=force)

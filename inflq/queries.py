@@ -100,3 +100,38 @@ def add_queries(project, investigation: str, queries: list[dict]) -> list[int]:
 def add_query(project, investigation: str, prompt: str, completion: str, chat: bool = False, tags: list[str] | None = None, notes: str = "") -> int:
     """Add one query (see :func:`add_queries`); returns its id."""
     return add_queries(project, investigation, [{"prompt": prompt, "completion": completion, "chat": chat, "tags": tags or [], "notes": notes}])[0]
+
+
+def edit_query(
+    project, query_id: int, *, prompt: str | None = None, completion: str | None = None, chat: bool | None = None,
+    tags: list[str] | None = None, notes: str | None = None,
+) -> list[int]:
+    """Change a query's prompt, completion, chat formatting, tags or notes (``None``: keep). A new
+    prompt, completion or chat formatting is checked as :func:`add_queries` checks one, and makes
+    the query's rows in earlier result sets stale (shown as such; refused while its investigation
+    has an unfinished run, which a resume would mix). Returns the ids of the result sets made stale."""
+    import json
+
+    from . import catalog
+
+    row = catalog.query(project.db, query_id)
+    new = {"prompt": prompt, "completion": completion, "chat": None if chat is None else int(bool(chat)),
+           "tags": None if tags is None else json.dumps(list(tags)), "notes": notes}
+    changes = {k: v for k, v in new.items() if v is not None and v != row[k]}
+    if not changes:
+        raise InflqError(f"query {query_id} already reads so; give a new --prompt, --completion, --tag or --notes")
+    measured = bool({"prompt", "completion", "chat"} & set(changes))
+    if measured:
+        p, c, ch = changes.get("prompt", row["prompt"]), changes.get("completion", row["completion"]), bool(changes.get("chat", row["chat"]))
+        runtime = project.runtime
+        tq = runtime.tokenize_query(p, c, ch)
+        require_known_completion(runtime.tokenizer, tq, c)
+    return catalog.edit_query(project.db, query_id, changes, measured)
+
+
+def remove_query(project, query_id: int) -> dict:
+    """Delete a query with its probes and its rows in every result set (refused while its
+    investigation has an unfinished run). Returns the deleted row. Query rows own no files."""
+    from . import catalog
+
+    return catalog.delete_query(project.db, query_id)

@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import catalog
-from .corpus import CorpusStore, build_store, corpus_fingerprint, read_documents
+from .corpus import CorpusStore
 from .errors import InflqError
 from .modeling import check_model_dir, load_model, load_tokenizer, pick_device, pick_dtype
 from .progress import Monitor
@@ -105,81 +104,20 @@ class Runtime:
     # -- the corpus's token store ----------------------------------------------------------------
     def rebuild_corpus(self, monitor: Monitor | None = None) -> None:
         """Tokenize the corpus into the token store and the ``sequences`` table, atomically."""
-        project = self.project
-        if project.readonly:
-            raise InflqError("the project is read-only; copy it somewhere writable to rebuild its corpus")
-        cfg, corpus_path = project.config, project.corpus_path
-        fp = corpus_fingerprint(corpus_path)
-        docs = read_documents(corpus_path, cfg.corpus_format, fields=cfg.fields)
-        rows = build_store(
-            docs,
-            self.tokenizer,
-            project.store_dir,
-            max_length=cfg.max_length,
-            add_bos=cfg.add_bos,
-            append_eos=cfg.append_eos,
-            fingerprint=fp,
-            loss_on=cfg.loss_on,
-            too_long=cfg.too_long,
-        )
-        meta = {"corpus_fingerprint": fp, "corpus_content_fingerprint": fp}
-        if corpus_path.is_file():
-            st = corpus_path.stat()
-            meta["corpus_stat"] = [str(corpus_path.resolve()), st.st_size, st.st_mtime_ns]
-        catalog.replace_sequences(project.db, rows, meta)
+        self.project.corpus_identity.rebuild(self.tokenizer, monitor)
         self._store = None
-        if monitor is not None:
-            for note in (self.unknown_tokens_note(), self.truncation_note()):
-                if note:
-                    monitor.warn(note)
 
     def unknown_tokens_note(self) -> str | None:
         """A warning with the share of the corpus's tokens the tokenizer did not know (None: none)."""
-        from .corpus import unknown_tokens_note
-
-        try:
-            info = CorpusStore(self.project.store_dir).info
-        except InflqError:
-            return None
-        return unknown_tokens_note(info, getattr(self.tokenizer, "unk_token", None))
+        return self.project.corpus_identity.unknown_tokens_note(self.tokenizer)
 
     def truncation_note(self) -> str | None:
         """A warning with the number of instruction documents truncated or left out for the context (None: none)."""
-        from .corpus import truncation_note
-
-        try:
-            return truncation_note(CorpusStore(self.project.store_dir).info)
-        except InflqError:
-            return None
+        return self.project.corpus_identity.truncation_note()
 
     @property
     def corpus(self) -> CorpusStore:
         """The token store; rebuilt (never silently reused) when the corpus file changed."""
         if self._store is None:
-            project = self.project
-            store_dir, corpus_path = project.store_dir, project.corpus_path
-            recorded = project.corpus_fingerprint_recorded
-            if not store_dir.exists():
-                if corpus_path.exists():
-                    self.rebuild_corpus()
-                else:
-                    raise InflqError(f"the corpus {corpus_path} and its token store are both missing; restore the corpus")
-            store = CorpusStore(store_dir)
-            if corpus_path.exists() and project.current_corpus_fingerprint() != recorded:
-                if project.corpus_matches(corpus_path):
-                    if corpus_path.is_file() and not project.readonly:  # recognised: skip the hash next time
-                        st = corpus_path.stat()
-                        with project.db.atomic():
-                            catalog.set_meta(project.db, "corpus_stat", [str(corpus_path.resolve()), st.st_size, st.st_mtime_ns])
-                else:
-                    raise InflqError(
-                        f"the corpus {corpus_path} changed since it was tokenized; results would be stale: "
-                        f"run `inflq corpus rebuild {project.root}` (earlier result sets keep their own sequence ids)"
-                    )
-            cfg = project.config
-            # A store tokenized under other loss settings (inflq.toml edited) is rebuilt, not reused.
-            if store.fingerprint != recorded or store.info.get("loss_on", cfg.loss_on) != cfg.loss_on or store.info.get("too_long", cfg.too_long) != cfg.too_long:
-                self.rebuild_corpus()
-                store = CorpusStore(store_dir)
-            self._store = store
+            self._store = self.project.corpus_identity.store(lambda: self.tokenizer)
         return self._store

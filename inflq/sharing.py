@@ -98,7 +98,9 @@ def pack(
     gradient indexes under ``artifacts/index``); none may hold a file the catalog references."""
     from . import __version__
     from .integrity import referenced_artifacts
-    from .project import ARTIFACTS, CATALOG_NAME, CONFIG_NAME, CORPUS_DIR, Project
+    from .layout import ARTIFACTS, CATALOG, CONFIG, CORPUS, LOCAL_PLUGINS
+    from .project import Project
+    from .removal import orphans
 
     monitor = monitor or Monitor()
     excluded = []
@@ -133,7 +135,7 @@ def pack(
     staging = Path(tempfile.mkdtemp(prefix="inflq-pack-"))
     tmp_archive = archive.with_name(f".{archive.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        snap = staging / CATALOG_NAME
+        snap = staging / CATALOG
         catalog.snapshot(project.db, snap)
         snap_db = catalog.open_copy(snap)
         try:
@@ -145,15 +147,18 @@ def pack(
         for path, art in wanted.items():
             if any(path.startswith(e) for e in excluded):
                 raise InflqError(f"cannot leave out {path}: the catalog references it (the {art.kind}); exclude a folder no run needs")
-        cfg_file = staging / CONFIG_NAME
+        cfg_file = staging / CONFIG
         cfg_file.write_text(tomli_w.dumps(packed_cfg.to_toml()))
 
-        sources: list[tuple[str, Path]] = [(CONFIG_NAME, cfg_file), (CATALOG_NAME, snap)]
-        for sub in (ARTIFACTS, CORPUS_DIR, "plugins"):
+        sources: list[tuple[str, Path]] = [(CONFIG, cfg_file), (CATALOG, snap)]
+        # Files no row names (a removed run's, say) are not passed on; `inflq gc` reclaims them here.
+        orphaned = {o.path for o in orphans(project)} - set(wanted)
+        for sub in (ARTIFACTS, CORPUS, LOCAL_PLUGINS):
             if (root / sub).is_dir():
                 for f in _walk(root / sub):
                     rel = f.relative_to(root).as_posix()
-                    if not _SKIP.search(rel) and "__pycache__" not in rel and not any(rel.startswith(e) for e in excluded):
+                    if (not _SKIP.search(rel) and "__pycache__" not in rel and rel not in orphaned
+                            and not any(rel.startswith(e) for e in excluded)):
                         sources.append((rel, f))
         if include_model:
             for f in _walk(model_src):
@@ -198,9 +203,9 @@ def pack(
                     raise InflqError(f"the {art.kind} {path} that the catalog references is missing; run `inflq check {root} --repair` before packing")
                 if art.checksum and got["sha256"] != art.checksum:
                     raise InflqError(f"the {art.kind} {path} fails its checksum; run `inflq check {root} --repair` before packing")
-            store = by_path.get(f"{CORPUS_DIR}/store.json")
+            store = by_path.get(f"{CORPUS}/store.json")
             if store is not None:
-                store_fp = json.loads((root / CORPUS_DIR / "store.json").read_text()).get("fingerprint")
+                store_fp = json.loads((root / CORPUS / "store.json").read_text()).get("fingerprint")
                 if store_fp != meta.get("corpus_fingerprint"):
                     raise InflqError("the corpus was re-tokenized while packing; pack again")
             manifest = {
@@ -303,7 +308,8 @@ def _damaged(archive: Path, exc: BaseException) -> InflqError:
 
 def unpack(archive: Path | str, dest: Path | str, monitor: Monitor | None = None) -> dict[str, Any]:
     """Verify ``archive`` and unpack it into the new folder ``dest``. Returns the manifest."""
-    from .project import CATALOG_NAME, CONFIG_NAME, ProjectConfig
+    from .layout import CATALOG, CONFIG
+    from .project import ProjectConfig
 
     monitor = monitor or Monitor()
     archive, dest = Path(archive), Path(dest)
@@ -349,7 +355,7 @@ def unpack(archive: Path | str, dest: Path | str, monitor: Monitor | None = None
         missing = sorted(set(expected) - names)
         if missing:
             raise InflqError(f"the archive lacks {len(missing)} file(s) its manifest lists (e.g. {missing[0][:80]!r}): truncated; copy it again")
-        for required in (CONFIG_NAME, CATALOG_NAME):
+        for required in (CONFIG, CATALOG):
             if required not in expected:
                 raise InflqError(f"the archive has no {required}; it is not an inflq project archive")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -385,11 +391,11 @@ def unpack(archive: Path | str, dest: Path | str, monitor: Monitor | None = None
                 monitor.advance(1)
             # The config and the catalog must be usable before the folder appears.
             try:
-                data = tomllib.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
+                data = tomllib.loads((tmp / CONFIG).read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise InflqError(f"the archive's {CONFIG_NAME} is not valid TOML ({exc}); refusing it") from None
-            ProjectConfig.from_toml(data, f"{archive}:{CONFIG_NAME}")
-            catalog.check_archived(tmp / CATALOG_NAME)
+                raise InflqError(f"the archive's {CONFIG} is not valid TOML ({exc}); refusing it") from None
+            ProjectConfig.from_toml(data, f"{archive}:{CONFIG}")
+            catalog.check_archived(tmp / CATALOG)
             if dest.exists():
                 dest.rmdir()
             os.rename(tmp, dest)

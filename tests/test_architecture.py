@@ -329,3 +329,76 @@ def test_the_headless_core_never_imports_textual(path):
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
     assert not [n for n in names if n.split(".")[0] == "textual"]
+
+
+# -- one artifact layout ------------------------------------------------------------------------------
+# What an artifact path looks like when spelled out: the artifacts folder as a path part, a core
+# artifact folder, or a core file name pattern. Only inflq/layout.py may spell them.
+ARTIFACT_PATH = re.compile(
+    r"(^|[\s/(`'\"])artifacts/|/artifacts$|(^|/)(runs|results|factors|exports)/|(^|[/{}])fit-|-upto-|(^|[/{}])shard-"
+    r"|(^|/)(candidates|queries|scores)\.safetensors"
+)
+# A folder's bare name, where it makes a path (``root / "artifacts"``) or names one (``X = "artifacts"``).
+FOLDER_NAMES = {"artifacts", "runs", "results", "factors", "exports"}
+LAYOUT = CORE / "layout.py"
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                out.add(id(first.value))
+    return out
+
+
+def artifact_paths(tree: ast.AST) -> list[tuple[int, str]]:
+    """String constants in ``tree`` (f-strings' literal parts too; docstrings aside) that spell an
+    artifact path instead of asking inflq/layout.py for it."""
+    skip = _docstrings(tree)
+    found = [
+        (node.lineno, repr(node.value)[:60])
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip and ARTIFACT_PATH.search(node.value)
+    ]
+    for node in ast.walk(tree):
+        parts = [node.left, node.right] if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) else []
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            parts = [node.value]
+        found += [(p.lineno, repr(p.value)) for p in parts if isinstance(p, ast.Constant) and p.value in FOLDER_NAMES]
+    return sorted(set(found))
+
+
+def test_only_the_layout_knows_where_artifacts_live():
+    """Paths of factors, runs' files, score matrices, exports and plugin folders come from
+    inflq/layout.py (plugins: ``project.plugin_folder(name)``), so no two modules can drift apart."""
+    offenders = []
+    for path in _py_files(CORE) + _py_files(BUILTINS) + [p for t in THIRD_PARTY for p in ([t] if t.is_file() else _py_files(t))]:
+        if path == LAYOUT:
+            continue
+        for line, what in artifact_paths(ast.parse(path.read_text(), str(path))):
+            offenders.append(f"{_rel(path)}:{line}: {what}")
+    assert not offenders, "artifact paths spelled outside inflq/layout.py (ask the layout):\n" + "\n".join(offenders)
+
+
+def test_the_layout_guard_sees_artifact_paths():
+    src = (
+        '"""A docstring may say artifacts/runs/ in prose."""\n'
+        'a = "artifacts"\n'
+        'b = f"artifacts/runs/{run_id}/shard-{i:06d}.safetensors"\n'
+        'c = root / "artifacts" / "runs"\n'
+        'd = f"{ARTIFACTS}/results/run-{run_id}.safetensors"\n'
+        'e = f"{base}/fit-{number}-upto-{last:06d}.safetensors"\n'
+        'f = f"{folder}/candidates.safetensors"\n'
+        'g = "exports"\n'
+        'h = "artifacts/cosine/norms.safetensors"\n'
+    )
+    assert sorted({line for line, _ in artifact_paths(ast.parse(src))}) == [2, 3, 4, 5, 6, 7, 8, 9]
+    harmless = (
+        'x = "all artifacts verify"\ny = "--fit-memory"\nz = "model.safetensors"\nw = "see `inflq runs`"\n'
+        'v = f"{n} runs"\nu = {"artifacts": 1, "results": rows}\nt = "the run\'s queries"\ns = f(id="run-form")\n'
+    )
+    assert artifact_paths(ast.parse(harmless)) == []
+    # And the real layout module spells them, so the scan would see it if it were not exempt.
+    assert artifact_paths(ast.parse(LAYOUT.read_text()))

@@ -14,7 +14,7 @@ from inflq.errors import InflqError
 EXPECTED = {
     "meta": ["key", "value"],
     "investigations": ["id", "name", "description", "created_at"],
-    "queries": ["id", "investigation_id", "position", "prompt", "completion", "chat", "tags", "notes", "created_at"],
+    "queries": ["id", "investigation_id", "position", "prompt", "completion", "chat", "tags", "notes", "created_at", "edited_at"],
     "probes": ["id", "query_id", "text", "label", "created_at"],
     "sequences": ["idx", "seq_id", "doc_id", "chunk", "n_tokens", "source", "meta"],
     "factor_sets": ["id", "key", "estimator", "settings", "modules", "model_fingerprint", "data_fingerprint", "num_sequences", "seed", "path", "checksum", "seconds", "created_at"],
@@ -25,7 +25,8 @@ EXPECTED = {
     "sequence_tags": ["id", "investigation_id", "seq_id", "tag", "note", "created_at"],
     "file_hashes": ["path", "size", "mtime_ns", "sha256"],
     "validations": ["id", "validation", "investigation_id", "estimator", "damping", "pearson", "spearman", "fit_seconds", "ihvp_seconds", "num_queries", "num_sequences", "settings", "created_at", "method", "lds", "lds_ci"],
-    "lds_subsets": ["study", "subset", "num_sequences", "indices_sha", "measurements", "seconds", "created_at"],
+    "lds_subsets": ["study", "subset", "num_sequences", "indices_sha", "measurements", "seconds", "created_at", "investigation_id"],
+    "stale_results": ["result_set_id", "query_id", "created_at"],
     "fit_shards": ["run_id", "pass_key", "shard", "n", "factor_key", "path", "checksum", "seconds"],
     "_sqlite_migrations": ["id", "migration_set", "name", "applied_at"],
 }

@@ -329,7 +329,8 @@ def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_r
 
     from inflq import catalog
     from inflq.corpus import corpus_fingerprint
-    from inflq.project import CORPUS_DIR, Project
+    from inflq.layout import CORPUS as CORPUS_DIR
+    from inflq.project import Project
 
     root, corpus = project.root, project.corpus_path
     legacy = corpus_fingerprint(corpus, legacy_name=corpus.name)
@@ -343,7 +344,7 @@ def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_r
     os.utime(corpus)  # a copied folder: the stat cache does not vouch for the file
     p = Project.open(root)
     assert len(p.runtime.corpus) == 24  # no "the corpus changed" error, no rebuild
-    assert p.corpus_fingerprint_recorded == legacy and p.runtime.corpus.fingerprint == legacy
+    assert p.corpus_identity.recorded == legacy and p.runtime.corpus.fingerprint == legacy
     p.close()
     copy = tmp_path / "moved" / "train-renamed.jsonl"
     copy.parent.mkdir()
@@ -354,7 +355,7 @@ def test_a_project_with_an_old_name_hashing_corpus_fingerprint_still_opens_and_r
     p = Project.open(root)
     assert p.corpus_path.resolve() == copy.resolve()
     os.utime(copy)
-    assert len(p.runtime.corpus) == 24 and p.corpus_fingerprint_recorded == legacy
+    assert len(p.runtime.corpus) == 24 and p.corpus_identity.recorded == legacy
     p.close()
     assert cli_run("query", "add", root, "the old town", "river")[0] == 0
     assert cli_run("run", root, "--estimator", "identity", "--rank", "4")[0] == 0

@@ -97,7 +97,7 @@ def test_pack_with_model_and_corpus_runs_without_relinking(origin, tmp_path):
     unpack(tmp_path / "all.tar", tmp_path / "copy")
     p = Project.open(tmp_path / "copy")
     assert p.model_status() == "ok"
-    assert p.current_corpus_fingerprint() == p.corpus_fingerprint_recorded
+    assert p.corpus_identity.current() == p.corpus_identity.recorded
     assert len(p.runtime.corpus) == 24
     p.close()
 

@@ -235,7 +235,7 @@ def test_search_depth_edge_cases():
 # -- a real run on a tiny project ---------------------------------------------------------------------
 def test_run_with_tfidf_and_search_depth(project, cli_run):
     from inflq import reading
-    from inflq.project import ARTIFACTS
+    from inflq.layout import ARTIFACTS
     from inflq.runs import RunSettings, run_investigation
 
     add_query(project, "default", "the first president of astrobia was", "zorald pfaff")

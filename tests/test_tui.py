@@ -941,6 +941,27 @@ def test_a_lissa_result_shows_its_residual(project_dir):
     drive(project_dir, (80, 24), go)
 
 
+def test_results_of_an_edited_query_are_shown_stale(project_dir):
+    """`inflq query edit` with a new completion: the result set that scored the old one says so."""
+    from textual.widgets import Label
+
+    from inflq.queries import edit_query
+
+    qid = seed(project_dir)
+    p = Project.open(project_dir)
+    edit_query(p, qid, completion=" a different completion")
+    p.close()
+
+    async def go(app, pilot):
+        await pilot.press("4")
+        await settle(pilot)
+        status = app.screen.query_one("#res-status", Label)
+        assert "STALE: the query was edited after this result set scored it" in str(status.render())
+        assert status.has_class("stale")
+
+    drive(project_dir, (80, 24), go)
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 def normalise_svg(svg: str) -> str:
     """Drop what changes between runs: the terminal id hashed into every class and clip name."""

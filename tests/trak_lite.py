@@ -183,7 +183,7 @@ class TrakLite(Estimator):
         if row is not None:
             return load_tensors(project.root, row["path"], row["checksum"], "trak-lite rows")["rows"]
         rows = ctx.run_pass(ProjectedGradientsPass(self.settings["k"], self.settings["seed"]))["rows"]
-        rel = f"artifacts/trak-lite/rows-{self.rows_key}.safetensors"
+        rel = f"{project.plugin_folder('trak-lite')}/rows-{self.rows_key}.safetensors"
         checksum = save_tensors(project.root, rel, {"rows": rows, "indices": torch.from_numpy(np.asarray(ctx.candidates, dtype=np.int64))})
         with project.db.atomic():
             project.db["trak_lite_rows"].upsert(

@@ -7,25 +7,28 @@ code outside ``inflq/catalog/`` touches ``db[...]`` or runs SQL.
 - ``schema``: the connection, the numbered migrations, the meta table.
 - ``records``: investigations, queries, probes, sequence tags, the ``sequences`` of the tokenized
   corpus and the file-hash cache.
-- ``factors``: cached factor sets (looked up by id or cache key, stored by runs, removed).
+- ``factor_rows``: cached factor sets (looked up by id or cache key, stored by runs, removed).
 - ``reports``: read-only views over stored results (exports, the demo).
 - ``files``: the catalog as a file (snapshots for packing, checks of an archive's catalog).
-- ``runs``: runs and their status transitions, scoring and fitting shards, the files the catalog
-  references.
-- ``results``: result sets, their stored sequences and the search over them.
-- ``validations``: saved validations against the PBRF and LDS retraining; ``lds_subsets``: LDS's committed retrained subsets.
+- ``run_rows``: runs and their status transitions, scoring and fitting shards, the files the catalog
+  references and names, removing runs with what hangs off them.
+- ``result_rows``: result sets, their stored sequences, the search over them, stale marks.
+- ``validation_rows``: saved validations against the PBRF and LDS retraining; ``lds_subsets``: LDS's committed retrained subsets.
 """
 
 from .result_rows import (
     count_results,
+    delete_result_sets,
     get_result_set,
     insert_result_set,
     result_set_of_run,
     result_sets_of,
+    stale_queries,
     stored_results,
     update_result_set,
 )
 from .run_rows import (
+    delete_runs,
     delete_score_shards,
     dependents,
     finish_run,
@@ -38,15 +41,19 @@ from .run_rows import (
     latest_run_id,
     latest_run_using,
     move_runs_to_factor_set,
+    named_files,
     record_fit_shards,
     record_score_shard,
     referenced_files,
     restart_run,
     run_counts,
     run_ids_using,
+    run_statuses,
     runs_of,
     score_shard_totals,
     score_shards,
+    scored_run_ids,
+    unfinished_runs,
     update_run,
 )
 from .schema import (
@@ -60,7 +67,13 @@ from .schema import (
     now,
     set_meta,
 )
-from .validation_rows import insert_lds_subset, insert_validation, lds_subsets, validation_rows
+from .validation_rows import (
+    delete_validations,
+    insert_lds_subset,
+    insert_validation,
+    lds_subsets,
+    validation_rows,
+)
 
 # isort: split
 # -- records, factor sets, reports, files (the #14 catalog block) --
@@ -88,6 +101,8 @@ from .records import (
     cached_hash,
     create_investigation,
     delete_investigation,
+    delete_query,
+    edit_query,
     investigation,
     investigation_probes,
     investigations,
@@ -133,4 +148,7 @@ __all__ = [
     "record_fit_shards", "record_score_shard", "referenced_files", "restart_run", "result_set_of_run", "result_sets_of",
     "run_counts", "run_ids_using", "runs_of", "score_shard_totals", "score_shards", "store_factor_set", "stored_results",
     "update_result_set", "update_run",
+    # removing records (rows first; the caller removes the files they named) and finding orphans
+    "delete_query", "delete_result_sets", "delete_runs", "delete_validations", "edit_query", "named_files", "run_statuses",
+    "scored_run_ids", "stale_queries", "unfinished_runs",
 ]

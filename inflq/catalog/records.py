@@ -11,7 +11,10 @@ import numpy as np
 import sqlite_utils
 
 from ..errors import InflqError
+from .result_rows import delete_result_sets
+from .run_rows import delete_runs, unfinished_runs
 from .schema import now, set_meta
+from .validation_rows import delete_validations
 
 SEQUENCE_COLUMNS = ("idx", "seq_id", "doc_id", "chunk", "n_tokens", "source", "meta")
 
@@ -55,24 +58,24 @@ def rename_investigation(db: sqlite_utils.Database, name: str, new: str) -> None
         db["investigations"].update(inv["id"], {"name": new})
 
 
-def delete_investigation(db: sqlite_utils.Database, name: str) -> tuple[list[int], list[int]]:
-    """Delete an investigation's rows: queries, probes, tags, runs and result sets. Returns the ids
-    of its runs and result sets, whose artifact files the caller removes."""
+def delete_investigation(db: sqlite_utils.Database, name: str) -> tuple[list[int], list[str]]:
+    """Delete an investigation's rows, in one transaction: its runs with their result sets, stored
+    sequences and shards, its validations and the LDS subsets only they use, its queries with their
+    probes, and its sequence tags. Returns the ids of its runs and the files the deleted rows named,
+    which the caller removes once this has committed."""
     inv = investigation(db, name)
-    rs = [r["id"] for r in db["result_sets"].rows_where("investigation_id = ?", [inv["id"]])]
-    runs = [r["id"] for r in db["runs"].rows_where("investigation_id = ?", [inv["id"]])]
     with db.atomic():
-        for r in rs:
-            db.execute("DELETE FROM results WHERE result_set_id = ?", [r])
-        db.execute("DELETE FROM result_sets WHERE investigation_id = ?", [inv["id"]])
-        for r in runs:
-            db.execute("DELETE FROM run_shards WHERE run_id = ?", [r])
-        db.execute("DELETE FROM runs WHERE investigation_id = ?", [inv["id"]])
+        runs = [r["id"] for r in db["runs"].rows_where("investigation_id = ?", [inv["id"]], order_by="id")]
+        paths = delete_runs(db, runs)
+        orphan_sets = [r["id"] for r in db["result_sets"].rows_where("investigation_id = ?", [inv["id"]])]
+        paths += delete_result_sets(db, orphan_sets)
+        delete_validations(db, inv["id"])
+        db.execute("DELETE FROM stale_results WHERE query_id IN (SELECT id FROM queries WHERE investigation_id = ?)", [inv["id"]])
         db.execute("DELETE FROM probes WHERE query_id IN (SELECT id FROM queries WHERE investigation_id = ?)", [inv["id"]])
         db.execute("DELETE FROM queries WHERE investigation_id = ?", [inv["id"]])
         db.execute("DELETE FROM sequence_tags WHERE investigation_id = ?", [inv["id"]])
         db.execute("DELETE FROM investigations WHERE id = ?", [inv["id"]])
-    return runs, rs
+    return runs, paths
 
 
 # -- queries and probes ---------------------------------------------------------------------------
@@ -107,6 +110,55 @@ def query(db: sqlite_utils.Database, query_id: int) -> dict:
     if row is None:
         raise InflqError(f"no query with id {query_id}; see `inflq query list`")
     return row
+
+
+def _refuse_with_unfinished_runs(db: sqlite_utils.Database, query_row: dict, doing: str) -> None:
+    """A resumed run would mix the query as it was with the query as it is: refuse while its
+    investigation has a scoring run that may still be resumed."""
+    left = unfinished_runs(db, query_row["investigation_id"], kind="scores")
+    if left:
+        ids = ", ".join(str(r["id"]) for r in left)
+        raise InflqError(
+            f"cannot {doing} query {query_row['id']} while run{'s' if len(left) > 1 else ''} {ids} of its investigation "
+            f"{'are' if len(left) > 1 else 'is'} unfinished (a resume would mix old and new queries): "
+            f"finish {'them' if len(left) > 1 else 'it'} with `inflq run --resume ID` or remove {'them' if len(left) > 1 else 'it'} with `inflq runs rm`"
+        )
+
+
+def delete_query(db: sqlite_utils.Database, query_id: int) -> dict:
+    """Delete a query with its probes and its stored rows in every result set, in one transaction
+    (the result sets' score matrices keep its row, which nothing shows once the query is gone).
+    Refused while its investigation has an unfinished scoring run. Returns the deleted row."""
+    with db.atomic():
+        row = query(db, query_id)
+        _refuse_with_unfinished_runs(db, row, "remove")
+        db.execute("DELETE FROM results WHERE query_id = ?", [query_id])
+        db.execute("DELETE FROM stale_results WHERE query_id = ?", [query_id])
+        db.execute("DELETE FROM probes WHERE query_id = ?", [query_id])
+        db.execute("DELETE FROM queries WHERE id = ?", [query_id])
+    return row
+
+
+def edit_query(db: sqlite_utils.Database, query_id: int, changes: dict, measured_changed: bool) -> list[int]:
+    """Change a query's columns (``changes``: prompt, completion, chat, tags, notes) in one
+    transaction. ``measured_changed``: what is measured changed (prompt, completion or chat), so
+    every result set that scored the query is marked stale for it, and the edit is refused while
+    its investigation has an unfinished scoring run. Returns the ids of the result sets marked."""
+    with db.atomic():
+        row = query(db, query_id)
+        if not measured_changed:
+            db["queries"].update(query_id, changes)
+            return []
+        _refuse_with_unfinished_runs(db, row, "edit")
+        stamp = now()
+        db["queries"].update(query_id, {**changes, "edited_at": stamp})
+        sets = [r[0] for r in db.execute(
+            "SELECT rs.id FROM result_sets rs WHERE rs.investigation_id = ? AND EXISTS "
+            "(SELECT 1 FROM json_each(rs.settings, '$.query_ids') j WHERE j.value = ?) ORDER BY rs.id",
+            [row["investigation_id"], query_id]).fetchall()]
+        for rs_id in sets:
+            db["stale_results"].upsert({"result_set_id": rs_id, "query_id": query_id, "created_at": stamp}, pk=("result_set_id", "query_id"))
+    return sets
 
 
 def add_probe(db: sqlite_utils.Database, query_id: int, text: str, label: str = "") -> int:

@@ -54,6 +54,28 @@ def stored_results(db, result_set_id: int, query_id: int, side: str, limit: int,
         "ORDER BY rank LIMIT ? OFFSET ?", [result_set_id, query_id, side, like, like, limit, offset]))
 
 
+def delete_result_sets(db, result_set_ids: list[int]) -> list[str]:
+    """Delete result sets with their stored sequences and stale marks, in one transaction (the
+    caller's, when it has one). Returns the files the deleted rows named, for the caller to remove
+    once the transaction is committed."""
+    paths: list[str] = []
+    with db.atomic():
+        for rs_id in result_set_ids:
+            row = get_result_set(db, rs_id)
+            if row is None:
+                continue
+            paths += [p for p in (row["scores_path"], row["queries_path"]) if p]
+            db.execute("DELETE FROM results WHERE result_set_id = ?", [rs_id])
+            db.execute("DELETE FROM stale_results WHERE result_set_id = ?", [rs_id])
+            db.execute("DELETE FROM result_sets WHERE id = ?", [rs_id])
+    return paths
+
+
+def stale_queries(db, result_set_id: int) -> set[int]:
+    """The queries edited after this result set scored them: its rows for them are stale."""
+    return {r[0] for r in db.execute("SELECT query_id FROM stale_results WHERE result_set_id = ?", [result_set_id]).fetchall()}
+
+
 def count_results(db, result_set_id: int, query_id: int, side: str) -> int:
     """How many sequences are stored for one query and side of a result set."""
     return db["results"].count_where("result_set_id = ? AND query_id = ? AND side = ?", [result_set_id, query_id, side])

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schema import now
+from .result_rows import delete_result_sets
+from .schema import get_meta, now, set_meta
 
 FINISHED = ("done", "cancelled", "failed")
 
 
 # -- runs -------------------------------------------------------------------------------------------
 def insert_run(db, fields: dict[str, Any]) -> int:
-    """A new run, ``running`` from the start (``fields``: the other columns). Returns its id."""
+    """A new run, ``running`` from the start (``fields``: the other columns). Returns its id, which
+    no run ever had before, a removed one included: a run's files are named by its id, and SQLite
+    alone would give a removed latest run's id again (``meta.last_run_id`` keeps the highest)."""
     with db.atomic():
-        return db["runs"].insert({**fields, "status": "running", "phase": "starting", "done": 0, "total": 0, "started_at": now()}).last_pk
+        last = max(db.execute("SELECT coalesce(max(id), 0) FROM runs").fetchone()[0], int(get_meta(db, "last_run_id", 0) or 0))
+        db["runs"].insert({**fields, "id": last + 1, "status": "running", "phase": "starting", "done": 0, "total": 0, "started_at": now()})
+        set_meta(db, "last_run_id", last + 1)
+    return last + 1
 
 
 def get_run(db, run_id: int) -> dict | None:
@@ -75,6 +81,31 @@ def finish_run(db, run_id: int, status: str, *, seconds: float | None = None, er
         row["error"] = error
     with db.atomic():
         db["runs"].update(run_id, row)
+
+
+def unfinished_runs(db, investigation_id: int, kind: str | None = None) -> list[dict]:
+    """The investigation's runs (of ``kind``, if given) that are not ``done``: running, or cancelled
+    or failed and so resumable."""
+    where, args = "investigation_id = ? AND status != 'done'", [investigation_id]
+    if kind is not None:
+        where, args = where + " AND kind = ?", args + [kind]
+    return list(db["runs"].rows_where(where, args, order_by="id"))
+
+
+def delete_runs(db, run_ids: list[int]) -> list[str]:
+    """Delete runs with everything that hangs off them (their result sets, stored sequences and
+    stale marks, scoring and fitting shards) in one transaction (the caller's, when it has one).
+    Returns the files the deleted rows named, for the caller to remove once it is committed."""
+    paths: list[str] = []
+    with db.atomic():
+        for run_id in run_ids:
+            sets = [r[0] for r in db.execute("SELECT id FROM result_sets WHERE run_id = ? ORDER BY id", [run_id]).fetchall()]
+            paths += delete_result_sets(db, sets)
+            for table in ("run_shards", "fit_shards"):
+                paths += [r[0] for r in db.execute(f"SELECT DISTINCT path FROM {table} WHERE run_id = ?", [run_id]).fetchall() if r[0]]
+                db.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+            db.execute("DELETE FROM runs WHERE id = ?", [run_id])
+    return paths
 
 
 def latest_run_using(db, factor_set_id: int) -> dict | None:
@@ -180,10 +211,25 @@ def referenced_files(db) -> list[tuple[str, str, str | None, tuple]]:
             out.append(("score matrix", r["scores_path"], r["scores_checksum"], ("result_sets", r["id"], "scores")))
         if r["queries_path"]:
             out.append(("query gradients", r["queries_path"], r["queries_checksum"], ("result_sets", r["id"], "queries")))
-    # Candidates carry no checksum in the catalog; they must at least exist and read once scoring began.
-    for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id"):
-        out.append(("candidate list", f"artifacts/runs/{r['run_id']}/candidates.safetensors", None, ("runs", r["run_id"], "candidates")))
     return out
+
+
+def scored_run_ids(db) -> list[int]:
+    """The runs that committed at least one scoring shard (their candidates were chosen)."""
+    return [r["run_id"] for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id")]
+
+
+def named_files(db) -> set[str]:
+    """Every file path a core row names: factor sets, scoring and fitting shards, result sets'
+    score matrices and query gradients (what ``inflq check`` and ``inflq gc`` do not call orphans)."""
+    sql = ("SELECT path FROM factor_sets UNION SELECT path FROM run_shards UNION SELECT path FROM fit_shards "
+           "UNION SELECT scores_path FROM result_sets UNION SELECT queries_path FROM result_sets")
+    return {r["path"] for r in _rows(db, sql) if r["path"]}
+
+
+def run_statuses(db) -> dict[int, str]:
+    """Every run's status, by id."""
+    return {r["id"]: r["status"] for r in _rows(db, "SELECT id, status FROM runs")}
 
 
 def dependents(db, owner: tuple) -> tuple[list[int], list[int], str | None]:

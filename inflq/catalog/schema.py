@@ -200,6 +200,21 @@ def m0005_lds(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0006_removal")
+def m0006_removal(db: sqlite_utils.Database) -> None:
+    # `inflq query edit`: a result set that scored a query before its prompt or completion was edited
+    # is stale for it (one row per result set and query, removed with either); the query says when.
+    db["queries"].add_column("edited_at", str)
+    db["stale_results"].create(
+        {"result_set_id": int, "query_id": int, "created_at": str},
+        pk=("result_set_id", "query_id"),
+        foreign_keys=[("result_set_id", "result_sets", "id"), ("query_id", "queries", "id")],
+    )
+    # The investigation whose validation retrained an LDS subset, so that removing the investigation
+    # removes it (rows from before: through the studies its validations name).
+    db["lds_subsets"].add_column("investigation_id", int)
+
+
 class CatalogDatabase(sqlite_utils.Database):
     """sqlite-utils' Database whose outermost transactions begin IMMEDIATE: the write lock is taken
     (waiting up to the busy timeout) before the first read. A deferred BEGIN that reads first and

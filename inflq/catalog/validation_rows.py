@@ -38,6 +38,26 @@ def validation_rows(db, validation: int | None = None, method: str | None = None
     return out
 
 
+def delete_validations(db, investigation_id: int) -> None:
+    """Delete an investigation's validations and the LDS subsets retrained for it, keeping studies
+    another investigation's validation or retraining also uses (identical queries share a study),
+    in one transaction (the caller's, when it has one)."""
+    def studies(where: str, args: list) -> set[str]:
+        rows = db.execute(f"SELECT DISTINCT json_extract(settings, '$.study') FROM validations WHERE {where}", args).fetchall()
+        return {r[0] for r in rows if r[0]}
+
+    with db.atomic():
+        mine = studies("investigation_id = ?", [investigation_id])
+        mine |= {r[0] for r in db.execute("SELECT DISTINCT study FROM lds_subsets WHERE investigation_id = ?", [investigation_id]).fetchall()}
+        shared = studies("investigation_id != ?", [investigation_id])
+        shared |= {r[0] for r in db.execute(  # retrained for another investigation that still exists
+            "SELECT DISTINCT study FROM lds_subsets WHERE investigation_id != ? AND investigation_id IN (SELECT id FROM investigations)",
+            [investigation_id]).fetchall()}
+        for study in sorted(mine - shared):
+            db.execute("DELETE FROM lds_subsets WHERE study = ?", [study])
+        db.execute("DELETE FROM validations WHERE investigation_id = ?", [investigation_id])
+
+
 def lds_subsets(db, study: str) -> dict[int, dict[str, Any]]:
     """The committed retrained subsets of LDS study ``study``, by subset number (``measurements``
     decoded to a list of floats, one per query)."""
@@ -45,11 +65,15 @@ def lds_subsets(db, study: str) -> dict[int, dict[str, Any]]:
     return {int(s): {"num_sequences": n, "indices_sha": sha, "measurements": json.loads(m), "seconds": sec} for s, n, sha, m, sec in rows}
 
 
-def insert_lds_subset(db, study: str, subset: int, num_sequences: int, indices_sha: str, measurements: list[float], seconds: float) -> None:
-    """Commit one retrained subset's measurements (replacing a row of the same study and subset)."""
+def insert_lds_subset(
+    db, study: str, subset: int, num_sequences: int, indices_sha: str, measurements: list[float], seconds: float, investigation_id: int | None = None,
+) -> None:
+    """Commit one retrained subset's measurements (replacing a row of the same study and subset);
+    ``investigation_id``: the investigation whose validation retrained it."""
     with db.atomic():
         db["lds_subsets"].upsert(
             {"study": study, "subset": int(subset), "num_sequences": int(num_sequences), "indices_sha": indices_sha,
-             "measurements": json.dumps([float(x) for x in measurements]), "seconds": float(seconds), "created_at": now()},
+             "measurements": json.dumps([float(x) for x in measurements]), "seconds": float(seconds), "created_at": now(),
+             "investigation_id": investigation_id},
             pk=("study", "subset"),
         )

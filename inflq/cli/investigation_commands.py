@@ -55,19 +55,23 @@ def investigation_rename(project, name, new_name):
 @click.argument("project")
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def investigation_rm(project, name, yes):
-    """Delete the investigation NAME with its queries, probes, runs and results."""
+@click.option("--force", is_flag=True, help="Remove it even if one of its runs is still marked running (its process was killed).")
+def investigation_rm(project, name, yes, force):
+    """Delete the investigation NAME with its queries, probes, runs, results, validations and their files."""
+    from ..removal import remove_investigation, size_text
+
     p = project_at(project)
     catalog.investigation(p.db, name)
     if not yes and not click.confirm(f"delete investigation {name!r} with its queries, runs and results?"):
         raise InflqError("not deleted")
-    p.delete_investigation(name)
-    click.echo(f"deleted {name!r}")
+    got = remove_investigation(p, name, force=force)
+    runs = f"{len(got.runs)} run{'s' if len(got.runs) != 1 else ''}"
+    click.echo(f"deleted {name!r} ({runs}, {got.files} file{'s' if got.files != 1 else ''}, {size_text(got.bytes)})")
 
 
 @click.group()
 def query():
-    """Add and list queries (a prompt and the completion whose probability is measured)."""
+    """Add, list, edit and remove queries (a prompt and the completion whose probability is measured)."""
 
 
 @query.command("add")
@@ -118,6 +122,47 @@ def query_list(project, investigation, as_json):
     for q in rows:
         t.add_row(str(q["id"]), q["prompt"], q["completion"], ", ".join(json.loads(q["tags"] or "[]")))
     make_console().print(t)
+
+
+@query.command("edit")
+@click.argument("project")
+@click.argument("query_id", type=int)
+@click.option("--prompt", help="The new prompt.")
+@click.option("--completion", help="The new completion.")
+@click.option("--chat/--no-chat", default=None, help="Format the prompt with the tokenizer's chat template (or not).")
+@click.option("--tag", "tags", multiple=True, help="The query's tags, replacing the old ones (repeatable).")
+@click.option("--clear-tags", is_flag=True, help="Remove every tag.")
+@click.option("--notes", help="The new free-text note.")
+def query_edit(project, query_id, prompt, completion, chat, tags, clear_tags, notes):
+    """Change a query. A new prompt or completion makes its earlier results stale (shown as such)."""
+    from ..queries import edit_query
+
+    if tags and clear_tags:
+        raise InflqError("give --tag or --clear-tags, not both")
+    p = project_at(project)
+    stale = edit_query(p, query_id, prompt=prompt, completion=completion, chat=chat,
+                       tags=[] if clear_tags else (list(tags) if tags else None), notes=notes)
+    click.echo(f"edited query {query_id}")
+    if stale:
+        sets = ", ".join(map(str, stale))
+        click.echo(f"result set{'s' if len(stale) > 1 else ''} {sets} scored it before the edit: "
+                   f"{'their' if len(stale) > 1 else 'its'} rows for it are stale; run the investigation again for new ones")
+
+
+@query.command("rm")
+@click.argument("project")
+@click.argument("query_id", type=int)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def query_rm(project, query_id, yes):
+    """Remove a query with its probes and its rows in every result set."""
+    from ..queries import remove_query
+
+    p = project_at(project)
+    row = catalog.query(p.db, query_id)
+    if not yes and not click.confirm(f"remove query {query_id} ({row['prompt']!r} → {row['completion']!r}) with its probes and results?"):
+        raise InflqError("not removed")
+    remove_query(p, query_id)
+    click.echo(f"removed query {query_id}")
 
 
 @click.group()

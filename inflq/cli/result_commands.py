@@ -34,14 +34,17 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
     rs = get_rs(p, investigation, result_set)
     queries = [catalog.query(p.db, query_id)] if query_id else catalog.queries(p.db, investigation)
     side = "bottom" if bottom else "top"
+    stale = catalog.stale_queries(p.db, rs["id"])
     out = []
     for q in queries:
         rows = get_top(p, rs["id"], q["id"], side, k)
         if as_json:
-            out.append({"query": decoded(q), "results": [decoded(r) for r in rows]})
+            out.append({"query": decoded(q), "stale": q["id"] in stale, "results": [decoded(r) for r in rows]})
             continue
         title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
                  "positive = makes the completion more likely)")
+        if q["id"] in stale:
+            title += "\nSTALE: query edited after this result set scored it; run the investigation again"
         from ..display import score_format
 
         # Ids are whole (they differ at their ends: ...-fwd-00 and ...-fwd-02); the text gives way.

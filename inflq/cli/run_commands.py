@@ -179,18 +179,4 @@ def factors_rm(project, factor_set, yes):
     click.echo(f"removed factor set {factor_set} ({remove_factor_set(p, factor_set)})")
 
 
-@click.command()
-@click.argument("project")
-@click.option("-i", "--investigation", help="Only this investigation's runs (default: all).")
-def runs(project, investigation):
-    """List runs with their status and progress."""
-    from rich.table import Table
-
-    p = project_at(project)
-    t = Table("run", "status", "estimator", "filter", "phase", "progress", "seconds", "error")
-    for r in catalog.runs_of(p.db, catalog.investigation(p.db, investigation)["id"] if investigation else None):
-        t.add_row(str(r["id"]), r["status"], r["estimator"], r["filter"], r["phase"] or "", f"{r['done']}/{r['total']}", f"{r['seconds'] or 0:.1f}", (r["error"] or "")[:60])
-    make_console().print(t)
-
-
-COMMANDS = (run, factors, runs)
+COMMANDS = (run, factors)

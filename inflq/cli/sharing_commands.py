@@ -8,6 +8,7 @@ import click
 
 from .. import catalog
 from ..errors import InflqError
+from ..layout import ARTIFACTS
 from .common import progress_monitor, project_at
 
 
@@ -17,8 +18,8 @@ from .common import progress_monitor, project_at
 @click.option("--include-model", is_flag=True, help="Put the model's files in the archive (large).")
 @click.option("--include-corpus", is_flag=True, help="Put the corpus file in the archive.")
 @click.option("--exclude", "exclude", multiple=True, metavar="PATH",
-              help="Leave out the files under PATH, a folder inside artifacts/ that no run or result set needs "
-                   "(e.g. artifacts/index: the gradient indexes, rebuilt with `inflq index build`). Repeatable.")
+              help=f"Leave out the files under PATH, a folder inside {ARTIFACTS}/ that no run or result set needs "
+                   f"(e.g. {ARTIFACTS}/index: the gradient indexes, rebuilt with `inflq index build`). Repeatable.")
 def pack(project, file, include_model, include_corpus, exclude):
     """Write PROJECT into one archive FILE (.tar, or .tar.gz to compress) with a checksum manifest."""
     from ..sharing import pack as do_pack
@@ -75,11 +76,13 @@ def untrust(project):
 
 @click.command()
 @click.argument("project")
-@click.option("--repair", is_flag=True, help="Recompute what is missing or damaged (needs the model).")
+@click.option("--repair", is_flag=True, help="Recompute what is missing or damaged (needs the model) and remove orphaned files.")
 def check(project, repair):
-    """Verify every artifact against its checksum and list the results that depend on damaged ones."""
+    """Verify every artifact against its checksum, list the results that depend on damaged ones, and
+    the orphaned files no catalog row names."""
     from ..integrity import check as do_check
     from ..integrity import repair as do_repair
+    from ..removal import GRACE_SECONDS, collect_garbage, orphans, size_text
 
     p = project_at(project)
     with progress_monitor() as monitor:
@@ -87,20 +90,36 @@ def check(project, repair):
     ok = catalog.integrity_problem(p.db)
     if ok is not None:
         raise InflqError(f"the catalog fails SQLite's integrity check ({ok}); restore catalog.db from a backup")
-    if not problems:
-        click.echo("all artifacts verify; the catalog is consistent")
+    found = orphans(p)
+    if not problems and not found:
+        click.echo("all artifacts verify; the catalog is consistent; no orphaned files")
         return
     for prob in problems:
         click.echo(prob.line())
+    for o in found:
+        click.echo(f"orphaned file {o.path} ({size_text(o.size)}): {o.why}"
+                   + (f" (written in the last {GRACE_SECONDS / 60:.0f} minutes: kept, a process may be about to record it)" if o.recent else ""))
+    old = [o for o in found if not o.recent]
     if not repair:
-        raise InflqError(f"{len(problems)} damaged or missing artifact(s); recompute them with `inflq check {project} --repair`")
-    with progress_monitor() as monitor:
-        for note in do_repair(p, problems, monitor):
-            click.echo(note)
+        parts = [f"{len(problems)} damaged or missing artifact(s)"] if problems else []
+        if old:
+            parts.append(f"{len(old)} orphaned file(s) ({size_text(sum(o.size for o in old))})")
+        if parts:
+            fix = f"`inflq check {project} --repair`" + (f" (the orphans alone: `inflq gc {project}`)" if old and not problems else "")
+            raise InflqError(f"{' and '.join(parts)}; {'recompute and ' if problems else ''}remove them with {fix}")
+        click.echo("all artifacts verify; the catalog is consistent")
+        return
+    if problems:
+        with progress_monitor() as monitor:
+            for note in do_repair(p, problems, monitor):
+                click.echo(note)
+    if old:
+        got = collect_garbage(p)
+        click.echo(f"removed {len(got.removed)} orphaned file(s), {size_text(got.bytes)}")
     left = do_check(p)
     if left:
         raise InflqError(f"{len(left)} artifact(s) could not be recomputed: {left[0].line()}")
-    click.echo("repaired: all artifacts verify")
+    click.echo("repaired: all artifacts verify" if problems else "all artifacts verify")
 
 
 COMMANDS = (pack, unpack, trust, untrust, check)

@@ -6,6 +6,7 @@ resumed pass equals an uninterrupted one."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,12 +30,12 @@ def run_committed_pass(
     run_id: int | None = None,
     pass_key: str = "",
     data_key: str = "",
-    files: str = "",
+    shard_path: Callable[[int], str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run ``job.pass_`` over ``shards`` and combine the shards' results in shard order
     (``pass_.combine``: summed, or concatenated along the first dimension).
 
-    With a ``run_id``, each shard's results are saved as ``{files}-{shard:06d}.safetensors`` and
+    With a ``run_id``, each shard's results are saved at ``shard_path(shard)`` (a :mod:`inflq.layout` path) and
     recorded under the run's ``pass_key`` and ``data_key`` (what the pass ran over: shards recorded
     under another are stale and ignored) as they arrive; shards recorded before are read back instead
     of run again. ``executor``: ``None`` runs the shards here, one after another, with ``job.local``."""
@@ -49,7 +50,7 @@ def run_committed_pass(
 
     def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
         if committing:
-            rel = f"{files}-{shard.index:06d}.safetensors"
+            rel = shard_path(shard.index)
             checksum = save_tensors(project.root, rel, out)
             catalog.record_fit_shards(project.db, run_id, pass_key, data_key, {shard.index: len(shard)}, rel, checksum)
         parts[shard.index] = out

@@ -4,6 +4,7 @@ killed fit resumes from its last committed shard."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -13,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import catalog
+from .. import catalog, layout
 from ..artifacts import load_tensors, save_tensors
 from ..base import Estimator, Executor, FitContext, Job
 from ..engine import GradientEngine
 from ..errors import InflqError
 from ..passes import Pass, Shard, add_into, make_shards
 from ..progress import Monitor
-from ..project import ARTIFACTS, Project
+from ..project import Project
 from ..settings import RunSettings
 from .committed import run_committed_pass
 from .workers import LocalWorker, worker_spec
@@ -135,9 +136,6 @@ class _FitPasses:
     def _load(self, rel: str, checksum: str) -> dict[str, torch.Tensor]:
         return load_tensors(self.project.root, rel, checksum, "fitting shard")
 
-    def _file(self, number: str, name: str) -> str:
-        return f"{ARTIFACTS}/runs/{self.run_id}/fit-{number}-{name}.safetensors"
-
     def _commit(self, key: str, rel: str, covered: list[int], tensors: dict[str, torch.Tensor], running_sum: bool = False) -> str:
         checksum = save_tensors(self.project.root, rel, tensors)
         catalog.record_fit_shards(self.project.db, self.run_id, key, self.factor_key, {i: len(self.shards[i]) for i in covered},
@@ -163,7 +161,7 @@ class _FitPasses:
             nonlocal prefix
             if out is not sums.total:  # one shard's own sums (another process, or an executor without Job.sums)
                 if self.committing:
-                    rel = self._file(number, f"{shard.index:06d}")
+                    rel = layout.fit_shard(self.run_id, number, shard.index)
                     checksum = self._commit(key, rel, [shard.index], out)
                     out = out if shard.index == sums.next else (rel, checksum)  # an early one waits on disk
                 sums.add(shard.index, out)
@@ -171,7 +169,7 @@ class _FitPasses:
             first = sums.next
             sums.added_in_place(shard.index, pass_.phase)
             if self.committing:  # every shard the running sum covers now points to it
-                old, prefix = prefix, self._file(number, f"upto-{sums.next - 1:06d}")
+                old, prefix = prefix, layout.fit_running_sum(self.run_id, number, sums.next - 1)
                 self._commit(key, prefix, list(range(first, sums.next)), sums.total, running_sum=True)
                 if old is not None and old != prefix:
                     (self.project.root / old).unlink(missing_ok=True)
@@ -186,7 +184,7 @@ class _FitPasses:
         # The same committed, resumable pass an estimator runs over the candidates (ScoringContext.run_pass).
         job = Job(pass_, worker_spec(self.project, self.settings.modules), self.settings.batching(), local=self.worker)
         return run_committed_pass(self.project, self.executor, job, self.shards, self.monitor, run_id=self.run_id if self.committing else None,
-                                  pass_key=key, data_key=self.factor_key or "", files=f"{ARTIFACTS}/runs/{self.run_id}/fit-{number}")
+                                  pass_key=key, data_key=self.factor_key or "", shard_path=functools.partial(layout.fit_shard, self.run_id, number))
 
 
 def _factor_key(project: Project, estimator: Estimator, engine: GradientEngine, indices: np.ndarray, seed: int) -> tuple[str, dict]:
@@ -249,7 +247,7 @@ def ensure_factors(
     started = time.perf_counter()
     tensors = estimator.fit(ctx)
     seconds = time.perf_counter() - started
-    rel = f"{ARTIFACTS}/factors/{estimator.name}-{key}.safetensors"
+    rel = layout.factor_set(estimator.name, key)
     checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True)})
     fs_id, stale = catalog.store_factor_set(project.db, {
         "key": key, "estimator": estimator.name, "settings": json.dumps(estimator.factor_settings(), sort_keys=True),
@@ -259,7 +257,7 @@ def ensure_factors(
     if run_id is not None:  # the factor set now holds what the fitting shards were kept for
         for rel_path in stale:
             (project.root / rel_path).unlink(missing_ok=True)
-        for orphan in (project.root / ARTIFACTS / "runs" / str(run_id)).glob("fit-*"):  # a kill between commit and cleanup
+        for orphan in layout.fit_files(project.root, run_id):  # a kill between commit and cleanup
             orphan.unlink(missing_ok=True)
     estimator.prepare(ctx)
     return fs_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,14 +14,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import catalog
+from .. import catalog, layout
 from ..artifacts import save_tensors
 from ..base import Estimator, Executor
 from ..engine import GradientEngine
 from ..errors import Cancelled
 from ..plugins import get_registry
 from ..progress import Monitor
-from ..project import ARTIFACTS, Project, project_relative
+from ..project import Project, project_relative
 from ..settings import RunSettings
 from .scoring import CANDIDATE_PASSES, Scorer, extreme_module_scores, pick_extremes
 
@@ -28,11 +29,15 @@ from .scoring import CANDIDATE_PASSES, Scorer, extreme_module_scores, pick_extre
 def start_run(project: Project, investigation: str, settings: RunSettings, kind: str = "scores") -> int:
     inv = catalog.investigation(project.db, investigation)
     settings.resolve_defaults(get_registry())
-    return catalog.insert_run(project.db, {
+    run_id = catalog.insert_run(project.db, {
         "investigation_id": inv["id"], "kind": kind, "estimator": settings.estimator, "filter": settings.filter,
         "executor": settings.executor, "settings": settings.to_json(), "model_fingerprint": project.model_fingerprint,
-        "corpus_fingerprint": project.corpus_fingerprint_recorded,
+        "corpus_fingerprint": project.corpus_identity.recorded,
     })
+    # Ids are never given twice now, but a run removed by an older inflq may have left its folder
+    # under this id: a new run must not read its candidates.
+    shutil.rmtree(project.root / layout.run_folder(run_id), ignore_errors=True)
+    return run_id
 
 
 @contextlib.contextmanager
@@ -99,7 +104,7 @@ def result_record(
     layers = {n: t.layer for n, t in zip(engine.names, engine.tracked, strict=False)}
     seqs = catalog.sequence_rows(project.db, list(map(int, seq_idx)))
     store = project.runtime.corpus
-    rs_rel = f"{ARTIFACTS}/results/run-{run_id}.safetensors"
+    rs_rel = layout.score_matrix(run_id)
     rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
     inv = catalog.investigation(project.db, investigation)
     q_rel, q_sum = saved_queries

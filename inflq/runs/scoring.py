@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import catalog
+from .. import catalog, layout
 from ..artifacts import load_tensors, save_tensors
 from ..base import Estimator, Executor, FilterContext, Job, ScoringContext
 from ..contractions import Compression, QueryGradients
@@ -24,7 +24,7 @@ from ..engine import GradientEngine, SequenceGradients, make_batch
 from ..errors import InflqError
 from ..passes import ScorePass, Shard, make_shards
 from ..progress import Monitor
-from ..project import ARTIFACTS, Project
+from ..project import Project
 from ..settings import RunSettings
 from .committed import run_committed_pass
 from .workers import LocalWorker, checkpoint_engine, worker_spec
@@ -195,7 +195,7 @@ def filter_context(
     return FilterContext(
         num_sequences=len(store), query_tokens=[q.tokens for q in toks],
         query_completion_starts=[q.completion_start for q in toks], sequences=store.many,
-        metadata=functools.partial(catalog.metadata_column, project.db), artifacts_dir=project.root / ARTIFACTS,
+        metadata=functools.partial(catalog.metadata_column, project.db), artifacts_dir=project.root / layout.ARTIFACTS,
         corpus_fingerprint=store.key, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
         seed=seed, monitor=monitor, make_filter=make_filter, project=project, modules=modules,
     )
@@ -204,7 +204,7 @@ def filter_context(
 def choose_candidates(project: Project, run_id: int, filt, ctx: Callable[[], FilterContext], num_queries: int) -> tuple[np.ndarray, np.ndarray]:
     """``(candidate corpus indices, mask [queries, candidates])``: chosen by ``filt`` at a run's
     first attempt and saved, reused on resume."""
-    cand_rel = f"{ARTIFACTS}/runs/{run_id}/candidates.safetensors"
+    cand_rel = layout.candidates(run_id)
     if (project.root / cand_rel).exists():
         c = load_tensors(project.root, cand_rel, None, "candidate list")
         return c["indices"].numpy(), c["mask"].numpy().astype(bool)
@@ -274,7 +274,7 @@ def score_shards(
     starts = dict(zip((s.index for s in shards), np.cumsum([0] + [len(s) for s in shards[:-1]]), strict=True))
 
     def commit(shard: Shard, out: dict[str, torch.Tensor]) -> None:
-        rel = f"{ARTIFACTS}/runs/{run_id}/shard-{shard.index:06d}.safetensors"
+        rel = layout.score_shard(run_id, shard.index)
         tensors = {"scores": out["scores"].to(torch.float32) + partial.pop(shard.index, 0)}
         if per_module:
             cols = slice(int(starts[shard.index]), int(starts[shard.index]) + len(shard))
@@ -322,7 +322,7 @@ def scoring_context(
         job = Job(pass_, worker_spec(project, settings.modules), settings.batching(), local=worker)
         return run_committed_pass(
             project, executor, job, make_shards(cand, settings.shard_size), monitor, run_id=run_id,
-            pass_key=f"{CANDIDATE_PASSES}{n}:{pass_.phase}", data_key=data_key, files=f"{ARTIFACTS}/runs/{run_id}/candidates-{n}",
+            pass_key=f"{CANDIDATE_PASSES}{n}:{pass_.phase}", data_key=data_key, shard_path=functools.partial(layout.candidate_pass_shard, run_id, n),
         )
 
     grads = functools.cache(lambda: query_gradients(project, engine, queries, settings.batch_size))
@@ -397,5 +397,5 @@ def extreme_module_scores(
 
 def save_queries(project: Project, run_id: int, scorers: list[Scorer], rank: int | None) -> tuple[str, str]:
     """Save the run's preconditioned query gradients for on-demand attribution: ``(path, checksum)``."""
-    rel = f"{ARTIFACTS}/runs/{run_id}/queries.safetensors"
+    rel = layout.query_gradients(run_id)
     return rel, save_tensors(project.root, rel, scorer_tensors(scorers), {"rank": json.dumps(rank)})

@@ -17,12 +17,11 @@ from textual.worker import Worker, WorkerState
 
 from .. import catalog
 from ..errors import Cancelled, InflqError
+from ..layout import EXPORTS  # the export dialog's default folder, inside the project
 from .context import Context, ContextChanged
 from .layout import TABS, FactorsScreen, MainScreen
 from .panes import Pane
 from .screens.modals import ConfirmScreen, ErrorScreen, HelpScreen, InputScreen
-
-EXPORTS = "exports"  # the export dialog's default folder, inside the project
 
 
 def default_project() -> Path:

@@ -32,7 +32,7 @@ from inflq import Estimator, Filter, InflqError, Option, hookimpl
 if TYPE_CHECKING:
     import numpy as np
 
-INDEX_DIR = "artifacts/index"
+INDEX_FOLDER = "index"  # under the project's artifacts: project.plugin_folder(INDEX_FOLDER)
 METRICS = ("inner", "cosine")
 
 
@@ -202,7 +202,7 @@ def build(project, index_settings, run, monitor, shard_size: int = 4096):
         source = index.key_source(index_settings, engine.names, project.model_fingerprint, corpus.key, fit.fit_indices, indices, run.seed, dtype)
         key = index.index_key(source)
         row = {
-            "key": key, "path": f"{INDEX_DIR}/index-{key}", "kind": index_settings.kind, "estimator": index_settings.estimator,
+            "key": key, "path": f"{project.plugin_folder(INDEX_FOLDER)}/index-{key}", "kind": index_settings.kind, "estimator": index_settings.estimator,
             "settings": index_settings.to_json(), "modules": json.dumps(engine.names), "width": fit.model.width, "num_rows": len(indices),
             "factor_set_id": prepared.factor_set_id, "model_fingerprint": project.model_fingerprint, "corpus_fingerprint": corpus.key,
             "status": "building", "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "seconds": None,
@@ -216,7 +216,7 @@ def build(project, index_settings, run, monitor, shard_size: int = 4096):
         def map_shards(pass_, shards, on_result, mon):
             executor.map(Job(pass_, worker_spec(project, run.modules), run.batching(), local=local), shards, on_result, mon)
 
-        store = index.build_index(project.path(INDEX_DIR), key, fit.model, indices, map_shards, monitor, shard_size=shard_size, source=source)
+        store = index.build_index(project.path(project.plugin_folder(INDEX_FOLDER)), key, fit.model, indices, map_shards, monitor, shard_size=shard_size, source=source)
     finally:
         executor.close()
     row.update(status="complete", seconds=time.perf_counter() - started)
@@ -225,16 +225,18 @@ def build(project, index_settings, run, monitor, shard_size: int = 4096):
 
 
 def remove(project, key: str) -> dict:
-    """Delete an index's files and its catalog row."""
+    """Delete an index's catalog row, then its files."""
     rows = [r for r in recorded_indexes(project) if r["key"].startswith(str(key))]
     if len(rows) != 1:
         raise InflqError(f"{key!r} names {len(rows)} indexes; give a key from `inflq index list {project.root}`")
     row = rows[0]
+    # The row first, then its files: a crash in between leaves files no row names, never a row
+    # naming missing files (inflq's own removals keep the same order).
+    with project.db.atomic():
+        project.db["gradient_indexes"].delete(row["key"])
     folder = project.path(row["path"])
     if folder.exists():
         shutil.rmtree(folder)
-    with project.db.atomic():
-        project.db["gradient_indexes"].delete(row["key"])
     return row
 
 

@@ -94,7 +94,7 @@ def training_norms(project, modules: str | None = None, monitor: Monitor | None 
     monitor = monitor or Monitor()
     monitor.start(GradientNormPass.phase, n)
     norms = LocalWorker(project, engine).run(GradientNormPass(), Shard(0, np.arange(n)), batch_size, monitor)["norms"]
-    rel = f"artifacts/cosine/norms-{key}.safetensors"
+    rel = f"{project.plugin_folder('cosine')}/norms-{key}.safetensors"
     checksum = save_tensors(project.root, rel, {"norms": norms})
     with project.db.atomic():
         project.db["cosine_norms"].upsert({

@@ -136,10 +136,13 @@ class ResultsPane(Pane):
         if search:  # only the stored top and bottom K are in the catalog, so only they are searched
             stored = catalog.count_results(self.project.db, ctx.result_set_id, ctx.query_id, self.side)
             shown += f" (searched: the {stored} stored)"
+        stale = ctx.query_id in catalog.stale_queries(self.project.db, ctx.result_set_id)
         status.update(
             f"{where} · result set {ctx.result_set_id} · query {ctx.query_id} · {shown}" + (" · enter opens a row" if self.page_rows else "")
             + f"\n{self._estimator_line(ctx.result_set_id)}"
+            + ("\nSTALE: the query was edited after this result set scored it; run the investigation again (tab 3)" if stale else "")
         )
+        status.set_class(stale, "stale")
 
     def _estimator_line(self, result_set_id: int) -> str:
         """The damping used (and an iterative estimator's residual), as every result must show."""
