@@ -91,7 +91,7 @@ def run_shard(
             # One group of sequences at a time where the engine splits the batch (large models on
             # the CPU): the pass consumes each group's captures before the next is captured, so
             # memory holds one group's (0.3 GB on GPT-2 small), not the batch's (1.2 GB).
-            for group, captures, _ in engine.capture_parts(batch, pass_.labels):
+            for group, captures, _ in engine.capture_parts(batch, pass_.labels, reuse=pass_.transient_captures):
                 if summing:
                     started = True  # before adding: an addition may fail half-way
                     pass_.accumulate(engine, group, captures, sums)
@@ -148,6 +148,7 @@ class ScorePass(Pass):
     phase = "scoring"
     labels = "data"
     combine = "concat"
+    transient_captures = True  # sequence gradients are copied into the pass's buffers, scores computed
 
     def __init__(
         self, query_gradients: QueryGradients, per_module: bool = False, group_bytes: int = 256 << 20, keep_parts: bool = False
@@ -259,6 +260,7 @@ class SelfInfluencePass(Pass):
     phase = "self-influence"
     labels = "data"
     combine = "concat"
+    transient_captures = True
 
     def __init__(self, estimator: Estimator) -> None:
         self.estimator = estimator
