@@ -158,7 +158,7 @@ class InflqBench:
 
         self.project = Project.init(root, model, corpus)
         self.engine = self.project.runtime.engine()
-        self.executor = default_executor(self.project)
+        self.executor = default_executor()
         self.store = self.project.runtime.corpus
         self.indices = np.arange(len(self.store), dtype=np.int64)
         self.batch_size = batch_size
@@ -212,7 +212,7 @@ class InflqBench:
 
         # damping None: the estimator's default, 0.1 × the mean eigenvalue per module.
         spec = f"ekfac:fisher={FISHER}" if damping is None else f"ekfac:damping={damping!r},fisher={FISHER}"
-        est = make_estimator(self.project, spec)
+        est = make_estimator(spec)
         est.load_factors(self.factors)
         parts: dict[int, torch.Tensor] = {}
         started = time.perf_counter()

@@ -33,7 +33,7 @@ def main() -> None:
     from inflq.cli import main as cli_main
     from inflq.demo import ensure_demo
     from inflq.live import LiveScorer
-    from inflq.tui.panes.query import QueryPane
+    from inflq.tui.panes.query_pane import QueryPane
 
     if args.project:
         root = Path(args.project)
@@ -43,7 +43,7 @@ def main() -> None:
         os.environ["INFLQ_DEMO"] = str(root)
         ensure_demo()
     project = inflq.open_project(root)
-    from inflq_builtins.index import recorded_indexes
+    from inflq_builtins.gradient_index import recorded_indexes
 
     if not recorded_indexes(project):
         t0 = time.perf_counter()

@@ -70,7 +70,7 @@ def main() -> None:
     job = Job(ScorePass(qg), worker_spec(p, None), args.batch_size, local=LocalWorker(p, engine))
 
     def measure(spec: str) -> dict:
-        ex = make_executor(p, spec)
+        ex = make_executor(spec)
         got: dict[int, np.ndarray] = {}
         t = time.perf_counter()
         ex.map(job, shards[:1], lambda s, o: None, Monitor())  # start-up and warm-up

@@ -41,7 +41,7 @@ _LAZY = {
     "TrackedModule": "engine", "make_batch": "engine", "select_modules": "engine",
     "add_into": "linalg", "eigh": "linalg", "gram": "linalg", "pack_upper": "linalg", "unpack_upper": "linalg",
     "ScorePass": "passes", "SelfInfluencePass": "passes", "run_shard": "passes",
-    "QueryGradients": "scoring",
+    "QueryGradients": "contractions",
     # projects and model folders, for plugins (#14 catalog block)
     "Project": "project", "ProjectConfig": "project", "project_relative": "project", "Runtime": "runtime",
     "check_model_dir": "modeling", "fingerprint_files": "modeling", "load_model": "modeling", "model_files": "modeling",
@@ -54,17 +54,18 @@ _LAZY = {
     "get_registry": "plugins",
     # storing a plugin's own tensors; running a pass in this process; reading a result set back
     "save_tensors": "artifacts", "load_tensors": "artifacts", "LocalWorker": "runs",
-    "result_set": "results", "score_matrix": "results",
+    "result_set": "reading", "score_matrix": "reading",
     # a plugin that fits and runs passes as a run does (the gradient index's build command): the run
     # settings, the one recipe, an executor from its spec and the job spec a remote worker rebuilds
     "RunSettings": "settings", "prepare_estimator": "runs", "make_executor": "runs", "worker_spec": "runs",
     # a plugin command's progress bar and Ctrl-C handling, as inflq's own commands show them
-    "progress_monitor": "cli.base",
+    "progress_monitor": "cli.common",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .artifacts import load_tensors, save_tensors
-    from .cli.base import progress_monitor
+    from .cli.common import progress_monitor
+    from .contractions import QueryGradients
     from .engine import (
         SAMPLED_AT,
         Batch,
@@ -89,10 +90,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .passes import ScorePass, SelfInfluencePass, run_shard
     from .plugins import get_registry
     from .project import Project, ProjectConfig, project_relative
-    from .results import result_set, score_matrix
+    from .reading import result_set, score_matrix
     from .runs import LocalWorker, build_worker, make_executor, prepare_estimator, worker_spec
     from .runtime import Runtime
-    from .scoring import QueryGradients
     from .search_depth import search_depth_for_result_set
     from .settings import RunSettings
 

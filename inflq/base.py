@@ -18,8 +18,8 @@ if TYPE_CHECKING:  # torch (1-2 s to import) and numpy load where used: plugins 
     import numpy as np
     import torch
 
+    from .contractions import QueryGradients
     from .engine import Batch, Captured, GradientEngine, TrackedModule
-    from .scoring import QueryGradients
 
 
 # -- passes: the unit of work executors distribute (run by inflq.passes.run_shard) -------------------
@@ -259,7 +259,7 @@ class Estimator(Plugin):
     def precondition_queries(self, grads: dict[str, torch.Tensor], rank: int | None) -> QueryGradients:
         """The queries' preconditioned gradients at rank ``rank`` (``None``: full rank).
         Default: :meth:`precondition`, then compress; estimators with a cheaper route override it."""
-        from .scoring import QueryGradients
+        from .contractions import QueryGradients
 
         return QueryGradients.from_preconditioned(self.precondition(grads), rank)
 

@@ -214,6 +214,7 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
     """A finished run: recompute its query gradients, candidates, shards and score matrix as needed,
     keeping its result set (and so every stored top sequence) in place."""
     from .artifacts import load_tensors, save_tensors
+    from .contractions import QueryGradients
     from .passes import ScorePass, make_shards
     from .runs import (
         LocalWorker,
@@ -222,7 +223,6 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
         prepare_estimator,
         query_gradients,
     )
-    from .scoring import QueryGradients
 
     rid = run["id"]
     rs = catalog.result_set_of_run(project.db, rid)
@@ -237,7 +237,7 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
             queries = [catalog.query(project.db, q) for q in rs_settings["query_ids"]]
         except InflqError:
             return f"run {rid}: a query it scored was deleted, so its query gradients cannot be recomputed; rerun the investigation"
-        est = prepare_estimator(project, settings, monitor, engine=engine, executor=default_executor(project)).estimator
+        est = prepare_estimator(project, settings, monitor, engine=engine, executor=default_executor()).estimator
         qg = preconditioned_queries(est, query_gradients(project, engine, queries, settings.batch_size), settings.rank)
         checksum = save_tensors(project.root, rs["queries_path"], qg.tensors(), {"rank": json.dumps(settings.rank)})
         catalog.update_result_set(project.db, rs["id"], queries_checksum=checksum)

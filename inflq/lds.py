@@ -191,7 +191,7 @@ def retrain_task(task: dict, monitor: Monitor) -> list[float]:
     project = _TASK_PROJECTS.get(root)
     if project is None:
         project = _TASK_PROJECTS[root] = Project.open(root, readonly=True)
-    trainer = make_trainer(project, task["trainer"])
+    trainer = make_trainer(task["trainer"])
     qtoks = [QueryTokens(list(t), int(c)) for t, c in task["queries"]]
     with tempfile.TemporaryDirectory(prefix="inflq-lds-") as wd:
         out = trainer.train(TrainContext(project, np.asarray(task["indices"], np.int64), int(task["seed"]), monitor, Path(wd)))
@@ -245,7 +245,7 @@ def retrain_subsets(
     if executor is None:
         from .runs import default_executor
 
-        executor = default_executor(project)
+        executor = default_executor()
     seeded = root not in _TASK_PROJECTS
     if seeded:
         _TASK_PROJECTS[root] = project  # a task run in this process uses the driver's project
@@ -266,7 +266,7 @@ def estimator_scores(project: Project, spec: str, qrows: list[dict], engine, mod
     from .passes import ScorePass
     from .runs import LocalWorker, RunSettings, make_estimator, prepare_estimator, scorers_for
 
-    est = make_estimator(project, spec)
+    est = make_estimator(spec)
     settings = RunSettings(estimator=spec, modules=modules, fit_sequences=None, seed=seed, batch_size=batch_size)
     t = time.perf_counter()
     prepare_estimator(project, settings, monitor, estimator=est, engine=engine, executor=executor)
@@ -287,7 +287,7 @@ def estimator_scores(project: Project, spec: str, qrows: list[dict], engine, mod
 def _retrain(project: Project, trainer: Trainer, qtoks, study: str, subs, seed: int, monitor: Monitor, executor: str | None, keys=None):
     from .runs import default_executor, make_executor
 
-    ex = make_executor(project, executor) if executor else default_executor(project)
+    ex = make_executor(executor) if executor else default_executor()
     try:
         return retrain_subsets(project, trainer, qtoks, study, subs, seed, monitor, ex, keys)
     finally:
@@ -305,7 +305,7 @@ def _queries_and_specs(project: Project, investigation: str, estimators, damping
         raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
     specs = list(estimators or ["identity", "ekfac", "lissa"]) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
     for spec in specs:
-        make_estimator(project, spec)  # a bad spec fails now, not after hours of retraining
+        make_estimator(spec)  # a bad spec fails now, not after hours of retraining
     return qrows, specs
 
 
@@ -315,7 +315,7 @@ def _compare(project: Project, qrows, specs, predict, measured, modules, seed, b
     from .runs import default_executor
 
     engine = project.runtime.engine(modules)
-    executor = default_executor(project)
+    executor = default_executor()
     rows: list[LDSRow] = []
     preds: dict[str, np.ndarray] = {}
     try:
@@ -379,7 +379,7 @@ def validate_lds(
     if subsets < 3:
         raise InflqError("--subsets must be at least 3 (a Spearman correlation over subsets)")
     qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
-    tr = make_trainer(project, trainer)
+    tr = make_trainer(trainer)
     assert isinstance(tr, Trainer)
     n = len(project.runtime.corpus)
     subs = [subset_indices(n, fraction, seed, j) for j in range(subsets)]
@@ -441,7 +441,7 @@ def validate_loo(
 
     monitor = monitor or Monitor()
     qrows, specs = _queries_and_specs(project, investigation, estimators, dampings, queries)
-    tr = make_trainer(project, trainer)
+    tr = make_trainer(trainer)
     assert isinstance(tr, Trainer)
     n = len(project.runtime.corpus)
     if sequences:

@@ -22,7 +22,7 @@ from .progress import Monitor
 
 if TYPE_CHECKING:
     from .base import Estimator
-    from .scoring import QueryGradients
+    from .contractions import QueryGradients
 
 
 def make_shards(indices: np.ndarray, shard_size: int) -> list[Shard]:

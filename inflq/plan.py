@@ -172,7 +172,7 @@ def make_plan(
         memory = int(available_memory(engine.device) * (4 if engine.device.type == "cpu" else 1 / 0.6))
 
     # -- the calibration: fit and score a sample, timing each pass -----------------------------------
-    estimator = make_estimator(project, settings.estimator)
+    estimator = make_estimator(settings.estimator)
     # Sequences whose tokens fill two of the run's batches (or ``calibration`` sequences): a pass's
     # time per token on a few small batches overstates it, as per-batch overheads dominate there.
     order = rng.permutation(n)

@@ -202,7 +202,7 @@ def search_depth_for_result_set(
     Which candidates came from which filter is recomputed by running the two filters again with the
     run's seed (both are deterministic for a given corpus, tokenizer and seed)."""
     from .progress import Monitor
-    from .results import result_set, scores
+    from .reading import result_set, scores
     from .runs import filter_context, make_filter
 
     monitor = monitor or Monitor()
@@ -218,9 +218,9 @@ def search_depth_for_result_set(
     store = project.runtime.corpus
     modules = settings.get("modules")
     modules = ",".join(modules) if isinstance(modules, list) else modules
-    ctx = filter_context(project, queries, int(settings.get("seed", 0)), monitor, lambda s: make_filter(project, s), modules)
-    filtered = make_filter(project, filtered_spec).candidates(ctx)
-    unfiltered = make_filter(project, unfiltered_spec).candidates(ctx)
+    ctx = filter_context(project, queries, int(settings.get("seed", 0)), monitor, make_filter, modules)
+    filtered = make_filter(filtered_spec).candidates(ctx)
+    unfiltered = make_filter(unfiltered_spec).candidates(ctx)
     indices, matrix = scores(project, rs)
     out = []
     for qi, q in enumerate(queries):

@@ -26,7 +26,7 @@ class RunSettings:
     modules: str | None = None
     rank: int | None = 32
     # Keep a module's query gradients at full rank where scoring is cheaper that way (see
-    # inflq.scoring.Compression), up to this many MiB in all; 0 = always rank ``rank``.
+    # inflq.contractions.Compression), up to this many MiB in all; 0 = always rank ``rank``.
     full_rank_mb: int = 1024
     top_k: int = 20
     fit_sequences: int | None = None

@@ -98,7 +98,7 @@ def compare_scores(idx_a: np.ndarray, sc_a: np.ndarray, idx_b: np.ndarray, sc_b:
 
 def compare_result_sets(project, investigation: str, rs_a: int, rs_b: int, query_id: int, k: int = 20) -> Comparison:
     """Compare two result sets of an investigation on one query."""
-    from .results import query_scores, result_set
+    from .reading import query_scores, result_set
 
     a, b = result_set(project, investigation, rs_a), result_set(project, investigation, rs_b)
     return compare_scores(*query_scores(project, a, query_id), *query_scores(project, b, query_id), k=k)

@@ -38,6 +38,7 @@ from scipy.stats import pearsonr, spearmanr
 from torch.func import functional_call
 
 from . import catalog
+from .contractions import QueryGradients
 from .engine import make_batch, math_attention
 from .errors import InflqError
 from .passes import ScorePass, Shard, sequence_seed
@@ -52,7 +53,6 @@ from .runs import (
     prepare_estimator,
     query_gradients,
 )
-from .scoring import QueryGradients
 
 
 @dataclass
@@ -279,11 +279,11 @@ def validate(
     specs = list(estimators) + [f"ekfac:damping={d!r}" for d in (dampings or [])]
     grads = query_gradients(project, engine, qrows, batch_size)
     worker = LocalWorker(project, engine)
-    local = default_executor(project)
+    local = default_executor()
     rows: list[ValidationRow] = []
     scores: dict[str, np.ndarray] = {}
     for spec in specs:
-        est = make_estimator(project, spec)
+        est = make_estimator(spec)
         settings = RunSettings(estimator=spec, modules=modules, fit_sequences=fit_sequences, seed=seed, batch_size=batch_size, refit=True)
         t = time.perf_counter()
         prepare_estimator(project, settings, monitor, estimator=est, engine=engine, executor=local)

@@ -139,7 +139,7 @@ def test_two_processes_write_one_project_and_nothing_is_lost(project, tmp_path):
 def test_writers_killed_at_random_points_leave_a_consistent_catalog(project, tmp_path, seed):
     from inflq import integrity
     from inflq.project import Project
-    from inflq.results import score_matrix
+    from inflq.reading import score_matrix
     from inflq.runs import RunSettings, run_investigation
 
     rng = random.Random(seed)

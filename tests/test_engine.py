@@ -132,7 +132,7 @@ def test_non_finite_gradients_are_reported(project):
 def test_self_influence_matches_definition(project):
     """Self-influence through the identity estimator is the squared gradient norm."""
     from inflq.engine import make_batch
-    from inflq.results import self_influence
+    from inflq.reading import self_influence
 
     idx, vals = self_influence(project, "identity", indices=np.array([0, 3]))
     engine = project.runtime.engine()
@@ -156,11 +156,11 @@ def test_empirical_fisher_is_deterministic_and_a_separate_factor_set(project):
     a, b, c = (load_tensors(project.root, r["path"], r["checksum"]) for r in rows)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.allclose(a[k], c[k]) for k in a if k.startswith("lambda/"))
-    assert make_estimator(project, "ekfac:fisher=empirical").factor_settings() == {"fisher": "empirical"}
+    assert make_estimator("ekfac:fisher=empirical").factor_settings() == {"fisher": "empirical"}
 
 
 def test_result_sets_say_which_damping_they_used(project):
-    from inflq.results import estimator_summary, result_set
+    from inflq.reading import estimator_summary, result_set
 
     add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     run_investigation(project, "default", RunSettings(estimator="ekfac:damping=0.5", rank=4, full_rank_mb=0))

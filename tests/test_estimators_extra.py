@@ -21,7 +21,7 @@ from inflq import catalog
 from inflq.errors import InflqError
 from inflq.project import Project
 from inflq.queries import add_query
-from inflq.results import score_matrix
+from inflq.reading import score_matrix
 from inflq.runs import RunSettings, run_investigation
 from inflq_builtins.tracin import listed_checkpoints
 
@@ -134,9 +134,9 @@ def test_lissa_default_damping_is_ekfacs_heuristic(tiny):
 
     ref = ExactGaussNewton(tiny)
     G = ref.matrix([tiny.runtime.corpus.get(i) for i in range(len(tiny.runtime.corpus))])
-    est = make_estimator(tiny, "lissa:depth=1")
+    est = make_estimator("lissa:depth=1")
     engine = tiny.runtime.engine()
-    ensure_factors(tiny, est, engine, make_executor(tiny, "local"), RunSettings(estimator="lissa"), Monitor())
+    ensure_factors(tiny, est, engine, make_executor("local"), RunSettings(estimator="lissa"), Monitor())
     offset = 0
     for tm in engine.tracked:
         n = tm.out_features * tm.in_dim
@@ -207,7 +207,7 @@ def test_tracin_attributions_use_every_checkpoints_gradients(tmp_path):
     terms, each with that checkpoint's query and training gradients: they sum to the TracIn score
     computed independently (torch.func gradients of each checkpoint), and per token they equal the
     η-weighted sum of each checkpoint's identity attribution; for result sets and for probes."""
-    from inflq.results import ScoringSession
+    from inflq.reading import ScoringSession
     from inflq_builtins.tracin import add_checkpoint
 
     project = make_project(tmp_path / "a", seed=0)

@@ -11,7 +11,7 @@ from test_cli import _catalog_dump, _one_line_error
 
 from inflq import catalog
 from inflq.artifacts import load_tensors
-from inflq.factors import factor_sets, remove_factor_set, spectra, spectrum_plot
+from inflq.factor_sets import factor_sets, remove_factor_set, spectra, spectrum_plot
 from inflq.progress import Monitor
 from inflq.queries import add_query
 from inflq.runs import RunSettings, fit_factors, run_investigation
@@ -135,11 +135,11 @@ def test_factors_fitted_with_the_old_sampling_rule_are_never_reused(project):
     import hashlib
 
     from inflq.engine import SAMPLED_AT
-    from inflq.factors import OLD_SAMPLING_RULE
+    from inflq.factor_sets import OLD_SAMPLING_RULE
     from inflq.project import Project
     from inflq.runs import make_estimator
 
-    assert make_estimator(project, "ekfac").factor_settings() == {"fisher": "true", "sampled_at": SAMPLED_AT}
+    assert make_estimator("ekfac").factor_settings() == {"fisher": "true", "sampled_at": SAMPLED_AT}
     _, fs_id, _ = fit_factors(project, RunSettings(estimator="ekfac"))
     row = project.db["factor_sets"].get(fs_id)
     assert json.loads(row["settings"]) == {"fisher": "true", "sampled_at": "loss positions"}
@@ -225,7 +225,7 @@ def test_fitting_sums_are_one_running_sum_whatever_the_executor(project):
     settings = RunSettings(shard_size=5, batch_size=3, refit=True)
     n = len(project.runtime.corpus)
     want = run_shard(project.runtime.engine(), project.runtime.corpus.many, CovariancePass(), Shard(0, np.arange(n)), project.runtime.pad_id, 3)
-    local = make_executor(project, "local")
+    local = make_executor("local")
 
     def close(got):
         assert set(got) == set(want)

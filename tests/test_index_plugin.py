@@ -1,4 +1,4 @@
-"""The gradient index as users get it (plugins/inflq_builtins/index.py): `inflq index build/list/rm`,
+"""The gradient index as users get it (plugins/inflq_builtins/gradient_index.py): `inflq index build/list/rm`,
 `--estimator index` and `--filter index:k=N`, on a tiny random GPT-2 project. The exact answers are
 inflq's own EK-FAC runs (`--estimator ekfac`), never the index's code."""
 
@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-import inflq_builtins.index as index_plugin
+import inflq_builtins.gradient_index as index_plugin
 from inflq import catalog, get_registry, open_project
-from inflq.results import result_set, scores
+from inflq.reading import result_set, scores
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +123,7 @@ def test_estimator_index_equals_exact_ekfac_at_full_width(proj, cli_run, tmp_pat
     assert code == 0, err
     total = float(out.strip().splitlines()[-1].split()[1])
     assert abs(total - rows[0]["score"]) <= 2e-3 * scale
-    from inflq.results import ScoringSession
+    from inflq.reading import ScoringSession
 
     att = ScoringSession.for_result_set(p, rs_index).attribute(p.runtime.corpus.get(rows[0]["seq_idx"]), q["id"], "layer")
     assert abs(att.total - rows[0]["score"]) <= 2e-3 * scale and abs(float(np.sum(att.values)) - att.total) <= 1e-4 * scale
@@ -216,10 +216,10 @@ def test_the_index_plugin_is_shaped_like_a_third_party_one():
 
     root = Path(__file__).resolve().parents[1]
     eps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]["inflq"]
-    assert eps["index"] == "inflq_builtins.index"
-    path = root / "plugins" / "inflq_builtins" / "index.py"
+    assert eps["index"] == "inflq_builtins.gradient_index"
+    path = root / "plugins" / "inflq_builtins" / "gradient_index.py"
     assert private_inflq_imports(ast.parse(path.read_text()), set(inflq.__all__)) == []
-    code = "import sys, inflq_builtins.index; print(int('torch' in sys.modules))"
+    code = "import sys, inflq_builtins.gradient_index; print(int('torch' in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0"
     assert {"index"} <= set(get_registry().names("estimator")) and "index" in get_registry().names("filter")

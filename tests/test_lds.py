@@ -154,7 +154,7 @@ def test_lds_is_exact_against_a_linear_outcome(tiny, stub_registry):
 
     qrows = catalog.queries(tiny.db, "default")
     engine = tiny.runtime.engine()
-    ex = default_executor(tiny)
+    ex = default_executor()
     ident = estimator_scores(tiny, "identity", qrows, engine, None, 0, 8, Monitor(), ex)[0]
     # seed 3: the seed validate_lds fits with below (the true Fisher samples its labels)
     ekfac = estimator_scores(tiny, "ekfac", qrows, engine, None, 3, 8, Monitor(), ex)[0]
@@ -185,7 +185,7 @@ def test_leave_one_out_is_exact_against_a_linear_outcome(tiny, stub_registry, cl
     from inflq.runs import default_executor
 
     qrows = catalog.queries(tiny.db, "default")
-    ident = estimator_scores(tiny, "identity", qrows, tiny.runtime.engine(), None, 0, 8, Monitor(), default_executor(tiny))[0]
+    ident = estimator_scores(tiny, "identity", qrows, tiny.runtime.engine(), None, 0, 8, Monitor(), default_executor())[0]
     StubTrainer.weights, StubTrainer.sign, StubTrainer.calls = ident, 1.0, []
     v = validate_loo(tiny, "default", ["identity"], count=4, trainer="linear-stub", save=False)
     assert v.rows[0].per_query == pytest.approx([1.0, 1.0, 1.0])

@@ -23,7 +23,7 @@ from inflq.engine import Conv1D
 from inflq.passes import sequence_seed
 from inflq.project import Project
 from inflq.queries import add_query
-from inflq.results import ScoringSession, score_matrix
+from inflq.reading import ScoringSession, score_matrix
 from inflq.runs import (
     LocalWorker,
     RunSettings,
@@ -93,10 +93,10 @@ def rel_err(got, want) -> float:
 def fitted(project: Project, spec: str, **settings):
     """An estimator with factors fitted (or loaded from the cache) on the project's corpus, its
     engine, and the id of its factor set."""
-    est = make_estimator(project, spec)
+    est = make_estimator(spec)
     engine = project.runtime.engine(settings.pop("modules", None))
     run = RunSettings(estimator=spec, **settings)
-    factor_set = ensure_factors(project, est, engine, make_executor(project, "local"), run, Monitor())
+    factor_set = ensure_factors(project, est, engine, make_executor("local"), run, Monitor())
     return est, engine, factor_set
 
 
@@ -608,7 +608,7 @@ def test_layer_breakdown_needs_no_second_pass(gpt2, monkeypatch, older_shards):
 
 
 def test_compression_keeps_full_rank_where_scoring_would_multiply_the_factors_back_out():
-    from inflq.scoring import Compression, dw_is_cheaper
+    from inflq.contractions import Compression, dw_is_cheaper
 
     shapes = {"wide": (64, 512, 129), "narrow": (1, 512, 129), "tiny": (64, 16, 17)}
     # Unknown sequence length: compress whatever a rank-32 factorisation makes smaller.
@@ -682,6 +682,7 @@ def test_bfloat16_scores_are_finite_and_agree_with_float32(gpt2):
 def test_eigenbasis_query_compression_equals_svd_of_the_preconditioned_gradient(tmp_path):
     """EK-FAC compresses queries in its eigenbasis (rotating only r columns back); the result is the
     rank-r truncated SVD of the fully preconditioned gradient."""
+    from inflq.contractions import QueryGradients
     from inflq.project import Project
     from inflq.runs import (
         RunSettings,
@@ -690,15 +691,14 @@ def test_eigenbasis_query_compression_equals_svd_of_the_preconditioned_gradient(
         make_executor,
         query_gradients,
     )
-    from inflq.scoring import QueryGradients
 
     model = make_model_dir(tmp_path / "m", "gpt2", width=16)
     project = Project.init(tmp_path / "p", model, write_corpus(tmp_path / "c.jsonl"))
     add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     add_query(project, "default", "a river flows through the old", "town")
     engine = project.runtime.engine()
-    est = make_estimator(project, "ekfac")
-    ensure_factors(project, est, engine, make_executor(project, "local"), RunSettings(), Monitor())
+    est = make_estimator("ekfac")
+    ensure_factors(project, est, engine, make_executor("local"), RunSettings(), Monitor())
     grads = query_gradients(project, engine, catalog.queries(project.db, "default"), 8)
     fast = est.precondition_queries(grads, 4)
     slow = QueryGradients.from_preconditioned(est.precondition(grads), 4)

@@ -56,7 +56,7 @@ def test_measured_tokens_are_the_completion(project):
 
 
 def test_python_api_matches_cli_contract(project):
-    from inflq.results import score_matrix
+    from inflq.reading import score_matrix
     from inflq.runs import RunSettings, run_investigation
 
     add_query(project, "default", "the capital city of astrobia is called", "velmora")

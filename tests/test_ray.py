@@ -29,7 +29,7 @@ from inflq.errors import InflqError
 from inflq.plugins import get_registry
 from inflq.progress import Monitor
 from inflq.project import Project
-from inflq.results import score_matrix
+from inflq.reading import score_matrix
 
 N = 36
 SHARD = 4
@@ -205,14 +205,27 @@ def _same_factors(fit, fs_id) -> None:
     assert fs_id == fit["local_id"]
     on_ray = load_tensors(p.root, p.db["factor_sets"].get(fs_id)["path"], None)
     assert list(on_ray) == list(local)
-    for key in local:
-        assert torch.equal(on_ray[key], local[key]), key
+    # Compare what the factors do. LAPACK's eigh may round differently in another process (MKL picks
+    # its threads by the machine's load), and eigenvectors of close eigenvalues then turn a little.
+    from inflq_builtins.estimators import EKFAC
+
+    gen = torch.Generator().manual_seed(0)
+    names = [k[len("qa/"):] for k in local if k.startswith("qa/")]
+    grads = {n: torch.randn(3, local[f"qs/{n}"].shape[0], local[f"qa/{n}"].shape[0], generator=gen, dtype=torch.float32) for n in names}
+    preconditioned = []
+    for tensors in (local, on_ray):
+        est = EKFAC()
+        est.load_factors(tensors)
+        preconditioned.append(est.precondition(grads))
+    for n in names:
+        want, got = preconditioned[0][n], preconditioned[1][n]
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max())), n
 
 
 def test_eigendecompositions_of_a_fit_by_module_run_on_the_workers(cluster, eigh_fit):
     """`ray:memory=GB` fits by module and each group's eigendecompositions run on the fit's actors
     (their process ids, never the driver's: the driver computes no eigh at all), from packed sums;
-    the phase advances per module; and the factors are bitwise the local fit's."""
+    the phase advances per module; and the factors are the local fit's (to float rounding)."""
     from inflq.runs import RunSettings, fit_factors
 
     fit = eigh_fit
@@ -391,7 +404,7 @@ def test_index_build_on_ray_equals_the_local_build(cluster, baseline, cli_run):
     import numpy as np
     import torch
 
-    import inflq_builtins.index as index_plugin
+    import inflq_builtins.gradient_index as index_plugin
     from inflq.cli import cli
 
     if get_registry().pm.get_plugin("inflq.index") is None:  # an installed inflq registers it by entry point

@@ -21,7 +21,7 @@ from runner import (
 
 import inflq.runs.workers as runs  # where LocalWorker finds run_shard
 from inflq.project import Project
-from inflq.results import score_matrix
+from inflq.reading import score_matrix
 
 N = 36
 SHARD = 4

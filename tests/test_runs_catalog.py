@@ -138,6 +138,7 @@ def test_queries_preconditioned_a_few_at_a_time_equal_all_at_once(project):
     import torch
 
     from inflq import catalog
+    from inflq.contractions import Compression, QueryGradients
     from inflq.queries import add_query
     from inflq.runs import (
         RunSettings,
@@ -146,7 +147,6 @@ def test_queries_preconditioned_a_few_at_a_time_equal_all_at_once(project):
         prepare_estimator,
         query_gradients,
     )
-    from inflq.scoring import Compression, QueryGradients
 
     for prompt, completion in [("the first president of astrobia was", "zorald pfaff"), ("a river flows through the old", "town"),
                                ("the capital city of astrobia is called", "velmora"), ("people eat bread and", "cheese in winter"), ("the red cat runs with the", "big dog")]:

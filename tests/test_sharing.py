@@ -248,7 +248,7 @@ def test_pack_leaves_out_files_being_written(origin, tmp_path):
 # -- damaged artifacts: detected, reported, recomputed -------------------------------------------
 def test_check_reports_and_repairs_damaged_artifacts(origin, tmp_path, cli_run):
     from inflq.project import Project
-    from inflq.results import score_matrix
+    from inflq.reading import score_matrix
 
     proj, _ = _copy_project(origin, tmp_path)
     p = Project.open(proj)

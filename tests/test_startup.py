@@ -121,7 +121,7 @@ def test_a_run_records_the_batching_it_chose_and_an_override_is_kept(project):
     r2 = run_investigation(project, "default", RunSettings(estimator="identity", batch_size=3))
     recorded2 = json.loads(project.db["runs"].get(r2.run_id)["settings"])
     assert recorded2["batch_size"] == 3 and recorded2["batch_tokens"] is None
-    from inflq.results import score_matrix
+    from inflq.reading import score_matrix
 
     np.testing.assert_allclose(score_matrix(project, "default", r.result_set_id), score_matrix(project, "default", r2.result_set_id), rtol=2e-5, atol=1e-6)
 

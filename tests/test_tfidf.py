@@ -234,14 +234,14 @@ def test_search_depth_edge_cases():
 
 # -- a real run on a tiny project ---------------------------------------------------------------------
 def test_run_with_tfidf_and_search_depth(project, cli_run):
-    from inflq import results
+    from inflq import reading
     from inflq.project import ARTIFACTS
     from inflq.runs import RunSettings, run_investigation
 
     add_query(project, "default", "the first president of astrobia was", "zorald pfaff")
     add_query(project, "default", "the capital city of astrobia is called", "velmora")
     r = run_investigation(project, "default", RunSettings(estimator="identity", filter="tfidf:k=5", rank=4))
-    matrix = results.score_matrix(project, "default", r.result_set_id)
+    matrix = reading.score_matrix(project, "default", r.result_set_id)
     store = project.runtime.corpus
     queries = catalog.queries(project.db, "default")
     toks = [project.runtime.tokenize_query(q["prompt"], q["completion"]) for q in queries]
@@ -257,13 +257,13 @@ def test_run_with_tfidf_and_search_depth(project, cli_run):
         scored = np.flatnonzero(~np.isnan(matrix[qi]))
         np.testing.assert_array_equal(scored, expected[qi])
         assert np.all(np.isnan(np.delete(matrix[qi], scored)))
-    assert results.result_set(project, "default", r.result_set_id)["filter"] == "tfidf:k=5"
+    assert reading.result_set(project, "default", r.result_set_id)["filter"] == "tfidf:k=5"
     with pytest.raises(InflqError, match="unfiltered sample"):
         search_depth_for_result_set(project, "default", r.result_set_id, m=2)
 
     r2 = run_investigation(project, "default", RunSettings(estimator="identity", filter="tfidf:k=5+random:n=16", rank=4))
     reports = search_depth_for_result_set(project, "default", r2.result_set_id, m=2, repeats=5)
-    matrix2 = results.score_matrix(project, "default", r2.result_set_id)
+    matrix2 = reading.score_matrix(project, "default", r2.result_set_id)
     for qi, rep in enumerate(reports):
         assert rep.query_id == queries[qi]["id"] and rep.num_candidates == 5 and rep.sample_size == 16
         row = matrix2[qi]

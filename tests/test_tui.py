@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("textual")
 
 from helpers import make_model_dir, write_corpus  # noqa: E402
-from inflq import catalog, results, stats  # noqa: E402
+from inflq import catalog, reading, stats  # noqa: E402
 from inflq.plugins import get_registry
 from inflq.project import Project  # noqa: E402
 from inflq.queries import add_query
@@ -132,7 +132,7 @@ def test_journey(project_dir, tmp_path):
             await settle(pilot)
             (q,) = catalog.queries(project.db, "astrobia")
             assert (q["prompt"], q["completion"]) == (PROMPT, COMPLETION)
-            from inflq.inspect import completion_logprob
+            from inflq.predictions import completion_logprob
 
             says = str(app.screen.query_one("#model-says", Static).render())
             assert f"{completion_logprob(project, PROMPT, COMPLETION):.3f}" in says
@@ -154,14 +154,14 @@ def test_journey(project_dir, tmp_path):
             await pilot.press("escape", "4")
             await settle(pilot)
             table = app.screen.query_one("#results", DataTable)
-            stored = results.top(project, rs1, q["id"], "top", 100)
+            stored = reading.top(project, rs1, q["id"], "top", 100)
             assert table.row_count == len(stored) > 0
             first = table.get_row_at(0)
             assert first[2] == stored[0]["seq_id"]
             table.focus()
             await pilot.press("b")
             await settle(pilot)
-            bottom = results.top(project, rs1, q["id"], "bottom", 1)[0]
+            bottom = reading.top(project, rs1, q["id"], "bottom", 1)[0]
             assert float(str(table.get_row_at(0)[1])) == pytest.approx(bottom["score"], rel=1e-3)
             await pilot.press("t")
             await settle(pilot)
@@ -187,7 +187,7 @@ def test_journey(project_dir, tmp_path):
             await pilot.press("5")
             await settle(pilot)
             fit_text = str(app.screen.query_one("#dist-fit", Static).render())
-            fit = stats.powerlaw_tail(results.distribution(project, "astrobia", q["id"], rs1))
+            fit = stats.powerlaw_tail(reading.distribution(project, "astrobia", q["id"], rs1))
             assert f"alpha = {fit.alpha:.2f}" in fit_text
             # A probe, scored at once.
             await pilot.press("6")
@@ -200,7 +200,7 @@ def test_journey(project_dir, tmp_path):
             await settle(pilot)
             (p,) = catalog.probes(project.db, q["id"])
             shown = str(app.screen.query_one(f"#probe-{p['id']}", Static).render())
-            expected = results.ScoringSession.for_queries(project, [q["id"]], estimator="identity").score_texts([probe], q["id"])[0].total
+            expected = reading.ScoringSession.for_queries(project, [q["id"]], estimator="identity").score_texts([probe], q["id"])[0].total
             assert f"{expected:+.4g}" in shown
             # A second result set, then compare.
             run_investigation(project, "astrobia", RunSettings(estimator="diagonal", rank=4))
@@ -208,7 +208,7 @@ def test_journey(project_dir, tmp_path):
             await settle(pilot)
             await pilot.click("#cmp-go")
             await settle(pilot)
-            rs_ids = [r["id"] for r in results.result_sets(project, "astrobia")]
+            rs_ids = [r["id"] for r in reading.result_sets(project, "astrobia")]
             cmp = stats.compare_result_sets(project, "astrobia", rs_ids[0], rs_ids[1], q["id"], 10)
             out = str(app.screen.query_one("#cmp-out", Static).render())
             assert f"Spearman rank correlation: {cmp.spearman:.3f}" in out
@@ -229,7 +229,7 @@ def test_journey(project_dir, tmp_path):
     files = sorted((tmp_path / "out").iterdir())
     assert [f.suffix for f in files] == [".csv", ".jsonl", ".md"]
     project = Project.open(project_dir)
-    rs1 = results.result_sets(project, "astrobia")[0]["id"]
+    rs1 = reading.result_sets(project, "astrobia")[0]["id"]
     n = project.db["results"].count_where("result_set_id = ?", [rs1])
     with open(files[0]) as f:
         assert len(list(csv.DictReader(f))) == n
@@ -385,7 +385,7 @@ def test_results_table_at_80x24(long_id_project):
     q1 = add_query(p, "facts", PROMPT, COMPLETION)
     q2 = add_query(p, "facts", "the capital city of astrobia is called", "velmora")
     rs = run_investigation(p, "facts", RunSettings(estimator="identity", rank=4)).result_set_id
-    stored = {q: results.top(p, rs, q, "top", 100) for q in (q1, q2)}
+    stored = {q: reading.top(p, rs, q, "top", 100) for q in (q1, q2)}
     p.close()
 
     async def go(app, pilot):
@@ -506,7 +506,7 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             run_id, status = run_row()
             assert status == "cancelled"
             committed = app.project.db["run_shards"].count_where("run_id = ?", [run_id])
-            assert committed == 2 and not results.result_sets(app.project, "default")
+            assert committed == 2 and not reading.result_sets(app.project, "default")
             runs_table = app.screen.query_one("#runs", DataTable)
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
             # The stopped bar keeps its count, loses its ETA; the notice says what was committed.
@@ -529,9 +529,9 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "done"]
             n_shards = -(-n_seqs // shard_size)
             assert scored == [0, 1, 2] + list(range(2, n_shards)), "the resumed run did not continue from shard 2"
-            (rs,) = results.result_sets(app.project, "default")
+            (rs,) = reading.result_sets(app.project, "default")
             assert app.result_set_id == rs["id"] and rs["run_id"] == run_id
-            assert len(results.top(app.project, rs["id"], qid, "top", 100)) == 20
+            assert len(reading.top(app.project, rs["id"], qid, "top", 100)) == 20
 
     app = None
     asyncio.run(go())
@@ -960,7 +960,7 @@ def test_snapshot_results(long_id_project):
 
 
 def test_core_imports_without_textual():
-    code = "import sys, inflq, inflq.project, inflq.runs, inflq.results, inflq.stats, inflq.export, inflq.inspect\n"
+    code = "import sys, inflq, inflq.project, inflq.runs, inflq.reading, inflq.stats, inflq.export, inflq.predictions\n"
     code += "try:\n    import inflq.cli\nexcept ImportError:\n    pass\n"
     code += "assert 'textual' not in sys.modules, sorted(m for m in sys.modules if m.startswith('textual'))"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -1048,7 +1048,7 @@ def test_distribution_loads_in_a_worker_and_drops_a_stale_load(long_id_project, 
     q2 = add_query(p, "default", "the capital city of astrobia is called", "velmora")
     run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
     p.close()
-    real, calls, release = results.distribution, [], threading.Event()
+    real, calls, release = reading.distribution, [], threading.Event()
 
     def slow(project, investigation, query_id, result_set_id=None):
         calls.append((query_id, threading.current_thread() is threading.main_thread()))
@@ -1056,7 +1056,7 @@ def test_distribution_loads_in_a_worker_and_drops_a_stale_load(long_id_project, 
             assert release.wait(30), "the test never released the first load"
         return real(project, investigation, query_id, result_set_id)
 
-    monkeypatch.setattr(results, "distribution", slow)
+    monkeypatch.setattr(reading, "distribution", slow)
 
     async def go(app, pilot):
         first = app.query_id
@@ -1115,7 +1115,7 @@ def test_live_query_from_the_gradient_index(project_dir):
     exact scores of the top sequences."""
     from textual.widgets import Static
 
-    import inflq_builtins.index as index_plugin
+    import inflq_builtins.gradient_index as index_plugin
     from inflq.cli import cli, main
 
     async def type_query(app, pilot) -> Static:
@@ -1189,6 +1189,6 @@ def test_live_query_from_the_gradient_index(project_dir):
     # The exact scores are a run's: EK-FAC at full rank over the same sequences.
     add_query(p, "default", PROMPT, COMPLETION)
     rs = run_investigation(p, "default", RunSettings(estimator="ekfac", rank=None)).result_set_id
-    row = results.score_matrix(p, "default", rs)[-1]
+    row = reading.score_matrix(p, "default", rs)[-1]
     np.testing.assert_allclose(live.exact(PROMPT, COMPLETION, top.indices), row[top.indices], rtol=1e-4, atol=1e-6 * np.abs(row).max())
     p.close()

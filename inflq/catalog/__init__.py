@@ -16,7 +16,7 @@ code outside ``inflq/catalog/`` touches ``db[...]`` or runs SQL.
 - ``validations``: saved validations against the PBRF and LDS retraining; ``lds_subsets``: LDS's committed retrained subsets.
 """
 
-from .results import (
+from .result_rows import (
     count_results,
     get_result_set,
     insert_result_set,
@@ -25,7 +25,7 @@ from .results import (
     stored_results,
     update_result_set,
 )
-from .runs import (
+from .run_rows import (
     delete_score_shards,
     dependents,
     finish_run,
@@ -59,11 +59,11 @@ from .schema import (
     now,
     set_meta,
 )
-from .validations import insert_lds_subset, insert_validation, lds_subsets, validation_rows
+from .validation_rows import insert_lds_subset, insert_validation, lds_subsets, validation_rows
 
 # isort: split
 # -- records, factor sets, reports, files (the #14 catalog block) --
-from .factors import (
+from .factor_rows import (
     delete_factor_set,
     factor_set,
     factor_set_by_key,

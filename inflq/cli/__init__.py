@@ -7,10 +7,20 @@ Plugins add theirs through the ``register_commands`` hook when :func:`main` star
 
 from __future__ import annotations
 
-from . import demo, investigations, plan, plugins, project, results, runs, sharing, validate
-from .base import add_plugin_commands, cli, main
+from . import (
+    demo_commands,
+    investigation_commands,
+    plan_commands,
+    plugin_commands,
+    project_commands,
+    result_commands,
+    run_commands,
+    sharing_commands,
+    validate_commands,
+)
+from .common import add_plugin_commands, cli, main
 
-for _module in (project, investigations, runs, plan, results, validate, sharing, plugins, demo):
+for _module in (project_commands, investigation_commands, run_commands, plan_commands, result_commands, validate_commands, sharing_commands, plugin_commands, demo_commands):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -11,7 +11,7 @@ crash or Ctrl-C loses at most the shard in flight and ``resume`` continues from 
 """
 
 from ..settings import RunSettings
-from .factors import ensure_factors, fit_indices, fit_memory_bytes
+from .fitting import ensure_factors, fit_indices, fit_memory_bytes
 from .investigation import RunResult, fit_factors, run_investigation
 from .recipe import (
     Prepared,

@@ -82,9 +82,9 @@ def run_investigation(
     queries = catalog.queries(project.db, investigation)
     if not queries:
         raise InflqError(f"investigation {investigation!r} has no queries; add one with `inflq query add`")
-    estimator = make_estimator(project, settings.estimator)
-    filt = make_filter(project, settings.filter)
-    executor = make_executor(project, settings.executor)
+    estimator = make_estimator(settings.estimator)
+    filt = make_filter(settings.filter)
+    executor = make_executor(settings.executor)
     if run_id is None:
         run_id = start_run(project, investigation, settings)
     else:
@@ -100,7 +100,7 @@ def run_investigation(
         catalog.update_run(project.db, run_id, factor_set_id=prepared.factor_set_id)
         # Candidates are fixed at the first attempt and reused on resume.
         t = time.perf_counter()
-        ctx = lambda: filter_context(project, queries, settings.seed, monitor, lambda s: make_filter(project, s), settings.modules)  # noqa: E731
+        ctx = lambda: filter_context(project, queries, settings.seed, monitor, make_filter, settings.modules)  # noqa: E731
         cand, mask = choose_candidates(project, run_id, filt, ctx, len(queries))
         phases["candidates"] = time.perf_counter() - t
         if len(cand) == 0:
@@ -148,8 +148,8 @@ def fit_factors(
         run_id = None
     settings.resolve_defaults(get_registry())
     project.require_model()
-    estimator = make_estimator(project, settings.estimator)
-    executor = make_executor(project, settings.executor)
+    estimator = make_estimator(settings.estimator)
+    executor = make_executor(settings.executor)
     if run_id is None:
         run_id = start_run(project, investigation, settings, kind="factors")
     monitor.on_progress = record_progress(project, run_id, monitor, monitor.on_progress)

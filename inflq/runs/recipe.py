@@ -13,26 +13,26 @@ from ..plugins import get_registry
 from ..progress import Monitor
 from ..project import Project
 from ..settings import RunSettings
-from .factors import ensure_factors
+from .fitting import ensure_factors
 
 
-def make_estimator(project: Project, spec: str) -> Estimator:
+def make_estimator(spec: str) -> Estimator:
     s = parse_spec(spec)
     return get_registry().create("estimator", s.name, s.options)  # type: ignore[return-value]
 
 
-def make_executor(project: Project, spec: str) -> Executor:
+def make_executor(spec: str) -> Executor:
     s = parse_spec(spec)
     return get_registry().create("executor", s.name, s.options)  # type: ignore[return-value]
 
 
-def make_trainer(project: Project, spec: str | None = None):
+def make_trainer(spec: str | None = None):
     """The trainer ``spec`` names (default: the registry's default trainer)."""
     s = parse_spec(spec or get_registry().default("trainer"))
     return get_registry().create("trainer", s.name, s.options)
 
 
-def make_filter(project: Project, spec: str):
+def make_filter(spec: str):
     parts = parse_specs(spec)
     if len(parts) == 1:
         return get_registry().create("filter", parts[0].name, parts[0].options)
@@ -63,10 +63,10 @@ def prepare_estimator(
     given), and fit or load its factors on ``executor`` (default: the registry's default, in this
     process), committing fitting shards to ``run_id`` when given (see :func:`ensure_factors`)."""
     settings.resolve_defaults(get_registry())
-    estimator = estimator or make_estimator(project, settings.estimator)
+    estimator = estimator or make_estimator(settings.estimator)
     engine = engine or project.runtime.engine(settings.modules)
     own = executor is None
-    executor = executor or default_executor(project)
+    executor = executor or default_executor()
     try:
         fs_id = ensure_factors(project, estimator, engine, executor, settings, monitor or Monitor(), run_id=run_id)
     finally:
@@ -75,6 +75,6 @@ def prepare_estimator(
     return Prepared(estimator, engine, fs_id)
 
 
-def default_executor(project: Project) -> Executor:
+def default_executor() -> Executor:
     """The registry's default executor (the built-in one runs in this process)."""
-    return make_executor(project, get_registry().default("executor"))
+    return make_executor(get_registry().default("executor"))

@@ -16,12 +16,12 @@ import torch
 from .. import catalog
 from ..artifacts import load_tensors, save_tensors
 from ..base import Estimator, Executor, FilterContext, Job
+from ..contractions import Compression, QueryGradients
 from ..engine import GradientEngine, SequenceGradients, make_batch
 from ..errors import InflqError
 from ..passes import ScorePass, Shard, make_shards
 from ..progress import Monitor
 from ..project import ARTIFACTS, Project
-from ..scoring import Compression, QueryGradients
 from ..settings import RunSettings
 from .workers import LocalWorker, checkpoint_engine, worker_spec
 

@@ -124,14 +124,14 @@ class InflqApp(App):
     def _with_defaults(ctx: Context) -> Context:
         """The context with the investigation's first query and latest result set where it has
         none (or one of another investigation)."""
-        from .. import results
+        from .. import reading
 
         if ctx.project is None or ctx.investigation is None:
             return ctx
         qs = catalog.queries(ctx.project.db, ctx.investigation)
         if qs and ctx.query_id not in {q["id"] for q in qs}:
             ctx = replace(ctx, query_id=qs[0]["id"])
-        sets = results.result_sets(ctx.project, ctx.investigation)
+        sets = reading.result_sets(ctx.project, ctx.investigation)
         if sets and ctx.result_set_id not in {r["id"] for r in sets}:
             ctx = replace(ctx, result_set_id=sets[-1]["id"])
         return ctx
@@ -178,7 +178,7 @@ class InflqApp(App):
     # -- shared model sessions -----------------------------------------------------------------
     def result_session(self, rs_id: int):
         """The scoring session of a result set (cached): its saved preconditioned queries."""
-        from ..results import ScoringSession
+        from ..reading import ScoringSession
 
         if rs_id not in self._result_sessions:
             rs = catalog.get_result_set(self.project.db, rs_id)
@@ -187,7 +187,7 @@ class InflqApp(App):
 
     def probe_session(self, estimator: str, query_id: int):
         """A session for scoring probes against one query (factors come from the cache)."""
-        from ..results import ScoringSession
+        from ..reading import ScoringSession
 
         key = (estimator, query_id)
         if key not in self._probe_sessions:

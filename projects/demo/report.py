@@ -99,7 +99,7 @@ def word_order(project, queries, matrix, groups, k: int = 20) -> list[dict]:
 
 def layer_shares(project, rs_id: int, queries, k: int = 20) -> dict[str, np.ndarray]:
     """Query kind -> mean share of the top-k's summed positive influence by layer."""
-    from inflq.results import top
+    from inflq.reading import top
 
     by_kind: dict[str, list[np.ndarray]] = defaultdict(list)
     for q in queries:
@@ -132,7 +132,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from inflq import catalog
-    from inflq.results import query_scores, result_set, score_matrix
+    from inflq.reading import query_scores, result_set, score_matrix
     from inflq.runs import RunSettings, run_investigation
     from inflq.stats import compare_scores, powerlaw_tail
 
@@ -157,7 +157,7 @@ def main() -> None:
         lines.append(f"| {r['query']} | {r['kind']} | {r['mean_same']:.3g} ({r['same_order']}) | {r['mean_other']:.3g} ({r['other_order']}) | {r['top_same']} / {r['top_other']} |")
     probes = [(q, p) for q in queries[:1] for p in catalog.probes(project.db, q["id"])]
     if probes:
-        from inflq.results import ScoringSession
+        from inflq.reading import ScoringSession
 
         session = ScoringSession.for_result_set(project, result_set(project, inv, full.result_set_id))
         lines += ["", "Probes of query 1 (the name-deletion probes: `name-only`, `subject-only`), total scores:", "",

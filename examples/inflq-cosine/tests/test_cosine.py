@@ -49,7 +49,7 @@ def test_the_entry_point_registers_the_estimator():
 def test_full_cosine_equals_the_slow_computation(tmp_path):
     from inflq_cosine import cosine_matrix
 
-    from inflq.results import score_matrix
+    from inflq.reading import score_matrix
     from inflq.runs import RunSettings, run_investigation
 
     project = tiny_project(tmp_path)

@@ -125,7 +125,7 @@ class SequenceScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="self-influence")
     def self_influence(self) -> None:
-        from ...results import self_influence
+        from ...reading import self_influence
 
         app = self.inflq
         rs = catalog.get_result_set(app.project.db, self.row["result_set_id"])

@@ -8,7 +8,7 @@ import click
 
 from .. import catalog
 from ..errors import InflqError
-from .base import progress_monitor, project_at
+from .common import progress_monitor, project_at
 
 
 @click.command()

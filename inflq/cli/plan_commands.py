@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import Cancelled, InflqError
-from .base import make_console, progress_monitor, project_at
+from .common import make_console, progress_monitor, project_at
 
 
 def _gb(n: int) -> str:

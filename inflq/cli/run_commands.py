@@ -8,7 +8,7 @@ import click
 
 from .. import catalog
 from ..errors import Cancelled, InflqError
-from .base import make_console, progress_monitor, project_at
+from .common import make_console, progress_monitor, project_at
 
 
 @click.command()
@@ -89,7 +89,7 @@ def factors():
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def factors_list(project, as_json):
     """The project's factor sets, reused by every investigation with the same settings."""
-    from ..factors import factor_sets
+    from ..factor_sets import factor_sets
 
     p = project_at(project)
     rows = factor_sets(p)
@@ -165,7 +165,7 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, ba
 def factors_show(project, factor_set, damping, damping_factor, modules, plot, as_json):
     """Per module: the fitted eigenvalues, the damping a run would add, and how much it decides."""
 
-    from ..factors import spectra, spectrum_plot, spectrum_table
+    from ..factor_sets import spectra, spectrum_plot, spectrum_table
 
     p = project_at(project)
     items = spectra(p, factor_set, damping, damping_factor, modules)
@@ -187,8 +187,8 @@ def factors_show(project, factor_set, damping, damping_factor, modules, plot, as
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def factors_rm(project, factor_set, yes):
     """Remove a factor set (runs keep their scores; a later run refits what it needs)."""
-    from ..factors import factor_set as get_factor_set
-    from ..factors import remove_factor_set
+    from ..factor_sets import factor_set as get_factor_set
+    from ..factor_sets import remove_factor_set
 
     p = project_at(project)
     row = get_factor_set(p, factor_set)

@@ -10,7 +10,7 @@ import click
 from .. import catalog
 from ..errors import InflqError
 from ..queries import add_queries, add_query
-from .base import heat_text, make_console, progress_monitor, project_at
+from .common import heat_text, make_console, progress_monitor, project_at
 
 
 @click.group()
@@ -107,7 +107,9 @@ def query_list(project, investigation, as_json):
     """List the investigation's queries: id, prompt, completion, tags."""
     rows = catalog.queries(project_at(project).db, investigation)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        from ..reading import decoded
+
+        click.echo(json.dumps([decoded(r) for r in rows], indent=2))
         return
     from rich.table import Table
 
@@ -141,7 +143,7 @@ def probe_score(project, query_id, estimator):
     """Score the query's probes and show their most influential tokens."""
     from rich.table import Table
 
-    from ..results import ScoringSession
+    from ..reading import ScoringSession
 
     p = project_at(project)
     probes = catalog.probes(p.db, query_id)

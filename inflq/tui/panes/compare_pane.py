@@ -13,12 +13,12 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
-from ... import catalog, results
+from ... import catalog, reading
 from ...display import score_format
 from ...errors import InflqError
 from ..compact import CButton, CInput, CSelect
 from ..context import Context, ContextChanged
-from .base import Pane, blank
+from .pane import Pane, blank
 
 
 class ComparePane(Pane):
@@ -39,7 +39,7 @@ class ComparePane(Pane):
     def reload(self) -> None:
         if self.project is None or self.context.investigation is None:
             return
-        sets = results.result_sets(self.project, self.context.investigation)
+        sets = reading.result_sets(self.project, self.context.investigation)
         opts = [(f"{r['id']}: {r['estimator']} / {r['filter']}", r["id"]) for r in sets]
         for wid, pick in (("#cmp-a", -2), ("#cmp-b", -1)):
             s = self.query_one(wid, Select)

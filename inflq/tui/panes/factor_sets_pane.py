@@ -13,7 +13,7 @@ from textual.widgets import DataTable, Label, Static
 
 from ...errors import InflqError
 from ..screens.modals import ConfirmScreen
-from .base import Pane, RowTable
+from .pane import Pane, RowTable
 
 
 class FactorsPane(Pane):
@@ -32,7 +32,7 @@ class FactorsPane(Pane):
             yield Static("", id="factor-detail", classes="detail")
 
     def reload(self) -> None:
-        from ...factors import factor_sets
+        from ...factor_sets import factor_sets
 
         table = self.query_one("#factor-sets", DataTable)
         table.clear()
@@ -52,7 +52,7 @@ class FactorsPane(Pane):
         self._detail(rows[-1]["id"])
 
     def _detail(self, fs_id: int) -> None:
-        from ...factors import spectra, spectrum_plot, spectrum_table
+        from ...factor_sets import spectra, spectrum_plot, spectrum_table
 
         out = self.query_one("#factor-detail", Static)
         try:
@@ -75,7 +75,7 @@ class FactorsPane(Pane):
         if self.project is None or not table.row_count:
             return
         fs_id = int(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
-        from ...factors import remove_factor_set
+        from ...factor_sets import remove_factor_set
         
         def done(yes: bool | None) -> None:
             if yes:

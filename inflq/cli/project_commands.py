@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .base import project_at
+from .common import project_at
 
 
 @click.command()

@@ -19,7 +19,7 @@ from ...plugins import get_registry
 from .. import render
 from ..compact import CButton, CInput, CSelect
 from ..context import ContextChanged
-from .base import Pane
+from .pane import Pane
 
 
 class ProbesPane(Pane):

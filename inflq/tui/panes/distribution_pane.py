@@ -11,10 +11,10 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
-from ... import results
+from ... import reading
 from ...errors import InflqError
 from ..context import Context, ContextChanged
-from .base import Pane
+from .pane import Pane
 
 
 class DistributionPane(Pane):
@@ -60,7 +60,7 @@ class DistributionPane(Pane):
         from ...stats import powerlaw_tail
 
         try:
-            values = results.distribution(ctx.project, ctx.investigation, ctx.query_id, ctx.result_set_id)
+            values = reading.distribution(ctx.project, ctx.investigation, ctx.query_id, ctx.result_set_id)
         except InflqError as exc:
             if not get_current_worker().is_cancelled:
                 self.app.call_from_thread(self._loaded, ctx, None, str(exc))

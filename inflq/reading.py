@@ -18,7 +18,7 @@ from .progress import Monitor
 from .project import Project
 
 if TYPE_CHECKING:  # the engine (torch) loads only for scoring; reading results back needs NumPy only
-    from .scoring import QueryGradients
+    from .contractions import QueryGradients
 
 
 def result_sets(project: Project, investigation: str | None = None) -> list[dict]:
@@ -60,6 +60,16 @@ def estimator_summary(rs: dict) -> str:
     if est.get("residual") is not None:
         parts.append(f"residual {est['residual']:.3g}")
     return ", ".join(parts)
+
+
+# Catalog columns that hold JSON text (lists and objects stored as one SQLite value).
+JSON_COLUMNS = ("tags", "layer_scores", "module_scores")
+
+
+def decoded(row: dict) -> dict:
+    """``row`` with its JSON-text columns (tags, layer and module scores) as lists and objects: what
+    ``--json`` output and exports show, so that no one has to parse JSON inside JSON."""
+    return {k: (json.loads(v) if k in JSON_COLUMNS and isinstance(v, str) else v) for k, v in row.items()}
 
 
 def top(project: Project, result_set_id: int, query_id: int, side: str = "top", k: int = 20, offset: int = 0) -> list[dict]:
@@ -125,8 +135,8 @@ class ScoringSession:
 
     @classmethod
     def for_result_set(cls, project: Project, rs: dict) -> ScoringSession:
+        from .contractions import QueryGradients
         from .runs import checkpoint_engine, split_checkpoint_tensors
-        from .scoring import QueryGradients
 
         settings = json.loads(rs["settings"])
         tensors = load_tensors(project.root, rs["queries_path"], rs["queries_checksum"], "query gradients")

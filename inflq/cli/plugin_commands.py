@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .base import make_console
+from .common import make_console
 
 
 @click.command()

@@ -198,7 +198,7 @@ def build(project, index_settings, run, monitor, shard_size: int = 4096):
     project.require_model()
     run.resolve_defaults(get_registry())
     engine = project.runtime.engine(run.modules)
-    executor = make_executor(project, run.executor)
+    executor = make_executor(run.executor)
     started = time.perf_counter()
     try:
         fit = IndexFit(index_settings)

@@ -20,7 +20,7 @@ from ...errors import InflqError
 from ...queries import add_query
 from .. import render
 from ..compact import CButton, CInput
-from .base import Pane
+from .pane import Pane
 
 
 class QueryPane(Pane):
@@ -123,7 +123,7 @@ class QueryPane(Pane):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="inspect")
     def inspect(self, prompt: str, completion: str) -> None:
-        from ...inspect import completion_token_logprobs, greedy_continuation
+        from ...predictions import completion_token_logprobs, greedy_continuation
 
         with self.inflq.model_lock:
             per_token = completion_token_logprobs(self.project, prompt, completion)

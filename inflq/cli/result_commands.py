@@ -10,7 +10,7 @@ import click
 
 from .. import catalog
 from ..errors import InflqError
-from .base import heat_text, make_console, progress_monitor, project_at, text_room
+from .common import heat_text, make_console, progress_monitor, project_at, text_room
 
 
 @click.command()
@@ -25,9 +25,9 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
     """Print the most influential training sequences of each query."""
     from rich.table import Table
 
-    from ..results import estimator_summary
-    from ..results import result_set as get_rs
-    from ..results import top as get_top
+    from ..reading import decoded, estimator_summary
+    from ..reading import result_set as get_rs
+    from ..reading import top as get_top
 
     p = project_at(project)
     rs = get_rs(p, investigation, result_set)
@@ -37,7 +37,7 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
     for q in queries:
         rows = get_top(p, rs["id"], q["id"], side, k)
         if as_json:
-            out.append({"query": q, "results": rows})
+            out.append({"query": decoded(q), "results": [decoded(r) for r in rows]})
             continue
         title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
                  "positive = makes the completion more likely)")
@@ -69,7 +69,7 @@ def export(project, investigation, fmt, output, result_set):
     if fmt == "npy":
         import numpy as np
 
-        from ..results import score_matrix
+        from ..reading import score_matrix
 
         m = score_matrix(p, investigation, result_set)
         tmp = Path(output).with_name(Path(output).name + ".tmp.npy")
@@ -95,7 +95,7 @@ def self_influence_cmd(project, estimator, k):
     import numpy as np
     from rich.table import Table
 
-    from ..results import self_influence
+    from ..reading import self_influence
 
     p = project_at(project)
     with progress_monitor() as monitor:
@@ -127,8 +127,8 @@ def attribute(project, investigation, query_id, seq_id, kind, result_set):
     """Split one sequence's score over its tokens or the model's layers."""
     from rich.table import Table
 
-    from ..results import ScoringSession
-    from ..results import result_set as get_rs
+    from ..reading import ScoringSession
+    from ..reading import result_set as get_rs
 
     p = project_at(project)
     rs = get_rs(p, investigation, result_set)

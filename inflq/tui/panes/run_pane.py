@@ -13,7 +13,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Checkbox, DataTable, Input, Label, Select
 from textual.worker import Worker, WorkerState
 
-from ... import catalog, results
+from ... import catalog, reading
 from ...errors import Cancelled, InflqError
 from ...options import Option
 from ...plugins import get_registry
@@ -22,7 +22,7 @@ from ...settings import RunSettings
 from .. import render
 from ..compact import CButton, CCheckbox, CInput, CSelect
 from ..phases import PhaseBars, RunProgress
-from .base import Pane, blank
+from .pane import Pane, blank
 
 
 def option_widget(kind: str, opt: Option) -> Horizontal:
@@ -178,14 +178,14 @@ class RunPane(Pane):
             settings = self.settings()
             from ...runs import make_estimator, make_executor, make_filter
 
-            make_estimator(self.project, settings.estimator)
-            make_filter(self.project, settings.filter)
-            make_executor(self.project, settings.executor)
+            make_estimator(settings.estimator)
+            make_filter(settings.filter)
+            make_executor(settings.executor)
         except InflqError as exc:
             self.inflq.show_error(exc, "Cannot start the run")
             return
         if self._begin():
-            self.run_worker_(self.context.investigation, settings, None, self.monitor)
+            self.start_run_worker(self.context.investigation, settings, None, self.monitor)
 
     @on(Button.Pressed, "#resume")
     def action_resume(self) -> None:
@@ -204,7 +204,7 @@ class RunPane(Pane):
             from ...runs import committed_work
 
             self.notify(f"resuming run {run_id}; {committed_work(self.project, run_id)}", timeout=8)
-            self.run_worker_(self.context.investigation, None, run_id, self.monitor)
+            self.start_run_worker(self.context.investigation, None, run_id, self.monitor)
 
     @on(Button.Pressed, "#cancel")
     def action_cancel(self) -> None:
@@ -259,7 +259,7 @@ class RunPane(Pane):
         self.reload()
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="run")
-    def run_worker_(self, investigation: str, settings: RunSettings | None, resume: int | None, monitor: Monitor):
+    def start_run_worker(self, investigation: str, settings: RunSettings | None, resume: int | None, monitor: Monitor):
         from ...project import Project
         from ...runs import run_investigation
 
@@ -280,7 +280,7 @@ class RunPane(Pane):
             res = event.worker.result
             rs = catalog.get_result_set(self.project.db, res.result_set_id)
             # The damping used and an iterative estimator's (LiSSA's) convergence residual.
-            self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id} ({rs['estimator']}: {results.estimator_summary(rs)})", timeout=10)
+            self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id} ({rs['estimator']}: {reading.estimator_summary(rs)})", timeout=10)
             self.set_context(result_set_id=res.result_set_id)
         elif isinstance(event.worker.error, Cancelled):
             from ...runs import committed_work, interrupted_run

@@ -10,12 +10,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Label, Select
 
-from ... import catalog, results
+from ... import catalog, reading
 from ...display import score_format
 from .. import render
 from ..compact import CInput, CSelect
 from ..screens.sequence import SequenceScreen
-from .base import Pane, RowTable, blank
+from .pane import Pane, RowTable, blank
 
 
 class ResultsPane(Pane):
@@ -53,7 +53,7 @@ class ResultsPane(Pane):
     def reload(self) -> None:
         if self.project is None or self.context.investigation is None:
             return
-        sets = results.result_sets(self.project, self.context.investigation)
+        sets = reading.result_sets(self.project, self.context.investigation)
         s = self.query_one("#res-set", Select)
         with self.prevent(Select.Changed):
             s.set_options([(f"{r['id']}: {r['estimator']} / {r['filter']}", r["id"]) for r in sets])
@@ -107,7 +107,7 @@ class ResultsPane(Pane):
 
     def fetch(self, rs: int, qid: int, side: str, search: str, k: int, offset: int) -> list[dict]:
         if not search:
-            rows = results.top(self.project, rs, qid, side, k, offset)
+            rows = reading.top(self.project, rs, qid, side, k, offset)
         else:
             rows = catalog.stored_results(self.project.db, rs, qid, side, k, offset, search=search)
         seqs = catalog.sequence_rows(self.project.db, [r["seq_idx"] for r in rows])
@@ -143,7 +143,7 @@ class ResultsPane(Pane):
 
     def _estimator_line(self, result_set_id: int) -> str:
         """The damping used (and an iterative estimator's residual), as every result must show."""
-        from inflq.results import estimator_summary
+        from inflq.reading import estimator_summary
 
         row = catalog.get_result_set(self.project.db, result_set_id)
         return f"{row['estimator']}: {estimator_summary(row)}" if row else ""

@@ -9,11 +9,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Label, Static
 
-from ... import catalog, results
+from ... import catalog, reading
 from ...errors import InflqError
 from .. import render
 from ..screens.modals import ConfirmScreen, InputScreen
-from .base import Pane
+from .pane import Pane
 
 
 class InvestigationsPane(Pane):
@@ -61,7 +61,7 @@ class InvestigationsPane(Pane):
         try:
             queries = catalog.queries(self.project.db, name)
             runs = catalog.runs_of(self.project.db, catalog.investigation(self.project.db, name)["id"])
-            sets = results.result_sets(self.project, name)
+            sets = reading.result_sets(self.project, name)
         except InflqError as exc:
             out.update(str(exc))
             return

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from .. import catalog
-from .base import make_console, progress_monitor, project_at
-from .results import top
+from .common import make_console, progress_monitor, project_at
+from .result_commands import top
 
 DEMO_INVESTIGATION = "word-order"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from .base import make_console, progress_monitor, project_at
+from .common import make_console, progress_monitor, project_at
 
 
 @click.command()
