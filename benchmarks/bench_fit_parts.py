@@ -38,13 +38,16 @@ import statistics
 import time
 
 CLOCK = time.perf_counter
+SYNC = lambda: None  # noqa: E731 - waits for a CUDA device's queued kernels (set in main)
 
 
 def timed(fn, repeats: int) -> float:
     out = []
     for _ in range(repeats):
+        SYNC()
         t = CLOCK()
         fn()
+        SYNC()
         out.append(CLOCK() - t)
     return statistics.median(out)
 
@@ -59,6 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="wall clock, or the process's CPU time (see above)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the model, captures, sums and eigendecompositions run")
     ap.add_argument("--eigh-max", type=int, default=None,
                     help="skip eigendecompositions of matrices larger than this (their time extrapolated at n³ from the largest measured)")
     args = ap.parse_args()
@@ -67,17 +71,19 @@ def main() -> None:
 
     import torch
 
-    global CLOCK
+    global CLOCK, SYNC
     if args.clock == "cpu":
         CLOCK = time.process_time
+    if args.device.startswith("cuda"):
+        SYNC = lambda: torch.cuda.synchronize(args.device)  # noqa: E731
     torch.set_num_threads(args.threads)
     print(f"== EK-FAC fit parts per batch of {args.batch_size} x {args.tokens} tokens, GPT-2 {args.layers} layers, "
-          f"vocabulary {args.vocab:,}, {args.threads} thread(s), median of {args.repeats}, {args.clock} clock; "
+          f"vocabulary {args.vocab:,}, {args.threads} thread(s), median of {args.repeats}, {args.clock} clock, device {args.device}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     print("| width | FLOOR | capture | covariance sums | correction sums | pass 1 (capture + covariance) | pass 2 (capture + correction) "
           "| per batch (2 captures + sums) | eigh, all modules (once per fit) | largest eigh measured | fit <= 3 x FLOOR from (sequences) "
-          "| allocator |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| allocator | peak device memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for width in args.widths:
         print(width_row(args, width), flush=True)
 
@@ -91,13 +97,15 @@ def width_row(args, width: int) -> str:
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=args.vocab, n_positions=args.tokens, n_embd=width, n_layer=args.layers, n_head=width // 64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg).eval()
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval().to(args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(args.device)
     tracked = select_modules(model, "all")
     engine = GradientEngine(model, tracked)
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, args.vocab, (args.tokens,), generator=gen).numpy() for _ in range(args.batch_size)]
-    batch = make_batch(seqs, 0, "cpu", sample_seeds=list(range(args.batch_size)))
+    batch = make_batch(seqs, 0, args.device, sample_seeds=list(range(args.batch_size)))
 
     def floor():
         model.zero_grad(set_to_none=True)
@@ -131,7 +139,7 @@ def width_row(args, width: int) -> str:
                 continue
             m = unpack_upper(sums[f"{key}/{tm.name}"]) / float(sums["tokens"])
             t = time.perf_counter()
-            _, q = eigh(m, "cpu")
+            _, q = eigh(m, args.device)  # on a CUDA device there (float64), as a fit on it does
             dt = time.perf_counter() - t
             eig_s += dt
             measured.append((n, dt))
@@ -153,10 +161,12 @@ def width_row(args, width: int) -> str:
     note = f" ({guessed} of them extrapolated at n³)" if guessed else ""
     from inflq import engine as engine_module
 
+    peak = f"{torch.cuda.max_memory_allocated(args.device) / 1e9:.2f} GB" if args.device.startswith("cuda") else "-"
+
     return (f"| {width} | {floor_s:.3f} s | {capture_s / floor_s:.2f} | {cov_s / floor_s:.2f} | {corr_s / floor_s:.2f} | "
             f"**{(capture_s + cov_s) / floor_s:.2f}** | **{(capture_s + corr_s) / floor_s:.2f}** | {per_batch:.2f} | "
             f"{eig_s:.1f} s = {eig_floor:.1f} FLOOR{note} | {largest[0]}²: {largest[1]:.1f} s | {from_n} | "
-            f"{engine_module._allocator_policy} |")
+            f"{engine_module._allocator_policy} | {peak} |")
 
 
 if __name__ == "__main__":

@@ -440,10 +440,12 @@ class GradientEngine:
         """Labels ``[B, T]`` drawn from ``softmax(logits)`` at the loss positions (``loss_mask``),
         ``0`` elsewhere (masked out of the loss).
 
-        Inverse-CDF sampling with one generator per sequence and one uniform per position, whether
-        that position is sampled or not: a label depends on its sequence's seed, its position and
-        its row of logits only, not on the batch, its padding or the number of threads (softmax and
-        cumulative sums run row by row, each row through the same kernels wherever it falls). Ten
+        Inverse-CDF sampling with one generator per sequence (seeded by it, on the CPU whatever the
+        device) and one uniform per position, whether that position is sampled or not: a label
+        depends on its sequence's seed, its position and its row of logits only, not on the batch,
+        its padding, the number of threads (softmax and cumulative sums run row by row, each row
+        through the same kernels wherever it falls) or the device (up to the rounding of a row's
+        softmax there). Ten
         times faster than ``torch.multinomial`` on a ``[T, vocab]`` matrix, the same distribution.
         Memory: the CDF is built one block of at most ``_SAMPLE_BLOCK`` logits at a time (consecutive
         positions of the batch, their softmax summed in place), so no softmax or cumsum copy of the
@@ -459,12 +461,15 @@ class GradientEngine:
         mask = batch.loss_mask.reshape(B * T)
         targets = torch.zeros(B * T, dtype=torch.long, device=logits.device)
         with torch.no_grad():
-            u = torch.empty((B, T), dtype=torch.float32, device=logits.device)
+            # The uniforms come from CPU generators on every device (one small copy per batch):
+            # a sequence's labels are then the same on a GPU as on the CPU, up to the rounding of
+            # their softmax, and a run on one can be checked against the other.
+            u = torch.empty((B, T), dtype=torch.float32)
+            gen = torch.Generator()
             for b, seed in enumerate(batch.sample_seeds):
-                gen = torch.Generator(device=logits.device)
                 gen.manual_seed(int(seed) % (2**63 - 1))
-                u[b] = torch.rand((T,), generator=gen, device=logits.device)
-            u = u.reshape(B * T)
+                torch.rand((T,), generator=gen, out=u[b])
+            u = u.reshape(B * T).to(logits.device)
             for s in range(0, B * T, rows):
                 e = min(B * T, s + rows)
                 if not bool(mask[s:e].any()):

@@ -183,30 +183,44 @@ def add_upper(packed: torch.Tensor, square: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+class DeviceSums(dict):
+    """Running sums kept on a device: :func:`add_into` starts new sums there (``device``) instead of
+    on the CPU. :func:`inflq.passes.run_shard` sums a shard's batches in one on an accelerator and
+    adds it into the CPU's running sums once, at the shard's end: a batch's float64 additions then
+    run on the device, and its sums cross to the host once per shard, not once per batch."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+
+
 def add_into(
     sums: dict[str, torch.Tensor], part: dict[str, torch.Tensor], dtype: torch.dtype | None = None, packed: bool = False
 ) -> dict[str, torch.Tensor]:
-    """``sums[k] += part[k]`` in place, on the CPU; a key seen for the first time starts its sum as
-    a copy in ``dtype`` (default: the part's). A float32 part added to a float64 sum is widened
-    exactly, so summing float32 pieces into float64 equals summing their float64 copies.
-    ``packed=True``: each part is a square matrix whose upper triangle is what counts, and its sum
-    a packed upper triangle (:func:`pack_upper`; a running sum that is still square is packed
-    first) — the same sums as adding ``pack_upper(part)``, without making that copy."""
+    """``sums[k] += part[k]`` in place, where each sum is (on the CPU, or on ``sums.device`` for a
+    :class:`DeviceSums`); a key seen for the first time starts its sum as a copy in ``dtype``
+    (default: the part's). A float32 part added to a float64 sum is widened exactly, so summing
+    float32 pieces into float64 equals summing their float64 copies. ``packed=True``: each part is
+    a square matrix whose upper triangle is what counts, and its sum a packed upper triangle
+    (:func:`pack_upper`; a running sum that is still square is packed first) — the same sums as
+    adding ``pack_upper(part)``, without making that copy."""
+    where = getattr(sums, "device", None) or torch.device("cpu")
     if packed:
         for k, v in part.items():
             have = sums.get(k)
             if have is not None and have.dim() == 2:
                 have = sums[k] = pack_upper(have)
             if have is None:
-                sums[k] = pack_upper(v.detach()).to("cpu", dtype or v.dtype, copy=True)
+                sums[k] = pack_upper(v.detach()).to(where, dtype or v.dtype, copy=True)
             else:
-                add_upper(have, v.detach())  # on the device where it is (a gather there, half the copy)
+                add_upper(have, v.detach())  # gathered where the square is: half of it crosses devices
         return sums
     for k, v in part.items():
-        v = v.detach().to("cpu")
         have = sums.get(k)
         if have is None:
-            sums[k] = v.to(dtype or v.dtype, copy=True)
-        else:
-            have += v
+            sums[k] = v.detach().to(where, dtype or v.dtype, copy=True)
+            continue
+        if have.dim() == 2 and v.dim() == 1 and have.shape[0] == have.shape[1]:  # a square sum from before the packing
+            have = sums[k] = pack_upper(have)
+        have += v.detach().to(have.device)
     return sums

@@ -130,6 +130,7 @@ def test_eigh_is_float64_from_the_upper_triangle_on_any_device():
         torch.testing.assert_close(recon, full, rtol=tol, atol=tol * float(full.abs().max()))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_eigh_on_cuda_matches_the_cpu():  # pragma: no cover - run where a GPU is lent
     from inflq import eigh
