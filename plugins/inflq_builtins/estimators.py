@@ -187,6 +187,10 @@ class EigenCorrectionPass(SumPass):
 
         qa, qs = self._bases(name, cap.activations.device)
         g, a = cap.gradients, cap.activations
+        if g.shape[1] > 1 and not bool(g[:, -1].any()):
+            # The batch's last position has no loss term (a sequence's last token, or padding), so
+            # its output gradients are zero and it adds nothing to DW: a token less to rotate.
+            g, a = g[:, :-1], a[:, :-1]
         B, T, o = g.shape
         i = a.shape[-1]
         dev = g.device
