@@ -69,12 +69,12 @@ def main() -> None:
     if not (folder / "config.json").exists():
         build_model(folder, args.layers, 768, 50257, 256)
     model = GPT2LMHeadModel.from_pretrained(str(folder)).eval()
-    if args.default_malloc and hasattr(engine_module, "bound_allocator"):
-        engine_module._allocator_bounded = False  # as if already decided: mallopt is never called
+    if args.default_malloc and hasattr(engine_module, "tune_allocator"):
+        engine_module._allocator_policy = "default"  # as if already decided: mallopt is never called
     kw = {"pass_tokens": 0} if args.whole_passes and hasattr(engine_module, "_PASS_TOKENS") else {}
     engine = GradientEngine(model, select_modules(model, "all"), **kw)
     print(f"GPT-2 {args.layers} x 768, batch 8 x 256, {args.labels} labels; model loaded: RSS {status()['VmRSS']:.2f} GB; "
-          f"passes of {getattr(engine, 'pass_tokens', 0) or 'all'} tokens; mallopt: {getattr(engine_module, '_allocator_bounded', None)}")
+          f"passes of {getattr(engine, 'pass_tokens', 0) or 'all'} tokens; malloc policy: {getattr(engine_module, '_allocator_policy', None)}")
     gen = torch.Generator().manual_seed(0)
     batch = make_batch([torch.randint(0, 50255, (256,), generator=gen).numpy() for _ in range(8)], 0, sample_seeds=list(range(8)))
     pass_, sums = CovariancePass(), {}

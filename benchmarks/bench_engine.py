@@ -120,6 +120,28 @@ def split_query(text: str) -> dict:
 
 
 
+def synchronizer(device):
+    """A function that waits for ``device``'s queued work (CUDA runs asynchronously: a timer must
+    wait for the kernels, not their launches); a no-op on the CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def device_peak(device) -> str:
+    """The device's peak memory allocated by torch (``""`` on the CPU)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return f"peak device memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (of {total / 1e9:.0f} GB)"
+
+
 def floor_seconds(model, batches) -> float:
     """FLOOR: one plain forward + backward with parameter gradients (eval mode) over ``batches``
     (inflq Batches, made lazily), the unit every benchmark states its costs in."""
@@ -130,6 +152,8 @@ def floor_seconds(model, batches) -> float:
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
+    sync = synchronizer(next(model.parameters()).device)
+    sync()
     started = time.perf_counter()
     for b in batches:
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
@@ -138,6 +162,7 @@ def floor_seconds(model, batches) -> float:
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
         (ce * b.loss_mask.reshape(-1)).sum().backward()
         model.zero_grad(set_to_none=True)
+    sync()
     seconds = time.perf_counter() - started
     for p, f in flags:
         p.requires_grad_(f)
@@ -152,11 +177,13 @@ def demo_model_ready() -> bool:
 class InflqBench:
     """One workload's project, engine and timed phases (all in this process)."""
 
-    def __init__(self, root: Path, model: Path, corpus: Path, queries: list[dict], batch_size: int, **init) -> None:
+    def __init__(self, root: Path, model: Path, corpus: Path, queries: list[dict], batch_size: int, device: str | None = None, **init) -> None:
         from inflq.project import Project
         from inflq.runs import default_executor
 
         self.project = Project.init(root, model, corpus, **init)
+        if device:
+            self.project.runtime.configure(device)
         self.engine = self.project.runtime.engine()
         self.executor = default_executor()
         self.store = self.project.runtime.corpus
@@ -180,8 +207,11 @@ class InflqBench:
         from inflq.runs import RunSettings, prepare_estimator
 
         settings = RunSettings(estimator=f"ekfac:fisher={FISHER}", batch_size=self.batch_size, seed=seed, refit=True)
+        sync = synchronizer(self.engine.device)
+        sync()
         started = time.perf_counter()
         est = prepare_estimator(self.project, settings, Monitor(), engine=self.engine, executor=self.executor).estimator
+        sync()
         seconds = time.perf_counter() - started
         self.factors = dict(est.factors)
         return seconds
@@ -215,6 +245,8 @@ class InflqBench:
         est = make_estimator(spec)
         est.load_factors(self.factors)
         parts: dict[int, torch.Tensor] = {}
+        sync = synchronizer(self.engine.device)
+        sync()
         started = time.perf_counter()
         grads = query_gradients(self.project, self.engine, self.queries[:nq], self.batch_size)
         # As run_investigation does: rank ``rank``, full rank where scoring is cheaper that way.
@@ -222,6 +254,7 @@ class InflqBench:
         qg = preconditioned_queries(est, grads, policy)
         job = Job(ScorePass(qg), worker_spec(self.project, None), self.batch_size, local=LocalWorker(self.project, self.engine))
         self.executor.map(job, make_shards(self.indices, 512), lambda sh, out: parts.__setitem__(sh.index, out["scores"]), Monitor())
+        sync()
         seconds = time.perf_counter() - started
         scores = torch.cat([parts[i] for i in sorted(parts)]).T.to(torch.float64).numpy()
         return seconds, scores
@@ -277,10 +310,11 @@ def bench_workload(name: str, model: Path, corpus: Path, queries: list[dict], ar
     import torch
 
     torch.manual_seed(0)
-    b = InflqBench(tmp / f"{name}-project", model, corpus, queries, args.batch_size)
+    b = InflqBench(tmp / f"{name}-project", model, corpus, queries, args.batch_size, args.device)
     lens = b.store.lengths()
     print(f"\n== {name}: {len(b.indices)} sequences, {b.tokens} tokens (mean length {lens.mean():.1f}, max {lens.max()}), "
-          f"{len(b.engine.tracked)} tracked modules, batch size {args.batch_size}, {torch.get_num_threads()} threads", flush=True)
+          f"{len(b.engine.tracked)} tracked modules, batch size {args.batch_size}, {torch.get_num_threads()} threads, "
+          f"device {b.engine.device}", flush=True)
     reps = args.repeats
     b.floor()  # warm-up
     floors = [b.floor() for _ in range(reps)]
@@ -308,6 +342,8 @@ def bench_workload(name: str, model: Path, corpus: Path, queries: list[dict], ar
         b.fit(seed=0)
         out["noise"] = spearman(out["scores"][64], other)
         print(f"  inflq seed 0 vs seed 1 (64 queries): Spearman {out['noise'][0]:.3f} (median per query {out['noise'][1]:.3f})")
+    if device_peak(b.engine.device):
+        print(f"  {device_peak(b.engine.device)}", flush=True)
     kf_py = kronfluence_python(args.kf_python)
     if args.skip_kronfluence or kf_py is None:
         print("  Kronfluence: skipped" + ("" if args.skip_kronfluence else " (not importable; give --kf-python, see the docstring)"))
@@ -499,6 +535,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per phase (median reported)")
     ap.add_argument("--damping", type=float, default=None, help="absolute λ for both tools (default: 0.1 × mean refitted eigenvalue)")
     ap.add_argument("--random-sequences", type=int, default=None, help="corpus size of the random 256-wide model")
+    ap.add_argument("--random-width", type=int, default=256, help="the random model's width (768 with --random-layers 12: GPT-2 small's shape)")
+    ap.add_argument("--random-layers", type=int, default=4)
+    ap.add_argument("--random-vocab", type=int, default=1000, help="words in the random model's vocabulary")
+    ap.add_argument("--random-length", type=int, default=128, help="tokens per random sequence")
+    ap.add_argument("--device", default=None, help="the projects' device (cpu, cuda; default: the project's, auto)")
     ap.add_argument("--demo-sequences", type=int, default=None, help="use only the first N demo documents")
     ap.add_argument("--kf-python", default=None, help="Python with kronfluence installed")
     ap.add_argument("--skip-kronfluence", action="store_true")
@@ -556,13 +597,14 @@ def main() -> None:
             else:
                 print(f"\n== demo: skipped, {DEMO / 'model'} is not there yet (train it with projects/demo/train_model.py)")
         if args.only in (None, "random"):
-            model = random_gpt2(tmp / "gpt2-256", width=256, layers=4, heads=4, positions=128, vocab_words=1000)
-            corpus = random_corpus(tmp / "random.jsonl", n_random + 64, 128, 1000)
+            w, n_layers, vocab, length = args.random_width, args.random_layers, args.random_vocab, args.random_length
+            model = random_gpt2(tmp / f"gpt2-{w}", width=w, layers=n_layers, heads=max(1, w // 64), positions=max(128, length), vocab_words=vocab)
+            corpus = random_corpus(tmp / "random.jsonl", n_random + 64, length, vocab)
             # The last 64 documents become queries; the corpus is the rest.
             lines = corpus.read_text().splitlines()
             (tmp / "random-corpus.jsonl").write_text("\n".join(lines[:n_random]) + "\n")
             queries = [split_query(json.loads(x)["text"]) for x in lines[n_random:]]
-            results.append(workload("gpt2-4x256", model, tmp / "random-corpus.jsonl", queries, args, tmp))
+            results.append(workload(f"gpt2-{n_layers}x{w}", model, tmp / "random-corpus.jsonl", queries, args, tmp))
         if args.only == "lora":
             results.append(lora_workload(args, tmp))
         if not args.skip_memory and args.only in (None, "memory"):

@@ -60,6 +60,9 @@ def sample():
 
 threading.Thread(target=sample, daemon=True).start()
 p = Project.open(sys.argv[1])
+device = os.environ.get("INFLQ_BENCH_DEVICE")
+if device:
+    p.runtime.configure(device)
 if sys.argv[2] == "model":
     p.runtime.engine()
     out = {"phases": {}}
@@ -80,6 +83,8 @@ else:
     out = {"phases": r.phases, "seconds": r.seconds}
 on_progress(type("End", (), {"phase": "end"}))
 out["spans"] = {k: v for k, v in spans.items() if k != "load"}
+if device and device.startswith("cuda"):
+    out["device_peak"] = torch.cuda.max_memory_allocated(device) / 1e9
 time.sleep(0.1)
 done.set()
 print(json.dumps({**out, "peaks": peaks}))
@@ -162,17 +167,20 @@ def main() -> None:
     ap.add_argument("--executor", default=None, help="the run's executor spec, e.g. ray:num_workers=2,memory=0.6 (default: local); "
                     "the peak RSS then counts the Ray processes the run starts, the sampled figures the driver alone")
     ap.add_argument("--cli", action="store_true", help="run the real `inflq run` command (no phase times)")
+    ap.add_argument("--device", default=None, help="the run's device (cpu, cuda); on CUDA each size's peak device memory is printed too")
     ap.add_argument("--workdir", default=None, help="keep the models and projects here (default: a temporary folder)")
     args = ap.parse_args()
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    if args.device:
+        env["INFLQ_BENCH_DEVICE"] = args.device
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="inflq-memreal-"))
     model = tmp / f"gpt2-{args.layers}x{args.width}"
     if not (model / "config.json").exists():
         build_model(model, args.layers, args.width, args.vocab, args.tokens)
     print(f"== peak RSS: GPT-2 {args.layers} layers x {args.width}, vocabulary {args.vocab:,}, {args.tokens}-token sequences, "
           f"{args.estimator}, batch {args.batch_size}, {args.queries} queries, {args.threads} thread(s), fit memory {args.fit_memory or 'unlimited'} GB, "
-          f"executor {args.executor or 'local'}; "
+          f"executor {args.executor or 'local'}, device {args.device or 'the project default'}; "
           f"{'`inflq run`' if args.cli else 'run_investigation'} in a fresh process per size")
     rows = []
     base = None
@@ -184,14 +192,16 @@ def main() -> None:
             print(f"model only (open the project, load the model): peak RSS {base:.2f} GB")
         if args.cli:
             cmd = [sys.executable, "-m", "inflq.cli", "run", str(proj), "--estimator", args.estimator, "--batch-size", str(args.batch_size)]
+            cmd += ["--device", args.device] if args.device else []
             cmd += ["--fit-memory", str(args.fit_memory)] if args.fit_memory else []
             cmd += ["--executor", args.executor] if args.executor else []
         else:
             cmd = [sys.executable, "-c", WORKER, str(proj), "run", str(args.threads), args.estimator, str(args.batch_size), json.dumps(args.fit_memory), args.executor or ""]
         rss, out, wall = measure(cmd, env)
         phases = out.get("phases", {})
-        rows.append((n, rss))
-        print(f"{n:>6} sequences ({count} stored, {lo}-{hi} tokens): peak RSS {rss:.2f} GB ({rss - base:+.2f} GB over the model), "
+        rows.append((n, rss, out.get("device_peak")))
+        dev = f"peak device memory {out['device_peak']:.2f} GB, " if out.get("device_peak") is not None else ""
+        print(f"{n:>6} sequences ({count} stored, {lo}-{hi} tokens): {dev}peak RSS {rss:.2f} GB ({rss - base:+.2f} GB over the model), "
               f"wall {wall:.0f} s" + ("; " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) if phases else ""), flush=True)
         if args.floor:
             if floor is None:  # timed on the first size; the same sequences and batches cost it in proportion
@@ -207,6 +217,8 @@ def main() -> None:
             print("        sampled peak RSS by phase (this process): " + ", ".join(f"{k} {v:.2f} GB" for k, v in out["peaks"].items()), flush=True)
     if len(rows) > 1:
         print(f"ratio largest/smallest: {rows[-1][1] / rows[0][1]:.3f} (target <= 1.1)")
+        if rows[0][2]:
+            print(f"device memory ratio largest/smallest: {rows[-1][2] / rows[0][2]:.3f} (target <= 1.1)")
 
 
 if __name__ == "__main__":

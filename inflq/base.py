@@ -46,6 +46,11 @@ class Pass:
     # here; the engine still captures every tracked module, so the group's results are bitwise
     # those of a pass over all of them.
     modules: tuple[str, ...] | None = None
+    # Whether ``process``/``accumulate`` read a batch's captures only while they run and keep
+    # nothing that shares their memory (results are computed from them, not views of them): the
+    # engine may then write every batch's captures into the same buffers (no fresh memory per
+    # batch; ``GradientEngine.capture_parts(reuse=True)``). Off unless a pass says so.
+    transient_captures: ClassVar[bool] = False
 
     def selected(self, captures: dict[str, Captured]) -> Iterator[tuple[str, Captured]]:
         """``captures``' items for :attr:`modules` (all of them when it is ``None``), in order."""
@@ -81,6 +86,7 @@ class SumPass(Pass):
     fitting passes and the gradient index's are ones."""
 
     combine: ClassVar[str] = "sum"
+    transient_captures: ClassVar[bool] = True  # each part is added into the sums before the next is made
 
     def _parts(self, batch: Batch, captures: dict[str, Captured]) -> Iterator[tuple[str, torch.Tensor]]:
         raise NotImplementedError

@@ -52,29 +52,49 @@ _PASS_TOKENS = 512
 _LOSS_ROWS = 256  # positions per block of the cross-entropy (256 x 50,257 float32 logits: 51 MB)
 
 
-_MMAP_THRESHOLD = 1 << 20  # bytes: larger blocks get mappings of their own, unmapped when freed
-_allocator_bounded: bool | None = None
+# glibc malloc, chosen per process from the workload (:func:`tune_allocator`, issue 27). Freed
+# memory is either kept by the heap for the next batch (no page faults) or returned to the system
+# (memory bounded whatever the allocation pattern, at a page fault per 4 KiB touched again).
+_KEEP_BELOW = 512 << 20  # a batch's captures at the token budget: up to this, the heap keeps freed memory
+_MMAP_SMALL = 1 << 20  # beyond it, blocks of 1 MiB and more get mappings of their own, unmapped when freed
+_MMAP_LARGE = 32 << 20  # glibc's own ceiling for the threshold (HEAP_MAX_SIZE / 2 on 64-bit)
+_TRIM_LARGE = 1 << 30  # ... and the heap's top is returned only when more than this is free there
+_allocator_policy: str | None = None
 
 
-def bound_allocator() -> bool:
-    """On glibc Linux, have ``malloc`` serve every block of 1 MiB or more with a mapping of its own,
-    returned to the system when freed (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, once per process).
+def tune_allocator(batch_bytes: int) -> str:
+    """Choose glibc's malloc policy for this process, once, from one batch's captures
+    (``batch_bytes`` at the token budget); returns the policy in force: ``"keep"``, ``"bounded"``,
+    or ``"default"`` (the user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``, which
+    stand; not glibc Linux).
 
-    glibc's default threshold rises, up to 32 MiB, each time a large mapped block is freed; the
-    engine's many 6-25 MB tensors per batch then come from the heap, which fragments and keeps
-    what was freed: on GPT-2 small's batches of 8 × 256 tokens the resident memory of a fit grew
-    by gigabytes over its tensors (docs/benchmarks.md, issue 17). Skipped where the user set
-    ``MALLOC_MMAP_THRESHOLD_`` (their choice stands), on other C libraries and platforms. Returns
-    whether the threshold is set."""
-    global _allocator_bounded
-    if _allocator_bounded is None:
-        _allocator_bounded = False
-        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    * ``keep`` (batches of at most 512 MiB of captures: narrow models, short sequences): blocks up to
+      32 MiB come from the heap, and up to 1 GiB of freed memory stays with it
+      (``M_MMAP_THRESHOLD`` 32 MiB, ``M_TRIM_THRESHOLD`` 1 GiB), so every batch's activations, logits
+      and gradients reuse the pages of the batch before. Returning them to the system and faulting
+      them in again cost as much system time as the computing itself on a 4 × 128 GPT-2's short
+      sequences (11 M page faults, 24 s of system time in a 35 s fit; docs/benchmarks.md).
+    * ``bounded`` (larger batches: real widths): every block of 1 MiB or more gets a mapping of its
+      own, returned when freed (``M_MMAP_THRESHOLD`` 1 MiB). glibc's own dynamic threshold served the
+      6-25 MB tensors of GPT-2 small's batches from a heap that fragmented and kept gigabytes
+      (issue 17); at these widths a page fault is small next to the work per value (about 13 %
+      of a fit's time at 768 wide).
+    """
+    global _allocator_policy
+    if _allocator_policy is None:
+        _allocator_policy = "default"
+        user = any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc" and not user:
             try:
-                _allocator_bounded = ctypes.CDLL(None).mallopt(-3, _MMAP_THRESHOLD) == 1  # -3: M_MMAP_THRESHOLD
+                mallopt = ctypes.CDLL(None).mallopt  # -3: M_MMAP_THRESHOLD, -1: M_TRIM_THRESHOLD
+                if batch_bytes <= _KEEP_BELOW:
+                    if mallopt(-3, _MMAP_LARGE) == 1 and mallopt(-1, _TRIM_LARGE) == 1:
+                        _allocator_policy = "keep"
+                elif mallopt(-3, _MMAP_SMALL) == 1:
+                    _allocator_policy = "bounded"
             except (OSError, AttributeError):  # pragma: no cover - a glibc without mallopt
-                _allocator_bounded = False
-    return _allocator_bounded
+                pass
+    return _allocator_policy
 
 
 def math_attention():
@@ -325,19 +345,53 @@ class GradientEngine:
     """
 
     def __init__(self, model: nn.Module, tracked: list[TrackedModule], pass_tokens: int | None = None) -> None:
-        bound_allocator()
         self.model = model
         self.tracked = tracked
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":  # on an accelerator the host holds little per batch
+            from .batching import CPU_TOKENS
+
+            tune_allocator(CPU_TOKENS * self.capture_bytes_per_token)
         # Padded tokens per forward and backward pass (:meth:`capture`); 0: one pass per batch. By
         # default (None) on the CPU, where splitting a batch was checked to change no bit, only
         # batches with large captures are split (:meth:`_pass_tokens`); elsewhere (a GPU's kernels
         # may depend on the batch's size) one pass per batch unless asked.
         self.pass_tokens = (None if self.device.type == "cpu" else 0) if pass_tokens is None else int(pass_tokens)
+        self._buffers: dict[object, torch.Tensor] = {}
+
+    def buffer(self, key: object, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+        """A reusable work buffer of ``shape``: a view of memory kept under ``key`` between calls,
+        grown when a larger one is asked for (its contents are whatever the last user left).
+
+        Passes that consume a batch before the next one is captured write their per-batch tensors
+        (captures with a bias column, Gram matrices, rotated tokens) into the same memory every
+        batch, instead of asking the allocator for fresh pages that the kernel must fault in and
+        zero: on short sequences that was a third of a fit's time (docs/benchmarks.md, issue 27).
+        Memory: one batch's worth per key, released by :meth:`release_buffers`."""
+        device = self.device if device is None else torch.device(device)
+        n = 1
+        for d in shape:
+            n *= int(d)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != device:
+            # A quarter more than asked: batches of sorted, growing lengths then rarely grow it again.
+            grown = n if buf is None or buf.dtype != dtype or buf.device != device else max(n, buf.numel() + buf.numel() // 4)
+            self._buffers[key] = None  # the old one goes before the new one is made
+            buf = self._buffers[key] = torch.empty(grown, dtype=dtype, device=device)
+        return buf[:n].view(tuple(int(d) for d in shape))
+
+    def release_buffers(self) -> None:
+        """Drop every work buffer (:meth:`buffer`): before a phase that needs the memory more."""
+        self._buffers.clear()
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tracked]
+
+    @property
+    def capture_bytes_per_token(self) -> int:
+        """Bytes of float32 activations and output gradients one token's captures take."""
+        return 4 * sum(t.in_dim + t.out_features for t in self.tracked)
 
     @contextlib.contextmanager
     def _hooks(self, store: dict[str, list[torch.Tensor | None]]) -> Iterator[None]:
@@ -400,34 +454,45 @@ class GradientEngine:
         """Labels ``[B, T]`` drawn from ``softmax(logits)`` at the loss positions (``loss_mask``),
         ``0`` elsewhere (masked out of the loss).
 
-        Inverse-CDF sampling with one generator per sequence and one uniform per position, whether
-        that position is sampled or not: a label depends on its sequence's seed and its position
-        only, not on the batch or its padding. (Ten times faster than ``torch.multinomial`` on a
-        ``[T, vocab]`` matrix, the same distribution.) Memory: the CDF is built in place, one
-        block of at most ``_SAMPLE_BLOCK`` logits at a time, so no softmax or cumsum copy of the
-        batch's ``[B, T, vocab]`` logits exists (with a 50k vocabulary and 8 × 256 tokens each
-        copy would be 0.4 GB).
+        Inverse-CDF sampling with one generator per sequence (seeded by it, on the CPU whatever the
+        device) and one uniform per position, whether that position is sampled or not: a label
+        depends on its sequence's seed, its position and its row of logits only, not on the batch,
+        its padding, the number of threads (softmax and cumulative sums run row by row, each row
+        through the same kernels wherever it falls) or the device (up to the rounding of a row's
+        softmax there). Ten
+        times faster than ``torch.multinomial`` on a ``[T, vocab]`` matrix, the same distribution.
+        Memory: the CDF is built one block of at most ``_SAMPLE_BLOCK`` logits at a time (consecutive
+        positions of the batch, their softmax summed in place), so no softmax or cumsum copy of the
+        batch's ``[B, T, vocab]`` logits exists (with a 50k vocabulary and 8 × 256 tokens each copy
+        would be 0.4 GB). The blocks take the whole batch's positions in one call each, not a
+        sequence at a time (on short sequences those calls were a tenth of a capture).
         """
         if batch.sample_seeds is None:
             raise ValueError("sampled labels need per-sequence seeds")
         B, T, V = logits.shape
-        targets = torch.zeros((B, T), dtype=torch.long, device=logits.device)
         rows = max(1, _SAMPLE_BLOCK // V)
+        flat = logits.detach().reshape(B * T, V)
+        mask = batch.loss_mask.reshape(B * T)
+        targets = torch.zeros(B * T, dtype=torch.long, device=logits.device)
         with torch.no_grad():
+            # The uniforms come from CPU generators on every device (one small copy per batch):
+            # a sequence's labels are then the same on a GPU as on the CPU, up to the rounding of
+            # their softmax, and a run on one can be checked against the other.
+            u = torch.empty((B, T), dtype=torch.float32)
+            gen = torch.Generator()
             for b, seed in enumerate(batch.sample_seeds):
-                gen = torch.Generator(device=logits.device)
                 gen.manual_seed(int(seed) % (2**63 - 1))
-                u = torch.rand((T,), generator=gen, device=logits.device)
-                positions = batch.loss_mask[b].nonzero().squeeze(1)
-                for s in range(0, len(positions), rows):
-                    pos = positions[s : s + rows]
-                    cdf = logits[b, pos].detach().to(torch.float32)  # a copy of the block (advanced indexing)
-                    cdf -= cdf.amax(dim=-1, keepdim=True)
-                    cdf.exp_()
-                    cdf.cumsum_(dim=-1)  # unnormalised: the uniform is scaled by the total instead
-                    drawn = torch.searchsorted(cdf, (u[pos] * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
-                    targets[b, pos] = drawn.clamp_max(V - 1)
-        return targets
+                torch.rand((T,), generator=gen, out=u[b])
+            u = u.reshape(B * T).to(logits.device)
+            for s in range(0, B * T, rows):
+                e = min(B * T, s + rows)
+                if not bool(mask[s:e].any()):
+                    continue
+                cdf = torch.softmax(flat[s:e], dim=-1, dtype=torch.float32)
+                cdf.cumsum_(dim=-1)  # the last column sums to 1 up to rounding: the uniform is scaled by it
+                drawn = torch.searchsorted(cdf, (u[s:e] * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+                targets[s:e] = drawn.clamp_max(V - 1) * mask[s:e]
+        return targets.view(B, T)
 
     def capture(self, batch: Batch, labels: str = "data") -> tuple[dict[str, Captured], torch.Tensor]:
         """The captures of a batch and its per-sequence losses ``[B]``: one forward and backward
@@ -457,35 +522,42 @@ class GradientEngine:
             s = e
         return captured, torch.cat(losses)
 
-    def capture_parts(self, batch: Batch, labels: str = "data") -> Iterator[tuple[Batch, dict[str, Captured], torch.Tensor]]:
+    def capture_parts(
+        self, batch: Batch, labels: str = "data", reuse: bool = False
+    ) -> Iterator[tuple[Batch, dict[str, Captured], torch.Tensor]]:
         """The batch's captures a group of sequences at a time: ``(group, captures, losses)`` for
         consecutive groups of ``batch`` (each padded as in the whole batch), one group — ``batch``
         itself — where the batch holds at most ``pass_tokens`` padded tokens. A caller that
         consumes each group before asking for the next (the passes of :func:`inflq.passes.run_shard`)
-        holds one group's captures, not the batch's: 0.3 instead of 1.2 GB on GPT-2 small."""
+        holds one group's captures, not the batch's: 0.3 instead of 1.2 GB on GPT-2 small.
+
+        ``reuse=True`` (a caller that keeps nothing of a group's captures once it asks for the
+        next: :attr:`inflq.Pass.transient_captures`): the captures that need a copy of their own
+        (a bias column, padding zeroed, another dtype) are written into the engine's work buffers
+        (:meth:`buffer`), the same memory for every group and batch; the values are the same."""
         T = max(1, int(batch.input_ids.shape[1]))
         limit = self._pass_tokens(batch.size * T) if self.pass_tokens is None else self.pass_tokens
         rows = batch.size if not limit else max(1, limit // T)
         if rows >= batch.size:
-            yield (batch, *self._capture(batch, labels))
+            yield (batch, *self._capture(batch, labels, reuse))
             return
         for s in range(0, batch.size, rows):
             e = min(batch.size, s + rows)
             seeds = batch.sample_seeds[s:e] if batch.sample_seeds is not None else None
             part = Batch(batch.input_ids[s:e], batch.attention_mask[s:e], batch.loss_mask[s:e], seeds)
-            yield (part, *self._capture(part, labels))
+            yield (part, *self._capture(part, labels, reuse))
 
     def _pass_tokens(self, tokens: int) -> int:
         """The default pass size for a batch of ``tokens`` padded tokens: one pass (0) where its
         captures take at most ``_SPLIT_ABOVE`` bytes (small models keep their large, fast
         batches), else passes of ``_PASS_BYTES`` of captures, at least ``_PASS_TOKENS`` tokens."""
-        per_token = 4 * sum(t.in_dim + t.out_features for t in self.tracked)  # float32 activations and gradients
+        per_token = self.capture_bytes_per_token
         if tokens * per_token <= _SPLIT_ABOVE:
             return 0
         return max(_PASS_TOKENS, _PASS_BYTES // max(1, per_token))
 
-    def _capture(self, batch: Batch, labels: str) -> tuple[dict[str, Captured], torch.Tensor]:
-        """One forward and backward pass over the whole ``batch``."""
+    def _capture(self, batch: Batch, labels: str, reuse: bool = False) -> tuple[dict[str, Captured], torch.Tensor]:
+        """One forward and backward pass over the whole ``batch`` (``reuse``: see :meth:`capture_parts`)."""
         store: dict[str, list[torch.Tensor | None]] = {t.name: [None, None] for t in self.tracked}
         self.model.eval()
         with self._hooks(store), torch.enable_grad():
@@ -513,15 +585,18 @@ class GradientEngine:
             a, g = store[tm.name]
             if a is None:
                 raise InflqError(f"module {tm.name} did not run in the forward pass; untrack it (--modules)")
-            a = a.to(torch.float32)
-            if tm.bias:
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             if g is None:
                 g = torch.zeros(a.shape[:-1] + (tm.out_features,), device=a.device)
-            g = g.to(torch.float32)
-            if padded:
-                a = a * valid
-                g = g * valid
+            if reuse:
+                a, g = self._into_buffers(tm, a, g, valid)
+            else:
+                a = a.to(torch.float32)
+                if tm.bias:
+                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+                g = g.to(torch.float32)
+                if padded:
+                    a = a * valid
+                    g = g * valid
             checks.append(g.sum())  # one pass, no boolean copy; inf or NaN anywhere makes it non-finite
             captured[tm.name] = Captured(a, g)
         finite = torch.isfinite(torch.stack(checks)).tolist() if checks else []
@@ -531,6 +606,31 @@ class GradientEngine:
                 f"non-finite gradients in {name} (overflow in low precision?): run with --dtype float32 or bfloat16"
             )
         return captured, seq_loss.detach()
+
+    def _into_buffers(
+        self, tm: TrackedModule, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` with its bias column and ``g``, both float32 with padding zeroed, written into the
+        engine's buffers where they need a copy at all: the values of the fresh tensors the other
+        route makes (``cat``, ``* valid``), with no new memory per batch."""
+        if tm.bias or valid is not None or a.dtype != torch.float32:
+            out = self.buffer(("activations", tm.name), a.shape[:-1] + (tm.in_dim,), torch.float32, a.device)
+            body = out[..., : tm.in_features]
+            if valid is None:
+                body.copy_(a)
+            else:
+                torch.mul(a, valid, out=body)
+            if tm.bias:
+                out[..., tm.in_features :].copy_(valid if valid is not None else torch.ones((), device=a.device))
+            a = out
+        if valid is not None or g.dtype != torch.float32:
+            out = self.buffer(("gradients", tm.name), g.shape, torch.float32, g.device)
+            if valid is None:
+                out.copy_(g)
+            else:
+                torch.mul(g, valid, out=out)
+            g = out
+        return a, g
 
     def sequence_gradients(self, batch: Batch, labels: str = "data") -> SequenceGradients:
         """Per-sequence loss gradients ``DW[b] = Σ_t g_t ā_tᵀ`` for each module, ``[B, out, in_dim]``,

@@ -17,7 +17,7 @@ from .base import Pass, Shard
 from .batching import Batching
 from .engine import GradientEngine, make_batch
 from .errors import InflqError
-from .linalg import add_into
+from .linalg import DeviceSums, add_into
 from .progress import Monitor
 
 if TYPE_CHECKING:
@@ -68,11 +68,15 @@ def run_shard(
 
     A ``sum`` pass adds each batch into running sums as it goes (:meth:`Pass.accumulate`): into
     ``into`` when given (the sums of the shards before this one, which this call extends and
-    returns), else into new sums for this shard alone.
+    returns), else into new sums for this shard alone. On a CUDA device the shard's batches are
+    summed on the device (:class:`inflq.linalg.DeviceSums`) and added into those CPU sums once.
     """
     parts: list[dict[str, torch.Tensor]] = []
     summing = pass_.combine == "sum"
-    sums: dict[str, torch.Tensor] = into if into is not None else {}
+    # On an accelerator a shard's batches are summed there, and added into the CPU's sums once at
+    # the shard's end (DeviceSums); on the CPU straight into them.
+    on_device = summing and engine.device.type == "cuda"
+    sums: dict[str, torch.Tensor] = DeviceSums(engine.device) if on_device else (into if into is not None else {})
     pass_.flush(discard=True)
     all_tokens = sequences(shard.indices)
     lengths = np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens))
@@ -91,7 +95,7 @@ def run_shard(
             # One group of sequences at a time where the engine splits the batch (large models on
             # the CPU): the pass consumes each group's captures before the next is captured, so
             # memory holds one group's (0.3 GB on GPT-2 small), not the batch's (1.2 GB).
-            for group, captures, _ in engine.capture_parts(batch, pass_.labels):
+            for group, captures, _ in engine.capture_parts(batch, pass_.labels, reuse=pass_.transient_captures):
                 if summing:
                     started = True  # before adding: an addition may fail half-way
                     pass_.accumulate(engine, group, captures, sums)
@@ -119,7 +123,9 @@ def run_shard(
             monitor.advance(len(chunk))
     tail = pass_.flush()
     if summing:
-        return add_into(sums, tail) if tail else sums
+        if tail:
+            add_into(sums, tail)
+        return add_into(into if into is not None else {}, sums) if on_device else sums
     if tail:
         parts.append({k: v.detach().to("cpu") for k, v in tail.items()})
     out = combine_results(pass_.combine, parts)
@@ -148,6 +154,7 @@ class ScorePass(Pass):
     phase = "scoring"
     labels = "data"
     combine = "concat"
+    transient_captures = True  # sequence gradients are copied into the pass's buffers, scores computed
 
     def __init__(
         self, query_gradients: QueryGradients, per_module: bool = False, group_bytes: int = 256 << 20, keep_parts: bool = False
@@ -259,6 +266,7 @@ class SelfInfluencePass(Pass):
     phase = "self-influence"
     labels = "data"
     combine = "concat"
+    transient_captures = True
 
     def __init__(self, estimator: Estimator) -> None:
         self.estimator = estimator

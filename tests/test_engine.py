@@ -326,7 +326,7 @@ def test_a_batch_split_into_passes_captures_bitwise_what_one_pass_does(models, a
         batch = make_batch([[5] * 9] * 4, 0)
         assert torch.equal(auto.capture(batch)[1], whole.capture(batch)[1])
         calls = []
-        m.setattr(auto, "_capture", lambda b, labels: calls.append(b.size) or whole._capture(b, labels))
+        m.setattr(auto, "_capture", lambda b, labels, reuse=False: calls.append(b.size) or whole._capture(b, labels, reuse))
         auto.capture(batch)
         assert calls == [2, 2]
     V = model.get_input_embeddings().num_embeddings
@@ -366,10 +366,10 @@ def test_a_shard_holds_one_batchs_captures_at_a_time(models):
     seen: list[int] = []  # the batches the sum pass was given
 
     class Checking(GradientEngine):
-        def _capture(self, batch, labels):
+        def _capture(self, batch, labels, reuse=False):
             assert all(r() is None for r in alive), "the previous captures are still held"
             sizes.append(batch.size)
-            caps, loss = super()._capture(batch, labels)
+            caps, loss = super()._capture(batch, labels, reuse)
             alive.extend(weakref.ref(c.gradients) for c in caps.values())
             return caps, loss
 
@@ -408,19 +408,38 @@ def test_a_shard_holds_one_batchs_captures_at_a_time(models):
     assert_equal_to_rounding(rows["g"], want_rows["g"])  # each sequence's rows are those of the unsplit batch
 
 
-def test_the_allocator_is_bounded_on_glibc_unless_the_user_chose(monkeypatch):
-    """On glibc Linux the engine fixes malloc's mmap threshold (issue 17), once per process;
-    where the user set MALLOC_MMAP_THRESHOLD_ their choice stands and mallopt is not called."""
+def test_the_allocator_policy_follows_the_batch_unless_the_user_chose(monkeypatch):
+    """On glibc Linux the engine chooses malloc's policy once per process from a batch's captures
+    (issue 27): up to 512 MiB the heap keeps freed memory (mmap threshold 32 MiB, trim threshold
+    1 GiB: no page faults per batch), beyond it blocks of 1 MiB and more are mapped and returned
+    (issue 17: memory bounded at real widths). Where the user set MALLOC_MMAP_THRESHOLD_ or
+    MALLOC_TRIM_THRESHOLD_ their choice stands and mallopt is not called."""
+    import ctypes
     import platform
     import sys
 
     import inflq.engine as engine_module
 
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    monkeypatch.setattr(engine_module, "_allocator_bounded", None)
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
-    assert engine_module.bound_allocator() is False
-    monkeypatch.setattr(engine_module, "_allocator_bounded", None)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
-    assert engine_module.bound_allocator() is glibc
-    assert engine_module._allocator_bounded is glibc  # decided once: later engines do not call mallopt again
+    calls: list[tuple[int, int]] = []
+
+    class FakeC:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *_a, **_k: FakeC())
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.setattr(engine_module, "_allocator_policy", None)
+        monkeypatch.setenv(var, "131072")
+        assert engine_module.tune_allocator(1) == "default" and calls == []
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(engine_module, "_allocator_policy", None)
+    assert engine_module.tune_allocator(512 << 20) == ("keep" if glibc else "default")
+    assert calls == ([(-3, 32 << 20), (-1, 1 << 30)] if glibc else [])
+    assert engine_module.tune_allocator(1 << 40) == ("keep" if glibc else "default")  # decided once per process
+    assert len(calls) == (2 if glibc else 0)
+    monkeypatch.setattr(engine_module, "_allocator_policy", None)
+    calls.clear()
+    assert engine_module.tune_allocator((512 << 20) + 1) == ("bounded" if glibc else "default")
+    assert calls == ([(-3, 1 << 20)] if glibc else [])

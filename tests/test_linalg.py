@@ -8,9 +8,10 @@ import torch
 from inflq.linalg import gram
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread-syrk", "2-threads-matmul"], autouse=True)
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"], autouse=True)
 def torch_threads(request):
-    """gram takes BLAS syrk on one torch thread and torch's matmul on more: test both routes."""
+    """gram takes BLAS syrk (on one BLAS thread) from 256 columns and torch's matmul below, at any
+    number of torch threads: test both routes at both."""
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -18,7 +19,7 @@ def torch_threads(request):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(300, 40), (7, 129), (1, 3)])
+@pytest.mark.parametrize("shape", [(300, 40), (7, 129), (1, 3), (300, 257), (5, 300)])
 def test_gram_equals_matmul(dtype, shape):
     x = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(0))
     want = x.T @ x
@@ -28,6 +29,14 @@ def test_gram_equals_matmul(dtype, shape):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
     upper = gram(x, symmetric=False)
     torch.testing.assert_close(torch.triu(upper), torch.triu(want), rtol=tol, atol=tol * float(want.abs().max()))
+    # Into a buffer: the same values, in the buffer's memory, whatever it held before.
+    d = shape[1]
+    buf = torch.full((d, d), float("nan"), dtype=dtype)
+    assert gram(x, symmetric=False, out=buf) is buf
+    assert torch.equal(torch.triu(buf), torch.triu(upper))
+    assert gram(x, out=buf) is buf and torch.equal(buf, got)
+    with pytest.raises(ValueError, match="out must be"):
+        gram(x, out=torch.empty(d + 1, d + 1, dtype=dtype))
 
 
 def test_gram_of_a_non_contiguous_view_and_no_rows():
@@ -36,8 +45,9 @@ def test_gram_of_a_non_contiguous_view_and_no_rows():
     assert torch.equal(gram(torch.zeros(0, 4)), torch.zeros(4, 4))
 
 
-def test_gram_uses_one_pool_at_a_time(torch_threads, monkeypatch):
-    """BLAS (a second pool) only when torch itself runs one thread, and then on one thread."""
+def test_gram_runs_blas_on_one_thread_and_only_where_it_is_faster(torch_threads, monkeypatch):
+    """BLAS (a second pool) on one thread, whatever torch's count (it never spins against torch's
+    sleeping workers), and only from 256 columns: narrower, torch's product is faster."""
     import inflq.linalg as linalg
 
     calls = []
@@ -50,7 +60,34 @@ def test_gram_uses_one_pool_at_a_time(torch_threads, monkeypatch):
 
     monkeypatch.setattr(linalg, "_syrk", lambda: (ssyrk, dsyrk, Spy()))
     gram(torch.randn(64, 16))
-    assert calls == ([(1, "blas")] if torch_threads == 1 else [])
+    assert calls == []
+    gram(torch.randn(64, 256))
+    assert calls == [(1, "blas")]
+
+
+@pytest.mark.parametrize("n", [1, 5, 40, 1030])
+def test_add_upper_adds_the_packed_upper_triangle_in_place(n):
+    """add_upper(p, m) is p += pack_upper(m), bitwise (float32 widened exactly into float64), by
+    gathered indices up to 1,024 columns and row by row beyond; add_into(packed=True) starts and
+    extends packed sums from square parts, and packs a running sum that is still square."""
+    from inflq import add_into, pack_upper
+    from inflq.linalg import add_upper
+
+    gen = torch.Generator().manual_seed(n)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    start = torch.randn(n * (n + 1) // 2, dtype=torch.float64, generator=gen)
+    want = start + pack_upper(a).double()
+    got = start.clone()
+    assert add_upper(got, a) is got and torch.equal(got, want)
+    sums: dict[str, torch.Tensor] = {}
+    add_into(sums, {"x": a}, torch.float64, packed=True)
+    add_into(sums, {"x": b}, torch.float64, packed=True)
+    assert sums["x"].dtype == torch.float64 and torch.equal(sums["x"], pack_upper(a).double() + pack_upper(b).double())
+    square = {"x": a.double()}
+    add_into(square, {"x": b}, torch.float64, packed=True)
+    assert torch.equal(square["x"], pack_upper(a).double() + pack_upper(b).double())
+    with pytest.raises(ValueError, match="upper triangle"):
+        add_upper(torch.zeros(3, dtype=torch.float64), a if n != 2 else torch.zeros(3, 3))
 
 
 def test_pack_upper_is_the_upper_triangle_row_by_row():
@@ -93,6 +130,7 @@ def test_eigh_is_float64_from_the_upper_triangle_on_any_device():
         torch.testing.assert_close(recon, full, rtol=tol, atol=tol * float(full.abs().max()))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_eigh_on_cuda_matches_the_cpu():  # pragma: no cover - run where a GPU is lent
     from inflq.linalg import eigh

@@ -19,11 +19,11 @@ def _fake_oom(monkeypatch, engine, fits: int):
     real = engine._capture
     sizes: list[int] = []
 
-    def capture(batch, labels):
+    def capture(batch, labels, reuse=False):
         sizes.append(batch.size)
         if batch.size > fits:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        return real(batch, labels)
+        return real(batch, labels, reuse)
 
     monkeypatch.setattr(engine, "_capture", capture)
     return sizes
@@ -112,11 +112,11 @@ def test_out_of_memory_part_way_through_a_split_batch_is_a_clear_error(project, 
     real = engine._capture
     calls: list[int] = []
 
-    def capture(batch, labels):
+    def capture(batch, labels, reuse=False):
         calls.append(batch.size)
         if len(calls) == 2:
             raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-        return real(batch, labels)
+        return real(batch, labels, reuse)
 
     monkeypatch.setattr(engine, "_capture", capture)
     with pytest.raises(InflqError, match="part-way through a batch; use a smaller --batch-tokens"):

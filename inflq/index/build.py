@@ -35,6 +35,7 @@ class RowPass(Pass):
     phase = "index"
     labels = "data"
     combine = "concat"
+    transient_captures = True  # rows are projections of the captures, computed before the next batch
 
     def __init__(self, model: IndexModel) -> None:
         self.model = model

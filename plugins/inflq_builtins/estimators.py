@@ -63,12 +63,23 @@ class CovariancePass(SumPass):
             yield f"S/{name}", pack_upper(gram(cap.gradients.reshape(-1, cap.gradients.shape[-1]), symmetric=False))
 
     def accumulate(self, engine, batch, captures, sums):
-        from inflq._builtins_api import pack_upper
+        """The sums of :meth:`_parts`, bitwise, with each Gram matrix written into one of the
+        engine's buffers and its upper triangle added straight into the packed sum (no fresh
+        square, no packed copy per batch; a running sum of squares, from a fit resumed from
+        before the packing, is packed first)."""
+        import torch
 
-        for k, v in sums.items():  # a running sum of square matrices (a fit resumed from before the packing)
-            if k[:2] in ("A/", "S/") and v.dim() == 2:
-                sums[k] = pack_upper(v)
-        super().accumulate(engine, batch, captures, sums)
+        from inflq import add_into
+        from inflq._builtins_api import gram
+
+        add_into(sums, {"tokens": batch.attention_mask.sum().to(torch.float64).reshape(1)}, torch.float64)
+        add_into(sums, {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}, torch.float64)
+        for name, cap in self.selected(captures):
+            for key, x in (("A", cap.activations), ("S", cap.gradients)):
+                x = x.reshape(-1, x.shape[-1])
+                d = x.shape[1]
+                square = gram(x, symmetric=False, out=engine.buffer(("gram", d), (d, d), x.dtype, x.device))
+                add_into(sums, {f"{key}/{name}": square}, torch.float64, packed=True)
 
 
 def covariance_bytes(tm) -> int:
@@ -128,6 +139,9 @@ def rotate_first_is_cheaper(tokens: int, out: int, inn: int) -> bool:
     return tokens * (inn * inn + out * out) < out * inn * (inn + out)
 
 
+_CHUNK_BYTES = 4 << 20  # rotated per-sequence gradients squared and summed this many bytes at a time
+
+
 class EigenCorrectionPass(SumPass):
     """Sums ``(Q_Sᵀ DW_i Q_A)²`` over sequences, contracting in whichever order is cheaper.
     ``modules``: only these modules (a fit by module; ``qa`` and ``qs`` then hold only theirs)."""
@@ -141,6 +155,73 @@ class EigenCorrectionPass(SumPass):
         self.qs = qs
         self.labels = labels
         self.modules = modules
+        self._on_device: dict = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_on_device": {}}
+
+    def _bases(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Q_A``, ``Q_S`` of a module in float32 on ``device`` (copied there once per pass)."""
+        import torch
+
+        key = (name, str(device))
+        got = self._on_device.get(key)
+        if got is None:
+            got = self._on_device[key] = (self.qa[name].to(device, torch.float32), self.qs[name].to(device, torch.float32))
+        return got
+
+    def accumulate(self, engine, batch, captures, sums):
+        """The sums of :meth:`_parts`, computed in the engine's buffers: the tokens rotated into
+        the eigenbasis once per batch (``G Q_S``, ``A Q_A``), then each group of sequences'
+        ``(Q_Sᵀ DW Q_A)²``, small enough to stay in cache while it is squared, summed in float32
+        and the batch's sum added once into the float64 sums. Equal to :meth:`_parts`' sums to
+        float32 rounding (the float32 sum over the batch's sequences runs by group)."""
+        import torch
+
+        from inflq import add_into
+
+        add_into(sums, {"sequences": torch.tensor([float(batch.size)], dtype=torch.float64)}, torch.float64)
+        for name, cap in self.selected(captures):
+            add_into(sums, {f"L/{name}": self._squares(engine, name, cap)}, torch.float64)
+
+    def _squares(self, engine, name: str, cap) -> torch.Tensor:
+        import torch
+
+        qa, qs = self._bases(name, cap.activations.device)
+        g, a = cap.gradients, cap.activations
+        if g.shape[1] > 1 and not bool(g[:, -1].any()):
+            # The batch's last position has no loss term (a sequence's last token, or padding), so
+            # its output gradients are zero and it adds nothing to DW: a token less to rotate.
+            g, a = g[:, :-1], a[:, :-1]
+        B, T, o = g.shape
+        i = a.shape[-1]
+        dev = g.device
+        chunk = max(1, min(B, _CHUNK_BYTES // (4 * o * i)))
+        total = engine.buffer(("correction sum", o, i), (o, i), torch.float32, dev)
+        part = engine.buffer(("correction part", o, i), (o, i), torch.float32, dev)
+        rotated = engine.buffer(("correction rotated", o, i), (chunk, o, i), torch.float32, dev)
+        if rotate_first_is_cheaper(T, o, i):
+            gq = torch.mm(g.reshape(-1, o), qs, out=engine.buffer(("rotated gradients", o), (B * T, o), torch.float32, dev)).view(B, T, o)
+            aq = torch.mm(a.reshape(-1, i), qa, out=engine.buffer(("rotated activations", i), (B * T, i), torch.float32, dev)).view(B, T, i)
+
+            def rotate(s, e, out):
+                return torch.bmm(gq[s:e].transpose(1, 2), aq[s:e], out=out)
+        else:
+            dw = engine.buffer(("correction dw", o, i), (chunk, o, i), torch.float32, dev)
+
+            def rotate(s, e, out):
+                d = torch.bmm(g[s:e].transpose(1, 2), a[s:e], out=dw[: e - s])
+                half = torch.matmul(qs.T, d, out=engine.buffer(("correction half", o, i), (e - s, o, i), torch.float32, dev))
+                return torch.matmul(half, qa, out=out)
+
+        for s in range(0, B, chunk):
+            e = min(B, s + chunk)
+            r = rotate(s, e, rotated[: e - s]).square_()
+            if s == 0:
+                torch.sum(r, 0, out=total)
+            else:
+                total += torch.sum(r, 0, out=part)
+        return total
 
     def _parts(self, batch, captures):
         """This batch's sums one module at a time (float32, summed in float64)."""
