@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import catalog
+from .display import plural
 from .errors import InflqError
 from .modeling import sha256_file
 from .plugins import get_registry
@@ -269,7 +270,7 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
             checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32)})
             catalog.record_score_shard(project.db, rid, s.index, len(s), rel, checksum)
         if bad_shards:
-            done.append(f"{len(bad_shards)} score shard(s)")
+            done.append(plural(len(bad_shards), "score shard"))
     if "score matrix" in kinds:
         rows = catalog.score_shards(project.db, rid)
         scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()

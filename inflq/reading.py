@@ -32,10 +32,44 @@ def result_set(project: Project, investigation: str, result_set_id: int | None =
         for rs in sets:
             if rs["id"] == result_set_id:
                 return rs
+        other = catalog.get_result_set(project.db, result_set_id)
+        if other is not None:
+            name = catalog.investigation(project.db, other["investigation_id"])["name"]
+            raise InflqError(f"result set {result_set_id} belongs to investigation {name!r}, not {investigation!r}; add -i {name}")
         raise InflqError(f"no result set {result_set_id} in investigation {investigation!r}; see `inflq runs`")
     if not sets:
-        raise InflqError(f"investigation {investigation!r} has no results yet; run `inflq run` first")
+        others = sorted({catalog.investigation(project.db, rs["investigation_id"])["name"] for rs in result_sets(project)})
+        hint = f"; results are in {_names(others)} (pick one with -i NAME)" if others else ""
+        raise InflqError(f"investigation {investigation!r} has no results yet; run `inflq run` first{hint}")
     return sets[-1]
+
+
+def _names(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def query_of(project: Project, investigation: str, query_id: int) -> dict:
+    """Query ``query_id``, which must belong to ``investigation``: else an error that names the
+    investigation it is in and how to pick it (``-i NAME``)."""
+    q = catalog.query(project.db, query_id)
+    inv = catalog.investigation(project.db, investigation)
+    if q["investigation_id"] != inv["id"]:
+        name = catalog.investigation(project.db, q["investigation_id"])["name"]
+        raise InflqError(f"query {query_id} is in investigation {name!r}, not {investigation!r}; add -i {name}")
+    return q
+
+
+def scored_by(rs: dict, query_id: int) -> bool:
+    """Whether result set ``rs`` scored query ``query_id`` (queries added after its run were not)."""
+    return query_id in (json.loads(rs["settings"] or "{}").get("query_ids") or [])
+
+
+def require_scored(rs: dict, query_id: int, investigation: str) -> None:
+    """An error unless result set ``rs`` scored query ``query_id``: it was added after the run."""
+    if not scored_by(rs, query_id):
+        raise InflqError(f"query {query_id} was added after run {rs['run_id']} (result set {rs['id']}), which did not score it; "
+                         f"score it with `inflq run PROJECT -i {investigation}`")
 
 
 def estimator_summary(rs: dict) -> str:
@@ -95,7 +129,7 @@ def query_scores(project: Project, rs: dict, query_id: int) -> tuple[np.ndarray,
     """``(corpus indices, scores)`` of one query in a result set (NaN where not a candidate)."""
     ids = json.loads(rs["settings"]).get("query_ids") or []
     if query_id not in ids:
-        raise InflqError(f"query {query_id} was not part of result set {rs['id']}; run the investigation again")
+        raise InflqError(f"query {query_id} was not part of result set {rs['id']} (run {rs['run_id']}); run the investigation again to score it")
     idx, sc = scores(project, rs)
     return idx, sc[ids.index(query_id)]
 
@@ -156,6 +190,8 @@ class ScoringSession:
     def breakdown(self, tokens: np.ndarray, query_id: int) -> tuple[np.ndarray, np.ndarray]:
         """``(module_scores [M], token_module_scores [T, M])`` for one sequence and query, summed
         over the checkpoints for a checkpoint estimator."""
+        if query_id not in self.query_ids:
+            raise InflqError(f"query {query_id} is not among the queries these gradients were computed for ({', '.join(map(str, self.query_ids))})")
         qi = self.query_ids.index(query_id)
         import torch
 
@@ -197,3 +233,99 @@ def self_influence(project: Project, estimator: str | None = None, indices: np.n
     monitor.start("self-influence", len(idx))
     out = LocalWorker(project, engine).run(SelfInfluencePass(est), Shard(0, idx), batch_size, monitor)
     return idx, out["scores"][:, 0].numpy()
+
+
+def find_sequence(project: Project, seq_id: str) -> dict:
+    """The ``sequences`` row of ``seq_id`` (``document id:chunk``), or of a document id whose
+    document is one chunk; otherwise an error that says what ids look like."""
+    row = catalog.sequence_by_id(project.db, seq_id)
+    if row is not None:
+        return row
+    chunks = catalog.sequence_by_id(project.db, f"{seq_id}:0")
+    if chunks is not None:
+        if catalog.sequence_by_id(project.db, f"{seq_id}:1") is None:
+            return chunks
+        raise InflqError(f"document {seq_id!r} has several chunks; give one: {seq_id}:0, {seq_id}:1, …")
+    raise InflqError(f"no training sequence {seq_id!r}; ids look like <document id>:<chunk> (see `inflq top`)")
+
+
+@dataclass
+class SequenceScore:
+    """One sequence's score for one query of a result set, and its rank among the scored."""
+
+    query_id: int
+    score: float  # NaN: not a candidate of this query
+    rank: int | None  # 1 = most positive; None when not scored
+    scored: int  # how many sequences the result set scored for the query
+
+
+def sequence_scores(project: Project, rs: dict, seq_idx: int) -> list[SequenceScore]:
+    """A sequence's score and rank for every query a result set scored."""
+    idx, sc = scores(project, rs)
+    ids = json.loads(rs["settings"]).get("query_ids") or []
+    where = np.flatnonzero(idx == seq_idx)
+    out = []
+    for qi, qid in enumerate(ids[: sc.shape[0]]):
+        row = sc[qi]
+        finite = np.isfinite(row)
+        if not len(where) or not finite[where[0]]:
+            out.append(SequenceScore(qid, float("nan"), None, int(finite.sum())))
+            continue
+        v = float(row[where[0]])
+        out.append(SequenceScore(qid, v, int((row[finite] > v).sum()) + 1, int(finite.sum())))
+    return out
+
+
+@dataclass
+class GroupShare:
+    """One value of a metadata field, for one query: its share of the query's total positive
+    influence, and of the sequences scored (the share it would get if influence were spread evenly)."""
+
+    value: str
+    share: float  # of the query's total positive influence (NaN when the query has none)
+    positive: float  # the sum of this group's positive scores
+    sequences: int  # sequences of this group that were scored
+    sequence_share: float  # of all scored sequences
+
+
+@dataclass
+class FieldShares:
+    """How one query's positive influence splits over the values of a metadata field."""
+
+    query_id: int
+    field: str
+    total_positive: float
+    scored: int
+    groups: list[GroupShare]  # largest share first
+
+
+def influence_by(project: Project, rs: dict, field_name: str, query_ids: list[int] | None = None) -> list[FieldShares]:
+    """Each query's share of its total positive influence by the value of a corpus metadata field
+    (``source``, or a field of the corpus's records, e.g. ``kind``), over the sequences the result
+    set scored (with a candidate filter: its candidates only). Sequences without the field are
+    grouped under ``""``. The API of ``inflq top --by FIELD`` and the TUI's Distribution tab."""
+    known = catalog.metadata_fields(project.db)
+    if field_name not in known and field_name not in ("doc_id",):
+        raise InflqError(f"no sequence has a metadata field {field_name!r}; the corpus has {', '.join(known) or 'none'}")
+    column = catalog.metadata_column(project.db, field_name)
+    idx, sc = scores(project, rs)
+    ids = json.loads(rs["settings"]).get("query_ids") or []
+    values = column[idx]
+    out = []
+    for qid in query_ids if query_ids is not None else ids[: sc.shape[0]]:
+        if qid not in ids:
+            raise InflqError(f"query {qid} was not part of result set {rs['id']} (run {rs['run_id']}); run the investigation again to score it")
+        row = sc[ids.index(qid)].astype(np.float64)
+        finite = np.isfinite(row)
+        pos = np.where(finite & (row > 0), row, 0.0)
+        total = float(pos.sum())
+        scored = int(finite.sum())
+        groups = []
+        for value in sorted(set(values[finite].tolist())):
+            mask = finite & (values == value)
+            part = float(pos[mask].sum())
+            n = int(mask.sum())
+            groups.append(GroupShare(str(value), part / total if total > 0 else float("nan"), part, n, n / scored if scored else float("nan")))
+        groups.sort(key=lambda g: (-(g.positive), g.value))
+        out.append(FieldShares(qid, field_name, total, scored, groups))
+    return out

@@ -20,11 +20,12 @@ import click
 from ..errors import InflqError
 
 
-def make_console(stderr: bool = False):
-    """A rich console on stdout (or stderr) that leaves long lines and numbers as they are."""
+def make_console(stderr: bool = False, width: int | None = None):
+    """A rich console on stdout (or stderr) that leaves long lines and numbers as they are
+    (``width``: lay out at this width whatever the terminal's)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def project_at(path: str):

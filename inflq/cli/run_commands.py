@@ -7,6 +7,7 @@ import json
 import click
 
 from .. import catalog
+from ..display import plural
 from ..errors import Cancelled, InflqError
 from .common import make_console, progress_monitor, project_at
 
@@ -103,7 +104,7 @@ def factors_list(project, as_json):
     for r in rows:
         size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "file missing"
         click.echo(f"factor set {r['id']}: {r['estimator']} {r['settings']}")
-        click.echo(f"  {r['num_modules']} modules · {r['num_sequences']} sequences · seed {r['seed']} · {size} · fit in {r['seconds'] or 0:.1f} s"
+        click.echo(f"  {plural(r['num_modules'], 'module')} · {plural(r['num_sequences'], 'sequence')} · seed {r['seed']} · {size} · fit in {r['seconds'] or 0:.1f} s"
                    f" · used by {r['runs']} run{'s' if r['runs'] != 1 else ''} · {'current' if r['current_model'] else 'another'} model"
                    f" · {(r['created_at'] or '')[:16].replace('T', ' ')}")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .. import catalog
+from ..display import plural
 from ..errors import InflqError
 from .common import progress_monitor, project_at
 
@@ -26,7 +27,7 @@ def pack(project, file, include_model, include_corpus, exclude):
     with progress_monitor() as monitor:
         res = do_pack(project, file, include_model=include_model, include_corpus=include_corpus, exclude=exclude, monitor=monitor)
     left = [w for w, inc in (("model", include_model), ("corpus", include_corpus)) if not inc]
-    click.echo(f"wrote {res.path}: {res.files} files, {res.bytes / 1e6:.1f} MB" + (f" (without the {' and '.join(left)}: the recipient relinks local copies)" if left else ""))
+    click.echo(f"wrote {res.path}: {plural(res.files, 'file')}, {res.bytes / 1e6:.1f} MB" + (f" (without the {' and '.join(left)}: the recipient relinks local copies)" if left else ""))
 
 
 @click.command()
@@ -39,7 +40,7 @@ def unpack(file, directory):
 
     with progress_monitor() as monitor:
         manifest = do_unpack(file, directory, monitor=monitor)
-    click.echo(f"unpacked {len(manifest['files'])} verified files into {directory}")
+    click.echo(f"unpacked {plural(len(manifest['files']), 'verified file')} into {directory}")
     p = Project.open(directory)
     try:
         if p.model_status() != "ok":
@@ -61,7 +62,7 @@ def trust(project):
     from ..trust import trust as do_trust
 
     names = do_trust(project)
-    click.echo(f"trusted {len(names)} local plugin file(s) of {project}: {', '.join(names)} (editing any of them withdraws trust)")
+    click.echo(f"trusted {plural(len(names), 'local plugin file')} of {project}: {', '.join(names)} (editing any of them withdraws trust)")
 
 
 @click.command()
@@ -93,13 +94,13 @@ def check(project, repair):
     for prob in problems:
         click.echo(prob.line())
     if not repair:
-        raise InflqError(f"{len(problems)} damaged or missing artifact(s); recompute them with `inflq check {project} --repair`")
+        raise InflqError(f"{plural(len(problems), 'damaged or missing artifact')}; recompute them with `inflq check {project} --repair`")
     with progress_monitor() as monitor:
         for note in do_repair(p, problems, monitor):
             click.echo(note)
     left = do_check(p)
     if left:
-        raise InflqError(f"{len(left)} artifact(s) could not be recomputed: {left[0].line()}")
+        raise InflqError(f"{plural(len(left), 'artifact')} could not be recomputed: {left[0].line()}")
     click.echo("repaired: all artifacts verify")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from ..display import plural
 from .common import make_console, progress_monitor, project_at
 
 
@@ -70,7 +71,7 @@ def validate(project, investigation, estimators, sample, dampings, queries, fit_
         return
     with progress_monitor() as monitor:
         v = run_validation(p, investigation, parse_list(estimators), sample=sample, dampings=parse_list(dampings, float), queries=queries or 3, fit_sequences=fit_sequences, epsilon=epsilon, pbrf_steps=pbrf_steps, pbrf_damping=pbrf_damping, seed=seed, batch_size=batch_size, max_minutes=max_minutes, monitor=monitor)
-    t = Table("estimator", "pearson", "spearman", "fit s", "inverse-HVP s", title=f"validation {v.id}: {len(v.settings['queries'])} queries × {len(v.sample)} sequences vs PBRF (ε={v.settings['epsilon']:.3g}, {v.settings['pbrf_seconds']:.0f} s)")
+    t = Table("estimator", "pearson", "spearman", "fit s", "inverse-HVP s", title=f"validation {v.id}: {plural(len(v.settings['queries']), 'query')} × {plural(len(v.sample), 'sequence')} vs PBRF (ε={v.settings['epsilon']:.3g}, {v.settings['pbrf_seconds']:.0f} s)")
     for r in v.rows:
         t.add_row(r.estimator, f"{r.pearson:.3f}", f"{r.spearman:.3f}", f"{r.fit_seconds:.3f}", f"{r.ihvp_seconds:.4f}")
     make_console().print(t)

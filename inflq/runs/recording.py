@@ -16,6 +16,7 @@ import torch
 from .. import catalog
 from ..artifacts import save_tensors
 from ..base import Estimator, Executor
+from ..display import plural
 from ..engine import GradientEngine
 from ..errors import Cancelled
 from ..plugins import get_registry
@@ -154,11 +155,11 @@ def committed_work(project: Project, run_id: int) -> str:
         parts.append(f"its factors (factor set {row['factor_set_id']})")
     else:
         for key, n_shards, n_seqs in catalog.fit_shard_totals(project.db, run_id):
-            parts.append(f"{n_seqs} sequences of the {key.split(':', 1)[1]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
+            parts.append(f"{plural(n_seqs, 'sequence', sep=False)} of the {key.split(':', 1)[1]} pass in {plural(n_shards, 'shard')}")
     n_shards, n_seqs = catalog.score_shard_totals(project.db, run_id)
     if n_shards:
-        parts.append(f"{n_seqs} scored sequences in {n_shards} shard{'s' if n_shards != 1 else ''}")
-    unit = f"work is committed one shard ({shard_size} sequences) at a time, and the shard in flight is computed again"
+        parts.append(f"{n_seqs} scored {'sequence' if n_seqs == 1 else 'sequences'} in {plural(n_shards, 'shard')}")
+    unit = f"work is committed one shard ({plural(shard_size, 'sequence', sep=False)}) at a time, and the shard in flight is computed again"
     if not parts:
         return f"nothing committed yet, so a resume starts from the beginning ({unit})"
     return "committed: " + ", ".join(parts) + f"; {unit}"

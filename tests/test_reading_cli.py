@@ -1,0 +1,172 @@
+"""Reading results in a terminal, through the real CLI (issue 25): a query of another investigation
+named as such, `show`, `top --wide/--full`, `top --by FIELD`, plurals, the header of a run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import make_model_dir, write_corpus
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A tiny project with two investigations: 'other' holds query 1 (scored by run 1), 'default'
+    holds query 2 (scored by run 2) and query 3 (added after run 2). Tests copy it."""
+    from inflq.cli import main
+
+    base = tmp_path_factory.mktemp("reading")
+    model = make_model_dir(base / "model", "gpt2")
+    corpus = write_corpus(base / "corpus.jsonl")
+    root = base / "proj"
+
+    def cli(*args):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            assert not exc.code, args
+
+    cli("init", root, "--model", model, "--corpus", corpus)
+    cli("investigation", "add", root, "other")
+    cli("query", "add", root, "-i", "other", "the first president of astrobia was", "zorald pfaff")
+    cli("run", root, "-i", "other", "--estimator", "identity", "--top-k", "5")
+    cli("query", "add", root, "the red cat runs", "with the dog")
+    cli("run", root, "--estimator", "identity", "--top-k", "5")
+    cli("query", "add", root, "we walk by the river", "in summer")
+    return root
+
+
+@pytest.fixture
+def proj(scored, tmp_path):
+    dst = tmp_path / "proj"
+    shutil.copytree(scored, dst)
+    for name in ("model", "corpus.jsonl"):  # the copy's inflq.toml names them beside it
+        (tmp_path / name).symlink_to(scored.parent / name)
+    return dst
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 1, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_a_query_of_another_investigation_is_named_with_its_investigation(proj, cli_run):
+    code, out, err = cli_run("attribute", proj, "--query", "1", "--sequence", "d0:0")
+    _one_line_error(code, err, "query 1 is in investigation 'other'", "-i other")
+    code, out, err = cli_run("top", proj, "--query", "1")
+    _one_line_error(code, err, "query 1 is in investigation 'other'", "-i other")
+    assert out == "", "no table titled with a run that never scored the query"
+    code, out, err = cli_run("show", proj, "d0:0", "-i", "default", "--query", "1")
+    _one_line_error(code, err, "query 1 is in investigation 'other'")
+    # Picked as the error says, both work.
+    code, out, err = cli_run("attribute", proj, "-i", "other", "--query", "1", "--sequence", "d0:0")
+    assert code == 0, err
+    assert "total" in out
+    code, out, err = cli_run("top", proj, "-i", "other", "--query", "1", "--json")
+    assert code == 0 and json.loads(out)[0]["query"]["id"] == 1
+
+
+def test_a_query_added_after_the_run_is_said_to_be_unscored(proj, cli_run):
+    code, out, err = cli_run("top", proj, "--query", "3")
+    _one_line_error(code, err, "query 3 was added after run 2", "inflq run")
+    code, out, err = cli_run("attribute", proj, "--query", "3", "--sequence", "d0:0")
+    _one_line_error(code, err, "query 3 was added after run 2")
+    code, out, err = cli_run("top", proj, "--json")  # every query: the scored one, and a line for the other
+    assert code == 0
+    assert [d["query"]["id"] for d in json.loads(out)] == [2]
+    assert "query 3 was added after run 2" in err
+    code, out, err = cli_run("top", proj, "--result-set", "1")
+    _one_line_error(code, err, "result set 1 belongs to investigation 'other'", "-i other")
+
+
+def test_an_investigation_without_results_points_to_the_ones_with_results(proj, cli_run):
+    code, out, err = cli_run("investigation", "add", proj, "empty")
+    assert code == 0
+    code, out, err = cli_run("top", proj, "-i", "empty")
+    _one_line_error(code, err, "'empty' has no results yet", "'default' and 'other'", "-i NAME")
+
+
+def test_show_prints_the_whole_text_metadata_scores_and_heat_map(proj, cli_run):
+    from inflq.project import Project
+
+    p = Project.open(proj)
+    row = p.db["sequences"].get(4)
+    text = p.runtime.decode(p.runtime.corpus.get(4))
+    p.close()
+    code, out, err = cli_run("show", proj, row["doc_id"])  # a one-chunk document's id is enough
+    assert code == 0, err
+    assert row["seq_id"] in out and "source: " + row["source"] in out
+    assert " ".join(text.split()) in " ".join(out.split()), "the whole text, wrapped but never cut"
+    # Its score and rank in the latest result set of the investigation with the latest results.
+    m = _matrix(cli_run, proj, "default")
+    score, rank = m[0, 4], int((m[0] > m[0, 4]).sum()) + 1
+    line = next(line for line in out.splitlines() if line.strip().startswith("│ 2 ") or line.strip().startswith("2 "))
+    assert f"{rank} of 24" in line, out
+    assert f"{score:+.2f}"[:4] in line.replace(" ", ""), (score, line)
+    code, out, err = cli_run("show", proj, row["seq_id"], "--query", "2")
+    assert code == 0, err
+    assert "position" in out and "total" in out
+    total = float(out.strip().splitlines()[-1].split()[-1])
+    assert total == pytest.approx(float(score), rel=1e-4, abs=1e-6), "the heat map sums to the stored score"
+    code, out, err = cli_run("show", proj, "no-such-doc")
+    _one_line_error(code, err, "no training sequence 'no-such-doc'")
+
+
+def _matrix(cli_run, proj, inv):
+    out_file = proj.parent / f"{inv}.npy"
+    code, _, err = cli_run("export", proj, "-i", inv, "-o", out_file)
+    assert code == 0, err
+    return np.load(out_file)
+
+
+def test_top_at_80_columns_cuts_the_text_but_wide_and_full_show_it_whole(proj, cli_run, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli_run("top", proj, "--json", "-k", "3")
+    texts = [" ".join(r["text"].split()) for r in json.loads(out)[0]["results"]]
+    longest = max(texts, key=len)
+    assert len(longest) > 40
+    code, out, err = cli_run("top", proj, "-k", "3")
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80
+    assert longest not in out, "the default table fits 80 columns"
+    code, out, err = cli_run("top", proj, "-k", "3", "--wide")
+    assert code == 0
+    assert all(t in out for t in texts), "--wide: one row per sequence, as long as its text"
+    code, out, err = cli_run("top", proj, "-k", "3", "--full")
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80
+    flat = " ".join(out.split())
+    assert all(t in flat for t in texts), "--full: the whole text, wrapped to the terminal"
+    code, out, err = cli_run("top", proj, "--wide", "--full")
+    _one_line_error(code, err, "--wide and --full")
+
+
+def test_top_by_a_metadata_field_splits_positive_influence(proj, cli_run):
+    m = _matrix(cli_run, proj, "default")[0].astype(np.float64)
+    source = np.array(["facts" if i % 3 == 0 else "prose" for i in range(24)])  # helpers.write_corpus
+    pos = np.where(m > 0, m, 0.0)
+    want = {s: pos[source == s].sum() / pos.sum() for s in ("facts", "prose")}
+    code, out, err = cli_run("top", proj, "--by", "source", "--json")
+    assert code == 0, err
+    (data,) = json.loads(out)
+    got = {g["value"]: g for g in data["groups"]}
+    assert set(got) == {"facts", "prose"}
+    for s in want:
+        assert got[s]["share"] == pytest.approx(want[s], rel=1e-5)
+        assert got[s]["sequences"] == int((source == s).sum())
+    assert sum(g["share"] for g in data["groups"]) == pytest.approx(1.0)
+    code, out, err = cli_run("top", proj, "--by", "source")
+    assert code == 0 and "share of positive influence" in out and f"{100 * want['prose']:.1f} %" in out
+    code, out, err = cli_run("top", proj, "--by", "kind")
+    _one_line_error(code, err, "no sequence has a metadata field 'kind'", "source")
+
+
+def test_one_of_a_thing_is_singular(proj, cli_run):
+    code, out, err = cli_run("export", proj, "-o", proj.parent / "m.npy")
+    assert code == 0 and "2 queries x 24 sequences" in out
+    code, out, err = cli_run("export", proj, "-i", "other", "-o", proj.parent / "m.npy")
+    assert code == 0 and "1 query x 24 sequences" in out, out
