@@ -78,6 +78,16 @@ def estimator_summary(rs: dict) -> str:
     settings = json.loads(rs["settings"] or "{}")
     est = settings.get("estimator_settings") or {}
     parts = []
+    if settings.get("scores_from") == "estimator" or "index_settings" in est:
+        # The estimator scored every candidate itself (a stored gradient index): no query rank
+        # or damping of a run's passes applies to the scores; the rank is that of attributions.
+        what = [f"width {est['width']}"] if est.get("width") else []
+        what += [f"{est['metric']} product" if est.get("metric") == "inner" else str(est["metric"])] if est.get("metric") else []
+        source = f"the stored gradient index {est['key']}" if est.get("key") else f"{rs['estimator']}'s stored gradients"
+        parts.append(f"scores from {source}" + (f" ({', '.join(what)})" if what else ""))
+        rank = settings.get("rank")
+        parts.append("attribution at full rank" if rank is None else f"attribution at rank {rank}")
+        return ", ".join(parts)
     per_module = est.get("damping_per_module")
     if isinstance(per_module, dict) and per_module:
         mean = sum(per_module.values()) / len(per_module)

@@ -170,3 +170,19 @@ def test_one_of_a_thing_is_singular(proj, cli_run):
     assert code == 0 and "2 queries x 24 sequences" in out
     code, out, err = cli_run("export", proj, "-i", "other", "-o", proj.parent / "m.npy")
     assert code == 0 and "1 query x 24 sequences" in out, out
+
+
+def test_plugins_at_80_columns_cut_nothing(cli_run, monkeypatch):
+    from inflq.plugins import get_registry
+
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli_run("plugins")
+    assert code == 0, err
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    reg = get_registry()
+    words = out.split()
+    for kind in reg.KINDS:
+        for name, cls in reg.all(kind).items():
+            assert name in words
+            for o in cls.options:
+                assert f"{o.name}={o.default}" in out, (kind, name, o.name)

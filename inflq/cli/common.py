@@ -17,7 +17,14 @@ from contextlib import contextmanager, suppress
 
 import click
 
-from ..errors import InflqError
+from ..errors import Cancelled, InflqError
+
+# Exit statuses (README, "Exit status"): 0 done; 1 a user error (one line, "Error: ..."); 2 an
+# internal error or a usage error; 3 stopped on request (Ctrl-C) with the committed work kept,
+# to be resumed; 130 aborted at once (a second Ctrl-C).
+EXIT_ERROR = 1
+EXIT_STOPPED = 3
+EXIT_ABORTED = 130
 
 
 def make_console(stderr: bool = False, width: int | None = None):
@@ -173,22 +180,26 @@ def add_plugin_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line and exit status 1."""
+    """Entry point: user errors become one line and exit status 1; work stopped on request says
+    "stopped: ..." with what was kept, and exits with status 3 (:data:`EXIT_STOPPED`)."""
     add_plugin_commands()
     try:
         cli.main(args=argv, standalone_mode=False)
+    except Cancelled as exc:  # stopped on request: not an error, and said so
+        click.echo(f"stopped: {exc}", err=True)
+        sys.exit(EXIT_STOPPED)
     except InflqError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_ABORTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_ABORTED)
     except sqlite3.OperationalError as exc:
         msg = str(exc)
         if "locked" in msg or "busy" in msg:

@@ -55,7 +55,7 @@ def plan(project, investigation, estimator, modules, fit_sequences, rank, batch_
             result = make_plan(p, settings, investigation=investigation, calibration=calibration, monitor=monitor,
                                memory=None if memory is None else int(memory * (1 << 30)))
         except Cancelled:
-            raise InflqError("plan cancelled; nothing was written") from None
+            raise Cancelled("plan: nothing was written") from None
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return

@@ -74,7 +74,7 @@ def run(project, investigation, estimator, filter_, executor, address, modules, 
             from ..runs import committed_work
 
             last = resume or catalog.latest_run_id(p.db)
-            raise InflqError(f"run {last} cancelled; {committed_work(p, last)}: continue with `inflq run {project} --resume {last}` (or --resume alone)") from None
+            raise Cancelled(f"run {last}; {committed_work(p, last)}: continue with `inflq run {project} --resume {last}` (or --resume alone)") from None
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.phases.items())
     click.echo(f"run {result.run_id} done in {result.seconds:.1f}s ({phases}); result set {result.result_set_id}")
     click.echo(f"see the top sequences with: inflq top {project} -i {catalog.investigation(p.db, catalog.get_run(p.db, result.run_id)['investigation_id'])['name']}")
@@ -148,7 +148,7 @@ def factors_fit(project, estimator, modules, fit_sequences, seed, batch_size, ba
             from ..runs import committed_work
 
             last = resume or catalog.latest_run_id(p.db)
-            raise InflqError(f"fit {last} cancelled; {committed_work(p, last)}: continue with `inflq factors fit {project} --resume {last}`") from None
+            raise Cancelled(f"fit {last}; {committed_work(p, last)}: continue with `inflq factors fit {project} --resume {last}`") from None
     if fs_id is None:
         click.echo(f"{settings.estimator} fits no factors; nothing to do")
     else:

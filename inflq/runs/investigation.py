@@ -116,11 +116,13 @@ def run_investigation(
         # Scores from the estimator itself (a stored index), else in shards, committing each one.
         t = time.perf_counter()
         scored = estimator_scores(project, estimator, queries, cand, mask, monitor)
+        own_scores = scored is not None
         if scored is None:
             scored = score_shards(project, run_id, scorers, cand, mask, settings, executor, monitor)
         phases["scoring"] = time.perf_counter() - t
         t = time.perf_counter()
-        record = result_record(project, run_id, investigation, queries, settings, estimator, filt, scorers, cand, scored.scores, saved_queries, monitor, kept=scored.kept)
+        record = result_record(project, run_id, investigation, queries, settings, estimator, filt, scorers, cand, scored.scores, saved_queries, monitor,
+                               kept=scored.kept, own_scores=own_scores)
         rs_id = store_result_set(project, record)
         phases["top results"] = time.perf_counter() - t
         seconds = time.perf_counter() - started

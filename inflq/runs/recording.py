@@ -89,9 +89,12 @@ class ResultRecord:
 def result_record(
     project: Project, run_id: int, investigation: str, queries: list[dict], settings: RunSettings, estimator: Estimator,
     filt, scorers: list[Scorer], cand: np.ndarray, scores: np.ndarray, saved_queries: tuple[str, str], monitor: Monitor, kept=None,
+    own_scores: bool = False,
 ) -> ResultRecord:
     """Save the full score matrix; the record holds the top and bottom K per query with their
-    per-module and per-layer scores and texts (see :func:`extreme_module_scores` for ``kept``)."""
+    per-module and per-layer scores and texts (see :func:`extreme_module_scores` for ``kept``).
+    ``own_scores``: the estimator scored the candidates itself (``Estimator.score_candidates``, e.g.
+    from a stored gradient index), so the query rank applies to attributions only."""
     picks = pick_extremes(scores, settings.top_k)
     found = extreme_module_scores(project, scorers, cand, {(p[0], p[3]) for p in picks}, len(queries), settings, monitor, kept)
     engine, qg = scorers[-1].engine, scorers[-1].queries
@@ -109,6 +112,7 @@ def result_record(
         "run_id": run_id, "investigation_id": inv["id"], "name": f"run {run_id}: {settings.estimator} / {settings.filter}",
         "estimator": settings.estimator, "filter": filt.spec() if hasattr(filt, "spec") else settings.filter,
         "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "full_rank_modules": sorted(qg.full), "query_ids": [q["id"] for q in queries],
+                                **({"scores_from": "estimator"} if own_scores else {}),
                                 # Checkpoint estimators (TracIn): the models whose query gradients the queries artifact holds, in order.
                                 **({"checkpoints": [project_relative(c, project.root) for c in checkpoints]} if checkpoints else {})}, default=float),
         "num_candidates": int(len(cand)), "scores_path": rs_rel, "scores_checksum": rs_sum,
