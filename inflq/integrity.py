@@ -78,8 +78,10 @@ def referenced_artifacts(db) -> list[Artifact]:
 
 
 def _affected(db, art: Artifact) -> list[str]:
-    runs, sets, status = catalog.dependents(db, art.owner)
     table, key = art.owner[0], art.owner[1]
+    if table == "self_influence":
+        return ["cached self-influence scores (recomputed by the next `inflq self-influence`)"]
+    runs, sets, status = catalog.dependents(db, art.owner)
     if table == "factor_sets":
         out = [f"run {r}" for r in runs] + [f"result set {s} (attribution and probes)" for s in sets]
         return out or ["no run (refit on the next run that needs it)"]
@@ -158,6 +160,10 @@ def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> 
     for p in problems:
         if p.artifact.owner[0] == "factor_sets":
             notes.append(_refit(project, p.artifact.owner[1], monitor))
+        elif p.artifact.owner[0] == "self_influence":  # a cache: forgotten, recomputed when next asked for
+            catalog.delete_self_influence(project.db, p.artifact.owner[1])
+            (project.root / p.artifact.path).unlink(missing_ok=True)
+            notes.append(f"dropped the damaged cache {p.artifact.path} (recomputed by the next `inflq self-influence`)")
     runs: dict[int, list[Problem]] = {}
     for p in problems:
         table = p.artifact.owner[0]

@@ -230,9 +230,21 @@ class ScoringSession:
         return [self.attribute(self.project.runtime.tokenize_sequence(t), query_id, "token") for t in texts]
 
 
-def self_influence(project: Project, estimator: str | None = None, indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
-    """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``)."""
+def self_influence(project: Project, estimator: str | None = None, indices: np.ndarray | None = None, monitor: Monitor | None = None,
+                   batch_size: int = 8, cache: bool = True, info: dict | None = None, **run) -> tuple[np.ndarray, np.ndarray]:
+    """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``).
+
+    Computed scores are kept in the project (``self_influence``, an artifact addressed by a hash of
+    what determines them: the estimator and its settings, its factor set, the tracked modules, the
+    model, the corpus and the sequences), so asking again reads them back (``cache=False``:
+    recompute). The batch size is not part of the key: it changes the scores only by rounding.
+    ``info``, when given, is filled with ``cached`` (read back or not), ``path`` and ``created_at``."""
+    import hashlib
+    import time
+
+    from .artifacts import save_tensors
     from .passes import SelfInfluencePass
+    from .project import ARTIFACTS
     from .runs import LocalWorker, RunSettings, prepare_estimator
 
     monitor = monitor or Monitor()
@@ -240,9 +252,40 @@ def self_influence(project: Project, estimator: str | None = None, indices: np.n
     prepared = prepare_estimator(project, settings, monitor)
     est, engine = prepared.estimator, prepared.engine
     idx = np.arange(len(project.runtime.corpus), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    fs = catalog.factor_set(project.db, prepared.factor_set_id) if prepared.factor_set_id is not None else None
+    key_src = {
+        "estimator": est.name, "settings": est.settings, "factors": fs["key"] if fs else None, "modules": engine.names,
+        "model": project.model_fingerprint, "corpus": project.runtime.corpus.fingerprint, "seed": settings.seed,
+        "fit_sequences": settings.fit_sequences, "dtype": str(next(engine.model.parameters()).dtype),
+        "indices": hashlib.sha256(idx.tobytes()).hexdigest(),
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    row = catalog.self_influence_by_key(project.db, key) if cache else None
+    if row is not None:
+        try:
+            t = load_tensors(project.root, row["path"], row["checksum"], "self-influence scores")
+            if info is not None:
+                info.update(cached=True, path=row["path"], created_at=row["created_at"])
+            return t["indices"].numpy(), t["scores"].numpy()
+        except InflqError as exc:  # a damaged or missing cache is recomputed
+            monitor.warn(f"{exc}; recomputing")
     monitor.start("self-influence", len(idx))
+    started = time.perf_counter()
     out = LocalWorker(project, engine).run(SelfInfluencePass(est), Shard(0, idx), batch_size, monitor)
-    return idx, out["scores"][:, 0].numpy()
+    vals = out["scores"][:, 0].float()
+    if not project.readonly:
+        import torch
+
+        rel = f"{ARTIFACTS}/self-influence/{est.name}-{key}.safetensors"
+        checksum = save_tensors(project.root, rel, {"indices": torch.from_numpy(idx), "scores": vals}, {"key": json.dumps(key_src, sort_keys=True, default=str)})
+        catalog.store_self_influence(project.db, {
+            "key": key, "estimator": est.spec() if hasattr(est, "spec") else est.name, "settings": json.dumps(key_src, sort_keys=True, default=str),
+            "factor_set_id": prepared.factor_set_id, "num_sequences": len(idx), "path": rel, "checksum": checksum,
+            "seconds": time.perf_counter() - started,
+        })
+        if info is not None:
+            info.update(cached=False, path=rel, created_at=None)
+    return idx, vals.numpy()
 
 
 def find_sequence(project: Project, seq_id: str) -> dict:

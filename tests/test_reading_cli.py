@@ -186,3 +186,41 @@ def test_plugins_at_80_columns_cut_nothing(cli_run, monkeypatch):
             assert name in words
             for o in cls.options:
                 assert f"{o.name}={o.default}" in out, (kind, name, o.name)
+
+
+def test_self_influence_is_kept_in_the_project_keyed_by_what_determines_it(proj, cli_run, monkeypatch):
+    import inflq.passes
+    from inflq import integrity
+    from inflq.project import Project
+
+    passes = []
+    real = inflq.passes.SelfInfluencePass
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            passes.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(inflq.passes, "SelfInfluencePass", Counting)
+    code, first, err = cli_run("self-influence", proj, "--estimator", "ekfac", "-k", "5")
+    assert code == 0, err
+    assert len(passes) == 1 and "read back" not in err
+    code, again, err = cli_run("self-influence", proj, "--estimator", "ekfac", "-k", "5")
+    assert code == 0 and len(passes) == 1, "asked again: read back, no pass"
+    assert "read back from artifacts/self-influence/" in err and again == first
+    code, _, err = cli_run("self-influence", proj, "--estimator", "ekfac:damping=0.5", "-k", "5")
+    assert code == 0 and len(passes) == 2, "another damping is another key"
+    code, _, err = cli_run("self-influence", proj, "--estimator", "ekfac", "-k", "5", "--recompute")
+    assert code == 0 and len(passes) == 3
+    # The cache is an artifact like the others: checked, packed, and a damaged one recomputed.
+    p = Project.open(proj)
+    cached = [a for a in integrity.referenced_artifacts(p.db) if a.kind == "self-influence scores"]
+    assert len(cached) == 2
+    p.close()
+    (proj / cached[0].path).write_bytes(b"damaged")
+    code, out, err = cli_run("check", proj)
+    assert code == 1 and "self-influence" in out and "recomputed by the next" in out, out
+    code, out, err = cli_run("check", proj, "--repair")
+    assert code == 0, err
+    code, again2, err = cli_run("self-influence", proj, "--estimator", "ekfac", "-k", "5")
+    assert code == 0 and again2 == first

@@ -18,10 +18,13 @@ code outside ``inflq/catalog/`` touches ``db[...]`` or runs SQL.
 
 from .result_rows import (
     count_results,
+    delete_self_influence,
     get_result_set,
     insert_result_set,
     result_set_of_run,
     result_sets_of,
+    self_influence_by_key,
+    store_self_influence,
     stored_results,
     update_result_set,
 )
@@ -132,5 +135,5 @@ __all__ = [
     "insert_lds_subset", "insert_validation", "lds_subsets", "validation_rows", "interrupted_run", "latest_run_id", "latest_run_using", "move_runs_to_factor_set",
     "record_fit_shards", "record_score_shard", "referenced_files", "restart_run", "result_set_of_run", "result_sets_of",
     "run_counts", "run_ids_using", "runs_of", "score_shard_totals", "score_shards", "store_factor_set", "stored_results",
-    "update_result_set", "update_run",
+    "update_result_set", "update_run", "delete_self_influence", "self_influence_by_key", "store_self_influence",
 ]

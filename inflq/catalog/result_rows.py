@@ -54,6 +54,23 @@ def stored_results(db, result_set_id: int, query_id: int, side: str, limit: int,
         "ORDER BY rank LIMIT ? OFFSET ?", [result_set_id, query_id, side, like, like, limit, offset]))
 
 
+def self_influence_by_key(db, key: str) -> dict | None:
+    """The cached self-influence scores with this key (``inflq self-influence``), or None."""
+    return next(db["self_influence"].rows_where("key = ?", [key]), None)
+
+
+def store_self_influence(db, fields: dict[str, Any]) -> None:
+    """Record computed self-influence scores (``fields``: the row, ``key`` included)."""
+    with db.atomic():
+        db["self_influence"].upsert({**fields, "created_at": now()}, pk="key")
+
+
+def delete_self_influence(db, key: str) -> None:
+    """Forget cached self-influence scores (their file is recomputed when next asked for)."""
+    with db.atomic():
+        db.execute("DELETE FROM self_influence WHERE key = ?", [key])
+
+
 def count_results(db, result_set_id: int, query_id: int, side: str) -> int:
     """How many sequences are stored for one query and side of a result set."""
     return db["results"].count_where("result_set_id = ? AND query_id = ? AND side = ?", [result_set_id, query_id, side])

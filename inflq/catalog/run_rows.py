@@ -171,6 +171,9 @@ def referenced_files(db) -> list[tuple[str, str, str | None, tuple]]:
             out.append(("score matrix", r["scores_path"], r["scores_checksum"], ("result_sets", r["id"], "scores")))
         if r["queries_path"]:
             out.append(("query gradients", r["queries_path"], r["queries_checksum"], ("result_sets", r["id"], "queries")))
+    has_cache = _rows(db, "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'self_influence'")
+    for r in _rows(db, "SELECT key, path, checksum FROM self_influence ORDER BY created_at") if has_cache else []:  # an archive from before 0006
+        out.append(("self-influence scores", r["path"], r["checksum"], ("self_influence", r["key"])))
     # Candidates carry no checksum in the catalog; they must at least exist and read once scoring began.
     for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id"):
         out.append(("candidate list", f"artifacts/runs/{r['run_id']}/candidates.safetensors", None, ("runs", r["run_id"], "candidates")))

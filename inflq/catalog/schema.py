@@ -200,6 +200,17 @@ def m0005_lds(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0006_self_influence")
+def m0006_self_influence(db: sqlite_utils.Database) -> None:
+    # `inflq self-influence`: each computed ranking is kept, addressed by a hash of everything that
+    # determines it (estimator and its settings, factor set, modules, model, corpus, sequences).
+    db["self_influence"].create(
+        {"key": str, "estimator": str, "settings": str, "factor_set_id": int, "num_sequences": int,
+         "path": str, "checksum": str, "seconds": float, "created_at": str},
+        pk="key",
+    )
+
+
 class CatalogDatabase(sqlite_utils.Database):
     """sqlite-utils' Database whose outermost transactions begin IMMEDIATE: the write lock is taken
     (waiting up to the busy timeout) before the first read. A deferred BEGIN that reads first and

@@ -154,7 +154,8 @@ def export(project, investigation, fmt, output, result_set):
 @click.argument("project")
 @click.option("--estimator", default=None, help="Estimator spec, as for inflq run (default: the registry's default estimator; ekfac among the built-ins).")
 @click.option("-k", default=10, show_default=True, help="Sequences to show.")
-def self_influence_cmd(project, estimator, k):
+@click.option("--recompute", is_flag=True, help="Compute again even if the project keeps these scores (they are kept after each computation).")
+def self_influence_cmd(project, estimator, k, recompute):
     """Rank training sequences by self-influence (outliers, memorised or mislabelled data)."""
     import numpy as np
     from rich.table import Table
@@ -163,7 +164,10 @@ def self_influence_cmd(project, estimator, k):
 
     p = project_at(project)
     with progress_monitor() as monitor:
-        idx, vals = self_influence(p, estimator, monitor=monitor)
+        info: dict = {}
+        idx, vals = self_influence(p, estimator, monitor=monitor, cache=not recompute, info=info)
+    if info.get("cached"):
+        click.echo(f"read back from {info['path']} (computed {info['created_at']}); --recompute to compute again", err=True)
     from ..display import score_format
 
     order = np.argsort(-vals)[:k]

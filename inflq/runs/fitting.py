@@ -4,9 +4,11 @@ killed fit resumes from its last committed shard."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,38 @@ def fit_memory_bytes(gb: float | None) -> int | None:
     if gb <= 0:
         raise InflqError("--fit-memory must be a positive number of GB")
     return int(gb * 2**30)
+
+
+LOCKS = ".locks"  # lock files, in the project folder; never packed (sharing packs artifacts/, corpus/, plugins/)
+
+
+@contextlib.contextmanager
+def factor_lock(project: Project, key: str, monitor: Monitor) -> Iterator[bool]:
+    """Hold the lock on factor cache key ``key`` (a file lock under the project folder, released by
+    the OS if the holder dies); yields whether another process held it first, i.e. whether the
+    factors may have appeared meanwhile. Waiting can be cancelled (the monitor). A read-only
+    project fits nothing, so it takes no lock."""
+    from filelock import FileLock, Timeout
+
+    if getattr(project, "readonly", False):
+        yield False
+        return
+    (project.root / LOCKS).mkdir(exist_ok=True)
+    lock = FileLock(str(project.root / LOCKS / f"factors-{key}.lock"))
+    waited = False
+    while True:
+        try:
+            lock.acquire(timeout=0.25, poll_interval=0.05)
+            break
+        except Timeout:
+            if not waited:
+                monitor.warn(f"another process is fitting these factors (key {key}); waiting for its fit rather than fitting them twice")
+                waited = True
+            monitor.check()
+    try:
+        yield waited
+    finally:
+        lock.release()
 
 
 def ensure_factors(
@@ -205,6 +239,23 @@ def ensure_factors(
         estimator.load_factors(load_tensors(project.root, row["path"], row["checksum"], "factor artifact"))
         estimator.prepare(ctx)
         return row["id"]
+    # One fit per cache key at a time: a second run with the same settings waits for the first
+    # one's fit and reuses its factors instead of fitting them again (and failing on the key).
+    with factor_lock(project, key, monitor) as waited:
+        # Another process may have stored them since the look above (while this one waited, or
+        # just before it took the lock): reuse them, unless asked to refit the very set seen above.
+        fresh = catalog.factor_set_by_key(project.db, key)
+        if fresh is not None and (not settings.refit or row is None or fresh["id"] != row["id"]):
+            if waited or row is None:
+                monitor.note(f"reusing factor set {fresh['id']}, which another process fitted meanwhile")
+            estimator.load_factors(load_tensors(project.root, fresh["path"], fresh["checksum"], "factor artifact"))
+            estimator.prepare(ctx)
+            return fresh["id"]
+        return _fit_and_store(project, estimator, engine, ctx, settings, monitor, run_id, key, key_src, data_fp, indices, store, fresh)
+
+
+def _fit_and_store(project, estimator, engine, ctx, settings, monitor, run_id, key, key_src, data_fp, indices, store, row) -> int:
+    """Fit the factors (the lock on their key held) and record them as a factor set."""
     tokens = int(store.lengths()[indices].sum())
     widest = max(max(t.in_dim, t.out_features) for t in engine.tracked)
     if tokens < 2 * widest:
