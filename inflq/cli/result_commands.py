@@ -28,7 +28,7 @@ from .common import heat_text, make_console, progress_monitor, project_at, text_
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def top(project, investigation, query_id, k, bottom, result_set, wide, full, by_field, as_json):
     """Print the most influential training sequences of each query."""
-    from ..reading import estimator_summary, query_of, require_scored, scored_by
+    from ..reading import decoded, estimator_summary, query_of, require_scored, scored_by
     from ..reading import result_set as get_rs
     from ..reading import top as get_top
 
@@ -52,7 +52,7 @@ def top(project, investigation, query_id, k, bottom, result_set, wide, full, by_
         for q in queries:
             rows = get_top(p, rs["id"], q["id"], side, k)
             if as_json:
-                out.append({"query": q, "results": rows})
+                out.append({"query": decoded(q), "results": [decoded(r) for r in rows]})
                 continue
             title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
                      "positive = makes the completion more likely)")
@@ -102,11 +102,11 @@ def _top_by(p, rs: dict, field_name: str, queries: list[dict], as_json: bool) ->
     from rich.table import Table
 
     from ..display import plural
-    from ..reading import influence_by
+    from ..reading import decoded, influence_by
 
     shares = influence_by(p, rs, field_name, [q["id"] for q in queries])
     if as_json:
-        click.echo(json.dumps([{"query": q, **dataclasses.asdict(s)} for q, s in zip(queries, shares, strict=True)], indent=2))
+        click.echo(json.dumps([{"query": decoded(q), **dataclasses.asdict(s)} for q, s in zip(queries, shares, strict=True)], indent=2))
         return
     for q, s in zip(queries, shares, strict=True):
         t = Table(title=f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}: positive influence by {field_name} "

@@ -222,7 +222,7 @@ def ensure_factors(
     if not estimator.fits_factors:
         estimator.prepare(ctx)
         return None
-    data_fp = hashlib.sha256(store.fingerprint.encode() + indices.tobytes()).hexdigest()[:32]
+    data_fp = hashlib.sha256(store.key.encode() + indices.tobytes()).hexdigest()[:32]  # key: the fingerprint, and the loss mask where there is one
     key_src = {
         "estimator": estimator.name,
         "settings": estimator.factor_settings(),

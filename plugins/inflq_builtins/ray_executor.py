@@ -108,10 +108,12 @@ class ShardWorker:
             from inflq import GradientEngine, load_model, pick_device, pick_dtype, select_modules
 
             folder = Path(tempfile.mkdtemp(prefix="inflq-model-"))
-            for name, data in shipped.items():
+            (folder / "adapter").mkdir()
+            for name, data in shipped.items():  # "adapter/NAME": the LoRA adapter's files
                 (folder / name).write_bytes(data)
             device = pick_device(spec.get("device"))
-            model = load_model(folder, device, pick_dtype(spec.get("dtype"), device))
+            adapter = folder / "adapter" if spec.get("adapter") else None
+            model = load_model(folder, device, pick_dtype(spec.get("dtype"), device, folder), adapter)
             self.engine = GradientEngine(model, select_modules(model, spec.get("modules")))
             self.pad_id, self.sequences = pad_id, None
 
@@ -239,6 +241,8 @@ class RayExecutor(Executor):
             if self.settings["ship_model"] and self._shipped is None:
                 folder = Path(spec["model"])
                 files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+                if spec.get("adapter"):
+                    files.update({f"adapter/{p.name}": p.read_bytes() for p in Path(spec["adapter"]).iterdir() if p.is_file()})
                 self._shipped = ray.put(files)
         self._spec, self._job = spec, job
         if self._sink is None:
