@@ -4,6 +4,7 @@ named as such, `show`, `top --wide/--full`, `top --by FIELD`, plurals, the heade
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -224,3 +225,142 @@ def test_self_influence_is_kept_in_the_project_keyed_by_what_determines_it(proj,
     assert code == 0, err
     code, again2, err = cli_run("self-influence", proj, "--estimator", "ekfac", "-k", "5")
     assert code == 0 and again2 == first
+
+
+# -- a read-only project folder (item 8) -------------------------------------------------------------
+# The suite runs as root, whom file modes do not stop: the reader then runs without the capabilities
+# that let root past them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, dropped from its
+# bounding set before exec), so a folder made read-only with chmod refuses it as it refuses any user.
+DROP_DAC = (1, 2, 3)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+PR_CAPBSET_DROP = 24
+
+
+def _as_reader():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in DROP_DAC:
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+READER = """
+import contextlib, io, json, sys
+from inflq.cli import main
+out = []
+for args in json.loads(sys.argv[1]):
+    o, e, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    out.append([code, o.getvalue(), e.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def _reader(*commands, code=None):
+    """Run ``code``, or each command (a list of CLI arguments) through inflq's entry point, in one
+    process without write access; returns the CompletedProcess, or ``[(exit code, stdout, stderr)]``."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-c", code] if code else [sys.executable, "-c", READER, json.dumps([[str(a) for a in c] for c in commands])]
+    got = subprocess.run(argv, capture_output=True, text=True, preexec_fn=_as_reader if os.geteuid() == 0 else None,
+                         env={**os.environ, "COLUMNS": "200", "INFLQ_PROGRESS": "0"}, timeout=600)
+    if code:
+        return got
+    assert got.returncode == 0, got.stderr[-3000:]
+    return [tuple(r) for r in json.loads(got.stdout)]
+
+
+def _tree(root):
+    return {str(f.relative_to(root)): (f.stat().st_mode, f.read_bytes()) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture
+def readonly(proj, cli_run):
+    """The project after a write (so that the catalog is current), then chmod -R a-w."""
+    try:
+        probe = _reader(code="print(1)")
+    except OSError as exc:  # pragma: no cover - a container without CAP_SETPCAP
+        pytest.skip(f"cannot run a reader without write access here: {exc}")
+    assert probe.returncode == 0, probe.stderr
+    for f in [proj, *proj.rglob("*")]:
+        f.chmod(f.stat().st_mode & ~0o222)
+    yield proj
+    for f in [proj, *proj.rglob("*")]:
+        f.chmod(f.stat().st_mode | 0o200)
+
+
+def test_a_read_only_project_can_be_read_and_refuses_writes(readonly, tmp_path, cli_run, monkeypatch):
+    import shutil
+
+    root = readonly
+    check = _reader(code=f"import os; print(os.access({str(root)!r}, os.W_OK)); open({str(root / 'x')!r}, 'w')")
+    assert check.stdout.split() == ["False"] and "Permission denied" in check.stderr, "the reader really cannot write"
+    writable = tmp_path / "writable"
+    shutil.copytree(root, writable)  # the same project, writable, for the expected outputs
+    for f in [writable, *writable.rglob("*")]:
+        f.chmod(f.stat().st_mode | 0o200)
+    before = _tree(root)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    reads = [["top", "{}", "-k", "3"], ["top", "{}", "--by", "source"], ["runs", "{}"], ["query", "list", "{}"], ["factors", "list", "{}"],
+             ["show", "{}", "d4:0"], ["investigation", "list", "{}"], ["attribute", "{}", "--query", "2", "--sequence", "d4:0"],
+             ["check", "{}"], ["export", "{}", "-o", str(out_dir / "m.npy")], ["pack", "{}", str(out_dir / "p.tar")]]
+    writes = [["query", "add", "{}", "the red cat", "runs"], ["run", "{}", "--estimator", "identity"], ["investigation", "add", "{}", "x"]]
+    got = _reader(*[[str(root) if a == "{}" else a for a in c] for c in reads + writes])
+    monkeypatch.setenv("COLUMNS", "200")
+    for args, (code, out, err) in zip(reads, got):
+        assert code == 0, (args, err)
+        if args[0] in ("export", "pack"):
+            continue
+        want_code, want, want_err = cli_run(*[str(writable) if a == "{}" else a for a in args])
+        assert want_code == 0, want_err
+        assert out == want.replace(str(writable), str(root)), (args, out, want)
+    np.testing.assert_array_equal(np.load(out_dir / "m.npy"), _matrix(cli_run, writable, "default"))
+    assert (out_dir / "p.tar").stat().st_size > 0
+    # Writes keep a clear one-line refusal.
+    for args, (code, _out, err) in zip(writes, got[len(reads):]):
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: ") and "read-only" in lines[0], (args, err)
+    assert _tree(root) == before, "reading wrote nothing"
+
+
+def test_a_read_only_copy_with_commits_in_its_wal_or_of_an_older_inflq_is_read(proj, cli_run, tmp_path):
+    """A folder copied while its catalog had commits in the WAL (no -shm beside it), and a catalog
+    from before a migration: read from a private copy, the folder left as it is."""
+    import sqlite3
+
+    conn = sqlite3.connect(proj / "catalog.db")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("UPDATE queries SET notes = 'only in the WAL' WHERE id = 2")
+    conn.commit()
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name = '0006_self_influence'")  # as an older inflq left it
+    conn.execute("DROP TABLE self_influence")
+    conn.commit()
+    copy = tmp_path / "copied"
+    copy.mkdir()
+    for name in ("inflq.toml", "catalog.db", "catalog.db-wal"):  # no -shm: as a copy after a crash
+        (copy / name).write_bytes((proj / name).read_bytes())
+    conn.close()
+    assert (copy / "catalog.db-wal").stat().st_size > 0
+    import shutil
+
+    shutil.copytree(proj / "corpus", copy / "corpus")
+    shutil.copytree(proj / "artifacts", copy / "artifacts")
+    (copy / "inflq.toml").write_text((proj / "inflq.toml").read_text().replace('"../', f'"{proj.parent}/'))
+    for f in [copy, *copy.rglob("*")]:
+        f.chmod(f.stat().st_mode & ~0o222)
+    try:
+        before = _tree(copy)
+        (code, out, err), (code2, out2, err2) = _reader(["query", "list", copy, "--json"], ["top", copy, "-k", "2", "--json"])
+        assert code == 0, err
+        assert [q["notes"] for q in json.loads(out) if q["id"] == 2] == ["only in the WAL"]
+        assert code2 == 0 and json.loads(out2)[0]["query"]["id"] == 2, err2
+        assert _tree(copy) == before
+    finally:
+        for f in [copy, *copy.rglob("*")]:
+            f.chmod(f.stat().st_mode | 0o200)

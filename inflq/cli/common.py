@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         if "locked" in msg or "busy" in msg:
             click.echo("Error: the project's catalog is locked by another process; wait for it to finish, then retry", err=True)
         elif "readonly" in msg:
-            click.echo("Error: the project's catalog is read-only; copy the project somewhere writable", err=True)
+            click.echo("Error: the project is read-only here and this command writes to it; copy the project somewhere writable "
+                       "(commands that only read work as they are: top, show, runs, export, query list, pack)", err=True)
         else:
             click.echo(f"Error: catalog error ({msg}); check the project folder", err=True)
         sys.exit(1)
