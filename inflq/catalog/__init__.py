@@ -62,7 +62,13 @@ from .schema import (
     now,
     set_meta,
 )
-from .validation_rows import insert_lds_subset, insert_validation, lds_subsets, validation_rows
+from .validation_rows import (
+    insert_lds_subset,
+    insert_validation,
+    lds_subsets,
+    validation_rows,
+    validation_summaries,
+)
 
 # isort: split
 # -- records, factor sets, reports, files (the #14 catalog block) --
@@ -132,7 +138,7 @@ __all__ = [
     # runs, results, validations
     "count_results", "delete_factor_set", "delete_score_shards", "dependents", "factor_set_by_key", "finish_run",
     "fit_shard_totals", "fit_shards", "get_result_set", "get_run", "insert_result_set", "insert_run",
-    "insert_lds_subset", "insert_validation", "lds_subsets", "validation_rows", "interrupted_run", "latest_run_id", "latest_run_using", "move_runs_to_factor_set",
+    "insert_lds_subset", "insert_validation", "lds_subsets", "validation_rows", "validation_summaries", "interrupted_run", "latest_run_id", "latest_run_using", "move_runs_to_factor_set",
     "record_fit_shards", "record_score_shard", "referenced_files", "restart_run", "result_set_of_run", "result_sets_of",
     "run_counts", "run_ids_using", "runs_of", "score_shard_totals", "score_shards", "store_factor_set", "stored_results",
     "update_result_set", "update_run", "delete_self_influence", "self_influence_by_key", "store_self_influence",

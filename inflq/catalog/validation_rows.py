@@ -38,6 +38,24 @@ def validation_rows(db, validation: int | None = None, method: str | None = None
     return out
 
 
+def validation_summaries(db, investigation_id: int | None = None) -> list[dict[str, Any]]:
+    """One row per saved validation, oldest first: ``validation``, ``method``, ``investigation``
+    (its name), ``created_at``, ``estimators`` (a list, in order), ``num_queries``, ``num_sequences``
+    and ``settings`` of its first row (decoded)."""
+    where, args = ("WHERE v.investigation_id = ?", [investigation_id]) if investigation_id is not None else ("", [])
+    cur = db.execute(
+        "SELECT v.validation, v.method, i.name, min(v.created_at), "
+        "(SELECT group_concat(estimator, char(31)) FROM (SELECT estimator FROM validations w WHERE w.validation = v.validation ORDER BY w.id)), "
+        "max(v.num_queries), max(v.num_sequences), "
+        "(SELECT settings FROM validations w WHERE w.validation = v.validation ORDER BY w.id LIMIT 1) "
+        f"FROM validations v JOIN investigations i ON i.id = v.investigation_id {where} GROUP BY v.validation ORDER BY v.validation", args)
+    out = []
+    for vid, method, inv, created, estimators, nq, ns, settings in cur.fetchall():
+        out.append({"validation": vid, "method": method, "investigation": inv, "created_at": created, "estimators": (estimators or "").split("\x1f"),
+                    "num_queries": nq, "num_sequences": ns, "settings": json.loads(settings) if settings else {}})
+    return out
+
+
 def lds_subsets(db, study: str) -> dict[int, dict[str, Any]]:
     """The committed retrained subsets of LDS study ``study``, by subset number (``measurements``
     decoded to a list of floats, one per query)."""

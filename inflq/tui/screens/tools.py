@@ -19,6 +19,7 @@ from textual.worker import Worker, WorkerState
 
 from ...errors import Cancelled, InflqError
 from ...progress import Monitor
+from ...validations import PBRF_DEFAULTS
 from ..compact import CButton, CInput
 from ..phases import PhaseBars, RunProgress
 
@@ -36,13 +37,13 @@ class ValidateScreen(Screen):
     # (validate() argument, default shown, what it is)
     FIELDS = (
         ("method", "pbrf", "pbrf (the PBRF ground truth) or lds (retraining on random subsets; resumable)"),
-        ("estimators", "identity,ekfac,lissa", "estimator specs to compare, comma-separated"),
-        ("sample", "20", "fitting sequences to solve the PBRF for (two solves each)"),
-        ("queries", "3", "how many of the investigation's queries"),
-        ("fit_sequences", "128", "fitting sequences N for the estimators and the PBRF"),
+        ("estimators", PBRF_DEFAULTS["estimators"], "estimator specs to compare, comma-separated"),
+        ("sample", str(PBRF_DEFAULTS["sample"]), "fitting sequences to solve the PBRF for (two solves each; at least 4)"),
+        ("queries", str(PBRF_DEFAULTS["queries"]), "how many of the investigation's queries"),
+        ("fit_sequences", str(PBRF_DEFAULTS["fit_sequences"]), "fitting sequences N for the estimators and the PBRF"),
         ("dampings", "", "EK-FAC dampings to sweep, e.g. 1e-4,1e-2 (blank: none)"),
-        ("pbrf_steps", "300", "optimiser steps per PBRF solve (fewer: faster, less exact)"),
-        ("max_minutes", "30", "refuse a sample whose PBRF solves would take longer"),
+        ("pbrf_steps", str(PBRF_DEFAULTS["pbrf_steps"]), "optimiser steps per PBRF solve (fewer: faster, less exact)"),
+        ("max_minutes", f"{PBRF_DEFAULTS['max_minutes']:g}", "refuse a sample whose PBRF solves would take longer"),
         ("subsets", "32", "lds: subsets to retrain on (each committed as it finishes)"),
         ("fraction", "0.5", "lds: the share of the corpus in each subset"),
         ("trainer", "", "lds: trainer spec, e.g. adamw:epochs=6 (blank: the default)"),
@@ -203,14 +204,17 @@ class ValidateScreen(Screen):
 
 def validation_table(v) -> Table:
     """A validation's correlations, as ``inflq validate`` prints them."""
+    from ...display import plural
+    from ...validations import PBRF_COLUMNS, pbrf_table_rows
+
     t = Table(
-        "estimator", "pearson", "spearman", "fit s", "inverse-HVP s",
-        title=f"validation {v.id}: {len(v.settings['queries'])} queries × {len(v.sample)} sequences vs PBRF "
+        *PBRF_COLUMNS,
+        title=f"validation {v.id}: {plural(len(v.settings['queries']), 'query')} × {plural(len(v.sample), 'sequence')} vs PBRF "
               f"(ε={v.settings['epsilon']:.3g}, {v.settings['pbrf_seconds']:.0f} s)",
         title_justify="left", box=None, pad_edge=False,
     )
-    for r in v.rows:
-        t.add_row(r.estimator, f"{r.pearson:.3f}", f"{r.spearman:.3f}", f"{r.fit_seconds:.3f}", f"{r.ihvp_seconds:.4f}")
+    for cells in pbrf_table_rows([{**r.__dict__, "num_queries": len(v.settings["queries"]), "num_sequences": len(v.sample)} for r in v.rows]):
+        t.add_row(*cells)
     if v.recommended_damping is not None:
         t.caption = f"recommended EK-FAC damping: {v.recommended_damping:g} (estimator ekfac:damping={v.recommended_damping:g})"
         t.caption_justify = "left"
