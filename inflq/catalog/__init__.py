@@ -85,6 +85,7 @@ from .files import (
     all_meta,
     applied_migrations,
     check_archived,
+    file_problem,
     integrity_problem,
     open_copy,
     snapshot,
@@ -130,7 +131,7 @@ __all__ = [
     "set_meta",
     # records, factor sets, reports, files
     "RETIRED_MIGRATIONS", "SEQUENCE_COLUMNS", "add_probe", "add_queries", "all_meta", "applied_migrations", "cached_hash",
-    "check_archived", "integrity_problem", "investigation_probes", "latest_investigation", "probe_count", "create_investigation", "delete_investigation", "export_rows", "factor_set",
+    "check_archived", "file_problem", "integrity_problem", "investigation_probes", "latest_investigation", "probe_count", "create_investigation", "delete_investigation", "export_rows", "factor_set",
     "factor_set_uses", "factor_sets", "investigation", "investigations", "metadata_column", "metadata_fields", "open_copy",
     "probes", "queries", "query", "remember_hash", "remove_factor_set", "rename_investigation",
     "replace_sequences", "result_sets_scored_with", "sequence_by_id", "sequence_count", "sequence_rows",

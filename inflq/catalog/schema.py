@@ -18,7 +18,7 @@ from urllib.request import pathname2url
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from ..errors import InflqError
+from ..errors import CatalogDamaged, InflqError
 
 MIGRATION_SET = "inflq"
 migrations = Migrations(MIGRATION_SET)
@@ -268,7 +268,7 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as exc:
-        raise InflqError(f"cannot open the catalog {path}: {exc}; check the file is an inflq catalog") from None
+        raise CatalogDamaged(f"cannot open the catalog {path} ({exc}); `inflq check {path.parent} --repair` restores its newest good copy") from None
     try:
         check_version(db)
         pending = migrations.pending(db)
@@ -289,7 +289,7 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
             raise InflqError(f"the catalog {path} is read-only here and this command writes to it; copy the project somewhere writable") from None
         raise InflqError(f"catalog {path}: {msg}") from None
     except sqlite3.DatabaseError as exc:
-        raise InflqError(f"the catalog {path} is damaged or not a database ({exc}); restore it from a backup") from None
+        raise CatalogDamaged(f"the catalog {path} is damaged or not a database ({exc}); `inflq check {path.parent} --repair` restores its newest good copy") from None
     return db
 
 

@@ -76,18 +76,33 @@ def untrust(project):
 
 @click.command()
 @click.argument("project")
-@click.option("--repair", is_flag=True, help="Recompute what is missing or damaged (needs the model).")
+@click.option("--repair", is_flag=True, help="Restore a damaged catalog from its newest good copy (backups/), and recompute damaged or missing artifacts (needs the model).")
 def check(project, repair):
-    """Verify every artifact against its checksum and list the results that depend on damaged ones."""
+    """Verify the catalog and every artifact against its checksum, and list the results that depend
+    on damaged ones. With --repair: a damaged catalog is replaced by its newest good copy (saying
+    what that copy lacks) and damaged artifacts are recomputed."""
+    from ..backups import restore_catalog
+    from ..errors import CatalogDamaged
     from ..integrity import check as do_check
     from ..integrity import repair as do_repair
+    from ..project import CATALOG_NAME
 
-    p = project_at(project)
+    root = Path(project)
+    try:
+        p = project_at(project)
+        problem = catalog.integrity_problem(p.db)
+    except CatalogDamaged as exc:
+        p, problem = None, str(exc)
+    if problem is not None:
+        if not repair:
+            raise InflqError(f"the catalog {root / CATALOG_NAME} is damaged ({problem}); `inflq check {project} --repair` restores its newest good copy and says what that copy lacks")
+        if p is not None:
+            p.close()
+        for line in restore_catalog(root).lines():
+            click.echo(line)
+        p = project_at(project)
     with progress_monitor() as monitor:
         problems = do_check(p, monitor)
-    ok = catalog.integrity_problem(p.db)
-    if ok is not None:
-        raise InflqError(f"the catalog fails SQLite's integrity check ({ok}); restore catalog.db from a backup")
     if not problems:
         click.echo("all artifacts verify; the catalog is consistent")
         return

@@ -266,7 +266,10 @@ def _fit_and_store(project, estimator, engine, ctx, settings, monitor, run_id, k
     tensors = estimator.fit(ctx)
     seconds = time.perf_counter() - started
     rel = f"{ARTIFACTS}/factors/{estimator.name}-{key}.safetensors"
-    checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True)})
+    # The file carries what its factor set's row holds, so that a lost catalog's factors can be
+    # re-linked (`inflq check --repair`) instead of fitted again.
+    checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True),
+                                                         "factor_set": json.dumps({"num_sequences": len(indices), "seconds": seconds})})
     fs_id, stale = catalog.store_factor_set(project.db, {
         "key": key, "estimator": estimator.name, "settings": json.dumps(estimator.factor_settings(), sort_keys=True),
         "modules": json.dumps(engine.names), "model_fingerprint": project.model_fingerprint, "data_fingerprint": data_fp,

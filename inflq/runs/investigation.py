@@ -127,7 +127,20 @@ def run_investigation(
         phases["top results"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         catalog.finish_run(project.db, run_id, "done", seconds=seconds)
-        return RunResult(run_id, rs_id, seconds, phases)
+    keep_copy(project, run_id, monitor)
+    return RunResult(run_id, rs_id, seconds, phases)
+
+
+def keep_copy(project: Project, run_id: int, monitor: Monitor) -> None:
+    """A copy of the catalog after each completed run (``backups/``, the newest few kept), so that a
+    damaged catalog loses at most what came after it (``inflq check --repair``). A copy that cannot
+    be written is a warning, never a failed run."""
+    from ..backups import backup_catalog
+
+    try:
+        backup_catalog(project, f"run-{run_id}")
+    except Exception as exc:  # the run is committed; the copy is a safety net
+        monitor.warn(f"could not copy the catalog to {project.root / 'backups'} ({exc}); the run itself is saved")
 
 
 def fit_factors(
@@ -161,4 +174,5 @@ def fit_factors(
         fs_id = prepare_estimator(project, settings, monitor, estimator=estimator, engine=engine, executor=executor, run_id=run_id).factor_set_id
         seconds = time.perf_counter() - started
         catalog.finish_run(project.db, run_id, "done", seconds=seconds, factor_set_id=fs_id)
-        return run_id, fs_id, seconds
+    keep_copy(project, run_id, monitor)
+    return run_id, fs_id, seconds

@@ -104,7 +104,12 @@ def result_record(
     seqs = catalog.sequence_rows(project.db, list(map(int, seq_idx)))
     store = project.runtime.corpus
     rs_rel = f"{ARTIFACTS}/results/run-{run_id}.safetensors"
-    rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
+    # The score matrix names its run and queries, so that if the catalog is lost, `inflq check
+    # --repair` can say exactly which run, result set and queries a restored copy lacks.
+    about = {"run_id": run_id, "investigation": investigation, "estimator": settings.estimator, "filter": settings.filter,
+             "queries": [{"id": q["id"], "prompt": q["prompt"], "completion": q["completion"]} for q in queries]}
+    rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)},
+                          {"inflq_result": json.dumps(about)})
     inv = catalog.investigation(project.db, investigation)
     q_rel, q_sum = saved_queries
     checkpoints = [s.checkpoint for s in scorers] if scorers[-1].checkpoint else None
