@@ -95,6 +95,7 @@ def _integrity(root):
         conn.close()
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_project_and_nothing_is_lost(project, tmp_path):
     """A CLI run commits shards while another process adds queries and tags in a loop, and this
     process packs the project meanwhile; every row of both is there afterwards."""
@@ -135,6 +136,7 @@ def test_two_processes_write_one_project_and_nothing_is_lost(project, tmp_path):
     q.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0])
 def test_writers_killed_at_random_points_leave_a_consistent_catalog(project, tmp_path, seed):
     from inflq import integrity
@@ -251,6 +253,7 @@ HELD_CLI = (
 )
 
 
+@pytest.mark.slow
 def test_two_identical_runs_at_once_fit_the_factors_once(tmp_path):
     """Two `inflq run`s with the same settings at once: the second waits for the first one's fit
     (a lock on the factors' cache key) and reuses its factor set; both finish, with the same scores,

@@ -294,6 +294,7 @@ def readonly(proj, cli_run):
         f.chmod(f.stat().st_mode | 0o200)
 
 
+@pytest.mark.slow
 def test_a_read_only_project_can_be_read_and_refuses_writes(readonly, tmp_path, cli_run, monkeypatch):
     import shutil
 
