@@ -362,6 +362,12 @@ class FieldShares:
     groups: list[GroupShare]  # largest share first
 
 
+def metadata_fields(project: Project) -> list[str]:
+    """The corpus metadata fields :func:`influence_by` can group by (``source``, and the other fields
+    of the corpus's records), sorted."""
+    return catalog.metadata_fields(project.db)
+
+
 def influence_by(project: Project, rs: dict, field_name: str, query_ids: list[int] | None = None) -> list[FieldShares]:
     """Each query's share of its total positive influence by the value of a corpus metadata field
     (``source``, or a field of the corpus's records, e.g. ``kind``), over the sequences the result

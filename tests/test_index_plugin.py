@@ -117,7 +117,7 @@ def test_estimator_index_equals_exact_ekfac_at_full_width(proj, cli_run, tmp_pat
     qi = next(i for i, qq in enumerate(catalog.queries(p.db, "default")) if qq["id"] == q["id"])
     assert [r["seq_idx"] for r in rows] == [int(idx_i[c]) for c in np.argsort(-approx[qi], kind="stable")[:3]]
     for r in rows:
-        assert abs(sum(json.loads(r["module_scores"]).values()) - r["score"]) <= 2e-3 * scale
+        assert abs(sum(r["module_scores"].values()) - r["score"]) <= 2e-3 * scale  # top --json decodes them (reading.decoded)
     # Attribution of a chosen sequence (CLI and API): its tokens sum to the index's score.
     code, out, err = cli_run("attribute", proj, "--query", str(q["id"]), "--sequence", rows[0]["seq_id"])
     assert code == 0, err
