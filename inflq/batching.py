@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .display import plural
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -71,7 +73,7 @@ class Batching:
         return Batching(tokens=None if self.tokens is None else max(1, self.tokens // 2), sequences=half)
 
     def describe(self) -> str:
-        parts = ([f"{self.tokens} tokens"] if self.tokens else []) + ([f"{self.sequences} sequences"] if self.sequences else [])
+        parts = ([plural(self.tokens, "token", sep=False)] if self.tokens else []) + ([plural(self.sequences, "sequence", sep=False)] if self.sequences else [])
         return "at most " + " and ".join(parts) + " per batch"
 
 

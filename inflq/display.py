@@ -35,3 +35,12 @@ def middle_ellipsis(text: str, n: int) -> str:
         return text
     tail = min(len(text) // 2, max(1, (n - 1) // 3))
     return text[: n - 1 - tail] + "…" + text[-tail:]
+
+
+def plural(n: int, word: str, many: str | None = None, *, sep: bool = True) -> str:
+    """``n`` and ``word`` agreeing in number: ``1 query``, ``2 queries``, ``1,971 sequences``
+    (``many``: an irregular plural; ``sep``: thousands separators)."""
+    if many is None:
+        many = word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else word + ("es" if word.endswith(("s", "sh", "ch", "x")) else "s")
+    count = f"{n:,}" if sep else str(n)
+    return f"{count} {word if n == 1 else many}"

@@ -14,5 +14,9 @@ class Cancelled(InflqError):
         super().__init__(message)
 
 
+class CatalogDamaged(InflqError):
+    """The catalog file cannot be read as a database: ``inflq check --repair`` restores a copy."""
+
+
 class NumericalError(InflqError):
     """Non-finite gradients or scores: usually an overflow in low precision."""

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import catalog, layout
+from .display import plural
 from .errors import InflqError
 from .modeling import sha256_file
 from .plugins import get_registry
@@ -80,8 +81,10 @@ def referenced_artifacts(db) -> list[Artifact]:
 
 
 def _affected(db, art: Artifact) -> list[str]:
-    runs, sets, status = catalog.dependents(db, art.owner)
     table, key = art.owner[0], art.owner[1]
+    if table == "self_influence":
+        return ["cached self-influence scores (recomputed by the next `inflq self-influence`)"]
+    runs, sets, status = catalog.dependents(db, art.owner)
     if table == "factor_sets":
         out = [f"run {r}" for r in runs] + [f"result set {s} (attribution and probes)" for s in sets]
         return out or ["no run (refit on the next run that needs it)"]
@@ -153,6 +156,10 @@ def repair(project, problems: list[Problem], monitor: Monitor | None = None) -> 
     for p in problems:
         if p.artifact.owner[0] == "factor_sets":
             notes.append(_refit(project, p.artifact.owner[1], monitor))
+        elif p.artifact.owner[0] == "self_influence":  # a cache: forgotten, recomputed when next asked for
+            catalog.delete_self_influence(project.db, p.artifact.owner[1])
+            (project.root / p.artifact.path).unlink(missing_ok=True)
+            notes.append(f"dropped the damaged cache {p.artifact.path} (recomputed by the next `inflq self-influence`)")
     runs: dict[int, list[Problem]] = {}
     for p in problems:
         table = p.artifact.owner[0]
@@ -265,7 +272,7 @@ def _recompute_done_run(project, run: dict, settings, probs: list[Problem], moni
             checksum = save_tensors(project.root, rel, {"scores": out["scores"].to(torch.float32)})
             catalog.record_score_shard(project.db, rid, s.index, len(s), rel, checksum)
         if bad_shards:
-            done.append(f"{len(bad_shards)} score shard(s)")
+            done.append(plural(len(bad_shards), "score shard"))
     if "score matrix" in kinds:
         rows = catalog.score_shards(project.db, rid)
         scores = torch.cat([load_tensors(project.root, rows[s.index]["path"], rows[s.index]["checksum"], "shard")["scores"] for s in shards]).T.numpy()

@@ -21,8 +21,11 @@ a run's folder                ``artifacts/runs/<run id>/``                      
  score shard                  ``…/shard-<shard>.safetensors``                      ``run_shards.path``
  score matrix                 ``…/scores.safetensors``                             ``result_sets.scores_path``
 score matrix (older runs)     ``artifacts/results/run-<run id>.safetensors``        ``result_sets.scores_path``
+self-influence scores         ``artifacts/self-influence/<est>-<key>.…``          ``self_influence.path``
 a plugin's own files          ``artifacts/<plugin>/`` (``index``, ``tfidf``, …)    the plugin's rows
 TUI exports                   ``exports/``                                         nothing (the user's)
+catalog copies                ``backups/catalog-<time>-<label>.db``                 nothing (newest 3)
+lock files                    ``.locks/``                                          nothing
 ============================  ==================================================  ===================
 
 LDS retrains in a temporary folder outside the project, removed once each subset is measured:
@@ -45,14 +48,17 @@ CATALOG_SIDE_FILES = (CATALOG + "-wal", CATALOG + "-shm")
 CORPUS = "corpus"
 LOCAL_PLUGINS = "plugins"
 EXPORTS = "exports"
+BACKUPS = "backups"  # copies of the catalog after each completed run (inflq/backups.py); local, never packed
+LOCKS = ".locks"  # lock files (one factor fit per cache key at a time)
 ARTIFACTS = "artifacts"
 
 FACTORS = f"{ARTIFACTS}/factors"
 RUNS = f"{ARTIFACTS}/runs"
 LEGACY_RESULTS = f"{ARTIFACTS}/results"  # score matrices of runs made before they moved into the run's folder
+SELF_INFLUENCE = f"{ARTIFACTS}/self-influence"
 #: The folders whose every file a catalog row (or a run) must own: ``inflq check`` and ``inflq gc``
 #: look for orphans here. A plugin's folder is the plugin's own (its ``check_artifacts`` hook).
-CORE_FOLDERS = (FACTORS, RUNS, LEGACY_RESULTS)
+CORE_FOLDERS = (FACTORS, RUNS, LEGACY_RESULTS, SELF_INFLUENCE)
 
 _SUFFIX = ".safetensors"
 
@@ -60,6 +66,11 @@ _SUFFIX = ".safetensors"
 def factor_set(estimator: str, key: str) -> str:
     """A factor set's file, named by its estimator and cache key."""
     return f"{FACTORS}/{estimator}-{key}{_SUFFIX}"
+
+
+def self_influence_scores(estimator: str, key: str) -> str:
+    """Kept self-influence scores (``inflq self-influence``), named by estimator and cache key."""
+    return f"{SELF_INFLUENCE}/{estimator}-{key}{_SUFFIX}"
 
 
 def run_folder(run_id: int) -> str:

@@ -30,6 +30,7 @@ from scipy.stats import t as student_t
 
 from . import catalog
 from .base import TrainContext, Trainer
+from .display import plural
 from .errors import InflqError
 from .plugins import get_registry
 from .progress import Monitor
@@ -90,10 +91,10 @@ def lds_table_rows(rows: list) -> list[tuple[str, ...]]:
 
 def lds_title(vid: int | None, settings: dict) -> str:
     if settings.get("method") == "loo":
-        return (f"leave-one-out validation {vid}: {len(settings['queries'])} queries × {settings['subsets']} sequences left out "
+        return (f"leave-one-out validation {vid}: {plural(len(settings['queries']), 'query')} × {plural(settings['subsets'], 'sequence')} left out "
                 f"(Spearman with the measured effect), trainer {settings['trainer']}")
-    return (f"LDS validation {vid}: {len(settings['queries'])} queries × {settings['subsets']} subsets of "
-            f"{settings['subset_size']} sequences, trainer {settings['trainer']}")
+    return (f"LDS validation {vid}: {plural(len(settings['queries']), 'query')} × {plural(settings['subsets'], 'subset')} of "
+            f"{plural(settings['subset_size'], 'sequence')}, trainer {settings['trainer']}")
 
 
 # -- what is compared: shared by validate (the PBRF) and the retraining validations ----------------
@@ -269,7 +270,7 @@ def retrain_subsets(
         else:
             todo.append(j)
     monitor.start("LDS retraining", len(subsets))
-    monitor.advance(len(subsets) - len(todo), f"{len(subsets) - len(todo)} subsets already trained")
+    monitor.advance(len(subsets) - len(todo), f"{plural(len(subsets) - len(todo), 'subset')} already trained")
     root = str(project.root.resolve())
     queries = [([int(t) for t in q.tokens], int(q.completion_start)) for q in qtoks]
     tasks = [{"root": root, "trainer": trainer.spec(), "indices": subsets[j], "seed": int(seed), "queries": queries} for j in todo]

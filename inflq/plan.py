@@ -32,6 +32,7 @@ import numpy as np
 
 from . import catalog
 from .batching import available_memory, bytes_per_token
+from .display import plural
 from .errors import InflqError
 from .progress import Monitor
 from .settings import RunSettings
@@ -249,15 +250,15 @@ def make_plan(
     score_bytes = 4 * nq * n
 
     phases: list[Phase] = []
-    tokens_note = f"{fit_tokens:,} tokens"
+    tokens_note = plural(fit_tokens, "token")
     for phase, secs in pass_seconds.items():
         phases.append(Phase(f"fit: {phase}", secs / sample_tokens * fit_tokens, peaks[phase], tokens_note))
     if estimator.fits_factors and "between" in peaks:
         eig = max(0.0, fit_seconds - sum(pass_seconds.values()))
         phases.insert(min(1, len(phases)), Phase("fit: eigendecompositions", eig, peaks["between"], f"largest {largest}x{largest}"))
-    phases.append(Phase("query gradients", query_seconds, peaks["query gradients"] + query_bytes * (nq - len(probe)) // nq, f"{nq} queries"))
+    phases.append(Phase("query gradients", query_seconds, peaks["query gradients"] + query_bytes * (nq - len(probe)) // nq, plural(nq, "query")))
     phases.append(Phase("scoring", score_rate * all_tokens, peaks["scoring"] + 4 * nq * max(0, n - len(sample)),
-                        f"{n:,} sequences, {all_tokens:,} tokens"))
+                        f"{plural(n, 'sequence')}, {plural(all_tokens, 'token')}"))
 
     artifacts = {"factors": factor_bytes, "query gradients": query_bytes, "scores": score_bytes}
     plan = Plan(phases, artifacts, memory, facts={

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import catalog
+from . import catalog, layout
 from .artifacts import load_arrays, load_tensors
 from .base import AttributionContext, AttributionResult, Shard
 from .errors import InflqError
@@ -32,9 +32,15 @@ def result_set(project: Project, investigation: str, result_set_id: int | None =
         for rs in sets:
             if rs["id"] == result_set_id:
                 return rs
+        other = catalog.get_result_set(project.db, result_set_id)
+        if other is not None:
+            name = catalog.investigation(project.db, other["investigation_id"])["name"]
+            raise InflqError(f"result set {result_set_id} belongs to investigation {name!r}, not {investigation!r}; add -i {name}")
         raise InflqError(f"no result set {result_set_id} in investigation {investigation!r}; see `inflq runs`")
     if not sets:
-        raise InflqError(f"investigation {investigation!r} has no results yet; run `inflq run` first")
+        others = sorted({catalog.investigation(project.db, rs["investigation_id"])["name"] for rs in result_sets(project)})
+        hint = f"; results are in {_names(others)} (pick one with -i NAME)" if others else ""
+        raise InflqError(f"investigation {investigation!r} has no results yet; run `inflq run` first{hint}")
     return sets[-1]
 
 
@@ -42,6 +48,32 @@ def investigation_queries(project: Project, investigation: str) -> list[dict]:
     """The investigation's queries, in the order added (the rows of :func:`score_matrix`), as
     catalog rows: ``id``, ``prompt``, ``completion``, ``chat``."""
     return catalog.queries(project.db, investigation)
+def _names(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def query_of(project: Project, investigation: str, query_id: int) -> dict:
+    """Query ``query_id``, which must belong to ``investigation``: else an error that names the
+    investigation it is in and how to pick it (``-i NAME``)."""
+    q = catalog.query(project.db, query_id)
+    inv = catalog.investigation(project.db, investigation)
+    if q["investigation_id"] != inv["id"]:
+        name = catalog.investigation(project.db, q["investigation_id"])["name"]
+        raise InflqError(f"query {query_id} is in investigation {name!r}, not {investigation!r}; add -i {name}")
+    return q
+
+
+def scored_by(rs: dict, query_id: int) -> bool:
+    """Whether result set ``rs`` scored query ``query_id`` (queries added after its run were not)."""
+    return query_id in (json.loads(rs["settings"] or "{}").get("query_ids") or [])
+
+
+def require_scored(rs: dict, query_id: int, investigation: str) -> None:
+    """An error unless result set ``rs`` scored query ``query_id``: it was added after the run."""
+    if not scored_by(rs, query_id):
+        raise InflqError(f"query {query_id} was added after run {rs['run_id']} (result set {rs['id']}), which did not score it; "
+                         f"score it with `inflq run PROJECT -i {investigation}`")
 
 
 def estimator_summary(rs: dict) -> str:
@@ -53,12 +85,23 @@ def estimator_summary(rs: dict) -> str:
 
     settings = json.loads(rs["settings"] or "{}")
     est = settings.get("estimator_settings") or {}
+    parts = []
+    if settings.get("scores_from") == "estimator" or "index_settings" in est:
+        # The estimator scored every candidate itself (a stored gradient index): no query rank
+        # or damping of a run's passes applies to the scores; the rank is that of attributions.
+        what = [f"width {est['width']}"] if est.get("width") else []
+        what += [f"{est['metric']} product" if est.get("metric") == "inner" else str(est["metric"])] if est.get("metric") else []
+        source = f"the stored gradient index {est['key']}" if est.get("key") else f"{rs['estimator']}'s stored gradients"
+        parts.append(f"scores from {source}" + (f" ({', '.join(what)})" if what else ""))
+        rank = settings.get("rank")
+        parts.append("attribution at full rank" if rank is None else f"attribution at rank {rank}")
+        return ", ".join(parts)
     # A result set outlives its plugin: without it, the default rendering of what it recorded.
     cls = get_registry().all("estimator").get((rs.get("estimator") or "").split(":")[0], Estimator)
     try:
-        parts = [cls.summarize(est)]
+        parts.append(cls.summarize(est))
     except Exception:  # a plugin's summary must not take `inflq top` down
-        parts = [Estimator.summarize(est)]
+        parts.append(Estimator.summarize(est))
     rank = settings.get("rank")
     full = settings.get("full_rank_modules")
     if rank is None or (full is not None and len(full) == len(settings.get("modules") or ())):
@@ -113,7 +156,7 @@ def query_scores(project: Project, rs: dict, query_id: int) -> tuple[np.ndarray,
     """``(corpus indices, scores)`` of one query in a result set (NaN where not a candidate)."""
     ids = json.loads(rs["settings"]).get("query_ids") or []
     if query_id not in ids:
-        raise InflqError(f"query {query_id} was not part of result set {rs['id']}; run the investigation again")
+        raise InflqError(f"query {query_id} was not part of result set {rs['id']} (run {rs['run_id']}); run the investigation again to score it")
     idx, sc = scores(project, rs)
     return idx, sc[ids.index(query_id)]
 
@@ -174,6 +217,8 @@ class ScoringSession:
     def breakdown(self, tokens: np.ndarray, query_id: int) -> tuple[np.ndarray, np.ndarray]:
         """``(module_scores [M], token_module_scores [T, M])`` for one sequence and query, summed
         over the checkpoints for a checkpoint estimator."""
+        if query_id not in self.query_ids:
+            raise InflqError(f"query {query_id} is not among the queries these gradients were computed for ({', '.join(map(str, self.query_ids))})")
         qi = self.query_ids.index(query_id)
         import torch
 
@@ -202,8 +247,19 @@ class ScoringSession:
         return [self.attribute(self.project.runtime.tokenize_sequence(t), query_id, "token") for t in texts]
 
 
-def self_influence(project: Project, estimator: str | None = None, indices: np.ndarray | None = None, monitor: Monitor | None = None, batch_size: int = 8, **run) -> tuple[np.ndarray, np.ndarray]:
-    """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``)."""
+def self_influence(project: Project, estimator: str | None = None, indices: np.ndarray | None = None, monitor: Monitor | None = None,
+                   batch_size: int = 8, cache: bool = True, info: dict | None = None, **run) -> tuple[np.ndarray, np.ndarray]:
+    """``∇L(z)ᵀ (G + λI)⁻¹ ∇L(z)`` of training sequences (all, or ``indices``).
+
+    Computed scores are kept in the project (``self_influence``, an artifact addressed by a hash of
+    what determines them: the estimator and its settings, its factor set, the tracked modules, the
+    model, the corpus and the sequences), so asking again reads them back (``cache=False``:
+    recompute). The batch size is not part of the key: it changes the scores only by rounding.
+    ``info``, when given, is filled with ``cached`` (read back or not), ``path`` and ``created_at``."""
+    import hashlib
+    import time
+
+    from .artifacts import save_tensors
     from .passes import SelfInfluencePass
     from .runs import LocalWorker, RunSettings, prepare_estimator
 
@@ -212,6 +268,139 @@ def self_influence(project: Project, estimator: str | None = None, indices: np.n
     prepared = prepare_estimator(project, settings, monitor)
     est, engine = prepared.estimator, prepared.engine
     idx = np.arange(len(project.runtime.corpus), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+    fs = catalog.factor_set(project.db, prepared.factor_set_id) if prepared.factor_set_id is not None else None
+    key_src = {
+        "estimator": est.name, "settings": est.settings, "factors": fs["key"] if fs else None, "modules": engine.names,
+        "model": project.model_fingerprint, "corpus": project.runtime.corpus.fingerprint, "seed": settings.seed,
+        "fit_sequences": settings.fit_sequences, "dtype": str(next(engine.model.parameters()).dtype),
+        "indices": hashlib.sha256(idx.tobytes()).hexdigest(),
+    }
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    row = catalog.self_influence_by_key(project.db, key) if cache else None
+    if row is not None:
+        try:
+            t = load_tensors(project.root, row["path"], row["checksum"], "self-influence scores")
+            if info is not None:
+                info.update(cached=True, path=row["path"], created_at=row["created_at"])
+            return t["indices"].numpy(), t["scores"].numpy()
+        except InflqError as exc:  # a damaged or missing cache is recomputed
+            monitor.warn(f"{exc}; recomputing")
     monitor.start("self-influence", len(idx))
+    started = time.perf_counter()
     out = LocalWorker(project, engine).run(SelfInfluencePass(est), Shard(0, idx), batch_size, monitor)
-    return idx, out["scores"][:, 0].numpy()
+    vals = out["scores"][:, 0].float()
+    if not project.readonly:
+        import torch
+
+        rel = layout.self_influence_scores(est.name, key)
+        checksum = save_tensors(project.root, rel, {"indices": torch.from_numpy(idx), "scores": vals}, {"key": json.dumps(key_src, sort_keys=True, default=str)})
+        catalog.store_self_influence(project.db, {
+            "key": key, "estimator": est.spec() if hasattr(est, "spec") else est.name, "settings": json.dumps(key_src, sort_keys=True, default=str),
+            "factor_set_id": prepared.factor_set_id, "num_sequences": len(idx), "path": rel, "checksum": checksum,
+            "seconds": time.perf_counter() - started,
+        })
+        if info is not None:
+            info.update(cached=False, path=rel, created_at=None)
+    return idx, vals.numpy()
+
+
+def find_sequence(project: Project, seq_id: str) -> dict:
+    """The ``sequences`` row of ``seq_id`` (``document id:chunk``), or of a document id whose
+    document is one chunk; otherwise an error that says what ids look like."""
+    row = catalog.sequence_by_id(project.db, seq_id)
+    if row is not None:
+        return row
+    chunks = catalog.sequence_by_id(project.db, f"{seq_id}:0")
+    if chunks is not None:
+        if catalog.sequence_by_id(project.db, f"{seq_id}:1") is None:
+            return chunks
+        raise InflqError(f"document {seq_id!r} has several chunks; give one: {seq_id}:0, {seq_id}:1, …")
+    raise InflqError(f"no training sequence {seq_id!r}; ids look like <document id>:<chunk> (see `inflq top`)")
+
+
+@dataclass
+class SequenceScore:
+    """One sequence's score for one query of a result set, and its rank among the scored."""
+
+    query_id: int
+    score: float  # NaN: not a candidate of this query
+    rank: int | None  # 1 = most positive; None when not scored
+    scored: int  # how many sequences the result set scored for the query
+
+
+def sequence_scores(project: Project, rs: dict, seq_idx: int) -> list[SequenceScore]:
+    """A sequence's score and rank for every query a result set scored."""
+    idx, sc = scores(project, rs)
+    ids = json.loads(rs["settings"]).get("query_ids") or []
+    where = np.flatnonzero(idx == seq_idx)
+    out = []
+    for qi, qid in enumerate(ids[: sc.shape[0]]):
+        row = sc[qi]
+        finite = np.isfinite(row)
+        if not len(where) or not finite[where[0]]:
+            out.append(SequenceScore(qid, float("nan"), None, int(finite.sum())))
+            continue
+        v = float(row[where[0]])
+        out.append(SequenceScore(qid, v, int((row[finite] > v).sum()) + 1, int(finite.sum())))
+    return out
+
+
+@dataclass
+class GroupShare:
+    """One value of a metadata field, for one query: its share of the query's total positive
+    influence, and of the sequences scored (the share it would get if influence were spread evenly)."""
+
+    value: str
+    share: float  # of the query's total positive influence (NaN when the query has none)
+    positive: float  # the sum of this group's positive scores
+    sequences: int  # sequences of this group that were scored
+    sequence_share: float  # of all scored sequences
+
+
+@dataclass
+class FieldShares:
+    """How one query's positive influence splits over the values of a metadata field."""
+
+    query_id: int
+    field: str
+    total_positive: float
+    scored: int
+    groups: list[GroupShare]  # largest share first
+
+
+def metadata_fields(project: Project) -> list[str]:
+    """The corpus metadata fields :func:`influence_by` can group by (``source``, and the other fields
+    of the corpus's records), sorted."""
+    return catalog.metadata_fields(project.db)
+
+
+def influence_by(project: Project, rs: dict, field_name: str, query_ids: list[int] | None = None) -> list[FieldShares]:
+    """Each query's share of its total positive influence by the value of a corpus metadata field
+    (``source``, or a field of the corpus's records, e.g. ``kind``), over the sequences the result
+    set scored (with a candidate filter: its candidates only). Sequences without the field are
+    grouped under ``""``. The API of ``inflq top --by FIELD`` and the TUI's Distribution tab."""
+    known = catalog.metadata_fields(project.db)
+    if field_name not in known and field_name not in ("doc_id",):
+        raise InflqError(f"no sequence has a metadata field {field_name!r}; the corpus has {', '.join(known) or 'none'}")
+    column = catalog.metadata_column(project.db, field_name)
+    idx, sc = scores(project, rs)
+    ids = json.loads(rs["settings"]).get("query_ids") or []
+    values = column[idx]
+    out = []
+    for qid in query_ids if query_ids is not None else ids[: sc.shape[0]]:
+        if qid not in ids:
+            raise InflqError(f"query {qid} was not part of result set {rs['id']} (run {rs['run_id']}); run the investigation again to score it")
+        row = sc[ids.index(qid)].astype(np.float64)
+        finite = np.isfinite(row)
+        pos = np.where(finite & (row > 0), row, 0.0)
+        total = float(pos.sum())
+        scored = int(finite.sum())
+        groups = []
+        for value in sorted(set(values[finite].tolist())):
+            mask = finite & (values == value)
+            part = float(pos[mask].sum())
+            n = int(mask.sum())
+            groups.append(GroupShare(str(value), part / total if total > 0 else float("nan"), part, n, n / scored if scored else float("nan")))
+        groups.sort(key=lambda g: (-(g.positive), g.value))
+        out.append(FieldShares(qid, field_name, total, scored, groups))
+    return out

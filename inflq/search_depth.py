@@ -75,7 +75,7 @@ def top_m_mean(scores: np.ndarray, m: int) -> float:
     s = np.asarray(scores, dtype=np.float64)
     s = s[np.isfinite(s)]
     if len(s) < m:
-        raise InflqError(f"search depth: only {len(s)} scores, fewer than top-m = {m}; lower --top-m")
+        raise InflqError(f"search depth: only {len(s)} score{'' if len(s) == 1 else 's'}, fewer than top-m = {m}; lower --top-m")
     return float(np.mean(np.partition(s, len(s) - m)[len(s) - m :]))
 
 

@@ -344,25 +344,25 @@ class ValidationSettings(Declared):
         many=True, hint="estimator specs to compare, comma-separated (blank: the registry's comparison set)",
         groups=(VALIDATE, VALIDATE_FORM, PBRF, *RETRAINING))
     sample: int = setting(
-        20, "Fitting sequences to solve the PBRF for (two solves each).", type=int, minimum=2,
-        hint="fitting sequences to solve the PBRF for (two solves each)", groups=(VALIDATE, VALIDATE_FORM, PBRF))
+        8, "Fitting sequences to solve the PBRF for (two solves each; at least 4, 8 or more to tell estimators apart).", type=int, minimum=1,
+        hint="fitting sequences to solve the PBRF for (two solves each; at least 4)", groups=(VALIDATE, VALIDATE_FORM, PBRF))
     queries: int | None = setting(
         None, f"How many of the investigation's queries (default: {PBRF_QUERIES}; with --lds or --loo all).", type=int, minimum=1,
         hint=f"how many of the investigation's queries (blank: {PBRF_QUERIES}; lds: all)", groups=(VALIDATE, VALIDATE_FORM, PBRF, *RETRAINING))
     fit_sequences: int = setting(
-        128, "Fitting sequences (N) for the estimators and the PBRF.", type=int, minimum=2,
+        64, "Fitting sequences (N) for the estimators and the PBRF.", type=int, minimum=2,
         hint="fitting sequences N for the estimators and the PBRF", groups=(VALIDATE, VALIDATE_FORM, PBRF))
     dampings: list[float] | None = setting(
         None, "Dampings of the default estimator (ekfac among the built-ins) to sweep, e.g. 1e-8,1e-4,1e-2.", type=float, many=True,
         hint="dampings of the default estimator to sweep, e.g. 1e-4,1e-2 (blank: none)", groups=(VALIDATE, VALIDATE_FORM, PBRF, *RETRAINING))
     epsilon: float | None = setting(None, "Up-weighting ε of the PBRF (default 1/N).", type=float, groups=(VALIDATE, PBRF))
     pbrf_steps: int = setting(
-        300, "Optimizer steps for each PBRF solve.", type=int, minimum=1,
+        100, "Optimizer steps for each PBRF solve.", type=int, minimum=1,
         hint="optimiser steps per PBRF solve (fewer: faster, less exact)", groups=(VALIDATE, VALIDATE_FORM, PBRF))
     pbrf_damping: float | None = setting(
         None, "The PBRF's damping λ (default: 0.1 × mean Gauss-Newton eigenvalue per module).", type=float, groups=(VALIDATE, PBRF))
     max_minutes: float = setting(
-        30.0, "Refuse a sample whose PBRF solves would take longer.", type=float, minimum=0,
+        10.0, "Refuse a sample whose PBRF solves would take longer (timed on one step first).", type=float, minimum=0,
         hint="refuse a sample whose PBRF solves would take longer", groups=(VALIDATE, VALIDATE_FORM, PBRF))
     seed: int = setting(0, "Seed for the sample and the sampled labels.", type=int, groups=(VALIDATE, PBRF, *RETRAINING))
     batch_size: int = setting(8, "Sequences per batch.", type=int, minimum=1, groups=(VALIDATE, PBRF, *RETRAINING))

@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import catalog
+from .display import plural
 from .errors import InflqError
 from .progress import Monitor
 
@@ -354,7 +355,7 @@ def unpack(archive: Path | str, dest: Path | str, monitor: Monitor | None = None
                     raise InflqError(f"{m.name[:80]!r} in the archive has a different size than its manifest says (tampered or damaged); refusing it")
         missing = sorted(set(expected) - names)
         if missing:
-            raise InflqError(f"the archive lacks {len(missing)} file(s) its manifest lists (e.g. {missing[0][:80]!r}): truncated; copy it again")
+            raise InflqError(f"the archive lacks {plural(len(missing), 'file')} its manifest lists (e.g. {missing[0][:80]!r}): truncated; copy it again")
         for required in (CONFIG, CATALOG):
             if required not in expected:
                 raise InflqError(f"the archive has no {required}; it is not an inflq project archive")

@@ -39,6 +39,7 @@ from torch.func import functional_call
 
 from . import catalog
 from .contractions import QueryGradients
+from .display import plural
 from .engine import make_batch, math_attention
 from .errors import InflqError
 from .lds import best_damping, compared_specs
@@ -55,8 +56,13 @@ from .runs import (
     query_gradients,
 )
 from .settings import PBRF_QUERIES, ValidationSettings
+from .validations import MIN_SAMPLE, STEADY_SAMPLE, sample_warning
 
 _DEFAULT = ValidationSettings()  # the keyword arguments' defaults: declared in inflq/settings.py
+# float64 logits one PBRF batch may hold (with their log-softmax and gradients, a few times this many
+# bytes × 8): the demo's 64 fitting sequences fit in one batch; wider vocabularies and longer
+# sequences (GPT-2 small) keep --batch-size sequences per batch.
+PBRF_LOGITS = 1 << 24
 
 
 @dataclass
@@ -94,7 +100,8 @@ def _corr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 class PBRF:
     """The proximal Bregman response of the tracked parameters, on a float64 copy of the model."""
 
-    def __init__(self, project: Project, modules: str | None, fit: np.ndarray, dampings: dict[str, float], batch_size: int, dtype=torch.float64) -> None:
+    def __init__(self, project: Project, modules: str | None, fit: np.ndarray, dampings: dict[str, float], batch_size: int, dtype=torch.float64,
+                 max_logits: int = PBRF_LOGITS) -> None:
         from .engine import select_modules
 
         dev = project.runtime.device
@@ -111,7 +118,13 @@ class PBRF:
         self.pad_id = project.runtime.pad_id
         self.n = len(fit)
         seqs = project.runtime.corpus.many(fit)
-        self.batches = [make_batch(seqs[s : s + batch_size], self.pad_id, dev) for s in range(0, len(seqs), batch_size)]
+        # As many sequences per batch as ``max_logits`` float64 logits allow (at least
+        # ``batch_size``): a step is one forward and backward over all N sequences, and on small
+        # models few large batches take a third of the time of many small ones (measured on the demo).
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 1)
+        longest = max((len(s) for s in seqs), default=1)
+        per = max(batch_size, max_logits // max(1, longest * vocab))
+        self.batches = [make_batch(seqs[s : s + per], self.pad_id, dev) for s in range(0, len(seqs), per)]
         with torch.no_grad():
             self.ref_logp = [torch.log_softmax(self._logits(self.theta_s, b.input_ids, b.attention_mask), -1) for b in self.batches]
         self.lr = 1.0
@@ -120,6 +133,12 @@ class PBRF:
     def _logits(self, params, ids, att):
         with math_attention():  # twice differentiable, unlike the fused kernels
             return functional_call(self.model, params, (ids,), {"attention_mask": att, "use_cache": False}).logits.to(self.theta_s[next(iter(self.theta_s))].dtype)
+
+    def set_damping(self, dampings: dict[str, float]) -> None:
+        """The per-module damping λ of the proximity term (a step costs the same whatever it is)."""
+        for tm in self.tracked:
+            for kind in ("weight", "bias") if tm.bias else ("weight",):
+                self.decay[f"{tm.name}.{kind}"] = float(dampings[tm.name])
 
     def tune(self, iterations: int = 15, monitor: Monitor | None = None) -> None:
         """Step size and momentum from the Gauss-Newton spectrum (power iteration, full data)."""
@@ -171,7 +190,9 @@ class PBRF:
         with torch.no_grad():
             return np.array([-float(self._loss(params, q.tokens, q.completion_start)) for q in queries])
 
-    def solve(self, z: np.ndarray, eps: float, steps: int, monitor: Monitor | None = None) -> dict[str, torch.Tensor]:
+    def solve(self, z: np.ndarray, eps: float, steps: int, monitor: Monitor | None = None, advance: bool = False) -> dict[str, torch.Tensor]:
+        """Minimise the PBRF objective for sequence ``z`` up-weighted by ``eps``, ``steps`` steps from
+        θ_s; ``advance``: one unit of the monitor's phase per step (a steady progress cadence)."""
         theta = {k: v.clone() for k, v in self.theta_s.items()}
         velocity = {k: torch.zeros_like(v) for k, v in theta.items()}
         for _ in range(steps):
@@ -188,6 +209,8 @@ class PBRF:
                 theta[k] = theta[k] + velocity[k]
             if monitor is not None:
                 monitor.check()
+                if advance:
+                    monitor.advance(1)
         for v in theta.values():
             if not torch.isfinite(v).all():
                 raise InflqError("the PBRF optimisation diverged; lower --pbrf-steps or check the model")
@@ -218,7 +241,11 @@ def validate(
     ``dampings`` sweeps the default estimator's absolute damping (``ekfac:damping=λ`` among the
     built-ins) and recommends the value with the best Pearson correlation. ``queries``: the first
     that many of the investigation's queries (default 3). Refuses (with its estimated cost) a
-    sample whose PBRF solves would take longer than ``max_minutes``.
+    sample whose PBRF solves would take longer than ``max_minutes`` (timed on one PBRF step before
+    anything else). Refuses a sample below :data:`inflq.validations.MIN_SAMPLE` (a correlation over
+    so few points has no interval; over 2 it is always ±1) and warns below
+    :data:`inflq.validations.STEADY_SAMPLE`. Progress comes step by step (phase ``PBRF``:
+    ``2 × sample × pbrf_steps`` steps).
     """
     monitor = monitor or Monitor()
     specs, swept = compared_specs(estimators, dampings)
@@ -230,15 +257,41 @@ def validate(
     store = project.runtime.corpus
     fit = fit_indices(len(store), fit_sequences, seed)
     n = len(fit)
-    if sample < 2:
-        raise InflqError("--sample must be at least 2 (correlations need two sequences)")
+    if sample < MIN_SAMPLE:
+        raise InflqError(f"--sample {sample} is too small: a correlation over {plural(sample, 'sequence')} "
+                         f"{'is always ±1' if sample <= 2 else 'has no confidence interval'}; use --sample {STEADY_SAMPLE} or more (at least {MIN_SAMPLE})")
     if sample > n:
         raise InflqError(f"--sample {sample} is larger than the {n} fitting sequences; lower it or raise --fit-sequences")
+    if pbrf_steps < 1:
+        raise InflqError("--pbrf-steps must be at least 1")
+    small = sample_warning(sample, len(qrows))
+    if small:
+        monitor.warn(small)
     rng = np.random.default_rng(seed + 1)
     chosen = np.sort(rng.choice(fit, size=sample, replace=False)).astype(np.int64)
     eps = float(epsilon) if epsilon is not None else 1.0 / n
     toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
     engine = project.runtime.engine(modules)
+
+    # The cost first: one timed step (no damping yet: a step costs the same whatever it is), then
+    # refuse before spending minutes on the damping pass and the step size's power iteration.
+    pbrf = PBRF(project, modules, fit, {tm.name: 0.0 for tm in engine.tracked}, batch_size)
+    monitor.start("PBRF step timing", 2)
+    pbrf.lr, pbrf.momentum = 0.0, 0.0
+    pbrf.solve(store.get(int(chosen[0])), eps, 1, monitor)  # warm-up (first-call allocations)
+    monitor.advance(1)
+    t = time.perf_counter()
+    pbrf.solve(store.get(int(chosen[0])), eps, 1, monitor)
+    per_step = time.perf_counter() - t
+    monitor.advance(1)
+    per_solve = per_step * pbrf_steps
+    total = per_solve * 2 * sample
+    if total > max_minutes * 60:
+        raise InflqError(
+            f"a sample of {sample} needs about {total / 60:.0f} min of PBRF solves ({per_solve:.1f} s per solve × {2 * sample}); "
+            f"lower --sample or --pbrf-steps, or raise --max-minutes"
+        )
+    monitor.note(f"PBRF: {plural(2 * sample, 'solve')} of {plural(pbrf_steps, 'step')}, about {total / 60:.1f} min ({per_step:.2f} s per step)")
 
     # The PBRF's damping: absolute, or EK-FAC's heuristic per module (as LiSSA estimates it).
     if pbrf_damping is not None:
@@ -254,30 +307,19 @@ def validate(
                 sums[name] += float((dw.double() ** 2).sum())
             monitor.advance(len(chunk))
         pb_damp = {tm.name: 0.1 * sums[tm.name] / n / (tm.out_features * tm.in_dim) for tm in engine.tracked}
+    pbrf.set_damping(pb_damp)
 
-    # Ground truth, after checking its cost.
-    pbrf = PBRF(project, modules, fit, pb_damp, batch_size)
+    # Ground truth.
     pbrf.tune(monitor=monitor)
-    z0 = store.get(int(chosen[0]))
-    t = time.perf_counter()
-    pbrf.solve(z0, eps, 3, monitor)
-    per_solve = (time.perf_counter() - t) / 3 * pbrf_steps
-    total = per_solve * 2 * sample
-    if total > max_minutes * 60:
-        raise InflqError(
-            f"a sample of {sample} needs about {total / 60:.0f} min of PBRF solves ({per_solve:.1f} s per solve × {2 * sample}); "
-            f"lower --sample or --pbrf-steps, or raise --max-minutes"
-        )
     base = pbrf.measurements(pbrf.theta_s, toks)
     truth = np.zeros((len(qrows), sample))
-    monitor.start("PBRF", sample)
+    monitor.start("PBRF", 2 * sample * pbrf_steps)
     t0 = time.perf_counter()
     for j, idx in enumerate(chosen):
         z = store.get(int(idx))
-        up = pbrf.measurements(pbrf.solve(z, eps, pbrf_steps, monitor), toks) - base
-        down = pbrf.measurements(pbrf.solve(z, -eps, pbrf_steps, monitor), toks) - base
+        up = pbrf.measurements(pbrf.solve(z, eps, pbrf_steps, monitor, advance=True), toks) - base
+        down = pbrf.measurements(pbrf.solve(z, -eps, pbrf_steps, monitor, advance=True), toks) - base
         truth[:, j] = (up - down) / (2 * eps)
-        monitor.advance(1)
     pbrf_seconds = time.perf_counter() - t0
     del pbrf
 

@@ -28,6 +28,7 @@ EXPECTED = {
     "lds_subsets": ["study", "subset", "num_sequences", "indices_sha", "measurements", "seconds", "created_at", "investigation_id"],
     "stale_results": ["result_set_id", "query_id", "created_at"],
     "fit_shards": ["run_id", "pass_key", "shard", "n", "factor_key", "path", "checksum", "seconds"],
+    "self_influence": ["key", "estimator", "settings", "factor_set_id", "num_sequences", "path", "checksum", "seconds", "created_at"],
     "_sqlite_migrations": ["id", "migration_set", "name", "applied_at"],
 }
 # TracIn's table, made by the tracin plugin's own migration set (the core's 0002 until #14).

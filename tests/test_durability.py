@@ -234,3 +234,84 @@ def test_a_rebuild_killed_between_its_renames_leaves_the_old_store_usable(projec
 
     project.runtime.rebuild_corpus()  # a whole rebuild: the new store in place, nothing aside
     assert len(CorpusStore(folder)) == n and not folder.with_name(folder.name + ".old").exists()
+
+
+# The real CLI whose run holds back every fitting shard until the file named by INFLQ_TEST_GO
+# exists, so that a second process is sure to arrive while the first one still fits.
+HELD_CLI = (
+    "import os, sys, time\n"
+    "import inflq.runs.workers as runs\n"
+    "_run_shard = runs.run_shard\n"
+    "def run_shard(engine, sequences, pass_, *a, **k):\n"
+    "    deadline = time.monotonic() + 300\n"
+    "    while pass_.phase != 'scoring' and not os.path.exists(os.environ['INFLQ_TEST_GO']) and time.monotonic() < deadline:\n"
+    "        time.sleep(0.05)\n"
+    "    return _run_shard(engine, sequences, pass_, *a, **k)\n"
+    "runs.run_shard = run_shard\n"
+    "from inflq.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+@pytest.mark.slow
+def test_two_identical_runs_at_once_fit_the_factors_once(tmp_path):
+    """Two `inflq run`s with the same settings at once: the second waits for the first one's fit
+    (a lock on the factors' cache key) and reuses its factor set; both finish, with the same scores,
+    and no fitting shard is left behind (it used to fit again and die on the UNIQUE key)."""
+    import threading
+
+    from runner import count, make_project, wait_until
+
+    p = make_project(tmp_path, n=24)
+    root = p.root
+    p.close()
+    args = ["run", str(root), "--estimator", "ekfac", "--shard-size", "4", "--batch-size", "2", "--rank", "8", "--top-k", "3"]
+    go = tmp_path / "go"
+    env = {**_env(), "INFLQ_TEST_GO": str(go), "INFLQ_PROGRESS": "lines"}
+    first = subprocess.Popen([sys.executable, "-c", HELD_CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_until(first, root, "SELECT count(*) FROM runs WHERE phase = 'covariance'")  # fitting (and held)
+        second = subprocess.Popen([sys.executable, "-m", "inflq.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        lines: list[str] = []
+        waiting = threading.Event()
+
+        def read():
+            for line in second.stderr:
+                lines.append(line)
+                if "another process is fitting these factors" in line:
+                    waiting.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 240
+        while not waiting.wait(0.5) and second.poll() is None and time.monotonic() < deadline:
+            pass
+        assert waiting.is_set(), f"the second run did not wait for the first one's fit (exit {second.poll()}): {''.join(lines)[-3000:]}"
+        assert count(root, "SELECT count(*) FROM factor_sets") == 0, "the first one is still fitting"
+        go.touch()
+        out1, err1 = first.communicate(timeout=300)
+        out2, _ = second.communicate(timeout=300)
+        reader.join(10)
+    finally:
+        go.touch()
+        for proc in (first, locals().get("second")):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert first.returncode == 0, err1[-2000:]
+    assert second.returncode == 0, "".join(lines)[-2000:]
+    assert "IntegrityError" not in "".join(lines)
+    conn = sqlite3.connect(root / "catalog.db")
+    try:
+        assert conn.execute("SELECT count(*) FROM factor_sets").fetchone()[0] == 1
+        assert conn.execute("SELECT status, factor_set_id FROM runs ORDER BY id").fetchall() == [("done", 1), ("done", 1)]
+        assert conn.execute("SELECT count(*) FROM fit_shards").fetchone()[0] == 0
+    finally:
+        conn.close()
+    assert not list((root / "artifacts").rglob("fit-*")), "no fitting shard left behind"
+    from inflq.project import Project
+    from inflq.reading import score_matrix
+
+    q = Project.open(root)
+    a, b = score_matrix(q, "default", 1), score_matrix(q, "default", 2)
+    q.close()
+    np.testing.assert_array_equal(a, b)

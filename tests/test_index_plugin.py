@@ -117,7 +117,7 @@ def test_estimator_index_equals_exact_ekfac_at_full_width(proj, cli_run, tmp_pat
     qi = next(i for i, qq in enumerate(catalog.queries(p.db, "default")) if qq["id"] == q["id"])
     assert [r["seq_idx"] for r in rows] == [int(idx_i[c]) for c in np.argsort(-approx[qi], kind="stable")[:3]]
     for r in rows:
-        assert abs(sum(r["module_scores"].values()) - r["score"]) <= 2e-3 * scale
+        assert abs(sum(r["module_scores"].values()) - r["score"]) <= 2e-3 * scale  # top --json decodes them (reading.decoded)
     # Attribution of a chosen sequence (CLI and API): its tokens sum to the index's score.
     code, out, err = cli_run("attribute", proj, "--query", str(q["id"]), "--sequence", rows[0]["seq_id"])
     assert code == 0, err
@@ -130,6 +130,15 @@ def test_estimator_index_equals_exact_ekfac_at_full_width(proj, cli_run, tmp_pat
     out_file = tmp_path / "scores.npy"
     code, _, err = cli_run("export", proj, "--format", "npy", "--output", out_file)
     assert code == 0, err
+    # The header says what the run did: scores from the index (its key and width), the query rank
+    # only for attributions; the exact run's header names its rank as before.
+    width = json.loads(rs_index["settings"])["estimator_settings"]["width"]
+    code, out, err = cli_run("top", proj, "-k", "1", "--query", str(q["id"]), "--result-set", str(rs_index["id"]), "--wide")
+    head = " ".join(out.split("┏")[0].split())
+    assert "scores from the stored gradient index" in head and f"width {width}" in head and "attribution at" in head, head
+    assert "damping" not in head, head
+    code, out, err = cli_run("top", proj, "-k", "1", "--query", str(q["id"]), "--result-set", str(rs_exact["id"]), "--wide")
+    assert "scores from" not in out.split("┏")[0] and "damping" in out.split("┏")[0]
     p.close()
 
 

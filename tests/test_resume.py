@@ -121,8 +121,9 @@ def test_ctrl_c_cancels_then_resume(baseline, cli_run, tmp_path):
     proc = start_cli("run", proj, *ARGS)
     wait_until(proc, proj, "SELECT count(*) FROM run_shards WHERE run_id = 2")
     rc, out, err = kill(proc, signal.SIGINT)
-    assert rc != 0
-    assert "cancelled" in err and "--resume 2" in err and "committed:" in err, err
+    assert rc == 3, "stopped on request: its own exit status (README, Exit status), not an error's"
+    assert "stopped: run 2" in err and "--resume 2" in err and "committed:" in err, err
+    assert "Error" not in err, err
     assert _status(proj, 2) == "cancelled"
     assert count(proj, "SELECT count(*) FROM run_shards WHERE run_id = 2") < SHARDS, "stopped within a shard"
 

@@ -270,7 +270,7 @@ def test_check_reports_and_repairs_damaged_artifacts(origin, tmp_path, cli_run):
     assert f"score matrix {rs['scores_path']} fails its checksum; affects result set 1" in out
     code, out, err = cli_run("check", proj, "--repair")
     assert code == 0, err
-    assert "recomputed 1 score shard(s), score matrix" in out and "all artifacts verify" in out
+    assert "recomputed 1 score shard, score matrix" in out and "all artifacts verify" in out
     p = Project.open(proj)
     np.testing.assert_allclose(score_matrix(p, "default"), m_before, rtol=1e-5, atol=1e-7)
     p.close()

@@ -796,14 +796,14 @@ def test_validate_screen_runs_with_progress_and_cancels(project_dir):
         await settle(pilot)
         assert isinstance(app.screen, ValidateScreen)
         screen = app.screen
-        for name, value in (("estimators", "identity"), ("sample", "2"), ("queries", "1"), ("fit_sequences", "8"), ("pbrf_steps", "3")):
+        for name, value in (("estimators", "identity"), ("sample", "4"), ("queries", "1"), ("fit_sequences", "8"), ("pbrf_steps", "3")):
             screen.query_one(f"#val-{name}", Input).value = value
         await pilot.press("ctrl+r")
         await settle(pilot)
         console = Console(width=98, record=True, file=io.StringIO())
         console.print(screen.query_one("#val-result", Static).content)
         shown = console.export_text()
-        assert "validation 1: 1 queries × 2 sequences vs PBRF" in shown and "identity" in shown, shown
+        assert "validation 1: 1 query × 4 sequences vs PBRF" in shown and "identity" in shown, shown
         assert "PBRF" in screen.phases.bars and "ETA" not in str(screen.phases.bars["PBRF"][0].render())
         assert app.project.db["validations"].count == 1
         # A validation that would run for hours, cancelled at once: nothing saved, the screen says so.
@@ -850,14 +850,14 @@ def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
         await pilot.press("ctrl+r")
         await settle(pilot)
         text = shown(screen)
-        assert "LDS validation 1: 1 queries × 3 subsets" in text and "identity" in text, text
+        assert "LDS validation 1: 1 query × 3 subsets" in text and "identity" in text, text
         assert "LDS retraining" in screen.phases.bars
         assert [r["method"] for r in app.project.db.query("SELECT method FROM validations")] == ["lds"]
         await pilot.press("escape")
         await settle(pilot)
         palette_command(app, "Validate estimators")()
         await settle(pilot)
-        assert "LDS validation 1: 1 queries × 3 subsets" in shown(app.screen)
+        assert "LDS validation 1: 1 query × 3 subsets" in shown(app.screen)
 
     drive(project_dir, (120, 40), go)
 

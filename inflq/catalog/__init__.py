@@ -19,11 +19,14 @@ code outside ``inflq/catalog/`` touches ``db[...]`` or runs SQL.
 from .result_rows import (
     count_results,
     delete_result_sets,
+    delete_self_influence,
     get_result_set,
     insert_result_set,
     result_set_of_run,
     result_sets_of,
+    self_influence_by_key,
     stale_queries,
+    store_self_influence,
     stored_results,
     update_result_set,
 )
@@ -73,6 +76,7 @@ from .validation_rows import (
     insert_validation,
     lds_subsets,
     validation_rows,
+    validation_summaries,
 )
 
 # isort: split
@@ -90,6 +94,7 @@ from .files import (
     all_meta,
     applied_migrations,
     check_archived,
+    file_problem,
     integrity_problem,
     open_copy,
     snapshot,
@@ -108,6 +113,7 @@ from .records import (
     investigations,
     latest_investigation,
     metadata_column,
+    metadata_fields,
     probe_count,
     probes,
     queries,
@@ -136,8 +142,8 @@ __all__ = [
     "set_meta",
     # records, factor sets, reports, files
     "RETIRED_MIGRATIONS", "SEQUENCE_COLUMNS", "add_probe", "add_queries", "all_meta", "applied_migrations", "cached_hash",
-    "check_archived", "integrity_problem", "investigation_probes", "latest_investigation", "probe_count", "create_investigation", "delete_investigation", "export_rows", "factor_set",
-    "factor_set_uses", "factor_sets", "investigation", "investigations", "metadata_column", "open_copy",
+    "check_archived", "file_problem", "integrity_problem", "investigation_probes", "latest_investigation", "probe_count", "create_investigation", "delete_investigation", "export_rows", "factor_set",
+    "factor_set_uses", "factor_sets", "investigation", "investigations", "metadata_column", "metadata_fields", "open_copy",
     "probes", "queries", "query", "remember_hash", "remove_factor_set", "rename_investigation",
     "replace_sequences", "result_sets_scored_with", "sequence_by_id", "sequence_count", "sequence_rows",
     "sequence_tags", "snapshot", "tag_sequence",
@@ -151,4 +157,6 @@ __all__ = [
     # removing records (rows first; the caller removes the files they named) and finding orphans
     "delete_query", "delete_result_sets", "delete_runs", "delete_validations", "edit_query", "named_files", "run_statuses",
     "scored_run_ids", "stale_queries", "unfinished_runs",
+    # validations, self-influence
+    "validation_summaries", "delete_self_influence", "self_influence_by_key", "store_self_influence",
 ]

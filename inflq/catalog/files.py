@@ -61,6 +61,22 @@ def check_archived(path: Path) -> None:
         conn.close()
 
 
+def file_problem(path: Path) -> str | None:
+    """Why the catalog file at ``path`` cannot be used (it does not open as a database, or fails
+    SQLite's integrity check), or None when it is sound. Opened read-only."""
+    from .schema import open_readonly
+
+    try:
+        conn = open_readonly(Path(path))
+        try:
+            ok = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if ok == "ok" else ok
+
+
 def integrity_problem(db) -> str | None:
     """SQLite's integrity check of the open catalog: None when it passes, else its first message."""
     ok = db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -74,6 +74,21 @@ def delete_result_sets(db, result_set_ids: list[int]) -> list[str]:
 def stale_queries(db, result_set_id: int) -> set[int]:
     """The queries edited after this result set scored them: its rows for them are stale."""
     return {r[0] for r in db.execute("SELECT query_id FROM stale_results WHERE result_set_id = ?", [result_set_id]).fetchall()}
+def self_influence_by_key(db, key: str) -> dict | None:
+    """The cached self-influence scores with this key (``inflq self-influence``), or None."""
+    return next(db["self_influence"].rows_where("key = ?", [key]), None)
+
+
+def store_self_influence(db, fields: dict[str, Any]) -> None:
+    """Record computed self-influence scores (``fields``: the row, ``key`` included)."""
+    with db.atomic():
+        db["self_influence"].upsert({**fields, "created_at": now()}, pk="key")
+
+
+def delete_self_influence(db, key: str) -> None:
+    """Forget cached self-influence scores (their file is recomputed when next asked for)."""
+    with db.atomic():
+        db.execute("DELETE FROM self_influence WHERE key = ?", [key])
 
 
 def count_results(db, result_set_id: int, query_id: int, side: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import layout
 from .result_rows import delete_result_sets
 from .schema import get_meta, now, set_meta
 
@@ -211,6 +212,12 @@ def referenced_files(db) -> list[tuple[str, str, str | None, tuple]]:
             out.append(("score matrix", r["scores_path"], r["scores_checksum"], ("result_sets", r["id"], "scores")))
         if r["queries_path"]:
             out.append(("query gradients", r["queries_path"], r["queries_checksum"], ("result_sets", r["id"], "queries")))
+    has_cache = _rows(db, "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'self_influence'")
+    for r in _rows(db, "SELECT key, path, checksum FROM self_influence ORDER BY created_at") if has_cache else []:  # an archive from before 0007
+        out.append(("self-influence scores", r["path"], r["checksum"], ("self_influence", r["key"])))
+    # Candidates carry no checksum in the catalog; they must at least exist and read once scoring began.
+    for r in _rows(db, "SELECT DISTINCT run_id FROM run_shards ORDER BY run_id"):
+        out.append(("candidate list", layout.candidates(r["run_id"]), None, ("runs", r["run_id"], "candidates")))
     return out
 
 
@@ -221,9 +228,11 @@ def scored_run_ids(db) -> list[int]:
 
 def named_files(db) -> set[str]:
     """Every file path a core row names: factor sets, scoring and fitting shards, result sets'
-    score matrices and query gradients (what ``inflq check`` and ``inflq gc`` do not call orphans)."""
+    score matrices and query gradients, kept self-influence scores (what ``inflq check`` and ``inflq gc`` do not call orphans)."""
     sql = ("SELECT path FROM factor_sets UNION SELECT path FROM run_shards UNION SELECT path FROM fit_shards "
            "UNION SELECT scores_path FROM result_sets UNION SELECT queries_path FROM result_sets")
+    if _rows(db, "SELECT 1 AS x FROM sqlite_master WHERE type = 'table' AND name = 'self_influence'"):
+        sql += " UNION SELECT path FROM self_influence"
     return {r["path"] for r in _rows(db, sql) if r["path"]}
 
 

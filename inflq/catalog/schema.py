@@ -3,19 +3,22 @@ migrations applied on open. WAL mode and a busy timeout let the UI read while a 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import shutil
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.request import pathname2url
 
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from ..errors import InflqError
+from ..errors import CatalogDamaged, InflqError
 
 MIGRATION_SET = "inflq"
 migrations = Migrations(MIGRATION_SET)
@@ -213,6 +216,15 @@ def m0006_removal(db: sqlite_utils.Database) -> None:
     # The investigation whose validation retrained an LDS subset, so that removing the investigation
     # removes it (rows from before: through the studies its validations name).
     db["lds_subsets"].add_column("investigation_id", int)
+@migrations(name="0007_self_influence")
+def m0007_self_influence(db: sqlite_utils.Database) -> None:
+    # `inflq self-influence`: each computed ranking is kept, addressed by a hash of everything that
+    # determines it (estimator and its settings, factor set, modules, model, corpus, sequences).
+    db["self_influence"].create(
+        {"key": str, "estimator": str, "settings": str, "factor_set_id": int, "num_sequences": int,
+         "path": str, "checksum": str, "seconds": float, "created_at": str},
+        pk="key",
+    )
 
 
 class CatalogDatabase(sqlite_utils.Database):
@@ -260,7 +272,7 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
         raise InflqError(f"{path.parent} has no catalog ({path.name}); create a project with `inflq init`")
     try:
         if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=busy_timeout_ms() / 1000, check_same_thread=False)
+            conn = open_readonly(path)
         else:
             conn = sqlite3.connect(str(path), timeout=busy_timeout_ms() / 1000, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
@@ -269,7 +281,7 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA foreign_keys = ON")
     except sqlite3.DatabaseError as exc:
-        raise InflqError(f"cannot open the catalog {path}: {exc}; check the file is an inflq catalog") from None
+        raise CatalogDamaged(f"cannot open the catalog {path} ({exc}); `inflq check {path.parent} --repair` restores its newest good copy") from None
     try:
         check_version(db)
         pending = migrations.pending(db)
@@ -279,18 +291,73 @@ def connect(path: Path, *, create: bool = False, readonly: bool = False) -> sqli
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 shutil.copy2(path, backup)
             migrations.apply(db)
-        elif pending:
-            raise InflqError(f"the catalog {path} needs upgrading, but it is read-only; open it once with write access")
+        elif pending:  # written by an older inflq: read an upgraded private copy, leave the file as it is
+            db = CatalogDatabase(_upgraded_copy(db.conn, path))
+            db.conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms()}")
     except sqlite3.OperationalError as exc:
         msg = str(exc)
         if "locked" in msg or "busy" in msg:
             raise InflqError(f"the catalog {path} is locked by another process; wait for it or close it") from None
         if "readonly" in msg or "read-only" in msg:
-            raise InflqError(f"the catalog {path} is read-only; copy the project somewhere writable") from None
+            raise InflqError(f"the catalog {path} is read-only here and this command writes to it; copy the project somewhere writable") from None
         raise InflqError(f"catalog {path}: {msg}") from None
     except sqlite3.DatabaseError as exc:
-        raise InflqError(f"the catalog {path} is damaged or not a database ({exc}); restore it from a backup") from None
+        raise CatalogDamaged(f"the catalog {path} is damaged or not a database ({exc}); `inflq check {path.parent} --repair` restores its newest good copy") from None
     return db
+
+
+def open_readonly(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the catalog at ``path``, also where nothing may be written beside it
+    (a read-only folder, another user's project).
+
+    SQLite reads a WAL-mode database in ``mode=ro`` only where it can open the ``-shm`` file. Where
+    it cannot, the catalog is read as it is on disk (``immutable=1``) when its ``-wal`` file holds no
+    commits, else from a private copy of the two files, into which the WAL's commits are folded:
+    a snapshot, as a reader without write access can only have."""
+    timeout = busy_timeout_ms() / 1000
+    uri = "file:" + pathname2url(str(Path(path).resolve()))
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    wal = Path(path).with_name(Path(path).name + "-wal")
+    if not wal.exists() or wal.stat().st_size == 0:
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, timeout=timeout, check_same_thread=False)
+    copy = _private_folder() / Path(path).name
+    shutil.copyfile(path, copy)
+    shutil.copyfile(wal, copy.with_name(copy.name + "-wal"))
+    fold = sqlite3.connect(str(copy))
+    try:
+        fold.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fold.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        fold.close()
+    return sqlite3.connect("file:" + pathname2url(str(copy)) + "?mode=ro", uri=True, timeout=timeout, check_same_thread=False)
+
+
+def _private_folder() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="inflq-readonly-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
+def _upgraded_copy(conn: sqlite3.Connection, path: Path) -> sqlite3.Connection:
+    """A read-only connection to a private copy of the catalog ``conn`` reads, with this inflq's
+    migrations applied: how a reader without write access reads a catalog of an older inflq."""
+    copy = _private_folder() / Path(path).name
+    dst = sqlite3.connect(str(copy))
+    try:
+        conn.backup(dst)
+    finally:
+        conn.close()
+    try:
+        migrations.apply(CatalogDatabase(dst))
+        dst.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        dst.close()
+    return sqlite3.connect("file:" + pathname2url(str(copy)) + "?mode=ro", uri=True, timeout=busy_timeout_ms() / 1000, check_same_thread=False)
 
 
 def check_version(db: sqlite_utils.Database) -> None:

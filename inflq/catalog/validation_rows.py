@@ -56,6 +56,22 @@ def delete_validations(db, investigation_id: int) -> None:
         for study in sorted(mine - shared):
             db.execute("DELETE FROM lds_subsets WHERE study = ?", [study])
         db.execute("DELETE FROM validations WHERE investigation_id = ?", [investigation_id])
+def validation_summaries(db, investigation_id: int | None = None) -> list[dict[str, Any]]:
+    """One row per saved validation, oldest first: ``validation``, ``method``, ``investigation``
+    (its name), ``created_at``, ``estimators`` (a list, in order), ``num_queries``, ``num_sequences``
+    and ``settings`` of its first row (decoded)."""
+    where, args = ("WHERE v.investigation_id = ?", [investigation_id]) if investigation_id is not None else ("", [])
+    cur = db.execute(
+        "SELECT v.validation, v.method, i.name, min(v.created_at), "
+        "(SELECT group_concat(estimator, char(31)) FROM (SELECT estimator FROM validations w WHERE w.validation = v.validation ORDER BY w.id)), "
+        "max(v.num_queries), max(v.num_sequences), "
+        "(SELECT settings FROM validations w WHERE w.validation = v.validation ORDER BY w.id LIMIT 1) "
+        f"FROM validations v JOIN investigations i ON i.id = v.investigation_id {where} GROUP BY v.validation ORDER BY v.validation", args)
+    out = []
+    for vid, method, inv, created, estimators, nq, ns, settings in cur.fetchall():
+        out.append({"validation": vid, "method": method, "investigation": inv, "created_at": created, "estimators": (estimators or "").split("\x1f"),
+                    "num_queries": nq, "num_sequences": ns, "settings": json.loads(settings) if settings else {}})
+    return out
 
 
 def lds_subsets(db, study: str) -> dict[int, dict[str, Any]]:

@@ -17,14 +17,22 @@ from contextlib import contextmanager, suppress
 
 import click
 
-from ..errors import InflqError
+from ..errors import Cancelled, InflqError
+
+# Exit statuses (README, "Exit status"): 0 done; 1 a user error (one line, "Error: ..."); 2 an
+# internal error or a usage error; 3 stopped on request (Ctrl-C) with the committed work kept,
+# to be resumed; 130 aborted at once (a second Ctrl-C).
+EXIT_ERROR = 1
+EXIT_STOPPED = 3
+EXIT_ABORTED = 130
 
 
-def make_console(stderr: bool = False):
-    """A rich console on stdout (or stderr) that leaves long lines and numbers as they are."""
+def make_console(stderr: bool = False, width: int | None = None):
+    """A rich console on stdout (or stderr) that leaves long lines and numbers as they are
+    (``width``: lay out at this width whatever the terminal's)."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def project_at(path: str):
@@ -172,28 +180,33 @@ def add_plugin_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line and exit status 1."""
+    """Entry point: user errors become one line and exit status 1; work stopped on request says
+    "stopped: ..." with what was kept, and exits with status 3 (:data:`EXIT_STOPPED`)."""
     add_plugin_commands()
     try:
         cli.main(args=argv, standalone_mode=False)
+    except Cancelled as exc:  # stopped on request: not an error, and said so
+        click.echo(f"stopped: {exc}", err=True)
+        sys.exit(EXIT_STOPPED)
     except InflqError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_ABORTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_ABORTED)
     except sqlite3.OperationalError as exc:
         msg = str(exc)
         if "locked" in msg or "busy" in msg:
             click.echo("Error: the project's catalog is locked by another process; wait for it to finish, then retry", err=True)
         elif "readonly" in msg:
-            click.echo("Error: the project's catalog is read-only; copy the project somewhere writable", err=True)
+            click.echo("Error: the project is read-only here and this command writes to it; copy the project somewhere writable "
+                       "(commands that only read work as they are: top, show, runs, export, query list, pack)", err=True)
         else:
             click.echo(f"Error: catalog error ({msg}); check the project folder", err=True)
         sys.exit(1)

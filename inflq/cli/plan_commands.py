@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..display import plural
 from ..errors import Cancelled, InflqError
 from ..settings import DeviceSettings, RunSettings
 from .common import make_console, progress_monitor, project_at
@@ -43,7 +44,7 @@ def plan(project, investigation, memory, calibration, as_json, **given):
             result = make_plan(p, settings, investigation=investigation, calibration=calibration, monitor=monitor,
                                memory=None if memory is None else int(memory * (1 << 30)))
         except Cancelled:
-            raise InflqError("plan cancelled; nothing was written") from None
+            raise Cancelled("plan: nothing was written") from None
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -51,15 +52,15 @@ def plan(project, investigation, memory, calibration, as_json, **given):
 
     f = result.facts
     t = Table("phase", "time", "peak memory", "", title=(
-        f"{f['estimator']} on {f['sequences']:,} sequences ({f['tokens']:,} tokens), {f['queries']} queries, "
-        f"{f['modules']} modules, {f['device']}; {f['batch']}"))
+        f"{f['estimator']} on {plural(f['sequences'], 'sequence')} ({plural(f['tokens'], 'token')}), {plural(f['queries'], 'query')}, "
+        f"{plural(f['modules'], 'module')}, {f['device']}; {f['batch']}"))
     for ph in result.phases:
         t.add_row(ph.name, _seconds(ph.seconds), _gb(ph.peak_bytes), ph.note)
     t.add_row("total", _seconds(result.seconds), _gb(result.peak_bytes), "peak")
     console = make_console()
     console.print(t)
     console.print("artifacts: " + ", ".join(f"{k} {_gb(v)}" for k, v in result.artifacts.items()))
-    console.print(f"calibrated on {f['calibration_sequences']} sequences ({f['calibration_tokens']:,} tokens)"
+    console.print(f"calibrated on {plural(f['calibration_sequences'], 'sequence')} ({plural(f['calibration_tokens'], 'token')})"
                   + ("" if f["queries_measured"] else "; no queries yet, one stood in for them"))
     verdict = "fits" if result.fits else "does NOT fit"
     click.echo(f"{verdict} in {_gb(result.memory)}")

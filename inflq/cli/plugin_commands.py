@@ -14,6 +14,7 @@ from .common import make_console
 def plugins(as_json):
     """List loaded plugins, what they provide, and any that failed to load."""
     from rich.table import Table
+    from rich.text import Text
 
     from ..plugins import get_registry
 
@@ -25,15 +26,28 @@ def plugins(as_json):
             **{k: {n: {"plugin": reg.origin[(k, n)], "description": c.description, "options": [o.name for o in c.options]} for n, c in reg.all(k).items()} for k in kinds},
         }, indent=2))
         return
+    console = make_console()
     t = Table("plugin", "module", "distribution", "status")
     for lp in reg.loaded:
         t.add_row(lp.name, lp.module, lp.distribution, "[red]failed: " + lp.error + "[/]" if lp.error else "ok")
-    make_console().print(t)
-    t = Table("kind", "name", "from", "description", "options")
+    console.print(t)
+    # One block per kind, a row per plugin whose description and options wrap: nothing is cut at
+    # 80 columns (a five-column table cut the options to "num_workers=No…").
     for k in kinds:
-        for n, c in reg.all(k).items():
-            t.add_row(k, n, reg.origin[(k, n)], c.description, ", ".join(f"{o.name}={o.default}" for o in c.options))
-    make_console().print(t)
+        items = reg.all(k)
+        if not items:
+            continue
+        console.print(Text(f"\n{k}s", style="bold"))
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(no_wrap=True)
+        grid.add_column(overflow="fold")
+        for n, c in items.items():
+            body = Text(c.description or "")
+            body.append(f"  (from {reg.origin[(k, n)]})", style="dim")
+            if c.options:
+                body.append("\noptions: " + ", ".join(f"{o.name}={o.default}" for o in c.options))
+            grid.add_row(Text(n, style="bold"), body)
+        console.print(grid)
 
 
 COMMANDS = (plugins,)

@@ -7,6 +7,7 @@ import json
 import click
 
 from .. import catalog
+from ..display import plural
 from ..errors import Cancelled, InflqError
 from ..settings import DeviceSettings, RunSettings
 from .common import make_console, progress_monitor, project_at
@@ -26,12 +27,13 @@ def _resume_target(p, project: str, investigation: str, resume: int | None, kind
     return row["id"]
 
 
-def _cancelled(p, what: str, resume: int | None, again: str) -> InflqError:
-    """The one line a cancelled run or fit ends with: what it kept and how to continue."""
+def _cancelled(p, what: str, resume: int | None, again: str) -> Cancelled:
+    """The one line a stopped run or fit ends with (``stopped: ...``, exit status 3): what it kept
+    and how to continue."""
     from ..runs import committed_work
 
     last = resume or catalog.latest_run_id(p.db)
-    return InflqError(f"{what} {last} cancelled; {committed_work(p, last)}: continue with `{again} --resume {last}` (or --resume alone)")
+    return Cancelled(f"{what} {last}; {committed_work(p, last)}: continue with `{again} --resume {last}` (or --resume alone)")
 
 
 def _device(p, given: dict) -> None:
@@ -103,7 +105,7 @@ def factors_list(project, as_json):
     for r in rows:
         size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "file missing"
         click.echo(f"factor set {r['id']}: {r['estimator']} {r['settings']}")
-        click.echo(f"  {r['num_modules']} modules · {r['num_sequences']} sequences · seed {r['seed']} · {size} · fit in {r['seconds'] or 0:.1f} s"
+        click.echo(f"  {plural(r['num_modules'], 'module')} · {plural(r['num_sequences'], 'sequence')} · seed {r['seed']} · {size} · fit in {r['seconds'] or 0:.1f} s"
                    f" · used by {r['runs']} run{'s' if r['runs'] != 1 else ''} · {'current' if r['current_model'] else 'another'} model"
                    f" · {(r['created_at'] or '')[:16].replace('T', ' ')}")
 

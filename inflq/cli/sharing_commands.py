@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .. import catalog
+from ..display import plural
 from ..errors import InflqError
 from ..layout import ARTIFACTS
 from .common import progress_monitor, project_at
@@ -27,7 +28,7 @@ def pack(project, file, include_model, include_corpus, exclude):
     with progress_monitor() as monitor:
         res = do_pack(project, file, include_model=include_model, include_corpus=include_corpus, exclude=exclude, monitor=monitor)
     left = [w for w, inc in (("model", include_model), ("corpus", include_corpus)) if not inc]
-    click.echo(f"wrote {res.path}: {res.files} files, {res.bytes / 1e6:.1f} MB" + (f" (without the {' and '.join(left)}: the recipient relinks local copies)" if left else ""))
+    click.echo(f"wrote {res.path}: {plural(res.files, 'file')}, {res.bytes / 1e6:.1f} MB" + (f" (without the {' and '.join(left)}: the recipient relinks local copies)" if left else ""))
 
 
 @click.command()
@@ -40,7 +41,7 @@ def unpack(file, directory):
 
     with progress_monitor() as monitor:
         manifest = do_unpack(file, directory, monitor=monitor)
-    click.echo(f"unpacked {len(manifest['files'])} verified files into {directory}")
+    click.echo(f"unpacked {plural(len(manifest['files']), 'verified file')} into {directory}")
     p = Project.open(directory)
     try:
         if p.model_status() != "ok":
@@ -62,7 +63,7 @@ def trust(project):
     from ..trust import trust as do_trust
 
     names = do_trust(project)
-    click.echo(f"trusted {len(names)} local plugin file(s) of {project}: {', '.join(names)} (editing any of them withdraws trust)")
+    click.echo(f"trusted {plural(len(names), 'local plugin file')} of {project}: {', '.join(names)} (editing any of them withdraws trust)")
 
 
 @click.command()
@@ -76,20 +77,35 @@ def untrust(project):
 
 @click.command()
 @click.argument("project")
-@click.option("--repair", is_flag=True, help="Recompute what is missing or damaged (needs the model) and remove orphaned files.")
+@click.option("--repair", is_flag=True, help="Restore a damaged catalog from its newest good copy (backups/), recompute damaged or missing artifacts (needs the model) and remove orphaned files.")
 def check(project, repair):
-    """Verify every artifact against its checksum, list the results that depend on damaged ones, and
-    the orphaned files no catalog row names."""
+    """Verify the catalog and every artifact against its checksum, list the results that depend on
+    damaged ones, and the orphaned files no catalog row names. With --repair: a damaged catalog is
+    replaced by its newest good copy (saying what that copy lacks), damaged artifacts are recomputed
+    and orphans removed."""
+    from ..backups import restore_catalog
+    from ..errors import CatalogDamaged
     from ..integrity import check as do_check
     from ..integrity import repair as do_repair
+    from ..layout import CATALOG
     from ..removal import GRACE_SECONDS, collect_garbage, orphans, size_text
 
-    p = project_at(project)
+    root = Path(project)
+    try:
+        p = project_at(project)
+        problem = catalog.integrity_problem(p.db)
+    except CatalogDamaged as exc:
+        p, problem = None, str(exc)
+    if problem is not None:
+        if not repair:
+            raise InflqError(f"the catalog {root / CATALOG} is damaged ({problem}); `inflq check {project} --repair` restores its newest good copy and says what that copy lacks")
+        if p is not None:
+            p.close()
+        for line in restore_catalog(root).lines():
+            click.echo(line)
+        p = project_at(project)
     with progress_monitor() as monitor:
         problems = do_check(p, monitor)
-    ok = catalog.integrity_problem(p.db)
-    if ok is not None:
-        raise InflqError(f"the catalog fails SQLite's integrity check ({ok}); restore catalog.db from a backup")
     found = orphans(p)
     if not problems and not found:
         click.echo("all artifacts verify; the catalog is consistent; no orphaned files")
@@ -101,9 +117,9 @@ def check(project, repair):
                    + (f" (written in the last {GRACE_SECONDS / 60:.0f} minutes: kept, a process may be about to record it)" if o.recent else ""))
     old = [o for o in found if not o.recent]
     if not repair:
-        parts = [f"{len(problems)} damaged or missing artifact(s)"] if problems else []
+        parts = [plural(len(problems), "damaged or missing artifact")] if problems else []
         if old:
-            parts.append(f"{len(old)} orphaned file(s) ({size_text(sum(o.size for o in old))})")
+            parts.append(f"{plural(len(old), 'orphaned file')} ({size_text(sum(o.size for o in old))})")
         if parts:
             fix = f"`inflq check {project} --repair`" + (f" (the orphans alone: `inflq gc {project}`)" if old and not problems else "")
             raise InflqError(f"{' and '.join(parts)}; {'recompute and ' if problems else ''}remove them with {fix}")
@@ -115,10 +131,10 @@ def check(project, repair):
                 click.echo(note)
     if old:
         got = collect_garbage(p)
-        click.echo(f"removed {len(got.removed)} orphaned file(s), {size_text(got.bytes)}")
+        click.echo(f"removed {plural(len(got.removed), 'orphaned file')}, {size_text(got.bytes)}")
     left = do_check(p)
     if left:
-        raise InflqError(f"{len(left)} artifact(s) could not be recomputed: {left[0].line()}")
+        raise InflqError(f"{plural(len(left), 'artifact')} could not be recomputed: {left[0].line()}")
     click.echo("repaired: all artifacts verify" if problems else "all artifacts verify")
 
 

@@ -4,11 +4,12 @@ killed fit resumes from its last committed shard."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -202,6 +203,38 @@ def _factor_key(project: Project, estimator: Estimator, engine: GradientEngine, 
     return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24], key_src
 
 
+LOCKS = layout.LOCKS  # lock files, in the project folder; never packed (sharing packs artifacts/, corpus/, plugins/)
+
+
+@contextlib.contextmanager
+def factor_lock(project: Project, key: str, monitor: Monitor) -> Iterator[bool]:
+    """Hold the lock on factor cache key ``key`` (a file lock under the project folder, released by
+    the OS if the holder dies); yields whether another process held it first, i.e. whether the
+    factors may have appeared meanwhile. Waiting can be cancelled (the monitor). A read-only
+    project fits nothing, so it takes no lock."""
+    from filelock import FileLock, Timeout
+
+    if getattr(project, "readonly", False):
+        yield False
+        return
+    (project.root / LOCKS).mkdir(exist_ok=True)
+    lock = FileLock(str(project.root / LOCKS / f"factors-{key}.lock"))
+    waited = False
+    while True:
+        try:
+            lock.acquire(timeout=0.25, poll_interval=0.05)
+            break
+        except Timeout:
+            if not waited:
+                monitor.warn(f"another process is fitting these factors (key {key}); waiting for its fit rather than fitting them twice")
+                waited = True
+            monitor.check()
+    try:
+        yield waited
+    finally:
+        lock.release()
+
+
 def ensure_factors(
     project: Project,
     estimator: Estimator,
@@ -240,6 +273,23 @@ def ensure_factors(
         estimator.load_factors(load_tensors(project.root, row["path"], row["checksum"], "factor artifact"))
         estimator.prepare(ctx)
         return row["id"]
+    # One fit per cache key at a time: a second run with the same settings waits for the first
+    # one's fit and reuses its factors instead of fitting them again (and failing on the key).
+    with factor_lock(project, key, monitor) as waited:
+        # Another process may have stored them since the look above (while this one waited, or
+        # just before it took the lock): reuse them, unless asked to refit the very set seen above.
+        fresh = catalog.factor_set_by_key(project.db, key)
+        if fresh is not None and (not settings.refit or row is None or fresh["id"] != row["id"]):
+            if waited or row is None:
+                monitor.note(f"reusing factor set {fresh['id']}, which another process fitted meanwhile")
+            estimator.load_factors(load_tensors(project.root, fresh["path"], fresh["checksum"], "factor artifact"))
+            estimator.prepare(ctx)
+            return fresh["id"]
+        return _fit_and_store(project, estimator, engine, ctx, settings, monitor, run_id, key, key_src, indices, store, fresh)
+
+
+def _fit_and_store(project, estimator, engine, ctx, settings, monitor, run_id, key, key_src, indices, store, row) -> int:
+    """Fit the factors (the lock on their key held) and record them as a factor set."""
     tokens = int(store.lengths()[indices].sum())
     widest = max(max(t.in_dim, t.out_features) for t in engine.tracked)
     if tokens < 2 * widest:
@@ -248,7 +298,10 @@ def ensure_factors(
     tensors = estimator.fit(ctx)
     seconds = time.perf_counter() - started
     rel = layout.factor_set(estimator.name, key)
-    checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True)})
+    # The file carries what its factor set's row holds, so that a lost catalog's factors can be
+    # re-linked (`inflq check --repair`) instead of fitted again.
+    checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True),
+                                                         "factor_set": json.dumps({"num_sequences": len(indices), "seconds": seconds})})
     fs_id, stale = catalog.store_factor_set(project.db, {
         "key": key, "estimator": estimator.name, "settings": json.dumps(estimator.factor_settings(), sort_keys=True),
         "modules": json.dumps(engine.names), "model_fingerprint": project.model_fingerprint, "data_fingerprint": key_src["data"],

@@ -125,17 +125,32 @@ def run_investigation(
         own = scoring_context(project, estimator, engine, queries, cand, settings, monitor, executor=executor, run_id=run_id,
                               preconditioned=scorers[-1].queries)
         scored = estimator_scores(project, estimator, own, mask)
+        own_scores = scored is not None
         if scored is None:
             scored = score_shards(project, run_id, scorers, cand, mask, settings, executor, monitor)
         phases["scoring"] = time.perf_counter() - t
         t = time.perf_counter()
-        record = result_record(project, run_id, investigation, queries, settings, estimator, filt, scorers, cand, scored.scores, saved_queries, monitor, kept=scored.kept)
+        record = result_record(project, run_id, investigation, queries, settings, estimator, filt, scorers, cand, scored.scores, saved_queries, monitor,
+                               kept=scored.kept, own_scores=own_scores)
         rs_id = store_result_set(project, record)
         phases["top results"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         catalog.finish_run(project.db, run_id, "done", seconds=seconds)
         forget_candidate_passes(project, run_id)
-        return RunResult(run_id, rs_id, seconds, phases)
+    keep_copy(project, run_id, monitor)
+    return RunResult(run_id, rs_id, seconds, phases)
+
+
+def keep_copy(project: Project, run_id: int, monitor: Monitor) -> None:
+    """A copy of the catalog after each completed run (``backups/``, the newest few kept), so that a
+    damaged catalog loses at most what came after it (``inflq check --repair``). A copy that cannot
+    be written is a warning, never a failed run."""
+    from ..backups import backup_catalog
+
+    try:
+        backup_catalog(project, f"run-{run_id}")
+    except Exception as exc:  # the run is committed; the copy is a safety net
+        monitor.warn(f"could not copy the catalog to {project.root / 'backups'} ({exc}); the run itself is saved")
 
 
 def fit_factors(
@@ -169,4 +184,5 @@ def fit_factors(
         fs_id = prepare_estimator(project, settings, monitor, estimator=estimator, engine=engine, executor=executor, run_id=run_id).factor_set_id
         seconds = time.perf_counter() - started
         catalog.finish_run(project.db, run_id, "done", seconds=seconds, factor_set_id=fs_id)
-        return run_id, fs_id, seconds
+    keep_copy(project, run_id, monitor)
+    return run_id, fs_id, seconds

@@ -17,6 +17,7 @@ import torch
 from .. import catalog, layout
 from ..artifacts import save_tensors
 from ..base import Estimator, Executor
+from ..display import plural
 from ..engine import GradientEngine
 from ..errors import Cancelled
 from ..plugins import get_registry
@@ -93,9 +94,12 @@ class ResultRecord:
 def result_record(
     project: Project, run_id: int, investigation: str, queries: list[dict], settings: RunSettings, estimator: Estimator,
     filt, scorers: list[Scorer], cand: np.ndarray, scores: np.ndarray, saved_queries: tuple[str, str], monitor: Monitor, kept=None,
+    own_scores: bool = False,
 ) -> ResultRecord:
     """Save the full score matrix; the record holds the top and bottom K per query with their
-    per-module and per-layer scores and texts (see :func:`extreme_module_scores` for ``kept``)."""
+    per-module and per-layer scores and texts (see :func:`extreme_module_scores` for ``kept``).
+    ``own_scores``: the estimator scored the candidates itself (``Estimator.score_candidates``, e.g.
+    from a stored gradient index), so the query rank applies to attributions only."""
     picks = pick_extremes(scores, settings.top_k)
     found = extreme_module_scores(project, scorers, cand, {(p[0], p[3]) for p in picks}, len(queries), settings, monitor, kept)
     engine, qg = scorers[-1].engine, scorers[-1].queries
@@ -105,7 +109,12 @@ def result_record(
     seqs = catalog.sequence_rows(project.db, list(map(int, seq_idx)))
     store = project.runtime.corpus
     rs_rel = layout.score_matrix(run_id)
-    rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)})
+    # The score matrix names its run and queries, so that if the catalog is lost, `inflq check
+    # --repair` can say exactly which run, result set and queries a restored copy lacks.
+    about = {"run_id": run_id, "investigation": investigation, "estimator": settings.estimator, "filter": settings.filter,
+             "queries": [{"id": q["id"], "prompt": q["prompt"], "completion": q["completion"]} for q in queries]}
+    rs_sum = save_tensors(project.root, rs_rel, {"indices": torch.from_numpy(cand), "scores": torch.from_numpy(scores)},
+                          {"inflq_result": json.dumps(about)})
     inv = catalog.investigation(project.db, investigation)
     q_rel, q_sum = saved_queries
     checkpoints = [s.checkpoint for s in scorers] if scorers[-1].checkpoint else None
@@ -113,6 +122,7 @@ def result_record(
         "run_id": run_id, "investigation_id": inv["id"], "name": f"run {run_id}: {settings.estimator} / {settings.filter}",
         "estimator": settings.estimator, "filter": filt.spec() if hasattr(filt, "spec") else settings.filter,
         "settings": json.dumps({**json.loads(settings.to_json()), "estimator_settings": estimator.describe(), "modules": names, "full_rank_modules": sorted(qg.full), "query_ids": [q["id"] for q in queries],
+                                **({"scores_from": "estimator"} if own_scores else {}),
                                 # Checkpoint estimators (TracIn): the models whose query gradients the queries artifact holds, in order.
                                 **({"checkpoints": [project_relative(c, project.root) for c in checkpoints]} if checkpoints else {})}, default=float),
         "num_candidates": int(len(cand)), "scores_path": rs_rel, "scores_checksum": rs_sum,
@@ -161,14 +171,14 @@ def committed_work(project: Project, run_id: int) -> str:
     else:
         for key, n_shards, n_seqs in totals:
             if not key.startswith(CANDIDATE_PASSES):
-                parts.append(f"{n_seqs} sequences of the {key.split(':', 1)[1]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
+                parts.append(f"{plural(n_seqs, 'sequence', sep=False)} of the {key.split(':', 1)[1]} pass in {plural(n_shards, 'shard')}")
     for key, n_shards, n_seqs in totals:
         if key.startswith(CANDIDATE_PASSES):  # the estimator's own pass over the candidates
-            parts.append(f"{n_seqs} candidates of the estimator's {key.split(':', 2)[2]} pass in {n_shards} shard{'s' if n_shards != 1 else ''}")
+            parts.append(f"{plural(n_seqs, 'candidate', sep=False)} of the estimator's {key.split(':', 2)[2]} pass in {plural(n_shards, 'shard')}")
     n_shards, n_seqs = catalog.score_shard_totals(project.db, run_id)
     if n_shards:
-        parts.append(f"{n_seqs} scored sequences in {n_shards} shard{'s' if n_shards != 1 else ''}")
-    unit = f"work is committed one shard ({shard_size} sequences) at a time, and the shard in flight is computed again"
+        parts.append(f"{n_seqs} scored {'sequence' if n_seqs == 1 else 'sequences'} in {plural(n_shards, 'shard')}")
+    unit = f"work is committed one shard ({plural(shard_size, 'sequence', sep=False)}) at a time, and the shard in flight is computed again"
     if not parts:
         return f"nothing committed yet, so a resume starts from the beginning ({unit})"
     return "committed: " + ", ".join(parts) + f"; {unit}"

@@ -284,10 +284,9 @@ def register_commands(cli):
             try:
                 row, store = build(p, settings, run, monitor, shard_size)
             except Cancelled:
-                click.echo("stopped; committed shards are kept: run the same command again to resume", err=True)
-                raise SystemExit(130) from None
+                raise Cancelled("committed shards are kept: run the same command again to resume") from None
         s = store.summary()
-        click.echo(f"index {row['key']}: {s['num_rows']} rows of width {s['width']} ({kind}, {fit_estimator}), {_size(s['size_bytes'])}; "
+        click.echo(f"index {row['key']}: {s['num_rows']} row{'' if s['num_rows'] == 1 else 's'} of width {s['width']} ({kind}, {fit_estimator}), {_size(s['size_bytes'])}; "
                    f"use --estimator index or --filter index:k=N")
 
     @index_group.command("list")

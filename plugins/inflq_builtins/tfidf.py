@@ -235,7 +235,8 @@ class TfidfFilter(Filter):
                 rng = np.random.default_rng(ctx.seed)
                 pick = np.sort(rng.choice(ctx.num_sequences, size=k, replace=False)).astype(np.int64)
             elif len(pick) < k:
-                ctx.monitor.warn(f"tfidf: only {len(pick)} sequences share a token with query {i + 1}; it has {len(pick)} candidates, not {k}")
+                ctx.monitor.warn(f"tfidf: only {len(pick)} {'sequence shares' if len(pick) == 1 else 'sequences share'} a token with query {i + 1}; "
+                                 f"it has {len(pick)} candidate{'' if len(pick) == 1 else 's'}, not {k}")
             out.append(pick)
         return out
 

@@ -136,7 +136,7 @@ def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
             raise InflqError(f"{path} holds a {got_type} model but the project's model is {want_type}; give a checkpoint of the project's model")
         if got != want:
             diff = next(((a, b) for a, b in zip(want, got) if a != b), None)
-            where = f" ({diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]})" if diff else f" ({len(want)} vs {len(got)} tracked modules)"
+            where = f" ({diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]})" if diff else f" ({len(want)} vs {len(got)} tracked module{'' if len(got) == 1 else 's'})"
             raise InflqError(f"{path} has a different architecture from the project's model{where}; give a checkpoint of the same model")
         files = model_files(path)
     rel = project_relative(path, project.root)

@@ -62,7 +62,7 @@ def checkpoint_steps(total: int, count: int) -> list[int]:
     if count < 0:
         raise InflqError(f"checkpoints must be 0 or more, not {count}")
     if count > total:
-        raise InflqError(f"{count} checkpoints need at least {count} training steps, there are {total}; ask for fewer")
+        raise InflqError(f"{count} checkpoints need at least {count} training steps, there {'is' if total == 1 else 'are'} {total}; ask for fewer")
     return sorted({max(1, round(k * total / count)) for k in range(1, count + 1)})
 
 

@@ -10,6 +10,7 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Label, Static
 
 from ... import catalog, reading
+from ...display import plural
 from ...errors import InflqError
 from .. import render
 from ..screens.modals import ConfirmScreen, InputScreen
@@ -66,7 +67,7 @@ class InvestigationsPane(Pane):
             out.update(str(exc))
             return
         lines = Text()
-        lines.append(f"{name}: {len(queries)} queries\n", style="bold")
+        lines.append(f"{name}: {plural(len(queries), 'query')}\n", style="bold")
         for q in queries:
             lines.append(f"  #{q['id']} {render.snippet(q['prompt'], 40)} → {render.snippet(q['completion'], 20)}\n")
         lines.append("runs: ", style="bold")

@@ -159,14 +159,17 @@ class ValidateScreen(Screen):
 
 def validation_table(v) -> Table:
     """A validation's correlations, as ``inflq validate`` prints them."""
+    from ...display import plural
+    from ...validations import PBRF_COLUMNS, pbrf_table_rows
+
     t = Table(
-        "estimator", "pearson", "spearman", "fit s", "inverse-HVP s",
-        title=f"validation {v.id}: {len(v.settings['queries'])} queries × {len(v.sample)} sequences vs PBRF "
+        *PBRF_COLUMNS,
+        title=f"validation {v.id}: {plural(len(v.settings['queries']), 'query')} × {plural(len(v.sample), 'sequence')} vs PBRF "
               f"(ε={v.settings['epsilon']:.3g}, {v.settings['pbrf_seconds']:.0f} s)",
         title_justify="left", box=None, pad_edge=False,
     )
-    for r in v.rows:
-        t.add_row(r.estimator, f"{r.pearson:.3f}", f"{r.spearman:.3f}", f"{r.fit_seconds:.3f}", f"{r.ihvp_seconds:.4f}")
+    for cells in pbrf_table_rows([{**r.__dict__, "num_queries": len(v.settings["queries"]), "num_sequences": len(v.sample)} for r in v.rows]):
+        t.add_row(*cells)
     if v.recommended_damping is not None:
         from ...lds import recommendation
 
