@@ -4,6 +4,7 @@ read its catalog loads no model, tokenizer or torch."""
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +31,9 @@ class Runtime:
         self._model = None
         self._tokenizer = tokenizer
         self._store: CorpusStore | None = None
+        # Threads (the TUI's workers) ask for the tokenizer and the model at once: one loads it,
+        # the others wait for it rather than loading their own copy.
+        self._load_lock = threading.RLock()
 
     # -- model and tokenizer ----------------------------------------------------------------------
     @property
@@ -39,16 +43,20 @@ class Runtime:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            check_model_dir(self.project.model_path)
-            self._tokenizer = load_tokenizer(self.project.model_path)
+            with self._load_lock:
+                if self._tokenizer is None:
+                    check_model_dir(self.project.model_path)
+                    self._tokenizer = load_tokenizer(self.project.model_path)
         return self._tokenizer
 
     @property
     def model(self):
         if self._model is None:
-            self.project.require_model()
-            dev = self.device
-            self._model = load_model(self.project.model_path, dev, pick_dtype(self.project.config.dtype, dev))
+            with self._load_lock:
+                if self._model is None:
+                    self.project.require_model()
+                    dev = self.device
+                    self._model = load_model(self.project.model_path, dev, pick_dtype(self.project.config.dtype, dev))
         return self._model
 
     def configure(self, device: str | None = None, dtype: str | None = None) -> None:

@@ -676,6 +676,139 @@ def test_export_to_the_default_folder_stays_out_of_git(long_id_project):
         assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "projects/demo/exports/x.csv"]).returncode == 0
 
 
+# A fresh interpreter (nothing of transformers imported yet) opens the TUI, goes to the Query tab
+# as a person does (2, tab) and types the query at a person's speed: every keystroke starts a
+# tokenizing and a live-query worker, and ctrl+l a model-loading one, so several threads load the
+# tokenizer (and the model) while transformers is still being imported. It prints what it saw.
+TYPING_CHILD = r"""
+import asyncio, json, sys, threading, time
+
+project, prompt, completion, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+from inflq.runtime import Runtime
+from inflq.tui.app import InflqApp
+
+fresh = "transformers" not in sys.modules
+errors, inside, most = [], [0], [0]
+lock, real_tokenize = threading.Lock(), Runtime.tokenize_query
+
+def tokenize(self, *args, **kwargs):  # counts the workers tokenizing at once
+    with lock:
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+    try:
+        return real_tokenize(self, *args, **kwargs)
+    finally:
+        with lock:
+            inside[0] -= 1
+
+Runtime.tokenize_query = tokenize
+
+async def main():
+    app = InflqApp(project)
+    real = app.show_error
+    app.show_error = lambda exc, title="Something went wrong": (errors.append(f"{title}: {exc!r}"), real(exc, title))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("2")
+        await pilot.pause()
+        await pilot.press("tab")
+        focused = app.focused.id
+
+        async def type_text(text):
+            for ch in text:
+                await pilot.press("space" if ch == " " else ch)
+                await asyncio.sleep(delay)
+
+        await type_text(prompt)
+        await pilot.press("tab")
+        await type_text(completion[:1])
+        await pilot.press("ctrl+l")
+        await type_text(completion[1:])
+        await pilot.press("ctrl+l")
+        main_screen = app.screen_stack[1]
+        started = time.monotonic()
+        while time.monotonic() - started < 240:
+            await pilot.pause(0.1)
+            if any(w.is_running for w in app.workers) or inside[0]:
+                continue
+            said = str(main_screen.query_one("#model-says").render())
+            if errors or ("pfaff" in str(main_screen.query_one("#tokens").render()) and "log p" in said):
+                break
+        await pilot.pause(0.5)
+        print(json.dumps({
+            "fresh": fresh, "focused": focused, "most": most[0], "errors": errors,
+            "fields": [main_screen.query_one("#prompt").value, main_screen.query_one("#completion").value],
+            "tokens": str(main_screen.query_one("#tokens").render()), "says": str(main_screen.query_one("#model-says").render()),
+        }))
+
+asyncio.run(main())
+"""
+
+
+def test_typing_into_a_fresh_app_from_several_workers(project_dir):
+    """Item 1 of issue 25: typing a query into a freshly started TUI, at a person's speed, starts a
+    worker per keystroke while transformers is still being imported; none may fail (transformers
+    5.x's lazy imports raced: "cannot import name 'AutoTokenizer'"), and the tokens line and the
+    model's answer are about the text in the fields, not an earlier keystroke's."""
+    import transformers
+
+    assert int(transformers.__version__.split(".")[0]) >= 5, "the race is in transformers 5.x's lazy imports"
+    out = subprocess.run([sys.executable, "-c", TYPING_CHILD, str(project_dir), PROMPT, COMPLETION, "0.1"],
+                         capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["fresh"] and seen["focused"] == "prompt", seen
+    assert seen["most"] >= 3, f"the workers never overlapped: {seen}"  # the race needs several at once
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["fields"] == [PROMPT, COMPLETION]
+    assert "[zorald] [pfaff]" in seen["tokens"] and "[was]" in seen["tokens"], seen["tokens"]
+    p = Project.open(project_dir)
+    from inflq.predictions import completion_logprob
+
+    assert f"log p(completion | prompt) = {completion_logprob(p, PROMPT, COMPLETION):.3f}" in seen["says"], seen["says"]
+    p.close()
+
+
+def test_a_failed_worker_leaves_no_stale_status(project_dir, monkeypatch):
+    """A tokenizing or model worker that fails shows its error once, in a dialog, and its line
+    says that it failed: never the answer about the text typed before."""
+    from textual.widgets import Static
+
+    from inflq.runtime import Runtime
+    from inflq.tui.screens.modals import ErrorScreen
+
+    real = Runtime.tokenize_query
+
+    def tokenize(self, prompt, completion, chat=False):
+        if "boom" in completion:
+            raise RuntimeError("the tokenizer broke")
+        return real(self, prompt, completion, chat)
+
+    monkeypatch.setattr(Runtime, "tokenize_query", tokenize)
+    shown = []
+
+    async def go(app, pilot):
+        real_show = app.show_error
+        app.show_error = lambda exc, title="Something went wrong": (shown.append(str(exc)), real_show(exc, title))
+        await pilot.press("2")
+        await settle(pilot)
+        await type_into(pilot, "#prompt", PROMPT)
+        await type_into(pilot, "#completion", COMPLETION)
+        await settle(pilot)
+        tokens = app.screen.query_one("#tokens", Static)
+        assert "[zorald]" in str(tokens.render())
+        await type_into(pilot, "#completion", "zorald boom")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen) and shown == ["the tokenizer broke"]  # once
+        assert "RuntimeError: the tokenizer broke" in str(app.screen.query_one("#error-message", Static).render())
+        await pilot.press("escape")
+        await pilot.pause()
+        line = str(tokens.render())
+        assert "[zorald]" not in line and "tokenizing the query failed (RuntimeError: the tokenizer broke)" in line, line
+
+    drive(project_dir, (100, 30), go)
+
+
 def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
     """What the model said (ctrl+l) is withdrawn once the query is edited; a completion of
     unknown tokens only is flagged under the tokens, and adding it is refused with a dialog."""

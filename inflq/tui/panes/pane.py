@@ -1,5 +1,5 @@
 """What every tab's pane shares: the context it shows, reloading when that changes, the keyboard
-focus when shown, worker errors as modals, and a row table that opens a row on a click."""
+focus when shown, failed workers (``WorkerFailures``), and a row table that opens a row on a click."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from textual.containers import Vertical
 from textual.coordinate import Coordinate
 from textual.widget import Widget
 from textual.widgets import DataTable, Select
-from textual.worker import Worker
 
 from ...errors import InflqError
 from ..context import Context, ContextChanged
+from ..workers import WorkerFailures
 
 
 def blank(value) -> bool:
@@ -21,7 +21,7 @@ def blank(value) -> bool:
     return value is Select.NULL or value is Select.BLANK or value is None
 
 
-class Pane(Vertical):
+class Pane(WorkerFailures, Vertical):
     """A tab's content. ``reload`` re-reads what it shows from the catalog: when the tab is shown,
     and when the context it depends on (``DEPENDS``) changes while it is in view."""
 
@@ -82,10 +82,6 @@ class Pane(Vertical):
             if widget.focusable:
                 widget.focus()
                 return
-
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        # Worker messages go to the widget that started the worker; errors become a modal.
-        self.inflq.worker_failed(event)
 
     def need(self, *what: str) -> bool:
         """True if there is a project (and investigation, query, result set as asked)."""

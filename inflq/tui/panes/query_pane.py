@@ -20,6 +20,7 @@ from ...errors import InflqError
 from ...queries import add_query
 from .. import render
 from ..compact import CButton, CInput
+from ..workers import failure_note
 from .pane import Pane
 
 
@@ -98,7 +99,29 @@ class QueryPane(Pane):
                 text.append(f"\n{exc}", style="bold red")
         except InflqError as exc:
             text = Text(str(exc), style="italic")
-        self.app.call_from_thread(self.query_one("#tokens", Static).update, text)
+        self.app.call_from_thread(self._show_tokens, (prompt, completion), text)
+
+    def _fields(self) -> tuple[str, str]:
+        return self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value
+
+    def _show_tokens(self, about: tuple[str, str], text: Text) -> None:
+        # Workers of earlier keystrokes still finish (a thread cannot be stopped) and may finish
+        # after the latest one: only the answer about the text in the fields is shown.
+        if about == self._fields():
+            self.query_one("#tokens", Static).update(text)
+
+    def show_failed_work(self, worker) -> None:
+        """A failed worker's line says so, rather than keeping an answer about other text."""
+        if worker.group == "tokenize":
+            self.query_one("#tokens", Static).update(Text(failure_note(worker, "tokenizing the query"), style="bold red"))
+        elif worker.group == "inspect":
+            self._said_for = None
+            self.query_one("#model-says", Static).update(Text(failure_note(worker, "asking the model"), style="bold red"))
+        elif worker.group == "live":
+            self._live_top = None
+            live = self.query_one("#live", Static)
+            live.update(Text(failure_note(worker, "the live top sequences"), style="bold red"))
+            live.display = True
 
     def action_add(self) -> None:
         if not self.need("investigation"):

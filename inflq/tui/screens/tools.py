@@ -21,9 +21,10 @@ from ...errors import Cancelled, InflqError
 from ...progress import Monitor
 from ..compact import CButton, CInput
 from ..phases import PhaseBars, RunProgress
+from ..workers import WorkerFailures
 
 
-class ValidateScreen(Screen):
+class ValidateScreen(WorkerFailures, Screen):
     """``inflq validate`` on the current investigation: estimators against the PBRF ground truth
     on a sample of fitting sequences, or (method lds) against retraining on random subsets, and an
     optional EK-FAC damping sweep (esc back). Shows the latest saved LDS validation on opening."""
@@ -197,8 +198,7 @@ class ValidateScreen(Screen):
         elif isinstance(event.worker.error, Cancelled):
             out.update(Text("cancelled: nothing was saved (LDS: the subsets retrained so far were; start again to resume)", style="italic"))
         else:
-            out.update("")
-            self.app.worker_failed(event)
+            out.update("")  # (the error itself: WorkerFailures shows it)
 
 
 def validation_table(v) -> Table:
