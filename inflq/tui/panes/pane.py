@@ -62,6 +62,16 @@ class Pane(WorkerFailures, Vertical):
         self.reload_or_report()
         self.focus_default()
 
+    def hold_keys(self) -> None:
+        """esc: leave whatever field has the focus and give it to the pane itself, so that its own
+        keys (the footer's), the tab digits and the single-letter keys all work. The pane is a
+        focus stop only while it holds the focus (tab never lands on it)."""
+        self.can_focus = True
+        self.screen.set_focus(self)
+
+    def on_blur(self) -> None:
+        self.can_focus = False
+
     @property
     def in_view(self) -> bool:
         """Whether the pane is shown on its screen (its tab is the active one)."""
@@ -76,11 +86,12 @@ class Pane(WorkerFailures, Vertical):
             self.reload_or_report()
 
     def focus_default(self) -> None:
-        """Give keyboard focus to the widget the tab is used through, so its keys work at once."""
+        """Give keyboard focus to the widget the tab is used through, so its keys work at once.
+        At once, not after the queued events: keys typed right after a tab's digit reach it."""
         targets = [self.query_one(self.FOCUS)] if self.FOCUS else list(self.query("DataTable, Input, Select"))
         for widget in targets:
             if widget.focusable:
-                widget.focus()
+                self.screen.set_focus(widget)
                 return
 
     def need(self, *what: str) -> bool:
