@@ -50,9 +50,20 @@ def project_dir(base, tmp_path) -> Path:
 
 
 def make_app(path):
+    """The app on ``path``; ``app.said`` collects every notification's message (through the public
+    ``App.notify``, which a widget's ``notify`` calls too)."""
     from inflq.tui.app import InflqApp
 
-    return InflqApp(str(path))
+    app = InflqApp(str(path))
+    app.said = []
+    real = app.notify
+
+    def notify(message, **kwargs):
+        app.said.append(str(message))
+        return real(message, **kwargs)
+
+    app.notify = notify
+    return app
 
 
 async def settle(pilot) -> None:
@@ -98,6 +109,17 @@ async def type_into(pilot, selector: str, text: str) -> None:
 
 def pane(app, name):
     return app.screen.query_one(f"#pane-{name}")
+
+
+def rendered(widget, width: int = 100) -> str:
+    """A Static's content as the text a terminal ``width`` columns wide shows."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(widget.content)
+    return console.export_text()
 
 
 def test_journey(project_dir, tmp_path):
@@ -199,7 +221,7 @@ def test_journey(project_dir, tmp_path):
             await pilot.click("#probe-add")
             await settle(pilot)
             (p,) = catalog.probes(project.db, q["id"])
-            shown = str(app.screen.query_one(f"#probe-{p['id']}", Static).render())
+            shown = rendered(app.screen.query_one("#probe-body", Static))
             expected = reading.ScoringSession.for_queries(project, [q["id"]], estimator="identity").score_texts([probe], q["id"])[0].total
             assert f"{expected:+.4g}" in shown
             # A second result set, then compare.
@@ -436,28 +458,32 @@ def test_results_table_at_80x24(long_id_project):
         await settle(pilot)
         assert app.query_id == q2 and app.focused is table
         assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == [str(r["rank"]) for r in stored[q2]]
-        # / searches, enter goes back to the table; esc in the table goes to the tab bar.
+        # / searches, enter goes back to the table; esc in the table leaves it for the pane, whose
+        # keys (t, b, n, p, e, /) and the tab digits keep working.
         await pilot.press("slash")
         await pilot.press(*"fwd-07")
         await pilot.press("enter")
         await settle(pilot)
         assert app.focused is table and table.row_count == sum("fwd-07" in r["seq_id"] for r in stored[q2])
         await pilot.press("escape")
-        assert app.focused is app.screen.query_one("#tabs").query_one("Tabs")
+        assert app.focused is pane(app, "results") and {"t", "b", "e"} <= set(app.screen.active_bindings)
 
     drive(long_id_project, (80, 24), go)
 
 
 def test_cancel_and_resume_a_run(project_dir, monkeypatch):
-    """A run with a small shard size, cancelled (ctrl+b) once its scoring progress shows, then
-    resumed (ctrl+y): it continues from its first uncommitted shard and completes with a result set."""
-    from textual.widgets import DataTable, Input, ProgressBar, Select
+    """A run with a small shard size, started and cancelled with ctrl+r and ctrl+b after esc has
+    left the form (the tab's keys keep working), cancelled once its scoring progress shows, then
+    resumed with ctrl+y: the cancelled run, not the older complete run under the cursor; it
+    continues from its first uncommitted shard and completes with a result set."""
+    from textual.widgets import DataTable, ProgressBar, Select, TabbedContent
 
     from inflq import runs
     from inflq.passes import ScorePass
 
     p = Project.open(project_dir)
     qid = add_query(p, "default", PROMPT, COMPLETION)
+    old_run = run_investigation(p, "default", RunSettings(estimator="identity", rank=4)).run_id  # complete
     n_seqs = len(p.runtime.corpus)
     p.close()
     shard_size = 4
@@ -490,10 +516,12 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             await settle(pilot)
             app.screen.query_one("#sel-estimator", Select).value = "identity"
             await settle(pilot)
-            app.screen.query_one("#run-rank", Input).value = "4"
-            app.screen.query_one("#run-shard_size", Input).value = str(shard_size)
-            await pilot.press("ctrl+r")
+            await type_into(pilot, "#run-rank", "4")
+            await type_into(pilot, "#run-shard_size", str(shard_size))
             rp = pane(app, "run")
+            await pilot.press("escape")  # leave the field, as the help says: the tab's keys stay
+            assert app.focused is rp and {"ctrl+r", "ctrl+b", "ctrl+y"} <= set(app.screen.active_bindings)
+            await pilot.press("ctrl+r")
             for _ in range(1000):  # the scoring bar shows the two shards done before the held one
                 await pilot.pause(0.02)
                 bar = rp.phases.bars.get("scoring", (None, None))[1]
@@ -504,16 +532,22 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             await pilot.press("ctrl+b")
             await settle(pilot)
             run_id, status = run_row()
-            assert status == "cancelled"
+            assert status == "cancelled" and run_id != old_run
             committed = app.project.db["run_shards"].count_where("run_id = ?", [run_id])
-            assert committed == 2 and not reading.result_sets(app.project, "default")
+            assert committed == 2 and len(reading.result_sets(app.project, "default")) == 1
             runs_table = app.screen.query_one("#runs", DataTable)
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
+            # The cursor is on the cancelled run (the run that started, then stopped).
+            assert runs_table.coordinate_to_cell_key((runs_table.cursor_row, 0)).row_key.value == str(run_id)
             # The stopped bar keeps its count, loses its ETA; the notice says what was committed.
             label = str(rp.phases.bars["scoring"][0].render())
             assert "ETA" not in label and "stopped" in label, label
-            said = " ".join(str(n.message) for n in app._notifications)
-            assert f"committed: {2 * shard_size} scored sequences in 2 shards" in said, said
+            said = " ".join(app.said)
+            assert f"run {run_id}; committed: {2 * shard_size} scored sequences in 2 shards" in said and "ctrl+y resumes it" in said, said
+            # Even with the old complete run under the cursor, ctrl+y resumes the cancelled one.
+            runs_table.move_cursor(row=1)
+            await pilot.pause()
+            assert runs_table.get_row_at(1)[:2] == [str(old_run), "done"]
             await pilot.press("ctrl+y")
             for _ in range(1000):  # while the resumed run works, the table says so
                 await pilot.pause(0.02)
@@ -521,17 +555,19 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
                     break
             else:
                 raise AssertionError(f"the runs table did not follow the resumed run: {runs_table.get_row_at(0)}")
-            said = " ".join(str(n.message) for n in app._notifications)
-            assert f"resuming run {run_id}; committed:" in said, said
+            said = " ".join(app.said)
+            assert f"run {old_run} (highlighted) is complete, so the latest unfinished run: resuming run {run_id}; committed:" in said, said
             release.set()
             await settle(pilot)
             assert run_row() == (run_id, "done")
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "done"]
             n_shards = -(-n_seqs // shard_size)
             assert scored == [0, 1, 2] + list(range(2, n_shards)), "the resumed run did not continue from shard 2"
-            (rs,) = reading.result_sets(app.project, "default")
+            rs = reading.result_sets(app.project, "default")[-1]
             assert app.result_set_id == rs["id"] and rs["run_id"] == run_id
             assert len(reading.top(app.project, rs["id"], qid, "top", 100)) == 20
+            await pilot.press("4")  # and the tab digits work from the pane too
+            assert app.screen.query_one("#tabs", TabbedContent).active == "tab-results"
 
     app = None
     asyncio.run(go())
@@ -643,8 +679,55 @@ def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
         assert box.value == "of the old town" and not isinstance(app.screen, InputScreen)
         app.screen.query_one("#probe-estimator").value = "identity"
         await settle(pilot)
-        shown = str(app.screen.query_one(f"#probe-{pid}").render())
+        shown = rendered(app.screen.query_one("#probe-body"))
         assert f"probe {pid} reversed (identity)" in shown, shown
+
+    drive(project_dir, (100, 30), go)
+
+
+def test_number_keys_typed_into_the_probe_field_type(project_dir):
+    """Digits are text in the probe field, however the user got there: from any tab, after adding
+    a probe with a click on the button or after a refused probe's dialog, after pressing 6 on the
+    Probes tab itself; only esc (leaving the field) makes them switch tabs again."""
+    from textual.widgets import Input, TabbedContent
+
+    from inflq.tui.screens.modals import ErrorScreen
+
+    p = Project.open(project_dir)
+    add_query(p, "default", PROMPT, COMPLETION)
+    p.close()
+
+    async def go(app, pilot):
+        tabs = app.screen.query_one("#tabs", TabbedContent)
+        box = app.screen.query_one("#probe-text", Input)
+        for start in "123457":
+            await pilot.press("escape", start, "6", *"zorald 1903")
+            await settle(pilot)
+            assert (tabs.active, box.value) == ("tab-probes", "zorald 1903"), (start, tabs.active, box.value)
+            box.value = ""
+        await pilot.press(*"zorald pfaff was 42")
+        await pilot.click("#probe-add")
+        await settle(pilot)
+        assert app.focused is box and box.value == ""
+        await pilot.press(*"1 2")
+        assert (tabs.active, box.value) == ("tab-probes", "1 2")
+        box.value = "7"  # one token: refused in a dialog; closing it gives the field back
+        await pilot.click("#probe-add")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen)
+        await pilot.press("escape")
+        await settle(pilot)
+        await pilot.press(*"3 4")
+        assert (tabs.active, box.value) == ("tab-probes", "73 4")
+        await pilot.press("escape")  # leaves the field: digits are tabs again
+        assert app.focused is pane(app, "probes")
+        await pilot.press("6")  # back on the field
+        assert app.focused is box
+        await pilot.press("5")
+        assert (tabs.active, box.value) == ("tab-probes", "73 45")
+        await pilot.press("escape", "1")
+        await settle(pilot)
+        assert tabs.active == "tab-investigations"
 
     drive(project_dir, (100, 30), go)
 
@@ -844,7 +927,7 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
     """At 80x24 every tab's footer keeps Quit and Help beside the palette key; a search with no
     hits says so and that it searched the stored rows; a sequence's source is shown once; the
     plugin dropdowns carry whole descriptions."""
-    from textual.widgets import Label, Select, Static
+    from textual.widgets import Label, OptionList, Select, Static
 
     from inflq.tui.screens.sequence import SequenceScreen
 
@@ -875,7 +958,8 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
         await settle(pilot)
         status = str(app.screen.query_one("#res-status", Label).render())
         assert "no rows matching 'zzz' (searched: the 20 stored)" in status and "1-0" not in status, status
-        options = dict((v, str(prompt)) for prompt, v in app.screen.query_one("#sel-estimator", Select)._options if isinstance(v, str))
+        listed = app.screen.query_one("#sel-estimator", Select).query_one(OptionList).options  # the open list's rows
+        options = {str(o.prompt).split(":", 1)[0]: str(o.prompt) for o in listed if str(o.prompt) != "Select"}
         assert options == {n: f"{n}: {d}" for n, d in descriptions.items()}
 
     drive(long_id_project, (80, 24), go)
@@ -996,7 +1080,7 @@ def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypa
         await settle(pilot)
 
     async def go(app, pilot):
-        said = " ".join(str(n.message) for n in app._notifications)
+        said = " ".join(app.said)
         assert "1 local plugin, not loaded: ctrl+p → Trust local plugins" in said
         # A wrong corpus: refused in a dialog, inflq.toml untouched.
         palette_command(app, "Relink model or corpus")()
@@ -1238,8 +1322,10 @@ def test_tui_imports_run_one_way():
         for path in (root / folder).glob("*.py"):
             bad = [m for m in imports(path) if m.startswith(banned)]
             assert not bad, f"{path.relative_to(root)} imports {bad}"
-    for path in root.rglob("*.py"):
-        assert "._options" not in path.read_text(), f"{path.relative_to(root)} reads a private Textual attribute"
+    private = ("._" + "options", "._" + "notifications")  # Textual's; the tests read notifications through App.notify
+    for path in [*root.rglob("*.py"), Path(__file__)]:
+        found = [name for name in private if name in path.read_text()]
+        assert not found, f"{path.name} reads a private Textual attribute: {found}"
 
 
 def test_live_query_from_the_gradient_index(project_dir):
