@@ -573,6 +573,58 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
     asyncio.run(go())
 
 
+def test_compare_defaults_to_result_sets_that_have_the_query(project_dir):
+    """Compare opens on the two newest result sets that scored the current query (never on one
+    that lacks it), marks the others, says plainly when fewer than two have it, and a set chosen
+    without the query is named in the pane, not a crash dialog."""
+    from textual.widgets import Select, Static
+
+    from inflq.tui.screens.modals import ErrorScreen
+
+    p = Project.open(project_dir)
+    q1 = add_query(p, "default", PROMPT, COMPLETION)
+    rs1 = run_investigation(p, "default", RunSettings(estimator="identity", rank=4)).result_set_id
+    rs2 = run_investigation(p, "default", RunSettings(estimator="diagonal", rank=4)).result_set_id
+    q2 = add_query(p, "default", "the capital city of astrobia is called", "velmora")
+    rs3 = run_investigation(p, "default", RunSettings(estimator="identity", rank=4)).result_set_id
+    p.close()
+
+    async def go(app, pilot):
+        out = app.screen.query_one("#cmp-out", Static)
+        a, b = app.screen.query_one("#cmp-a", Select), app.screen.query_one("#cmp-b", Select)
+        app.set_context(query_id=q2)
+        await pilot.press("7")
+        await settle(pilot)
+        assert f"only result set {rs3} has query {q2}: a comparison needs two" in str(out.render())
+        assert b.value == rs3 and a.value != rs2  # rs2 (the set before it) lacks the query
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert not isinstance(app.screen, ErrorScreen)
+        a.value = rs2
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert not isinstance(app.screen, ErrorScreen), str(app.screen.query_one("#error-message").render())
+        assert f"result set {rs2} did not score query {q2}" in str(out.render())
+        labels = {str(o.prompt) for o in a.query_one("OptionList").options}
+        assert f"{rs1}: identity / all (no query {q2})" in labels and f"{rs3}: identity / all" in labels, labels
+        # Query 1 is in all three: the two newest, compared.
+        app.set_context(query_id=q1)
+        await settle(pilot)
+        assert (a.value, b.value) == (rs2, rs3)
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        cmp = stats.compare_result_sets(app.project, "default", rs2, rs3, q1, 10)
+        assert f"query {q1}: result set {rs2} vs {rs3}" in str(out.render())
+        assert f"Spearman rank correlation: {cmp.spearman:.3f}" in str(out.render())
+        # A query no run has scored yet.
+        q3 = add_query(app.project, "default", "the river of astrobia is", "velmora")
+        app.set_context(query_id=q3)
+        await settle(pilot)
+        assert f"no result set has query {q3} yet: run the investigation (tab 3)" in str(out.render())
+
+    drive(project_dir, (100, 30), go)
+
+
 def test_factor_sets_screen(project_dir):
     """f opens the factor sets: a fitted set's spectra are shown; d (then y) removes it; esc goes back."""
     import io
