@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -626,16 +627,16 @@ def test_compare_defaults_to_result_sets_that_have_the_query(project_dir):
 
 
 def test_factor_sets_screen(project_dir):
-    """f opens the factor sets: a fitted set's spectra are shown; d (then y) removes it; esc goes back."""
-    import io
-
-    from rich.console import Console
+    """f opens the factor sets: at 80 columns the table shows what tells the sets apart (only the
+    properties that differ) with its size, runs and model columns in view; the highlighted set's
+    settings and spectra are shown; d (then y) removes it; esc goes back."""
     from textual.widgets import Static
 
     from inflq.runs import fit_factors
 
     p = Project.open(project_dir)
-    _, fs_id, _ = fit_factors(p, RunSettings(estimator="ekfac"))
+    ids = [fit_factors(p, RunSettings(estimator=e, fit_sequences=n))[1] for e, n in (("ekfac", None), ("ekfac", 8), ("ekfac:fisher=empirical", None))]
+    n_seqs = len(p.runtime.corpus)
     p.close()
 
     async def go(app, pilot):
@@ -643,24 +644,28 @@ def test_factor_sets_screen(project_dir):
         await settle(pilot)
         pane = app.screen.query_one("#pane-factors")
         table = pane.query_one("#factor-sets")
-        assert table.row_count == 1
-        console = Console(width=78, record=True, file=io.StringIO())
-        console.print(pane.query_one("#factor-detail", Static).content)
-        shown = console.export_text()
-        assert f"factor set {fs_id}" in shown and "eff. dim" in shown and "under the damping" in shown
+        assert table.row_count == 3
+        apart = [str(table.get_row_at(i)[2]) for i in range(3)]
+        assert apart == [f"fisher=true sequences={n_seqs}", "fisher=true sequences=8", f"fisher=empirical sequences={n_seqs}"], apart
+        widths = [c.get_render_width(table) for c in table.ordered_columns]
+        assert [c.label.plain for c in table.ordered_columns][-1] == "model" and sum(widths) <= table.size.width, widths
+        shown = rendered(pane.query_one("#factor-detail", Static), 78)
+        assert f"fitted with: ekfac (fisher=empirical), {n_seqs} fitting sequences" in shown, shown
+        assert f"factor set {ids[2]}" in shown and "eff. dim" in shown and "under the damping" in shown
         assert all(f"{tm}" in shown for tm in ("0.mlp.c_fc", "1.attn.c_proj"))
         await pilot.press("d")
         await pilot.pause()
         await pilot.press("y")
         await settle(pilot)
-        assert table.row_count == 0
+        assert table.row_count == 2
+        assert [str(table.get_row_at(i)[2]) for i in range(2)] == [f"sequences={n_seqs}", "sequences=8"]
         await pilot.press("escape")
         await pilot.pause()
         assert app.screen.query("#tabs")
 
     drive(project_dir, (80, 24), go)
     p = Project.open(project_dir)
-    assert p.db["factor_sets"].count == 0
+    assert [r["id"] for r in catalog.factor_sets(p.db)] == ids[:2]
     p.close()
 
 
@@ -685,6 +690,8 @@ def test_distribution_from_every_tab_and_at_80x24(long_id_project):
         await pilot.press("4")
         await settle(pilot)
         app.screen.query_one("#pane-distribution")  # the palette's command does the same
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert len(titles) == len(set(titles)), titles  # one "Keys" (Textual's); inflq's help has its own name
         next(c for c in app.get_system_commands(app.screen) if c.title == "Go to distribution").callback()
         await settle(pilot)
         assert tabs.active == "tab-distribution"
@@ -692,6 +699,9 @@ def test_distribution_from_every_tab_and_at_80x24(long_id_project):
         assert app.focused is scroll
         title = app.screen.query_one("#dist-title", Static)
         assert title.size.height >= 2, "the title wraps rather than being cut"
+        # The legend is in the title: inside the plot it covered the largest scores.
+        assert re.search(r"• positive tail \(\d+ scores\), x negative tail \(\d+\)", str(title.render())), str(title.render())
+        assert "positive" not in str(app.screen.query_one("#dist-plot", Static).render())
         fit = app.screen.query_one("#dist-fit", Static)
         assert scroll.virtual_size.height > scroll.size.height  # the fits are below the fold…
         await pilot.press("end")
@@ -1190,12 +1200,31 @@ def normalise_svg(svg: str) -> str:
 
 
 def check_snapshot(name: str, svg: str) -> None:
+    """The screen against tests/snapshots/NAME.svg. A missing snapshot is written (and the test
+    skipped) on a developer's machine; in CI (CI=true) it fails: a snapshot nobody committed
+    would otherwise never be compared."""
     path = SNAPSHOTS / f"{name}.svg"
     svg = normalise_svg(svg)
     if not path.exists():
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"tests/snapshots/{name}.svg is missing; run this test outside CI to write it, look at it, and commit it")
         path.write_text(svg)
         pytest.skip(f"wrote new snapshot {path.name}; run again to compare")
     assert svg == path.read_text(), f"screen {name} differs from tests/snapshots/{name}.svg (delete it to accept the new look)"
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_snapshot_fails_in_ci(tmp_path, monkeypatch, ci):
+    monkeypatch.setattr(sys.modules[__name__], "SNAPSHOTS", tmp_path)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected):
+        check_snapshot("nothing", "<svg/>")
+    assert (tmp_path / "nothing.svg").exists() == (not ci)
+    if not ci:
+        check_snapshot("nothing", "<svg/>")  # written: compared from now on
+        with pytest.raises(AssertionError):
+            check_snapshot("nothing", "<svg>changed</svg>")
 
 
 @pytest.mark.parametrize("screen", ["investigations", "query", "run", "help"])
@@ -1426,6 +1455,22 @@ def test_live_query_from_the_gradient_index(project_dir):
         return live.display, before, str(live.render())
 
     display, before, after = drive(project_dir, (120, 50), shown)
+
+    async def narrow(app, pilot):
+        """At 80x24: a line per sequence and probe, cut at the width, never wrapped; the list
+        scrolls into view rather than being cut at the bottom."""
+        live = await type_query(app, pilot)
+        lines = str(live.render()).splitlines()
+        assert live.size.height == len(lines) and live.size.width <= 78, (live.size, lines)  # no line wrapped
+        assert max(len(line) for line in lines) > live.size.width  # (some had to be cut)
+        scroll = app.screen.query_one("#query-detail")
+        assert scroll.max_scroll_y > 0  # the list goes below the fold…
+        scroll.scroll_end(animate=False)
+        await pilot.pause()
+        assert live.region.bottom <= scroll.region.bottom and lines[-1].lstrip().startswith("probe")  # …and scrolls into view
+        return len(lines)
+
+    assert drive(project_dir, (80, 24), narrow) == 1 + 5 + 1 + 3
     assert display is True
     assert "live: top 5 by index" in before and "1. " in before and "exact" not in before.split("\n", 1)[1]
     assert "with exact scores" in after and len(re.findall(r"  exact -?\d", after)) == 5

@@ -360,7 +360,8 @@ class InflqApp(WorkerFailures, App):
         yield SystemCommand("Validate estimators", "correlation with the PBRF ground truth, and a damping sweep (inflq validate)", self.action_validate)
         yield SystemCommand("Relink model or corpus", "point the project at local copies; fingerprints are checked (inflq relink)", self.action_relink)
         yield SystemCommand("Trust local plugins", "let this project's plugins/*.py run, after confirmation (inflq trust)", self.action_trust)
-        yield SystemCommand("Keys", "list the keys of every screen", self.action_help)
+        # (Textual's own "Keys" shows the focused widget's keys; this is inflq's help, every screen's.)
+        yield SystemCommand("Help: every key", "inflq's keys, screen by screen (also ?)", self.action_help)
         yield SystemCommand("Toggle light/dark", "switch between the light and dark theme", self.action_toggle_theme)
 
 

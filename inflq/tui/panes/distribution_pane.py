@@ -84,9 +84,12 @@ class DistributionPane(Pane):
         if values is None:
             self._say(str(shown))
             return
+        from ...export import ccdf_legend
+
         self._values = values
+        # The legend is here, not in the plot, where it covered the largest scores.
         self.query_one("#dist-title", Static).update(
-            f"query {ctx.query_id}, result set {ctx.result_set_id}: CCDF of |score| over {len(values)} scores, log-log (• positive, x negative)")
+            f"query {ctx.query_id}, result set {ctx.result_set_id}: CCDF of |score| over {len(values)} scores, log-log: {ccdf_legend(values)}")
         self.draw()
         self.query_one("#dist-fit", Static).update(shown)
 
