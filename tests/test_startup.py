@@ -51,6 +51,7 @@ def test_the_tui_paints_before_loading_heavy_libraries():
     assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_threads_load_the_tokenizer_and_model_at_once_in_a_fresh_interpreter(project):
     """transformers 5.x's lazy imports are not thread-safe ("cannot import name 'AutoTokenizer'");
     a notebook's or the TUI's threads loading tokenizers, configs and models at the same moment,

@@ -890,6 +890,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers while the app runs
 def test_typing_into_a_fresh_app_from_several_workers(project_dir):
     """Item 1 of issue 25: typing a query into a freshly started TUI, at a person's speed, starts a
     worker per keystroke while transformers is still being imported; none may fail (transformers
