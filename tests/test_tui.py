@@ -1115,6 +1115,53 @@ def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
     drive(project_dir, (120, 40), go)
 
 
+@pytest.mark.slow  # a PBRF validation and LDS retraining, both tiny
+def test_saved_validations_are_listed_with_their_tables(project_dir):
+    """ctrl+p → Saved validations (or ctrl+l on the Validate screen): every saved validation,
+    newest first, with its method, estimators and size; the highlighted one's table is the one
+    `inflq validate` printed (PBRF correlations, LDS scores)."""
+    from textual.widgets import DataTable, Static
+
+    from inflq.lds import validate_lds
+    from inflq.tui.screens.tools import ValidateScreen
+    from inflq.tui.screens.validations import ValidationsScreen
+    from inflq.validate import validate
+
+    seed(project_dir, run=None)
+    p = Project.open(project_dir)
+    pbrf = validate(p, "default", estimators=["identity", "diagonal"], sample=4, queries=1, fit_sequences=8, pbrf_steps=3)
+    lds = validate_lds(p, "default", estimators=["identity"], subsets=3, trainer="adamw:epochs=1,batch_size=8,threads=1", queries=1)
+    p.close()
+
+    async def go(app, pilot):
+        palette_command(app, "Saved validations")()
+        await settle(pilot)
+        assert isinstance(app.screen, ValidationsScreen)
+        table = app.screen.query_one("#validations", DataTable)
+        assert [table.get_row_at(i)[:4] for i in range(table.row_count)] == [
+            [str(lds.id), "lds", "default", "identity"], [str(pbrf.id), "pbrf", "default", "identity, diagonal"]]
+        assert table.get_row_at(1)[4] == "1 q × 4 sequences" and table.get_row_at(0)[4] == "1 q × 3 subsets"
+        shown = rendered(app.screen.query_one("#validation-detail", Static), 120)
+        assert f"LDS validation {lds.id}: 1 queries × 3 subsets" in shown, shown
+        await pilot.press("down")
+        await settle(pilot)
+        shown = rendered(app.screen.query_one("#validation-detail", Static), 120)
+        assert f"validation {pbrf.id}: 1 queries × 4 sequences vs PBRF" in shown, shown
+        for r in pbrf.rows:
+            assert re.search(rf"{r.estimator}\s+{r.pearson:.3f}\s+{r.spearman:.3f}", shown), (r, shown)
+        await pilot.press("escape")
+        await settle(pilot)
+        assert app.screen.query("#tabs")
+        palette_command(app, "Validate estimators")()  # and from the Validate screen
+        await settle(pilot)
+        assert isinstance(app.screen, ValidateScreen)
+        await pilot.press("ctrl+l")
+        await settle(pilot)
+        assert isinstance(app.screen, ValidationsScreen)
+
+    drive(project_dir, (100, 30), go)
+
+
 def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypatch):
     """Relink asks for the model and corpus copies, confirms, then checks fingerprints (a wrong
     corpus is a dialog, not a crash); Trust names the plugin files, confirms and loads them."""

@@ -275,6 +275,16 @@ class InflqApp(WorkerFailures, App):
         if not isinstance(self.screen, ValidateScreen):
             self.push_screen(ValidateScreen())
 
+    def action_validations(self) -> None:
+        """The project's saved validations and their tables (``inflq validate``'s)."""
+        from .screens.validations import ValidationsScreen
+
+        if self.project is None:
+            self.notify("no project is open: press o to open one", severity="warning")
+            return
+        if not isinstance(self.screen, ValidationsScreen):
+            self.push_screen(ValidationsScreen())
+
     def action_relink(self) -> None:
         """Point the project at local copies of its model or corpus (``inflq relink``), asked for
         one path at a time and confirmed before inflq.toml is rewritten."""
@@ -358,6 +368,7 @@ class InflqApp(WorkerFailures, App):
         yield SystemCommand("Export result set", "write CSV, JSONL and a Markdown report", self.action_export)
         yield SystemCommand("Factor sets", "cached factors and their spectra against the damping", self.action_factors)
         yield SystemCommand("Validate estimators", "correlation with the PBRF ground truth, and a damping sweep (inflq validate)", self.action_validate)
+        yield SystemCommand("Saved validations", "every validation the project saved, with its table", self.action_validations)
         yield SystemCommand("Relink model or corpus", "point the project at local copies; fingerprints are checked (inflq relink)", self.action_relink)
         yield SystemCommand("Trust local plugins", "let this project's plugins/*.py run, after confirmation (inflq trust)", self.action_trust)
         # (Textual's own "Keys" shows the focused widget's keys; this is inflq's help, every screen's.)

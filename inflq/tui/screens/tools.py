@@ -33,6 +33,7 @@ class ValidateScreen(WorkerFailures, Screen):
         Binding("escape", "back", "Back"),
         Binding("ctrl+r", "start", "Start"),
         Binding("ctrl+b", "cancel", "Cancel"),
+        Binding("ctrl+l", "app.validations", "Saved"),
     ]
     # (validate() argument, default shown, what it is)
     FIELDS = (
