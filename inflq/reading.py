@@ -213,3 +213,58 @@ def self_influence(project: Project, estimator: str | None = None, indices: np.n
     monitor.start("self-influence", len(idx))
     out = LocalWorker(project, engine).run(SelfInfluencePass(est), Shard(0, idx), batch_size, monitor)
     return idx, out["scores"][:, 0].numpy()
+
+
+@dataclass
+class GroupShare:
+    """One value of a metadata field, for one query: its share of the query's total positive
+    influence, and of the sequences scored (the share it would get if influence were spread evenly)."""
+
+    value: str
+    share: float  # of the query's total positive influence (NaN when the query has none)
+    positive: float  # the sum of this group's positive scores
+    sequences: int  # sequences of this group that were scored
+    sequence_share: float  # of all scored sequences
+
+
+@dataclass
+class FieldShares:
+    """How one query's positive influence splits over the values of a metadata field."""
+
+    query_id: int
+    field: str
+    total_positive: float
+    scored: int
+    groups: list[GroupShare]  # largest share first
+
+
+def influence_by(project: Project, rs: dict, field_name: str, query_ids: list[int] | None = None) -> list[FieldShares]:
+    """Each query's share of its total positive influence by the value of a corpus metadata field
+    (``source``, or a field of the corpus's records, e.g. ``kind``), over the sequences the result
+    set scored (with a candidate filter: its candidates only). Sequences without the field are
+    grouped under ``""``. The API of ``inflq top --by FIELD`` and the TUI's Distribution tab."""
+    known = catalog.metadata_fields(project.db)
+    if field_name not in known and field_name not in ("doc_id",):
+        raise InflqError(f"no sequence has a metadata field {field_name!r}; the corpus has {', '.join(known) or 'none'}")
+    column = catalog.metadata_column(project.db, field_name)
+    idx, sc = scores(project, rs)
+    ids = json.loads(rs["settings"]).get("query_ids") or []
+    values = column[idx]
+    out = []
+    for qid in query_ids if query_ids is not None else ids[: sc.shape[0]]:
+        if qid not in ids:
+            raise InflqError(f"query {qid} was not part of result set {rs['id']} (run {rs['run_id']}); run the investigation again to score it")
+        row = sc[ids.index(qid)].astype(np.float64)
+        finite = np.isfinite(row)
+        pos = np.where(finite & (row > 0), row, 0.0)
+        total = float(pos.sum())
+        scored = int(finite.sum())
+        groups = []
+        for value in sorted(set(values[finite].tolist())):
+            mask = finite & (values == value)
+            part = float(pos[mask].sum())
+            n = int(mask.sum())
+            groups.append(GroupShare(str(value), part / total if total > 0 else float("nan"), part, n, n / scored if scored else float("nan")))
+        groups.sort(key=lambda g: (-(g.positive), g.value))
+        out.append(FieldShares(qid, field_name, total, scored, groups))
+    return out

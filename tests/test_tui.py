@@ -719,6 +719,39 @@ def test_distribution_from_every_tab_and_at_80x24(long_id_project):
     drive(long_id_project, (80, 24), go)
 
 
+def test_distribution_shares_positive_influence_by_a_metadata_field(project_dir):
+    """The Distribution tab shows each query's share of its total positive influence by a corpus
+    metadata field (the current query's column first), with the share of sequences each value
+    holds; the shares are the hand count's from the score matrix."""
+    from textual.widgets import Select, Static
+
+    p = Project.open(project_dir)
+    q1 = add_query(p, "default", PROMPT, COMPLETION)
+    q2 = add_query(p, "default", "the capital city of astrobia is called", "velmora")
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    matrix = reading.score_matrix(p, "default")  # [queries, sequences]
+    source = np.array([r["source"] for r in sorted(catalog.sequence_rows(p.db, list(range(matrix.shape[1]))).values(), key=lambda r: r["idx"])])
+    p.close()
+    positive = np.where(matrix > 0, matrix, 0.0)
+    hand = {(q, v): positive[i][source == v].sum() / positive[i].sum() for i, q in enumerate((q1, q2)) for v in ("facts", "prose")}
+
+    async def go(app, pilot):
+        app.set_context(query_id=q2)
+        await pilot.press("5")
+        await settle(pilot)
+        assert app.screen.query_one("#dist-field", Select).value == "source"
+        shown = rendered(app.screen.query_one("#dist-by", Static), 78)
+        assert "each query's share of its positive influence, as inflq top --by source" in shown, shown
+        header = next(line for line in shown.splitlines() if "sequences" in line)
+        assert header.index(f"query {q2} *") < header.index(f"query {q1}"), header  # the current query first
+        for value in ("facts", "prose"):
+            line = next(line for line in shown.splitlines() if line.strip().startswith(value))
+            share_of_seqs = (source == value).mean()
+            assert line.split()[1:] == [f"{100 * share_of_seqs:.1f}%", f"{100 * hand[q2, value]:.1f}%", f"{100 * hand[q1, value]:.1f}%"], line
+
+    drive(project_dir, (80, 24), go)
+
+
 def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
     """The probe field has the focus on tab 6, so typing a probe fires no shortcut (o, q, f…);
     probes are listed with their label."""

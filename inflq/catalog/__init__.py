@@ -92,6 +92,7 @@ from .records import (
     investigations,
     latest_investigation,
     metadata_column,
+    metadata_fields,
     probe_count,
     probes,
     queries,
@@ -121,7 +122,7 @@ __all__ = [
     # records, factor sets, reports, files
     "RETIRED_MIGRATIONS", "SEQUENCE_COLUMNS", "add_probe", "add_queries", "all_meta", "applied_migrations", "cached_hash",
     "check_archived", "integrity_problem", "investigation_probes", "latest_investigation", "probe_count", "create_investigation", "delete_investigation", "export_rows", "factor_set",
-    "factor_set_uses", "factor_sets", "investigation", "investigations", "metadata_column", "open_copy",
+    "factor_set_uses", "factor_sets", "investigation", "investigations", "metadata_column", "metadata_fields", "open_copy",
     "probes", "queries", "query", "remember_hash", "remove_factor_set", "rename_investigation",
     "replace_sequences", "result_sets_scored_with", "sequence_by_id", "sequence_count", "sequence_rows",
     "sequence_tags", "snapshot", "tag_sequence",

@@ -179,6 +179,15 @@ def sequence_by_id(db: sqlite_utils.Database, seq_id: str) -> dict | None:
     return next(db["sequences"].rows_where("seq_id = ?", [seq_id]), None)
 
 
+def metadata_fields(db: sqlite_utils.Database) -> list[str]:
+    """The metadata fields some sequence has: ``source`` (when any sequence has one) and the keys of
+    the corpus's other fields, sorted."""
+    fields = {r[0] for r in db.execute("SELECT DISTINCT j.key FROM sequences, json_each(sequences.meta) AS j WHERE sequences.meta IS NOT NULL AND json_valid(sequences.meta)")}
+    if db.execute("SELECT 1 FROM sequences WHERE source IS NOT NULL AND source != '' LIMIT 1").fetchone():
+        fields.add("source")
+    return sorted(fields)
+
+
 def metadata_column(db: sqlite_utils.Database, field_name: str) -> np.ndarray:
     """One metadata field for every sequence, as strings (``""`` where absent)."""
     n = db["sequences"].count
