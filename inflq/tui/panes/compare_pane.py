@@ -18,6 +18,7 @@ from ...display import score_format
 from ...errors import InflqError
 from ..compact import CButton, CInput, CSelect
 from ..context import Context, ContextChanged
+from ..workers import failure_note
 from .pane import Pane, blank
 
 
@@ -117,6 +118,12 @@ class ComparePane(Pane):
         ids = {**catalog.sequence_rows(ctx.project.db, [i for i, _, _ in cmp.only_a]), **catalog.sequence_rows(ctx.project.db, [i for i, _, _ in cmp.only_b])}
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._show, ctx, a, b, k, cmp, ids)
+
+    def show_failed_work(self, worker) -> None:
+        if worker.group == "load":
+            self._compared = ()
+            self.query_one("#cmp-out", Static).update(Text(failure_note(worker, "the comparison"), style="bold red"))
+            self.query_one("#cmp-tables", Static).update("")
 
     def _show(self, ctx: Context, a: int, b: int, k: int, cmp, ids: dict) -> None:
         if ctx is not self.context:  # the query or investigation changed meanwhile
