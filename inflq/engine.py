@@ -30,8 +30,10 @@ from torch import nn
 from .errors import InflqError, NumericalError
 
 try:  # GPT-2 style models use a transposed linear layer ("Conv1D"); tracked natively.
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers always ships it today
+    from .modeling import import_transformers  # (one thread imports transformers at a time)
+
+    Conv1D = import_transformers().Conv1D
+except ImportError:  # pragma: no cover - transformers always ships it today
     Conv1D = ()  # type: ignore[assignment]
 
 PRESETS = ("all", "mlp", "attention", "lora")

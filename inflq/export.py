@@ -60,20 +60,26 @@ def export_jsonl(project: Project, investigation: str, result_set_id: int | None
     return path
 
 
+def ccdf_legend(values: np.ndarray) -> str:
+    """What :func:`ccdf_plot`'s markers mean, with each tail's count, for a line beside the plot
+    (plotext draws a legend inside the plot, over the points at its top left)."""
+    v = np.asarray(values, dtype=np.float64)
+    return f"• positive tail ({int((v > 0).sum())} scores), x negative tail ({int((v < 0).sum())})"
+
+
 def ccdf_plot(values: np.ndarray, width: int = 72, height: int = 18, color: bool = False) -> str:
     """The complementary CDF of the positive and negative tails on log-log axes, as text
-    (plotext; ANSI colours when ``color``). Positive tail ``•``, negative tail ``x``."""
+    (plotext; ANSI colours when ``color``). Positive tail ``•``, negative tail ``x``; no legend
+    inside the plot, where it would cover the largest scores: :func:`ccdf_legend` says it beside."""
     from .plots import figure
     from .stats import ccdf
 
     with figure(max(20, width), max(8, height), color) as f:
         plotted = False
-        for sign, label, marker in ((1, "positive", "dot"), (-1, "negative", "x")):
+        for sign, marker in ((1, "dot"), (-1, "x")):
             x, y = ccdf(sign * np.asarray(values, dtype=np.float64))
             if len(x):
-                s = f.signal(x.tolist(), y.tolist(), marker=marker)
-                s.label(f"{label} ({len(x)})")
-                f.draw(s)
+                f.draw(f.signal(x.tolist(), y.tolist(), marker=marker))
                 plotted = True
         if not plotted:
             return "(no non-zero scores to plot)"
@@ -127,7 +133,7 @@ def export_markdown(project: Project, investigation: str, result_set_id: int | N
         except InflqError:
             sc = np.zeros(0)
         if len(sc):
-            out += ["### Distribution", "", "```", ccdf_plot(sc), "```", ""]
+            out += ["### Distribution", "", ccdf_legend(sc) + ":", "", "```", ccdf_plot(sc), "```", ""]
             for sign, label in ((1, "positive"), (-1, "negative")):
                 fit = powerlaw_tail(sign * sc)
                 if fit is None:

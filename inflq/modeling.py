@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from .errors import InflqError
@@ -23,14 +25,48 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def quiet_transformers() -> None:
-    """inflq shows its own progress; transformers' bars and advice would only clutter it."""
-    try:
-        from transformers.utils import logging as hf_logging
+# transformers 5.x imports lazily (a module __getattr__ that imports the submodule on first use),
+# and those imports are not thread-safe: two threads resolving names at once can meet in Python's
+# import locks, where the deadlock guard hands one of them a half-initialised module, and it fails
+# with "cannot import name 'AutoTokenizer' from 'transformers'". The TUI starts a worker per
+# keystroke, so several threads load a tokenizer at once; a notebook or a plugin with threads can
+# do the same. Every import of transformers in inflq, and every load that may import a model's or
+# tokenizer's own module (from_pretrained does), happens under this one lock. Reentrant: a load
+# holds it while it imports.
+TRANSFORMERS_LOCK = threading.RLock()
+_transformers: SimpleNamespace | None = None
 
+
+def import_transformers() -> SimpleNamespace:
+    """The transformers names inflq uses, imported once under :data:`TRANSFORMERS_LOCK` (and every
+    later call returns them without importing): ``AutoConfig``, ``AutoModelForCausalLM``,
+    ``AutoTokenizer``, ``Conv1D`` and ``logging``. Resolving them all at once leaves transformers'
+    top-level lazy names resolved too, so a later ``from transformers import AutoConfig`` anywhere
+    is a plain attribute read."""
+    global _transformers
+    if _transformers is not None:
+        return _transformers
+    with TRANSFORMERS_LOCK:
+        if _transformers is None:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+            from transformers.pytorch_utils import Conv1D
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()  # inflq shows its own progress: no bars, no advice
+            hf_logging.disable_progress_bar()
+            _transformers = SimpleNamespace(AutoConfig=AutoConfig, AutoModelForCausalLM=AutoModelForCausalLM,
+                                            AutoTokenizer=AutoTokenizer, Conv1D=Conv1D, logging=hf_logging)
+    return _transformers
+
+
+def quiet_transformers() -> None:
+    """inflq shows its own progress; transformers' bars and advice would only clutter it (imports
+    transformers, safely from any thread: :func:`import_transformers`)."""
+    try:
+        hf_logging = import_transformers().logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover
+    except ImportError:  # pragma: no cover
         pass
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -95,14 +131,13 @@ def check_model_dir(path: Path) -> None:
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    quiet_transformers()
+    """The tokenizer saved in ``path`` (no remote code); safe to call from several threads at once."""
     path = Path(path)
     if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
         raise InflqError(f"{path} has no tokenizer files; save the model's tokenizer there with tokenizer.save_pretrained()")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        with TRANSFORMERS_LOCK:  # from_pretrained imports the tokenizer class's own module
+            tok = import_transformers().AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as exc:
         raise InflqError(f"no usable tokenizer in {path} ({type(exc).__name__}); save one there with tokenizer.save_pretrained()") from None
     if tok.pad_token_id is None:
@@ -165,7 +200,8 @@ def adapter_base(adapter: Path, base: Path | None = None) -> Path:
 def require_peft():
     """The ``peft`` module, or a one-line error naming the extra that installs it."""
     try:
-        import peft
+        with TRANSFORMERS_LOCK:  # peft imports transformers' modules as it loads
+            import peft
     except ImportError:
         raise InflqError("LoRA adapters need peft: pip install 'inflq[peft]'") from None
     return peft
@@ -177,7 +213,8 @@ def load_adapter(model, adapter: Path):
     peft = require_peft()
     check_adapter_dir(adapter)
     try:  # a local folder with adapter_model.safetensors (checked above): peft reads that file, never a pickle
-        wrapped = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        with TRANSFORMERS_LOCK:
+            wrapped = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except Exception as exc:
         raise InflqError(f"cannot load the adapter in {adapter} on its base model: {_short(exc)}") from None
     wrapped.eval()
@@ -186,20 +223,21 @@ def load_adapter(model, adapter: Path):
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype, adapter: Path | None = None):
     """The causal LM saved in ``path`` (safetensors only, no remote code), on ``device``, in eval
-    mode, with the LoRA adapter in ``adapter`` attached where given (:func:`load_adapter`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    quiet_transformers()
+    mode, with the LoRA adapter in ``adapter`` attached where given (:func:`load_adapter`); safe to
+    call from several threads at once (one loads at a time)."""
     path = Path(path)
     check_model_dir(path)
+    hf = import_transformers()
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+        with TRANSFORMERS_LOCK:
+            config = hf.AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
     except Exception as exc:
         raise InflqError(f"cannot read {path}/config.json ({_short(exc)}); is it a Hugging Face model folder?") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), config=config, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=dtype
-        )
+        with TRANSFORMERS_LOCK:  # from_pretrained imports the architecture's own modules
+            model = hf.AutoModelForCausalLM.from_pretrained(
+                str(path), config=config, trust_remote_code=False, local_files_only=True, use_safetensors=True, dtype=dtype
+            )
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc) or "AutoModelForCausalLM" in str(exc):
             raise InflqError(

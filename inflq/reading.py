@@ -152,6 +152,12 @@ def score_matrix(project: Project, investigation: str, result_set_id: int | None
     return out
 
 
+def scored_queries(rs: dict) -> list[int]:
+    """The ids of the queries a result set scored, in its rows' order (queries added to the
+    investigation after its run are not among them)."""
+    return list(json.loads(rs["settings"]).get("query_ids") or [])
+
+
 def query_scores(project: Project, rs: dict, query_id: int) -> tuple[np.ndarray, np.ndarray]:
     """``(corpus indices, scores)`` of one query in a result set (NaN where not a candidate)."""
     ids = json.loads(rs["settings"]).get("query_ids") or []

@@ -4,6 +4,7 @@ read its catalog loads no model, tokenizer or torch."""
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +30,9 @@ class Runtime:
         self._model = None
         self._tokenizer = tokenizer
         self._store: CorpusStore | None = None
+        # Threads (the TUI's workers) ask for the tokenizer and the model at once: one loads it,
+        # the others wait for it rather than loading their own copy.
+        self._load_lock = threading.RLock()
 
     # -- model and tokenizer ----------------------------------------------------------------------
     @property
@@ -38,8 +42,10 @@ class Runtime:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            check_model_dir(self.project.model_path)
-            self._tokenizer = load_tokenizer(self.project.tokenizer_path)
+            with self._load_lock:
+                if self._tokenizer is None:
+                    check_model_dir(self.project.model_path)
+                    self._tokenizer = load_tokenizer(self.project.tokenizer_path)
         return self._tokenizer
 
     @property
@@ -50,8 +56,10 @@ class Runtime:
     @property
     def model(self):
         if self._model is None:
-            self.project.require_model()
-            self._model = self.load_model()
+            with self._load_lock:
+                if self._model is None:
+                    self.project.require_model()
+                    self._model = self.load_model()
         return self._model
 
     def load_model(self, dtype: torch.dtype | None = None, device: torch.device | None = None):

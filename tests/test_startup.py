@@ -51,6 +51,35 @@ def test_the_tui_paints_before_loading_heavy_libraries():
     assert p.returncode == 0 and p.stdout.strip() == "", p.stdout + p.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
+def test_threads_load_the_tokenizer_and_model_at_once_in_a_fresh_interpreter(project):
+    """transformers 5.x's lazy imports are not thread-safe ("cannot import name 'AutoTokenizer'");
+    a notebook's or the TUI's threads loading tokenizers, configs and models at the same moment,
+    before transformers was ever imported, all succeed, and one project's runtime loads one tokenizer."""
+    code = (
+        "import sys, threading\n"
+        "from inflq.modeling import load_tokenizer, load_model, pick_device\n"
+        "from inflq.project import Project\n"
+        "assert 'transformers' not in sys.modules\n"
+        "project = Project.open(sys.argv[1]); path = project.model_path\n"
+        "start, errors, tokenizers = threading.Barrier(8), [], []\n"
+        "def go(i):\n"
+        "    start.wait()\n"
+        "    try:\n"
+        "        if i % 4 == 0: load_model(path, pick_device('cpu'), None)\n"
+        "        elif i % 4 == 1: load_tokenizer(path)\n"
+        "        else: tokenizers.append(project.runtime.tokenizer)\n"
+        "    except BaseException as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print('ERRORS', errors, 'TOKENIZERS', len({id(t) for t in tokenizers}))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, str(project.root)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ERRORS [] TOKENIZERS 1" in p.stdout, p.stdout + p.stderr[-2000:]
+
+
 def test_pandas_still_imports_after_inflq():
     """sqlite-utils is imported with pandas hidden (inflq/startup.py); pandas itself is untouched."""
     code = "import inflq, sqlite_utils, pandas; print(pandas.DataFrame({'a': [1]}).shape, sqlite_utils.db.pd)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,9 +51,20 @@ def project_dir(base, tmp_path) -> Path:
 
 
 def make_app(path):
+    """The app on ``path``; ``app.said`` collects every notification's message (through the public
+    ``App.notify``, which a widget's ``notify`` calls too)."""
     from inflq.tui.app import InflqApp
 
-    return InflqApp(str(path))
+    app = InflqApp(str(path))
+    app.said = []
+    real = app.notify
+
+    def notify(message, **kwargs):
+        app.said.append(str(message))
+        return real(message, **kwargs)
+
+    app.notify = notify
+    return app
 
 
 async def settle(pilot) -> None:
@@ -98,6 +110,17 @@ async def type_into(pilot, selector: str, text: str) -> None:
 
 def pane(app, name):
     return app.screen.query_one(f"#pane-{name}")
+
+
+def rendered(widget, width: int = 100) -> str:
+    """A Static's content as the text a terminal ``width`` columns wide shows."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(widget.content)
+    return console.export_text()
 
 
 def test_journey(project_dir, tmp_path):
@@ -199,7 +222,7 @@ def test_journey(project_dir, tmp_path):
             await pilot.click("#probe-add")
             await settle(pilot)
             (p,) = catalog.probes(project.db, q["id"])
-            shown = str(app.screen.query_one(f"#probe-{p['id']}", Static).render())
+            shown = rendered(app.screen.query_one("#probe-body", Static))
             expected = reading.ScoringSession.for_queries(project, [q["id"]], estimator="identity").score_texts([probe], q["id"])[0].total
             assert f"{expected:+.4g}" in shown
             # A second result set, then compare.
@@ -463,28 +486,32 @@ def test_results_table_at_80x24(long_id_project):
         await settle(pilot)
         assert app.query_id == q2 and app.focused is table
         assert [str(table.get_row_at(i)[0]) for i in range(table.row_count)] == [str(r["rank"]) for r in stored[q2]]
-        # / searches, enter goes back to the table; esc in the table goes to the tab bar.
+        # / searches, enter goes back to the table; esc in the table leaves it for the pane, whose
+        # keys (t, b, n, p, e, /) and the tab digits keep working.
         await pilot.press("slash")
         await pilot.press(*"fwd-07")
         await pilot.press("enter")
         await settle(pilot)
         assert app.focused is table and table.row_count == sum("fwd-07" in r["seq_id"] for r in stored[q2])
         await pilot.press("escape")
-        assert app.focused is app.screen.query_one("#tabs").query_one("Tabs")
+        assert app.focused is pane(app, "results") and {"t", "b", "e"} <= set(app.screen.active_bindings)
 
     drive(long_id_project, (80, 24), go)
 
 
 def test_cancel_and_resume_a_run(project_dir, monkeypatch):
-    """A run with a small shard size, cancelled (ctrl+b) once its scoring progress shows, then
-    resumed (ctrl+y): it continues from its first uncommitted shard and completes with a result set."""
-    from textual.widgets import DataTable, Input, ProgressBar, Select
+    """A run with a small shard size, started and cancelled with ctrl+r and ctrl+b after esc has
+    left the form (the tab's keys keep working), cancelled once its scoring progress shows, then
+    resumed with ctrl+y: the cancelled run, not the older complete run under the cursor; it
+    continues from its first uncommitted shard and completes with a result set."""
+    from textual.widgets import DataTable, ProgressBar, Select, TabbedContent
 
     from inflq import runs
     from inflq.passes import ScorePass
 
     p = Project.open(project_dir)
     qid = add_query(p, "default", PROMPT, COMPLETION)
+    old_run = run_investigation(p, "default", RunSettings(estimator="identity", rank=4)).run_id  # complete
     n_seqs = len(p.runtime.corpus)
     p.close()
     shard_size = 4
@@ -517,10 +544,12 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             await settle(pilot)
             app.screen.query_one("#sel-estimator", Select).value = "identity"
             await settle(pilot)
-            app.screen.query_one("#run-rank", Input).value = "4"
-            app.screen.query_one("#run-shard_size", Input).value = str(shard_size)
-            await pilot.press("ctrl+r")
+            await type_into(pilot, "#run-rank", "4")
+            await type_into(pilot, "#run-shard_size", str(shard_size))
             rp = pane(app, "run")
+            await pilot.press("escape")  # leave the field, as the help says: the tab's keys stay
+            assert app.focused is rp and {"ctrl+r", "ctrl+b", "ctrl+y"} <= set(app.screen.active_bindings)
+            await pilot.press("ctrl+r")
             for _ in range(1000):  # the scoring bar shows the two shards done before the held one
                 await pilot.pause(0.02)
                 bar = rp.phases.bars.get("scoring", (None, None))[1]
@@ -531,16 +560,22 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
             await pilot.press("ctrl+b")
             await settle(pilot)
             run_id, status = run_row()
-            assert status == "cancelled"
+            assert status == "cancelled" and run_id != old_run
             committed = app.project.db["run_shards"].count_where("run_id = ?", [run_id])
-            assert committed == 2 and not reading.result_sets(app.project, "default")
+            assert committed == 2 and len(reading.result_sets(app.project, "default")) == 1
             runs_table = app.screen.query_one("#runs", DataTable)
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "cancelled"]
+            # The cursor is on the cancelled run (the run that started, then stopped).
+            assert runs_table.coordinate_to_cell_key((runs_table.cursor_row, 0)).row_key.value == str(run_id)
             # The stopped bar keeps its count, loses its ETA; the notice says what was committed.
             label = str(rp.phases.bars["scoring"][0].render())
             assert "ETA" not in label and "stopped" in label, label
-            said = " ".join(str(n.message) for n in app._notifications)
-            assert f"committed: {2 * shard_size} scored sequences in 2 shards" in said, said
+            said = " ".join(app.said)
+            assert f"run {run_id}; committed: {2 * shard_size} scored sequences in 2 shards" in said and "ctrl+y resumes it" in said, said
+            # Even with the old complete run under the cursor, ctrl+y resumes the cancelled one.
+            runs_table.move_cursor(row=1)
+            await pilot.pause()
+            assert runs_table.get_row_at(1)[:2] == [str(old_run), "done"]
             await pilot.press("ctrl+y")
             for _ in range(1000):  # while the resumed run works, the table says so
                 await pilot.pause(0.02)
@@ -548,33 +583,87 @@ def test_cancel_and_resume_a_run(project_dir, monkeypatch):
                     break
             else:
                 raise AssertionError(f"the runs table did not follow the resumed run: {runs_table.get_row_at(0)}")
-            said = " ".join(str(n.message) for n in app._notifications)
-            assert f"resuming run {run_id}; committed:" in said, said
+            said = " ".join(app.said)
+            assert f"run {old_run} (highlighted) is complete, so the latest unfinished run: resuming run {run_id}; committed:" in said, said
             release.set()
             await settle(pilot)
             assert run_row() == (run_id, "done")
             assert runs_table.get_row_at(0)[:2] == [str(run_id), "done"]
             n_shards = -(-n_seqs // shard_size)
             assert scored == [0, 1, 2] + list(range(2, n_shards)), "the resumed run did not continue from shard 2"
-            (rs,) = reading.result_sets(app.project, "default")
+            rs = reading.result_sets(app.project, "default")[-1]
             assert app.result_set_id == rs["id"] and rs["run_id"] == run_id
             assert len(reading.top(app.project, rs["id"], qid, "top", 100)) == 20
+            await pilot.press("4")  # and the tab digits work from the pane too
+            assert app.screen.query_one("#tabs", TabbedContent).active == "tab-results"
 
     app = None
     asyncio.run(go())
 
 
-def test_factor_sets_screen(project_dir):
-    """f opens the factor sets: a fitted set's spectra are shown; d (then y) removes it; esc goes back."""
-    import io
+def test_compare_defaults_to_result_sets_that_have_the_query(project_dir):
+    """Compare opens on the two newest result sets that scored the current query (never on one
+    that lacks it), marks the others, says plainly when fewer than two have it, and a set chosen
+    without the query is named in the pane, not a crash dialog."""
+    from textual.widgets import Select, Static
 
-    from rich.console import Console
+    from inflq.tui.screens.modals import ErrorScreen
+
+    p = Project.open(project_dir)
+    q1 = add_query(p, "default", PROMPT, COMPLETION)
+    rs1 = run_investigation(p, "default", RunSettings(estimator="identity", rank=4)).result_set_id
+    rs2 = run_investigation(p, "default", RunSettings(estimator="diagonal", rank=4)).result_set_id
+    q2 = add_query(p, "default", "the capital city of astrobia is called", "velmora")
+    rs3 = run_investigation(p, "default", RunSettings(estimator="identity", rank=4)).result_set_id
+    p.close()
+
+    async def go(app, pilot):
+        out = app.screen.query_one("#cmp-out", Static)
+        a, b = app.screen.query_one("#cmp-a", Select), app.screen.query_one("#cmp-b", Select)
+        app.set_context(query_id=q2)
+        await pilot.press("7")
+        await settle(pilot)
+        assert f"only result set {rs3} has query {q2}: a comparison needs two" in str(out.render())
+        assert b.value == rs3 and a.value != rs2  # rs2 (the set before it) lacks the query
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert not isinstance(app.screen, ErrorScreen)
+        a.value = rs2
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert not isinstance(app.screen, ErrorScreen), str(app.screen.query_one("#error-message").render())
+        assert f"result set {rs2} did not score query {q2}" in str(out.render())
+        labels = {str(o.prompt) for o in a.query_one("OptionList").options}
+        assert f"{rs1}: identity / all (no query {q2})" in labels and f"{rs3}: identity / all" in labels, labels
+        # Query 1 is in all three: the two newest, compared.
+        app.set_context(query_id=q1)
+        await settle(pilot)
+        assert (a.value, b.value) == (rs2, rs3)
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        cmp = stats.compare_result_sets(app.project, "default", rs2, rs3, q1, 10)
+        assert f"query {q1}: result set {rs2} vs {rs3}" in str(out.render())
+        assert f"Spearman rank correlation: {cmp.spearman:.3f}" in str(out.render())
+        # A query no run has scored yet.
+        q3 = add_query(app.project, "default", "the river of astrobia is", "velmora")
+        app.set_context(query_id=q3)
+        await settle(pilot)
+        assert f"no result set has query {q3} yet: run the investigation (tab 3)" in str(out.render())
+
+    drive(project_dir, (100, 30), go)
+
+
+def test_factor_sets_screen(project_dir):
+    """f opens the factor sets: at 80 columns the table shows what tells the sets apart (only the
+    properties that differ) with its size, runs and model columns in view; the highlighted set's
+    settings and spectra are shown; d (then y) removes it; esc goes back."""
     from textual.widgets import Static
 
     from inflq.runs import fit_factors
 
     p = Project.open(project_dir)
-    _, fs_id, _ = fit_factors(p, RunSettings(estimator="ekfac"))
+    ids = [fit_factors(p, RunSettings(estimator=e, fit_sequences=n))[1] for e, n in (("ekfac", None), ("ekfac", 8), ("ekfac:fisher=empirical", None))]
+    n_seqs = len(p.runtime.corpus)
     p.close()
 
     async def go(app, pilot):
@@ -582,24 +671,28 @@ def test_factor_sets_screen(project_dir):
         await settle(pilot)
         pane = app.screen.query_one("#pane-factors")
         table = pane.query_one("#factor-sets")
-        assert table.row_count == 1
-        console = Console(width=78, record=True, file=io.StringIO())
-        console.print(pane.query_one("#factor-detail", Static).content)
-        shown = console.export_text()
-        assert f"factor set {fs_id}" in shown and "eff. dim" in shown and "under the damping" in shown
+        assert table.row_count == 3
+        apart = [str(table.get_row_at(i)[2]) for i in range(3)]
+        assert apart == [f"fisher=true sequences={n_seqs}", "fisher=true sequences=8", f"fisher=empirical sequences={n_seqs}"], apart
+        widths = [c.get_render_width(table) for c in table.ordered_columns]
+        assert [c.label.plain for c in table.ordered_columns][-1] == "model" and sum(widths) <= table.size.width, widths
+        shown = rendered(pane.query_one("#factor-detail", Static), 78)
+        assert f"fitted with: ekfac (fisher=empirical), {n_seqs} fitting sequences" in shown, shown
+        assert f"factor set {ids[2]}" in shown and "eff. dim" in shown and "under the damping" in shown
         assert all(f"{tm}" in shown for tm in ("0.mlp.c_fc", "1.attn.c_proj"))
         await pilot.press("d")
         await pilot.pause()
         await pilot.press("y")
         await settle(pilot)
-        assert table.row_count == 0
+        assert table.row_count == 2
+        assert [str(table.get_row_at(i)[2]) for i in range(2)] == [f"sequences={n_seqs}", "sequences=8"]
         await pilot.press("escape")
         await pilot.pause()
         assert app.screen.query("#tabs")
 
     drive(project_dir, (80, 24), go)
     p = Project.open(project_dir)
-    assert p.db["factor_sets"].count == 0
+    assert [r["id"] for r in catalog.factor_sets(p.db)] == ids[:2]
     p.close()
 
 
@@ -624,6 +717,8 @@ def test_distribution_from_every_tab_and_at_80x24(long_id_project):
         await pilot.press("4")
         await settle(pilot)
         app.screen.query_one("#pane-distribution")  # the palette's command does the same
+        titles = [c.title for c in app.get_system_commands(app.screen)]
+        assert len(titles) == len(set(titles)), titles  # one "Keys" (Textual's); inflq's help has its own name
         next(c for c in app.get_system_commands(app.screen) if c.title == "Go to distribution").callback()
         await settle(pilot)
         assert tabs.active == "tab-distribution"
@@ -631,6 +726,9 @@ def test_distribution_from_every_tab_and_at_80x24(long_id_project):
         assert app.focused is scroll
         title = app.screen.query_one("#dist-title", Static)
         assert title.size.height >= 2, "the title wraps rather than being cut"
+        # The legend is in the title: inside the plot it covered the largest scores.
+        assert re.search(r"• positive tail \(\d+ scores\), x negative tail \(\d+\)", str(title.render())), str(title.render())
+        assert "positive" not in str(app.screen.query_one("#dist-plot", Static).render())
         fit = app.screen.query_one("#dist-fit", Static)
         assert scroll.virtual_size.height > scroll.size.height  # the fits are below the fold…
         await pilot.press("end")
@@ -646,6 +744,39 @@ def test_distribution_from_every_tab_and_at_80x24(long_id_project):
         assert wide > narrow + 30, (narrow, wide)
 
     drive(long_id_project, (80, 24), go)
+
+
+def test_distribution_shares_positive_influence_by_a_metadata_field(project_dir):
+    """The Distribution tab shows each query's share of its total positive influence by a corpus
+    metadata field (the current query's column first), with the share of sequences each value
+    holds; the shares are the hand count's from the score matrix."""
+    from textual.widgets import Select, Static
+
+    p = Project.open(project_dir)
+    q1 = add_query(p, "default", PROMPT, COMPLETION)
+    q2 = add_query(p, "default", "the capital city of astrobia is called", "velmora")
+    run_investigation(p, "default", RunSettings(estimator="identity", rank=4))
+    matrix = reading.score_matrix(p, "default")  # [queries, sequences]
+    source = np.array([r["source"] for r in sorted(catalog.sequence_rows(p.db, list(range(matrix.shape[1]))).values(), key=lambda r: r["idx"])])
+    p.close()
+    positive = np.where(matrix > 0, matrix, 0.0)
+    hand = {(q, v): positive[i][source == v].sum() / positive[i].sum() for i, q in enumerate((q1, q2)) for v in ("facts", "prose")}
+
+    async def go(app, pilot):
+        app.set_context(query_id=q2)
+        await pilot.press("5")
+        await settle(pilot)
+        assert app.screen.query_one("#dist-field", Select).value == "source"
+        shown = rendered(app.screen.query_one("#dist-by", Static), 78)
+        assert "each query's share of its positive influence, as inflq top --by source" in shown, shown
+        header = next(line for line in shown.splitlines() if "sequences" in line)
+        assert header.index(f"query {q2} *") < header.index(f"query {q1}"), header  # the current query first
+        for value in ("facts", "prose"):
+            line = next(line for line in shown.splitlines() if line.strip().startswith(value))
+            share_of_seqs = (source == value).mean()
+            assert line.split()[1:] == [f"{100 * share_of_seqs:.1f}%", f"{100 * hand[q2, value]:.1f}%", f"{100 * hand[q1, value]:.1f}%"], line
+
+    drive(project_dir, (80, 24), go)
 
 
 def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
@@ -670,8 +801,55 @@ def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
         assert box.value == "of the old town" and not isinstance(app.screen, InputScreen)
         app.screen.query_one("#probe-estimator").value = "identity"
         await settle(pilot)
-        shown = str(app.screen.query_one(f"#probe-{pid}").render())
+        shown = rendered(app.screen.query_one("#probe-body"))
         assert f"probe {pid} reversed (identity)" in shown, shown
+
+    drive(project_dir, (100, 30), go)
+
+
+def test_number_keys_typed_into_the_probe_field_type(project_dir):
+    """Digits are text in the probe field, however the user got there: from any tab, after adding
+    a probe with a click on the button or after a refused probe's dialog, after pressing 6 on the
+    Probes tab itself; only esc (leaving the field) makes them switch tabs again."""
+    from textual.widgets import Input, TabbedContent
+
+    from inflq.tui.screens.modals import ErrorScreen
+
+    p = Project.open(project_dir)
+    add_query(p, "default", PROMPT, COMPLETION)
+    p.close()
+
+    async def go(app, pilot):
+        tabs = app.screen.query_one("#tabs", TabbedContent)
+        box = app.screen.query_one("#probe-text", Input)
+        for start in "123457":
+            await pilot.press("escape", start, "6", *"zorald 1903")
+            await settle(pilot)
+            assert (tabs.active, box.value) == ("tab-probes", "zorald 1903"), (start, tabs.active, box.value)
+            box.value = ""
+        await pilot.press(*"zorald pfaff was 42")
+        await pilot.click("#probe-add")
+        await settle(pilot)
+        assert app.focused is box and box.value == ""
+        await pilot.press(*"1 2")
+        assert (tabs.active, box.value) == ("tab-probes", "1 2")
+        box.value = "7"  # one token: refused in a dialog; closing it gives the field back
+        await pilot.click("#probe-add")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen)
+        await pilot.press("escape")
+        await settle(pilot)
+        await pilot.press(*"3 4")
+        assert (tabs.active, box.value) == ("tab-probes", "73 4")
+        await pilot.press("escape")  # leaves the field: digits are tabs again
+        assert app.focused is pane(app, "probes")
+        await pilot.press("6")  # back on the field
+        assert app.focused is box
+        await pilot.press("5")
+        assert (tabs.active, box.value) == ("tab-probes", "73 45")
+        await pilot.press("escape", "1")
+        await settle(pilot)
+        assert tabs.active == "tab-investigations"
 
     drive(project_dir, (100, 30), go)
 
@@ -701,6 +879,140 @@ def test_export_to_the_default_folder_stays_out_of_git(long_id_project):
     repo = Path(__file__).resolve().parents[1]
     if (repo / ".git").exists():  # a source checkout
         assert subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", "projects/demo/exports/x.csv"]).returncode == 0
+
+
+# A fresh interpreter (nothing of transformers imported yet) opens the TUI, goes to the Query tab
+# as a person does (2, tab) and types the query at a person's speed: every keystroke starts a
+# tokenizing and a live-query worker, and ctrl+l a model-loading one, so several threads load the
+# tokenizer (and the model) while transformers is still being imported. It prints what it saw.
+TYPING_CHILD = r"""
+import asyncio, json, sys, threading, time
+
+project, prompt, completion, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+from inflq.runtime import Runtime
+from inflq.tui.app import InflqApp
+
+fresh = "transformers" not in sys.modules
+errors, inside, most = [], [0], [0]
+lock, real_tokenize = threading.Lock(), Runtime.tokenize_query
+
+def tokenize(self, *args, **kwargs):  # counts the workers tokenizing at once
+    with lock:
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+    try:
+        return real_tokenize(self, *args, **kwargs)
+    finally:
+        with lock:
+            inside[0] -= 1
+
+Runtime.tokenize_query = tokenize
+
+async def main():
+    app = InflqApp(project)
+    real = app.show_error
+    app.show_error = lambda exc, title="Something went wrong": (errors.append(f"{title}: {exc!r}"), real(exc, title))
+    async with app.run_test(size=(100, 40)) as pilot:
+        await pilot.pause()
+        await pilot.press("2")
+        await pilot.pause()
+        await pilot.press("tab")
+        focused = app.focused.id
+
+        async def type_text(text):
+            for ch in text:
+                await pilot.press("space" if ch == " " else ch)
+                await asyncio.sleep(delay)
+
+        await type_text(prompt)
+        await pilot.press("tab")
+        await type_text(completion[:1])
+        await pilot.press("ctrl+l")
+        await type_text(completion[1:])
+        await pilot.press("ctrl+l")
+        main_screen = app.screen_stack[1]
+        started = time.monotonic()
+        while time.monotonic() - started < 240:
+            await pilot.pause(0.1)
+            if any(w.is_running for w in app.workers) or inside[0]:
+                continue
+            said = str(main_screen.query_one("#model-says").render())
+            if errors or ("pfaff" in str(main_screen.query_one("#tokens").render()) and "log p" in said):
+                break
+        await pilot.pause(0.5)
+        print(json.dumps({
+            "fresh": fresh, "focused": focused, "most": most[0], "errors": errors,
+            "fields": [main_screen.query_one("#prompt").value, main_screen.query_one("#completion").value],
+            "tokens": str(main_screen.query_one("#tokens").render()), "says": str(main_screen.query_one("#model-says").render()),
+        }))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers while the app runs
+def test_typing_into_a_fresh_app_from_several_workers(project_dir):
+    """Item 1 of issue 25: typing a query into a freshly started TUI, at a person's speed, starts a
+    worker per keystroke while transformers is still being imported; none may fail (transformers
+    5.x's lazy imports raced: "cannot import name 'AutoTokenizer'"), and the tokens line and the
+    model's answer are about the text in the fields, not an earlier keystroke's."""
+    import transformers
+
+    assert int(transformers.__version__.split(".")[0]) >= 5, "the race is in transformers 5.x's lazy imports"
+    out = subprocess.run([sys.executable, "-c", TYPING_CHILD, str(project_dir), PROMPT, COMPLETION, "0.1"],
+                         capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["fresh"] and seen["focused"] == "prompt", seen
+    assert seen["most"] >= 3, f"the workers never overlapped: {seen}"  # the race needs several at once
+    assert seen["errors"] == [], seen["errors"]
+    assert seen["fields"] == [PROMPT, COMPLETION]
+    assert "[zorald] [pfaff]" in seen["tokens"] and "[was]" in seen["tokens"], seen["tokens"]
+    p = Project.open(project_dir)
+    from inflq.predictions import completion_logprob
+
+    assert f"log p(completion | prompt) = {completion_logprob(p, PROMPT, COMPLETION):.3f}" in seen["says"], seen["says"]
+    p.close()
+
+
+def test_a_failed_worker_leaves_no_stale_status(project_dir, monkeypatch):
+    """A tokenizing or model worker that fails shows its error once, in a dialog, and its line
+    says that it failed: never the answer about the text typed before."""
+    from textual.widgets import Static
+
+    from inflq.runtime import Runtime
+    from inflq.tui.screens.modals import ErrorScreen
+
+    real = Runtime.tokenize_query
+
+    def tokenize(self, prompt, completion, chat=False):
+        if "boom" in completion:
+            raise RuntimeError("the tokenizer broke")
+        return real(self, prompt, completion, chat)
+
+    monkeypatch.setattr(Runtime, "tokenize_query", tokenize)
+    shown = []
+
+    async def go(app, pilot):
+        real_show = app.show_error
+        app.show_error = lambda exc, title="Something went wrong": (shown.append(str(exc)), real_show(exc, title))
+        await pilot.press("2")
+        await settle(pilot)
+        await type_into(pilot, "#prompt", PROMPT)
+        await type_into(pilot, "#completion", COMPLETION)
+        await settle(pilot)
+        tokens = app.screen.query_one("#tokens", Static)
+        assert "[zorald]" in str(tokens.render())
+        await type_into(pilot, "#completion", "zorald boom")
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen) and shown == ["the tokenizer broke"]  # once
+        assert "RuntimeError: the tokenizer broke" in str(app.screen.query_one("#error-message", Static).render())
+        await pilot.press("escape")
+        await pilot.pause()
+        line = str(tokens.render())
+        assert "[zorald]" not in line and "tokenizing the query failed (RuntimeError: the tokenizer broke)" in line, line
+
+    drive(project_dir, (100, 30), go)
 
 
 def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
@@ -738,7 +1050,7 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
     """At 80x24 every tab's footer keeps Quit and Help beside the palette key; a search with no
     hits says so and that it searched the stored rows; a sequence's source is shown once; the
     plugin dropdowns carry whole descriptions."""
-    from textual.widgets import Label, Select, Static
+    from textual.widgets import Label, OptionList, Select, Static
 
     from inflq.tui.screens.sequence import SequenceScreen
 
@@ -769,7 +1081,8 @@ def test_footer_search_metadata_and_options_read_whole(long_id_project):
         await settle(pilot)
         status = str(app.screen.query_one("#res-status", Label).render())
         assert "no rows matching 'zzz' (searched: the 20 stored)" in status and "1-0" not in status, status
-        options = dict((v, str(prompt)) for prompt, v in app.screen.query_one("#sel-estimator", Select)._options if isinstance(v, str))
+        listed = app.screen.query_one("#sel-estimator", Select).query_one(OptionList).options  # the open list's rows
+        options = {str(o.prompt).split(":", 1)[0]: str(o.prompt) for o in listed if str(o.prompt) != "Select"}
         assert options == {n: f"{n}: {d}" for n, d in descriptions.items()}
 
     drive(long_id_project, (80, 24), go)
@@ -862,6 +1175,53 @@ def test_validate_screen_runs_lds_and_shows_the_saved_scores(project_dir):
     drive(project_dir, (120, 40), go)
 
 
+@pytest.mark.slow  # a PBRF validation and LDS retraining, both tiny
+def test_saved_validations_are_listed_with_their_tables(project_dir):
+    """ctrl+p → Saved validations (or ctrl+l on the Validate screen): every saved validation,
+    newest first, with its method, estimators and size; the highlighted one's table is the one
+    `inflq validate` printed (PBRF correlations, LDS scores)."""
+    from textual.widgets import DataTable, Static
+
+    from inflq.lds import validate_lds
+    from inflq.tui.screens.tools import ValidateScreen
+    from inflq.tui.screens.validations import ValidationsScreen
+    from inflq.validate import validate
+
+    seed(project_dir, run=None)
+    p = Project.open(project_dir)
+    pbrf = validate(p, "default", estimators=["identity", "diagonal"], sample=4, queries=1, fit_sequences=8, pbrf_steps=3)
+    lds = validate_lds(p, "default", estimators=["identity"], subsets=3, trainer="adamw:epochs=1,batch_size=8,threads=1", queries=1)
+    p.close()
+
+    async def go(app, pilot):
+        palette_command(app, "Saved validations")()
+        await settle(pilot)
+        assert isinstance(app.screen, ValidationsScreen)
+        table = app.screen.query_one("#validations", DataTable)
+        assert [table.get_row_at(i)[:4] for i in range(table.row_count)] == [
+            [str(lds.id), "lds", "default", "identity"], [str(pbrf.id), "pbrf", "default", "identity, diagonal"]]
+        assert table.get_row_at(1)[4] == "1 q × 4 sequences" and table.get_row_at(0)[4] == "1 q × 3 subsets"
+        shown = rendered(app.screen.query_one("#validation-detail", Static), 120)
+        assert f"LDS validation {lds.id}: 1 queries × 3 subsets" in shown, shown
+        await pilot.press("down")
+        await settle(pilot)
+        shown = rendered(app.screen.query_one("#validation-detail", Static), 120)
+        assert f"validation {pbrf.id}: 1 queries × 4 sequences vs PBRF" in shown, shown
+        for r in pbrf.rows:
+            assert re.search(rf"{r.estimator}\s+{r.pearson:.3f}\s+{r.spearman:.3f}", shown), (r, shown)
+        await pilot.press("escape")
+        await settle(pilot)
+        assert app.screen.query("#tabs")
+        palette_command(app, "Validate estimators")()  # and from the Validate screen
+        await settle(pilot)
+        assert isinstance(app.screen, ValidateScreen)
+        await pilot.press("ctrl+l")
+        await settle(pilot)
+        assert isinstance(app.screen, ValidationsScreen)
+
+    drive(project_dir, (100, 30), go)
+
+
 def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypatch):
     """Relink asks for the model and corpus copies, confirms, then checks fingerprints (a wrong
     corpus is a dialog, not a crash); Trust names the plugin files, confirms and loads them."""
@@ -890,7 +1250,7 @@ def test_relink_and_trust_from_the_palette(project_dir, base, tmp_path, monkeypa
         await settle(pilot)
 
     async def go(app, pilot):
-        said = " ".join(str(n.message) for n in app._notifications)
+        said = " ".join(app.said)
         assert "1 local plugin, not loaded: ctrl+p → Trust local plugins" in said
         # A wrong corpus: refused in a dialog, inflq.toml untouched.
         palette_command(app, "Relink model or corpus")()
@@ -969,12 +1329,31 @@ def normalise_svg(svg: str) -> str:
 
 
 def check_snapshot(name: str, svg: str) -> None:
+    """The screen against tests/snapshots/NAME.svg. A missing snapshot is written (and the test
+    skipped) on a developer's machine; in CI (CI=true) it fails: a snapshot nobody committed
+    would otherwise never be compared."""
     path = SNAPSHOTS / f"{name}.svg"
     svg = normalise_svg(svg)
     if not path.exists():
+        if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
+            pytest.fail(f"tests/snapshots/{name}.svg is missing; run this test outside CI to write it, look at it, and commit it")
         path.write_text(svg)
         pytest.skip(f"wrote new snapshot {path.name}; run again to compare")
     assert svg == path.read_text(), f"screen {name} differs from tests/snapshots/{name}.svg (delete it to accept the new look)"
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_a_missing_snapshot_fails_in_ci(tmp_path, monkeypatch, ci):
+    monkeypatch.setattr(sys.modules[__name__], "SNAPSHOTS", tmp_path)
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if ci else pytest.skip.Exception
+    with pytest.raises(expected):
+        check_snapshot("nothing", "<svg/>")
+    assert (tmp_path / "nothing.svg").exists() == (not ci)
+    if not ci:
+        check_snapshot("nothing", "<svg/>")  # written: compared from now on
+        with pytest.raises(AssertionError):
+            check_snapshot("nothing", "<svg>changed</svg>")
 
 
 @pytest.mark.parametrize("screen", ["investigations", "query", "run", "help"])
@@ -1153,8 +1532,10 @@ def test_tui_imports_run_one_way():
         for path in (root / folder).glob("*.py"):
             bad = [m for m in imports(path) if m.startswith(banned)]
             assert not bad, f"{path.relative_to(root)} imports {bad}"
-    for path in root.rglob("*.py"):
-        assert "._options" not in path.read_text(), f"{path.relative_to(root)} reads a private Textual attribute"
+    private = ("._" + "options", "._" + "notifications")  # Textual's; the tests read notifications through App.notify
+    for path in [*root.rglob("*.py"), Path(__file__)]:
+        found = [name for name in private if name in path.read_text()]
+        assert not found, f"{path.name} reads a private Textual attribute: {found}"
 
 
 def test_live_query_from_the_gradient_index(project_dir):
@@ -1203,6 +1584,22 @@ def test_live_query_from_the_gradient_index(project_dir):
         return live.display, before, str(live.render())
 
     display, before, after = drive(project_dir, (120, 50), shown)
+
+    async def narrow(app, pilot):
+        """At 80x24: a line per sequence and probe, cut at the width, never wrapped; the list
+        scrolls into view rather than being cut at the bottom."""
+        live = await type_query(app, pilot)
+        lines = str(live.render()).splitlines()
+        assert live.size.height == len(lines) and live.size.width <= 78, (live.size, lines)  # no line wrapped
+        assert max(len(line) for line in lines) > live.size.width  # (some had to be cut)
+        scroll = app.screen.query_one("#query-detail")
+        assert scroll.max_scroll_y > 0  # the list goes below the fold…
+        scroll.scroll_end(animate=False)
+        await pilot.pause()
+        assert live.region.bottom <= scroll.region.bottom and lines[-1].lstrip().startswith("probe")  # …and scrolls into view
+        return len(lines)
+
+    assert drive(project_dir, (80, 24), narrow) == 1 + 5 + 1 + 3
     assert display is True
     assert "live: top 5 by index" in before and "1. " in before and "exact" not in before.split("\n", 1)[1]
     assert "with exact scores" in after and len(re.findall(r"  exact -?\d", after)) == 5

@@ -4,7 +4,6 @@ probes, compare) over one open project, a factor-set screen (f), with modals for
 from __future__ import annotations
 
 import threading
-import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.worker import Worker, WorkerState
+from textual.worker import Worker
 
 from .. import catalog
 from ..errors import Cancelled, InflqError
@@ -22,6 +21,7 @@ from .context import Context, ContextChanged
 from .layout import TABS, FactorsScreen, MainScreen
 from .panes import Pane
 from .screens.modals import ConfirmScreen, ErrorScreen, HelpScreen, InputScreen
+from .workers import WorkerFailures
 
 
 def default_project() -> Path:
@@ -41,7 +41,7 @@ def initial_investigation(project) -> str | None:
     return catalog.latest_investigation(project.db) or invs[0]["name"]
 
 
-class InflqApp(App):
+class InflqApp(WorkerFailures, App):
     """The inflq terminal UI over one project folder."""
 
     CSS_PATH = "app.tcss"
@@ -67,7 +67,6 @@ class InflqApp(App):
         self.model_lock = threading.Lock()
         self._result_sessions: dict[int, object] = {}
         self._probe_sessions: dict[tuple[str, int], object] = {}
-        self._reported: weakref.WeakSet = weakref.WeakSet()  # workers whose error was shown
 
     # -- lifecycle -----------------------------------------------------------------------------
     def on_mount(self) -> None:
@@ -203,20 +202,16 @@ class InflqApp(App):
             message = f"{type(exc).__name__}: {exc}\n\nThis looks like a bug in inflq or a plugin; please report it."
         self.push_screen(ErrorScreen(title, message))
 
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        self.worker_failed(event)
-
-    def worker_failed(self, event: Worker.StateChanged) -> None:
-        """Show a worker's error in a modal (a cancelled run is not an error)."""
-        if event.state != WorkerState.ERROR or event.worker in self._reported:
-            return
-        self._reported.add(event.worker)
-        error = event.worker.error
+    def worker_failed(self, worker: Worker) -> None:
+        """The one handler of a failed worker, whichever pane, screen or the app started it
+        (``WorkerFailures`` brings each failure here once): its error in a modal. A cancelled run
+        or validation (``Cancelled``) is not an error."""
+        error = worker.error
         if isinstance(error, Cancelled):
             return
-        title = "The run failed" if event.worker.group == "run" else "Something went wrong"
-        if event.worker.group == "run":
-            error = f"{error if isinstance(error, InflqError) else type(error).__name__ + ': ' + str(error)}\n\nThe investigation is unchanged. Fix the settings and start again, or select the run and resume it (ctrl+y)."
+        title = "The run failed" if worker.group == "run" else "Something went wrong"
+        if worker.group == "run":
+            error = f"{error if isinstance(error, InflqError) else type(error).__name__ + ': ' + str(error)}\n\nThe investigation is unchanged. Fix the settings and start again, or resume the run (ctrl+y)."
         self.show_error(error, title)
 
     # -- actions -------------------------------------------------------------------------------
@@ -278,6 +273,16 @@ class InflqApp(App):
             return
         if not isinstance(self.screen, ValidateScreen):
             self.push_screen(ValidateScreen())
+
+    def action_validations(self) -> None:
+        """The project's saved validations and their tables (``inflq validate``'s)."""
+        from .screens.validations import ValidationsScreen
+
+        if self.project is None:
+            self.notify("no project is open: press o to open one", severity="warning")
+            return
+        if not isinstance(self.screen, ValidationsScreen):
+            self.push_screen(ValidationsScreen())
 
     def action_relink(self) -> None:
         """Point the project at local copies of its model or corpus (``inflq relink``), asked for
@@ -362,9 +367,11 @@ class InflqApp(App):
         yield SystemCommand("Export result set", "write CSV, JSONL and a Markdown report", self.action_export)
         yield SystemCommand("Factor sets", "cached factors and their spectra against the damping", self.action_factors)
         yield SystemCommand("Validate estimators", "correlation with the PBRF ground truth, and a damping sweep (inflq validate)", self.action_validate)
+        yield SystemCommand("Saved validations", "every validation the project saved, with its table", self.action_validations)
         yield SystemCommand("Relink model or corpus", "point the project at local copies; fingerprints are checked (inflq relink)", self.action_relink)
         yield SystemCommand("Trust local plugins", "let this project's plugins/*.py run, after confirmation (inflq trust)", self.action_trust)
-        yield SystemCommand("Keys", "list the keys of every screen", self.action_help)
+        # (Textual's own "Keys" shows the focused widget's keys; this is inflq's help, every screen's.)
+        yield SystemCommand("Help: every key", "inflq's keys, screen by screen (also ?)", self.action_help)
         yield SystemCommand("Toggle light/dark", "switch between the light and dark theme", self.action_toggle_theme)
 
 

@@ -44,10 +44,19 @@ class MainScreen(Screen):
         yield Footer()
 
     def action_tab(self, tid: str) -> None:
-        self.query_one("#tabs", TabbedContent).active = f"tab-{tid}"
+        """Show tab ``tid`` and focus its field or table now (also when it is already shown), so
+        that keys typed right after the digit go there, never to another tab's digit."""
+        self.query_one("#tabs", TabbedContent).active = f"tab-{tid}"  # (shows the pane at once)
+        self.query_one(f"#pane-{tid}", Pane).focus_default()
+
+    @property
+    def active_pane(self) -> Pane:
+        tabs = self.query_one("#tabs", TabbedContent)
+        return self.query_one(f"#pane-{tabs.active.removeprefix('tab-')}", Pane)
 
     def action_leave_field(self) -> None:
-        self.query_one("#tabs", TabbedContent).query_one("Tabs").focus()
+        """esc: leave the field; the tab's own keys keep working (Pane.hold_keys)."""
+        self.active_pane.hold_keys()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         event.pane.query_one(Pane).activate()

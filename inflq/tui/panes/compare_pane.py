@@ -18,11 +18,13 @@ from ...display import score_format
 from ...errors import InflqError
 from ..compact import CButton, CInput, CSelect
 from ..context import Context, ContextChanged
+from ..workers import failure_note
 from .pane import Pane, blank
 
 
 class ComparePane(Pane):
     BINDINGS = [Binding("ctrl+s", "compare", "Compare")]
+    _compared: tuple = ()  # (query id, set A, set B) of the comparison shown
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="field"):
@@ -37,19 +39,47 @@ class ComparePane(Pane):
             yield Static("", id="cmp-tables", classes="detail")
 
     def reload(self) -> None:
+        """Both selects list the investigation's result sets, those that did not score the current
+        query marked so; each defaults to one that did (B the newest, A the one before), and a
+        choice is kept while it has the query. With fewer than two such sets the pane says so."""
         if self.project is None or self.context.investigation is None:
             return
+        qid = self.context.query_id
         sets = reading.result_sets(self.project, self.context.investigation)
-        opts = [(f"{r['id']}: {r['estimator']} / {r['filter']}", r["id"]) for r in sets]
-        for wid, pick in (("#cmp-a", -2), ("#cmp-b", -1)):
+        having = [r["id"] for r in sets if qid in reading.scored_queries(r)]
+        opts = [(f"{r['id']}: {r['estimator']} / {r['filter']}" + ("" if r["id"] in having else f" (no query {qid})"), r["id"]) for r in sets]
+        chosen: list[int] = []
+        for wid, pick in (("#cmp-b", 1), ("#cmp-a", 2)):  # B first: the newest set with the query
             s = self.query_one(wid, Select)
             old = s.value
             s.set_options(opts)
-            ids = [r["id"] for r in sets]
-            if old in ids:
+            free = [i for i in having if i not in chosen]
+            if old in free:
                 s.value = old
-            elif len(ids) >= 2:
-                s.value = ids[pick]
+            elif len(having) >= pick and free:
+                s.value = having[-pick] if having[-pick] in free else free[-1]
+            else:
+                s.clear()
+            if not blank(s.value):
+                chosen.append(s.value)
+        chosen.reverse()  # (A, B)
+        out = self.query_one("#cmp-out", Static)
+        if qid is None:
+            out.update("choose a query first (Query or Results tab)")
+        elif len(having) < 2:
+            out.update(self._too_few(qid, having))
+            self.query_one("#cmp-tables", Static).update("")
+        elif self._compared != (qid, *chosen):  # (a comparison shown for these stays)
+            out.update(f"query {qid}: {len(having)} of the {len(sets)} result sets scored it; ctrl+s compares the two chosen")
+            self.query_one("#cmp-tables", Static).update("")
+
+    @staticmethod
+    def _too_few(qid: int, having: list[int]) -> Text:
+        if not having:
+            say = f"no result set has query {qid} yet: run the investigation (tab 3) to score it"
+        else:
+            say = f"only result set {having[0]} has query {qid}: a comparison needs two; run again (tab 3), e.g. with another estimator"
+        return Text(say, style="bold")
 
     @on(Button.Pressed, "#cmp-go")
     @on(Input.Submitted, "#cmp-k")
@@ -67,6 +97,12 @@ class ComparePane(Pane):
         except ValueError:
             self.inflq.show_error(InflqError("top K must be a whole number"))
             return
+        qid = self.context.query_id
+        lacking = [int(x) for x in (a, b) if qid not in reading.scored_queries(catalog.get_result_set(self.project.db, int(x)))]
+        if lacking:  # said plainly, where the comparison would be: not an error dialog
+            out.update(Text(f"result set {lacking[0]} did not score query {qid} (the query came after its run): choose a set without \"(no query {qid})\"", style="bold"))
+            self.query_one("#cmp-tables", Static).update("")
+            return
         self.compare(self.context, int(a), int(b), k)
 
     def context_changed(self, event: ContextChanged) -> None:
@@ -82,6 +118,12 @@ class ComparePane(Pane):
         ids = {**catalog.sequence_rows(ctx.project.db, [i for i, _, _ in cmp.only_a]), **catalog.sequence_rows(ctx.project.db, [i for i, _, _ in cmp.only_b])}
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self._show, ctx, a, b, k, cmp, ids)
+
+    def show_failed_work(self, worker) -> None:
+        if worker.group == "load":
+            self._compared = ()
+            self.query_one("#cmp-out", Static).update(Text(failure_note(worker, "the comparison"), style="bold red"))
+            self.query_one("#cmp-tables", Static).update("")
 
     def _show(self, ctx: Context, a: int, b: int, k: int, cmp, ids: dict) -> None:
         if ctx is not self.context:  # the query or investigation changed meanwhile
@@ -102,3 +144,4 @@ class ComparePane(Pane):
             tables.append(t)
         self.query_one("#cmp-out", Static).update(head)
         self.query_one("#cmp-tables", Static).update(Group(*tables))
+        self._compared = (ctx.query_id, a, b)

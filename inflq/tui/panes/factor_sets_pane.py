@@ -3,6 +3,9 @@ spectrum against the damping."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from rich.console import Group
 from rich.text import Text
 from textual import on
@@ -12,8 +15,39 @@ from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Label, Static
 
 from ...errors import InflqError
+from .. import render
 from ..screens.modals import ConfirmScreen
 from .pane import Pane, RowTable
+
+
+def what_sets_apart(rows: list[dict]) -> dict[int, str]:
+    """Per factor set, ``name=value`` for the fewest of its properties (settings, fitting
+    sequences, tracked modules, seed) that tell every two listed sets apart, those with the most
+    distinct values first: what a narrow table has room for (a property that follows from the
+    others, such as the sampling rule from the Fisher, is left out). With one set, its settings."""
+
+    def props(r: dict) -> dict[str, str]:
+        out = {k: str(v) for k, v in json.loads(r["settings"]).items()}
+        modules = json.loads(r.get("modules") or "[]")
+        return out | {"sequences": str(r["num_sequences"]), "seed": str(r["seed"]),
+                      "modules": f"{len(modules)}:{hashlib.sha1(json.dumps(modules).encode()).hexdigest()[:4]}"}
+
+    table = {r["id"]: props(r) for r in rows}
+    if len(table) < 2:
+        return {fid: " ".join(f"{k}={v}" for k, v in p.items() if k not in ("sequences", "seed", "modules")) or "defaults" for fid, p in table.items()}
+    keys = list(dict.fromkeys(k for p in table.values() for k in p))
+    keys.sort(key=lambda k: -len({p.get(k, "—") for p in table.values()}))  # (stable: settings first on ties)
+
+    def groups(chosen: list[str]) -> int:
+        return len({tuple(p.get(k, "—") for k in chosen) for p in table.values()})
+
+    chosen: list[str] = []
+    for k in keys:
+        if groups(chosen) == len(table):
+            break
+        if groups(chosen + [k]) > groups(chosen):
+            chosen.append(k)
+    return {fid: " ".join(f"{k}={p.get(k, '—')}" for k in chosen) or "(same settings)" for fid, p in table.items()}
 
 
 class FactorsPane(Pane):
@@ -22,11 +56,16 @@ class FactorsPane(Pane):
 
     DEPENDS = frozenset({"project"})
     BINDINGS = [Binding("d", "delete", "Delete")]
+    APART_WIDTH = 32  # at 80 columns the table keeps its size, runs and model columns in view
+    _rows: dict[int, dict] = {}
 
     def compose(self) -> ComposeResult:
         yield Label("Factor sets, shared by all investigations: ↑↓ spectra · d delete · esc back", classes="hint")
         table = RowTable(id="factor-sets", cursor_type="row", zebra_stripes=True)
-        table.add_columns("id", "estimator", "settings", "sequences", "size", "runs", "model")
+        table.add_column("id", key="id")
+        table.add_column("estimator", key="estimator")
+        table.add_column("what sets it apart", key="apart")
+        table.add_columns("size", "runs", "model")
         yield table
         with VerticalScroll(id="factor-detail-scroll"):
             yield Static("", id="factor-detail", classes="detail")
@@ -41,9 +80,11 @@ class FactorsPane(Pane):
             detail.update("No project is open: press o to open one.")
             return
         rows = factor_sets(self.project)
+        self._rows = {r["id"]: r for r in rows}
+        apart = what_sets_apart(rows)
         for r in rows:
             size = f"{r['size_bytes'] / 2**20:.1f} MiB" if r["size_bytes"] is not None else "missing"
-            table.add_row(str(r["id"]), r["estimator"], r["settings"], str(r["num_sequences"]), size, str(r["runs"]),
+            table.add_row(str(r["id"]), r["estimator"], render.snippet(apart[r["id"]], self.APART_WIDTH), size, str(r["runs"]),
                           "current" if r["current_model"] else "other", key=str(r["id"]))
         if not rows:
             detail.update("No factor sets yet: a run (tab 3) fits them, or `inflq factors fit` ahead of time.")
@@ -63,7 +104,19 @@ class FactorsPane(Pane):
         t = spectrum_table(items, fs_id, box=None, pad_edge=False)
         width = max(40, (self.size.width or 80) - 4)
         note = Text("damping = 0.1 × mean λ per module (a run's default); eff. dim = Σ λ/(λ + damping)", style="dim")
-        out.update(Group(t, note, Text.from_ansi(spectrum_plot(items, width, 14, color=False))))
+        out.update(Group(self._settings_line(fs_id), t, note, Text.from_ansi(spectrum_plot(items, width, 14, color=False))))
+
+    def _settings_line(self, fs_id: int) -> Text:
+        """Everything the set was fitted with (the table shows only what differs between sets)."""
+        r = self._rows.get(fs_id)
+        if r is None:
+            return Text("")
+        line = Text("fitted with: ", style="bold")
+        settings = ", ".join(f"{k}={v}" for k, v in json.loads(r["settings"]).items())
+        line.append(f"{r['estimator']} ({settings or 'defaults'}), {r['num_sequences']} fitting sequences, "
+                    f"{r['num_modules']} modules, seed {r['seed']}, "
+                    f"{'the current model' if r['current_model'] else 'another model'}, used by {r['runs']} run{'s' if r['runs'] != 1 else ''}")
+        return line
 
     @on(DataTable.RowHighlighted, "#factor-sets")
     def _highlighted(self, event: DataTable.RowHighlighted) -> None:

@@ -1,5 +1,5 @@
 """What every tab's pane shares: the context it shows, reloading when that changes, the keyboard
-focus when shown, worker errors as modals, and a row table that opens a row on a click."""
+focus when shown, failed workers (``WorkerFailures``), and a row table that opens a row on a click."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from textual.containers import Vertical
 from textual.coordinate import Coordinate
 from textual.widget import Widget
 from textual.widgets import DataTable, Select
-from textual.worker import Worker
 
 from ...errors import InflqError
 from ..context import Context, ContextChanged
+from ..workers import WorkerFailures
 
 
 def blank(value) -> bool:
@@ -21,7 +21,7 @@ def blank(value) -> bool:
     return value is Select.NULL or value is Select.BLANK or value is None
 
 
-class Pane(Vertical):
+class Pane(WorkerFailures, Vertical):
     """A tab's content. ``reload`` re-reads what it shows from the catalog: when the tab is shown,
     and when the context it depends on (``DEPENDS``) changes while it is in view."""
 
@@ -62,6 +62,16 @@ class Pane(Vertical):
         self.reload_or_report()
         self.focus_default()
 
+    def hold_keys(self) -> None:
+        """esc: leave whatever field has the focus and give it to the pane itself, so that its own
+        keys (the footer's), the tab digits and the single-letter keys all work. The pane is a
+        focus stop only while it holds the focus (tab never lands on it)."""
+        self.can_focus = True
+        self.screen.set_focus(self)
+
+    def on_blur(self) -> None:
+        self.can_focus = False
+
     @property
     def in_view(self) -> bool:
         """Whether the pane is shown on its screen (its tab is the active one)."""
@@ -76,16 +86,13 @@ class Pane(Vertical):
             self.reload_or_report()
 
     def focus_default(self) -> None:
-        """Give keyboard focus to the widget the tab is used through, so its keys work at once."""
+        """Give keyboard focus to the widget the tab is used through, so its keys work at once.
+        At once, not after the queued events: keys typed right after a tab's digit reach it."""
         targets = [self.query_one(self.FOCUS)] if self.FOCUS else list(self.query("DataTable, Input, Select"))
         for widget in targets:
             if widget.focusable:
-                widget.focus()
+                self.screen.set_focus(widget)
                 return
-
-    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
-        # Worker messages go to the widget that started the worker; errors become a modal.
-        self.inflq.worker_failed(event)
 
     def need(self, *what: str) -> bool:
         """True if there is a project (and investigation, query, result set as asked)."""

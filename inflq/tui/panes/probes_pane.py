@@ -4,11 +4,12 @@ chosen estimator and shown as token heat maps."""
 from __future__ import annotations
 
 import numpy as np
+from rich.console import Group
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
@@ -19,6 +20,7 @@ from ...plugins import get_registry
 from .. import render
 from ..compact import CButton, CInput, CSelect
 from ..context import ContextChanged
+from ..workers import failure_note
 from .pane import Pane
 
 
@@ -29,6 +31,7 @@ class ProbesPane(Pane):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self._estimators: list[str] = []  # the estimator select's options
+        self.shown: list[tuple[int, str]] = []  # (probe id, head line) of the probes listed, in order
 
     def compose(self) -> ComposeResult:
         yield Label("", id="probe-query", classes="hint")
@@ -36,10 +39,13 @@ class ProbesPane(Pane):
             yield Label("estimator", classes="field-label")
             yield CSelect([], id="probe-estimator", allow_blank=True, prompt="estimator")
         with Horizontal(classes="field"):
-            yield CInput(placeholder="a hand-written candidate training sequence", id="probe-text")
+            yield CInput(placeholder="a hand-written candidate training sequence", id="probe-text", select_on_focus=False)
             yield CButton("Add + score (ctrl+s)", variant="primary", id="probe-add")
         yield Label(render.SIGN_NOTE, classes="hint")
-        yield VerticalScroll(id="probe-list")
+        # One Static holds the whole list, replaced in one update: no widgets are mounted per
+        # probe, so two quick reloads cannot meet half-removed children (DuplicateIds).
+        with VerticalScroll(id="probe-list"):
+            yield Static("", id="probe-body")
 
     def reload(self) -> None:
         ctx = self.context
@@ -76,6 +82,9 @@ class ProbesPane(Pane):
         if not self.need("query"):
             return
         box = self.query_one("#probe-text", Input)
+        # A click on the button took the focus: the field gets it back (also under a refusal's
+        # dialog, which returns the focus where it was), so the next probe's digits are text.
+        self.screen.set_focus(box)
         try:
             self.project.runtime.tokenize_sequence(box.value)
             catalog.add_probe(self.project.db, self.context.query_id, box.value)
@@ -87,13 +96,16 @@ class ProbesPane(Pane):
 
     def score(self) -> None:
         probes = catalog.probes(self.project.db, self.context.query_id)
-        listing = self.query_one("#probe-list", VerticalScroll)
-        listing.remove_children()
+        body = self.query_one("#probe-body", Static)
         if not probes:
-            listing.mount(Static("no probes yet: write one above"))
+            body.update("no probes yet: write one above")
             return
-        listing.mount(Static(f"scoring {len(probes)} probes…", id="probe-wait"))
+        body.update(f"scoring {len(probes)} probes…")
         self.score_worker(self.context.query_id, str(self.query_one("#probe-estimator", Select).value), probes)
+
+    def show_failed_work(self, worker) -> None:
+        if worker.group == "probes":
+            self.query_one("#probe-body", Static).update(Text(failure_note(worker, "scoring the probes"), style="bold red"))
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="probes")
     def score_worker(self, query_id: int, estimator: str, probes: list[dict]) -> None:
@@ -108,10 +120,12 @@ class ProbesPane(Pane):
         super().context_changed(event)
 
     def show(self, probes: list[dict], scored: list, estimator: str) -> None:
-        listing = self.query_one("#probe-list", VerticalScroll)
-        listing.remove_children()
+        """The probes, highest score first: each a head line (score, id, label, estimator) and its
+        token heat map."""
+        self.shown = []
         order = np.argsort([-s.total for s in scored])
         fmt = score_format(s.total for s in scored)
+        parts = []
         for i in order:
             p, s = probes[i], scored[i]
             head = Text(fmt(s.total), style="bold red" if s.total > 0 else "bold blue")
@@ -119,7 +133,6 @@ class ProbesPane(Pane):
             if p.get("label"):
                 head.append(f" {p['label']}", style="bold")
             head.append(f" ({estimator})", style="dim")
-            listing.mount(Vertical(
-                Static(head, id=f"probe-{p['id']}"), Static(render.heat_map(s.labels, s.values), id=f"probe-heat-{p['id']}"),
-                classes="probe",
-            ))
+            self.shown.append((p["id"], head.plain))
+            parts += [head, render.heat_map(s.labels, s.values), Text("")]
+        self.query_one("#probe-body", Static).update(Group(*parts))

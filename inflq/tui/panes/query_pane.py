@@ -11,7 +11,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Input, Label, Static
 from textual.worker import get_current_worker
 
@@ -20,6 +20,7 @@ from ...errors import InflqError
 from ...queries import add_query
 from .. import render
 from ..compact import CButton, CInput
+from ..workers import failure_note
 from .pane import Pane
 
 
@@ -47,11 +48,13 @@ class QueryPane(Pane):
         with Horizontal(classes="buttons"):
             yield CButton("Add query (ctrl+s)", variant="primary", id="add-query")
             yield CButton("Model says (ctrl+l)", id="inspect")
-        yield Static("", id="tokens", classes="detail")
-        yield Static("", id="model-says", classes="detail")
-        live = Static("", id="live", classes="detail")
-        live.display = False  # shown once an interactive estimator answers
-        yield live
+        # What follows from the query scrolls: at 80x24 the live list would be cut at the bottom.
+        with VerticalScroll(id="query-detail"):
+            yield Static("", id="tokens", classes="detail")
+            yield Static("", id="model-says", classes="detail")
+            live = Static("", id="live", classes="detail")
+            live.display = False  # shown once an interactive estimator answers
+            yield live
 
     def reload(self) -> None:
         table = self.query_one("#queries", DataTable)
@@ -98,7 +101,29 @@ class QueryPane(Pane):
                 text.append(f"\n{exc}", style="bold red")
         except InflqError as exc:
             text = Text(str(exc), style="italic")
-        self.app.call_from_thread(self.query_one("#tokens", Static).update, text)
+        self.app.call_from_thread(self._show_tokens, (prompt, completion), text)
+
+    def _fields(self) -> tuple[str, str]:
+        return self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value
+
+    def _show_tokens(self, about: tuple[str, str], text: Text) -> None:
+        # Workers of earlier keystrokes still finish (a thread cannot be stopped) and may finish
+        # after the latest one: only the answer about the text in the fields is shown.
+        if about == self._fields():
+            self.query_one("#tokens", Static).update(text)
+
+    def show_failed_work(self, worker) -> None:
+        """A failed worker's line says so, rather than keeping an answer about other text."""
+        if worker.group == "tokenize":
+            self.query_one("#tokens", Static).update(Text(failure_note(worker, "tokenizing the query"), style="bold red"))
+        elif worker.group == "inspect":
+            self._said_for = None
+            self.query_one("#model-says", Static).update(Text(failure_note(worker, "asking the model"), style="bold red"))
+        elif worker.group == "live":
+            self._live_top = None
+            live = self.query_one("#live", Static)
+            live.update(Text(failure_note(worker, "the live top sequences"), style="bold red"))
+            live.display = True
 
     def action_add(self) -> None:
         if not self.need("investigation"):
@@ -174,19 +199,22 @@ class QueryPane(Pane):
         live.display = top is not None
         if top is None:
             return
+        # One line per sequence or probe, cut with an ellipsis at the pane's width (#live in
+        # app.tcss; at 80 columns a wrapped list pushed its own end off the screen).
         text = Text()
         text.append(f"live: top {len(top.indices)} by {top.estimator} ({top.seconds * 1000:.0f} ms)", style="bold")
         text.append("   ctrl+g: exact scores\n" if exact is None else "   with exact scores\n", style="dim")
         for r, (sid, s, t) in enumerate(zip(top.seq_ids, top.scores, top.texts, strict=True)):
             ex = "" if exact is None else f"  exact {exact[r]:.4g}"
             text.append(f"{r + 1}. {sid}  {s:.4g}{ex}  ", style="bold" if r == 0 else "")
-            text.append(render.snippet(t, 60) + "\n")
+            text.append(render.snippet(t, 200) + "\n")
         if top.probes:
             text.append(f"probes, ranked among the {top.num_rows:,} corpus sequences:\n", style="bold")
             for p in top.probes:
                 label = f" {p.label}" if p.label else ""
                 text.append(f"   probe {p.id}{label} (query {p.query_id})  {p.score:.4g}  rank {p.rank:,}  ")
-                text.append(render.snippet(p.text, 50) + "\n")
+                text.append(render.snippet(p.text, 200) + "\n")
+        text.rstrip()
         live.update(text)
 
     def action_exact(self) -> None:

@@ -98,10 +98,11 @@ class ResultsPane(Pane):
         self._focus_table()
 
     def action_leave(self) -> None:
-        """esc: from the search box or a select back to the table; from the table to the tab bar."""
+        """esc: from the search box or a select back to the table; from the table to the pane
+        itself (its keys and the tab digits keep working)."""
         table = self.query_one("#results", DataTable)
-        if self.screen.focused is table:
-            self.screen.action_leave_field()  # type: ignore[attr-defined]
+        if self.screen.focused in (table, self):
+            self.hold_keys()
         else:
             table.focus()
 

@@ -51,6 +51,7 @@ class RunPane(Pane):
     # a plugin kind are a select of the registry's plugins and the chosen one's declared options.
     FORM = RunSettings.declared("run form")
     KINDS = tuple(s.plugin for s in FORM if s.plugin)
+    NEWEST = -1  # (_cursor_to) the newest run, once a started run has recorded its row
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -58,6 +59,10 @@ class RunPane(Pane):
         self._plugins_of = None  # the project whose plugins the selects offer
         self._table_at = 0.0
         self._table_pending = False
+        # The run the runs table puts its cursor on at its next reload: the run that has just
+        # started (NEWEST, once its row is there) or stopped, so ctrl+y resumes the cancelled one.
+        self._cursor_to: int | None = None
+        self._runs_before = 0  # the newest run's id when a new run started
 
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="run-form"):
@@ -158,7 +163,12 @@ class RunPane(Pane):
         if self.context.investigation is None:
             return
         inv = catalog.investigation(self.project.db, self.context.investigation)
-        for i, r in enumerate(catalog.runs_of(self.project.db, inv["id"], newest_first=True)):
+        rows = catalog.runs_of(self.project.db, inv["id"], newest_first=True)
+        if self._cursor_to == self.NEWEST and rows and rows[0]["id"] > self._runs_before:
+            self._cursor_to = rows[0]["id"]  # the run just started has its row now
+        if self._cursor_to in {r["id"] for r in rows}:
+            selected, self._cursor_to = str(self._cursor_to), None
+        for i, r in enumerate(rows):
             table.add_row(str(r["id"]), r["status"], render.snippet(r["estimator"], 14), render.snippet(r["filter"], 14), r["phase"] or "", f"{r['done']}/{r['total']}", key=str(r["id"]))
             if str(r["id"]) == selected:
                 table.move_cursor(row=i)
@@ -183,25 +193,43 @@ class RunPane(Pane):
             self.inflq.show_error(exc, "Cannot start the run")
             return
         if self._begin():
+            rows = catalog.runs_of(self.project.db, catalog.investigation(self.project.db, self.context.investigation)["id"], newest_first=True)
+            self._runs_before, self._cursor_to = (rows[0]["id"] if rows else 0), self.NEWEST
             self.start_run_worker(self.context.investigation, settings, None, self.monitor)
+
+    def run_to_resume(self) -> tuple[int | None, str]:
+        """The run ctrl+y resumes, and why that one: the highlighted run if it stopped unfinished
+        (cancelled, failed or left running by a killed process), else the investigation's latest
+        such run (what ``inflq run --resume`` continues). After a cancel the cursor is on the
+        cancelled run, so that is the one."""
+        from ...runs import interrupted_run
+
+        table = self.query_one("#runs", DataTable)
+        highlighted = None
+        if table.row_count:
+            highlighted = catalog.get_run(self.project.db, int(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value))
+            if highlighted["status"] != "done" and highlighted.get("kind", "scores") == "scores":
+                return highlighted["id"], ""
+        latest = interrupted_run(self.project, self.context.investigation)
+        if latest is None:
+            return None, "no cancelled or failed run to resume"
+        why = f"run {highlighted['id']} (highlighted) is complete, so the latest unfinished run: " if highlighted is not None else ""
+        return latest["id"], why
 
     @on(Button.Pressed, "#resume")
     def action_resume(self) -> None:
         if not self.need("investigation"):
             return
-        table = self.query_one("#runs", DataTable)
-        if not table.row_count:
-            self.notify("no run to resume", severity="warning")
-            return
-        run_id = int(table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value)
-        row = catalog.get_run(self.project.db, run_id)
-        if row["status"] == "done":
-            self.notify(f"run {run_id} is already complete; choose a cancelled or failed run", severity="warning")
+        run_id, why = self.run_to_resume()
+        if run_id is None:
+            self.notify(why, severity="warning")
             return
         if self._begin():
             from ...runs import committed_work
 
-            self.notify(f"resuming run {run_id}; {committed_work(self.project, run_id)}", timeout=8)
+            self._cursor_to = run_id
+            self.reload()
+            self.notify(f"{why}resuming run {run_id}; {committed_work(self.project, run_id)}", timeout=8)
             self.start_run_worker(self.context.investigation, None, run_id, self.monitor)
 
     @on(Button.Pressed, "#cancel")
@@ -280,13 +308,15 @@ class RunPane(Pane):
             # The damping used and an iterative estimator's (LiSSA's) convergence residual.
             self.notify(f"run {res.run_id} done in {res.seconds:.1f}s: result set {res.result_set_id} ({rs['estimator']}: {reading.estimator_summary(rs)})", timeout=10)
             self.set_context(result_set_id=res.result_set_id)
-        elif isinstance(event.worker.error, Cancelled):
+        else:
             from ...runs import committed_work, interrupted_run
 
-            self.phases.stop("(stopped)")
+            cancelled = isinstance(event.worker.error, Cancelled)
+            self.phases.stop("(stopped)" if cancelled else "(failed)")
             row = interrupted_run(self.project, self.context.investigation) if self.context.investigation else None
-            done = f"; {committed_work(self.project, row['id'])}" if row else ""
-            self.notify(f"run cancelled{done}. Select it and press ctrl+y to resume", severity="warning", timeout=10)
-        else:
-            self.phases.stop("(failed)")
+            if row is not None:
+                self._cursor_to = row["id"]  # ctrl+y resumes this one, not an older row under the cursor
+            if cancelled:
+                done = f" {row['id']}; {committed_work(self.project, row['id'])}" if row else ""
+                self.notify(f"run{done} cancelled. ctrl+y resumes it", severity="warning", timeout=10)
         self.reload()

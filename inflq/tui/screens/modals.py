@@ -105,21 +105,23 @@ HELP = """\
   ctrl+p  command palette (actions by name)   ?  this help
   o       open another project                q  quit
   f       factor sets: spectra against the damping (esc back)
-  ctrl+t  light / dark theme    esc  leave a text field (then keys work)
-  ctrl+p  also: Validate estimators · Relink model or corpus ·
-          Trust local plugins · Export result set
+  ctrl+t  light / dark theme    esc  leave a text field (the tab's keys,
+          the digits and single letters then work)
+  ctrl+p  also: Validate estimators · Saved validations · Relink model
+          or corpus · Trust local plugins · Export result set
 
 [b]Investigations[/b] enter select · n new · r rename · d delete (asks first)
 [b]Query[/b]     enter select · ctrl+s add query · ctrl+l what the model says
             (with a gradient index: the top sequences as you type; ctrl+g exact scores)
-[b]Run[/b]       ctrl+r start · ctrl+b cancel · ctrl+y resume selected run
+[b]Run[/b]       ctrl+r start · ctrl+b cancel · ctrl+y resume (the highlighted
+            unfinished run, else the latest; after a cancel: that run)
 [b]Results[/b]   enter (or click the highlighted row) open sequence
             t/b top/bottom · / search (enter: back) · n/p page · e export
 [b]Sequence[/b]  i self-influence · ctrl+s save tag/note · esc back
 [b]Probes[/b]    ctrl+s add the probe and score all probes
 [b]Compare[/b]   ctrl+s compare two result sets on the current query
 [b]Factors[/b]   ↑↓ a set's spectra · d remove (asks first)
-[b]Validate[/b]  ctrl+r start · ctrl+b cancel · esc back
+[b]Validate[/b]  ctrl+r start · ctrl+b cancel · ctrl+l saved validations · esc back
 
 Scores: positive (red) = the training sequence makes the completion
 more likely; negative (blue) = less likely.

@@ -17,9 +17,10 @@ from ... import catalog
 from ...display import score_format
 from .. import render
 from ..compact import CButton, CInput
+from ..workers import WorkerFailures, failure_note
 
 
-class SequenceScreen(Screen):
+class SequenceScreen(WorkerFailures, Screen):
     BINDINGS = [
         Binding("escape", "back", "Back"),
         Binding("i", "self_influence", "Self-influence"),
@@ -140,8 +141,11 @@ class SequenceScreen(Screen):
             f"self-influence ({rs['estimator']}): {float(values[0]):.4g}  (how much the sequence supports itself; high = outlier or memorised)",
         )
 
-    def on_worker_state_changed(self, event) -> None:
-        self.app.worker_failed(event)
+    def show_failed_work(self, worker) -> None:
+        if worker.group == "self-influence":
+            self.query_one("#self-influence", Static).update(failure_note(worker, "self-influence"))
+        elif worker.group == "attribute":
+            self.query_one("#heat", Static).update(failure_note(worker, "the token heat map"))
 
     def action_back(self) -> None:
         self.app.pop_screen()

@@ -23,9 +23,10 @@ from ...settings import ValidationSettings
 from ..compact import CButton
 from ..forms import setting_field, setting_value
 from ..phases import PhaseBars, RunProgress
+from ..workers import WorkerFailures
 
 
-class ValidateScreen(Screen):
+class ValidateScreen(WorkerFailures, Screen):
     """``inflq validate`` on the current investigation: estimators against the PBRF ground truth
     on a sample of fitting sequences, or (method lds) against retraining on random subsets, and an
     optional sweep of the default estimator's damping (esc back). Shows the latest saved LDS validation on opening."""
@@ -34,6 +35,7 @@ class ValidateScreen(Screen):
         Binding("escape", "back", "Back"),
         Binding("ctrl+r", "start", "Start"),
         Binding("ctrl+b", "cancel", "Cancel"),
+        Binding("ctrl+l", "app.validations", "Saved"),
     ]
     # The validation settings declared for this form (inflq/settings.py), in their order; the
     # method's other settings take their declared defaults, as on the command line.
@@ -153,8 +155,7 @@ class ValidateScreen(Screen):
         elif isinstance(event.worker.error, Cancelled):
             out.update(Text("cancelled: nothing was saved (LDS: the subsets retrained so far were; start again to resume)", style="italic"))
         else:
-            out.update("")
-            self.app.worker_failed(event)
+            out.update("")  # (the error itself: WorkerFailures shows it)
 
 
 def validation_table(v) -> Table:
