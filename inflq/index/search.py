@@ -165,11 +165,12 @@ def top_k(
 
 def candidates(
     store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192, search: str = "exact",
-    nprobe: int = NPROBE,
+    nprobe: int = NPROBE, largest: bool = True,
 ) -> list[np.ndarray]:
-    """Each query's top-``k`` corpus indices, sorted (what :meth:`inflq.Filter.candidates` returns):
-    the index as a candidate filter for an exact estimator (``search="faiss"``: approximately)."""
-    _, which = top_k(store, queries, k, metric, block_rows, search=search, nprobe=nprobe)
+    """Each query's top-``k`` corpus indices (``largest=False``: its lowest ``k``), sorted (what
+    :meth:`inflq.Filter.candidates` returns): the index as a candidate filter for an exact
+    estimator (``search="faiss"``: approximately)."""
+    _, which = top_k(store, queries, k, metric, block_rows, largest=largest, search=search, nprobe=nprobe)
     return [np.sort(row[row >= 0]) for row in which]
 
 

@@ -42,6 +42,34 @@ def fit_memory_bytes(gb: float | None) -> int | None:
     return int(gb * 2**30)
 
 
+def factor_key_source(project: Project, estimator: Estimator, engine: GradientEngine, indices: np.ndarray, seed: int) -> tuple[str, dict, str]:
+    """``(cache key, what it hashes, the fitting data's fingerprint)`` of the factors ``estimator``
+    fits over ``engine``'s modules on the corpus sequences ``indices`` with ``seed``."""
+    data_fp = hashlib.sha256(project.runtime.corpus.fingerprint.encode() + np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:32]
+    key_src = {
+        "estimator": estimator.name,
+        "settings": estimator.factor_settings(),
+        "modules": engine.names,
+        "model": project.model_fingerprint,
+        "data": data_fp,
+        "seed": seed,
+        "dtype": str(next(engine.model.parameters()).dtype),
+    }
+    return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24], key_src, data_fp
+
+
+def cached_factor_set(project: Project, estimator: Estimator, engine: GradientEngine, settings: RunSettings) -> dict | None:
+    """The catalog's factor set that :func:`ensure_factors` would load for these settings, or
+    ``None`` when it would fit (none cached, or ``settings.refit``). An estimator that fits nothing
+    has nothing to cache: ``{}``. Reads only."""
+    if not estimator.fits_factors:
+        return {}
+    if settings.refit:
+        return None
+    indices = fit_indices(len(project.runtime.corpus), settings.fit_sequences, settings.seed)
+    return catalog.factor_set_by_key(project.db, factor_key_source(project, estimator, engine, indices, settings.seed)[0])
+
+
 def ensure_factors(
     project: Project,
     estimator: Estimator,
@@ -188,17 +216,7 @@ def ensure_factors(
     if not estimator.fits_factors:
         estimator.prepare(ctx)
         return None
-    data_fp = hashlib.sha256(store.fingerprint.encode() + indices.tobytes()).hexdigest()[:32]
-    key_src = {
-        "estimator": estimator.name,
-        "settings": estimator.factor_settings(),
-        "modules": engine.names,
-        "model": project.model_fingerprint,
-        "data": data_fp,
-        "seed": settings.seed,
-        "dtype": str(next(engine.model.parameters()).dtype),
-    }
-    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24]
+    key, key_src, data_fp = factor_key_source(project, estimator, engine, indices, settings.seed)
     factor_key = key
     row = catalog.factor_set_by_key(project.db, key)
     if row is not None and not settings.refit:
