@@ -222,13 +222,16 @@ class QueryPane(Pane):
         text = Text()
         if state.done():
             text.append(f"live: exact top {len(rows)} of the index's best {scored:,} (of {top.num_rows:,}) by {scorer.asker.estimator}", style="bold")
-            text.append(f", {state.seconds:.1f} s after the last keystroke   ctrl+g: re-score deeper ({min(2 * state.depth, top.num_rows):,})\n", style="dim")
+            text.append(f", {state.seconds:.1f} s after the last keystroke\n", style="dim")
+            hint = f"ctrl+g: re-score deeper ({min(2 * state.depth, top.num_rows):,})" if scored < top.num_rows else "every sequence is scored exactly"
         else:
             text.append(f"live: top {len(rows)} of {top.num_rows:,}: {top.estimator} preview ({top.seconds * 1000:.0f} ms)", style="bold")
             if state.waiting:
-                text.append(f"   exact scores need {scorer.asker.estimator} factors: ctrl+g fits them (once, cached) and re-scores\n", style="dim")
+                text.append("\n")
+                hint = f"exact scores need {scorer.asker.estimator} factors: ctrl+g fits them (once, cached) and re-scores"
             else:
                 text.append(f"; exact {scorer.asker.estimator}: {scored:,}/{min(state.depth, top.num_rows):,} candidates…\n", style="dim")
+                hint = ""
         fmt = score_format([r[2] for r in rows])
         spark = state.layers is not None and len(set(state.layers)) <= 24
         for r, ((_idx, kind, score, parts), sid, t) in enumerate(zip(rows, seq_ids, texts, strict=True)):
@@ -239,6 +242,8 @@ class QueryPane(Pane):
                 text.append_text(render.layer_spark(layer_scores(parts, state.layers)))
                 text.append("  ")
             text.append(render.snippet(t, 50) + "\n")
+        if hint:
+            text.append(f"    {hint}\n", style="dim")
         if state.done() and rows and rows[0][3] is not None:
             text.append(f"influence by layer of #1 ({seq_ids[0]}):\n", style="bold")
             text.append_text(render.layer_bars(layer_scores(rows[0][3], state.layers), 30))
