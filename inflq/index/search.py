@@ -114,6 +114,8 @@ def scores(
     """Scores ``[nq, n]`` (float32) against every stored row in corpus order, or against the rows
     of the sorted corpus ``indices`` (all of which the index must cover)."""
     _check(store, queries)
+    if indices is not None and len(indices) == store.num_rows and np.array_equal(indices, store.indices):
+        indices = None  # every row, in order: the plain scan, without copying each block's rows
     if indices is None:
         out = np.empty((queries.num_queries, store.num_rows), dtype=np.float32)
         for b in store.blocks(block_rows):
