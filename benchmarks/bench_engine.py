@@ -152,11 +152,11 @@ def demo_model_ready() -> bool:
 class InflqBench:
     """One workload's project, engine and timed phases (all in this process)."""
 
-    def __init__(self, root: Path, model: Path, corpus: Path, queries: list[dict], batch_size: int) -> None:
+    def __init__(self, root: Path, model: Path, corpus: Path, queries: list[dict], batch_size: int, **init) -> None:
         from inflq.project import Project
         from inflq.runs import default_executor
 
-        self.project = Project.init(root, model, corpus)
+        self.project = Project.init(root, model, corpus, **init)
         self.engine = self.project.runtime.engine()
         self.executor = default_executor()
         self.store = self.project.runtime.corpus
@@ -228,10 +228,16 @@ class InflqBench:
 
     def export_for_kronfluence(self, folder: Path, damping: float | None, rank: int | None, threads: int, repeats: int, counts: list[int],
                                seeds: list[int] | None = None) -> None:
+        from inflq import targets_of
+
         lens = self.store.lengths()
         tok = np.full((len(lens), int(lens.max())), self.project.runtime.pad_id, dtype=np.int64)
+        trained = np.zeros(tok.shape, dtype=np.uint8)
         for i in range(len(lens)):
-            tok[i, : lens[i]] = self.store.get(i)
+            seq = self.store.get(i)
+            tok[i, : lens[i]] = seq
+            trained[i, 1 : lens[i]] = 1 if targets_of(seq) is None else targets_of(seq)[1:]
+        np.save(folder / "train_targets.npy", trained)  # the loss mask: the responses of instruction data
         q = [self.project.runtime.tokenize_query(x["prompt"], x["completion"]) for x in self.queries]
         qlen = np.array([len(t.tokens) for t in q], dtype=np.int64)
         qtok = np.full((len(q), int(qlen.max())), self.project.runtime.pad_id, dtype=np.int64)
@@ -244,6 +250,7 @@ class InflqBench:
         np.save(folder / "query_starts.npy", np.array([t.completion_start for t in q], dtype=np.int64))
         (folder / "job.json").write_text(json.dumps({
             "model": str(self.project.model_path.resolve()), "modules": self.engine.names, "pad_id": self.project.runtime.pad_id,
+            "adapter": str(self.project.adapter_path.resolve()) if self.project.adapter_path is not None else None,
             "batch_size": self.batch_size, "fisher": FISHER, "damping": damping, "rank": rank, "threads": threads, "repeats": repeats,
             "query_counts": counts, "seed": 0, "seeds": seeds,
         }))
@@ -328,13 +335,14 @@ def bench_workload(name: str, model: Path, corpus: Path, queries: list[dict], ar
     return out
 
 
-def agreement_workload(name: str, model: Path, corpus: Path, queries: list[dict], args, tmp: Path) -> dict | None:
+def agreement_workload(name: str, model: Path, corpus: Path, queries: list[dict], args, tmp: Path, **init) -> dict | None:
     """Spearman agreement of inflq and Kronfluence, each at ``args.agreement_seeds`` seeds, against
-    the agreement of Kronfluence with itself across seeds; and the ratio of the score scales."""
+    the agreement of Kronfluence with itself across seeds; and the ratio of the score scales.
+    ``init``: options of the project (the LoRA demo's adapter and tokenization)."""
     import torch
 
     torch.manual_seed(0)
-    b = InflqBench(tmp / f"{name}-project", model, corpus, queries, args.batch_size)
+    b = InflqBench(tmp / f"{name}-project", model, corpus, queries, args.batch_size, **init)
     nq = min(64, len(queries))
     seeds = list(range(args.agreement_seeds))
     lens = b.store.lengths()
@@ -386,6 +394,22 @@ def agreement_workload(name: str, model: Path, corpus: Path, queries: list[dict]
         print(f"    {label:52s} {flat:7.3f} {med:19.3f}")
     print(f"    score scale inflq / Kronfluence (RMS of the seed means) {scale:.3f}; per seed {fmt(per_seed)}")
     return {"name": name, "rows": rows, "scale": scale, "scale_per_seed": per_seed}
+
+
+def lora_workload(args, tmp: Path) -> dict | None:
+    """The LoRA demo (projects/demo-lora, built by its build.py): both tools track the adapter's
+    lora_A and lora_B layers, with the loss on the instruction rows' responses only; queries: the
+    demo's 8 and the first 24 training rows asked as queries."""
+    lora = DEMO.parent / "demo-lora"
+    if not args.agreement_seeds:
+        raise SystemExit("--only lora measures agreement: give --agreement-seeds N")
+    if not (lora / "adapter" / "adapter_model.safetensors").is_file():
+        print(f"\n== lora: skipped, build the adapter first: python {lora / 'build.py'}")
+        return None
+    rows = [json.loads(line) for line in (lora / "train.jsonl").read_text().splitlines() if line.strip()]
+    queries = [json.loads(line) for line in (lora / "queries.jsonl").read_text().splitlines() if line.strip()] + rows[:24]
+    queries = [{"prompt": q["prompt"], "completion": q["completion"], "chat": False} for q in queries]
+    return agreement_workload("lora", DEMO / "model", lora / "train.jsonl", queries, args, tmp, adapter=lora / "adapter", append_eos=True, max_length=64)
 
 
 def fmt(xs) -> str:
@@ -489,7 +513,8 @@ def main() -> None:
     ap.add_argument("--agreement-seeds", type=int, default=0,
                     help="instead of timings: fit both tools at this many seeds and report their Spearman agreement "
                          "against Kronfluence's with itself, and the score scale ratio (see the docstring)")
-    ap.add_argument("--only", choices=["demo", "random", "memory"], default=None)
+    ap.add_argument("--only", choices=["demo", "random", "memory", "lora"], default=None,
+                    help="one workload; lora (with --agreement-seeds only): the LoRA demo's adapter modules and loss mask")
     ap.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     global FISHER, FULL_RANK_MB
@@ -538,6 +563,8 @@ def main() -> None:
             (tmp / "random-corpus.jsonl").write_text("\n".join(lines[:n_random]) + "\n")
             queries = [split_query(json.loads(x)["text"]) for x in lines[n_random:]]
             results.append(workload("gpt2-4x256", model, tmp / "random-corpus.jsonl", queries, args, tmp))
+        if args.only == "lora":
+            results.append(lora_workload(args, tmp))
         if not args.skip_memory and args.only in (None, "memory"):
             memory_part([2_000, 20_000] if args.quick else [10_000, 100_000], args.threads, tmp)
     finally:

@@ -42,16 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_engine, beside this file
-
-
-def random_gpt2(width: int, layers: int, vocab: int, positions: int, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=max(1, width // 64),
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_engine and workloads, beside this file
+from workloads import demo_workload, random_gpt2_model  # noqa: E402
 
 
 def floor_seconds(model, seqs: list[np.ndarray], batch_size: int) -> float:
@@ -255,12 +247,10 @@ def main() -> None:
     q_len = min(64, args.length)
     q_toks = [rng.integers(1, args.vocab, size=q_len).astype(np.int64) for _ in range(args.queries)]
     q_starts = [q_len - 16] * args.queries
-    model = random_gpt2(args.width, args.layers, args.vocab, max(args.length, q_len))
+    model = random_gpt2_model(args.width, args.layers, args.vocab, max(args.length, q_len))
     engine = GradientEngine(model, select_modules(model, "all"))
     pad = 0
     if args.demo:  # the trained model and real text (bench_index_ceiling's copy of the demo)
-        from bench_index_ceiling import demo_workload
-
         engine, seqs, q_toks, q_starts, pad = demo_workload()
         model, args.sequences, args.queries, args.length = engine.model, len(seqs), len(q_toks), int(np.mean([len(x) for x in seqs]))
     many = lambda idx: [seqs[int(i)] for i in idx]  # noqa: E731

@@ -21,46 +21,25 @@ linear sketch can keep.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workloads import demo_workload, random_gpt2_model  # noqa: E402
 
 
 def random_workload(n: int, length: int, queries: int):
-    from bench_index import random_gpt2
-
     from inflq import GradientEngine, select_modules
 
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, 1000, size=length).astype(np.int64) for _ in range(n)]
     q_toks = [rng.integers(1, 1000, size=64).astype(np.int64) for _ in range(queries)]
-    model = random_gpt2(256, 4, 1000, length)
+    model = random_gpt2_model(256, 4, 1000, length)
     return GradientEngine(model, select_modules(model, "all")), seqs, q_toks, [48] * queries, 0
-
-
-def demo_workload():
-    import inflq
-    from inflq.demo import ensure_demo
-
-    root = Path(tempfile.mkdtemp(prefix="inflq-ceiling-")) / "demo"
-    shutil.copytree(REPO / "projects" / "demo", root, ignore=shutil.ignore_patterns("catalog.db*", "artifacts", "corpus"))
-    os.environ["INFLQ_DEMO"] = str(root)
-    ensure_demo()
-    rt = inflq.open_project(root).runtime
-    seqs = rt.corpus.many(np.arange(len(rt.corpus)))
-    qs = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines() if line.strip()]
-    tq = [rt.tokenize_query(q["prompt"], q["completion"]) for q in qs]
-    return rt.engine(), seqs, [t.tokens for t in tq], [t.completion_start for t in tq], rt.pad_id
 
 
 def main() -> None:

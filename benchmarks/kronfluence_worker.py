@@ -56,20 +56,20 @@ def swap_conv1d(model: nn.Module) -> None:
 
 
 def make_collate(pad_id: int):
-    """Batches of ``(tokens, start)``: padded to the batch's longest sequence (as inflq pads), with
-    labels only for the tokens at positions ``>= start`` (1: the training loss; a query's completion
-    start: its measurement)."""
+    """Batches of ``(tokens, trained)``: padded to the batch's longest sequence (as inflq pads), with
+    labels only for the tokens that ``trained`` marks (the training loss: every token but the first,
+    or an instruction row's response; a query's measurement: its completion)."""
 
     def collate(items):
         T = max(len(t) for t, _ in items)
         ids = torch.full((len(items), T), pad_id, dtype=torch.long)
         att = torch.zeros((len(items), T), dtype=torch.long)
         labels = torch.full((len(items), T), -100, dtype=torch.long)
-        for b, (t, start) in enumerate(items):
+        for b, (t, trained) in enumerate(items):
             ids[b, : len(t)] = t
             att[b, : len(t)] = 1
-            # labels[b, j] is the target of position j - 1; only tokens at positions >= start count.
-            labels[b, start : len(t)] = t[start:]
+            # labels[b, j] is the target of position j - 1; only the trained tokens count.
+            labels[b, : len(t)][trained] = t[trained]
         return {"input_ids": ids, "attention_mask": att, "labels": labels}
 
     return collate
@@ -123,28 +123,37 @@ def main(folder: Path) -> None:
     q_tok = np.load(folder / "query_tokens.npy")
     q_len = np.load(folder / "query_lengths.npy")
     q_start = np.load(folder / "query_starts.npy")
+    train_targets = np.load(folder / "train_targets.npy").astype(bool) if (folder / "train_targets.npy").exists() else None
 
     class Sequences(torch.utils.data.Dataset):
-        def __init__(self, tok, lens, starts=None):
-            self.tok, self.lens, self.starts = tok, lens, starts
+        def __init__(self, tok, lens, starts=None, targets=None):
+            self.tok, self.lens, self.starts, self.targets = tok, lens, starts, targets
 
         def __len__(self):
             return len(self.lens)
 
         def __getitem__(self, i):
             n = int(self.lens[i])
-            start = 1 if self.starts is None else int(self.starts[i])
-            return torch.as_tensor(self.tok[i, :n], dtype=torch.long), start
+            if self.targets is not None:
+                trained = torch.as_tensor(self.targets[i, :n])
+            else:
+                trained = torch.arange(n) >= (1 if self.starts is None else int(self.starts[i]))
+            trained[0] = False  # the first token is predicted from nothing
+            return torch.as_tensor(self.tok[i, :n], dtype=torch.long), trained
 
     collate = make_collate(pad_id)
     LanguageModeling = language_modeling_task(tracked)
 
     model = AutoModelForCausalLM.from_pretrained(job["model"], use_safetensors=True, dtype=torch.float32)
-    swap_conv1d(model)
+    if job.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, job["adapter"], is_trainable=False)
+    swap_conv1d(model)  # the base's Conv1D layers (inside LoRA layers too); the adapter's A and B are nn.Linear
     model.eval()
     task = LanguageModeling()
 
-    train = Sequences(train_tok, train_len)
+    train = Sequences(train_tok, train_len, targets=train_targets)
     loader_kwargs = DataLoaderKwargs(collate_fn=collate)
 
     if job.get("seeds") is not None:
@@ -176,7 +185,7 @@ def main(folder: Path) -> None:
         return time.perf_counter() - t
 
     # Warm up on a few sequences, then time the whole corpus.
-    small = Sequences(train_tok[: 2 * bs], train_len[: 2 * bs])
+    small = Sequences(train_tok[: 2 * bs], train_len[: 2 * bs], targets=None if train_targets is None else train_targets[: 2 * bs])
     analyzer.fit_all_factors("warm", small, per_device_batch_size=bs, factor_args=factor_args, overwrite_output_dir=True)
     fits = [fit("ekfac") for _ in range(repeats)]
 

@@ -46,6 +46,8 @@ _LAZY = {
     "Project": "project", "ProjectConfig": "project", "project_relative": "project", "Runtime": "runtime",
     "check_model_dir": "modeling", "fingerprint_files": "modeling", "load_model": "modeling", "model_files": "modeling",
     "pick_device": "modeling", "pick_dtype": "modeling", "quiet_transformers": "modeling",
+    # fine-tunes (docs/finetune.md): a training sequence's mask of trained tokens, LoRA adapters (trainers)
+    "TrainingTokens": "corpus", "targets_of": "corpus", "is_adapter_dir": "modeling", "require_peft": "modeling",
     # What the built-in plugins need beyond the contract: running a pass on a worker built from a
     # spec (executors), the attention kernel forward-mode AD needs (LiSSA), where sampled labels
     # sit (part of fitted factors' cache key), search depth over a result set (the tfidf plugin's command).
@@ -66,6 +68,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .artifacts import load_tensors, save_tensors
     from .cli.common import progress_monitor
     from .contractions import QueryGradients
+    from .corpus import TrainingTokens, targets_of
     from .engine import (
         SAMPLED_AT,
         Batch,
@@ -81,11 +84,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names above, eagerly
     from .modeling import (
         check_model_dir,
         fingerprint_files,
+        is_adapter_dir,
         load_model,
         model_files,
         pick_device,
         pick_dtype,
         quiet_transformers,
+        require_peft,
     )
     from .passes import ScorePass, SelfInfluencePass, run_shard
     from .plugins import get_registry
@@ -136,11 +141,11 @@ def init_project(path, model, corpus, **kwargs):
 __all__ = [
     "add_into", "Attribution", "AttributionContext", "AttributionResult", "Batch", "build_worker", "Cancelled", "Captured",
     "catalog", "check_model_dir", "eigh", "Estimator", "Executor", "Filter", "FilterContext", "fingerprint_files",
-    "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "index", "InflqError", "init_project",
+    "FitContext", "get_registry", "GradientEngine", "gram", "hookimpl", "index", "InflqError", "init_project", "is_adapter_dir",
     "Job", "load_model", "load_tensors", "LocalWorker", "make_batch", "make_executor", "math_attention", "model_files",
     "Monitor", "NumericalError", "open_project", "Option", "pack_upper", "Pass", "pick_device", "pick_dtype", "prepare_estimator",
-    "progress_monitor", "ProgressEvent", "Project", "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "result_set",
+    "progress_monitor", "ProgressEvent", "Project", "project_relative", "ProjectConfig", "QueryGradients", "quiet_transformers", "require_peft", "result_set",
     "run_shard", "RunSettings", "Runtime", "SAMPLED_AT", "save_tensors", "score_matrix", "ScorePass", "search_depth_for_result_set",
-    "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "SumPass", "TrackedModule", "TrainContext", "Trainer",
+    "select_modules", "SelfInfluencePass", "SequenceGradients", "Shard", "SumPass", "targets_of", "TrackedModule", "TrainContext", "Trainer", "TrainingTokens",
     "unpack_upper", "worker_spec",
 ]

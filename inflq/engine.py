@@ -34,10 +34,11 @@ try:  # GPT-2 style models use a transposed linear layer ("Conv1D"); tracked nat
 except Exception:  # pragma: no cover - transformers always ships it today
     Conv1D = ()  # type: ignore[assignment]
 
-PRESETS = ("all", "mlp", "attention")
+PRESETS = ("all", "mlp", "attention", "lora")
 _MLP = re.compile(r"(^|\.)(mlp|feed_forward|ffn|moe|block_sparse_moe)(\.|$)")
 _ATTN = re.compile(r"(^|\.)(attn|attention|self_attn|self_attention|cross_attn)(\.|$)")
 _LAYER = re.compile(r"\.(\d+)(\.|$)")
+_LORA = re.compile(r"(^|\.)lora_[AB](\.|$)")  # a PEFT LoRA adapter's A and B Linear layers
 # Where the true Fisher's labels are sampled: the positions of the training loss (a next token
 # exists), not every real token. Part of fitted factors' cache key and recorded with them: factors
 # fitted under an older rule are never reused in silence.
@@ -138,7 +139,8 @@ def select_modules(model: nn.Module, modules: str | Sequence[str] | None = None)
     """Choose the linear modules to track.
 
     ``modules`` is a preset (``all``: every linear layer inside the transformer blocks, the default;
-    ``mlp``: the paper's choice; ``attention``) or comma-separated glob patterns over module names
+    ``mlp``: the paper's choice; ``attention``; ``lora``: a PEFT LoRA adapter's A and B layers, the
+    parameters a LoRA fine-tune trained) or comma-separated glob patterns over module names
     (``transformer.h.*.mlp.*``). Embeddings and the LM head are outside the blocks, so no preset
     picks them.
     """
@@ -156,6 +158,7 @@ def select_modules(model: nn.Module, modules: str | Sequence[str] | None = None)
             if p in PRESETS:
                 wanted |= layer_index(name) is not None and (
                     p == "all" or (p == "mlp" and bool(_MLP.search(name))) or (p == "attention" and bool(_ATTN.search(name)))
+                    or (p == "lora" and bool(_LORA.search(name)))
                 )
             elif fnmatch.fnmatchcase(name, p):
                 wanted = True
@@ -176,6 +179,8 @@ def select_modules(model: nn.Module, modules: str | Sequence[str] | None = None)
         in_f, out_f, bias = shape
         chosen.append(TrackedModule(name, mod, in_f, out_f, bias, layer_index(name)))
     if not chosen:
+        if "lora" in patterns:
+            raise InflqError("the model has no LoRA adapter layers to track (--modules lora); give the adapter (--adapter DIR) or other modules")
         examples = [n for n, m in named if _linear_shape(m) is not None][:4]
         raise InflqError(
             f"no linear module matches {','.join(patterns)!r}; use a preset (all, mlp, attention) or "
@@ -188,7 +193,8 @@ def select_modules(model: nn.Module, modules: str | Sequence[str] | None = None)
 class Batch:
     """Right-padded token sequences and where the loss is taken.
 
-    ``loss_mask[b, t]`` says whether position ``t``'s prediction (of token ``t + 1``) counts.
+    ``loss_mask[b, t]`` says whether position ``t``'s prediction (of token ``t + 1``) counts: the
+    training loss's terms, the measurement's, and where the true Fisher samples its labels.
     ``sample_seeds[b]`` seeds the labels sampled for the true Fisher (one generator per sequence,
     so results do not depend on how sequences are batched).
     """
@@ -212,7 +218,11 @@ def make_batch(
 ) -> Batch:
     """Pad ``sequences`` on the right. Loss is on every next-token prediction, or, where
     ``loss_from[b]`` is given, only on predictions of tokens at positions ``>= loss_from[b]``
-    (a query's completion)."""
+    (a query's completion), and, for a sequence that carries a mask of trained targets
+    (:class:`inflq.corpus.TrainingTokens`: instruction data, the loss on the response), only on
+    predictions of its trained tokens (several assistant turns make several runs of them)."""
+    from .corpus import targets_of
+
     if not sequences:
         raise InflqError("an empty batch of sequences")
     T = max(len(s) for s in sequences)
@@ -225,6 +235,10 @@ def make_batch(
         att[b, :n] = 1
     loss = torch.zeros((B, T), dtype=torch.bool)
     loss[:, :-1] = (att[:, :-1] * att[:, 1:]).bool()
+    for b, s in enumerate(sequences):
+        targets = targets_of(s)
+        if targets is not None:
+            loss[b, : len(s) - 1] &= torch.from_numpy(np.ascontiguousarray(targets[1:], dtype=bool))
     if loss_from is not None:
         pos = torch.arange(T)[None, :]
         start = torch.as_tensor(list(loss_from))[:, None]

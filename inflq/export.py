@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -61,22 +60,13 @@ def export_jsonl(project: Project, investigation: str, result_set_id: int | None
     return path
 
 
-_PLOT_LOCK = threading.Lock()  # plotext draws on one global figure
-
-
 def ccdf_plot(values: np.ndarray, width: int = 72, height: int = 18, color: bool = False) -> str:
     """The complementary CDF of the positive and negative tails on log-log axes, as text
     (plotext; ANSI colours when ``color``). Positive tail ``•``, negative tail ``x``."""
-    import plotext as plt
-
+    from .plots import figure
     from .stats import ccdf
 
-    with _PLOT_LOCK:
-        f = plt.figure
-        f.clear.all()
-        plt.terminal.limit(False, False)  # the size asked for, not capped at the process's terminal (a TUI pane, a file)
-        f.plot_size(max(20, width), max(8, height))
-        f.theme("default" if color else "colorless")
+    with figure(max(20, width), max(8, height), color) as f:
         plotted = False
         for sign, label, marker in ((1, "positive", "dot"), (-1, "negative", "x")):
             x, y = ccdf(sign * np.asarray(values, dtype=np.float64))

@@ -13,7 +13,6 @@ distinguishes.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +20,6 @@ import numpy as np
 from . import catalog
 from .artifacts import load_tensors
 from .errors import InflqError
-
-_PLOT_LOCK = threading.Lock()  # plotext draws on one global figure
 
 # Factor tensors that hold a module's eigenvalues (EK-FAC, K-FAC) or variances (diagonal).
 _SPECTRUM_KEYS = ("lambda/", "diag/")
@@ -142,7 +139,7 @@ def spectrum_plot(items: list[ModuleSpectrum], width: int = 72, height: int = 18
     """A histogram of ``log10(λ / damping)`` over the eigen-directions of ``items``, as text
     (plotext): ``░`` bars are directions under the damping (all treated alike by the
     preconditioner), ``█`` bars those the fitted curvature still tells apart."""
-    import plotext as plt
+    from .plots import figure
 
     ratios = np.concatenate([sp.eigenvalues / sp.damping for sp in items if sp.damping > 0] or [np.zeros(0)])
     zero = int((ratios <= 0).sum())
@@ -161,12 +158,7 @@ def spectrum_plot(items: list[ModuleSpectrum], width: int = 72, height: int = 18
         edges = np.array([edges[0], edges[0] + step])
     counts, edges = np.histogram(x, bins=edges)
     centers = (edges[:-1] + edges[1:]) / 2
-    with _PLOT_LOCK:
-        f = plt.figure
-        f.clear.all()
-        plt.terminal.limit(False, False)  # the size asked for, not capped at the process's terminal (a TUI pane, a file)
-        f.plot_size(max(30, width), max(8, height))
-        f.theme("default" if color else "colorless")
+    with figure(max(30, width), max(8, height), color) as f:
         f.draw(f.bar(centers.tolist(), counts.tolist(), marker=["░" if c < 0 else "█" for c in centers], width=1))
         f.label("log10(eigenvalue / damping); ░ under the damping", "x")
         f.label("directions", "y")

@@ -184,7 +184,7 @@ def retrain_task(task: dict, monitor: Monitor) -> list[float]:
     spec) on the corpus sequences ``task["indices"]`` of the project in ``task["root"]`` (opened
     read-only once per process; the driver's own project in the driver) with ``task["seed"]``, and
     return each query's ``log p(completion | prompt)`` under the retrained model."""
-    from .modeling import load_model
+    from .modeling import is_adapter_dir, load_model
     from .runs import make_trainer
 
     root = task["root"]
@@ -195,10 +195,11 @@ def retrain_task(task: dict, monitor: Monitor) -> list[float]:
     qtoks = [QueryTokens(list(t), int(c)) for t, c in task["queries"]]
     with tempfile.TemporaryDirectory(prefix="inflq-lds-") as wd:
         out = trainer.train(TrainContext(project, np.asarray(task["indices"], np.int64), int(task["seed"]), monitor, Path(wd)))
-        if isinstance(out, (str, Path)):
+        if isinstance(out, (str, Path)):  # a saved model, or an adapter for the project's base model
             import torch
 
-            out = load_model(Path(out), project.runtime.device, torch.float32)
+            adapter = Path(out) if is_adapter_dir(Path(out)) else None
+            out = load_model(project.model_path if adapter else Path(out), project.runtime.device, torch.float32, adapter)
         out.eval()
         measured = query_logprobs(out, qtoks)
         del out

@@ -54,15 +54,30 @@ def pick_device(device: str | None = "auto") -> torch.device:
     return dev
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """The torch dtype named ``dtype`` (``auto``: float32)."""
+def pick_dtype(dtype: str | None, device: torch.device, model_dir: Path | None = None) -> torch.dtype:
+    """The torch dtype named ``dtype``; ``auto``: the model's own (its ``config.json``'s ``dtype``
+    or ``torch_dtype``, where it is one of :data:`DTYPES`), else float32. Captures and factors are
+    float32/float64 whatever it is (inflq.engine)."""
     import torch
 
     if dtype in (None, "", "auto"):
-        return torch.float32
+        own = model_dtype(model_dir) if model_dir is not None else None
+        return getattr(torch, own) if own else torch.float32
     if dtype not in DTYPES:
         raise InflqError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return getattr(torch, dtype)
+
+
+def model_dtype(model_dir: Path) -> str | None:
+    """The dtype a model folder's ``config.json`` says its weights are in (one of :data:`DTYPES`), or None."""
+    import json
+
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    own = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return own if own in DTYPES else None
 
 
 def check_model_dir(path: Path) -> None:
@@ -97,8 +112,81 @@ def load_tokenizer(path: Path):
     return tok
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype):
-    """The causal LM saved in ``path`` (safetensors only, no remote code), on ``device``, in eval mode."""
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether ``path`` is a PEFT adapter folder (``adapter_config.json``, no ``config.json``)."""
+    path = Path(path)
+    return path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def check_adapter_dir(path: Path) -> dict:
+    """Refuse a folder that is not a PEFT LoRA adapter with safetensors weights; its config."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise InflqError(f"adapter folder {path} does not exist; give a folder saved with PeftModel.save_pretrained()")
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+    except OSError:
+        raise InflqError(f"{path} has no adapter_config.json; give a folder saved with PeftModel.save_pretrained()") from None
+    except ValueError as exc:
+        raise InflqError(f"{path}/adapter_config.json is not valid JSON ({exc}); fix the file") from None
+    if not (path / "adapter_model.safetensors").is_file():
+        raise InflqError(
+            f"{path} has no adapter_model.safetensors (inflq never loads pickled weights); re-save the adapter with "
+            "save_pretrained(dir, safe_serialization=True)"
+        )
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise InflqError(f"{path} holds a {cfg.get('peft_type') if isinstance(cfg, dict) else '?'} adapter; inflq tracks LoRA adapters only")
+    return cfg
+
+
+def adapter_base(adapter: Path, base: Path | None = None) -> Path:
+    """The base model folder of the adapter in ``adapter``: ``base`` where given, else its
+    ``base_model_name_or_path`` where that is a local folder (as written, or relative to the
+    adapter's folder). A hub name is refused: inflq never downloads."""
+    adapter = Path(adapter)
+    if base is not None:
+        return Path(base)
+    named = check_adapter_dir(adapter).get("base_model_name_or_path")
+    if isinstance(named, str) and named:
+        for candidate in (Path(named).expanduser(), adapter / named):
+            if (candidate / "config.json").is_file():
+                return candidate
+    raise InflqError(
+        f"the adapter in {adapter} names its base model {named!r}, which is not a local model folder here; "
+        "give the base model's folder with --base DIR (inflq never downloads)"
+    )
+
+
+def require_peft():
+    """The ``peft`` module, or a one-line error naming the extra that installs it."""
+    try:
+        import peft
+    except ImportError:
+        raise InflqError("LoRA adapters need peft: pip install 'inflq[peft]'") from None
+    return peft
+
+
+def load_adapter(model, adapter: Path):
+    """``model`` with the LoRA adapter in ``adapter`` attached (a PEFT ``PeftModel``, unmerged, so
+    that its A and B layers can be tracked), in eval mode; weights from safetensors only."""
+    peft = require_peft()
+    check_adapter_dir(adapter)
+    try:  # a local folder with adapter_model.safetensors (checked above): peft reads that file, never a pickle
+        wrapped = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except Exception as exc:
+        raise InflqError(f"cannot load the adapter in {adapter} on its base model: {_short(exc)}") from None
+    wrapped.eval()
+    return wrapped
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype, adapter: Path | None = None):
+    """The causal LM saved in ``path`` (safetensors only, no remote code), on ``device``, in eval
+    mode, with the LoRA adapter in ``adapter`` attached where given (:func:`load_adapter`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
@@ -121,6 +209,8 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype):
         raise InflqError(f"cannot load the model in {path}: {_short(exc)}") from None
     except Exception as exc:
         raise InflqError(f"cannot load the model in {path}: {_short(exc)}") from None
+    if adapter is not None:
+        model = load_adapter(model, Path(adapter))
     model.to(device)
     model.eval()
     return model
@@ -156,6 +246,17 @@ def model_files(path: Path) -> list[Path]:
     files = [path / n for n in MODEL_FILES if (path / n).is_file()]
     files += sorted(path.glob("*.safetensors"))
     return files
+
+
+def adapter_files(path: Path) -> list[Path]:
+    """The files of an adapter folder that its fingerprint covers (config, weights, a tokenizer saved with it)."""
+    path = Path(path)
+    return [path / n for n in ADAPTER_FILES + MODEL_FILES if (path / n).is_file()]
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether a folder holds tokenizer files (an adapter saved with its fine-tune's tokenizer)."""
+    return any((Path(path) / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json"))
 
 
 def tokenizer_files(path: Path) -> list[Path]:

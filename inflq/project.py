@@ -20,11 +20,16 @@ from typing import Any
 import sqlite_utils
 
 from . import catalog
-from .corpus import corpus_fingerprint
+from .corpus import LOSS_ON, TOO_LONG, Fields, corpus_fingerprint
 from .errors import InflqError
 from .modeling import (
+    adapter_base,
+    adapter_files,
+    check_adapter_dir,
     check_model_dir,
     fingerprint_files,
+    has_tokenizer,
+    is_adapter_dir,
     load_tokenizer,
     model_files,
     sha256_file,
@@ -55,13 +60,21 @@ class ProjectConfig:
 
     name: str = "project"
     model: str = "model"
+    # A PEFT LoRA adapter folder on top of ``model`` ("": none); the project explains base + adapter.
+    adapter: str = ""
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # auto: the model's own (config.json)
     modules: str = "all"
     corpus: str = "corpus.jsonl"
     corpus_format: str = "auto"
     text_field: str = "text"
     id_field: str = "id"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    # Instruction data: the loss on the responses only (as a fine-tune trains), or on every token.
+    loss_on: str = "response"
+    too_long: str = "truncate"  # an instruction document longer than the context: truncate (counted) or refuse
     max_length: int = 512
     add_bos: bool = False
     append_eos: bool = False
@@ -69,16 +82,24 @@ class ProjectConfig:
     # Tables the core does not read, kept as written: a plugin's settings (TracIn's [[checkpoints]]).
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def fields(self) -> Fields:
+        return Fields(self.text_field, self.id_field, self.prompt_field, self.completion_field, self.messages_field)
+
     def to_toml(self) -> dict:
+        corpus = {"path": self.corpus, "format": self.corpus_format, "text_field": self.text_field, "id_field": self.id_field}
+        # Written only where they differ from the defaults, so plain-text projects' files stay as they were.
+        for key, default in (("prompt_field", "prompt"), ("completion_field", "completion"), ("messages_field", "messages"),
+                             ("loss_on", "response"), ("too_long", "truncate")):
+            if getattr(self, key) != default:
+                corpus[key] = getattr(self, key)
+        model = {"path": self.model, "device": self.device, "dtype": self.dtype, "modules": self.modules}
+        if self.adapter:
+            model = {"path": self.model, "adapter": self.adapter, **{k: v for k, v in model.items() if k != "path"}}
         return {
             "project": {"name": self.name, "seed": self.seed},
-            "model": {"path": self.model, "device": self.device, "dtype": self.dtype, "modules": self.modules},
-            "corpus": {
-                "path": self.corpus,
-                "format": self.corpus_format,
-                "text_field": self.text_field,
-                "id_field": self.id_field,
-            },
+            "model": model,
+            "corpus": corpus,
             "tokenization": {"max_length": self.max_length, "add_bos": self.add_bos, "append_eos": self.append_eos},
             **{k: v for k, v in self.extra.items() if v not in ([], {}, None)},
         }
@@ -96,6 +117,7 @@ class ProjectConfig:
             name=p.get("name", "project"),
             seed=p.get("seed", 0),
             model=m.get("path", "model"),
+            adapter=m.get("adapter", ""),
             device=m.get("device", "auto"),
             dtype=m.get("dtype", "auto"),
             modules=m.get("modules", "all"),
@@ -103,15 +125,24 @@ class ProjectConfig:
             corpus_format=c.get("format", "auto"),
             text_field=c.get("text_field", "text"),
             id_field=c.get("id_field", "id"),
+            prompt_field=c.get("prompt_field", "prompt"),
+            completion_field=c.get("completion_field", "completion"),
+            messages_field=c.get("messages_field", "messages"),
+            loss_on=c.get("loss_on", "response"),
+            too_long=c.get("too_long", "truncate"),
             max_length=t.get("max_length", 512),
             add_bos=t.get("add_bos", False),
             append_eos=t.get("append_eos", False),
             extra={k: v for k, v in data.items() if k not in CORE_TABLES},
         )
-        for key, typ in (("name", str), ("model", str), ("corpus", str), ("max_length", int), ("add_bos", bool), ("append_eos", bool), ("seed", int), ("modules", str), ("device", str), ("dtype", str)):
+        for key, typ in (("name", str), ("model", str), ("adapter", str), ("corpus", str), ("max_length", int), ("add_bos", bool), ("append_eos", bool), ("seed", int), ("modules", str), ("device", str), ("dtype", str),
+                         ("prompt_field", str), ("completion_field", str), ("messages_field", str), ("loss_on", str), ("too_long", str)):
             value = getattr(cfg, key)
             if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
                 raise InflqError(f"{where}: {key} must be a {typ.__name__}, got {value!r}")
+        for key, allowed in (("loss_on", LOSS_ON), ("too_long", TOO_LONG)):
+            if getattr(cfg, key) not in allowed:
+                raise InflqError(f"{where}: {key} must be one of {', '.join(allowed)}, got {getattr(cfg, key)!r}")
         if cfg.max_length < 4:
             raise InflqError(f"{where}: max_length must be at least 4")
         if "trust_remote_code" in json.dumps(data):
@@ -128,6 +159,15 @@ def project_relative(path: Path | str, root: Path | str) -> str:
         return str(Path(path).resolve())
 
 
+
+
+def combined_fingerprint(base: str, adapter: str) -> str:
+    """The model's fingerprint: the base's alone, or with an adapter, both hashed together."""
+    if not adapter:
+        return base
+    import hashlib
+
+    return hashlib.sha256(f"{base}+adapter:{adapter}".encode()).hexdigest()[:32]
 
 
 def _context_length(model_dir: Path) -> int:
@@ -166,15 +206,37 @@ class Project:
         corpus_format: str = "auto",
         text_field: str = "text",
         id_field: str = "id",
-        modules: str = "all",
+        modules: str | None = None,
         monitor: Monitor | None = None,
+        adapter: Path | None = None,
+        base: Path | None = None,
+        dtype: str = "auto",
+        prompt_field: str = "prompt",
+        completion_field: str = "completion",
+        messages_field: str = "messages",
+        loss_on: str = "response",
+        too_long: str = "truncate",
     ) -> Project:
-        """Create a project folder. On any error nothing is left behind."""
+        """Create a project folder. On any error nothing is left behind.
+
+        ``model`` is a model folder, or a PEFT LoRA adapter folder whose base is ``base`` or the
+        local folder its ``adapter_config.json`` names; ``adapter`` attaches one to ``model``. With
+        an adapter the tokenizer is the adapter's where it was saved with one, and ``modules``
+        defaults to ``lora`` (its A and B layers: what the fine-tune trained)."""
         root, model, corpus = Path(root), Path(model), Path(corpus)
         if (root / CONFIG_NAME).exists():
             raise InflqError(f"{root} is already an inflq project; open it instead")
+        if adapter is None and is_adapter_dir(model):
+            adapter, model = model, adapter_base(model, base)
+        elif base is not None:
+            raise InflqError("--base names the base model of an adapter; give the adapter with --adapter DIR (or as --model)")
+        if adapter is not None:
+            check_adapter_dir(Path(adapter))
+            from .modeling import require_peft
+
+            require_peft()
         check_model_dir(model)
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(Path(adapter) if adapter is not None and has_tokenizer(Path(adapter)) else model)
         if not corpus.exists():
             raise InflqError(f"corpus {corpus} does not exist; give a JSONL file, a text file or a saved dataset folder")
         if add_bos is None:  # follow the tokenizer: Llama-style tokenizers add BOS to every text
@@ -184,14 +246,22 @@ class Project:
             name=name or root.resolve().name,
             model=project_relative(model, root if root.exists() else root.parent / root.name),
             corpus=project_relative(corpus, root if root.exists() else root.parent / root.name),
+            adapter=project_relative(adapter, root if root.exists() else root.parent / root.name) if adapter is not None else "",
+            dtype=dtype,
             corpus_format=corpus_format,
             text_field=text_field,
             id_field=id_field,
+            prompt_field=prompt_field,
+            completion_field=completion_field,
+            messages_field=messages_field,
+            loss_on=loss_on,
+            too_long=too_long,
             max_length=max_length or _context_length(model),
             add_bos=bool(add_bos),
             append_eos=append_eos,
-            modules=modules,
+            modules=modules or ("lora" if adapter is not None else "all"),
         )
+        config = ProjectConfig.from_toml(config.to_toml(), "the new project's settings")  # the same checks as a file's
         created = not root.exists()
         root.mkdir(parents=True, exist_ok=True)
         try:
@@ -304,6 +374,17 @@ class Project:
         return self.path(self.config.model)
 
     @property
+    def adapter_path(self) -> Path | None:
+        """The LoRA adapter's folder, or None where the project has none."""
+        return self.path(self.config.adapter) if self.config.adapter else None
+
+    @property
+    def tokenizer_path(self) -> Path:
+        """Where the tokenizer is: the adapter's folder where it was saved with one, else the model's."""
+        adapter = self.adapter_path
+        return adapter if adapter is not None and has_tokenizer(adapter) else self.model_path
+
+    @property
     def corpus_path(self) -> Path:
         return self.path(self.config.corpus)
 
@@ -318,12 +399,26 @@ class Project:
             catalog.remember_hash(self.db, key, st.st_size, st.st_mtime_ns, digest)
         return digest
 
-    def current_model_fingerprint(self) -> str:
+    def current_base_fingerprint(self) -> str:
+        """The fingerprint of the model folder alone (without the adapter)."""
         check_model_dir(self.model_path)
         return fingerprint_files(model_files(self.model_path), self._hash_cached)
 
+    def current_adapter_fingerprint(self) -> str:
+        """The fingerprint of the adapter folder ("" where the project has none)."""
+        adapter = self.adapter_path
+        if adapter is None:
+            return ""
+        check_adapter_dir(adapter)
+        return fingerprint_files(adapter_files(adapter), self._hash_cached)
+
+    def current_model_fingerprint(self) -> str:
+        """The fingerprint of the model the project explains: the model folder's, or, with an
+        adapter, of base and adapter together (factor sets, runs and studies are keyed by it)."""
+        return combined_fingerprint(self.current_base_fingerprint(), self.current_adapter_fingerprint())
+
     def current_tokenizer_fingerprint(self) -> str:
-        return fingerprint_files(tokenizer_files(self.model_path), self._hash_cached)
+        return fingerprint_files(tokenizer_files(self.tokenizer_path), self._hash_cached)
 
     def current_corpus_fingerprint(self) -> str:
         if not self.corpus_path.exists():
@@ -358,8 +453,11 @@ class Project:
 
     def refresh_fingerprints(self, monitor: Monitor | None = None) -> None:
         """Record the current model's fingerprint (used at init and by ``relink``)."""
+        base, adapter = self.current_base_fingerprint(), self.current_adapter_fingerprint()
         with self.db.atomic():
-            catalog.set_meta(self.db, "model_fingerprint", self.current_model_fingerprint())
+            catalog.set_meta(self.db, "model_fingerprint", combined_fingerprint(base, adapter))
+            catalog.set_meta(self.db, "base_fingerprint", base)
+            catalog.set_meta(self.db, "adapter_fingerprint", adapter)
             catalog.set_meta(self.db, "tokenizer_fingerprint", self.current_tokenizer_fingerprint())
 
     @property
@@ -380,20 +478,36 @@ class Project:
 
     def require_model(self) -> None:
         status = self.model_status()
+        adapter = self.adapter_path
         if status == "missing":
+            if adapter is not None and not adapter.is_dir():
+                raise InflqError(f"the adapter {adapter} is missing; point the project at a copy with `inflq relink {self.root} --adapter DIR`")
             raise InflqError(f"the model {self.model_path} is missing; point the project at a copy with `inflq relink {self.root} --model DIR`")
         if status == "different":
+            if adapter is not None and self.current_adapter_fingerprint() != catalog.get_meta(self.db, "adapter_fingerprint", ""):
+                raise InflqError(
+                    f"the adapter in {adapter} differs from the one this project was made with (fingerprint); "
+                    f"restore it, or start a new project for the new adapter"
+                )
             raise InflqError(
                 f"the model in {self.model_path} differs from the one this project was made with (fingerprint); "
                 f"restore it, or start a new project for the new model"
             )
 
-    def relink(self, model: Path | None = None, corpus: Path | None = None) -> None:
-        """Point the project at local copies of its model or corpus, after checking fingerprints."""
+    def relink(self, model: Path | None = None, corpus: Path | None = None, adapter: Path | None = None) -> None:
+        """Point the project at local copies of its model, adapter or corpus, after checking fingerprints."""
+        if adapter is not None:
+            if not self.config.adapter:
+                raise InflqError("this project has no adapter; start a new project for the base model with the adapter (--adapter)")
+            check_adapter_dir(Path(adapter))
+            if fingerprint_files(adapter_files(Path(adapter)), self._hash_cached) != catalog.get_meta(self.db, "adapter_fingerprint", ""):
+                raise InflqError(f"{adapter} is not the adapter this project was made with (fingerprint differs)")
+            self.config.adapter = project_relative(Path(adapter), self.root)
         if model is not None:
             check_model_dir(Path(model))
             fp = fingerprint_files(model_files(Path(model)), self._hash_cached)
-            if fp != self.model_fingerprint:
+            # Projects made before adapters recorded no base fingerprint: their model's is the base's.
+            if fp != (catalog.get_meta(self.db, "base_fingerprint", "") or self.model_fingerprint):
                 raise InflqError(f"{model} is not the model this project was made with (fingerprint differs)")
             self.config.model = project_relative(Path(model), self.root)
         if corpus is not None:

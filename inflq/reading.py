@@ -62,6 +62,16 @@ def estimator_summary(rs: dict) -> str:
     return ", ".join(parts)
 
 
+# Catalog columns that hold JSON text (lists and objects stored as one SQLite value).
+JSON_COLUMNS = ("tags", "layer_scores", "module_scores")
+
+
+def decoded(row: dict) -> dict:
+    """``row`` with its JSON-text columns (tags, layer and module scores) as lists and objects: what
+    ``--json`` output and exports show, so that no one has to parse JSON inside JSON."""
+    return {k: (json.loads(v) if k in JSON_COLUMNS and isinstance(v, str) else v) for k, v in row.items()}
+
+
 def top(project: Project, result_set_id: int, query_id: int, side: str = "top", k: int = 20, offset: int = 0) -> list[dict]:
     """The stored top (most positive) or bottom (most negative) sequences of one query."""
     if side not in ("top", "bottom"):

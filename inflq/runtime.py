@@ -40,16 +40,25 @@ class Runtime:
     def tokenizer(self):
         if self._tokenizer is None:
             check_model_dir(self.project.model_path)
-            self._tokenizer = load_tokenizer(self.project.model_path)
+            self._tokenizer = load_tokenizer(self.project.tokenizer_path)
         return self._tokenizer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype here: the project's ``dtype``, ``auto`` being the model's own."""
+        return pick_dtype(self.project.config.dtype, self.device, self.project.model_path)
 
     @property
     def model(self):
         if self._model is None:
             self.project.require_model()
-            dev = self.device
-            self._model = load_model(self.project.model_path, dev, pick_dtype(self.project.config.dtype, dev))
+            self._model = self.load_model()
         return self._model
+
+    def load_model(self, dtype: torch.dtype | None = None, device: torch.device | None = None):
+        """A fresh copy of the project's model (with its adapter), in ``dtype`` and on ``device``
+        (default: the project's), that the caller owns (PBRF, TracIn's checkpoints, trainers)."""
+        return load_model(self.project.model_path, device or self.device, dtype or self.dtype, self.project.adapter_path)
 
     def configure(self, device: str | None = None, dtype: str | None = None) -> None:
         """Change device or dtype for this session (the model reloads on next use)."""
@@ -101,7 +110,7 @@ class Runtime:
             raise InflqError("the project is read-only; copy it somewhere writable to rebuild its corpus")
         cfg, corpus_path = project.config, project.corpus_path
         fp = corpus_fingerprint(corpus_path)
-        docs = read_documents(corpus_path, cfg.corpus_format, cfg.text_field, cfg.id_field)
+        docs = read_documents(corpus_path, cfg.corpus_format, fields=cfg.fields)
         rows = build_store(
             docs,
             self.tokenizer,
@@ -110,6 +119,8 @@ class Runtime:
             add_bos=cfg.add_bos,
             append_eos=cfg.append_eos,
             fingerprint=fp,
+            loss_on=cfg.loss_on,
+            too_long=cfg.too_long,
         )
         meta = {"corpus_fingerprint": fp, "corpus_content_fingerprint": fp}
         if corpus_path.is_file():
@@ -117,9 +128,10 @@ class Runtime:
             meta["corpus_stat"] = [str(corpus_path.resolve()), st.st_size, st.st_mtime_ns]
         catalog.replace_sequences(project.db, rows, meta)
         self._store = None
-        note = self.unknown_tokens_note()
-        if note and monitor is not None:
-            monitor.warn(note)
+        if monitor is not None:
+            for note in (self.unknown_tokens_note(), self.truncation_note()):
+                if note:
+                    monitor.warn(note)
 
     def unknown_tokens_note(self) -> str | None:
         """A warning with the share of the corpus's tokens the tokenizer did not know (None: none)."""
@@ -130,6 +142,15 @@ class Runtime:
         except InflqError:
             return None
         return unknown_tokens_note(info, getattr(self.tokenizer, "unk_token", None))
+
+    def truncation_note(self) -> str | None:
+        """A warning with the number of instruction documents truncated or left out for the context (None: none)."""
+        from .corpus import truncation_note
+
+        try:
+            return truncation_note(CorpusStore(self.project.store_dir).info)
+        except InflqError:
+            return None
 
     @property
     def corpus(self) -> CorpusStore:
@@ -155,7 +176,9 @@ class Runtime:
                         f"the corpus {corpus_path} changed since it was tokenized; results would be stale: "
                         f"run `inflq corpus rebuild {project.root}` (earlier result sets keep their own sequence ids)"
                     )
-            if store.fingerprint != recorded:
+            cfg = project.config
+            # A store tokenized under other loss settings (inflq.toml edited) is rebuilt, not reused.
+            if store.fingerprint != recorded or store.info.get("loss_on", cfg.loss_on) != cfg.loss_on or store.info.get("too_long", cfg.too_long) != cfg.too_long:
                 self.rebuild_corpus()
                 store = CorpusStore(store_dir)
             self._store = store

@@ -3,7 +3,7 @@
 An archive is a tar file (gzip-compressed when its name ends in ``.gz``/``.tgz``) holding the
 project's ``inflq.toml``, a consistent snapshot of its catalog (SQLite backup API, so a run may
 keep writing while we pack), ``artifacts/``, the token store ``corpus/`` and local ``plugins/``;
-optionally the model (under ``model/``) and the corpus file (under ``data/``). Its last member,
+optionally the model (under ``model/``, a LoRA adapter under ``adapter/``) and the corpus file (under ``data/``). Its last member,
 ``inflq-manifest.json``, lists every file with its size and SHA-256 and the project's fingerprints.
 
 Unpacking trusts nothing in the archive: every member must be a regular file at a plain relative
@@ -46,6 +46,7 @@ FORMAT = "inflq-pack"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 << 20
 MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"  # a LoRA adapter travels with its base model (--include-model)
 DATA_DIR = "data"
 _CHUNK = 1 << 20
 # Leftovers of interrupted atomic writes are never packed.
@@ -124,6 +125,9 @@ def pack(
     # The archived inflq.toml points at what travels inside, and records where the rest was.
     packed_cfg = replace(config)
     packed_cfg.model = MODEL_DIR if include_model else str(model_src.resolve())
+    adapter_src = project.adapter_path
+    if adapter_src is not None:
+        packed_cfg.adapter = ADAPTER_DIR if include_model else str(adapter_src.resolve())
     packed_cfg.corpus = f"{DATA_DIR}/{corpus_src.name}" if include_corpus else str(corpus_src.resolve())
 
     staging = Path(tempfile.mkdtemp(prefix="inflq-pack-"))
@@ -154,6 +158,9 @@ def pack(
         if include_model:
             for f in _walk(model_src):
                 sources.append((f"{MODEL_DIR}/{f.relative_to(model_src).as_posix()}", f))
+            if adapter_src is not None:
+                for f in _walk(adapter_src):
+                    sources.append((f"{ADAPTER_DIR}/{f.relative_to(adapter_src).as_posix()}", f))
         if include_corpus:
             if corpus_src.is_dir():
                 for f in _walk(corpus_src):
@@ -203,8 +210,10 @@ def pack(
                 "created_at": catalog.now(),
                 "project": config.name,
                 "includes": {"model": include_model, "corpus": include_corpus},
-                "origin": {"model": str(model_src.resolve()), "corpus": str(corpus_src.resolve())},
-                "fingerprints": {k: meta.get(k, "") for k in ("model_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint")},
+                "origin": {"model": str(model_src.resolve()), "corpus": str(corpus_src.resolve()),
+                           **({"adapter": str(adapter_src.resolve())} if adapter_src is not None else {})},
+                "fingerprints": {k: meta.get(k, "") for k in ("model_fingerprint", "tokenizer_fingerprint", "corpus_fingerprint")
+                                 + (("base_fingerprint", "adapter_fingerprint") if adapter_src is not None else ())},
                 "catalog_migrations": migrations,
                 "files": files,
             }

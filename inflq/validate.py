@@ -92,10 +92,9 @@ class PBRF:
 
     def __init__(self, project: Project, modules: str | None, fit: np.ndarray, dampings: dict[str, float], batch_size: int, dtype=torch.float64) -> None:
         from .engine import select_modules
-        from .modeling import load_model
 
         dev = project.runtime.device
-        self.model = load_model(project.model_path, dev, torch.float32).to(dtype).eval().requires_grad_(False)
+        self.model = project.runtime.load_model(torch.float32).to(dtype).eval().requires_grad_(False)
         self.tracked = select_modules(self.model, modules or project.config.modules)
         self.theta_s: dict[str, torch.Tensor] = {}
         self.decay: dict[str, float] = {}

@@ -43,6 +43,7 @@ def test_init_query_run_top_export(tmp_path, gpt2_dir, corpus_file, cli_run):
     assert cli_run("query", "add", proj, "a red cat", "runs")[0] == 0
     code, out, _ = cli_run("query", "list", proj, "--json")
     assert [q["completion"] for q in json.loads(out)] == ["zorald pfaff", "velmora", "runs"]
+    assert [q["tags"] for q in json.loads(out)] == [[], ["geo"], []]  # lists, not JSON inside JSON
     code, out, err = cli_run("run", proj, "--estimator", "ekfac", "--filter", "random:n=10", "--rank", "4", "--top-k", "3")
     assert code == 0, err
     code, out, err = cli_run("top", proj, "--json", "-k", "3")
@@ -50,6 +51,10 @@ def test_init_query_run_top_export(tmp_path, gpt2_dir, corpus_file, cli_run):
     assert len(data) == 3 and all(len(d["results"]) == 3 for d in data)
     scores = [r["score"] for r in data[0]["results"]]
     assert scores == sorted(scores, reverse=True)
+    assert data[1]["query"]["tags"] == ["geo"]
+    first = data[0]["results"][0]
+    assert isinstance(first["layer_scores"], dict) and isinstance(first["module_scores"], dict)
+    assert sum(first["layer_scores"].values()) == pytest.approx(first["score"], rel=1e-4)
     out_file = tmp_path / "scores.npy"
     assert cli_run("export", proj, "--format", "npy", "--output", out_file)[0] == 0
     m = np.load(out_file, allow_pickle=False)

@@ -95,6 +95,7 @@ def _integrity(root):
         conn.close()
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_project_and_nothing_is_lost(project, tmp_path):
     """A CLI run commits shards while another process adds queries and tags in a loop, and this
     process packs the project meanwhile; every row of both is there afterwards."""
@@ -135,6 +136,7 @@ def test_two_processes_write_one_project_and_nothing_is_lost(project, tmp_path):
     q.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0])
 def test_writers_killed_at_random_points_leave_a_consistent_catalog(project, tmp_path, seed):
     from inflq import integrity

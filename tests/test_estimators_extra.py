@@ -110,6 +110,7 @@ def tiny(tmp_path_factory):
     return make_project(tmp_path_factory.mktemp("lissa"))
 
 
+@pytest.mark.slow
 def test_lissa_converges_to_exact_damped_gauss_newton_influence(tiny):
     exact, dot, damping = exact_influence(tiny, damping_factor=1.0)
     found, residual = {}, {}
@@ -260,6 +261,7 @@ def test_checkpoint_with_another_architecture_is_refused(tmp_path, cli_run):
 
 
 # -- validation against the PBRF ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_validate_ranks_ekfac_and_lissa_above_the_gradient_dot_product(tiny, cli_run):
     # ε = 1e-3 rather than 1/N: with N = 12 sequences of a random model, ε = 1/N moves the
     # parameters far outside the region where any linear estimator can follow (measured).

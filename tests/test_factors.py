@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_cli import _catalog_dump, _one_line_error
 
-from inflq import catalog
+from inflq import Executor, catalog
 from inflq.artifacts import load_tensors
 from inflq.factor_sets import factor_sets, remove_factor_set, spectra, spectrum_plot
 from inflq.progress import Monitor
@@ -189,11 +189,12 @@ class _Sums:
         return SumsOnly()
 
 
-class _Executor:
+class _Executor(Executor):
     """An executor that runs shards in the order ``order`` gives them, each reported as its own
     sums (no ``Job.sums``, as a remote executor would), and fails after ``fail_after`` shards."""
 
     def __init__(self, order=reversed, fail_after=None):
+        super().__init__()
         self.order, self.fail_after = order, fail_after
 
     def map(self, job, shards, on_result, monitor):
@@ -246,7 +247,7 @@ def test_fitting_sums_are_one_running_sum_whatever_the_executor(project):
     run_id = start_run(project, "default", settings, kind="factors")
     calls = []
 
-    class Stopping:  # the local executor, stopped after 3 shards
+    class Stopping(Executor):  # the local executor, stopped after 3 shards
         def map(self, job, shards, on_result, monitor):
             def counted(shard, out):
                 on_result(shard, out)

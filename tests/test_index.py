@@ -225,6 +225,7 @@ def _read_all(store: IndexStore) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([b.rows for b in blocks]), np.concatenate([np.stack([b.scale, b.self_influence], 1) for b in blocks])
 
 
+@pytest.mark.slow
 def test_a_killed_build_resumes_to_identical_rows(tmp_path, gpt2):
     """(c) SIGKILL in the middle of a shard: committed shards survive, the build resumes from them
     and its rows equal an uninterrupted build's: the committed shards bit for bit, all rows to the

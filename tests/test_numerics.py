@@ -385,6 +385,7 @@ def exact_fisher_output_covariances(model, tracked, sequences, positions: str = 
     return S
 
 
+@pytest.mark.slow
 def test_sampled_fisher_covariance_converges_to_its_exact_expectation():
     """inflq's sampled-label ``S = Σ_t g gᵀ`` over many seeds converges to the exact Fisher
     expectation over the training loss's positions, within a few standard errors derived from
@@ -643,6 +644,7 @@ def demo(tmp_path_factory) -> Project:
     return make_project(root, "gpt2", width=64, layers=4, n=120)
 
 
+@pytest.mark.slow
 def test_rank_32_query_batching_keeps_the_ranking(demo):
     est, engine, _ = fitted(demo, "ekfac", fit_sequences=256)
     queries = catalog.queries(demo.db, "default")

@@ -36,6 +36,8 @@ SHARD = 4
 ARGS = ["--shard-size", str(SHARD), "--batch-size", "2", "--rank", "8"]
 RAY2 = "ray:num_workers=2"
 
+pytestmark = pytest.mark.slow  # a real Ray cluster: minutes, not seconds (pytest -m "not slow" leaves it out)
+
 
 def test_missing_ray_is_a_clear_error(project, monkeypatch):
     from inflq.passes import make_shards

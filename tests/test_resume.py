@@ -71,6 +71,7 @@ def _status(proj, run_id: int) -> str:
         p.close()
 
 
+@pytest.mark.slow
 def test_kill_during_scoring_then_resume(baseline, cli_run, shard_calls, tmp_path):
     src, expected = baseline
     proj = copy_project(src, "kill-scoring")
@@ -91,6 +92,7 @@ def test_kill_during_scoring_then_resume(baseline, cli_run, shard_calls, tmp_pat
     assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
 
 
+@pytest.mark.slow
 def test_kill_during_fitting_then_resume(baseline, cli_run, shard_calls, tmp_path):
     src, expected = baseline
     proj = copy_project(src, "kill-fitting")
@@ -112,6 +114,7 @@ def test_kill_during_fitting_then_resume(baseline, cli_run, shard_calls, tmp_pat
     assert_same_scores(expected, export_npy(cli_run, proj, tmp_path / "s.npy"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_then_resume(baseline, cli_run, tmp_path):
     src, expected = baseline
     proj = copy_project(src, "ctrl-c")

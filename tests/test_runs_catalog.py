@@ -164,10 +164,12 @@ def test_queries_preconditioned_a_few_at_a_time_equal_all_at_once(project):
     for chunk in (1, 2 * per_query, 10 * per_query):
         got = preconditioned_query_gradients(project, est, engine, queries, 4, policy, chunk_bytes=chunk)
         assert set(got.full) == set(want.full) and set(got.left) == set(want.left) and got.num_queries == 5
-        for key, value in want.tensors().items():
-            torch.testing.assert_close(got.tensors()[key], value, rtol=1e-5, atol=1e-6)
+        for name in want.names:  # what scoring uses: rank-r factors of close singular values may turn a little
+            dense = want.dense(name)
+            torch.testing.assert_close(got.dense(name), dense, rtol=1e-4, atol=1e-5 * float(dense.abs().max()))
     weighted = preconditioned_query_gradients(project, est, engine, queries, 4, policy, weight=2.0, chunk_bytes=1)
-    torch.testing.assert_close(weighted.dense(want.names[0]), 2.0 * want.dense(want.names[0]), rtol=1e-5, atol=1e-6)
+    doubled = 2.0 * want.dense(want.names[0])
+    torch.testing.assert_close(weighted.dense(want.names[0]), doubled, rtol=1e-4, atol=1e-5 * float(doubled.abs().max()))
     parts = [preconditioned_queries(est, query_gradients(project, engine, queries[:2], 4), Compression(rank=2)),
              preconditioned_queries(est, query_gradients(project, engine, queries[2:], 4), Compression(rank=None))]
     with pytest.raises(ValueError, match="held differently"):

@@ -107,7 +107,9 @@ def query_list(project, investigation, as_json):
     """List the investigation's queries: id, prompt, completion, tags."""
     rows = catalog.queries(project_at(project).db, investigation)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        from ..reading import decoded
+
+        click.echo(json.dumps([decoded(r) for r in rows], indent=2))
         return
     from rich.table import Table
 

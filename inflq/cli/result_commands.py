@@ -25,7 +25,7 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
     """Print the most influential training sequences of each query."""
     from rich.table import Table
 
-    from ..reading import estimator_summary
+    from ..reading import decoded, estimator_summary
     from ..reading import result_set as get_rs
     from ..reading import top as get_top
 
@@ -37,7 +37,7 @@ def top(project, investigation, query_id, k, bottom, result_set, as_json):
     for q in queries:
         rows = get_top(p, rs["id"], q["id"], side, k)
         if as_json:
-            out.append({"query": q, "results": rows})
+            out.append({"query": decoded(q), "results": [decoded(r) for r in rows]})
             continue
         title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
                  "positive = makes the completion more likely)")

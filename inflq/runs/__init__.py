@@ -14,7 +14,6 @@ from ..settings import RunSettings
 from .fitting import (
     cached_factor_set,
     ensure_factors,
-    factor_key_source,
     fit_indices,
     fit_memory_bytes,
 )
@@ -54,7 +53,7 @@ from .workers import LocalWorker, build_worker, checkpoint_engine, worker_spec
 
 __all__ = [
     "LocalWorker", "Prepared", "ResultRecord", "RunResult", "RunSettings", "Scorer", "build_worker", "cached_factor_set", "checkpoint_engine",
-    "committed_work", "default_executor", "ensure_factors", "extremes", "factor_key_source", "filter_context", "fit_factors", "fit_indices", "fit_memory_bytes", "interrupted_run",
+    "committed_work", "default_executor", "ensure_factors", "extremes", "filter_context", "fit_factors", "fit_indices", "fit_memory_bytes", "interrupted_run",
     "make_estimator", "make_executor", "make_filter", "make_trainer", "preconditioned_queries", "preconditioned_query_gradients", "prepare_estimator", "query_compression",
     "query_gradients", "result_record", "run_investigation", "save_queries", "scorer_tensors", "scorers_for", "shard_extremes",
     "split_checkpoint_tensors", "start_run", "store_result_set", "worker_spec",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,10 +43,161 @@ def fit_memory_bytes(gb: float | None) -> int | None:
     return int(gb * 2**30)
 
 
-def factor_key_source(project: Project, estimator: Estimator, engine: GradientEngine, indices: np.ndarray, seed: int) -> tuple[str, dict, str]:
-    """``(cache key, what it hashes, the fitting data's fingerprint)`` of the factors ``estimator``
-    fits over ``engine``'s modules on the corpus sequences ``indices`` with ``seed``."""
-    data_fp = hashlib.sha256(project.runtime.corpus.fingerprint.encode() + np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:32]
+class _OrderedSums:
+    """A sum pass's shards reduced in shard order, so that a resumed fit equals an uninterrupted one:
+    ``total`` holds shards ``[0, next)``; a shard that arrives early waits in ``held`` (its sums, or
+    ``(path, checksum)`` of its committed file, read when its turn comes)."""
+
+    def __init__(self, load: Callable[[str, str], dict[str, torch.Tensor]]) -> None:
+        self.total: dict[str, torch.Tensor] = {}
+        self.held: dict[int, Any] = {}
+        self.next = 0
+        self.load = load
+
+    def resume(self, rows: list[dict]) -> str | None:
+        """Start from a pass's committed rows; returns the committed running sum's file, if any.
+        A file that the rows of shards 0..k all name holds their running sum (one shard's own sums
+        are the running sum of shard 0 alone); any other file holds one shard's own sums."""
+        by_path: dict[str, list[dict]] = {}
+        for r in rows:
+            by_path.setdefault(r["path"], []).append(r)
+        prefix = None
+        for rel, group in by_path.items():
+            covered = sorted(r["shard"] for r in group)
+            if covered == list(range(len(covered))) and len(covered) > self.next:
+                self.total, self.next, prefix = self.load(rel, group[0]["checksum"]), len(covered), rel
+        for rel, group in by_path.items():
+            for r in group:
+                if rel != prefix and r["shard"] >= self.next:
+                    self.held[r["shard"]] = (rel, r["checksum"])
+        return prefix
+
+    def done(self) -> set[int]:
+        return set(range(self.next)) | set(self.held)
+
+    def add(self, index: int, part: Any) -> None:
+        """A shard's own sums (or its committed file), folded in once every shard before it is."""
+        self.held[index] = part
+        self.fold()
+
+    def added_in_place(self, index: int, phase: str) -> None:
+        """The executor added shard ``index`` into :attr:`total` itself (``Job.sums``)."""
+        if index != self.next:
+            raise InflqError(f"{phase}: the executor added shard {index} to the sums out of order")
+        self.next += 1
+        self.fold()
+
+    def fold(self) -> None:
+        while self.next in self.held:
+            part = self.held.pop(self.next)
+            add_into(self.total, self.load(*part) if isinstance(part, tuple) else part)
+            self.next += 1
+
+
+class _FitPasses:
+    """``FitContext.run_pass``: each of a fit's passes over the fitting sequences, its shards run on
+    the executor and, when the fit belongs to a run and its factor set's key is known, committed as
+    they arrive (``fit_shards`` rows and their files), so that a killed fit resumes from them."""
+
+    def __init__(self, project: Project, engine: GradientEngine, executor: Executor, settings: RunSettings,
+                 monitor: Monitor, indices: np.ndarray, run_id: int | None) -> None:
+        self.project, self.executor, self.settings, self.monitor, self.run_id = project, executor, settings, monitor, run_id
+        self.indices = indices
+        self.shards = make_shards(indices, settings.shard_size)
+        self.worker = LocalWorker(project, engine)
+        self.factor_key: str | None = None
+        self.count = 0  # passes run so far: a pass is named by its place in the fit
+
+    def __call__(self, pass_: Pass) -> dict[str, torch.Tensor]:
+        # A pass over one group of modules (a fit by module) is named by its group too, so that a
+        # resume under another grouping never reads another group's committed sums.
+        group = "" if pass_.modules is None else hashlib.sha256("\n".join(pass_.modules).encode()).hexdigest()[:8]
+        key = f"{self.count}:{pass_.phase}" + (f":{group}" if group else "")
+        number = f"{self.count}" + (f"-{group}" if group else "")  # the committed files' names
+        self.count += 1
+        pass_.seed = self.settings.seed
+        if pass_.combine == "sum":
+            return self._sum_pass(pass_, key, number)
+        return self._concat_pass(pass_, key, number)
+
+    @property
+    def committing(self) -> bool:
+        return self.run_id is not None and self.factor_key is not None
+
+    def _committed(self, key: str) -> list[dict]:
+        """The pass's committed rows for this factor set (a shard since resized is not committed)."""
+        if not self.committing:
+            return []
+        return [r for r in catalog.fit_shards(self.project.db, self.run_id, key)
+                if r["factor_key"] == self.factor_key and r["shard"] < len(self.shards) and r["n"] == len(self.shards[r["shard"]])]
+
+    def _load(self, rel: str, checksum: str) -> dict[str, torch.Tensor]:
+        return load_tensors(self.project.root, rel, checksum, "fitting shard")
+
+    def _file(self, number: str, name: str) -> str:
+        return f"{ARTIFACTS}/runs/{self.run_id}/fit-{number}-{name}.safetensors"
+
+    def _commit(self, key: str, rel: str, covered: list[int], tensors: dict[str, torch.Tensor], running_sum: bool = False) -> str:
+        checksum = save_tensors(self.project.root, rel, tensors)
+        catalog.record_fit_shards(self.project.db, self.run_id, key, self.factor_key, {i: len(self.shards[i]) for i in covered},
+                                  rel, checksum, running_sum=running_sum)
+        return checksum
+
+    def _run(self, pass_: Pass, done: set[int], on_result, sums: dict | None = None) -> None:
+        self.monitor.start(pass_.phase, len(self.indices))
+        self.monitor.advance(sum(len(self.shards[i]) for i in done))
+        job = Job(pass_, worker_spec(self.project, self.settings.modules), self.settings.batching(), local=self.worker, sums=sums)
+        self.executor.map(job, [s for s in self.shards if s.index not in done], on_result, self.monitor)
+
+    def _incomplete(self, pass_: Pass, returned: int) -> InflqError:
+        return InflqError(f"the executor returned {returned} of {len(self.shards)} {pass_.phase} shards; rerun with --resume")
+
+    def _sum_pass(self, pass_: Pass, key: str, number: str) -> dict[str, torch.Tensor]:
+        # Run in this process, shards add straight into the running sums (``Job.sums``), and what
+        # is committed is the running sum through the shard: memory and disk hold one set of sums.
+        sums = _OrderedSums(self._load)
+        prefix = sums.resume(self._committed(key))
+
+        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+            nonlocal prefix
+            if out is not sums.total:  # one shard's own sums (another process, or an executor without Job.sums)
+                if self.committing:
+                    rel = self._file(number, f"{shard.index:06d}")
+                    checksum = self._commit(key, rel, [shard.index], out)
+                    out = out if shard.index == sums.next else (rel, checksum)  # an early one waits on disk
+                sums.add(shard.index, out)
+                return
+            first = sums.next
+            sums.added_in_place(shard.index, pass_.phase)
+            if self.committing:  # every shard the running sum covers now points to it
+                old, prefix = prefix, self._file(number, f"upto-{sums.next - 1:06d}")
+                self._commit(key, prefix, list(range(first, sums.next)), sums.total, running_sum=True)
+                if old is not None and old != prefix:
+                    (self.project.root / old).unlink(missing_ok=True)
+
+        sums.fold()
+        self._run(pass_, sums.done(), on_result, sums=sums.total)
+        if sums.next != len(self.shards):
+            raise self._incomplete(pass_, len(sums.done()))
+        return sums.total
+
+    def _concat_pass(self, pass_: Pass, key: str, number: str) -> dict[str, torch.Tensor]:
+        parts = {r["shard"]: self._load(r["path"], r["checksum"]) for r in self._committed(key)}
+
+        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
+            parts[shard.index] = out
+            if self.committing:
+                self._commit(key, self._file(number, f"{shard.index:06d}"), [shard.index], out)
+
+        self._run(pass_, set(parts), on_result)
+        if len(parts) != len(self.shards):
+            raise self._incomplete(pass_, len(parts))
+        return combine_results(pass_.combine, [parts[i] for i in sorted(parts)])
+
+
+def _factor_key(project: Project, estimator: Estimator, engine: GradientEngine, indices: np.ndarray, seed: int) -> tuple[str, dict]:
+    """The factor set's cache key, and what it hashes: everything that determines the factors."""
+    data_fp = hashlib.sha256(project.runtime.corpus.key.encode() + indices.tobytes()).hexdigest()[:32]  # the fingerprint, and the loss mask where there is one
     key_src = {
         "estimator": estimator.name,
         "settings": estimator.factor_settings(),
@@ -55,7 +207,7 @@ def factor_key_source(project: Project, estimator: Estimator, engine: GradientEn
         "seed": seed,
         "dtype": str(next(engine.model.parameters()).dtype),
     }
-    return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24], key_src, data_fp
+    return hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:24], key_src
 
 
 def cached_factor_set(project: Project, estimator: Estimator, engine: GradientEngine, settings: RunSettings) -> dict | None:
@@ -67,7 +219,7 @@ def cached_factor_set(project: Project, estimator: Estimator, engine: GradientEn
     if settings.refit:
         return None
     indices = fit_indices(len(project.runtime.corpus), settings.fit_sequences, settings.seed)
-    return catalog.factor_set_by_key(project.db, factor_key_source(project, estimator, engine, indices, settings.seed)[0])
+    return catalog.factor_set_by_key(project.db, _factor_key(project, estimator, engine, indices, settings.seed)[0])
 
 
 def ensure_factors(
@@ -93,131 +245,16 @@ def ensure_factors(
     store = project.runtime.corpus
     settings.resolve_batching(engine, project)  # callers outside a run (sessions, integrity) leave it open
     indices = fit_indices(len(store), settings.fit_sequences, settings.seed)
-    worker = LocalWorker(project, engine)
-    factor_key: str | None = None  # set below once the factors' cache key is known
-    pass_count = [0]
-
-    def run_pass(pass_: Pass) -> dict[str, torch.Tensor]:
-        # A pass over one group of modules (a fit by module) is named by its group too, so that a
-        # resume under another grouping never reads another group's committed sums.
-        group = "" if pass_.modules is None else hashlib.sha256("\n".join(pass_.modules).encode()).hexdigest()[:8]
-        pass_key = f"{pass_count[0]}:{pass_.phase}" + (f":{group}" if group else "")
-        number = f"{pass_count[0]}" + (f"-{group}" if group else "")  # the committed files' names
-        pass_count[0] += 1
-        pass_.seed = settings.seed
-        shards = make_shards(indices, settings.shard_size)
-        committing = run_id is not None and factor_key is not None
-        if pass_.combine != "sum":
-            return _concat_pass(pass_, pass_key, number, shards, committing)
-        # Sums are reduced in shard order, so a resumed fit equals an uninterrupted one: ``total``
-        # holds shards [0, next); a shard that arrives early waits in ``held`` (as its committed
-        # file, read when its turn comes). Run in this process, shards add straight into
-        # ``total`` (Job.sums), and what is committed is the running sum through the shard: memory
-        # holds one set of sums, not one per shard.
-        total: dict[str, torch.Tensor] = {}
-        held: dict[int, Any] = {}
-        nxt = [0]
-        done: set[int] = set()
-        prefix_rel: list[str | None] = [None]  # the committed running sum's file
-        if committing:
-            rows = [r for r in catalog.fit_shards(project.db, run_id, pass_key)
-                    if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]])]
-            by_path: dict[str, list[dict]] = {}
-            for r in rows:
-                by_path.setdefault(r["path"], []).append(r)
-            for rel, group in by_path.items():
-                covered = sorted(r["shard"] for r in group)
-                if "-upto-" in rel:  # a running sum: valid only if every shard it covers is still recorded
-                    last = int(rel.rsplit("-", 1)[1].split(".")[0])
-                    if covered == list(range(last + 1)) and last + 1 > nxt[0]:
-                        total = load_tensors(project.root, rel, group[0]["checksum"], "fitting shard")
-                        nxt[0], prefix_rel[0] = last + 1, rel
-            for rel, group in by_path.items():
-                for r in group:
-                    if "-upto-" not in rel and r["shard"] >= nxt[0]:
-                        held[r["shard"]] = (r["path"], r["checksum"])
-            done = set(range(nxt[0])) | set(held)
-        monitor.start(pass_.phase, len(indices))
-        monitor.advance(sum(len(shards[i]) for i in done))
-        job = Job(pass_, worker_spec(project, settings.modules), settings.batching(), local=worker, sums=total)
-
-        def fold() -> None:
-            while nxt[0] in held:
-                part = held.pop(nxt[0])
-                if isinstance(part, tuple):
-                    part = load_tensors(project.root, part[0], part[1], "fitting shard")
-                add_into(total, part)
-                nxt[0] += 1
-
-        def commit(rel: str, covered: list[int], tensors: dict[str, torch.Tensor]) -> str:
-            checksum = save_tensors(project.root, rel, tensors)
-            # A running sum: every shard it covers now points to it.
-            catalog.record_fit_shards(project.db, run_id, pass_key, factor_key, {i: len(shards[i]) for i in covered}, rel, checksum,
-                                      running_sum="-upto-" in rel)
-            return checksum
-
-        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
-            done.add(shard.index)
-            if out is not total:  # one shard's own sums (another process, or an executor without Job.sums)
-                if committing:
-                    rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
-                    checksum = commit(rel, [shard.index], out)
-                    held[shard.index] = out if shard.index == nxt[0] else (rel, checksum)  # an early one waits on disk
-                else:
-                    held[shard.index] = out
-                fold()
-                return
-            if shard.index != nxt[0]:
-                raise InflqError(f"{pass_.phase}: the executor added shard {shard.index} to the sums out of order")
-            nxt[0] += 1
-            fold()  # shards committed earlier, out of order, that now follow
-            if committing:
-                old = prefix_rel[0]
-                prefix_rel[0] = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-upto-{nxt[0] - 1:06d}.safetensors"
-                commit(prefix_rel[0], list(range(shard.index, nxt[0])), total)
-                if old is not None and old != prefix_rel[0]:
-                    (project.root / old).unlink(missing_ok=True)
-
-        fold()
-        executor.map(job, [s for s in shards if s.index not in done], on_result, monitor)
-        if len(done) != len(shards) or nxt[0] != len(shards):
-            raise InflqError(f"the executor returned {len(done)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
-        return total
-
-    def _concat_pass(pass_: Pass, pass_key: str, number: str, shards: list[Shard], committing: bool) -> dict[str, torch.Tensor]:
-        parts: dict[int, dict[str, torch.Tensor]] = {}
-        if committing:
-            for r in catalog.fit_shards(project.db, run_id, pass_key):
-                if r["factor_key"] == factor_key and r["shard"] < len(shards) and r["n"] == len(shards[r["shard"]]):
-                    parts[r["shard"]] = load_tensors(project.root, r["path"], r["checksum"], "fitting shard")
-        monitor.start(pass_.phase, len(indices))
-        monitor.advance(sum(len(shards[i]) for i in parts))
-
-        def on_result(shard: Shard, out: dict[str, torch.Tensor]) -> None:
-            parts[shard.index] = out
-            if committing:
-                rel = f"{ARTIFACTS}/runs/{run_id}/fit-{number}-{shard.index:06d}.safetensors"
-                checksum = save_tensors(project.root, rel, out)
-                catalog.record_fit_shards(project.db, run_id, pass_key, factor_key, {shard.index: len(shard)}, rel, checksum)
-
-        job = Job(pass_, worker_spec(project, settings.modules), settings.batching(), local=worker)
-        executor.map(job, [s for s in shards if s.index not in parts], on_result, monitor)
-        if len(parts) != len(shards):
-            raise InflqError(f"the executor returned {len(parts)} of {len(shards)} {pass_.phase} shards; rerun with --resume")
-        return combine_results(pass_.combine, [parts[i] for i in sorted(parts)])
-
-    own = getattr(executor, "fit_memory", None)  # executors written before fitting by module lack it
-    budgets = [b for b in (fit_memory_bytes(settings.fit_memory), own() if own else None) if b is not None]
-    # Independent pieces of the fit (EK-FAC's eigendecompositions) run as the executor's tasks: in
-    # this process, in order, on the local executor; on the workers on Ray.
-    ctx = FitContext(engine, run_pass, len(indices), settings.seed, monitor, indices=indices, sequences=store.many, pad_id=project.runtime.pad_id, project=project,
-                     memory=min(budgets) if budgets else None,
-                     tasks=getattr(executor, "run_tasks", None), remote_tasks=bool(getattr(executor, "remote_tasks", False)))  # executors not built on Executor may lack them
+    passes = _FitPasses(project, engine, executor, settings, monitor, indices, run_id)
+    budgets = [b for b in (fit_memory_bytes(settings.fit_memory), executor.fit_memory()) if b is not None]
+    ctx = FitContext(engine, passes, len(indices), settings.seed, monitor, indices=indices, sequences=store.many,
+                     pad_id=project.runtime.pad_id, project=project, memory=min(budgets) if budgets else None,
+                     tasks=executor.run_tasks, remote_tasks=executor.remote_tasks)
     if not estimator.fits_factors:
         estimator.prepare(ctx)
         return None
-    key, key_src, data_fp = factor_key_source(project, estimator, engine, indices, settings.seed)
-    factor_key = key
+    key, key_src = _factor_key(project, estimator, engine, indices, settings.seed)
+    passes.factor_key = key  # from here on, the passes commit their shards
     row = catalog.factor_set_by_key(project.db, key)
     if row is not None and not settings.refit:
         estimator.load_factors(load_tensors(project.root, row["path"], row["checksum"], "factor artifact"))
@@ -226,9 +263,7 @@ def ensure_factors(
     tokens = int(store.lengths()[indices].sum())
     widest = max(max(t.in_dim, t.out_features) for t in engine.tracked)
     if tokens < 2 * widest:
-        monitor.warn(
-            f"only {tokens} fitting tokens for covariances up to {widest} wide; factors will be unstable: fit on more data (--fit-sequences)"
-        )
+        monitor.warn(f"only {tokens} fitting tokens for covariances up to {widest} wide; factors will be unstable: fit on more data (--fit-sequences)")
     started = time.perf_counter()
     tensors = estimator.fit(ctx)
     seconds = time.perf_counter() - started
@@ -236,7 +271,7 @@ def ensure_factors(
     checksum = save_tensors(project.root, rel, tensors, {"key": json.dumps(key_src, sort_keys=True)})
     fs_id, stale = catalog.store_factor_set(project.db, {
         "key": key, "estimator": estimator.name, "settings": json.dumps(estimator.factor_settings(), sort_keys=True),
-        "modules": json.dumps(engine.names), "model_fingerprint": project.model_fingerprint, "data_fingerprint": data_fp,
+        "modules": json.dumps(engine.names), "model_fingerprint": project.model_fingerprint, "data_fingerprint": key_src["data"],
         "num_sequences": len(indices), "seed": settings.seed, "path": rel, "checksum": checksum, "seconds": seconds,
     }, replaces=row["id"] if row is not None else None, run_id=run_id)
     if run_id is not None:  # the factor set now holds what the fitting shards were kept for

@@ -147,7 +147,7 @@ def filter_context(
         num_sequences=len(store), query_tokens=[q.tokens for q in toks],
         query_completion_starts=[q.completion_start for q in toks], sequences=store.many,
         metadata=functools.partial(catalog.metadata_column, project.db), artifacts_dir=project.root / ARTIFACTS,
-        corpus_fingerprint=store.fingerprint, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
+        corpus_fingerprint=store.key, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
         seed=seed, monitor=monitor, make_filter=make_filter, project=project, modules=modules,
     )
 

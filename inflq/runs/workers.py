@@ -48,15 +48,17 @@ def build_worker(spec: dict[str, Any]) -> LocalWorker:
 
 def checkpoint_engine(project: Project, path: str | Path, modules: str | None) -> GradientEngine:
     """An engine over a training checkpoint of the project's model (TracIn), loaded like the
-    project's model (local safetensors only) on the project's device and dtype."""
+    project's model (local safetensors only) on the project's device and dtype. A checkpoint of an
+    adapter project is an adapter folder, loaded on the project's base model."""
     from ..engine import select_modules
-    from ..modeling import load_model, pick_dtype
+    from ..modeling import is_adapter_dir, load_model
 
     path = Path(path)
-    if path.resolve() == project.model_path.resolve():
+    own = project.adapter_path or project.model_path
+    if path.resolve() == own.resolve():
         return project.runtime.engine(modules)
-    dev = project.runtime.device
-    model = load_model(path, dev, pick_dtype(project.config.dtype, dev))
+    rt = project.runtime
+    model = load_model(project.model_path, rt.device, rt.dtype, path) if is_adapter_dir(path) else load_model(path, rt.device, rt.dtype)
     return GradientEngine(model, select_modules(model, modules or project.config.modules))
 
 
@@ -66,6 +68,7 @@ def worker_spec(project: Project, modules: str | None, checkpoint: str | None = 
     spec = {
         "root": str(project.root.resolve()),
         "model": str(project.model_path.resolve()),
+        "adapter": str(project.adapter_path.resolve()) if project.adapter_path is not None else None,
         "device": project.config.device,
         "dtype": project.config.dtype,
         "modules": modules or project.config.modules,

@@ -128,7 +128,7 @@ def find_index(project, key: str | None = None):
         raise InflqError(f"index {row['key']} is incomplete; resume it with `inflq index build {project.root}` and the same options")
     if row["model_fingerprint"] != project.model_fingerprint:
         raise InflqError(f"index {row['key']} was built with another model; build one for this model with `inflq index build`")
-    if row["corpus_fingerprint"] != project.runtime.corpus.fingerprint:
+    if row["corpus_fingerprint"] != project.runtime.corpus.key:
         raise InflqError(f"index {row['key']} was built over another corpus; rebuild it with `inflq index build`")
     return row, store
 
@@ -206,12 +206,12 @@ def build(project, index_settings, run, monitor, shard_size: int = 4096):
         corpus = project.runtime.corpus
         indices = np.arange(len(corpus), dtype=np.int64)
         dtype = str(next(engine.model.parameters()).dtype)
-        source = index.key_source(index_settings, engine.names, project.model_fingerprint, corpus.fingerprint, fit.fit_indices, indices, run.seed, dtype)
+        source = index.key_source(index_settings, engine.names, project.model_fingerprint, corpus.key, fit.fit_indices, indices, run.seed, dtype)
         key = index.index_key(source)
         row = {
             "key": key, "path": f"{INDEX_DIR}/index-{key}", "kind": index_settings.kind, "estimator": index_settings.estimator,
             "settings": index_settings.to_json(), "modules": json.dumps(engine.names), "width": fit.model.width, "num_rows": len(indices),
-            "factor_set_id": prepared.factor_set_id, "model_fingerprint": project.model_fingerprint, "corpus_fingerprint": corpus.fingerprint,
+            "factor_set_id": prepared.factor_set_id, "model_fingerprint": project.model_fingerprint, "corpus_fingerprint": corpus.key,
             "status": "building", "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), "seconds": None,
         }
         old = next((r for r in recorded_indexes(project) if r["key"] == key), None)

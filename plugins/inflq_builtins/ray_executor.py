@@ -16,13 +16,15 @@ the catalog and the artifacts.
 * Cancelling (Ctrl-C) kills the actors, so work in flight stops at once; committed shards stay.
 * A lost actor (process or node death) is replaced and its shards are retried on live actors, up
   to ``max_retries`` times per shard.
-* Independent tasks (``Executor.run_tasks``: one LDS or leave-one-out retraining each) run as Ray
-  tasks with ``num_cpus``/``num_gpus`` each, at most as many at once as there would be actors; each
-  result comes back to the driver, which commits it as it arrives. The tasks open the project
-  folder at the driver's path (a shared filesystem; ``ship_model`` does not apply to them).
-  During a fit (``FitContext.run_tasks``: EK-FAC's eigendecompositions, one covariance each) the
-  fit's actors hold the cluster's resources, so the tasks run on them instead, one at a time per
-  actor, on the actor's own device (its GPU where it has one).
+* Independent tasks (``Executor.run_tasks``: one LDS or leave-one-out retraining each) run on
+  actors too, one at a time per actor: during a fit (``FitContext.run_tasks``: EK-FAC's
+  eigendecompositions, one covariance each) on the fit's actors, which hold the cluster's
+  resources, each on its own device (its GPU where it has one); otherwise on actors started for
+  the tasks, with ``num_cpus``/``num_gpus`` each. Each result comes back to the driver, which
+  commits it as it arrives. Retraining tasks open the project folder at the driver's path (a
+  shared filesystem; ``ship_model`` does not apply to them).
+* Shards and tasks go through one loop (:meth:`RayExecutor._schedule`): readiness pings, lost
+  actors replaced and their work retried, cancellation.
 
 Security: a Ray cluster runs whatever code a connected client sends. Keep Ray's token
 authentication on (the default for clusters that ``ray.init`` starts, Ray >= 2.59) and give inflq
@@ -99,7 +101,9 @@ class ShardWorker:
         torch.set_num_threads(max(1, threads))
         self._pass_key: str | None = None
         self._pass = None
-        if shipped is None:
+        if spec.get("model") is None:  # an actor for independent tasks only (run_tasks outside a pass)
+            self.engine, self.pad_id, self.sequences = None, pad_id, None
+        elif shipped is None:
             from inflq import build_worker
 
             worker = build_worker(spec)
@@ -108,10 +112,12 @@ class ShardWorker:
             from inflq import GradientEngine, load_model, pick_device, pick_dtype, select_modules
 
             folder = Path(tempfile.mkdtemp(prefix="inflq-model-"))
-            for name, data in shipped.items():
+            (folder / "adapter").mkdir()
+            for name, data in shipped.items():  # "adapter/NAME": the LoRA adapter's files
                 (folder / name).write_bytes(data)
             device = pick_device(spec.get("device"))
-            model = load_model(folder, device, pick_dtype(spec.get("dtype"), device))
+            adapter = folder / "adapter" if spec.get("adapter") else None
+            model = load_model(folder, device, pick_dtype(spec.get("dtype"), device, folder), adapter)
             self.engine = GradientEngine(model, select_modules(model, spec.get("modules")))
             self.pad_id, self.sequences = pad_id, None
 
@@ -223,13 +229,15 @@ class RayExecutor(Executor):
         if self.settings["memory"] is not None:
             resources["memory"] = int(self.settings["memory"] * 2**30)
         cls = ray.remote(**resources)(ShardWorker)
-        pad_id = job.local.pad_id if job.local is not None else 0
+        pad_id = job.local.pad_id if job is not None and job.local is not None else 0
         handle = cls.remote(spec, int(max(1, self.settings["num_cpus"])), self._shipped, pad_id)
         self._actors[handle._actor_id.hex()] = {"handle": handle, "ready": False, "ping": handle.pid.remote(), "load": 0, "since": time.monotonic()}
 
     def _ensure_pool(self, job) -> None:
+        """Actors for ``job`` (its worker context loaded once each), or, with no job, bare actors
+        for independent tasks; the pool is kept while the job's worker spec stays the same."""
         ray = self._ray
-        spec = dict(job.worker)
+        spec = dict(job.worker) if job is not None else {"model": None}
         # Ray gives an actor its own GPUs as cuda:0..; an actor without GPUs stays on the CPU.
         spec["device"] = "cuda" if self.settings["num_gpus"] > 0 else "cpu"
         key = repr(sorted(spec.items()))
@@ -239,6 +247,8 @@ class RayExecutor(Executor):
             if self.settings["ship_model"] and self._shipped is None:
                 folder = Path(spec["model"])
                 files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+                if spec.get("adapter"):
+                    files.update({f"adapter/{p.name}": p.read_bytes() for p in Path(spec["adapter"]).iterdir() if p.is_file()})
                 self._shipped = ray.put(files)
         self._spec, self._job = spec, job
         if self._sink is None:
@@ -260,56 +270,50 @@ class RayExecutor(Executor):
             raise InflqError("ray:memory must be a positive number of GB per worker")
         return int(gb * 2**30) // 2  # the other half: the model and a batch
 
-    # -- the map ------------------------------------------------------------------------------
-    def map(self, job, shards, on_result, monitor):
-        if not shards:
-            return
-        ray = self._connect(monitor)
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    # -- the one loop over the actors --------------------------------------------------------------
+    def _replace(self, actor_id: str) -> None:
+        """Kill a lost actor (if it still answers) and start another, wherever Ray finds room."""
+        a = self._actors.pop(actor_id, None)
+        if a is not None:
+            with contextlib.suppress(Exception):
+                self._ray.kill(a["handle"], no_restart=True)
+            self._start_actor(self._spec, self._job)
 
-        self._ensure_pool(job)
-        pass_ref = ray.put(job.pass_)
-        queue = deque(shards)
-        attempts: Counter = Counter()
-        reported: Counter = Counter()
-        inflight: dict[Any, tuple[str, Any]] = {}
+    def _schedule(self, work: _Work, monitor) -> None:
+        """Run ``work`` on the pool's actors: each ready actor (least loaded first) gets items up to
+        ``work.depth`` in flight; actors are ready once they answer a ping, and one that fails to
+        start is replaced up to ``max_retries`` times; an item whose actor is lost runs again on
+        another (a replacement is started), up to ``max_retries`` times; results reach the driver
+        as they finish. Cancelling (or any error) kills the actors: work in flight stops at once."""
+        ray = self._ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        inflight: dict[Any, tuple[str, Any]] = {}  # result ref: (actor, item)
         start_failures: list[str] = []
         waiting_since = time.monotonic()
-
-        def submit(actor_id: str, shard) -> None:
-            a = self._actors[actor_id]
-            tokens = job.local.corpus.many(shard.indices) if self._shipped is not None else None
-            ref = a["handle"].run.remote([pass_ref], shard.index, shard.indices, tokens, job.batch_size, self._sink)
-            inflight[ref] = (actor_id, shard)
-            a["load"] += 1
-
-        def lose(actor_id: str) -> None:
-            a = self._actors.pop(actor_id, None)
-            if a is not None:
-                with contextlib.suppress(Exception):
-                    ray.kill(a["handle"], no_restart=True)
-                self._start_actor(self._spec, job)  # a replacement, wherever Ray finds room
-
         try:
-            while queue or inflight:
-                ready_ids = [i for i, a in self._actors.items() if a["ready"]]
-                for actor_id in sorted(ready_ids, key=lambda i: self._actors[i]["load"]):
-                    while queue and self._actors[actor_id]["load"] < IN_FLIGHT:
-                        submit(actor_id, queue.popleft())
+            while True:
+                ready = sorted((i for i, a in self._actors.items() if a["ready"]), key=lambda i: self._actors[i]["load"])
+                for actor_id in ready:
+                    a = self._actors[actor_id]
+                    while a["load"] < work.depth and (item := work.take()) is not None:
+                        inflight[work.send(a["handle"], item)] = (actor_id, item)
+                        a["load"] += 1
+                        del item
+                if not inflight and work.finished():
+                    return
                 pings = {a["ping"]: i for i, a in self._actors.items() if not a["ready"]}
-                if not ready_ids and not inflight:
-                    if len(start_failures) > self.settings["max_retries"]:
-                        raise InflqError(f"Ray workers fail to start: {start_failures[-1]}; check the project folder is readable on the workers (docs/executors.md)")
+                if not ready and not inflight:
+                    if not self._actors or len(start_failures) > self.settings["max_retries"]:
+                        why = start_failures[-1] if start_failures else "every worker was lost"
+                        raise InflqError(f"Ray workers fail to start: {why}; check the project folder is readable on the workers (docs/executors.md)")
                     if time.monotonic() - waiting_since > self.settings["start_timeout"]:
                         raise InflqError(
                             f"no Ray worker started in {self.settings['start_timeout']:.0f}s: the cluster lacks "
                             f"num_gpus={self.settings['num_gpus']}, num_cpus={self.settings['num_cpus']} per worker; see `ray status`"
                         )
                 done, _ = ray.wait([*inflight, *pings], num_returns=1, timeout=0.1)
-                for shard_index, n in ray.get(self._sink.take.remote()).items():
-                    if any(s.index == shard_index for _, s in inflight.values()):
-                        reported[shard_index] += n
-                        monitor.advance(n)
+                work.poll([item for _, item in inflight.values()])
                 monitor.check()
                 for ref in done:
                     if ref in pings:
@@ -321,155 +325,53 @@ class RayExecutor(Executor):
                             start_failures.append(_first_line(exc))
                             self._actors.pop(actor_id, None)
                             if len(start_failures) <= self.settings["max_retries"]:
-                                self._start_actor(self._spec, job)
+                                self._start_actor(self._spec, self._job)
                         continue
-                    actor_id, shard = inflight.pop(ref)
+                    actor_id, item = inflight.pop(ref)
                     try:
-                        out = ray.get(ref)
+                        out = _owned(ray.get(ref))
                     except RayActorError:
-                        attempts[shard.index] += 1
-                        if attempts[shard.index] > self.settings["max_retries"]:
-                            raise InflqError(f"shard {shard.index} lost its Ray worker {attempts[shard.index]} times; check the cluster (`ray status`) and resume") from None
-                        monitor.advance(-reported.pop(shard.index, 0))
-                        if actor_id in self._actors:
-                            monitor.warn(f"a Ray worker was lost; its shards are retried on other workers (shard {shard.index}, attempt {attempts[shard.index] + 1})")
-                        self.lost_workers += actor_id in self._actors
-                        lose(actor_id)
-                        queue.appendleft(shard)
+                        attempt = work.retry(item, self.settings["max_retries"])
+                        if actor_id in self._actors:  # the first of its items to report the loss
+                            monitor.warn(f"a Ray worker was lost; {work.describe(item)} runs again on another worker (attempt {attempt + 1})")
+                            self.lost_workers += 1
+                            self._replace(actor_id)
                         continue
                     except RayTaskError as exc:
                         _raise_cause(exc)
-                    except GetTimeoutError:  # pragma: no cover - ready refs do not time out
-                        continue
                     if actor_id in self._actors:
                         self._actors[actor_id]["load"] -= 1
-                    # Own the memory: a tensor read from the object store may alias a buffer that
-                    # Ray reuses once the reference is gone.
-                    out = {k: v.clone() for k, v in out.items()}
                     del ref
-                    on_result(shard, out)
-                    monitor.advance(len(shard) - reported.pop(shard.index, 0))
+                    work.finish(item, out)
+                    del item, out
                     waiting_since = time.monotonic()
         except BaseException:
             # Cancelled, an error or Ctrl-C twice: stop the work in flight now (it is not committed).
             self._kill_all()
             raise
 
+    # -- the map ------------------------------------------------------------------------------
+    def map(self, job, shards, on_result, monitor):
+        if not shards:
+            return
+        ray = self._connect(monitor)
+        self._ensure_pool(job)
+        self._schedule(_Shards(shards, job, ray.put(job.pass_), self, on_result, monitor), monitor)
+
     # -- independent tasks --------------------------------------------------------------------
     def run_tasks(self, fn, tasks, on_result, monitor):
+        """On the pool's actors: a fit's (which hold the cluster's resources; EK-FAC's
+        eigendecompositions run there, on each actor's device), or else actors started for the
+        tasks alone, with ``num_cpus``/``num_gpus`` each (LDS retrainings). One task in flight per
+        actor, each task's data in the object store only while it is in flight."""
         tasks = iter(tasks)
         first = [next(tasks, _NONE)]
         if first[0] is _NONE:  # nothing to run: no cluster to connect to
             return
-        tasks = _taken_once(first, tasks)
         ray = self._connect(monitor)
-        if self._actors:  # a fit's actors hold the cluster's resources: the tasks run on them
-            self._tasks_on_actors(ray, fn, tasks, on_result, monitor)
-            return
-        from ray.exceptions import RayTaskError, WorkerCrashedError
-
-        remote = ray.remote(num_cpus=self.settings["num_cpus"], num_gpus=self.settings["num_gpus"], max_retries=self.settings["max_retries"])(_run_task)
-        width = self._worker_count()
-        fn_ref = ray.put(fn)
-        queue = iter(enumerate(tasks))  # taken one at a time, as each is sent
-        inflight: dict[Any, int] = {}
-        try:
-            while True:
-                while len(inflight) < width and (item := next(queue, None)) is not None:
-                    i, task = item
-                    inflight[remote.remote(fn_ref, task, int(max(1, self.settings["num_cpus"])), self.settings["num_gpus"] > 0)] = i
-                    del item, task
-                if not inflight:
-                    break
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.1)
-                monitor.check()
-                for ref in done:
-                    i = inflight.pop(ref)
-                    try:
-                        out = _owned(ray.get(ref))
-                    except RayTaskError as exc:
-                        _raise_cause(exc)
-                    except WorkerCrashedError:
-                        raise InflqError(f"task {i} lost its Ray worker {self.settings['max_retries'] + 1} times; check the cluster (`ray status`) and resume") from None
-                    del ref
-                    on_result(i, out)
-        except BaseException:
-            # Cancelled, an error or Ctrl-C: stop the tasks in flight now (their results are lost).
-            for ref in inflight:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
-            raise
-
-    def _tasks_on_actors(self, ray, fn, tasks, on_result, monitor) -> None:
-        """``run_tasks`` on the actors a fit started (each task asks for no resources of its own):
-        one task in flight per actor, each task's data in the object store only while it is in
-        flight; a task whose actor is lost runs again on another (a replacement is started), up to
-        ``max_retries`` times; cancelling kills the actors, as for a pass."""
-        from ray.exceptions import RayActorError, RayTaskError
-
-        fn_ref = ray.put(fn)
-        queue = iter(enumerate(tasks))
-        retry: deque = deque()
-        attempts: Counter = Counter()
-        inflight: dict[Any, tuple[str, int, Any]] = {}  # result ref: (actor, task number, task ref)
-        exhausted = False
-        try:
-            while True:
-                for actor_id, a in list(self._actors.items()):
-                    if not a["ready"] or a["load"]:
-                        continue
-                    if retry:
-                        i, task_ref = retry.popleft()
-                    elif not exhausted and (item := next(queue, None)) is not None:
-                        i, task_ref = item[0], ray.put(item[1])  # the task's data leaves the driver here
-                        del item
-                    else:
-                        exhausted = True
-                        break
-                    inflight[a["handle"].call.remote(fn_ref, task_ref)] = (actor_id, i, task_ref)
-                    a["load"] += 1
-                if not inflight and exhausted and not retry:
-                    break
-                pings = {a["ping"]: i for i, a in self._actors.items() if not a["ready"]}
-                if not inflight and not pings:
-                    raise InflqError("no Ray worker is left to run the tasks; check the cluster (`ray status`) and resume")
-                done, _ = ray.wait([*inflight, *pings], num_returns=1, timeout=0.1)
-                monitor.check()
-                for ref in done:
-                    if ref in pings:
-                        try:
-                            ray.get(ref)
-                            self._actors[pings[ref]]["ready"] = True
-                        except (RayActorError, RayTaskError) as exc:
-                            self._actors.pop(pings[ref], None)
-                            raise InflqError(f"a Ray worker failed to start: {_first_line(exc)}") from None
-                        continue
-                    actor_id, i, task_ref = inflight.pop(ref)
-                    try:
-                        out = _owned(ray.get(ref))
-                    except RayActorError:
-                        attempts[i] += 1
-                        if attempts[i] > self.settings["max_retries"]:
-                            raise InflqError(f"task {i} lost its Ray worker {attempts[i]} times; check the cluster (`ray status`) and resume") from None
-                        monitor.warn(f"a Ray worker was lost; its task runs again on another worker (task {i}, attempt {attempts[i] + 1})")
-                        lost = self._actors.pop(actor_id, None)
-                        if lost is not None:
-                            self.lost_workers += 1
-                            with contextlib.suppress(Exception):
-                                ray.kill(lost["handle"], no_restart=True)
-                            self._start_actor(self._spec, self._job)  # a replacement, wherever Ray finds room
-                        retry.append((i, task_ref))
-                        continue
-                    except RayTaskError as exc:
-                        _raise_cause(exc)
-                    if actor_id in self._actors:
-                        self._actors[actor_id]["load"] -= 1
-                    del ref, task_ref
-                    on_result(i, out)
-        except BaseException:
-            # Cancelled, an error or Ctrl-C twice: stop the tasks in flight now (their results are lost).
-            self._kill_all()
-            raise
+        if not self._actors:
+            self._ensure_pool(None)
+        self._schedule(_Tasks(_taken_once(first, tasks), ray.put(fn), ray, on_result), monitor)
 
     def close(self) -> None:
         if self._ray is None:
@@ -486,18 +388,121 @@ class RayExecutor(Executor):
         self._shipped = None
 
 
-def _run_task(fn, task, threads: int, gpus: bool = False):
-    """A Ray task: ``fn(task, monitor)`` with torch on ``threads`` threads and a monitor of its own
-    (the driver cancels by cancelling the task); without ``gpus``, none visible."""
-    if not gpus:
-        _hide_gpus()
-    import torch
+class _Work:
+    """What :meth:`RayExecutor._schedule` runs: items taken one at a time (a lost item first, again),
+    each sent to an actor, its result handed back in the driver."""
 
-    from inflq import Monitor, quiet_transformers
+    depth = 1  # items in flight per actor
 
-    quiet_transformers()
-    torch.set_num_threads(max(1, threads))
-    return fn(task, Monitor())
+    def __init__(self, items) -> None:
+        self._items = items
+        self._again: deque = deque()
+        self._exhausted = False
+        self.attempts: Counter = Counter()
+
+    def take(self):
+        if self._again:
+            return self._again.popleft()
+        if not self._exhausted:
+            item = next(self._items, None)
+            if item is not None:
+                return self.prepare(item)
+            self._exhausted = True
+        return None
+
+    def finished(self) -> bool:
+        return self._exhausted and not self._again
+
+    def retry(self, item, max_retries: int) -> int:
+        """Put an item whose actor was lost back, first in line; returns how often it was lost."""
+        self.attempts[self.key(item)] += 1
+        n = self.attempts[self.key(item)]
+        if n > max_retries:
+            raise InflqError(f"{self.describe(item)} lost its Ray worker {n} times; check the cluster (`ray status`) and resume")
+        self._again.appendleft(item)
+        return n
+
+    def prepare(self, item):
+        return item
+
+    def poll(self, inflight: list) -> None:
+        pass
+
+    def key(self, item):
+        raise NotImplementedError
+
+    def describe(self, item) -> str:
+        raise NotImplementedError
+
+    def send(self, handle, item):
+        raise NotImplementedError
+
+    def finish(self, item, out) -> None:
+        raise NotImplementedError
+
+
+class _Shards(_Work):
+    """A pass's shards, two in flight per actor (so that an actor never waits for the driver), with
+    the actors' per-batch progress reported as it comes."""
+
+    depth = IN_FLIGHT
+
+    def __init__(self, shards, job, pass_ref, executor: RayExecutor, on_result, monitor) -> None:
+        super().__init__(iter(shards))
+        self.job, self.pass_ref, self.executor, self.on_result, self.monitor = job, pass_ref, executor, on_result, monitor
+        self.reported: Counter = Counter()  # batches' sequences already shown, per shard in flight
+
+    def key(self, shard):
+        return shard.index
+
+    def describe(self, shard) -> str:
+        return f"shard {shard.index}"
+
+    def send(self, handle, shard):
+        ex = self.executor
+        tokens = self.job.local.corpus.many(shard.indices) if ex._shipped is not None else None
+        return handle.run.remote([self.pass_ref], shard.index, shard.indices, tokens, self.job.batch_size, ex._sink)
+
+    def poll(self, inflight: list) -> None:
+        running = {s.index for s in inflight}
+        for shard_index, n in self.executor._ray.get(self.executor._sink.take.remote()).items():
+            if shard_index in running:
+                self.reported[shard_index] += n
+                self.monitor.advance(n)
+
+    def retry(self, shard, max_retries: int) -> int:
+        n = super().retry(shard, max_retries)
+        self.monitor.advance(-self.reported.pop(shard.index, 0))  # its batches run again
+        return n
+
+    def finish(self, shard, out) -> None:
+        self.on_result(shard, out)
+        self.monitor.advance(len(shard) - self.reported.pop(shard.index, 0))
+
+
+class _Tasks(_Work):
+    """Independent tasks ``(number, task)``, one in flight per actor; a task's data goes into the
+    object store when it is sent, and leaves it with its result."""
+
+    def __init__(self, tasks, fn_ref, ray, on_result) -> None:
+        super().__init__(enumerate(tasks))
+        self.fn_ref, self.ray, self.on_result = fn_ref, ray, on_result
+
+    def prepare(self, item):
+        i, task = item
+        return i, self.ray.put(task)  # the task's data leaves the driver here
+
+    def key(self, item):
+        return item[0]
+
+    def describe(self, item) -> str:
+        return f"task {item[0]}"
+
+    def send(self, handle, item):
+        return handle.call.remote(self.fn_ref, item[1])
+
+    def finish(self, item, out) -> None:
+        self.on_result(item[0], out)
 
 
 def _hide_gpus() -> None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
-from inflq import Filter, FilterContext, InflqError, Option, hookimpl
+from inflq import Filter, FilterContext, InflqError, Option, hookimpl, targets_of
 
 if TYPE_CHECKING:  # SciPy and scikit-learn load when an index is built or read, not on import
     import scipy.sparse as sp
@@ -158,7 +158,8 @@ def build_index(ctx: FilterContext, chunk: int = CHUNK_SEQUENCES) -> TfidfIndex:
     vocab = 0
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        seqs = ctx.sequences(np.arange(start, stop, dtype=np.int64))
+        # A fine-tune's instruction data counts its responses' tokens only: the text it trained on.
+        seqs = [s if targets_of(s) is None else np.asarray(s)[targets_of(s)] for s in ctx.sequences(np.arange(start, stop, dtype=np.int64))]
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         toks = np.concatenate(seqs).astype(np.int64) if len(seqs) else np.zeros(0, np.int64)
         width = int(toks.max()) + 1 if toks.size else 1

@@ -16,6 +16,7 @@ Positive scores mean the training sequence makes the completion more likely, as 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -102,25 +103,46 @@ def _architecture(path: Path, modules: str) -> tuple[str | None, list[tuple[str,
 
 def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
     """Check that ``path`` holds the project model's architecture (same ``model_type``, same tracked
-    modules and shapes), then record it in ``inflq.toml`` and the catalog."""
-    from inflq import check_model_dir, fingerprint_files, model_files, project_relative
+    modules and shapes), or, for a project with a LoRA adapter, an adapter of the same
+    configuration (rank, alpha, target modules: a checkpoint of the fine-tune), then record it in
+    ``inflq.toml`` and the catalog."""
+    from inflq import (
+        check_model_dir,
+        fingerprint_files,
+        is_adapter_dir,
+        model_files,
+        project_relative,
+    )
 
     path = Path(path)
-    check_model_dir(path)
     if not (learning_rate > 0):
         raise InflqError(f"--lr must be a positive learning rate, not {learning_rate}")
-    want_type, want = _architecture(project.model_path, project.config.modules)
-    got_type, got = _architecture(path, project.config.modules)
-    if got_type != want_type:
-        raise InflqError(f"{path} holds a {got_type} model but the project's model is {want_type}; give a checkpoint of the project's model")
-    if got != want:
-        diff = next(((a, b) for a, b in zip(want, got) if a != b), None)
-        where = f" ({diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]})" if diff else f" ({len(want)} vs {len(got)} tracked modules)"
-        raise InflqError(f"{path} has a different architecture from the project's model{where}; give a checkpoint of the same model")
+    if project.config.adapter:
+        if not is_adapter_dir(path):
+            raise InflqError(f"{path} is not a LoRA adapter folder; a checkpoint of this project's fine-tune is one (save_pretrained of the PeftModel)")
+        same = ("peft_type", "r", "lora_alpha", "target_modules", "fan_in_fan_out", "bias")
+        want, got = (json.loads((Path(d) / "adapter_config.json").read_text()) for d in (project.adapter_path, path))
+        diff = [k for k in same if _normal(want.get(k)) != _normal(got.get(k))]
+        if diff:
+            raise InflqError(f"{path} is an adapter of another configuration ({', '.join(diff)} differ); give a checkpoint of the project's fine-tune")
+        if not (path / "adapter_model.safetensors").is_file():
+            raise InflqError(f"{path} has no adapter_model.safetensors (inflq never loads pickled weights)")
+        files = [path / "adapter_config.json", path / "adapter_model.safetensors"]
+    else:
+        check_model_dir(path)
+        want_type, want = _architecture(project.model_path, project.config.modules)
+        got_type, got = _architecture(path, project.config.modules)
+        if got_type != want_type:
+            raise InflqError(f"{path} holds a {got_type} model but the project's model is {want_type}; give a checkpoint of the project's model")
+        if got != want:
+            diff = next(((a, b) for a, b in zip(want, got) if a != b), None)
+            where = f" ({diff[0][0]} {diff[0][1]} vs {diff[1][0]} {diff[1][1]})" if diff else f" ({len(want)} vs {len(got)} tracked modules)"
+            raise InflqError(f"{path} has a different architecture from the project's model{where}; give a checkpoint of the same model")
+        files = model_files(path)
     rel = project_relative(path, project.root)
     if any(Path(project.path(c["path"])).resolve() == path.resolve() for c in listed_checkpoints(project)):
         raise InflqError(f"{path} is already a checkpoint of this project; see `inflq checkpoint list`")
-    fp = fingerprint_files(model_files(path))
+    fp = fingerprint_files(files)
     listed_checkpoints(project).append({"path": rel, "learning_rate": float(learning_rate)})
     project.save_config()
     open_tables(project)
@@ -133,6 +155,11 @@ def add_checkpoint(project, path: Path, learning_rate: float) -> dict:
             {"path": rel, "learning_rate": float(learning_rate), "fingerprint": fp, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
         ).last_pk
     return db["checkpoints"].get(cid)
+
+
+def _normal(value):
+    """An adapter setting compared as a set where it is a list (target modules in any order)."""
+    return sorted(value) if isinstance(value, list) else value
 
 
 def listed_checkpoints(project) -> list[dict]:

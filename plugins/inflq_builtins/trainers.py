@@ -11,6 +11,11 @@ evenly spaced checkpoints for TracIn (:func:`checkpoint_steps`): a ``save_pretra
 ``step-NNNNN`` each, with ``checkpoint.json`` holding the step and the learning rate in force there
 (the rate of the step that produced it), which ``inflq checkpoint add PROJECT DIR --lr X`` records.
 Saving reads the weights only: the final model is bitwise the same with or without checkpoints.
+
+``adamw-lora`` (:func:`train_lora`) fine-tunes a fresh LoRA adapter, of the project's adapter's
+configuration (rank, alpha, target modules), on the project's frozen base model with the same loop:
+projects/demo-lora/build.py makes the demo's adapter with it. Both trainers train on the corpus's
+loss mask (instruction data: the responses only, as the fine-tune did).
 """
 
 from __future__ import annotations
@@ -22,25 +27,40 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from inflq import InflqError, Monitor, Option, Trainer, hookimpl
+from inflq import (
+    InflqError,
+    Monitor,
+    Option,
+    Trainer,
+    hookimpl,
+    is_adapter_dir,
+    require_peft,
+    targets_of,
+)
 
 
 @hookimpl
 def register_trainers(register):
     register(AdamWTrainer)
+    register(AdamWLoRATrainer)
 
 
 def collate(seqs: Sequence[Sequence[int]], pad_id: int) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding, and on the
+    tokens a sequence's mask of trained targets leaves out: instruction data's prompts)."""
+    import numpy as np
     import torch
 
     n = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    trained = torch.zeros((len(seqs), n), dtype=torch.bool)
     for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        input_ids[i, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
         attention_mask[i, : len(s)] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
+        targets = targets_of(s)
+        trained[i, : len(s)] = True if targets is None else torch.from_numpy(np.asarray(targets, dtype=bool))
+    labels = input_ids.masked_fill(~trained, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -82,7 +102,8 @@ def train_causal_lm(
     checkpoints: int = 0,
     checkpoint_dir: Path | None = None,
 ) -> dict:
-    """Train ``model`` in place on ``seqs`` (token lists) with the demo's recipe; returns
+    """Train ``model``'s trainable parameters in place on ``seqs`` (token arrays, with their masks
+    of trained targets where they carry one) with the demo's recipe; returns
     ``{"steps", "train_time_s", "final_train_loss", "checkpoints"}``. Warmup lasts
     ``min(warmup, total steps // 10)`` steps. ``monitor`` is checked before every step (Ctrl-C stops
     within one step); ``log`` gets one line per reported epoch. ``checkpoints``: save that many
@@ -93,8 +114,9 @@ def train_causal_lm(
     if not len(seqs):
         raise InflqError("the trainer got no training sequences; raise --fraction")
     device = next(model.parameters()).device
-    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]  # a LoRA model: the adapter's only
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(seqs) / batch_size)
     total = steps_per_epoch * epochs
@@ -127,7 +149,7 @@ def train_causal_lm(
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             step_lr = float(sched.get_last_lr()[0])  # the rate this step uses
             opt.step()
             sched.step()
@@ -169,6 +191,8 @@ class AdamWTrainer(Trainer):
         model_dir = Path(ctx.project.model_path)
         if not (model_dir / "config.json").exists():
             raise InflqError(f"{model_dir} has no config.json; the adamw trainer builds the model from it")
+        if ctx.project.config.adapter:
+            raise InflqError("this project explains a LoRA adapter, which adamw would not retrain: use --trainer adamw-lora")
         device = ctx.project.runtime.device if s["device"] == "project" else torch.device("cpu")
         threads = torch.get_num_threads()
         if s["threads"] and s["threads"] > 0:
@@ -177,10 +201,74 @@ class AdamWTrainer(Trainer):
             config = AutoConfig.from_pretrained(str(model_dir))
             torch.manual_seed(int(ctx.seed))
             model = AutoModelForCausalLM.from_config(config).float().to(device)
-            seqs = [[int(t) for t in x] for x in ctx.project.runtime.corpus.many(ctx.indices)]
+            seqs = ctx.project.runtime.corpus.many(ctx.indices)
             train_causal_lm(
                 model, seqs, ctx.project.runtime.pad_id, epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"],
                 warmup=s["warmup"], weight_decay=s["weight_decay"], seed=int(ctx.seed), monitor=ctx.monitor,
+            )
+        finally:
+            torch.set_num_threads(threads)
+        return model
+
+
+def lora_model(base, config, seed: int):
+    """``base`` (frozen) with a fresh LoRA adapter of ``config`` (a ``peft.LoraConfig``), its A
+    matrices initialised from ``torch.manual_seed(seed)`` (B starts at zero, as in peft)."""
+    import copy
+
+    import torch
+
+    peft = require_peft()
+    config = copy.deepcopy(config)
+    config.inference_mode = False
+    torch.manual_seed(int(seed))
+    return peft.get_peft_model(base, config)
+
+
+def train_lora(base, config, seqs, pad_id: int, *, seed: int = 0, **recipe):
+    """A fresh LoRA adapter of ``config`` on ``base`` (:func:`lora_model`), trained on ``seqs`` with
+    :func:`train_causal_lm`'s loop (``recipe``: its options). Returns the model and the summary."""
+    model = lora_model(base, config, seed)
+    summary = train_causal_lm(model, seqs, pad_id, seed=seed, **recipe)
+    return model, summary
+
+
+class AdamWLoRATrainer(Trainer):
+    name = "adamw-lora"
+    description = "fine-tune a fresh LoRA adapter (the project's adapter's rank, alpha, modules) on the frozen base model: AdamW, warmup + cosine"
+    options = (
+        Option("epochs", int, 20, "passes over the subset"),
+        Option("lr", float, 3e-3, "peak learning rate"),
+        Option("batch_size", int, 16, "sequences per step"),
+        Option("warmup", int, 20, "warmup steps (at most a tenth of all steps)"),
+        Option("weight_decay", float, 0.0, "AdamW weight decay on the adapter's matrices"),
+        Option("threads", int, 2, "torch CPU threads while training (0: leave as set)"),
+        Option("device", str, "cpu", "where to train: cpu or the project's device (project)", choices=("cpu", "project")),
+    )
+
+    def train(self, ctx):
+        import torch
+
+        s = self.settings
+        for key in ("epochs", "batch_size"):
+            if s[key] < 1:
+                raise InflqError(f"trainer adamw-lora: {key} must be at least 1")
+        adapter = ctx.project.adapter_path
+        if adapter is None or not is_adapter_dir(adapter):
+            raise InflqError("trainer adamw-lora retrains a LoRA adapter: the project has none (create it with --adapter DIR)")
+        peft = require_peft()
+        device = ctx.project.runtime.device if s["device"] == "project" else torch.device("cpu")
+        threads = torch.get_num_threads()
+        if s["threads"] and s["threads"] > 0:
+            torch.set_num_threads(int(s["threads"]))
+        try:
+            from inflq import load_model
+
+            base = load_model(ctx.project.model_path, device, torch.float32)
+            config = peft.LoraConfig.from_pretrained(str(adapter))
+            model, _ = train_lora(
+                base, config, ctx.project.runtime.corpus.many(ctx.indices), ctx.project.runtime.pad_id, seed=int(ctx.seed), epochs=s["epochs"],
+                batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"], weight_decay=s["weight_decay"], monitor=ctx.monitor,
             )
         finally:
             torch.set_num_threads(threads)
