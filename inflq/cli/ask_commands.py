@@ -26,8 +26,9 @@ from .common import make_console, progress_monitor, project_at, text_room
 @click.option("--index", "index_key", default=None, help="Which gradient index picks the candidates (a key or its first characters; default: the newest complete one).")
 @click.option("--rank", default="full", show_default=True, help="Rank of the query's preconditioned gradient, or 'full' (exact).")
 @click.option("--fit-sequences", type=int, help="The exact estimator's factors fitted on this many sequences, as the run that cached them (default: all).")
+@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's; the index must cover the same).")
 @click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
-def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigation, no_index, chat, estimator, index_key, rank, fit_sequences, device):
+def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigation, no_index, chat, estimator, index_key, rank, fit_sequences, modules, device):
     """Ask PROMPT -> COMPLETION: the gradient index picks the candidates, exact EK-FAC scores them.
 
     Prints the top K candidates with their exact scores (positive: the sequence makes the completion
@@ -49,7 +50,7 @@ def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigat
         from .. import catalog
 
         catalog.investigation(p.db, investigation)  # a missing investigation fails now, not after the scores
-    asker = Asker(p, estimator, index_key, rank_v, fit_sequences)
+    asker = Asker(p, estimator, index_key, rank_v, fit_sequences, modules=modules)
     query = query_dict(prompt, completion, chat)
     asker.check_query(query)
     if not no_index:
