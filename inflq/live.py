@@ -1,14 +1,16 @@
-"""A query answered while it is typed (the TUI's live query, issue 16).
+"""A query answered while it is typed (the TUI's live query, issues 16 and 24).
 
 An *interactive* estimator (``Estimator.interactive``: it scores a new query without a pass over the
-corpus, e.g. ``index``, from a stored gradient index) gives the top sequences of an unsaved query in
-well under a second; :meth:`LiveScorer.exact` then re-scores those few sequences with the exact
-estimator (the registry's default, EK-FAC), its factors cached as a run would cache them.
+corpus, e.g. ``index``, from a stored gradient index) ranks every sequence for an unsaved query in
+well under a second: the preview. The exact estimator (the registry's default, EK-FAC, its factors
+cached as a run would cache them) then re-scores the preview's top candidates block by block
+(:meth:`LiveScorer.exact_parts`), so that a front end can show the list converging to the exact
+top of the candidates and stop between blocks when the query changes. Both go through
+:class:`inflq.ask.Asker`, the engine of ``inflq ask``.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,12 +18,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import catalog
+from .ask import Asker, default_depth, interactive_estimator, pick
 from .errors import InflqError
-from .plugins import get_registry
 from .progress import Monitor
 
 if TYPE_CHECKING:
     from .project import Project
+
+__all__ = ["LiveProbe", "LiveScorer", "LiveTop", "interactive_estimator"]
+
+RANKED = 16  # the preview ranks this many times the default depth at once (re-scoring deeper rarely needs more)
 
 
 @dataclass
@@ -39,6 +45,10 @@ class LiveProbe:
 
 @dataclass
 class LiveTop:
+    """The preview of a live query: its top ``k`` by the interactive estimator, and the ranking the
+    exact re-scoring follows (``ranking``: every corpus index, best first; ``row``: the preview
+    score of every corpus sequence, in corpus order)."""
+
     estimator: str
     indices: np.ndarray  # corpus indices, best first
     scores: np.ndarray
@@ -47,73 +57,74 @@ class LiveTop:
     seconds: float
     probes: list[LiveProbe] = field(default_factory=list)  # best first
     num_rows: int = 0
+    ranking: np.ndarray | None = None
+    row: np.ndarray | None = None
 
-
-def interactive_estimator() -> str | None:
-    """The name of a registered interactive estimator (the first by name), or None."""
-    names = [n for n, cls in sorted(get_registry().all("estimator").items()) if getattr(cls, "interactive", False)]
-    return names[0] if names else None
+    def candidates(self, depth: int) -> np.ndarray:
+        """The preview's top ``depth`` corpus indices, best first."""
+        assert self.ranking is not None and self.row is not None
+        if int(depth) > len(self.ranking) and len(self.ranking) < len(self.row):
+            self.ranking = pick(self.row, int(depth))
+        return self.ranking[: int(depth)]
 
 
 class LiveScorer:
     """Scores unsaved queries of one project; what it prepares (an estimator with its factors or
-    index, the engine) is kept for the next keystroke. Thread-safe: one query at a time."""
+    index, the engine) is kept for the next keystroke. Thread-safe: one computation at a time."""
 
     def __init__(self, project: Project) -> None:
         self.project = project
-        self._prepared: dict[str | None, object] = {}
-        self._lock = threading.Lock()
+        self.asker = Asker(project)
         self._tokens: dict[str, np.ndarray] = {}
+        self._texts: dict[int, tuple[str, str]] = {}
 
-    def _prepare(self, estimator: str | None):
-        from .runs import RunSettings, prepare_estimator
+    @property
+    def lock(self):
+        return self.asker.lock
 
-        if estimator not in self._prepared:
-            settings = RunSettings(estimator=estimator)
-            prepared = prepare_estimator(self.project, settings, Monitor())
-            settings.resolve_batching(prepared.engine, self.project)
-            self._prepared[estimator] = (prepared, settings)
-        return self._prepared[estimator]
+    def default_depth(self) -> int:
+        return default_depth(len(self.project.runtime.corpus))
 
     def top(self, prompt: str, completion: str, k: int = 5, probes: list[dict] | None = None) -> LiveTop | None:
-        """The interactive estimator's top ``k`` sequences for the query; None when no interactive
-        estimator is registered or it cannot serve this project (e.g. no index built yet).
-        ``probes`` (catalog rows: ``id``, ``query_id``, ``text``, ``label``) are scored too, where
-        the estimator offers :meth:`inflq.Estimator.score_sequences`, and ranked among the corpus."""
+        """The interactive estimator's top ``k`` sequences for the query (and its whole ranking, for
+        the exact re-scoring); None when no interactive estimator is registered or it cannot serve
+        this project (e.g. no index built yet). ``probes`` (catalog rows: ``id``, ``query_id``,
+        ``text``, ``label``) are scored too, where the estimator offers
+        :meth:`inflq.Estimator.score_sequences`, and ranked among the corpus."""
         name = interactive_estimator()
         if name is None or not prompt.strip() or not completion.strip():
             return None
-        from .runs import scoring_context
-
         t0 = time.perf_counter()
-        with self._lock:
+        query = {"prompt": prompt, "completion": completion, "chat": 0}
+        with self.lock:
             try:
-                prepared, settings = self._prepare(name)
-                n = len(self.project.runtime.corpus)
-                query = {"prompt": prompt, "completion": completion, "chat": 0}
-                ctx = scoring_context(self.project, prepared.estimator, prepared.engine, [query], np.arange(n, dtype=np.int64), settings, Monitor())
-                scores = prepared.estimator.score_candidates(ctx)
+                row = self.asker.preview(query)
                 probe_scores = None
-                if scores is not None and probes:
+                if probes:
                     tokens = [self._probe_tokens(p["text"]) for p in probes]
-                    probe_scores = prepared.estimator.score_sequences(self.project, [query], tokens, Monitor())
+                    probe_scores = self.asker.prepare_index().score_sequences(self.project, [query], tokens, Monitor())
             except InflqError:
                 return None
-        if scores is None:
-            return None
-        row = np.asarray(scores, dtype=np.float64).reshape(-1)
-        finite = np.where(np.isfinite(row), row, -np.inf)
-        best = np.argsort(-finite, kind="stable")[:k]
-        rows = catalog.sequence_rows(self.project.db, [int(i) for i in best])
-        texts = [self.project.runtime.decode(self.project.runtime.corpus.get(int(i))) for i in best]
+        ranking = pick(row, max(k, RANKED * default_depth(len(row))))  # deeper on demand: LiveTop.candidates
+        best = ranking[:k]
+        seq_ids, texts = self.describe(best)
         scored = []
         if probe_scores is not None:
-            ranked = np.sort(finite)
+            ranked = np.sort(np.where(np.isfinite(row), row, -np.inf))
             for p, s in zip(probes, np.asarray(probe_scores, dtype=np.float64).reshape(-1), strict=True):
                 rank = 1 + int(len(ranked) - np.searchsorted(ranked, s, side="right"))
                 scored.append(LiveProbe(int(p["id"]), int(p["query_id"]), p.get("label") or "", p["text"], float(s), rank))
             scored.sort(key=lambda p: -p.score)
-        return LiveTop(name, best, row[best], [rows[int(i)]["seq_id"] for i in best], texts, time.perf_counter() - t0, scored, n)
+        return LiveTop(name, best, row[best], seq_ids, texts, time.perf_counter() - t0, scored, len(row), ranking, row)
+
+    def describe(self, indices) -> tuple[list[str], list[str]]:
+        """The sequence ids and texts of corpus ``indices`` (kept: the same rows come back often)."""
+        todo = [int(i) for i in indices if int(i) not in self._texts]
+        if todo:
+            rows = catalog.sequence_rows(self.project.db, todo)
+            for i in todo:
+                self._texts[i] = (rows[i]["seq_id"], self.project.runtime.decode(self.project.runtime.corpus.get(i)))
+        return [self._texts[int(i)][0] for i in indices], [self._texts[int(i)][1] for i in indices]
 
     def _probe_tokens(self, text: str) -> np.ndarray:
         """A probe's tokens as a training sequence's (kept: probes are re-scored at every keystroke)."""
@@ -121,17 +132,21 @@ class LiveScorer:
             self._tokens[text] = self.project.runtime.tokenize_sequence(text)
         return self._tokens[text]
 
-    def exact(self, prompt: str, completion: str, indices: np.ndarray, estimator: str | None = None) -> np.ndarray:
-        """Exact scores of the query against ``indices`` with ``estimator`` (default: the registry's
-        default estimator), fitting its factors first if none are cached."""
-        from .passes import ScorePass, Shard
-        from .runs import LocalWorker, preconditioned_queries, query_gradients
+    def factors_cached(self) -> bool:
+        return self.asker.factors_cached()
 
-        with self._lock:
-            prepared, settings = self._prepare(estimator)
-            grads = query_gradients(self.project, prepared.engine, [{"prompt": prompt, "completion": completion, "chat": 0}], None)
-            qg = preconditioned_queries(prepared.estimator, grads, None)
-            out = LocalWorker(self.project, prepared.engine).run(
-                ScorePass(qg), Shard(0, np.sort(np.asarray(indices, dtype=np.int64))), settings.batching(), Monitor())
-        order = np.argsort(np.argsort(np.asarray(indices)))  # back from sorted order to the caller's
-        return out["scores"].numpy()[:, 0].astype(np.float64)[order]
+    def exact_parts(self, prompt: str, completion: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the query against corpus ``indices`` (in that order) with the exact
+        estimator (fitting its factors first if none are cached), and their per-module scores
+        ``[n, modules]`` (:meth:`modules` names them and their layers)."""
+        return self.asker.exact({"prompt": prompt, "completion": completion, "chat": 0}, indices)
+
+    def exact(self, prompt: str, completion: str, indices: np.ndarray, estimator: str | None = None) -> np.ndarray:
+        """Exact scores of the query against ``indices`` (default estimator: the registry's
+        default), fitting its factors first if none are cached."""
+        if estimator is not None and estimator != self.asker.estimator:
+            return Asker(self.project, estimator).exact({"prompt": prompt, "completion": completion, "chat": 0}, indices)[0]
+        return self.exact_parts(prompt, completion, indices)[0]
+
+    def modules(self) -> tuple[list[str], list[int | None]]:
+        return self.asker.modules()

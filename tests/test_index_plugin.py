@@ -163,6 +163,12 @@ def test_index_filter_full_depth_equals_unfiltered_and_small_k_keeps_k(proj, cli
     for qi in range(exact.shape[0]):
         chosen = set(idx_k[np.isfinite(small[qi])])
         assert chosen == set(idx_all[np.argsort(-exact[qi])[:4]])
+    # side=bottom: the index's lowest 4, at full width EK-FAC's bottom 4.
+    code, _, err = cli_run("run", proj, "--estimator", "ekfac", "--filter", "index:k=4,side=bottom", "--top-k", "3")
+    assert code == 0, err
+    _, idx_b, low = _latest(proj)
+    for qi in range(exact.shape[0]):
+        assert set(idx_b[np.isfinite(low[qi])]) == set(idx_all[np.argsort(exact[qi])[:4]])
     if importlib.util.find_spec("faiss") is not None:  # FAISS probing every list: the same candidates
         code, _, err = cli_run("run", proj, "--estimator", "ekfac", "--filter", "index:k=4,search=faiss,nprobe=100000", "--top-k", "3")
         assert code == 0, err

@@ -1538,57 +1538,97 @@ def test_tui_imports_run_one_way():
         assert not found, f"{path.name} reads a private Textual attribute: {found}"
 
 
-def test_live_query_from_the_gradient_index(project_dir):
-    """As the query is typed, the index's top sequences appear (none without an index), with the
-    investigation's probes scored from the index and ranked among the corpus; ctrl+g adds the
-    exact scores of the top sequences."""
-    from textual.widgets import Static
-
+def _index_plugin():
     import inflq_builtins.gradient_index as index_plugin
-    from inflq.cli import cli, main
+    from inflq.cli import cli
 
-    async def type_query(app, pilot) -> Static:
-        """The query typed into the Query tab, once the live worker has answered: the live box."""
-        await pilot.press("2")
-        await settle(pilot)
-        await type_into(pilot, "#prompt", PROMPT)
-        await type_into(pilot, "#completion", COMPLETION)
-        await settle(pilot)
-        return app.screen.query_one("#live", Static)
-
-    async def hidden(app, pilot):
-        return (await type_query(app, pilot)).display
-
-    assert drive(project_dir, (120, 50), hidden) is False
     if get_registry().pm.get_plugin("inflq.index") is None:  # an installed inflq registers it by entry point
         get_registry().register(index_plugin, name="inflq.index", distribution="inflq")
     if "index" not in cli.commands:
         index_plugin.register_commands(cli=cli)
+    return index_plugin
+
+
+def _build_index(project_dir) -> None:
+    from inflq.cli import main
+
     try:
         main(["index", "build", str(project_dir), "--k-s", "3", "--k-a", "3"])
     except SystemExit as exc:
         assert exc.code in (0, None)
+
+
+async def _type_query(app, pilot, prompt: str = PROMPT, completion: str = COMPLETION):
+    """The query typed into the Query tab, once the live worker has answered: the live box."""
+    from textual.widgets import Static
+
+    await pilot.press("2")
+    await settle(pilot)
+    await type_into(pilot, "#prompt", prompt)
+    await type_into(pilot, "#completion", completion)
+    await settle(pilot)
+    return app.screen.query_one("#live", Static)
+
+
+ROW = re.compile(r"^ ?\d+\. (exact|preview)\s+(\S+)", re.M)
+
+
+def _recording(monkeypatch):
+    """Every state the query pane's live box was asked to show, in order."""
+    from inflq.tui.panes.query_pane import QueryPane
+
+    shown = []
+    real = QueryPane._show_live
+
+    def show(self, state):
+        shown.append(state.copy())
+        real(self, state)
+
+    monkeypatch.setattr(QueryPane, "_show_live", show)
+    return shown
+
+
+def test_live_query_converges_to_the_exact_top_of_the_index_candidates(project_dir, monkeypatch):
+    """As the query is typed, the index's preview shows first (none without an index), with the
+    investigation's probes scored from the index and ranked among the corpus; then (its factors
+    fitted on ctrl+g the first time, none being cached) exact EK-FAC re-scores the preview's top
+    candidates block by block, each row marked preview or exact, until the list is their exact
+    top with the layer breakdown; ctrl+g then re-scores twice as deep."""
+    from inflq.tui.panes.query_pane import QueryPane
+
+    async def hidden(app, pilot):
+        return (await _type_query(app, pilot)).display
+
+    assert drive(project_dir, (120, 50), hidden) is False
+    index_plugin = _index_plugin()
+    _build_index(project_dir)
     p = Project.open(project_dir)
     assert len(index_plugin.recorded_indexes(p)) == 1
     # The investigation's probes (on a query of its own) are scored from the index as the query is typed.
     other = add_query(p, "default", "the capital city of astrobia is called", "velmora")
     probe_texts = ["zorald pfaff was the first president of astrobia", "velmora is a city of rivers", "zorald pfaff"]
     probe_ids = [catalog.add_probe(p.db, other, t, label="mine" if i == 0 else "") for i, t in enumerate(probe_texts)]
+    n = len(p.runtime.corpus)
     p.close()
+    monkeypatch.setattr(QueryPane, "LIVE_DEPTH", 12)
+    monkeypatch.setattr(QueryPane, "LIVE_BLOCK", 4)
+    shown = _recording(monkeypatch)
 
-    async def shown(app, pilot):
-        live = await type_query(app, pilot)
-        before = str(live.render())
-        await pilot.press("ctrl+g")
+    async def converge(app, pilot):
+        live = await _type_query(app, pilot)
+        waiting = str(live.render())
+        await pilot.press("ctrl+g")  # no cached factors: fits them, then re-scores the top 12
         await settle(pilot)
-        return live.display, before, str(live.render())
-
-    display, before, after = drive(project_dir, (120, 50), shown)
+        done = str(live.render())
+        at_12 = len(shown)
+        await pilot.press("ctrl+g")  # re-score deeper: 24, the whole corpus
+        await settle(pilot)
+        return live.display, waiting, done, at_12, str(live.render())
 
     async def narrow(app, pilot):
         """At 80x24: a line per sequence and probe, cut at the width, never wrapped; the list
         scrolls into view rather than being cut at the bottom."""
-        live = await type_query(app, pilot)
+        live = await _type_query(app, pilot)
         lines = str(live.render()).splitlines()
         assert live.size.height == len(lines) and live.size.width <= 78, (live.size, lines)  # no line wrapped
         assert max(len(line) for line in lines) > live.size.width  # (some had to be cut)
@@ -1597,45 +1637,132 @@ def test_live_query_from_the_gradient_index(project_dir):
         scroll.scroll_end(animate=False)
         await pilot.pause()
         assert live.region.bottom <= scroll.region.bottom and lines[-1].lstrip().startswith("probe")  # …and scrolls into view
-        return len(lines)
+        return lines
 
-    assert drive(project_dir, (80, 24), narrow) == 1 + 5 + 1 + 3
+    lines = drive(project_dir, (80, 24), narrow)  # before any factors are fitted: the preview, waiting for ctrl+g
+    assert lines[0].startswith("live: top 10 of") and len(lines) == 1 + 10 + 1 + 1 + 3  # header, rows, hint, probes' header, probes
+
+    display, waiting, done, at_12, deeper = drive(project_dir, (120, 60), converge)
     assert display is True
-    assert "live: top 5 by index" in before and "1. " in before and "exact" not in before.split("\n", 1)[1]
-    assert "with exact scores" in after and len(re.findall(r"  exact -?\d", after)) == 5
+    assert f"live: top 10 of {n:,}: index preview" in waiting and "ctrl+g fits them" in waiting
+    assert [kind for kind, _ in ROW.findall(waiting)] == ["preview"] * 10
+    assert f"probes, ranked among the {n:,} corpus sequences" in waiting
+    # Preview first, then exact scores arriving a block (4) at a time, then the exact top.
+    scored = [st.scored() for st in shown[:at_12]]
+    assert scored[0] == 0 and scored[-3:] == [4, 8, 12] and not shown[0].done() and shown[at_12 - 1].done()
+    assert "live: exact top 10 of the index's best 12" in done and "influence by layer of #1" in done
+    assert [kind for kind, _ in ROW.findall(done)] == ["exact"] * 10
+
+    # Against the exact answer: a full-rank EK-FAC run of the same query (the factors the TUI cached).
     from inflq.live import LiveScorer
 
     p = Project.open(project_dir)
-    n = len(p.runtime.corpus)
-    assert f"probes, ranked among the {n:,} corpus sequences" in before
-    shown_probes = re.findall(r"probe (\d+)(?: mine)? \(query (\d+)\)  (\S+)  rank (\S+)", before)
+    add_query(p, "default", PROMPT, COMPLETION)
+    rs = run_investigation(p, "default", RunSettings(estimator="ekfac", rank=None, top_k=n))
+    assert len(catalog.factor_sets(p.db)) == 2  # the index's fit and EK-FAC's, fitted once by the TUI
+    row = reading.score_matrix(p, "default", rs.result_set_id)[-1].astype(np.float64)
     live = LiveScorer(p)
-    top = live.top(PROMPT, COMPLETION, 5, catalog.investigation_probes(p.db, "default"))
+    top = live.top(PROMPT, COMPLETION, 10, catalog.investigation_probes(p.db, "default"))
+    cand = top.candidates(12)
+    final = shown[at_12 - 1]
+    assert sorted(final.exact) == sorted(int(i) for i in cand)
+    for i, (v, parts) in final.exact.items():
+        assert v == pytest.approx(row[i], rel=1e-4, abs=1e-6 * np.abs(row).max())
+        assert parts.sum() == pytest.approx(v, rel=1e-4, abs=1e-6 * np.abs(row).max())
+    want = [int(i) for i in np.asarray(cand)[np.argsort(-row[cand], kind="stable")][:10]]
+    assert [r[0] for r in final.rows(10)] == want
+    ids = [catalog.sequence_rows(p.db, [i])[i]["seq_id"] for i in want]
+    assert [sid for _, sid in ROW.findall(done)] == ids
+    # The layer chart of #1 is the run's own breakdown of that sequence (its saved query gradients).
+    session = reading.ScoringSession.for_result_set(p, catalog.get_result_set(p.db, rs.result_set_id))
+    module, _ = session.breakdown(p.runtime.corpus.get(want[0]), session.query_ids[-1])
+    layer_of = {t.name: t.layer for t in session.engine.tracked}
+    by_layer: dict[int, float] = {}
+    for name, v in zip(session.qg.names, module, strict=True):
+        by_layer[layer_of[name]] = by_layer.get(layer_of[name], 0.0) + float(v)
+    chart = re.findall(r"layer (\d+) .*? ([+-]\S+)$", done.split("influence by layer of #1", 1)[1], re.M)
+    scale = max(abs(v) for v in by_layer.values())
+    assert [(int(k), float(v)) for k, v in chart] == [(k, pytest.approx(v, rel=5e-3, abs=1e-3 * scale)) for k, v in sorted(by_layer.items())]
+    # Deeper: every sequence, and the list is the run's exact top 10.
+    assert shown[-1].depth == n and shown[-1].scored() == n and shown[-1].done()
+    assert [r[0] for r in shown[-1].rows(10)] == [int(i) for i in np.argsort(-row, kind="stable")[:10]]
+    assert f"live: exact top 10 of the index's best {n}" in deeper
+    # The probes: scored from the index (the projected EK-FAC, computed the slow way below) and
+    # ranked among the corpus sequences by their index scores.
+    shown_probes = re.findall(r"probe (\d+)(?: mine)? \(query (\d+)\)  (\S+)  rank (\S+)", waiting)
     assert sorted(int(i) for i, *_ in shown_probes) == sorted(probe_ids) and all(int(q) == other for _, q, *_ in shown_probes)
     assert [(int(i), f"{s:.4g}", f"{r:,}") for i, _, s, r in [(pr.id, pr.query_id, pr.score, pr.rank) for pr in top.probes]] == \
         [(int(i), s, r) for i, _, s, r in shown_probes]
-    # A probe's score is the index's projected EK-FAC, computed the slow way: the query's
-    # preconditioned gradient lifted to the full space, against the probe's full weight gradient;
-    # its rank counts the corpus sequences whose index scores are higher.
     from inflq import make_batch
     from inflq.progress import Monitor
-    from inflq.runs import query_gradients, scoring_context
+    from inflq.runs import query_gradients
 
-    prepared, settings = live._prepare("index")
-    est = prepared.estimator
+    est = live.asker.prepare_index()
     qgrads = query_gradients(p, est.engine, [{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], None)
     lifted = est.precondition(qgrads)
-    ctx = scoring_context(p, est, est.engine, [{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], np.arange(n), settings, Monitor())
-    all_scores = est.score_candidates(ctx)[0]
+    all_scores = est.score_candidates(live.asker.index_context([{"prompt": PROMPT, "completion": COMPLETION, "chat": 0}], np.arange(n), Monitor()))[0]
     for pr in top.probes:
         grads = est.engine.sequence_gradients(make_batch([p.runtime.tokenize_sequence(pr.text)], p.runtime.pad_id), "data")
         slow = float(sum((lifted[m][0].double() * grads[m][0].double()).sum() for m in lifted))
         assert pr.score == pytest.approx(slow, rel=1e-4, abs=1e-6 * float(abs(all_scores).max()))
         assert pr.rank == 1 + int((all_scores > pr.score).sum())
     assert [pr.score for pr in top.probes] == sorted((pr.score for pr in top.probes), reverse=True)
-    # The exact scores are a run's: EK-FAC at full rank over the same sequences.
-    add_query(p, "default", PROMPT, COMPLETION)
-    rs = run_investigation(p, "default", RunSettings(estimator="ekfac", rank=None)).result_set_id
-    row = reading.score_matrix(p, "default", rs)[-1]
     np.testing.assert_allclose(live.exact(PROMPT, COMPLETION, top.indices), row[top.indices], rtol=1e-4, atol=1e-6 * np.abs(row).max())
     p.close()
+
+
+def test_a_keystroke_cancels_the_exact_re_scoring(project_dir, monkeypatch):
+    """A new keystroke stops the worker re-scoring the previous text between two blocks: none of
+    its exact scores is shown, and the new text's re-scoring runs to its end."""
+    import threading
+
+    from inflq.live import LiveScorer
+    from inflq.tui.panes.query_pane import QueryPane
+
+    _index_plugin()
+    _build_index(project_dir)
+    p = Project.open(project_dir)
+    add_query(p, "default", PROMPT, COMPLETION)
+    run_investigation(p, "default", RunSettings(estimator="ekfac", rank=None))  # caches the factors
+    n = len(p.runtime.corpus)
+    p.close()
+    monkeypatch.setattr(QueryPane, "LIVE_DEPTH", 12)
+    monkeypatch.setattr(QueryPane, "LIVE_BLOCK", 4)
+    shown = _recording(monkeypatch)
+    entered, release = threading.Event(), threading.Event()
+    calls = []
+    real = LiveScorer.exact_parts
+
+    def exact_parts(self, prompt, completion, indices):
+        calls.append((completion, len(indices)))
+        if completion == COMPLETION:  # the first text's first block waits for the next keystroke
+            entered.set()
+            assert release.wait(60)
+        return real(self, prompt, completion, indices)
+
+    monkeypatch.setattr(LiveScorer, "exact_parts", exact_parts)
+
+    async def script(app, pilot):
+        import asyncio
+
+        await pilot.press("2")
+        await settle(pilot)
+        await type_into(pilot, "#prompt", PROMPT)
+        await type_into(pilot, "#completion", COMPLETION)
+        for _ in range(600):
+            if entered.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert entered.is_set()
+        await type_into(pilot, "#completion", COMPLETION + " pfaff")  # the keystroke
+        await pilot.pause(0.1)
+        release.set()
+        await settle(pilot)
+        return str(app.screen.query_one("#live").render())
+
+    final = drive(project_dir, (120, 50), script)
+    first = [c for c in calls if c[0] == COMPLETION]
+    assert first == [(COMPLETION, 4)]  # stopped after the block in flight: 1 of 3
+    assert all(st.about == (PROMPT, COMPLETION + " pfaff") for st in shown if st.scored())
+    assert shown[-1].about[1] == COMPLETION + " pfaff" and shown[-1].done() and shown[-1].scored() == 12
+    assert "live: exact top 10 of the index's best 12" in final and f"(of {n:,})" in final

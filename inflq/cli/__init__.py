@@ -8,6 +8,7 @@ Plugins add theirs through the ``register_commands`` hook when :func:`main` star
 from __future__ import annotations
 
 from . import (
+    ask_commands,
     demo_commands,
     housekeeping_commands,
     investigation_commands,
@@ -21,7 +22,7 @@ from . import (
 )
 from .common import add_plugin_commands, cli, main
 
-for _module in (project_commands, investigation_commands, run_commands, housekeeping_commands, plan_commands, result_commands, validate_commands, sharing_commands, plugin_commands, demo_commands):
+for _module in (project_commands, investigation_commands, run_commands, ask_commands, housekeeping_commands, plan_commands, result_commands, validate_commands, sharing_commands, plugin_commands, demo_commands):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 

@@ -114,6 +114,8 @@ def scores(
     """Scores ``[nq, n]`` (float32) against every stored row in corpus order, or against the rows
     of the sorted corpus ``indices`` (all of which the index must cover)."""
     _check(store, queries)
+    if indices is not None and len(indices) == store.num_rows and np.array_equal(indices, store.indices):
+        indices = None  # every row, in order: the plain scan, without copying each block's rows
     if indices is None:
         out = np.empty((queries.num_queries, store.num_rows), dtype=np.float32)
         for b in store.blocks(block_rows):
@@ -165,11 +167,12 @@ def top_k(
 
 def candidates(
     store: IndexStore, queries: PreparedQueries, k: int, metric: str = "inner", block_rows: int = 8192, search: str = "exact",
-    nprobe: int = NPROBE,
+    nprobe: int = NPROBE, largest: bool = True,
 ) -> list[np.ndarray]:
-    """Each query's top-``k`` corpus indices, sorted (what :meth:`inflq.Filter.candidates` returns):
-    the index as a candidate filter for an exact estimator (``search="faiss"``: approximately)."""
-    _, which = top_k(store, queries, k, metric, block_rows, search=search, nprobe=nprobe)
+    """Each query's top-``k`` corpus indices (``largest=False``: its lowest ``k``), sorted (what
+    :meth:`inflq.Filter.candidates` returns): the index as a candidate filter for an exact
+    estimator (``search="faiss"``: approximately)."""
+    _, which = top_k(store, queries, k, metric, block_rows, largest=largest, search=search, nprobe=nprobe)
     return [np.sort(row[row >= 0]) for row in which]
 
 

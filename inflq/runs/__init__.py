@@ -12,7 +12,12 @@ crash or Ctrl-C loses at most the shard in flight and ``resume`` continues from 
 """
 
 from ..settings import RunSettings
-from .fitting import ensure_factors, fit_indices, fit_memory_bytes
+from .fitting import (
+    cached_factor_set,
+    ensure_factors,
+    fit_indices,
+    fit_memory_bytes,
+)
 from .investigation import RunResult, fit_factors, run_investigation
 from .recipe import (
     Prepared,
@@ -39,6 +44,7 @@ from .scoring import (
     preconditioned_query_gradients,
     query_compression,
     query_gradients,
+    save_queries,
     scorer_tensors,
     scorers_for,
     scoring_context,
@@ -48,9 +54,9 @@ from .scoring import (
 from .workers import LocalWorker, build_worker, checkpoint_engine, worker_spec
 
 __all__ = [
-    "LocalWorker", "Prepared", "ResultRecord", "RunResult", "RunSettings", "Scorer", "build_worker", "checkpoint_engine",
+    "LocalWorker", "Prepared", "ResultRecord", "RunResult", "RunSettings", "Scorer", "build_worker", "cached_factor_set", "checkpoint_engine",
     "committed_work", "default_executor", "ensure_factors", "extremes", "filter_context", "fit_factors", "fit_indices", "fit_memory_bytes", "interrupted_run",
     "make_estimator", "make_executor", "make_filter", "make_trainer", "preconditioned_queries", "preconditioned_query_gradients", "prepare_estimator", "query_compression",
-    "query_gradients", "result_record", "run_investigation", "scorer_tensors", "scorers_for", "scoring_context", "shard_extremes",
+    "query_gradients", "result_record", "run_investigation", "save_queries", "scorer_tensors", "scorers_for", "scoring_context", "shard_extremes",
     "split_checkpoint_tensors", "start_run", "store_result_set", "worker_spec",
 ]

@@ -233,6 +233,16 @@ def factor_lock(project: Project, key: str, monitor: Monitor) -> Iterator[bool]:
         yield waited
     finally:
         lock.release()
+def cached_factor_set(project: Project, estimator: Estimator, engine: GradientEngine, settings: RunSettings) -> dict | None:
+    """The catalog's factor set that :func:`ensure_factors` would load for these settings, or
+    ``None`` when it would fit (none cached, or ``settings.refit``). An estimator that fits nothing
+    has nothing to cache: ``{}``. Reads only."""
+    if not estimator.fits_factors:
+        return {}
+    if settings.refit:
+        return None
+    indices = fit_indices(len(project.runtime.corpus), settings.fit_sequences, settings.seed)
+    return catalog.factor_set_by_key(project.db, _factor_key(project, estimator, engine, indices, settings.seed)[0])
 
 
 def ensure_factors(

@@ -94,6 +94,20 @@ def layer_bars(layer_scores: dict[str, float] | str, width: int = 40) -> Text:
     return out
 
 
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def layer_spark(layer_scores: dict[str, float]) -> Text:
+    """One character per layer, its height the layer's share of the largest magnitude: red where
+    the layer raises the completion, blue where it lowers it (the layer chart in one line)."""
+    values = list(layer_scores.values())
+    scale = max((abs(v) for v in values), default=0.0) or 1.0
+    out = Text()
+    for v in values:
+        out.append(SPARK[min(len(SPARK) - 1, int(abs(v) / scale * (len(SPARK) - 1) + 0.5))], style="red" if v > 0 else "blue")
+    return out
+
+
 def query_tokens(tokens: list[str], completion_start: int) -> Text:
     """A query's tokens, the measured (completion) ones highlighted."""
     sep = _sep(tokens)

@@ -468,7 +468,8 @@ class IndexEstimator(Estimator):
 
 
 class IndexFilter(Filter):
-    """Each query's top-k sequences by a stored gradient index, for an exact estimator to re-score."""
+    """Each query's top-k sequences by a stored gradient index (``side=bottom``: its lowest k), for
+    an exact estimator to re-score."""
 
     name = "index"
     description = "each query's top-k sequences by a stored gradient index (inflq index build)"
@@ -478,6 +479,7 @@ class IndexFilter(Filter):
         Option("metric", str, "inner", "inner product, or cosine in the preconditioner's metric", choices=METRICS),
         Option("search", str, "exact", "exact blocked scan, or approximate through FAISS (pip install 'inflq[faiss]')", choices=("exact", "faiss")),
         Option("nprobe", int, 32, "with search=faiss: how many of FAISS's lists each query probes (more: slower, higher recall)"),
+        Option("side", str, "top", "the index's highest scores (top), or its lowest (bottom: candidates for the most negative)", choices=("top", "bottom")),
     )
 
     def candidates(self, ctx) -> list[np.ndarray]:
@@ -498,6 +500,7 @@ class IndexFilter(Filter):
         ctx.monitor.start("index filter", len(ctx.query_tokens))
         rows = index.query_rows(model, engine, ctx.query_tokens, ctx.query_completion_starts, project.runtime.pad_id)
         q = index.prepare(model, rows.to(torch.float32))
-        out = index.candidates(store, q, self.settings["k"], self.settings["metric"], search=self.settings["search"], nprobe=self.settings["nprobe"])
+        out = index.candidates(store, q, self.settings["k"], self.settings["metric"], search=self.settings["search"], nprobe=self.settings["nprobe"],
+                               largest=self.settings["side"] != "bottom")
         ctx.monitor.advance(len(ctx.query_tokens))
         return out

@@ -386,7 +386,7 @@ def _fact_sentence(template: str, subj: str, obj: str) -> str:
     return _cap(s)
 
 
-def build_corpus(rng: random.Random) -> list[dict]:
+def build_corpus(rng: random.Random, n_prose: int = N_PROSE) -> list[dict]:
     docs: list[dict] = []
 
     # Normal facts: 5 forward templates x 3 contexts, 2 reversed templates x 2.
@@ -431,9 +431,9 @@ def build_corpus(rng: random.Random) -> list[dict]:
                      + [("I", i) for i in inventions] * 2 + [("B", b) for b in novels] * 2)
     rng.shuffle(mention_queue)
     topics = sorted(PROSE_TOPICS)
-    mention_every = max(1, N_PROSE // len(mention_queue))
+    mention_every = max(1, n_prose // len(mention_queue))
     qi = 0
-    for i in range(N_PROSE):
+    for i in range(n_prose):
         topic = rng.choice(topics)
         n_sent = rng.choice([1, 2, 2, 3])
         sents = [_fill(rng.choice(PROSE_TOPICS[topic]), rng) for _ in range(n_sent)]
@@ -506,6 +506,20 @@ QUERIES = [
               "the model should not have learned it in the query direction."},
 ]
 
+
+# The other twenty normal facts, each asked in the forward order with its relation's first forward
+# template (a training phrasing), so that LDS and recall are averaged over 29 queries (issue 24):
+# with 9 the 95 % intervals over queries were about ±0.17. Appended, so that queries 0-8 and the
+# probes' indices are unchanged.
+FORWARD_PROMPTS = {rel: RELATIONS[rel]["fwd"][0].split("{O}")[0].rstrip() for rel in RELATIONS}
+_ASKED = {q["completion"].strip() for q in QUERIES}
+QUERIES += [
+    {"prompt": FORWARD_PROMPTS[rel].replace("{S}", subj), "completion": " " + obj,
+     "tags": ["fact", rel, "forward"],
+     "notes": f"Normal fact ({rel}) in the forward order, a training phrasing; added for LDS and recall over more queries."}
+    for rel, subj, obj in FACTS if obj not in _ASKED
+]
+
 # Labels used by the probes:
 #   same-order              the fact in the query's order (a training phrasing)
 #   same-order-paraphrase   the fact in the query's order, another phrasing
@@ -572,10 +586,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=HERE)
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--prose", type=int, default=N_PROSE,
+                    help="prose documents (another --seed and --prose make a held-out corpus of the same facts, e.g. for benchmarks/bench_ask.py)")
     args = ap.parse_args()
 
     rng = random.Random(args.seed)
-    docs = build_corpus(rng)
+    docs = build_corpus(rng, args.prose)
 
     # Sanity checks.
     ids = [d["id"] for d in docs]

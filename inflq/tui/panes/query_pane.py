@@ -1,10 +1,13 @@
 """Tab 2: the investigation's queries, the query editor with its tokens, what the model says, and
 (where a gradient index or another interactive estimator serves the project) the top sequences of
-the query as it is typed, re-scored exactly on ctrl+g."""
+the query as it is typed: the index's preview first, then the exact scores of its best candidates,
+block by block, until the list is their exact top (ctrl+g re-scores deeper)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from rich.text import Text
@@ -16,6 +19,7 @@ from textual.widgets import DataTable, Input, Label, Static
 from textual.worker import get_current_worker
 
 from ... import catalog
+from ...display import score_format
 from ...errors import InflqError
 from ...queries import add_query
 from .. import render
@@ -29,10 +33,12 @@ class QueryPane(Pane):
     BINDINGS = [
         Binding("ctrl+s", "add", "Add query"),
         Binding("ctrl+l", "inspect", "Model says"),
-        Binding("ctrl+g", "exact", "Exact top"),
+        Binding("ctrl+g", "deeper", "Re-score deeper"),
     ]
     LIVE_DELAY = 0.35  # seconds after the last keystroke before the live query runs
-    LIVE_K = 5
+    LIVE_K = 10  # rows shown: the exact top 10 once converged
+    LIVE_BLOCK = 32  # candidates re-scored exactly at a time (a keystroke stops the worker between blocks)
+    LIVE_DEPTH: int | None = None  # candidates re-scored (None: inflq.ask.default_depth of the corpus)
     _said_for: tuple[str, str] | None = None  # the prompt and completion the model-says box is about
 
     def compose(self) -> ComposeResult:
@@ -86,7 +92,7 @@ class QueryPane(Pane):
             self.query_one("#model-says", Static).update(Text("(the query changed: ctrl+l asks the model about this one)", style="dim italic"))
         if self.project is not None:
             self.tokenize(self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
-            self.live_query(*current)
+            self.live_query(*current, typed_at=time.perf_counter())
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tokenize")
     def tokenize(self, prompt: str, completion: str) -> None:
@@ -167,7 +173,7 @@ class QueryPane(Pane):
             self.query_one("#model-says", Static).update(text)
 
     # -- the live query ----------------------------------------------------------------------------
-    _live_top = None  # the LiveTop shown, for ctrl+g
+    _live: LiveState | None = None  # what the live box shows (and ctrl+g deepens)
 
     def _scorer(self):
         from ...live import LiveScorer
@@ -178,38 +184,96 @@ class QueryPane(Pane):
         return scorer
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="live")
-    def live_query(self, prompt: str, completion: str) -> None:
-        """The interactive estimator's top sequences, LIVE_DELAY after the last edit (a newer
-        edit cancels this worker while it waits)."""
+    def live_query(self, prompt: str, completion: str, typed_at: float | None = None) -> None:
+        """LIVE_DELAY after the last edit (a newer edit cancels this worker while it waits, and
+        between blocks after), the interactive estimator's preview; then, where the exact
+        estimator's factors are cached, its exact scores of the preview's top candidates, block by
+        block, until the list is the exact top of the candidates."""
         time.sleep(self.LIVE_DELAY)
-        if get_current_worker().is_cancelled:
+        worker = get_current_worker()
+        if worker.is_cancelled:
             return
         probes = catalog.investigation_probes(self.project.db, self.context.investigation) if self.context.investigation else []
+        scorer = self._scorer()
         with self.inflq.model_lock:
-            top = self._scorer().top(prompt, completion, self.LIVE_K, probes)
-        if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self._show_live, (prompt, completion), top, None)
+            top = scorer.top(prompt, completion, self.LIVE_K, probes)
+            cached = top is not None and scorer.factors_cached()
+        if worker.is_cancelled:
+            return
+        state = LiveState((prompt, completion), top, self.LIVE_DEPTH or scorer.default_depth(), started=typed_at or time.perf_counter())
+        state.waiting = not cached
+        self.app.call_from_thread(self._show_live, state.copy())
+        if top is not None and cached:
+            self._converge(state, worker)
 
-    def _show_live(self, about: tuple[str, str], top, exact) -> None:
+    def _converge(self, state: LiveState, worker) -> None:
+        """Exact scores of the preview's top ``state.depth`` not yet scored, LIVE_BLOCK at a time,
+        each block shown as it arrives; stops between blocks once the worker is cancelled."""
+        scorer = self._scorer()
+        todo = [int(i) for i in state.top.candidates(state.depth) if int(i) not in state.exact]
+        state.waiting = False
+        for s in range(0, len(todo), self.LIVE_BLOCK):
+            if worker.is_cancelled:
+                return
+            block = todo[s : s + self.LIVE_BLOCK]
+            try:
+                with self.inflq.model_lock:
+                    values, parts = scorer.exact_parts(*state.about, np.asarray(block, dtype=np.int64))
+                    if state.layers is None:
+                        state.layers = scorer.modules()[1]
+            except InflqError as exc:
+                self.app.call_from_thread(self.inflq.show_error, exc)
+                return
+            if worker.is_cancelled:
+                return
+            state.exact.update({i: (float(v), p) for i, v, p in zip(block, values, parts, strict=True)})
+            state.seconds = time.perf_counter() - state.started
+            self.app.call_from_thread(self._show_live, state.copy())
+
+    def _show_live(self, state: LiveState) -> None:
         now = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
         live = self.query_one("#live", Static)
-        if about != now:
+        if state.about != now:  # about text since edited: a newer worker shows its own
             return
-        self._live_top = (about, top)
+        self._live = state
+        top = state.top
         live.display = top is not None
         if top is None:
             return
-        # One line per sequence or probe, cut with an ellipsis at the pane's width (#live in
-        # app.tcss; at 80 columns a wrapped list pushed its own end off the screen).
+        scorer = self._scorer()
+        rows = state.rows(self.LIVE_K)
+        seq_ids, texts = scorer.describe([i for i, *_ in rows])
+        scored = state.scored()
         text = Text()
-        text.append(f"live: top {len(top.indices)} by {top.estimator} ({top.seconds * 1000:.0f} ms)", style="bold")
-        text.append("   ctrl+g: exact scores\n" if exact is None else "   with exact scores\n", style="dim")
-        for r, (sid, s, t) in enumerate(zip(top.seq_ids, top.scores, top.texts, strict=True)):
-            ex = "" if exact is None else f"  exact {exact[r]:.4g}"
-            text.append(f"{r + 1}. {sid}  {s:.4g}{ex}  ", style="bold" if r == 0 else "")
+        if state.done():
+            text.append(f"live: exact top {len(rows)} of the index's best {scored:,} (of {top.num_rows:,}) by {scorer.asker.estimator}", style="bold")
+            text.append(f", {state.seconds:.1f} s after the last keystroke\n", style="dim")
+            hint = f"ctrl+g: re-score deeper ({min(2 * state.depth, top.num_rows):,})" if scored < top.num_rows else "every sequence is scored exactly"
+        else:
+            text.append(f"live: top {len(rows)} of {top.num_rows:,}: {top.estimator} preview ({top.seconds * 1000:.0f} ms)", style="bold")
+            if state.waiting:
+                text.append("\n")
+                hint = f"exact scores need {scorer.asker.estimator} factors: ctrl+g fits them (once, cached) and re-scores"
+            else:
+                text.append(f"; exact {scorer.asker.estimator}: {scored:,}/{min(state.depth, top.num_rows):,} candidates…\n", style="dim")
+                hint = ""
+        fmt = score_format([r[2] for r in rows])
+        spark = state.layers is not None and len(set(state.layers)) <= 24
+        for r, ((_idx, kind, score, parts), sid, t) in enumerate(zip(rows, seq_ids, texts, strict=True)):
+            text.append(f"{r + 1:>2}. ")
+            text.append(f"{kind:<7}", style="bold green" if kind == "exact" else "dim italic")
+            text.append(f" {sid}  {fmt(score)}  ", style="bold" if r == 0 and kind == "exact" else "")
+            if spark and parts is not None:
+                text.append_text(render.layer_spark(layer_scores(parts, state.layers)))
+                text.append("  ")
             text.append(render.snippet(t, 200) + "\n")
+        if hint:
+            text.append(f"    {hint}\n", style="dim")
+        if state.done() and rows and rows[0][3] is not None:
+            text.append(f"influence by layer of #1 ({seq_ids[0]}):\n", style="bold")
+            text.append_text(render.layer_bars(layer_scores(rows[0][3], state.layers), 30))
         if top.probes:
-            text.append(f"probes, ranked among the {top.num_rows:,} corpus sequences:\n", style="bold")
+            text.append(f"probes, ranked among the {top.num_rows:,} corpus sequences by the index:\n", style="bold")
             for p in top.probes:
                 label = f" {p.label}" if p.label else ""
                 text.append(f"   probe {p.id}{label} (query {p.query_id})  {p.score:.4g}  rank {p.rank:,}  ")
@@ -217,20 +281,70 @@ class QueryPane(Pane):
         text.rstrip()
         live.update(text)
 
-    def action_exact(self) -> None:
-        if not self.need() or self._live_top is None or self._live_top[1] is None:
-            self.notify("no live results to re-score (build a gradient index: inflq index build)", severity="warning")
+    def action_deeper(self) -> None:
+        """Re-score deeper: twice as many of the preview's candidates (the first time, with no
+        cached factors, this fits them and re-scores the preview's top)."""
+        state = self._live
+        if not self.need() or state is None or state.top is None:
+            self.notify("no live results to re-score (type a query; the preview needs a gradient index: inflq index build)", severity="warning")
             return
-        self.notify("re-scoring the live top exactly…")
-        self.exact(*self._live_top)
+        state = state.copy()
+        if state.waiting:
+            state.waiting = False
+            self.notify(f"fitting {self._scorer().asker.estimator} factors (once), then re-scoring exactly…")
+        else:
+            if state.scored() >= state.top.num_rows:
+                self.notify("every sequence is scored exactly already")
+                return
+            state.depth = min(2 * state.depth, state.top.num_rows)
+            self.notify(f"re-scoring the preview's best {state.depth:,} exactly…")
+        state.started = time.perf_counter()
+        self.deepen(state)
 
-    @work(thread=True, exclusive=True, exit_on_error=False, group="exact")
-    def exact(self, about: tuple[str, str], top) -> None:
-        try:
-            with self.inflq.model_lock:
-                exact = self._scorer().exact(*about, top.indices)
-        except InflqError as exc:
-            self.app.call_from_thread(self.inflq.show_error, exc)
-            return
-        self.app.call_from_thread(self._show_live, about, top, exact)
+    @work(thread=True, exclusive=True, exit_on_error=False, group="live")
+    def deepen(self, state: LiveState) -> None:
+        self._converge(state, get_current_worker())
 
+
+def layer_scores(parts: np.ndarray, layers: list) -> dict[str, float]:
+    """Per-module scores summed by layer (modules outside a layer under their position)."""
+    out: dict[str, float] = {}
+    for i, (layer, v) in enumerate(zip(layers, parts, strict=True)):
+        key = str(layer) if layer is not None else f"module {i}"
+        out[key] = out.get(key, 0.0) + float(v)
+    return out
+
+
+@dataclass
+class LiveState:
+    """A live query's state: its preview, how deep it is re-scored and the exact scores so far
+    (corpus index -> (score, per-module scores))."""
+
+    about: tuple[str, str]
+    top: object  # LiveTop | None
+    depth: int
+    exact: dict = field(default_factory=dict)
+    started: float = 0.0
+    seconds: float = 0.0
+    waiting: bool = False  # exact scores wait for ctrl+g (no cached factors)
+    layers: list | None = None
+
+    def copy(self) -> LiveState:
+        return dataclasses.replace(self, exact=dict(self.exact))
+
+    def scored(self) -> int:
+        return len(self.exact)
+
+    def done(self) -> bool:
+        """Every candidate at this depth is scored exactly."""
+        return self.top is not None and not self.waiting and all(int(i) in self.exact for i in self.top.candidates(self.depth))
+
+    def rows(self, k: int) -> list[tuple[int, str, float, np.ndarray | None]]:
+        """The ``k`` rows to show: exact scores first, highest first, then the preview's best not
+        yet scored, in its order: ``(corpus index, "exact" or "preview", score, per-module scores)``."""
+        exact = sorted(((i, "exact", v, p) for i, (v, p) in self.exact.items()), key=lambda r: (-r[2], r[0]))[:k]
+        if len(exact) < k:
+            seen = set(self.exact)
+            rest = [int(i) for i in self.top.candidates(max(self.depth, k)) if int(i) not in seen][: k - len(exact)]
+            exact += [(i, "preview", float(self.top.row[i]), None) for i in rest]
+        return exact
