@@ -95,7 +95,7 @@ def test_check_repair_restores_the_newest_good_copy_and_says_what_it_lacks(proj,
     assert (proj / "catalog.db").exists() and list(proj.glob("catalog.db.damaged-*")), "the damaged file is kept aside"
     lacks = [line for line in out.splitlines() if line.startswith("lacks ")]
     assert lacks[0].startswith("lacks run 3 (kfac / all, investigation 'default') and its result set, which scored queries 1, 2, 3"), out
-    assert "artifacts/results/run-3.safetensors" in lacks[0]
+    assert "artifacts/runs/3/" in lacks[0]  # the run's folder, its score matrix inside
     assert lacks[1].startswith("lacks query 3 ('we walk by the river' → 'in summer', investigation 'default')"), out
     assert len(lacks) == 2
     relinked = [line for line in out.splitlines() if line.startswith("re-linked ")]
