@@ -24,7 +24,6 @@ so beforehand, so front ends can tell the user).
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -62,7 +61,7 @@ def interactive_estimator() -> str | None:
 def query_dict(prompt: str, completion: str, chat: bool = False) -> dict:
     """A question as the catalog holds a query (without an id: it is not saved)."""
     return {"id": None, "investigation_id": None, "position": None, "prompt": prompt, "completion": completion,
-            "chat": int(bool(chat)), "tags": "[]", "notes": "", "created_at": None}
+            "chat": int(bool(chat)), "tags": "[]", "notes": "", "created_at": None, "edited_at": None}
 
 
 @dataclass
@@ -105,7 +104,8 @@ class Answer:
 
 
 def answer_rows(project: Project, answer: Answer, k: int, side: str = "top", result_set_id: int | None = None) -> list[dict]:
-    """The top (or bottom) ``k`` candidates as ``inflq top --json`` shows stored results."""
+    """The top (or bottom) ``k`` candidates as ``inflq top --json`` shows stored results (module and
+    layer scores as objects, as :func:`inflq.reading.decoded` gives them)."""
     picks = answer.order(side)[: max(0, int(k))]
     seqs = catalog.sequence_rows(project.db, [int(answer.indices[p]) for p in picks])
     rows = []
@@ -114,8 +114,8 @@ def answer_rows(project: Project, answer: Answer, k: int, side: str = "top", res
         rows.append({
             "result_set_id": result_set_id, "query_id": answer.query.get("id"), "side": side, "rank": rank, "seq_idx": idx,
             "seq_id": seqs[idx]["seq_id"], "score": float(answer.scores[p]),
-            "module_scores": json.dumps(dict(zip(answer.modules, map(float, answer.module_scores[p]), strict=True))),
-            "layer_scores": json.dumps(answer.layer_scores(int(p))),
+            "module_scores": dict(zip(answer.modules, map(float, answer.module_scores[p]), strict=True)),
+            "layer_scores": answer.layer_scores(int(p)),
             "text": project.runtime.decode(project.runtime.corpus.get(idx)),
         })
     return rows

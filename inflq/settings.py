@@ -232,7 +232,7 @@ def _declared(cls: type) -> tuple[Setting, ...]:
 
 
 # The groups: commands, and the TUI's forms.
-RUN, FIT, PLAN, INDEX, FORM = "run", "factors fit", "plan", "index build", "run form"
+RUN, FIT, PLAN, INDEX, FORM, ASK = "run", "factors fit", "plan", "index build", "run form", "ask"
 SCORES_WITH_ONE = ("self-influence", "probe score", "demo")  # commands that score with one estimator
 
 
@@ -243,7 +243,7 @@ class RunSettings(Declared):
     # Plugin specs; None: the registry's default of the kind (see resolve_defaults).
     estimator: str | None = setting(
         None, "Estimator spec, e.g. ekfac or ekfac:damping=1e-3 (default: the registry's default estimator; ekfac among the built-ins).",
-        plugin="estimator", groups=(RUN, FIT, PLAN, FORM, *SCORES_WITH_ONE))
+        plugin="estimator", groups=(RUN, FIT, PLAN, FORM, ASK, *SCORES_WITH_ONE))
     filter: str | None = setting(
         None, "Candidate filter spec; join with + for a union (tfidf:k=1000+random:n=500). Default: the registry's default filter (all: every sequence).",
         plugin="filter", groups=(RUN, FORM))
@@ -251,7 +251,7 @@ class RunSettings(Declared):
         None, "Executor spec: local (default), or ray / ray:num_gpus=1,num_workers=4 (docs/executors.md).",
         plugin="executor", groups=(RUN, FIT, INDEX, FORM))
     modules: str | None = setting(
-        None, "Tracked modules: all, mlp, attention, lora (an adapter's A and B layers) or name globs (default: the project's).", groups=(RUN, FIT, PLAN, INDEX))
+        None, "Tracked modules: all, mlp, attention, lora (an adapter's A and B layers) or name globs (default: the project's).", groups=(RUN, FIT, PLAN, INDEX, ASK))
     rank: int | None = setting(
         32, "Rank of the preconditioned query gradients, or 'full'.", type=int, minimum=1, none_word="full",
         hint="low-rank query gradients, or full", groups=(RUN, PLAN, FORM))
@@ -263,7 +263,7 @@ class RunSettings(Declared):
     top_k: int = setting(20, "Top and bottom sequences stored per query.", type=int, minimum=1, hint="sequences kept per side", groups=(RUN, FORM))
     fit_sequences: int | None = setting(
         None, "Fit factors on a seeded sample of this many sequences (default: all).", type=int, minimum=1,
-        hint="sequences to fit factors on (blank: all)", groups=(RUN, FIT, PLAN, INDEX, FORM))
+        hint="sequences to fit factors on (blank: all)", groups=(RUN, FIT, PLAN, INDEX, FORM, ASK))
     seed: int = setting(0, "Seed for sampled labels and samples (default: the project's).", type=int, project_default="seed", groups=(RUN, FIT))
     # Sequences per batch and padded tokens per batch; both None (the default): chosen from the
     # model's size and the device's memory when the run starts (inflq.batching), then recorded.
@@ -318,7 +318,7 @@ class DeviceSettings(Declared):
     """Where and in what precision a command loads the model (``Runtime.configure``); not part of
     what a run records as its settings."""
 
-    device: str | None = setting(None, "cpu, cuda, cuda:1, mps (default: the project's, auto).", groups=(RUN, FIT, PLAN))
+    device: str | None = setting(None, "cpu, cuda, cuda:1, mps (default: the project's, auto).", groups=(RUN, FIT, PLAN, ASK))
     dtype: str | None = setting(
         None, "Model dtype (default: the project's).", choices=("auto", "float32", "bfloat16", "float16"), groups=(RUN, FIT))
 

@@ -118,7 +118,7 @@ def test_ask_scores_are_the_full_runs_and_its_top_is_the_exact_top_of_the_index_
     assert recall == len(set(cand) & set(_top(exact, 10))) / 10 and 0 < recall < 1, recall
     # The layer breakdown sums to the score.
     for r in rows:
-        assert sum(json.loads(r["layer_scores"]).values()) == pytest.approx(r["score"], rel=1e-4, abs=1e-6 * np.abs(exact).max())
+        assert sum(r["layer_scores"].values()) == pytest.approx(r["score"], rel=1e-4, abs=1e-6 * np.abs(exact).max())
     # At a full-width index the index's ranking is exact EK-FAC's, and a third of the corpus
     # finds the whole exact top 10: recall 1.
     entry, _ = _ask(cli_run, proj, "--index", base["full"], "--depth", N // 3)
@@ -141,7 +141,7 @@ def test_json_has_the_shape_of_top_json(base, proj, cli_run):
     code, out, err = cli_run("top", proj, "-i", "exact", "--json", "-k", 3)
     assert code == 0, err
     (stored,) = json.loads(out)
-    assert set(entry) == set(stored) == {"query", "results"}
+    assert set(entry) == set(stored) == {"query", "stale", "results"}
     assert set(entry["query"]) == set(stored["query"])
     assert entry["query"]["id"] is None and (entry["query"]["prompt"], entry["query"]["completion"]) == (PROMPT, COMPLETION)
     assert [set(r) for r in entry["results"]] == [set(r) for r in stored["results"]]

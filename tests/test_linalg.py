@@ -70,8 +70,9 @@ def test_add_upper_adds_the_packed_upper_triangle_in_place(n):
     """add_upper(p, m) is p += pack_upper(m), bitwise (float32 widened exactly into float64), by
     gathered indices up to 1,024 columns and row by row beyond; add_into(packed=True) starts and
     extends packed sums from square parts, and packs a running sum that is still square."""
-    from inflq import add_into, pack_upper
-    from inflq.linalg import add_upper
+    from inflq import add_into
+    from inflq.linalg import add_upper, pack_upper
+
 
     gen = torch.Generator().manual_seed(n)
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)

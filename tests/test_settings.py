@@ -23,7 +23,7 @@ DECLARATIONS = (RunSettings, DeviceSettings, ValidationSettings)
 # Every group a setting may name: a command (its path under `inflq`) or a TUI form.
 COMMANDS = {
     "run": ("run",), "factors fit": ("factors", "fit"), "plan": ("plan",), "index build": ("index", "build"),
-    "self-influence": ("self-influence",), "probe score": ("probe", "score"), "demo": ("demo",), "validate": ("validate",),
+    "self-influence": ("self-influence",), "probe score": ("probe", "score"), "demo": ("demo",), "validate": ("validate", "run"), "ask": ("ask",),
 }
 FORMS = {"run form", "validate form"}
 VALIDATIONS = {"pbrf", "lds", "loo"}  # the keyword arguments of validate, validate_lds, validate_loo
@@ -33,10 +33,11 @@ OWN = {
     "factors fit": {"investigation", "resume"},
     "plan": {"investigation", "memory", "calibration", "as_json"},
     "index build": {"k_s", "k_a", "budget", "kind", "fit_estimator", "seed", "shard_size"},
-    "self-influence": {"k"},
+    "self-influence": {"k", "recompute"},
     "probe score": {"query_id"},
     "demo": {"headless"},
     "validate": {"investigation"},
+    "ask": {"depth", "k", "bottom", "as_json", "save", "investigation", "no_index", "chat", "index_key", "rank"},
 }
 
 
@@ -144,8 +145,8 @@ from inflq.tui.app import InflqApp
 from inflq.tui.screens.tools import ValidateScreen
 
 found = {}
-for cmd in ("run", "validate"):
-    text = CliRunner().invoke(c.cli, [cmd, "--help"], terminal_width=400).output
+for cmd, args in (("run", ["run"]), ("validate", ["validate", "run"])):
+    text = CliRunner().invoke(c.cli, [*args, "--help"], terminal_width=400).output
     found[cmd] = [" ".join(ln.split()) for ln in text.splitlines() if "added by the guard test" in ln]
 
 async def go():

@@ -118,7 +118,7 @@ def test_saved_validations_are_listed_and_shown(tiny, validated, cli_run):
     assert code == 0 and "2 queries × 4 sequences" in out and "2 queries × 6 subsets" in out, out
     code, out, err = cli_run("validate", "show", tiny, str(vid))
     assert code == 0, err
-    assert f"validation {vid}: 2 queries × 4 sequences vs PBRF" in out and "recommended EK-FAC damping: 0.001" in out
+    assert f"validation {vid}: 2 queries × 4 sequences vs PBRF" in out and "recommended ekfac damping (best correlation with the PBRF): 0.001" in out
     r = saved["ekfac"]
     lo, hi = mean_correlation_ci(r["pearson"], 2, 4)
     row = next(line for line in out.splitlines() if line.strip("│ ").startswith("ekfac ") or "│ ekfac " in line)

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..errors import Cancelled, InflqError
+from ..settings import DeviceSettings, RunSettings
 from .common import make_console, progress_monitor, project_at, text_room
 
 
@@ -22,12 +23,10 @@ from .common import make_console, progress_monitor, project_at, text_room
 @click.option("-i", "--investigation", default=None, help="With --save: the investigation that keeps the question (default: default).")
 @click.option("--no-index", "no_index", is_flag=True, help="Score every sequence exactly instead of the index's candidates (a whole run's time).")
 @click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template (as `query add --chat`).")
-@click.option("--estimator", default=None, help="The exact estimator's spec (default: the registry's default estimator; ekfac among the built-ins).")
+@RunSettings.click_options("ask", notes={"estimator": "The exact estimator, which scores the index's candidates.", "fit_sequences": "As the run that cached the factors.", "modules": "The index must cover the same."})
+@DeviceSettings.click_options("ask")
 @click.option("--index", "index_key", default=None, help="Which gradient index picks the candidates (a key or its first characters; default: the newest complete one).")
 @click.option("--rank", default="full", show_default=True, help="Rank of the query's preconditioned gradient, or 'full' (exact).")
-@click.option("--fit-sequences", type=int, help="The exact estimator's factors fitted on this many sequences, as the run that cached them (default: all).")
-@click.option("--modules", help="Tracked modules: all, mlp, attention or name globs (default: the project's; the index must cover the same).")
-@click.option("--device", help="cpu, cuda, cuda:1, mps (default: the project's, auto).")
 def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigation, no_index, chat, estimator, index_key, rank, fit_sequences, modules, device):
     """Ask PROMPT -> COMPLETION: the gradient index picks the candidates, exact EK-FAC scores them.
 
@@ -62,7 +61,7 @@ def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigat
         try:
             answer = asker.ask(query, depth=depth, bottom=bottom, use_index=not no_index, monitor=monitor)
         except Cancelled:
-            raise InflqError("stopped; nothing was written") from None
+            raise Cancelled("nothing was written") from None
     if answer.fitted:
         click.echo(f"fitted {asker.estimator} factors in {asker.fit_seconds:.1f} s (cached for the next question)", err=True)
     side = "bottom" if bottom else "top"
@@ -76,7 +75,9 @@ def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigat
                    f"see it with: inflq top {project} -i {investigation} --query {qid}", err=True)
     rows = answer_rows(p, answer, k, side, rs_id)
     if as_json:
-        click.echo(json.dumps([{"query": answer.query, "results": rows}], indent=2))
+        from ..reading import decoded
+
+        click.echo(json.dumps([{"query": decoded(answer.query), "stale": False, "results": rows}], indent=2))  # a new question is never stale
         return
     _print(answer, rows, side)
 

@@ -4,8 +4,6 @@ prints them. Reads the catalog only: no model, no torch."""
 
 from __future__ import annotations
 
-import math
-
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -16,45 +14,19 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Label, Static
 
-from ... import catalog
+from ...validations import SavedValidation, get_validation, list_validations
 
 
-def saved_validations(db) -> list[list[dict]]:
-    """Every saved validation's rows (``catalog.validation_rows``), newest first. (Numbers of an
-    investigation since deleted have no rows and are skipped.)"""
-    latest = catalog.validation_rows(db)
-    if not latest:
-        return []
-    out = []
-    for n in range(latest[0]["validation"], 0, -1):
-        rows = catalog.validation_rows(db, n)
-        if rows:
-            out.append(rows)
-    return out
+def validation_table(v: SavedValidation) -> Table:
+    """A saved validation's table, as ``inflq validate show`` prints it (``inflq.validations``: the
+    one rendering of its title, columns and cells, with the recommended damping as its caption)."""
+    from ...lds import recommendation, swept_estimator
 
-
-def method_of(rows: list[dict]) -> str:
-    """``pbrf``, ``lds`` or ``loo`` (leave-one-out is saved with method ``lds``)."""
-    return "loo" if rows[0]["settings"].get("method") == "loo" else rows[0].get("method") or "pbrf"
-
-
-def pbrf_table(rows: list[dict]) -> Table:
-    """A saved PBRF validation's correlations, as ``inflq validate`` prints them."""
-    first, s = rows[0], rows[0]["settings"]
-    n = len(s.get("sample") or []) or first["num_sequences"]
-    eps = s.get("epsilon")
-    title = f"validation {first['validation']}: {len(s.get('queries') or [])} queries × {n} sequences vs PBRF"
-    if eps is not None:
-        title += f" (ε={eps:.3g}, {s.get('pbrf_steps')} steps, {s.get('fit_sequences')} fitting sequences, {s.get('pbrf_seconds', 0):.0f} s)"
-    t = Table("estimator", "pearson", "spearman", "fit s", "inverse-HVP s", title=title, title_justify="left", box=None, pad_edge=False)
-
-    def num(x, form: str) -> str:
-        return "—" if x is None or not math.isfinite(x) else format(x, form)
-
-    for r in rows:
-        t.add_row(r["estimator"], num(r["pearson"], ".3f"), num(r["spearman"], ".3f"), num(r["fit_seconds"], ".3f"), num(r["ihvp_seconds"], ".4f"))
-    if s.get("recommended_damping") is not None:
-        t.caption = f"recommended EK-FAC damping: {s['recommended_damping']:g} (estimator ekfac:damping={s['recommended_damping']:g})"
+    t = Table(*v.columns(), title=v.title(), title_justify="left", box=None, pad_edge=False)
+    for cells in v.table():
+        t.add_row(*cells)
+    if v.recommended_damping is not None:
+        t.caption = recommendation(v.recommended_damping, swept_estimator(v.settings, v.rows), "the PBRF" if v.method == "pbrf" else "retraining")
         t.caption_justify = "left"
     return t
 
@@ -88,17 +60,11 @@ class ValidationsScreen(Screen):
         if project is None:
             detail.update("No project is open: press o to open one.")
             return
-        self._saved = {rows[0]["validation"]: rows for rows in saved_validations(project.db)}
-        names: dict[int, str] = {}
-        for vid, rows in self._saved.items():
-            first, method = rows[0], method_of(rows)
-            inv = first["investigation_id"]
-            if inv not in names:
-                names[inv] = catalog.investigation(project.db, inv)["name"]
-            unit = {"pbrf": "sequences", "lds": "subsets", "loo": "left out"}[method]
-            n = first["settings"].get("subsets") if method != "pbrf" else (len(first["settings"].get("sample") or []) or first["num_sequences"])
-            table.add_row(str(vid), method, names[inv], ", ".join(r["estimator"] for r in rows),
-                          f"{first['num_queries']} q × {n} {unit}", (first["created_at"] or "").replace("T", " ")[:16], key=str(vid))
+        self._saved = {v.id: v for v in reversed(list_validations(project))}  # newest first
+        unit = {"pbrf": "sequences", "lds": "subsets", "loo": "left out"}
+        for v in self._saved.values():
+            table.add_row(str(v.id), v.method, v.investigation, ", ".join(v.estimators), f"{v.num_queries} q × {v.num_sequences} {unit[v.method]}",
+                          (v.created_at or "").replace("T", " ")[:16], key=str(v.id))
         if not self._saved:
             detail.update("No validation has been saved yet: ctrl+p → Validate estimators (or `inflq validate`).")
             return
@@ -111,13 +77,6 @@ class ValidationsScreen(Screen):
 
     def show(self, vid: int) -> None:
         """Validation ``vid``'s table (PBRF correlations, or LDS / leave-one-out scores)."""
-        from .tools import lds_table
-
-        rows = self._saved[vid]
-        s = rows[0]["settings"]
-        if method_of(rows) == "pbrf":
-            shown = pbrf_table(rows)
-        else:
-            shown = lds_table(vid, rows, s, s.get("recommended_damping"))
-        note = Text(f"the same as `inflq validate`'s table; settings: modules {len(s.get('modules') or [])}, seed {s.get('seed')}", style="dim")
-        self.query_one("#validation-detail", Static).update(Group(shown, note))
+        v = get_validation(self.app.project, vid)  # type: ignore[attr-defined]
+        note = Text(f"the same as `inflq validate show`; settings: modules {len(v.settings.get('modules') or [])}, seed {v.settings.get('seed')}", style="dim")
+        self.query_one("#validation-detail", Static).update(Group(validation_table(v), note))
