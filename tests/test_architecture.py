@@ -402,3 +402,14 @@ def test_the_layout_guard_sees_artifact_paths():
     assert artifact_paths(ast.parse(harmless)) == []
     # And the real layout module spells them, so the scan would see it if it were not exempt.
     assert artifact_paths(ast.parse(LAYOUT.read_text()))
+
+
+def test_no_two_modules_share_a_name():
+    """A module's name says its role, once: no two modules of the package and the built-in plugins
+    share a file name (``__init__``/``__main__`` aside), so that "layout.py" or "workers.py" names one
+    thing in a traceback, a grep or a review."""
+    seen: dict[str, list[str]] = {}
+    for path in _py_files(CORE) + _py_files(BUILTINS):
+        if path.name not in ("__init__.py", "__main__.py"):
+            seen.setdefault(path.name, []).append(_rel(path))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}

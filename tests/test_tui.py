@@ -1184,7 +1184,7 @@ def test_saved_validations_are_listed_with_their_tables(project_dir):
 
     from inflq.lds import validate_lds
     from inflq.tui.screens.tools import ValidateScreen
-    from inflq.tui.screens.validations import ValidationsScreen
+    from inflq.tui.screens.saved_validations import ValidationsScreen
     from inflq.validate import validate
 
     seed(project_dir, run=None)
@@ -1527,8 +1527,8 @@ def test_tui_imports_run_one_way():
                 found |= {a.name for a in node.names}
         return found
 
-    for folder, banned in (("panes", ("inflq.tui.app", "inflq.tui.layout")),
-                           ("screens", ("inflq.tui.app", "inflq.tui.layout", "inflq.tui.panes"))):
+    for folder, banned in (("panes", ("inflq.tui.app", "inflq.tui.main_screen")),
+                           ("screens", ("inflq.tui.app", "inflq.tui.main_screen", "inflq.tui.panes"))):
         for path in (root / folder).glob("*.py"):
             bad = [m for m in imports(path) if m.startswith(banned)]
             assert not bad, f"{path.relative_to(root)} imports {bad}"

@@ -18,10 +18,10 @@ from .. import catalog
 from ..errors import Cancelled, InflqError
 from ..layout import EXPORTS  # the export dialog's default folder, inside the project
 from .context import Context, ContextChanged
-from .layout import TABS, FactorsScreen, MainScreen
+from .main_screen import TABS, FactorsScreen, MainScreen
 from .panes import Pane
 from .screens.modals import ConfirmScreen, ErrorScreen, HelpScreen, InputScreen
-from .workers import WorkerFailures
+from .worker_failures import WorkerFailures
 
 
 def default_project() -> Path:
@@ -276,7 +276,7 @@ class InflqApp(WorkerFailures, App):
 
     def action_validations(self) -> None:
         """The project's saved validations and their tables (``inflq validate``'s)."""
-        from .screens.validations import ValidationsScreen
+        from .screens.saved_validations import ValidationsScreen
 
         if self.project is None:
             self.notify("no project is open: press o to open one", severity="warning")

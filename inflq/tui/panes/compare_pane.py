@@ -18,7 +18,7 @@ from ...display import score_format
 from ...errors import InflqError
 from ..compact import CButton, CInput, CSelect
 from ..context import Context, ContextChanged
-from ..workers import failure_note
+from ..worker_failures import failure_note
 from .pane import Pane, blank
 
 

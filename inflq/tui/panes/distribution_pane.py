@@ -20,7 +20,7 @@ from ... import catalog, reading
 from ...errors import InflqError
 from ..compact import CSelect
 from ..context import Context, ContextChanged
-from ..workers import failure_note
+from ..worker_failures import failure_note
 from .pane import Pane, blank
 
 

@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Select
 
 from ...errors import InflqError
 from ..context import Context, ContextChanged
-from ..workers import WorkerFailures
+from ..worker_failures import WorkerFailures
 
 
 def blank(value) -> bool:

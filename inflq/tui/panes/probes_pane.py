@@ -20,7 +20,7 @@ from ...plugins import get_registry
 from .. import render
 from ..compact import CButton, CInput, CSelect
 from ..context import ContextChanged
-from ..workers import failure_note
+from ..worker_failures import failure_note
 from .pane import Pane
 
 

@@ -24,7 +24,7 @@ from ...errors import InflqError
 from ...queries import add_query
 from .. import render
 from ..compact import CButton, CInput
-from ..workers import failure_note
+from ..worker_failures import failure_note
 from .pane import Pane
 
 

@@ -17,7 +17,7 @@ from ... import catalog
 from ...display import score_format
 from .. import render
 from ..compact import CButton, CInput
-from ..workers import WorkerFailures, failure_note
+from ..worker_failures import WorkerFailures, failure_note
 
 
 class SequenceScreen(WorkerFailures, Screen):

@@ -23,7 +23,7 @@ from ...settings import ValidationSettings
 from ..compact import CButton
 from ..forms import setting_field, setting_value
 from ..phases import PhaseBars, RunProgress
-from ..workers import WorkerFailures
+from ..worker_failures import WorkerFailures
 
 
 class ValidateScreen(WorkerFailures, Screen):
