@@ -2,7 +2,7 @@
 causal language models, after Grosse et al. 2023.
 
 This package's names (``inflq.__all__``) are the plugin contract: what a third-party estimator,
-filter, attribution, executor or trainer may use, documented in docs/plugins.md and kept stable.
+filter, attribution, executor, trainer or measurement may use, documented in docs/plugins.md and kept stable.
 Scripts and notebooks also use the modules (``inflq.runs``, ``inflq.reading``, ``inflq.queries``:
 README.md, "Python API"). What inflq's own built-in plugins need beyond the contract is in
 :mod:`inflq._builtins_api`, which is unstable. The package root imports nothing from the CLI or
@@ -27,6 +27,8 @@ from .base import (
     FilterContext,
     FitContext,
     Job,
+    Measurement,
+    MeasurementTerm,
     Pass,
     ScoringContext,
     Shard,
@@ -123,9 +125,9 @@ def init_project(path, model, corpus, **kwargs):
 
 __all__ = [
     # plugin kinds, their options and registration
-    "Attribution", "Estimator", "Executor", "Filter", "Trainer", "Option", "hookimpl", "get_registry",
-    # what each kind receives
-    "AttributionContext", "AttributionResult", "FilterContext", "FitContext", "ScoringContext", "TrainContext",
+    "Attribution", "Estimator", "Executor", "Filter", "Trainer", "Measurement", "Option", "hookimpl", "get_registry",
+    # what each kind receives (a measurement: TokenizedQuery, and returns MeasurementTerm)
+    "MeasurementTerm", "AttributionContext", "AttributionResult", "FilterContext", "FitContext", "ScoringContext", "TrainContext",
     # passes and where they run
     "Job", "Pass", "Shard", "SumPass", "add_into", "LocalWorker", "build_worker",
     # gradients

@@ -1,4 +1,4 @@
-"""Plugin base classes: Estimator, Filter, Attribution, Executor, Trainer, and the contexts they receive.
+"""Plugin base classes: Estimator, Filter, Attribution, Executor, Trainer, Measurement, and the contexts they receive.
 
 A plugin is a subclass with a ``name``, a one-line ``description`` and declared ``options``;
 it is registered through a hook in :mod:`inflq.hookspecs`. See ``docs/plugins.md``.
@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # torch (1-2 s to import) and numpy load where used: plugins 
 
     from .contractions import Compression, QueryGradients
     from .engine import Batch, Captured, GradientEngine, SequenceGradients, TrackedModule
+    from .queries import TokenizedQuery
 
 
 # -- passes: the unit of work executors distribute (run by inflq.passes.run_shard) -------------------
@@ -531,3 +532,60 @@ class Trainer(Plugin):
 
     def train(self, ctx: TrainContext) -> torch.nn.Module | Path:
         raise NotImplementedError
+
+
+# -- measurements ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MeasurementTerm:
+    """One token sequence a measurement reads, and the weight on each measured token's log-probability.
+
+    ``tokens``: the sequence's token ids (a prompt joined with a completion, as the model sees it);
+    ``start``: the first measured position (>= 1: the token there has context); ``weights``: one
+    float per token at positions ``>= start``. The term's value is
+    ``Σ_t weights[t - start] · log p(tokens[t] | tokens[:t])``."""
+
+    tokens: np.ndarray
+    start: int
+    weights: np.ndarray
+
+    @classmethod
+    def of(cls, query: TokenizedQuery, weight: float | np.ndarray = 1.0) -> MeasurementTerm:
+        """A tokenized completion (``query.tokens``, ``query.completion_start``) with ``weight`` on
+        each of its tokens (a number, or one per completion token)."""
+        import numpy as np
+
+        n = len(query.tokens) - int(query.completion_start)
+        w = np.broadcast_to(np.asarray(weight, dtype=np.float64), (n,)).copy()
+        return cls(np.asarray(query.tokens, dtype=np.int64), int(query.completion_start), w)
+
+    def position_weights(self) -> np.ndarray:
+        """One weight per token of ``tokens`` (0 before ``start``)."""
+        import numpy as np
+
+        out = np.zeros(len(self.tokens), dtype=np.float64)
+        out[self.start :] = self.weights
+        return out
+
+
+class Measurement(Plugin):
+    """What a query measures: a weighted sum of token log-probabilities over one or more token
+    sequences (``terms``). Every estimator scores the gradient of that sum, made in one place by
+    the shared gradient engine, so a measurement needs nothing of the estimators.
+
+    ``terms(completion, alternative)`` receives the query's prompt joined with its completion, and
+    with its alternative where the query has one (both :class:`inflq.queries.TokenizedQuery`:
+    ``tokens``, ``completion_start``), and returns :class:`MeasurementTerm` s (``MeasurementTerm.of(
+    completion, weight)``). ``alternative = True``: the measurement needs a query's alternative
+    completion (``--alternative``); a query without one is refused, as is an alternative given to
+    a measurement that reads none.
+    """
+
+    kind = "measurement"
+    alternative: ClassVar[bool] = False
+
+    def terms(self, completion: TokenizedQuery, alternative: TokenizedQuery | None) -> list[MeasurementTerm]:
+        raise NotImplementedError
+
+    def formula(self) -> str:
+        """The measurement in words for headers and help, e.g. ``log p(completion)``."""
+        return self.description

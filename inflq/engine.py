@@ -22,12 +22,16 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import InflqError, NumericalError
+
+if TYPE_CHECKING:
+    from .base import MeasurementTerm
 
 try:  # GPT-2 style models use a transposed linear layer ("Conv1D"); tracked natively.
     from .modeling import import_transformers  # (one thread imports transformers at a time)
@@ -218,13 +222,16 @@ class Batch:
     ``loss_mask[b, t]`` says whether position ``t``'s prediction (of token ``t + 1``) counts: the
     training loss's terms, the measurement's, and where the true Fisher samples its labels.
     ``sample_seeds[b]`` seeds the labels sampled for the true Fisher (one generator per sequence,
-    so results do not depend on how sequences are batched).
+    so results do not depend on how sequences are batched). ``loss_weights[b, t]`` (float32, or
+    ``None``: all 1) weighs position ``t``'s term of the loss: a query's measurement
+    (:class:`inflq.Measurement`) as a weighted sum of its tokens' log-probabilities.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
     sample_seeds: list[int] | None = None
+    loss_weights: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -237,12 +244,15 @@ def make_batch(
     device: torch.device | str = "cpu",
     loss_from: Sequence[int] | None = None,
     sample_seeds: Sequence[int] | None = None,
+    weights: Sequence[np.ndarray] | None = None,
 ) -> Batch:
     """Pad ``sequences`` on the right. Loss is on every next-token prediction, or, where
     ``loss_from[b]`` is given, only on predictions of tokens at positions ``>= loss_from[b]``
     (a query's completion), and, for a sequence that carries a mask of trained targets
     (:class:`inflq.corpus.TrainingTokens`: instruction data, the loss on the response), only on
-    predictions of its trained tokens (several assistant turns make several runs of them)."""
+    predictions of its trained tokens (several assistant turns make several runs of them).
+    ``weights[b]``: one weight per token of sequence ``b`` on the loss term that predicts it
+    (a measurement's, :meth:`inflq.MeasurementTerm.position_weights`); ``None``: weight 1."""
     from .corpus import targets_of
 
     if not sequences:
@@ -265,7 +275,17 @@ def make_batch(
         pos = torch.arange(T)[None, :]
         start = torch.as_tensor(list(loss_from))[:, None]
         loss &= pos + 1 >= start
-    return Batch(ids.to(device), att.to(device), loss.to(device), list(sample_seeds) if sample_seeds is not None else None)
+    lw = None
+    if weights is not None:
+        lw = torch.zeros((B, T), dtype=torch.float32)
+        for b, w in enumerate(weights):
+            w = np.asarray(w, dtype=np.float64)
+            if len(w) != len(sequences[b]):
+                raise ValueError(f"sequence {b} has {len(sequences[b])} tokens and {len(w)} weights")
+            lw[b, : len(w) - 1] = torch.from_numpy(w[1:].astype(np.float32))  # position t predicts token t + 1
+        lw = lw.to(device)
+    seeds = list(sample_seeds) if sample_seeds is not None else None
+    return Batch(ids.to(device), att.to(device), loss.to(device), seeds, lw)
 
 
 @dataclass
@@ -303,6 +323,51 @@ class SequenceGradients(dict):
         dense = {n: torch.cat([p[n] for p in parts]) for n in names}
         factors = {n: (torch.cat([pad(p.factors[n][0]) for p in parts]), torch.cat([pad(p.factors[n][1]) for p in parts])) for n in names}
         return cls(dense, factors)
+
+    def grouped(self, groups: Sequence[Sequence[int]]) -> SequenceGradients:
+        """One gradient per group of rows, their sum: a query whose measurement reads several
+        sequences (:class:`inflq.MeasurementTerm`). The token factors of a group are its rows'
+        tokens one after another (``DW = Σ_rows G_rowᵀ A_row = [G_1; G_2]ᵀ [A_1; A_2]``), zero-padded
+        to the longest group. One row per group, in order: this object itself."""
+        rows = [list(g) for g in groups]
+        n = next(iter(self.values())).shape[0] if self else 0
+        if all(len(g) == 1 for g in rows) and [g[0] for g in rows] == list(range(n)):
+            return self
+        dense = {name: torch.stack([v[g].sum(dim=0) for g in rows]) for name, v in self.items()}
+        factors = {}
+        for name, (G, A) in self.factors.items():
+            T = G.shape[1]
+            span = T * max(len(g) for g in rows)
+            gq = G.new_zeros((len(rows), span, G.shape[2]))
+            aq = A.new_zeros((len(rows), span, A.shape[2]))
+            for i, g in enumerate(rows):
+                gq[i, : len(g) * T] = G[g].reshape(len(g) * T, G.shape[2])
+                aq[i, : len(g) * T] = A[g].reshape(len(g) * T, A.shape[2])
+            factors[name] = (gq, aq)
+        return SequenceGradients(dense, factors)
+
+
+def measurement_batches(
+    measured: Sequence[Sequence[MeasurementTerm]], pad_id: int, device: torch.device | str = "cpu", batch_size: int | None = None
+) -> Iterator[tuple[Batch, list[list[int]]]]:
+    """Batches of the terms of ``batch_size`` queries at a time (``None``: 8), each with, per
+    query of the batch, its rows: every term of a query's measurement (:class:`inflq.Measurement`)
+    is a row whose loss is the term's weighted negative log-probabilities (its tokens from
+    ``start``). Where every weight is 1 (``log p(completion)``), the batch carries no weights and is
+    the plain measurement batch."""
+    size = max(1, batch_size or 8)
+    for s in range(0, len(measured), size):
+        seqs, starts, weights, groups = [], [], [], []
+        for terms in measured[s : s + size]:
+            if not terms:
+                raise InflqError("a measurement gave no token sequence to measure")
+            groups.append(list(range(len(seqs), len(seqs) + len(terms))))
+            for t in terms:
+                seqs.append(t.tokens)
+                starts.append(int(t.start))
+                weights.append(t.position_weights())
+        plain = all(bool(np.all(w[st:] == 1.0)) for w, st in zip(weights, starts, strict=True))
+        yield make_batch(seqs, pad_id, device, loss_from=starts, weights=None if plain else weights), groups
 
 
 class _RowwiseCrossEntropy(torch.autograd.Function):
@@ -449,6 +514,8 @@ class GradientEngine:
             raise ValueError(f"unknown labels {labels!r}")
         owned = consume or logits.dtype != torch.float32  # .float() below makes a copy of its own
         ce = _RowwiseCrossEntropy.apply(logits.float().reshape(-1, V), targets.reshape(-1), _LOSS_ROWS, owned).view(B, T)
+        if batch.loss_weights is not None:
+            return ce * batch.loss_mask * batch.loss_weights
         return ce * batch.loss_mask
 
     @staticmethod
@@ -546,7 +613,8 @@ class GradientEngine:
         for s in range(0, batch.size, rows):
             e = min(batch.size, s + rows)
             seeds = batch.sample_seeds[s:e] if batch.sample_seeds is not None else None
-            part = Batch(batch.input_ids[s:e], batch.attention_mask[s:e], batch.loss_mask[s:e], seeds)
+            lw = batch.loss_weights[s:e] if batch.loss_weights is not None else None
+            part = Batch(batch.input_ids[s:e], batch.attention_mask[s:e], batch.loss_mask[s:e], seeds, lw)
             yield (part, *self._capture(part, labels, reuse))
 
     def _pass_tokens(self, tokens: int) -> int:
@@ -633,6 +701,15 @@ class GradientEngine:
                 torch.mul(g, valid, out=out)
             g = out
         return a, g
+
+    def measurement_gradients(self, measured: Sequence[Sequence[MeasurementTerm]], pad_id: int, batch_size: int | None = None) -> SequenceGradients:
+        """Gradients ``[nq, out, in_dim]`` of each query's measurement loss, the negative of its
+        measurement ``Σ_terms Σ_t w_t log p(token_t | tokens before)`` (``measured[q]``: the query's
+        :class:`inflq.MeasurementTerm` s), with their token factors: the one place every
+        estimator's query gradients are made. ``batch_size`` queries at a time (``None``: 8)."""
+        parts = [self.sequence_gradients(batch, "data").grouped(groups)
+                 for batch, groups in measurement_batches(measured, pad_id, self.device, batch_size)]
+        return SequenceGradients.concat(parts)
 
     def sequence_gradients(self, batch: Batch, labels: str = "data") -> SequenceGradients:
         """Per-sequence loss gradients ``DW[b] = Σ_t g_t ā_tᵀ`` for each module, ``[B, out, in_dim]``,

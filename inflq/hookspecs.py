@@ -1,7 +1,7 @@
 """The whole plugin API of inflq: each hook receives a ``register`` callable (``register_commands``:
 the command group).
 
-Built-in estimators, filters, attributions, executors, trainers and commands are registered through these
+Built-in estimators, filters, attributions, executors, trainers, measurements and commands are registered through these
 same hooks and the same ``inflq`` entry-point group that third-party plugins use (see
 ``docs/plugins.md``).
 """
@@ -47,6 +47,11 @@ def check_artifacts(project: Any) -> list[str]:
 @hookspec
 def register_trainers(register: Callable[[type], None]) -> None:
     """Register :class:`inflq.Trainer` subclasses (retraining on a corpus subset, for LDS): ``register(MyTrainer)``."""
+
+
+@hookspec
+def register_measurements(register: Callable[[type], None]) -> None:
+    """Register :class:`inflq.Measurement` subclasses (what a query measures): ``register(MyMeasurement)``."""
 
 
 @hookspec

@@ -13,7 +13,7 @@ from types import ModuleType
 import pluggy
 
 from . import hookspecs
-from .base import Attribution, Estimator, Executor, Filter, Plugin, Trainer
+from .base import Attribution, Estimator, Executor, Filter, Measurement, Plugin, Trainer
 from .errors import InflqError
 
 
@@ -26,9 +26,10 @@ class LoadedPlugin:
 
 
 class Registry:
-    """The loaded plugins and the estimator, filter, attribution, executor and trainer classes they register."""
+    """The loaded plugins and the estimator, filter, attribution, executor, trainer and measurement classes they register."""
 
-    KINDS = {"estimator": Estimator, "filter": Filter, "attribution": Attribution, "executor": Executor, "trainer": Trainer}
+    KINDS = {"estimator": Estimator, "filter": Filter, "attribution": Attribution, "executor": Executor, "trainer": Trainer,
+             "measurement": Measurement}
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager("inflq")
@@ -70,6 +71,7 @@ class Registry:
             "attribution": self.pm.hook.register_attributions,
             "executor": self.pm.hook.register_executors,
             "trainer": self.pm.hook.register_trainers,
+            "measurement": self.pm.hook.register_measurements,
         }
         for kind, hook in hooks.items():
             for impl in hook.get_hookimpls():

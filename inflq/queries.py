@@ -1,8 +1,10 @@
 """Queries: a prompt and a completion, tokenized exactly as the model sees the joined text.
 
-The measurement is ``log p(completion | prompt)``: the summed log-likelihood of the completion
-tokens only. Prompt and completion are joined verbatim, except that a single space is put between
-them when neither side has whitespace at the join.
+A query's measurement is a plugin (:class:`inflq.Measurement`, :mod:`inflq.measurements`); the
+default, ``logprob``, is ``log p(completion | prompt)``: the summed log-likelihood of the completion
+tokens only; ``margin`` also reads an alternative completion after the same prompt. Prompt and
+completion are joined verbatim, except that a single space is put between them when neither side
+has whitespace at the join.
 """
 
 from __future__ import annotations
@@ -77,55 +79,90 @@ def require_known_completion(tokenizer, query: TokenizedQuery, completion: str) 
         )
 
 
+def check_query(runtime, query: dict) -> dict:
+    """A query dict (prompt, completion, chat, measurement, alternative) checked as a run will
+    measure it: it tokenizes, its completion is not all unknown tokens, its measurement exists and
+    has the alternative it needs (and none it does not read). Returns it with the measurement's
+    spec filled in (the default where none was chosen)."""
+    from .measurements import checked_choice, measure
+
+    spec, alternative = checked_choice(query.get("measurement"), query.get("alternative"))
+    query = {**query, "measurement": spec, "alternative": alternative}
+    tq = runtime.tokenize_query(query["prompt"], query["completion"], bool(query.get("chat", False)))
+    require_known_completion(runtime.tokenizer, tq, query["completion"])
+    measure(runtime, query)
+    return query
+
+
 def add_queries(project, investigation: str, queries: list[dict]) -> list[int]:
-    """Add queries (dicts with prompt, completion, optional chat, tags, notes) to a project's
-    investigation in one transaction. Each is tokenized first, so a bad query leaves the catalog unchanged."""
+    """Add queries (dicts with prompt, completion, optional measurement, alternative, chat, tags,
+    notes) to a project's investigation in one transaction. Each is tokenized and measured first
+    (:func:`check_query`), so a bad query leaves the catalog unchanged."""
     from . import catalog
 
     catalog.investigation(project.db, investigation)
     runtime = project.runtime
+    checked = []
     for i, q in enumerate(queries):
         # Which query, only when there are several: a lone query is not "query 1".
         which = f"query {i + 1}: " if len(queries) > 1 else ""
         if not isinstance(q.get("prompt"), str) or not isinstance(q.get("completion"), str):
             raise InflqError(f"{which}needs string 'prompt' and 'completion' fields")
+        for key in ("measurement", "alternative"):
+            if q.get(key) is not None and not isinstance(q[key], str):
+                raise InflqError(f"{which}'{key}' must be a string")
         try:
-            tq = runtime.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat", False)))
-            require_known_completion(runtime.tokenizer, tq, q["completion"])
+            checked.append(check_query(runtime, q))
         except InflqError as exc:
             raise InflqError(f"{which}{exc}") from None
-    return catalog.add_queries(project.db, investigation, queries)
+    return catalog.add_queries(project.db, investigation, checked)
 
 
-def add_query(project, investigation: str, prompt: str, completion: str, chat: bool = False, tags: list[str] | None = None, notes: str = "") -> int:
-    """Add one query (see :func:`add_queries`); returns its id."""
-    return add_queries(project, investigation, [{"prompt": prompt, "completion": completion, "chat": chat, "tags": tags or [], "notes": notes}])[0]
+def add_query(
+    project, investigation: str, prompt: str, completion: str, chat: bool = False, tags: list[str] | None = None, notes: str = "",
+    measurement: str | None = None, alternative: str | None = None,
+) -> int:
+    """Add one query (see :func:`add_queries`); returns its id. ``measurement``: a measurement's
+    name (default: the registry's, ``logprob``); ``alternative``: the completion it is compared
+    with, for one that compares (``margin``)."""
+    return add_queries(project, investigation, [{
+        "prompt": prompt, "completion": completion, "chat": chat, "tags": tags or [], "notes": notes,
+        "measurement": measurement, "alternative": alternative,
+    }])[0]
 
 
 def edit_query(
     project, query_id: int, *, prompt: str | None = None, completion: str | None = None, chat: bool | None = None,
-    tags: list[str] | None = None, notes: str | None = None,
+    tags: list[str] | None = None, notes: str | None = None, measurement: str | None = None, alternative: str | None = None,
 ) -> list[int]:
-    """Change a query's prompt, completion, chat formatting, tags or notes (``None``: keep). A new
-    prompt, completion or chat formatting is checked as :func:`add_queries` checks one, and makes
-    the query's rows in earlier result sets stale (shown as such; refused while its investigation
-    has an unfinished run, which a resume would mix). Returns the ids of the result sets made stale."""
+    """Change a query's prompt, completion, chat formatting, measurement, alternative, tags or notes
+    (``None``: keep; ``alternative=""`` removes it). A change to what is measured (prompt,
+    completion, chat formatting, measurement, alternative) is checked as :func:`add_queries` checks
+    a query, and makes the query's rows in earlier result sets stale (shown as such; refused while
+    its investigation has an unfinished run, which a resume would mix). Choosing a measurement that
+    reads no alternative drops the query's alternative. Returns the ids of the result sets made stale."""
     import json
 
     from . import catalog
+    from .measurements import make_measurement
 
     row = catalog.query(project.db, query_id)
+    if measurement is not None and alternative is None and row.get("alternative") and not make_measurement(measurement).alternative:
+        alternative = ""  # the old alternative belongs to the old measurement
     new = {"prompt": prompt, "completion": completion, "chat": None if chat is None else int(bool(chat)),
-           "tags": None if tags is None else json.dumps(list(tags)), "notes": notes}
-    changes = {k: v for k, v in new.items() if v is not None and v != row[k]}
+           "tags": None if tags is None else json.dumps(list(tags)), "notes": notes, "measurement": measurement,
+           "alternative": alternative}
+    changes = {k: v for k, v in new.items() if v is not None and v != (row.get(k) if k != "alternative" else row.get(k) or "")}
     if not changes:
-        raise InflqError(f"query {query_id} already reads so; give a new --prompt, --completion, --tag or --notes")
-    measured = bool({"prompt", "completion", "chat"} & set(changes))
+        raise InflqError(f"query {query_id} already reads so; give a new --prompt, --completion, --measurement, --alternative, --tag or --notes")
+    measured = bool({"prompt", "completion", "chat", "measurement", "alternative"} & set(changes))
     if measured:
-        p, c, ch = changes.get("prompt", row["prompt"]), changes.get("completion", row["completion"]), bool(changes.get("chat", row["chat"]))
-        runtime = project.runtime
-        tq = runtime.tokenize_query(p, c, ch)
-        require_known_completion(runtime.tokenizer, tq, c)
+        merged = {**row, **changes}
+        checked = check_query(project.runtime, {**merged, "chat": bool(merged["chat"])})
+        if "measurement" in changes:
+            changes["measurement"] = checked["measurement"]
+        if "alternative" in changes:
+            changes["alternative"] = checked["alternative"]  # "" is stored as NULL
     return catalog.edit_query(project.db, query_id, changes, measured)
 
 

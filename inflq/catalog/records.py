@@ -82,8 +82,9 @@ def delete_investigation(db: sqlite_utils.Database, name: str) -> tuple[list[int
 
 
 def add_queries(db: sqlite_utils.Database, investigation_name: str, queries: list[dict]) -> list[int]:
-    """Append queries (dicts with prompt, completion, optional chat, tags, notes) in one transaction.
-    Checking that they tokenize is the caller's (``inflq.queries.add_queries``)."""
+    """Append queries (dicts with prompt, completion, measurement, optional alternative, chat, tags,
+    notes) in one transaction. Checking that they tokenize and that the measurement exists is the
+    caller's (``inflq.queries.add_queries``)."""
     inv = investigation(db, investigation_name)
     ids = []
     with db.atomic():
@@ -95,6 +96,7 @@ def add_queries(db: sqlite_utils.Database, investigation_name: str, queries: lis
                 "investigation_id": inv["id"], "position": pos, "prompt": q["prompt"], "completion": q["completion"],
                 "chat": int(bool(q.get("chat", False))), "tags": json.dumps(tags if isinstance(tags, list) else [str(tags)]),
                 "notes": q.get("notes") or "", "created_at": now(),
+                "measurement": q["measurement"], "alternative": q.get("alternative") or None,
             }).last_pk)
     return ids
 
@@ -140,8 +142,9 @@ def delete_query(db: sqlite_utils.Database, query_id: int) -> dict:
 
 
 def edit_query(db: sqlite_utils.Database, query_id: int, changes: dict, measured_changed: bool) -> list[int]:
-    """Change a query's columns (``changes``: prompt, completion, chat, tags, notes) in one
-    transaction. ``measured_changed``: what is measured changed (prompt, completion or chat), so
+    """Change a query's columns (``changes``: prompt, completion, chat, measurement, alternative,
+    tags, notes) in one transaction. ``measured_changed``: what is measured changed (prompt,
+    completion, chat, measurement or alternative), so
     every result set that scored the query is marked stale for it, and the edit is refused while
     its investigation has an unfinished scoring run. Returns the ids of the result sets marked."""
     with db.atomic():

@@ -227,6 +227,14 @@ def m0007_self_influence(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0008_measurements")
+def m0008_measurements(db: sqlite_utils.Database) -> None:
+    # What a query measures (a measurement plugin's spec) and, for one that compares two
+    # completions (margin), the alternative. Queries from before measured log p(completion).
+    db["queries"].add_column("measurement", str, not_null_default="logprob")
+    db["queries"].add_column("alternative", str)
+
+
 class CatalogDatabase(sqlite_utils.Database):
     """sqlite-utils' Database whose outermost transactions begin IMMEDIATE: the write lock is taken
     (waiting up to the busy timeout) before the first read. A deferred BEGIN that reads first and

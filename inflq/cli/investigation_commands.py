@@ -79,11 +79,16 @@ def query():
 @click.argument("prompt", required=False)
 @click.argument("completion", required=False)
 @click.option("-i", "--investigation", default="default", show_default=True, help="The investigation the queries belong to.")
-@click.option("--file", "file_", type=click.Path(), help="JSONL file of {prompt, completion[, tags, notes, chat]} objects.")
+@click.option("--file", "file_", type=click.Path(),
+              help="JSONL file of {prompt, completion[, measurement, alternative, tags, notes, chat]} objects.")
+@click.option("--measurement", default=None, metavar="NAME",
+              help="What the query measures: a measurement plugin (`inflq plugins` lists them; default: log p(completion)).")
+@click.option("--alternative", default=None, metavar="TEXT",
+              help="The completion to compare with, for a measurement that compares two (margin: log p(COMPLETION) - log p(TEXT)).")
 @click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template.")
 @click.option("--tag", "tags", multiple=True, help="A tag for the query (repeatable).")
 @click.option("--notes", default="", help="A free-text note kept with the query.")
-def query_add(project, prompt, completion, investigation, file_, chat, tags, notes):
+def query_add(project, prompt, completion, investigation, file_, measurement, alternative, chat, tags, notes):
     """Add one query (PROMPT COMPLETION) or many (--file)."""
     p = project_at(project)
     if file_:
@@ -92,6 +97,8 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
         path = Path(file_)
         if not path.exists():
             raise InflqError(f"query file {path} does not exist")
+        if measurement is not None or alternative is not None:
+            raise InflqError("--measurement and --alternative are for one query; in --file give each line its own \"measurement\" and \"alternative\"")
         items = [obj for _, obj in iter_jsonl(path, "'prompt' and 'completion' fields")]
         try:
             ids = add_queries(p, investigation, items)
@@ -100,7 +107,8 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
     else:
         if prompt is None or completion is None:
             raise InflqError("give PROMPT and COMPLETION, or --file queries.jsonl")
-        ids = [add_query(p, investigation, prompt, completion, chat=chat, tags=list(tags), notes=notes)]
+        ids = [add_query(p, investigation, prompt, completion, chat=chat, tags=list(tags), notes=notes,
+                         measurement=measurement, alternative=alternative)]
     click.echo(f"added {len(ids)} quer{'y' if len(ids) == 1 else 'ies'} (id {', '.join(map(str, ids))})")
 
 
@@ -109,7 +117,9 @@ def query_add(project, prompt, completion, investigation, file_, chat, tags, not
 @click.option("-i", "--investigation", default="default", show_default=True, help="The investigation whose queries to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every field) instead of a table.")
 def query_list(project, investigation, as_json):
-    """List the investigation's queries: id, prompt, completion, tags."""
+    """List the investigation's queries: id, prompt, completion, measurement, tags."""
+    from ..measurements import describe
+
     rows = catalog.queries(project_at(project).db, investigation)
     if as_json:
         from ..reading import decoded
@@ -118,9 +128,9 @@ def query_list(project, investigation, as_json):
         return
     from rich.table import Table
 
-    t = Table("id", "prompt", "completion", "tags")
+    t = Table("id", "prompt", "completion", "measurement", "tags")
     for q in rows:
-        t.add_row(str(q["id"]), q["prompt"], q["completion"], ", ".join(json.loads(q["tags"] or "[]")))
+        t.add_row(str(q["id"]), q["prompt"], q["completion"], describe(q), ", ".join(json.loads(q["tags"] or "[]")))
     make_console().print(t)
 
 
@@ -129,18 +139,20 @@ def query_list(project, investigation, as_json):
 @click.argument("query_id", type=int)
 @click.option("--prompt", help="The new prompt.")
 @click.option("--completion", help="The new completion.")
+@click.option("--measurement", metavar="NAME", help="The new measurement (`inflq plugins` lists them).")
+@click.option("--alternative", metavar="TEXT", help="The new alternative completion (\"\": none).")
 @click.option("--chat/--no-chat", default=None, help="Format the prompt with the tokenizer's chat template (or not).")
 @click.option("--tag", "tags", multiple=True, help="The query's tags, replacing the old ones (repeatable).")
 @click.option("--clear-tags", is_flag=True, help="Remove every tag.")
 @click.option("--notes", help="The new free-text note.")
-def query_edit(project, query_id, prompt, completion, chat, tags, clear_tags, notes):
-    """Change a query. A new prompt or completion makes its earlier results stale (shown as such)."""
+def query_edit(project, query_id, prompt, completion, measurement, alternative, chat, tags, clear_tags, notes):
+    """Change a query. A new prompt, completion, measurement or alternative makes its earlier results stale (shown as such)."""
     from ..queries import edit_query
 
     if tags and clear_tags:
         raise InflqError("give --tag or --clear-tags, not both")
     p = project_at(project)
-    stale = edit_query(p, query_id, prompt=prompt, completion=completion, chat=chat,
+    stale = edit_query(p, query_id, prompt=prompt, completion=completion, chat=chat, measurement=measurement, alternative=alternative,
                        tags=[] if clear_tags else (list(tags) if tags else None), notes=notes)
     click.echo(f"edited query {query_id}")
     if stale:

@@ -20,8 +20,9 @@ from .. import catalog, layout
 from ..artifacts import load_tensors, save_tensors
 from ..base import Estimator, Executor, FilterContext, Job, ScoringContext
 from ..contractions import Compression, QueryGradients
-from ..engine import GradientEngine, SequenceGradients, make_batch
+from ..engine import GradientEngine, SequenceGradients
 from ..errors import InflqError
+from ..measurements import measure
 from ..passes import ScorePass, Shard, make_shards
 from ..progress import Monitor
 from ..project import Project
@@ -42,17 +43,12 @@ class Scorer:
 
 
 def query_gradients(project: Project, engine: GradientEngine, queries: list[dict], batch_size: int | None) -> SequenceGradients:
-    """Gradients of each query's measurement loss ``-log p(completion | prompt)``: ``[nq, out, in_dim]``
-    per module, with their token factors (only completion tokens carry gradient), ``batch_size``
-    queries at a time (``None``: 8)."""
-    toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
-    parts = []
-    size = max(1, batch_size or 8)
-    for s in range(0, len(toks), size):
-        chunk = toks[s : s + size]
-        batch = make_batch([t.tokens for t in chunk], project.runtime.pad_id, engine.device, loss_from=[t.completion_start for t in chunk])
-        parts.append(engine.sequence_gradients(batch, "data"))
-    return SequenceGradients.concat(parts)
+    """Gradients of each query's measurement loss, the negative of its measurement (the query's
+    :class:`inflq.Measurement`; ``logprob``: ``-log p(completion | prompt)``): ``[nq, out, in_dim]``
+    per module, with their token factors (only measured tokens carry gradient), ``batch_size``
+    queries at a time (``None``: 8). Every estimator's query gradients come from here."""
+    measured = [measure(project.runtime, q) for q in queries]
+    return engine.measurement_gradients(measured, project.runtime.pad_id, batch_size)
 
 
 def query_compression(settings: RunSettings, lengths: np.ndarray, estimator: Estimator | None = None) -> Compression:
