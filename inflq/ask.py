@@ -58,10 +58,14 @@ def interactive_estimator() -> str | None:
     return names[0] if names else None
 
 
-def query_dict(prompt: str, completion: str, chat: bool = False) -> dict:
-    """A question as the catalog holds a query (without an id: it is not saved)."""
+def query_dict(prompt: str, completion: str, chat: bool = False, measurement: str | None = None, alternative: str | None = None) -> dict:
+    """A question as the catalog holds a query (without an id: it is not saved). ``measurement``:
+    its measurement's spec (``None``: the default); ``alternative``: for one that compares."""
+    from .measurements import default_measurement
+
     return {"id": None, "investigation_id": None, "position": None, "prompt": prompt, "completion": completion,
-            "chat": int(bool(chat)), "tags": "[]", "notes": "", "created_at": None, "edited_at": None}
+            "chat": int(bool(chat)), "tags": "[]", "notes": "", "created_at": None, "edited_at": None,
+            "measurement": measurement or default_measurement(), "alternative": alternative or None}
 
 
 @dataclass
@@ -216,11 +220,11 @@ class Asker:
 
     # -- scoring ---------------------------------------------------------------------------------
     def check_query(self, query: dict) -> None:
-        """The question tokenizes and its completion is measurable (as ``query add`` checks)."""
-        from .queries import require_known_completion
+        """The question tokenizes, its completion is measurable and its measurement has what it
+        needs (as ``query add`` checks)."""
+        from .queries import check_query
 
-        tq = self.project.runtime.tokenize_query(query["prompt"], query["completion"], bool(query.get("chat")))
-        require_known_completion(self.project.runtime.tokenizer, tq, query["completion"])
+        check_query(self.project.runtime, query)
 
     def preview(self, query: dict, monitor: Monitor | None = None) -> np.ndarray:
         """The interactive estimator's scores of every corpus sequence ``[sequences]`` (float64)."""
@@ -235,7 +239,7 @@ class Asker:
         from .runs import preconditioned_query_gradients, query_compression
 
         estimator, engine = self.prepare_exact(monitor)
-        key = (query["prompt"], query["completion"], bool(query.get("chat")))
+        key = (query["prompt"], query["completion"], bool(query.get("chat")), query.get("measurement"), query.get("alternative"))
         if self._query is None or self._query[0] != key:
             compression = None if self.settings.rank is None else query_compression(self.settings, self.project.runtime.corpus.lengths(), estimator)
             qg = preconditioned_query_gradients(self.project, estimator, engine, [query], self.settings.batch_size, compression)
@@ -335,7 +339,8 @@ def save_answer(project: Project, investigation: str, answer: Answer, asker: Ask
         filter_spec = (f"{name}:k={answer.depth}" + (f",key={key}" if key else "") + (",side=bottom" if answer.side == "bottom" else "")
                        if has_filter else f"{name} {answer.side} {answer.depth}")
     settings = dataclasses.replace(asker.settings, filter=filter_spec, top_k=max(int(top_k), 1))
-    qid = add_query(project, investigation, q["prompt"], q["completion"], chat=bool(q.get("chat")))
+    qid = add_query(project, investigation, q["prompt"], q["completion"], chat=bool(q.get("chat")),
+                    measurement=q.get("measurement"), alternative=q.get("alternative"))
     query_row = catalog.query(project.db, qid)
     run_id = start_run(project, investigation, settings)
     try:

@@ -377,6 +377,11 @@ class FilterContext:
     # ``None`` where a filter runs without a project (scripts, benchmarks).
     project: Any = field(repr=False, default=None)
     modules: str | None = None
+    # Each query's measurement (its :class:`MeasurementTerm` s: token sequences and weights), for
+    # filters that look at the measurement's gradient; ``query_tokens`` and
+    # ``query_completion_starts`` are the completion's (the prompt joined with the completion).
+    # ``None`` where a filter runs without a project.
+    query_measurements: list[list[MeasurementTerm]] | None = field(repr=False, default=None)
 
 
 class Filter(Plugin):

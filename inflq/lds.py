@@ -1,7 +1,8 @@
 """The linear datamodeling score (LDS): estimators against retraining.
 
 Train the model on M random subsets of the corpus (each holding ``fraction`` of it) with a
-``trainer`` plugin, measure each query's ``log p(completion | prompt)`` under each retrained model;
+``trainer`` plugin, measure each query's measurement (``log p(completion | prompt)`` by default; the
+query's :class:`inflq.Measurement`) under each retrained model;
 an estimator's prediction for a subset is the sum of its scores (over the full corpus, from the
 project's model) of the sequences the subset holds. A query's LDS is the Spearman correlation, over
 subsets, between predictions and measurements; the estimator's LDS is its mean over queries, with a
@@ -32,6 +33,7 @@ from . import catalog
 from .base import TrainContext, Trainer
 from .display import plural
 from .errors import InflqError
+from .measurements import measure, measured_values
 from .plugins import get_registry
 from .progress import Monitor
 from .project import Project
@@ -196,12 +198,20 @@ def query_logprobs(model, queries: list, device=None) -> np.ndarray:
     return np.array(out)
 
 
-def study_key(project: Project, qtoks: list, trainer: Trainer, seed: int, fraction: float | str) -> str:
+def _plain(terms: list) -> bool:
+    """One term with weight 1 on every token: ``log p(completion | prompt)``."""
+    return len(terms) == 1 and bool(np.all(np.asarray(terms[0].weights) == 1.0))
+
+
+def study_key(project: Project, measured: list, trainer: Trainer, seed: int, fraction: float | str) -> str:
     """What determines a study's measurements, hashed: retrained subsets of another key are not
-    reused. ``fraction``: LDS's subset fraction, or "loo" for leave-one-out."""
+    reused. ``measured[q]``: each query's :class:`inflq.MeasurementTerm` s (a ``log p(completion)``
+    query is keyed as it was before measurements were chosen, so older studies are reused).
+    ``fraction``: LDS's subset fraction, or "loo" for leave-one-out."""
     blob = {
         "model": project.model_fingerprint, "corpus": project.corpus_identity.recorded, "n": len(project.runtime.corpus),
-        "queries": [[int(t) for t in q.tokens] + [int(q.completion_start)] for q in qtoks],
+        "queries": [[int(t) for t in terms[0].tokens] + [int(terms[0].start)] if _plain(terms)
+                    else [[[int(t) for t in m.tokens], int(m.start), [float(w) for w in m.weights]] for m in terms] for terms in measured],
         "trainer": trainer.name, "trainer_settings": trainer.settings, "seed": int(seed), "fraction": fraction,
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -211,12 +221,15 @@ def _indices_sha(idx: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(idx, np.int64).tobytes()).hexdigest()[:16]
 
 
-@dataclass
-class QueryTokens:
-    """A tokenized query as the measurement needs it (picklable, for tasks run elsewhere)."""
+def _task_queries(measured: list) -> list:
+    """Each query's measurement terms as plain lists (picklable, for tasks run elsewhere)."""
+    return [[([int(t) for t in m.tokens], int(m.start), [float(w) for w in m.weights]) for m in terms] for terms in measured]
 
-    tokens: list[int]
-    completion_start: int
+
+def _from_task(queries: list) -> list:
+    from .base import MeasurementTerm
+
+    return [[MeasurementTerm(np.asarray(t, np.int64), int(st), np.asarray(w, np.float64)) for t, st, w in terms] for terms in queries]
 
 
 _TASK_PROJECTS: dict[str, Project] = {}  # per process: the driver's own project, or one opened by a worker
@@ -226,7 +239,7 @@ def retrain_task(task: dict, monitor: Monitor) -> list[float]:
     """One retraining, as an executor's task (``Executor.run_tasks``): train ``task["trainer"]`` (a
     spec) on the corpus sequences ``task["indices"]`` of the project in ``task["root"]`` (opened
     read-only once per process; the driver's own project in the driver) with ``task["seed"]``, and
-    return each query's ``log p(completion | prompt)`` under the retrained model."""
+    return each query's measurement (``task["queries"]``: its terms) under the retrained model."""
     from .modeling import is_adapter_dir, load_model
     from .runs import make_trainer
 
@@ -235,7 +248,7 @@ def retrain_task(task: dict, monitor: Monitor) -> list[float]:
     if project is None:
         project = _TASK_PROJECTS[root] = Project.open(root, readonly=True)
     trainer = make_trainer(task["trainer"])
-    qtoks = [QueryTokens(list(t), int(c)) for t, c in task["queries"]]
+    measured_queries = _from_task(task["queries"])
     with tempfile.TemporaryDirectory(prefix="inflq-lds-") as wd:
         out = trainer.train(TrainContext(project, np.asarray(task["indices"], np.int64), int(task["seed"]), monitor, Path(wd)))
         if isinstance(out, (str, Path)):  # a saved model, or an adapter for the project's base model
@@ -244,7 +257,7 @@ def retrain_task(task: dict, monitor: Monitor) -> list[float]:
             adapter = Path(out) if is_adapter_dir(Path(out)) else None
             out = load_model(project.model_path if adapter else Path(out), project.runtime.device, torch.float32, adapter)
         out.eval()
-        measured = query_logprobs(out, qtoks)
+        measured = measured_values(out, measured_queries)
         del out
     return measured.tolist()
 
@@ -272,7 +285,7 @@ def retrain_subsets(
     monitor.start("LDS retraining", len(subsets))
     monitor.advance(len(subsets) - len(todo), f"{plural(len(subsets) - len(todo), 'subset')} already trained")
     root = str(project.root.resolve())
-    queries = [([int(t) for t in q.tokens], int(q.completion_start)) for q in qtoks]
+    queries = _task_queries(qtoks)
     tasks = [{"root": root, "trainer": trainer.spec(), "indices": subsets[j], "seed": int(seed), "queries": queries} for j in todo]
     started = time.perf_counter()
     last = [started]
@@ -426,7 +439,7 @@ def validate_lds(
     assert isinstance(tr, Trainer)
     n = len(project.runtime.corpus)
     subs = [subset_indices(n, fraction, seed, j) for j in range(subsets)]
-    qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
+    qtoks = [measure(project.runtime, q) for q in qrows]
     study = study_key(project, qtoks, tr, seed, float(fraction))
 
     t0 = time.perf_counter()
@@ -498,7 +511,7 @@ def validate_loo(
         left = loo_sequences(n, count, seed)
     everything = np.arange(n, dtype=np.int64)
     subs = [everything] + [np.delete(everything, i) for i in left]
-    qtoks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
+    qtoks = [measure(project.runtime, q) for q in qrows]
     study = study_key(project, qtoks, tr, seed, "loo:1+index")  # subsets keyed by the left-out index
 
     t0 = time.perf_counter()

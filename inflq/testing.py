@@ -165,7 +165,8 @@ def tiny_project(
 
 
 def query_gradients(project: Project, investigation: str = "default", modules: str | None = None) -> SequenceGradients:
-    """The gradients of the investigation's queries' measurement loss ``-log p(completion | prompt)``,
+    """The gradients of the investigation's queries' measurement loss (``-log p(completion | prompt)``, or the
+    negative of the query's measurement),
     ``{module: [queries, out, in_dim]}`` (bias as the last column), as an estimator's ``precondition``
     receives them in a run over ``modules`` (default: the project's tracked modules)."""
     from . import catalog

@@ -43,6 +43,7 @@ from .display import plural
 from .engine import make_batch, math_attention
 from .errors import InflqError
 from .lds import best_damping, compared_specs
+from .measurements import measure
 from .passes import ScorePass, Shard, sequence_seed
 from .progress import Monitor
 from .project import Project
@@ -181,14 +182,28 @@ class PBRF:
         kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1) * batch.loss_mask
         return kl.sum() / self.n
 
-    def _loss(self, params, tokens, start: int = 1) -> torch.Tensor:
+    def _logprobs(self, params, tokens) -> torch.Tensor:
+        """``log p(tokens[t] | tokens[:t])`` for ``t >= 1``: ``[T - 1]``."""
         ids = torch.as_tensor(np.asarray(tokens, np.int64), device=self.device)[None]
         logp = torch.log_softmax(self._logits(params, ids, torch.ones_like(ids)), -1)[0, :-1]
-        return -logp.gather(1, ids[0, 1:, None])[start - 1 :].sum()
+        return logp.gather(1, ids[0, 1:, None])[:, 0]
 
-    def measurements(self, params, queries) -> np.ndarray:
+    def _loss(self, params, tokens, start: int = 1) -> torch.Tensor:
+        return -self._logprobs(params, tokens)[start - 1 :].sum()
+
+    def _weighted(self, logp: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
+        # Weights of 1 (log p(completion)) leave the sum as it always was, in the model's precision.
+        if np.all(weights == 1.0):
+            return logp.sum()
+        return (logp * torch.as_tensor(weights, dtype=logp.dtype, device=logp.device)).sum()
+
+    def measurements(self, params, measured) -> np.ndarray:
+        """Each query's measurement under ``params`` (``measured[q]``: its :class:`inflq.MeasurementTerm` s)."""
         with torch.no_grad():
-            return np.array([-float(self._loss(params, q.tokens, q.completion_start)) for q in queries])
+            return np.array([
+                sum(float(self._weighted(self._logprobs(params, t.tokens)[int(t.start) - 1 :], t.weights)) for t in terms)
+                for terms in measured
+            ])
 
     def solve(self, z: np.ndarray, eps: float, steps: int, monitor: Monitor | None = None, advance: bool = False) -> dict[str, torch.Tensor]:
         """Minimise the PBRF objective for sequence ``z`` up-weighted by ``eps``, ``steps`` steps from
@@ -270,7 +285,7 @@ def validate(
     rng = np.random.default_rng(seed + 1)
     chosen = np.sort(rng.choice(fit, size=sample, replace=False)).astype(np.int64)
     eps = float(epsilon) if epsilon is not None else 1.0 / n
-    toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q["chat"])) for q in qrows]
+    toks = [measure(project.runtime, q) for q in qrows]  # each query's measurement, as its gradient is taken
     engine = project.runtime.engine(modules)
 
     # The cost first: one timed step (no damping yet: a step costs the same whatever it is), then

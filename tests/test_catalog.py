@@ -14,7 +14,7 @@ from inflq.errors import InflqError
 EXPECTED = {
     "meta": ["key", "value"],
     "investigations": ["id", "name", "description", "created_at"],
-    "queries": ["id", "investigation_id", "position", "prompt", "completion", "chat", "tags", "notes", "created_at", "edited_at"],
+    "queries": ["id", "investigation_id", "position", "prompt", "completion", "chat", "tags", "notes", "created_at", "edited_at", "measurement", "alternative"],
     "probes": ["id", "query_id", "text", "label", "created_at"],
     "sequences": ["idx", "seq_id", "doc_id", "chunk", "n_tokens", "source", "meta"],
     "factor_sets": ["id", "key", "estimator", "settings", "modules", "model_fingerprint", "data_fingerprint", "num_sequences", "seed", "path", "checksum", "seconds", "created_at"],

@@ -23,11 +23,13 @@ from .common import make_console, progress_monitor, project_at, text_room
 @click.option("-i", "--investigation", default=None, help="With --save: the investigation that keeps the question (default: default).")
 @click.option("--no-index", "no_index", is_flag=True, help="Score every sequence exactly instead of the index's candidates (a whole run's time).")
 @click.option("--chat", is_flag=True, help="Format the prompt with the tokenizer's chat template (as `query add --chat`).")
+@click.option("--measurement", default=None, metavar="NAME", help="What the question measures (as `query add --measurement`; default: log p(completion)).")
+@click.option("--alternative", default=None, metavar="TEXT", help="The completion to compare with, for a measurement that compares two (margin).")
 @RunSettings.click_options("ask", notes={"estimator": "The exact estimator, which scores the index's candidates.", "fit_sequences": "As the run that cached the factors.", "modules": "The index must cover the same."})
 @DeviceSettings.click_options("ask")
 @click.option("--index", "index_key", default=None, help="Which gradient index picks the candidates (a key or its first characters; default: the newest complete one).")
 @click.option("--rank", default="full", show_default=True, help="Rank of the query's preconditioned gradient, or 'full' (exact).")
-def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigation, no_index, chat, estimator, index_key, rank, fit_sequences, modules, device):
+def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigation, no_index, chat, measurement, alternative, estimator, index_key, rank, fit_sequences, modules, device):
     """Ask PROMPT -> COMPLETION: the gradient index picks the candidates, exact EK-FAC scores them.
 
     Prints the top K candidates with their exact scores (positive: the sequence makes the completion
@@ -50,7 +52,7 @@ def ask(project, prompt, completion, depth, k, bottom, as_json, save, investigat
 
         catalog.investigation(p.db, investigation)  # a missing investigation fails now, not after the scores
     asker = Asker(p, estimator, index_key, rank_v, fit_sequences, modules=modules)
-    query = query_dict(prompt, completion, chat)
+    query = query_dict(prompt, completion, chat, measurement, alternative)
     asker.check_query(query)
     if not no_index:
         asker.prepare_index()  # no index: say how to build one before anything slow

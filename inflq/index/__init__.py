@@ -29,6 +29,7 @@ from .search import (
     PreparedQueries,
     block_scores,
     candidates,
+    measured_rows,
     prepare,
     query_rows,
     scores,
@@ -40,5 +41,5 @@ from .store import Block, IndexStore, index_key, indices_fingerprint, key_source
 __all__ = [
     "BUDGET_BYTES", "Block", "IndexModel", "IndexSettings", "IndexStore", "KINDS", "METRICS", "PreparedQueries",
     "ProjectedCorrectionPass", "ProjectedCovariancePass", "RowPass", "SEARCHES", "block_scores", "build_index", "candidates", "default_sizes",
-    "faiss_index", "faiss_top_k", "fit_index", "index_key", "indices_fingerprint", "key_source", "local_fit_context", "local_map", "prepare", "query_rows", "require_faiss", "scores", "self_influences", "top_k",
+    "faiss_index", "faiss_top_k", "fit_index", "index_key", "indices_fingerprint", "key_source", "local_fit_context", "local_map", "measured_rows", "prepare", "query_rows", "require_faiss", "scores", "self_influences", "top_k",
 ]

@@ -20,15 +20,19 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..engine import GradientEngine, make_batch
+from ..engine import GradientEngine, make_batch, measurement_batches
 from ..errors import InflqError
 from .approx import METRICS, NPROBE, REFINE, check_search, faiss_top_k
 from .fit import IndexModel
 from .store import Block, IndexStore
+
+if TYPE_CHECKING:
+    from ..base import MeasurementTerm
 
 HALF_WIDTH = 32768  # widest rows multiplied in float16: |scaled query · row| <= width < 65504
 
@@ -61,13 +65,25 @@ def query_rows(
     pad_id: int,
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """Projected gradients ``[nq, width]`` of each query's measurement loss (completion tokens
-    only), captured and projected token by token like the rows."""
+    """Projected gradients ``[nq, width]`` of each query's ``-log p(completion | prompt)``
+    (completion tokens only), captured and projected token by token like the rows."""
     parts = []
     for s in range(0, len(tokens), max(1, batch_size)):
         batch = make_batch(list(tokens[s : s + batch_size]), pad_id, engine.device, loss_from=list(completion_starts[s : s + batch_size]))
         captures, _ = engine.capture(batch, "data")
         parts.append(model.rows_from_captures(captures).cpu())
+    return torch.cat(parts)
+
+
+def measured_rows(model: IndexModel, engine: GradientEngine, measured: Sequence[Sequence[MeasurementTerm]], pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """Projected gradients ``[nq, width]`` of each query's measurement loss (``measured[q]``: its
+    :class:`inflq.MeasurementTerm` s), the batches of :func:`inflq.engine.measurement_batches`: a
+    row is linear in its sequence's token captures, so a query's row is the sum of its terms' rows."""
+    parts = []
+    for batch, groups in measurement_batches(measured, pad_id, engine.device, batch_size):
+        captures, _ = engine.capture(batch, "data")
+        rows = model.rows_from_captures(captures).cpu()
+        parts.append(torch.stack([rows[g].sum(dim=0) for g in groups]) if any(len(g) > 1 for g in groups) else rows)
     return torch.cat(parts)
 
 

@@ -194,6 +194,7 @@ def filter_context(
         metadata=functools.partial(catalog.metadata_column, project.db), artifacts_dir=project.root / layout.ARTIFACTS,
         corpus_fingerprint=store.key, tokenizer_fingerprint=project.current_tokenizer_fingerprint(),
         seed=seed, monitor=monitor, make_filter=make_filter, project=project, modules=modules,
+        query_measurements=[measure(project.runtime, q) for q in queries],
     )
 
 

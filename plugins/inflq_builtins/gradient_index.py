@@ -134,10 +134,9 @@ def find_index(project, key: str | None = None):
 
 
 def _query_rows(project, model, engine, queries: list[dict]):
-    from inflq._builtins_api import index
+    from inflq._builtins_api import index, measure
 
-    toks = [project.runtime.tokenize_query(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
-    return index.query_rows(model, engine, [t.tokens for t in toks], [t.completion_start for t in toks], project.runtime.pad_id)
+    return index.measured_rows(model, engine, [measure(project.runtime, q) for q in queries], project.runtime.pad_id)
 
 
 # -- building ---------------------------------------------------------------------------------------
@@ -413,7 +412,7 @@ class IndexEstimator(Estimator):
         scores the index's rows and then the probes with the same ones)."""
         from inflq._builtins_api import index
 
-        key = [(q["prompt"], q["completion"], bool(q.get("chat"))) for q in queries]
+        key = [(q["prompt"], q["completion"], bool(q.get("chat")), q.get("measurement"), q.get("alternative")) for q in queries]
         if self._last_queries is None or self._last_queries[0] != key:
             self._last_queries = (key, index.prepare(self.model, _query_rows(project, self.model, self.engine, queries)))
         return self._last_queries[1]
@@ -498,7 +497,10 @@ class IndexFilter(Filter):
         model = store.model()
         engine = project.runtime.engine(",".join(model.names))
         ctx.monitor.start("index filter", len(ctx.query_tokens))
-        rows = index.query_rows(model, engine, ctx.query_tokens, ctx.query_completion_starts, project.runtime.pad_id)
+        if ctx.query_measurements is not None:
+            rows = index.measured_rows(model, engine, ctx.query_measurements, project.runtime.pad_id)
+        else:
+            rows = index.query_rows(model, engine, ctx.query_tokens, ctx.query_completion_starts, project.runtime.pad_id)
         q = index.prepare(model, rows.to(torch.float32))
         out = index.candidates(store, q, self.settings["k"], self.settings["metric"], search=self.settings["search"], nprobe=self.settings["nprobe"],
                                largest=self.settings["side"] != "bottom")
