@@ -34,7 +34,7 @@ _LAZY = {
     "RunSettings": "settings", "prepare_estimator": "runs.recipe", "make_executor": "runs.recipe",
     "worker_spec": "runs.workers",
     # the gradient index's estimator: a query row's measurement as token sequences and weights
-    "measure": "measurements",
+    "measure": "measuring",
     # a plugin command's progress bar and Ctrl-C handling, as inflq's own commands show them
     "progress_monitor": "cli.common",
 }

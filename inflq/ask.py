@@ -61,7 +61,7 @@ def interactive_estimator() -> str | None:
 def query_dict(prompt: str, completion: str, chat: bool = False, measurement: str | None = None, alternative: str | None = None) -> dict:
     """A question as the catalog holds a query (without an id: it is not saved). ``measurement``:
     its measurement's spec (``None``: the default); ``alternative``: for one that compares."""
-    from .measurements import default_measurement
+    from .measuring import default_measurement
 
     return {"id": None, "investigation_id": None, "position": None, "prompt": prompt, "completion": completion,
             "chat": int(bool(chat)), "tags": "[]", "notes": "", "created_at": None, "edited_at": None,

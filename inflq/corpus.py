@@ -129,11 +129,16 @@ def read_documents(path: Path, fmt: str = "auto", text_field: str = "text", id_f
         raise InflqError(f"unknown corpus format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
+def join(prompt: str, completion: str) -> tuple[str, int]:
+    """The joined text and the character offset where the completion starts."""
+    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
+        prompt = prompt + " "
+    return prompt + completion, len(prompt)
+
+
 def row_document(row: dict, fields: Fields, where: str, default_id: str) -> Document:
     """The document a corpus row holds: a chat (``fields.messages``), an instruction pair
     (``fields.prompt`` and ``fields.completion``, joined as a query's are) or plain text."""
-    from .queries import join
-
     doc_id = row.get(fields.id)
     doc_id = default_id if doc_id is None else str(doc_id)
     used = {fields.id}

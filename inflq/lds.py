@@ -33,7 +33,7 @@ from . import catalog
 from .base import TrainContext, Trainer
 from .display import plural
 from .errors import InflqError
-from .measurements import measure, measured_values
+from .measuring import measure, measured_values
 from .plugins import get_registry
 from .progress import Monitor
 from .project import Project

@@ -1,6 +1,6 @@
 """Queries: a prompt and a completion, tokenized exactly as the model sees the joined text.
 
-A query's measurement is a plugin (:class:`inflq.Measurement`, :mod:`inflq.measurements`); the
+A query's measurement is a plugin (:class:`inflq.Measurement`, :mod:`inflq.measuring`); the
 default, ``logprob``, is ``log p(completion | prompt)``: the summed log-likelihood of the completion
 tokens only; ``margin`` also reads an alternative completion after the same prompt. Prompt and
 completion are joined verbatim, except that a single space is put between them when neither side
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .corpus import join  # instruction data joins prompt and completion as a query does
 from .errors import InflqError
+from .measuring import check_query  # what add and edit check: tokenizing, measuring
 
 
 @dataclass
@@ -23,13 +25,6 @@ class TokenizedQuery:
     tokens: np.ndarray
     completion_start: int
     text: str
-
-
-def join(prompt: str, completion: str) -> tuple[str, int]:
-    """The joined text and the character offset where the completion starts."""
-    if prompt and completion and not prompt[-1].isspace() and not completion[0].isspace():
-        prompt = prompt + " "
-    return prompt + completion, len(prompt)
 
 
 def tokenize_query(tokenizer, prompt: str, completion: str, *, chat: bool = False, max_length: int | None = None, add_bos: bool | None = None) -> TokenizedQuery:
@@ -65,33 +60,6 @@ def tokenize_query(tokenizer, prompt: str, completion: str, *, chat: bool = Fals
     if max_length is not None and len(ids) > max_length:
         raise InflqError(f"the query is {len(ids)} tokens, longer than the model's context of {max_length}; shorten it")
     return TokenizedQuery(np.asarray(ids, dtype=np.int64), int(start), text)
-
-
-def require_known_completion(tokenizer, query: TokenizedQuery, completion: str) -> None:
-    """Refuse a completion made only of the tokenizer's unknown token: its measurement would be
-    the probability of ``<unk>``, which says nothing about the completion as written."""
-    unk = getattr(tokenizer, "unk_token_id", None)
-    measured = query.tokens[query.completion_start :]
-    if unk is not None and len(measured) and bool(np.all(measured == unk)):
-        raise InflqError(
-            f"every token of the completion {completion!r} is unknown to the model's tokenizer ({tokenizer.unk_token}); "
-            "the measurement would be the probability of that token, not of the completion: use words the tokenizer knows"
-        )
-
-
-def check_query(runtime, query: dict) -> dict:
-    """A query dict (prompt, completion, chat, measurement, alternative) checked as a run will
-    measure it: it tokenizes, its completion is not all unknown tokens, its measurement exists and
-    has the alternative it needs (and none it does not read). Returns it with the measurement's
-    spec filled in (the default where none was chosen)."""
-    from .measurements import checked_choice, measure
-
-    spec, alternative = checked_choice(query.get("measurement"), query.get("alternative"))
-    query = {**query, "measurement": spec, "alternative": alternative}
-    tq = runtime.tokenize_query(query["prompt"], query["completion"], bool(query.get("chat", False)))
-    require_known_completion(runtime.tokenizer, tq, query["completion"])
-    measure(runtime, query)
-    return query
 
 
 def add_queries(project, investigation: str, queries: list[dict]) -> list[int]:
@@ -144,7 +112,7 @@ def edit_query(
     import json
 
     from . import catalog
-    from .measurements import make_measurement
+    from .measuring import make_measurement
 
     row = catalog.query(project.db, query_id)
     if measurement is not None and alternative is None and row.get("alternative") and not make_measurement(measurement).alternative:

@@ -43,7 +43,7 @@ from .display import plural
 from .engine import make_batch, math_attention
 from .errors import InflqError
 from .lds import best_damping, compared_specs
-from .measurements import measure
+from .measuring import measure
 from .passes import ScorePass, Shard, sequence_seed
 from .progress import Monitor
 from .project import Project

@@ -118,7 +118,7 @@ def query_add(project, prompt, completion, investigation, file_, measurement, al
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (every field) instead of a table.")
 def query_list(project, investigation, as_json):
     """List the investigation's queries: id, prompt, completion, measurement, tags."""
-    from ..measurements import describe
+    from ..measuring import describe
 
     rows = catalog.queries(project_at(project).db, investigation)
     if as_json:

@@ -22,7 +22,7 @@ from ..base import Estimator, Executor, FilterContext, Job, ScoringContext
 from ..contractions import Compression, QueryGradients
 from ..engine import GradientEngine, SequenceGradients
 from ..errors import InflqError
-from ..measurements import measure
+from ..measuring import measure
 from ..passes import ScorePass, Shard, make_shards
 from ..progress import Monitor
 from ..project import Project

@@ -96,7 +96,7 @@ class QueryPane(Pane):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tokenize")
     def tokenize(self, prompt: str, completion: str) -> None:
-        from ...queries import require_known_completion
+        from ...measuring import require_known_completion
 
         try:
             tq = self.project.runtime.tokenize_query(prompt, completion)

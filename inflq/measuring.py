@@ -20,6 +20,7 @@ from .errors import InflqError
 
 if TYPE_CHECKING:
     from .base import Measurement, MeasurementTerm
+    from .queries import TokenizedQuery
 
 
 def make_measurement(spec: str | None = None) -> Measurement:
@@ -72,7 +73,6 @@ def measure(runtime, query: dict) -> list[MeasurementTerm]:
     """The token sequences and weights of a query row's measurement (``prompt``, ``completion``,
     ``chat``, ``measurement``, ``alternative``), tokenized as a run measures them."""
     from .base import MeasurementTerm
-    from .queries import require_known_completion
 
     m = make_measurement(measurement_spec(query))
     chat = bool(query.get("chat"))
@@ -101,6 +101,31 @@ def measure(runtime, query: dict) -> list[MeasurementTerm]:
         if not np.all(np.isfinite(t.weights)):
             raise InflqError(f"measurement {m.name} gave non-finite weights")
     return terms
+
+
+def require_known_completion(tokenizer, query: TokenizedQuery, completion: str) -> None:
+    """Refuse a completion made only of the tokenizer's unknown token: its measurement would be
+    the probability of ``<unk>``, which says nothing about the completion as written."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    measured = query.tokens[query.completion_start :]
+    if unk is not None and len(measured) and bool(np.all(measured == unk)):
+        raise InflqError(
+            f"every token of the completion {completion!r} is unknown to the model's tokenizer ({tokenizer.unk_token}); "
+            "the measurement would be the probability of that token, not of the completion: use words the tokenizer knows"
+        )
+
+
+def check_query(runtime, query: dict) -> dict:
+    """A query dict (prompt, completion, chat, measurement, alternative) checked as a run will
+    measure it: it tokenizes, its completion is not all unknown tokens, its measurement exists and
+    has the alternative it needs (and none it does not read). Returns it with the measurement's
+    spec filled in (the default where none was chosen)."""
+    spec, alternative = checked_choice(query.get("measurement"), query.get("alternative"))
+    query = {**query, "measurement": spec, "alternative": alternative}
+    tq = runtime.tokenize_query(query["prompt"], query["completion"], bool(query.get("chat", False)))
+    require_known_completion(runtime.tokenizer, tq, query["completion"])
+    measure(runtime, query)
+    return query
 
 
 def measured_values(model, measured: list[list[MeasurementTerm]], device=None) -> np.ndarray:
