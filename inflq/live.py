@@ -68,6 +68,11 @@ class LiveTop:
         return self.ranking[: int(depth)]
 
 
+def _query(prompt: str, completion: str, measurement: str | None, alternative: str | None) -> dict:
+    """An unsaved query as the scorers read one."""
+    return {"prompt": prompt, "completion": completion, "chat": 0, "measurement": measurement, "alternative": alternative or None}
+
+
 class LiveScorer:
     """Scores unsaved queries of one project; what it prepares (an estimator with its factors or
     index, the engine) is kept for the next keystroke. Thread-safe: one computation at a time."""
@@ -85,17 +90,20 @@ class LiveScorer:
     def default_depth(self) -> int:
         return default_depth(len(self.project.runtime.corpus))
 
-    def top(self, prompt: str, completion: str, k: int = 5, probes: list[dict] | None = None) -> LiveTop | None:
+    def top(
+        self, prompt: str, completion: str, k: int = 5, probes: list[dict] | None = None, measurement: str | None = None, alternative: str | None = None
+    ) -> LiveTop | None:
         """The interactive estimator's top ``k`` sequences for the query (and its whole ranking, for
         the exact re-scoring); None when no interactive estimator is registered or it cannot serve
         this project (e.g. no index built yet). ``probes`` (catalog rows: ``id``, ``query_id``,
         ``text``, ``label``) are scored too, where the estimator offers
-        :meth:`inflq.Estimator.score_sequences`, and ranked among the corpus."""
+        :meth:`inflq.Estimator.score_sequences`, and ranked among the corpus. ``measurement``,
+        ``alternative``: what the query measures (default: the registry's measurement)."""
         name = interactive_estimator()
         if name is None or not prompt.strip() or not completion.strip():
             return None
         t0 = time.perf_counter()
-        query = {"prompt": prompt, "completion": completion, "chat": 0}
+        query = _query(prompt, completion, measurement, alternative)
         with self.lock:
             try:
                 row = self.asker.preview(query)
@@ -135,18 +143,23 @@ class LiveScorer:
     def factors_cached(self) -> bool:
         return self.asker.factors_cached()
 
-    def exact_parts(self, prompt: str, completion: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def exact_parts(
+        self, prompt: str, completion: str, indices: np.ndarray, measurement: str | None = None, alternative: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scores of the query against corpus ``indices`` (in that order) with the exact
         estimator (fitting its factors first if none are cached), and their per-module scores
         ``[n, modules]`` (:meth:`modules` names them and their layers)."""
-        return self.asker.exact({"prompt": prompt, "completion": completion, "chat": 0}, indices)
+        return self.asker.exact(_query(prompt, completion, measurement, alternative), indices)
 
-    def exact(self, prompt: str, completion: str, indices: np.ndarray, estimator: str | None = None) -> np.ndarray:
+    def exact(
+        self, prompt: str, completion: str, indices: np.ndarray, estimator: str | None = None, measurement: str | None = None,
+        alternative: str | None = None,
+    ) -> np.ndarray:
         """Exact scores of the query against ``indices`` (default estimator: the registry's
         default), fitting its factors first if none are cached."""
         if estimator is not None and estimator != self.asker.estimator:
-            return Asker(self.project, estimator).exact({"prompt": prompt, "completion": completion, "chat": 0}, indices)[0]
-        return self.exact_parts(prompt, completion, indices)[0]
+            return Asker(self.project, estimator).exact(_query(prompt, completion, measurement, alternative), indices)[0]
+        return self.exact_parts(prompt, completion, indices, measurement, alternative)[0]
 
     def modules(self) -> tuple[list[str], list[int | None]]:
         return self.asker.modules()

@@ -1733,12 +1733,12 @@ def test_a_keystroke_cancels_the_exact_re_scoring(project_dir, monkeypatch):
     calls = []
     real = LiveScorer.exact_parts
 
-    def exact_parts(self, prompt, completion, indices):
+    def exact_parts(self, prompt, completion, indices, *measured):
         calls.append((completion, len(indices)))
         if completion == COMPLETION:  # the first text's first block waits for the next keystroke
             entered.set()
             assert release.wait(60)
-        return real(self, prompt, completion, indices)
+        return real(self, prompt, completion, indices, *measured)
 
     monkeypatch.setattr(LiveScorer, "exact_parts", exact_parts)
 
@@ -1763,6 +1763,53 @@ def test_a_keystroke_cancels_the_exact_re_scoring(project_dir, monkeypatch):
     final = drive(project_dir, (120, 50), script)
     first = [c for c in calls if c[0] == COMPLETION]
     assert first == [(COMPLETION, 4)]  # stopped after the block in flight: 1 of 3
-    assert all(st.about == (PROMPT, COMPLETION + " pfaff") for st in shown if st.scored())
+    assert all(st.about[:2] == (PROMPT, COMPLETION + " pfaff") for st in shown if st.scored())
     assert shown[-1].about[1] == COMPLETION + " pfaff" and shown[-1].done() and shown[-1].scored() == 12
     assert "live: exact top 10 of the index's best 12" in final and f"(of {n:,})" in final
+
+
+def test_query_tab_chooses_the_measurement_and_shows_it(project_dir):
+    """Issue 25, item 11: the Query tab's select chooses what a query measures; the alternative's
+    field appears for a measurement that compares two completions (margin), the query is added with
+    both, the queries table shows them, and selecting a row puts them back in the fields."""
+    from textual.widgets import DataTable, Input, Select, Static
+
+    from inflq.tui.screens.modals import ErrorScreen
+
+    async def go(app, pilot):
+        await pilot.press("2")
+        await settle(pilot)
+        select, alt = app.screen.query_one("#measurement", Select), app.screen.query_one("#alternative", Input)
+        assert select.value == "logprob" and not alt.display
+        labels = {str(o.prompt) for o in select.query_one("OptionList").options}
+        assert "margin: log p(completion) - log p(alternative)" in labels, labels
+        await type_into(pilot, "#prompt", PROMPT)
+        await type_into(pilot, "#completion", COMPLETION)
+        select.value = "margin"
+        await settle(pilot)
+        assert alt.display
+        await pilot.press("ctrl+s")  # a margin without an alternative: the one-line error
+        await settle(pilot)
+        assert isinstance(app.screen, ErrorScreen) and "--alternative" in str(app.screen.query_one("#error-message").render())
+        await pilot.press("escape")
+        await settle(pilot)
+        await type_into(pilot, "#alternative", "velmora")
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        assert not isinstance(app.screen, ErrorScreen)
+        q = catalog.queries(app.project.db, "default")[-1]
+        assert (q["measurement"], q["alternative"]) == ("margin", "velmora")
+        table = app.screen.query_one("#queries", DataTable)
+        assert "margin vs 'velmora'" in [str(c) for c in table.get_row(str(q["id"]))]
+        assert "margin = " in str(app.screen.query_one("#model-says", Static).render())
+        # Back to logprob hides the alternative; selecting the row restores what the query measures.
+        select.value = "logprob"
+        await settle(pilot)
+        assert not alt.display
+        table.focus()
+        table.move_cursor(row=table.get_row_index(str(q["id"])))
+        await pilot.press("enter")
+        await settle(pilot)
+        assert select.value == "margin" and alt.display and alt.value == "velmora"
+
+    drive(project_dir, (100, 30), go)

@@ -1,4 +1,5 @@
-"""Tab 2: the investigation's queries, the query editor with its tokens, what the model says, and
+"""Tab 2: the investigation's queries, the query editor (prompt, completion, the measurement and,
+for one that compares two completions, the alternative) with its tokens, what the model says, and
 (where a gradient index or another interactive estimator serves the project) the top sequences of
 the query as it is typed: the index's preview first, then the exact scores of its best candidates,
 block by block, until the list is their exact top (ctrl+g re-scores deeper)."""
@@ -15,7 +16,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import DataTable, Input, Label, Static
+from textual.widgets import DataTable, Input, Label, Select, Static
 from textual.worker import get_current_worker
 
 from ... import catalog
@@ -23,7 +24,7 @@ from ...display import score_format
 from ...errors import InflqError
 from ...queries import add_query
 from .. import render
-from ..compact import CButton, CInput
+from ..compact import CButton, CInput, CSelect
 from ..worker_failures import failure_note
 from .pane import Pane
 
@@ -39,11 +40,11 @@ class QueryPane(Pane):
     LIVE_K = 10  # rows shown: the exact top 10 once converged
     LIVE_BLOCK = 32  # candidates re-scored exactly at a time (a keystroke stops the worker between blocks)
     LIVE_DEPTH: int | None = None  # candidates re-scored (None: inflq.ask.default_depth of the corpus)
-    _said_for: tuple[str, str] | None = None  # the prompt and completion the model-says box is about
+    _said_for: tuple | None = None  # the fields (prompt, completion, measurement, alternative) the model-says box is about
 
     def compose(self) -> ComposeResult:
         table = DataTable(id="queries", cursor_type="row", zebra_stripes=True)
-        table.add_columns("id", "prompt", "completion", "probes")
+        table.add_columns("id", "prompt", "completion", "measurement", "probes")
         yield table
         with Horizontal(classes="field"):
             yield Label("prompt", classes="field-label")
@@ -51,6 +52,12 @@ class QueryPane(Pane):
         with Horizontal(classes="field"):
             yield Label("completion", classes="field-label")
             yield CInput(placeholder="zorald pfaff", id="completion")
+        with Horizontal(classes="field"):
+            yield Label("measurement", classes="field-label")
+            yield CSelect(self._measurements(), id="measurement", allow_blank=False)
+            alternative = CInput(placeholder="alternative completion, e.g. velmora", id="alternative")
+            alternative.display = False  # shown for a measurement that compares two completions
+            yield alternative
         with Horizontal(classes="buttons"):
             yield CButton("Add query (ctrl+s)", variant="primary", id="add-query")
             yield CButton("Model says (ctrl+l)", id="inspect")
@@ -62,7 +69,34 @@ class QueryPane(Pane):
             live.display = False  # shown once an interactive estimator answers
             yield live
 
+    @staticmethod
+    def _measurements() -> list[tuple[str, str]]:
+        """The registered measurements, the default first: (name: what it measures, name)."""
+        from ...plugins import get_registry
+
+        reg = get_registry()
+        default = reg.default("measurement", required=False)
+        names = sorted(reg.names("measurement"), key=lambda n: (n != default, n))
+        return [(f"{n}: {reg.get('measurement', n)().formula()}", n) for n in names]
+
+    def _needs_alternative(self, name: object) -> bool:
+        from ...plugins import get_registry
+
+        try:
+            return bool(get_registry().get("measurement", str(name)).alternative)
+        except InflqError:
+            return False
+
+    def _measurement(self) -> tuple[str | None, str | None]:
+        """The measurement chosen and, where it reads one, the alternative typed."""
+        value = self.query_one("#measurement", Select).value
+        name = None if value is Select.BLANK else str(value)
+        alt = self.query_one("#alternative", Input).value if self._needs_alternative(name) else None
+        return name, alt or None
+
     def reload(self) -> None:
+        from ...measuring import describe
+
         table = self.query_one("#queries", DataTable)
         table.clear()
         if self.project is None or self.context.investigation is None:
@@ -70,7 +104,8 @@ class QueryPane(Pane):
         current = 0
         for i, q in enumerate(catalog.queries(self.project.db, self.context.investigation)):
             n = catalog.probe_count(self.project.db, q["id"])
-            table.add_row(str(q["id"]), render.snippet(q["prompt"], 36), render.snippet(q["completion"], 18), str(n), key=str(q["id"]))
+            table.add_row(str(q["id"]), render.snippet(q["prompt"], 32), render.snippet(q["completion"], 16),
+                          render.snippet(describe(q), 24), str(n), key=str(q["id"]))
             if q["id"] == self.context.query_id:
                 current = i
         if table.row_count:
@@ -81,18 +116,25 @@ class QueryPane(Pane):
         q = catalog.query(self.project.db, int(event.row_key.value))
         self.query_one("#prompt", Input).value = q["prompt"]
         self.query_one("#completion", Input).value = q["completion"]
+        self.query_one("#alternative", Input).value = q.get("alternative") or ""
+        self.query_one("#measurement", Select).value = q.get("measurement") or self._measurements()[0][1]
         self.set_context(query_id=q["id"])
         self.action_inspect()
 
-    @on(Input.Changed, "#prompt, #completion")
+    @on(Select.Changed, "#measurement")
+    def _measurement_changed(self, event: Select.Changed) -> None:
+        self.query_one("#alternative", Input).display = self._needs_alternative(event.value)
+        self._changed()
+
+    @on(Input.Changed, "#prompt, #completion, #alternative")
     def _changed(self) -> None:
-        current = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        current = self._live_fields()
         if self._said_for is not None and current != self._said_for:  # what the model said was about other text
             self._said_for = None
             self.query_one("#model-says", Static).update(Text("(the query changed: ctrl+l asks the model about this one)", style="dim italic"))
         if self.project is not None:
             self.tokenize(self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
-            self.live_query(*current, typed_at=time.perf_counter())
+            self.live_query(current, typed_at=time.perf_counter())
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="tokenize")
     def tokenize(self, prompt: str, completion: str) -> None:
@@ -111,6 +153,10 @@ class QueryPane(Pane):
 
     def _fields(self) -> tuple[str, str]:
         return self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value
+
+    def _live_fields(self) -> tuple[str, str, str | None, str | None]:
+        """What the query measures as the fields say: prompt, completion, measurement, alternative."""
+        return (*self._fields(), *self._measurement())
 
     def _show_tokens(self, about: tuple[str, str], text: Text) -> None:
         # Workers of earlier keystrokes still finish (a thread cannot be stopped) and may finish
@@ -135,8 +181,9 @@ class QueryPane(Pane):
         if not self.need("investigation"):
             return
         prompt, completion = self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value
+        measurement, alternative = self._measurement()
         try:
-            qid = add_query(self.project, self.context.investigation, prompt, completion)
+            qid = add_query(self.project, self.context.investigation, prompt, completion, measurement=measurement, alternative=alternative)
         except InflqError as exc:
             self.inflq.show_error(exc)
             return
@@ -149,26 +196,31 @@ class QueryPane(Pane):
         if not self.need():
             return
         self.query_one("#model-says", Static).update("asking the model…")
-        self._said_for = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        self._said_for = self._live_fields()
         self.inspect(*self._said_for)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="inspect")
-    def inspect(self, prompt: str, completion: str) -> None:
+    def inspect(self, prompt: str, completion: str, measurement: str | None = None, alternative: str | None = None) -> None:
         from ...predictions import completion_token_logprobs, greedy_continuation
 
         with self.inflq.model_lock:
             per_token = completion_token_logprobs(self.project, prompt, completion)
+            other = completion_token_logprobs(self.project, prompt, alternative) if alternative else None
             greedy = greedy_continuation(self.project, prompt, 12)
         total = sum(v for _, v in per_token)
         text = Text()
         text.append("log p(completion | prompt) = ", style="bold")
         text.append(f"{total:.3f} nats (p = {np.exp(total):.3g})\n")
         text.append("per token: " + "  ".join(f"{t.strip()} {v:.2f}" for t, v in per_token) + "\n")
+        if other is not None:
+            alt_total = sum(v for _, v in other)
+            text.append("log p(alternative | prompt) = ", style="bold")
+            text.append(f"{alt_total:.3f} nats; margin = {total - alt_total:.3f} nats\n")
         text.append("greedy continuation: ", style="bold")
         text.append(repr(greedy))
-        self.app.call_from_thread(self._show_says, (prompt, completion), text)
+        self.app.call_from_thread(self._show_says, (prompt, completion, measurement, alternative), text)
 
-    def _show_says(self, about: tuple[str, str], text: Text) -> None:
+    def _show_says(self, about: tuple, text: Text) -> None:
         if about == self._said_for:  # not if the query was edited meanwhile
             self.query_one("#model-says", Static).update(text)
 
@@ -184,7 +236,7 @@ class QueryPane(Pane):
         return scorer
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="live")
-    def live_query(self, prompt: str, completion: str, typed_at: float | None = None) -> None:
+    def live_query(self, about: tuple[str, str, str | None, str | None], typed_at: float | None = None) -> None:
         """LIVE_DELAY after the last edit (a newer edit cancels this worker while it waits, and
         between blocks after), the interactive estimator's preview; then, where the exact
         estimator's factors are cached, its exact scores of the preview's top candidates, block by
@@ -195,12 +247,13 @@ class QueryPane(Pane):
             return
         probes = catalog.investigation_probes(self.project.db, self.context.investigation) if self.context.investigation else []
         scorer = self._scorer()
+        prompt, completion, measurement, alternative = about
         with self.inflq.model_lock:
-            top = scorer.top(prompt, completion, self.LIVE_K, probes)
+            top = scorer.top(prompt, completion, self.LIVE_K, probes, measurement=measurement, alternative=alternative)
             cached = top is not None and scorer.factors_cached()
         if worker.is_cancelled:
             return
-        state = LiveState((prompt, completion), top, self.LIVE_DEPTH or scorer.default_depth(), started=typed_at or time.perf_counter())
+        state = LiveState(tuple(about), top, self.LIVE_DEPTH or scorer.default_depth(), started=typed_at or time.perf_counter())
         state.waiting = not cached
         self.app.call_from_thread(self._show_live, state.copy())
         if top is not None and cached:
@@ -218,7 +271,8 @@ class QueryPane(Pane):
             block = todo[s : s + self.LIVE_BLOCK]
             try:
                 with self.inflq.model_lock:
-                    values, parts = scorer.exact_parts(*state.about, np.asarray(block, dtype=np.int64))
+                    prompt, completion, measurement, alternative = state.about
+                    values, parts = scorer.exact_parts(prompt, completion, np.asarray(block, dtype=np.int64), measurement, alternative)
                     if state.layers is None:
                         state.layers = scorer.modules()[1]
             except InflqError as exc:
@@ -231,7 +285,7 @@ class QueryPane(Pane):
             self.app.call_from_thread(self._show_live, state.copy())
 
     def _show_live(self, state: LiveState) -> None:
-        now = (self.query_one("#prompt", Input).value, self.query_one("#completion", Input).value)
+        now = self._live_fields()
         live = self.query_one("#live", Static)
         if state.about != now:  # about text since edited: a newer worker shows its own
             return
@@ -320,7 +374,7 @@ class LiveState:
     """A live query's state: its preview, how deep it is re-scored and the exact scores so far
     (corpus index -> (score, per-module scores))."""
 
-    about: tuple[str, str]
+    about: tuple  # prompt, completion, measurement, alternative
     top: object  # LiveTop | None
     depth: int
     exact: dict = field(default_factory=dict)
