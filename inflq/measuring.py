@@ -69,6 +69,19 @@ def describe(query: dict) -> str:
     return f"{spec} vs {alt!r}" if alt else spec
 
 
+def sign_note(query: dict) -> str:
+    """What a positive score means for this query, for headers: the completion made more likely,
+    or (another measurement) the measurement raised."""
+    spec = measurement_spec(query)
+    if spec == default_measurement():
+        return "positive = makes the completion more likely"
+    try:
+        formula = make_measurement(spec).formula()
+    except InflqError:  # its plugin is no longer installed
+        formula = spec
+    return f"measuring {describe(query)}; positive = raises {formula}"
+
+
 def measure(runtime, query: dict) -> list[MeasurementTerm]:
     """The token sequences and weights of a query row's measurement (``prompt``, ``completion``,
     ``chat``, ``measurement``, ``alternative``), tokenized as a run measures them."""

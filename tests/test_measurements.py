@@ -179,6 +179,8 @@ def test_a_margin_query_through_the_cli(tmp_path):
     assert r.code == 0, r.err
     out = json.loads(r.out)[0]
     assert len(out["results"]) == 3 and out["query"]["measurement"] == "margin"
+    head = " ".join(cli("top", root, "-k", "1").out.split("┏")[0].split())
+    assert "measuring margin vs 'velmora'; positive = raises log p(completion) - log p(alternative)" in head, head
     # An edit to the measurement makes the old results stale; choosing logprob drops the alternative.
     r = cli("query", "edit", root, str(row["id"]), "--measurement", "logprob")
     assert r.code == 0 and "stale" in r.out, r.err

@@ -98,6 +98,7 @@ def _print(answer, rows: list[dict], side: str) -> None:
     from rich.table import Table
 
     from ..display import score_format
+    from ..measuring import sign_note
 
     q = answer.query
     secs = answer.seconds
@@ -107,7 +108,7 @@ def _print(answer, rows: list[dict], side: str) -> None:
         what = "lowest" if side == "bottom" else "best"
         how = (f"exact {answer.estimator} scores of the {answer.depth:,} {what} of {answer.num_sequences:,} sequences by {answer.index} "
                f"({secs.get('index', 0):.2f} s; exact {secs.get('exact', 0):.1f} s)")
-    title = f"{q['prompt']!r} → {q['completion']!r}: {how}; positive = makes the completion more likely"
+    title = f"{q['prompt']!r} → {q['completion']!r}: {how}; {sign_note(q)}"
     fmt = score_format(r["score"] for r in rows)
     widths = [4, max([5] + [len(fmt(r["score"])) for r in rows]), max([8] + [len(r["seq_id"]) for r in rows])]
     t = Table(title=title, title_justify="left")

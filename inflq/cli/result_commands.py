@@ -29,6 +29,7 @@ from .common import heat_text, make_console, progress_monitor, project_at, text_
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def top(project, investigation, query_id, k, bottom, result_set, wide, full, by_field, as_json):
     """Print the most influential training sequences of each query."""
+    from ..measuring import sign_note
     from ..reading import decoded, estimator_summary, query_of, require_scored, scored_by
     from ..reading import result_set as get_rs
     from ..reading import top as get_top
@@ -56,8 +57,7 @@ def top(project, investigation, query_id, k, bottom, result_set, wide, full, by_
             if as_json:
                 out.append({"query": decoded(q), "stale": q["id"] in stale, "results": [decoded(r) for r in rows]})
                 continue
-            title = (f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; "
-                     "positive = makes the completion more likely)")
+            title = f"query {q['id']}: {q['prompt']!r} → {q['completion']!r}  ({rs['name']}; {estimator_summary(rs)}; {sign_note(q)})"
             if q["id"] in stale:
                 title += "\nSTALE: query edited after this result set scored it; run the investigation again"
             _print_sequences(title, rows, wide=wide, full=full)
