@@ -252,3 +252,31 @@ def test_a_third_party_measurement_is_found_and_used(tmp_path):
         g = query_gradients(p)
         for name, v in g.items():
             assert _rel(v[1], v[0] - v[2]) < 1e-4, name
+
+
+def test_lds_measures_each_querys_measurement(proj):
+    """LDS and leave-one-out measure the query's measurement under each retrained model (here the
+    project's own model stands in for one); a log p(completion) query keeps its study's old key."""
+    import hashlib
+
+    from inflq.lds import _from_task, _task_queries, query_logprobs, study_key
+    from inflq.measuring import measure, measured_values
+    from inflq.runs import make_trainer
+
+    model = proj.runtime.model
+    rows = catalog.queries(proj.db, "default")
+    measured = [measure(proj.runtime, q) for q in rows]
+    got = measured_values(model, measured)
+    lp = query_logprobs(model, [proj.runtime.tokenize_query(PROMPT, A), proj.runtime.tokenize_query(PROMPT, B)])
+    np.testing.assert_allclose(got, [lp[0], lp[1], lp[0] - lp[1], lp[0] / 2], rtol=1e-12)
+    np.testing.assert_array_equal(measured_values(model, _from_task(_task_queries(measured))), got)  # as tasks carry them
+    trainer = make_trainer(None)
+    qtoks = [proj.runtime.tokenize_query(q["prompt"], q["completion"]) for q in rows[:2]]
+    blob = {  # the key of a study from before measurements were chosen
+        "model": proj.model_fingerprint, "corpus": proj.corpus_identity.recorded, "n": len(proj.runtime.corpus),
+        "queries": [[int(t) for t in q.tokens] + [int(q.completion_start)] for q in qtoks],
+        "trainer": trainer.name, "trainer_settings": trainer.settings, "seed": 0, "fraction": 0.5,
+    }
+    old = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    assert study_key(proj, measured[:2], trainer, 0, 0.5) == old
+    assert study_key(proj, measured[:3], trainer, 0, 0.5) != study_key(proj, measured[:2] + measured[:1], trainer, 0, 0.5)
