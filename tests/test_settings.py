@@ -37,7 +37,7 @@ OWN = {
     "probe score": {"query_id"},
     "demo": {"headless"},
     "validate": {"investigation"},
-    "ask": {"depth", "k", "bottom", "as_json", "save", "investigation", "no_index", "chat", "index_key", "rank"},
+    "ask": {"depth", "k", "bottom", "as_json", "save", "investigation", "no_index", "chat", "measurement", "alternative", "index_key", "rank"},
 }
 
 

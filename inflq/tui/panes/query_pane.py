@@ -124,7 +124,8 @@ class QueryPane(Pane):
     @on(Select.Changed, "#measurement")
     def _measurement_changed(self, event: Select.Changed) -> None:
         self.query_one("#alternative", Input).display = self._needs_alternative(event.value)
-        self._changed()
+        if any(self._fields()):  # not at mount (the select's first value), when there is nothing to measure
+            self._changed()
 
     @on(Input.Changed, "#prompt, #completion, #alternative")
     def _changed(self) -> None:
