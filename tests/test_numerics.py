@@ -561,6 +561,17 @@ def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
         assert rel_err(out["scores"].T.numpy(), S) < 1e-5, g
         torch.testing.assert_close(out["module_scores"], grouped[0]["module_scores"], rtol=1e-5, atol=1e-6 * scale)
 
+    # A batch whose sequence gradients exceed the group is dotted a slice of sequences at a time
+    # (uneven slices here: two sequences of every module's gradients fit, batches hold five), its
+    # buffers staying within the group.
+    monkeypatch.setattr(QueryGradients, "contraction", lambda self, name, b, t: "dw")
+    every_dw = 4 * sum(int(np.prod(session.qg.dense(n).shape[1:])) for n in session.qg.names)
+    sliced = ScorePass(session.qg, per_module=True, group_bytes=2 * every_dw + 1)
+    out = worker.run(sliced, every, 5, None)
+    assert rel_err(out["scores"].T.numpy(), S) < 1e-5
+    torch.testing.assert_close(out["module_scores"], grouped[0]["module_scores"], rtol=1e-5, atol=1e-6 * scale)
+    assert sum(b.numel() * 4 for b in sliced._buffers.values()) <= 1.25 * (2 * every_dw + 1)
+
 
 @pytest.mark.parametrize("older_shards", [False, True])
 def test_layer_breakdown_needs_no_second_pass(gpt2, monkeypatch, older_shards):
