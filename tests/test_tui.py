@@ -1183,8 +1183,8 @@ def test_saved_validations_are_listed_with_their_tables(project_dir):
     from textual.widgets import DataTable, Static
 
     from inflq.lds import validate_lds
-    from inflq.tui.screens.tools import ValidateScreen
     from inflq.tui.screens.saved_validations import ValidationsScreen
+    from inflq.tui.screens.tools import ValidateScreen
     from inflq.validate import validate
 
     seed(project_dir, run=None)
