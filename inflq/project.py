@@ -38,6 +38,7 @@ from .modeling import (
 )
 from .progress import Monitor
 from .runtime import Runtime
+from .settings import Declared, setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,30 +50,44 @@ import tomli_w
 CORE_TABLES = ("project", "model", "corpus", "tokenization")
 
 
+INIT = "init"  # the settings group `inflq init` offers
+
+
 @dataclass
-class ProjectConfig:
-    """The contents of ``inflq.toml``."""
+class ProjectConfig(Declared):
+    """The contents of ``inflq.toml``. The settings ``inflq init`` offers as they are stored are
+    declared here once (group ``init``: its options are generated from them); ``max_length``,
+    ``modules`` and ``add_bos`` are derived by ``init`` from the model and adapter when not given."""
 
     name: str = "project"
     model: str = "model"
     # A PEFT LoRA adapter folder on top of ``model`` ("": none); the project explains base + adapter.
     adapter: str = ""
     device: str = "auto"
-    dtype: str = "auto"  # auto: the model's own (config.json)
+    dtype: str = setting(
+        "auto", "The model's dtype here; auto: the model's own (config.json). Captures and factors are float32/float64 whatever it is.",
+        choices=("auto", "float32", "bfloat16", "float16"), groups=(INIT,))
     modules: str = "all"
     corpus: str = "corpus.jsonl"
-    corpus_format: str = "auto"
-    text_field: str = "text"
-    id_field: str = "id"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    messages_field: str = "messages"
-    # Instruction data: the loss on the responses only (as a fine-tune trains), or on every token.
-    loss_on: str = "response"
-    too_long: str = "truncate"  # an instruction document longer than the context: truncate (counted) or refuse
+    corpus_format: str = setting(
+        "auto", "Corpus format; auto: a folder is a saved dataset, .jsonl/.json/.ndjson (.gz too) is JSONL, .parquet is parquet, "
+        "anything else plain text (documents separated by blank lines).", choices=("auto", "jsonl", "parquet", "text", "datasets"),
+        flag="--format", groups=(INIT,))
+    text_field: str = setting("text", "The field (column) holding each document's text.", groups=(INIT,))
+    id_field: str = setting("id", "The field holding each document's id (missing: line-N for JSONL, row-N for parquet or a dataset).", groups=(INIT,))
+    prompt_field: str = setting("prompt", "Instruction rows: the field holding the prompt.", groups=(INIT,))
+    completion_field: str = setting("completion", "Instruction rows: the field holding the completion (the response trained on).", groups=(INIT,))
+    messages_field: str = setting(
+        "messages", "Chat rows: the field holding the messages ([{role, content}]), rendered with the tokenizer's chat template.", groups=(INIT,))
+    loss_on: str = setting(
+        "response", "Instruction data: the training loss on the response tokens only (as a fine-tune trains), or on every token.",
+        choices=tuple(LOSS_ON), groups=(INIT,))
+    too_long: str = setting(
+        "truncate", "An instruction document longer than the context: truncate it before the first response that does not fit (counted), "
+        "or refuse the corpus.", choices=tuple(TOO_LONG), groups=(INIT,))
     max_length: int = 512
     add_bos: bool = False
-    append_eos: bool = False
+    append_eos: bool = setting(False, "End each document with EOS (as in GPT-2 style training).", type=bool, groups=(INIT,))
     seed: int = 0
     # Tables the core does not read, kept as written: a plugin's settings (TracIn's [[checkpoints]]).
     extra: dict[str, Any] = field(default_factory=dict)

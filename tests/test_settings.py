@@ -5,6 +5,7 @@ to name (validate's comparison set, the union filter) come from the registry."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 import subprocess
@@ -17,13 +18,14 @@ from click.testing import CliRunner
 
 from inflq.errors import InflqError
 from inflq.plugins import get_registry, reset_registry
+from inflq.project import ProjectConfig
 from inflq.settings import DeviceSettings, RunSettings, ValidationSettings
 
-DECLARATIONS = (RunSettings, DeviceSettings, ValidationSettings)
+DECLARATIONS = (RunSettings, DeviceSettings, ValidationSettings, ProjectConfig)
 # Every group a setting may name: a command (its path under `inflq`) or a TUI form.
 COMMANDS = {
     "run": ("run",), "factors fit": ("factors", "fit"), "plan": ("plan",), "index build": ("index", "build"),
-    "self-influence": ("self-influence",), "probe score": ("probe", "score"), "demo": ("demo",), "validate": ("validate", "run"), "ask": ("ask",),
+    "self-influence": ("self-influence",), "probe score": ("probe", "score"), "demo": ("demo",), "validate": ("validate", "run"), "ask": ("ask",), "init": ("init",),
 }
 FORMS = {"run form", "validate form"}
 VALIDATIONS = {"pbrf", "lds", "loo"}  # the keyword arguments of validate, validate_lds, validate_loo
@@ -37,6 +39,7 @@ OWN = {
     "probe score": {"query_id"},
     "demo": {"headless"},
     "validate": {"investigation"},
+    "init": {"model", "adapter", "base", "corpus", "name", "max_length", "modules", "add_bos"},
     "ask": {"depth", "k", "bottom", "as_json", "save", "investigation", "no_index", "chat", "index_key", "rank"},
 }
 
@@ -73,8 +76,12 @@ def test_each_command_offers_exactly_its_declared_settings_with_their_defaults(g
     assert set(options) == OWN[group], f"{group}: options that are neither declared settings nor its own: {set(options) - OWN[group]}"
     help_text = CliRunner().invoke(cmd, ["--help"], terminal_width=400).output
     for s in declared:
-        line = next((ln for ln in help_text.splitlines() if ln.strip().startswith(s.flags[0] + " ")), None)
-        assert line is not None, (group, s.flags[0], help_text)
+        lines = help_text.splitlines()
+        at = next((i for i, ln in enumerate(lines) if ln.strip().startswith(s.flags[0] + " ")), None)
+        assert at is not None, (group, s.flags[0], help_text)
+        # The option's entry: its line and the help that click wraps onto the next (a long metavar).
+        wrapped = itertools.takewhile(lambda ln: ln.startswith(" " * 4) and not ln.strip().startswith("-"), lines[at + 1:])
+        line = " ".join([lines[at], *(ln.strip() for ln in wrapped)])
         if s.type is not bool and s.cli_default is not None:
             assert f"[default: {s.cli_default}]" in line, (group, line)
 

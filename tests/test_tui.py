@@ -123,6 +123,7 @@ def rendered(widget, width: int = 100) -> str:
     return console.export_text()
 
 
+@pytest.mark.slow  # a person's pace through the app: run in CI, left out of the inner loop (-m "not slow")
 def test_journey(project_dir, tmp_path):
     from textual.widgets import DataTable, Input, Select, Static
 
@@ -421,6 +422,7 @@ def test_initial_investigation_follows_the_latest_work(long_id_project):
     p.close()
 
 
+@pytest.mark.slow  # a person's pace through the app: run in CI, left out of the inner loop (-m "not slow")
 def test_results_table_at_80x24(long_id_project):
     """On open: the investigation with results. Tab 4: focus on the table, full ids, the text
     column taking what is left; enter, a click on the highlighted row and a double click open the
@@ -696,6 +698,7 @@ def test_factor_sets_screen(project_dir):
     p.close()
 
 
+@pytest.mark.slow  # a person's pace through the app: run in CI, left out of the inner loop (-m "not slow")
 def test_distribution_from_every_tab_and_at_80x24(long_id_project):
     """5 (and the palette's "Go to distribution") reach the Distribution tab from Results and
     Compare too; at 80x24 the fit lines scroll into view and the plot is redrawn on a resize."""
@@ -807,6 +810,7 @@ def test_probes_tab_types_into_the_probe_field_and_shows_labels(project_dir):
     drive(project_dir, (100, 30), go)
 
 
+@pytest.mark.slow  # a person's pace through the app: run in CI, left out of the inner loop (-m "not slow")
 def test_number_keys_typed_into_the_probe_field_type(project_dir):
     """Digits are text in the probe field, however the user got there: from any tab, after adding
     a probe with a click on the button or after a refused probe's dialog, after pressing 6 on the
@@ -1046,6 +1050,7 @@ def test_query_editor_marks_what_is_stale_or_unmeasurable(project_dir):
     drive(project_dir, (100, 30), go)
 
 
+@pytest.mark.slow  # a person's pace through the app: run in CI, left out of the inner loop (-m "not slow")
 def test_footer_search_metadata_and_options_read_whole(long_id_project):
     """At 80x24 every tab's footer keeps Quit and Help beside the palette key; a search with no
     hits says so and that it searched the stored rows; a sequence's source is shown once; the
@@ -1588,6 +1593,7 @@ def _recording(monkeypatch):
     return shown
 
 
+@pytest.mark.slow  # a person's pace through the app: run in CI, left out of the inner loop (-m "not slow")
 def test_live_query_converges_to_the_exact_top_of_the_index_candidates(project_dir, monkeypatch):
     """As the query is typed, the index's preview shows first (none without an index), with the
     investigation's probes scored from the index and ranked among the corpus; then (its factors

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..project import INIT, ProjectConfig
 from .common import project_at
 
 
@@ -17,31 +18,15 @@ from .common import project_at
 @click.option("--corpus", required=True, type=click.Path(), help="Training corpus: JSONL (.gz too) or parquet rows (text, prompt/completion or chat messages), plain text, or a saved dataset folder.")
 @click.option("--name", help="Project name (default: the folder name).")
 @click.option("--max-length", type=int, help="Context length for training sequences (default: the model's, at most 2048).")
-@click.option("--format", "corpus_format", default="auto", type=click.Choice(["auto", "jsonl", "parquet", "text", "datasets"]),
-              help="Corpus format; auto: a folder is a saved dataset, .jsonl/.json/.ndjson (.gz too) is JSONL, .parquet is parquet, anything else plain text (documents separated by blank lines).")
-@click.option("--text-field", default="text", show_default=True, help="The field (column) holding each document's text.")
-@click.option("--id-field", default="id", show_default=True, help="The field holding each document's id (missing: line-N for JSONL, row-N for parquet or a dataset).")
-@click.option("--prompt-field", default="prompt", show_default=True, help="Instruction rows: the field holding the prompt.")
-@click.option("--completion-field", default="completion", show_default=True, help="Instruction rows: the field holding the completion (the response trained on).")
-@click.option("--messages-field", default="messages", show_default=True, help="Chat rows: the field holding the messages ([{role, content}]), rendered with the tokenizer's chat template.")
-@click.option("--loss-on", default="response", show_default=True, type=click.Choice(["response", "all"]),
-              help="Instruction data: the training loss on the response tokens only (as a fine-tune trains), or on every token.")
-@click.option("--too-long", default="truncate", show_default=True, type=click.Choice(["truncate", "refuse"]),
-              help="An instruction document longer than the context: truncate it before the first response that does not fit (counted), or refuse the corpus.")
 @click.option("--modules", default=None, help="Tracked modules: all, mlp, attention, lora (an adapter's A and B layers), or name globs [default: lora with an adapter, else all].")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="The model's dtype here; auto: the model's own (config.json). Captures and factors are float32/float64 whatever it is.")
 @click.option("--add-bos/--no-add-bos", default=None, help="Start each sequence with BOS (default: as the tokenizer does).")
-@click.option("--append-eos", is_flag=True, help="End each document with EOS (as in GPT-2 style training).")
-def init(directory, model, adapter, base, corpus, name, max_length, corpus_format, text_field, id_field, prompt_field, completion_field,
-         messages_field, loss_on, too_long, modules, dtype, add_bos, append_eos):
+@ProjectConfig.click_options(INIT)
+def init(directory, model, adapter, base, corpus, name, max_length, modules, add_bos, **stored):
     """Create a project folder for MODEL (with an adapter) and CORPUS."""
     from ..project import Project
 
-    p = Project.init(Path(directory), Path(model), Path(corpus), name=name, max_length=max_length, corpus_format=corpus_format, text_field=text_field,
-                     id_field=id_field, modules=modules, add_bos=add_bos, append_eos=append_eos, adapter=Path(adapter) if adapter else None,
-                     base=Path(base) if base else None, dtype=dtype, prompt_field=prompt_field, completion_field=completion_field,
-                     messages_field=messages_field, loss_on=loss_on, too_long=too_long)
+    p = Project.init(Path(directory), Path(model), Path(corpus), name=name, max_length=max_length, modules=modules, add_bos=add_bos,
+                     adapter=Path(adapter) if adapter else None, base=Path(base) if base else None, **stored)
     store = p.runtime.corpus
     what = f", adapter {p.config.adapter} (modules: {p.config.modules})" if p.config.adapter else ""
     loss = f", loss on the responses ({store.info.get('instruction_documents', 0)} instruction documents)" if store.loss_on == "response" else ""
