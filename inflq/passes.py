@@ -78,6 +78,7 @@ def run_shard(
     on_device = summing and engine.device.type == "cuda"
     sums: dict[str, torch.Tensor] = DeviceSums(engine.device) if on_device else (into if into is not None else {})
     pass_.flush(discard=True)
+    engine.buffers_for(pass_.phase)  # another phase's work buffers go before this one's are made
     all_tokens = sequences(shard.indices)
     lengths = np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens))
     order = np.argsort(lengths, kind="stable")
