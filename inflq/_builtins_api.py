@@ -35,6 +35,8 @@ _LAZY = {
     "worker_spec": "runs.workers",
     # a plugin command's progress bar and Ctrl-C handling, as inflq's own commands show them
     "progress_monitor": "cli.common",
+    # sizes as the core's commands print them (the index's build and list)
+    "size_text": "display",
 }
 
 # Subpackages, imported on first use (they import torch): the gradient index's core.

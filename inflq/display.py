@@ -44,3 +44,12 @@ def plural(n: int, word: str, many: str | None = None, *, sep: bool = True) -> s
         many = word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else word + ("es" if word.endswith(("s", "sh", "ch", "x")) else "s")
     count = f"{n:,}" if sep else str(n)
     return f"{count} {word if n == 1 else many}"
+
+
+def size_text(n: float) -> str:
+    """Bytes for people: ``0 B``, ``12.3 KB``, ``28.1 MB``, ``1.2 GB`` (powers of 1,000)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -187,11 +187,3 @@ def collect_garbage(project: Project, grace: float = GRACE_SECONDS) -> Collected
             pass
     return out
 
-
-def size_text(n: float) -> str:
-    """Bytes for people: ``0 B``, ``12.3 KB``, ``28.1 MB``, ``1.2 GB`` (powers of 1,000)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"

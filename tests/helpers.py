@@ -6,9 +6,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from inflq.testing import SENTENCES, WORDS, make_model_dir, make_tokenizer, write_corpus
+from inflq.testing import SENTENCES, WORDS, cli, make_model_dir, make_tokenizer, write_corpus
 
-__all__ = ["SENTENCES", "WORDS", "assert_equal_to_rounding", "make_model_dir", "make_tokenizer", "write_corpus"]
+__all__ = ["SENTENCES", "WORDS", "assert_equal_to_rounding", "cli_ok", "make_model_dir", "make_tokenizer", "write_corpus"]
+
+
+def cli_ok(*args: object) -> str:
+    """``inflq ARGS...`` in this process (:func:`inflq.testing.cli`), which must succeed: what it printed."""
+    got = cli(*args)
+    assert got.code == 0, (args, got.err[-2000:])
+    return got.out
 
 
 def assert_equal_to_rounding(got, want, ulps: int = 4, what: object = "") -> None:

@@ -10,26 +10,19 @@ import shutil
 
 import pytest
 
-from helpers import make_model_dir, write_corpus
+from helpers import cli_ok, make_model_dir, write_corpus
 
 
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory):
     """Runs 1 (identity, query 1), 2 (ekfac, queries 1-2) and 3 (kfac, queries 1-3) through the
     CLI; each completed run left a copy of the catalog in backups/."""
-    from inflq.cli import main
-
     base = tmp_path_factory.mktemp("repair")
     model = make_model_dir(base / "model", "gpt2")
     corpus = write_corpus(base / "corpus.jsonl")
     root = base / "proj"
 
-    def cli(*args):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            assert not exc.code, args
-
+    cli = cli_ok
     cli("init", root, "--model", model, "--corpus", corpus)
     cli("query", "add", root, "the first president of astrobia was", "zorald pfaff")
     cli("run", root, "--estimator", "identity", "--top-k", "3")

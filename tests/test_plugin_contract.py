@@ -15,6 +15,7 @@ import torch
 import trak_lite
 
 from inflq import hookimpl, result_set, score_matrix
+from inflq.cli.common import EXIT_STOPPED
 from inflq.testing import cli, query_gradients, tiny_project, training_gradients, using_plugin
 
 
@@ -125,7 +126,7 @@ def test_its_own_rows_come_from_a_pass_through_the_executor(project, monkeypatch
     monkeypatch.setattr(LocalExecutor, "map", spy)
     with using_plugin(trak_lite):
         res = cli("run", project.root, "--estimator", "trak-lite", "--shard-size", "5")
-        assert res.code == 1 and "cancelled" in res.err
+        assert res.code == EXIT_STOPPED and res.err.startswith("stopped: run 1;"), res.err  # stopped on request, not an error
         assert "10 candidates of the estimator's projected gradients pass in 2 shards" in res.err, res.err
         attempt[0] = 1
         res = cli("run", project.root, "--resume")

@@ -10,26 +10,19 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import make_model_dir, write_corpus
+from helpers import cli_ok, make_model_dir, write_corpus
 
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """A tiny project with two investigations: 'other' holds query 1 (scored by run 1), 'default'
     holds query 2 (scored by run 2) and query 3 (added after run 2). Tests copy it."""
-    from inflq.cli import main
-
     base = tmp_path_factory.mktemp("reading")
     model = make_model_dir(base / "model", "gpt2")
     corpus = write_corpus(base / "corpus.jsonl")
     root = base / "proj"
 
-    def cli(*args):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            assert not exc.code, args
-
+    cli = cli_ok
     cli("init", root, "--model", model, "--corpus", corpus)
     cli("investigation", "add", root, "other")
     cli("query", "add", root, "-i", "other", "the first president of astrobia was", "zorald pfaff")

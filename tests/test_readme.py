@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,9 @@ def test_every_readme_command_runs_as_written_on_the_demo(tmp_path):
             argv = [sys.executable, *args[1:]]
         else:
             pytest.fail(f"README command {command!r} is neither inflq nor python, and no stated skip covers it")
+        started = time.perf_counter()
         got = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=1200)
         assert got.returncode == 0, f"{command}\n{got.stdout[-2000:]}\n{got.stderr[-3000:]}"
-        ran.append(command)
+        ran.append(f"{time.perf_counter() - started:6.1f} s  {command}")
     print("\nran:", *ran, "\nskipped:", *(f"{c}  ({why})" for c, why in skipped), sep="\n  ")
     assert (work / "scores.npy").exists() and (work / "out.tar.gz").exists()

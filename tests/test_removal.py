@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import make_model_dir, write_corpus  # noqa: E402
 from inflq import Monitor, catalog, layout  # noqa: E402
+from inflq.display import size_text  # noqa: E402
 from inflq.errors import Cancelled, InflqError  # noqa: E402
 from inflq.project import Project  # noqa: E402
 from inflq.queries import add_query  # noqa: E402
@@ -161,10 +162,10 @@ def test_rows_go_first_so_a_crash_leaves_only_orphans_that_gc_reclaims(proj, cli
         names = tf.getnames()
     assert layout.CATALOG in names and not any(layout.run_of(n) == run for n in names)
     code, out, err = cli_run("gc", proj, "--dry-run")
-    assert code == 0 and f"would free {removal.size_text(size)} in {len(gone)} files" in out
+    assert code == 0 and f"would free {size_text(size)} in {len(gone)} files" in out
     code, out, err = cli_run("gc", proj)
     assert code == 0, err
-    assert f"freed {removal.size_text(size)}: removed {len(gone)} orphaned files (of run {run}) and 1 empty folder" in out
+    assert f"freed {size_text(size)}: removed {len(gone)} orphaned files (of run {run}) and 1 empty folder" in out
     assert not (proj / layout.run_folder(run)).exists()
     code, out, err = cli_run("check", proj)
     assert code == 0 and "no orphaned files" in out

@@ -44,7 +44,8 @@ def runs_list(project, investigation):
 @click.option("--force", is_flag=True, help="Remove a run that is still marked running (its process was killed).")
 def runs_rm(project, run_ids, yes, force):
     """Remove runs with their result sets, stored sequences and files (factor sets stay: `inflq factors rm`)."""
-    from ..removal import remove_run, size_text
+    from ..display import plural, size_text
+    from ..removal import remove_run
 
     p = project_at(project)
     rows = []
@@ -58,7 +59,7 @@ def runs_rm(project, run_ids, yes, force):
         raise InflqError("not removed")
     for r in rows:
         got = remove_run(p, r["id"], force=force)
-        click.echo(f"removed run {r['id']}: {got.files} file{'s' if got.files != 1 else ''}, {size_text(got.bytes)}")
+        click.echo(f"removed run {r['id']}: {plural(got.files, 'file')}, {size_text(got.bytes)}")
 
 
 @click.command()
@@ -66,8 +67,9 @@ def runs_rm(project, run_ids, yes, force):
 @click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
 def gc(project, dry_run):
     """Remove the files no catalog row names (those of removed runs, leftovers of interrupted writes) and say how much that frees."""
+    from ..display import plural, size_text
     from ..layout import run_of
-    from ..removal import GRACE_SECONDS, collect_garbage, orphans, size_text
+    from ..removal import GRACE_SECONDS, collect_garbage, orphans
 
     p = project_at(project)
     if dry_run:
@@ -75,7 +77,7 @@ def gc(project, dry_run):
         for o in found:
             click.echo(f"{o.path} ({size_text(o.size)}): {o.why}" + (" [written just now: kept]" if o.recent else ""))
         old = [o for o in found if not o.recent]
-        click.echo(f"would free {size_text(sum(o.size for o in old))} in {len(old)} file{'s' if len(old) != 1 else ''}")
+        click.echo(f"would free {size_text(sum(o.size for o in old))} in {plural(len(old), 'file')}")
         return
     got = collect_garbage(p)
     n = len(got.removed)
@@ -84,7 +86,7 @@ def gc(project, dry_run):
     if not n and not got.kept and not got.folders:
         click.echo("no orphaned files: nothing to free")
     else:
-        click.echo(f"freed {size_text(got.bytes)}: removed {n} orphaned file{'s' if n != 1 else ''}{detail}"
+        click.echo(f"freed {size_text(got.bytes)}: removed {plural(n, 'orphaned file')}{detail}"
                    + (f" and {got.folders} empty folder{'s' if got.folders != 1 else ''}" if got.folders else ""))
     if got.kept:
         click.echo(f"kept {len(got.kept)} orphaned file{'s' if len(got.kept) != 1 else ''} written in the last {GRACE_SECONDS / 60:.0f} minutes "

@@ -58,7 +58,8 @@ def investigation_rename(project, name, new_name):
 @click.option("--force", is_flag=True, help="Remove it even if one of its runs is still marked running (its process was killed).")
 def investigation_rm(project, name, yes, force):
     """Delete the investigation NAME with its queries, probes, runs, results, validations and their files."""
-    from ..removal import remove_investigation, size_text
+    from ..display import size_text
+    from ..removal import remove_investigation
 
     p = project_at(project)
     catalog.investigation(p.db, name)

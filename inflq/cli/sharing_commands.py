@@ -84,11 +84,12 @@ def check(project, repair):
     replaced by its newest good copy (saying what that copy lacks), damaged artifacts are recomputed
     and orphans removed."""
     from ..backups import restore_catalog
+    from ..display import size_text
     from ..errors import CatalogDamaged
     from ..integrity import check as do_check
     from ..integrity import repair as do_repair
     from ..layout import CATALOG
-    from ..removal import GRACE_SECONDS, collect_garbage, orphans, size_text
+    from ..removal import GRACE_SECONDS, collect_garbage, orphans
 
     root = Path(project)
     try:

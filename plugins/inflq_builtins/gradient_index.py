@@ -240,18 +240,12 @@ def remove(project, key: str) -> dict:
     return row
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 @hookimpl
 def register_commands(cli):
     # the run settings (and their options) a build shares with runs
-    from inflq._builtins_api import RunSettings
+    from inflq._builtins_api import RunSettings, size_text
 
     @cli.group("index")
     def index_group():
@@ -286,7 +280,7 @@ def register_commands(cli):
             except Cancelled:
                 raise Cancelled("committed shards are kept: run the same command again to resume") from None
         s = store.summary()
-        click.echo(f"index {row['key']}: {s['num_rows']} row{'' if s['num_rows'] == 1 else 's'} of width {s['width']} ({kind}, {fit_estimator}), {_size(s['size_bytes'])}; "
+        click.echo(f"index {row['key']}: {s['num_rows']} row{'' if s['num_rows'] == 1 else 's'} of width {s['width']} ({kind}, {fit_estimator}), {size_text(s['size_bytes'])}; "
                    f"use --estimator index or --filter index:k=N")
 
     @index_group.command("list")
@@ -313,7 +307,7 @@ def register_commands(cli):
                 bad = store.verify()
                 status += f"; {len(bad)} shard(s) fail their checksums: rebuild" if bad else "; checksums ok"
             done = f"{s['rows_done']}/{s['num_rows']}"
-            click.echo(f"{r['key']:<24}  {r['kind']:<10}  {r['estimator']:<5}  {s['width']:>6}  {done:>15}  {_size(s['size_bytes']):>9}  "
+            click.echo(f"{r['key']:<24}  {r['kind']:<10}  {r['estimator']:<5}  {s['width']:>6}  {done:>15}  {size_text(s['size_bytes']):>9}  "
                        f"{s['bytes_per_sequence']:>6}  {status}")
 
     @index_group.command("rm")
