@@ -6,7 +6,9 @@
 Works on a copy of PROJECT (under ``--work``, default a temporary folder) that keeps its catalog,
 factors and result sets but none of its gradient indexes, then, all in one run:
 
-* builds the index at the defaults, ``inflq index build COPY`` (a whole process, timed);
+* builds the index at the defaults, ``inflq index build COPY`` (a whole process, timed;
+  ``--reuse-index`` keeps the project's index built at the default settings, which the build
+  then reuses, when that time was measured before);
 * **recall and exactness**, every query of the investigation (``--queries`` caps them): the
   question asked through :class:`inflq.ask.Asker` at the defaults (what ``inflq ask`` runs) against
   the exact answer, a full-rank EK-FAC run over every sequence (the investigation's latest
@@ -72,14 +74,21 @@ def inflq_cmd(*args, env=None) -> tuple[float, float, str]:
     return s, cpu, r.stdout
 
 
-def copy_without_indexes(src: Path, dst: Path) -> Path:
-    """A copy of the project folder with its catalog, factors and results but no gradient index."""
+def copy_without_indexes(src: Path, dst: Path, keep_default: bool = False) -> Path:
+    """A copy of the project folder with its catalog, factors and results but no gradient index
+    (``keep_default``: but the one built at the default settings, if there is one)."""
     import inflq
+    from inflq.catalog import files as catalog_files
+    from inflq.index import IndexSettings
     from inflq_builtins import gradient_index
 
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("index", "budget-cache", "*.db-wal", "*.db-shm"))
+    skip = ("budget-cache", "catalog.db*") if keep_default else ("index", "budget-cache", "catalog.db*")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*skip))
+    p = inflq.open_project(src)  # the catalog with what its write-ahead log holds, consistently
+    catalog_files.snapshot(p.db, dst / "catalog.db")
+    p.close()
     cfg = (dst / "inflq.toml").read_text()
     for key in ("model", "corpus"):  # relative paths outside the folder follow the copy
         import tomllib
@@ -89,8 +98,10 @@ def copy_without_indexes(src: Path, dst: Path) -> Path:
             cfg = cfg.replace(f'path = "{path}"', f'path = "{(src / path).resolve()}"')
     (dst / "inflq.toml").write_text(cfg)
     p = inflq.open_project(dst)
+    default = json.loads(IndexSettings().to_json())
     for row in gradient_index.recorded_indexes(p):
-        gradient_index.remove(p, row["key"])
+        if not (keep_default and row["status"] == "complete" and json.loads(row["settings"]) == default):
+            gradient_index.remove(p, row["key"])
     p.close()
     return dst
 
@@ -169,6 +180,7 @@ def main() -> None:
     ap.add_argument("--exact", default=None, help="the full exact run's scores [queries, sequences] (.npy) instead of a result set")
     ap.add_argument("--tui", action="store_true", help="also time the TUI's converging live query")
     ap.add_argument("--work", default=None, help="where the copy goes (default: a temporary folder)")
+    ap.add_argument("--reuse-index", action="store_true", help="keep the project's index built at the default settings (the build then reuses it: its time is not measured)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -177,7 +189,7 @@ def main() -> None:
     from inflq.ask import Asker, default_depth, query_dict
 
     src = Path(args.project).resolve()
-    root = copy_without_indexes(src, Path(args.work or tempfile.mkdtemp(prefix="bench-ask-")) / src.name)
+    root = copy_without_indexes(src, Path(args.work or tempfile.mkdtemp(prefix="bench-ask-")) / src.name, args.reuse_index)
     out: dict = {"project": str(src), "copy": str(root)}
     fit = ["--fit-sequences", args.fit_sequences] if args.fit_sequences else []
     print(f"== inflq ask: {src} (copy {root}); {load()}", flush=True)

@@ -114,7 +114,8 @@ def exact_run(project, investigation: str, fit_sequences: int | None, monitor) -
 
 def build_index(project, budget: int, fit_sequences: int | None, monitor) -> tuple[dict, object, float]:
     """The plugin's own build at ``budget`` bytes per sequence (resumed or reused by its key)."""
-    from inflq import RunSettings, index
+    from inflq import index
+    from inflq.settings import RunSettings
     from inflq_builtins import gradient_index
 
     t = time.perf_counter()
@@ -124,15 +125,21 @@ def build_index(project, budget: int, fit_sequences: int | None, monitor) -> tup
 
 def index_scores(project, key: str, queries: list[dict], monitor) -> tuple[np.ndarray, float]:
     """``--estimator index:key=KEY``'s scores of every sequence, and one query's time."""
-    from inflq import prepare_estimator
-    from inflq.runs import RunSettings
+    from inflq.runs import scoring_context
+    from inflq.runs.recipe import prepare_estimator
+    from inflq.settings import RunSettings
 
-    prepared = prepare_estimator(project, RunSettings(estimator=f"index:key={key}"), monitor)
+    settings = RunSettings(estimator=f"index:key={key}")
+    prepared = prepare_estimator(project, settings, monitor)
     n = len(project.runtime.corpus)
     every = np.arange(n, dtype=np.int64)
-    out = np.asarray(prepared.estimator.score_candidates(project, queries, every, monitor), dtype=np.float64)
+
+    def score(qs):
+        return prepared.estimator.score_candidates(scoring_context(project, prepared.estimator, prepared.engine, qs, every, settings, monitor))
+
+    out = np.asarray(score(queries), dtype=np.float64)
     t = time.perf_counter()
-    prepared.estimator.score_candidates(project, queries[:1] if len(queries) < 2 else queries[1:2], every, monitor)
+    score(queries[:1] if len(queries) < 2 else queries[1:2])
     return out, time.perf_counter() - t
 
 
@@ -140,8 +147,11 @@ def lifted_scores(project, budgets: list[int], fit_sequences: int | None, querie
     """``--lifted``: ``(exact [nq, n], {budget: index scores [nq, n]})`` from one scoring pass."""
     import torch
 
-    from inflq import QueryGradients, RunSettings, ScorePass, Shard, index, prepare_estimator
+    from inflq import QueryGradients, Shard, index
+    from inflq.passes import ScorePass
     from inflq.runs import LocalWorker, query_gradients
+    from inflq.runs.recipe import prepare_estimator
+    from inflq.settings import RunSettings
     from inflq_builtins.gradient_index import IndexEstimator, IndexFit
 
     seed = project.config.seed
@@ -239,7 +249,9 @@ def main() -> None:
     print(f"== budget curve: {args.project} ({n:,} sequences, {len(queries)} queries of {investigation!r}), budgets {budgets}, "
           f"fit on {args.fit_sequences or 'all'} sequences; load average {os.getloadavg()}", flush=True)
     out: dict = {"project": str(args.project), "sequences": n, "queries": len(queries), "fit_sequences": args.fit_sequences, "budgets": {}}
-    with inflq.progress_monitor() as monitor:
+    from inflq.cli.common import progress_monitor
+
+    with progress_monitor() as monitor:
         if args.lifted:
             t = time.perf_counter()
             cache = Path(args.cache) if args.cache else Path(args.project).resolve().parent / "budget-cache"

@@ -171,20 +171,23 @@ def test_row_is_the_projection_of_the_explicit_sequence_gradient(tmp_path, arch,
 
 
 def test_projections_are_seeded_and_sized_for_the_storage_target(gpt2):
-    a = fit_index(gpt2.ctx(), IndexSettings(kind="gaussian", seed=1))
-    b = fit_index(gpt2.ctx(), IndexSettings(kind="gaussian", seed=1))
-    c = fit_index(gpt2.ctx(), IndexSettings(kind="gaussian", seed=2))
+    small = 4096  # the seeding does not depend on the budget; the default's larger fit only costs time
+    a = fit_index(gpt2.ctx(), IndexSettings(kind="gaussian", seed=1, budget_bytes=small))
+    b = fit_index(gpt2.ctx(), IndexSettings(kind="gaussian", seed=1, budget_bytes=small))
+    c = fit_index(gpt2.ctx(), IndexSettings(kind="gaussian", seed=2, budget_bytes=small))
     n = a.names[0]
     assert torch.equal(a.factors[f"pa/{n}"], b.factors[f"pa/{n}"]) and torch.equal(a.factors[f"lambda/{n}"], b.factors[f"lambda/{n}"])
     assert not torch.equal(a.factors[f"pa/{n}"], c.factors[f"pa/{n}"])
-    # A 4 × 256 GPT-2 (16 modules) and GPT-2 small (48): at most 4 KB per sequence by default.
-    for layers, width in ((4, 256), (12, 768)):
+    # A 4 × 256 GPT-2 (16 modules) and GPT-2 small (48): at most 64 KB per sequence by default
+    # (45 × 45 and 26 × 26 per module), and a 4 KB budget as asked (11 × 11 and 6 × 7).
+    for layers, width, budget, kinds in ((4, 256, None, {(45, 45)}), (12, 768, None, {(26, 26)}), (4, 256, 4096, {(11, 11)}), (12, 768, 4096, {(6, 7)})):
         tracked = [SimpleNamespace(name=f"h.{i}.{m}", out_features=o, in_dim=d + 1)
                    for i in range(layers) for m, o, d in (("attn", 3 * width, width), ("proj", width, width),
                                                           ("fc", 4 * width, width), ("mproj", width, 4 * width))]
-        sizes = default_sizes(tracked)
+        sizes = default_sizes(tracked) if budget is None else default_sizes(tracked, budget)
         values = sum(ks * ka for ks, ka in sizes.values())
-        assert 2 * values + 16 <= 4096 and 2 * values + 16 > 3000, (layers, sizes)
+        limit = budget or 65536
+        assert 2 * values + 16 <= limit and 2 * values + 16 > 0.9 * limit and set(sizes.values()) == kinds, (layers, sizes)
     # The rows pass travels to other processes (executors) whole.
     import pickle
 

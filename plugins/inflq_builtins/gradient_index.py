@@ -256,7 +256,7 @@ def register_commands(cli):
     @click.argument("project")
     @click.option("--k-s", type=int, default=None, help="Projection size of each module's output side (default: from --budget).")
     @click.option("--k-a", type=int, default=None, help="Projection size of each module's input side (default: from --budget).")
-    @click.option("--budget", "budget", type=int, default=None, help="Bytes per sequence shared by the modules (default 4096).")
+    @click.option("--budget", "budget", type=int, default=None, help="Bytes per sequence shared by the modules (default 65536).")
     @click.option("--kind", type=click.Choice(["orthogonal", "gaussian", "eigen"]), default="orthogonal", show_default=True,
                   help="Projection: random orthonormal rows, Gaussian (Johnson-Lindenstrauss), or the covariances' top eigenvectors.")
     @click.option("--estimator", "fit_estimator", type=click.Choice(["ekfac", "kfac"]), default="ekfac", show_default=True,
