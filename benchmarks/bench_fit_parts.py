@@ -71,6 +71,8 @@ def main() -> None:
 
     import torch
 
+    import inflq  # noqa: F401 - before torch, as in `inflq run`: torch's workers sleep between operations (inflq/threads.py)
+
     global CLOCK, SYNC
     if args.clock == "cpu":
         CLOCK = time.process_time
