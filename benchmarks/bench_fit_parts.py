@@ -69,9 +69,10 @@ def main() -> None:
 
     import os
 
-    import torch
-
     import inflq  # noqa: F401 - before torch, as in `inflq run`: torch's workers sleep between operations (inflq/threads.py)
+
+    # isort: split
+    import torch
 
     global CLOCK, SYNC
     if args.clock == "cpu":
