@@ -69,6 +69,9 @@ def main() -> None:
 
     import os
 
+    import inflq  # noqa: F401 - before torch, as in `inflq run`: torch's workers sleep between operations (inflq/threads.py)
+
+    # isort: split
     import torch
 
     global CLOCK, SYNC

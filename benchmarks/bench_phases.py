@@ -6,8 +6,9 @@ Runs the real command (``inflq.cli.main``) in a fresh process whose clock starts
 started the process (``/proc/self/stat``), with a few functions wrapped to note when they return:
 the imports of the CLI and of the run's code, the model's load, the corpus store's opening, each
 phase's start (the progress monitor's), the first batch captured, and the end. Prints each mark in
-seconds from the process's start with the step from the mark before, then the process's CPU,
-system time and minor page faults. Linux only (``/proc``).
+seconds from the process's start with the step from the mark before (its wall, CPU and system
+seconds and minor page faults: the last three do not depend much on the machine's load), then the
+whole process's. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 
 PRELUDE = r"""
-import json, os, sys, time
+import json, os, resource, sys, time
 def since_start():
     with open('/proc/self/stat') as f:
         start = int(f.read().rsplit(')', 1)[1].split()[19])
@@ -28,7 +29,8 @@ def since_start():
 T0 = time.perf_counter() - since_start()
 marks = []
 def mark(what):
-    marks.append((what, time.perf_counter() - T0))
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    marks.append((what, time.perf_counter() - T0, r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt))
 mark("interpreter up")
 import inflq.cli
 mark("import inflq.cli")
@@ -100,11 +102,11 @@ def main() -> None:
         raise SystemExit(f"inflq run failed ({p.returncode}):\n{err[-3000:]}")
     marks = json.loads(lines[-1][len("BENCH_PHASES "):])
     print(f"inflq run {' '.join(sys.argv[1:])}: load average {os.getloadavg()[0]:.2f} at the end")
-    print(f"{'from start':>10}  {'step':>7}  mark")
-    before = 0.0
-    for what, t in marks:
-        print(f"{t:9.2f}s  {t - before:6.2f}s  {what}")
-        before = t
+    print(f"{'from start':>10}  {'step':>7}  {'CPU':>7}  {'system':>7}  {'faults':>8}  mark (the step's wall, CPU and system seconds and minor page faults)")
+    before = (0.0, 0.0, 0.0, 0)
+    for what, t, cpu, system, faults in marks:
+        print(f"{t:9.2f}s  {t - before[0]:6.2f}s  {cpu - before[1]:6.2f}s  {system - before[2]:6.2f}s  {faults - before[3]:8,d}  {what}")
+        before = (t, cpu, system, faults)
     wall = marks[-1][1]
     print(f"CPU {usage.ru_utime + usage.ru_stime:.1f} s (system {usage.ru_stime:.1f} s, {usage.ru_stime / wall:.0%} of wall), "
           f"{usage.ru_minflt / 1e6:.2f} M minor page faults, peak RSS {usage.ru_maxrss / 1e6:.2f} GB")

@@ -425,6 +425,7 @@ class GradientEngine:
         # may depend on the batch's size) one pass per batch unless asked.
         self.pass_tokens = (None if self.device.type == "cpu" else 0) if pass_tokens is None else int(pass_tokens)
         self._buffers: dict[object, torch.Tensor] = {}
+        self._buffers_phase: str | None = None
 
     def buffer(self, key: object, shape: Sequence[int], dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
         """A reusable work buffer of ``shape``: a view of memory kept under ``key`` between calls,
@@ -450,6 +451,15 @@ class GradientEngine:
     def release_buffers(self) -> None:
         """Drop every work buffer (:meth:`buffer`): before a phase that needs the memory more."""
         self._buffers.clear()
+
+    def buffers_for(self, phase: str) -> None:
+        """Keep the work buffers across the batches and shards of one phase (a pass's
+        :attr:`~inflq.base.Pass.phase`); the first shard of another phase starts without the last
+        one's (the covariance pass's Gram matrices are not carried through the eigenvalue
+        correction, nor its rotated tokens through scoring). :func:`inflq.passes.run_shard` calls it."""
+        if phase != self._buffers_phase:
+            self.release_buffers()
+            self._buffers_phase = phase
 
     @property
     def names(self) -> list[str]:

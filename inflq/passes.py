@@ -15,7 +15,7 @@ import torch
 
 from .base import Pass, Shard
 from .batching import Batching
-from .engine import GradientEngine, make_batch
+from .engine import Captured, GradientEngine, make_batch
 from .errors import InflqError
 from .linalg import DeviceSums, add_into
 from .progress import Monitor
@@ -78,6 +78,7 @@ def run_shard(
     on_device = summing and engine.device.type == "cuda"
     sums: dict[str, torch.Tensor] = DeviceSums(engine.device) if on_device else (into if into is not None else {})
     pass_.flush(discard=True)
+    engine.buffers_for(pass_.phase)  # another phase's work buffers go before this one's are made
     all_tokens = sequences(shard.indices)
     lengths = np.fromiter((len(t) for t in all_tokens), dtype=np.int64, count=len(all_tokens))
     order = np.argsort(lengths, kind="stable")
@@ -190,7 +191,10 @@ class ScorePass(Pass):
         """The module's buffer of flattened sequence gradients, with room for ``rows`` rows."""
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < rows:
-            grown = torch.empty((max(rows, group_rows), width), dtype=torch.float32, device=device)
+            # A quarter more than the last: batches of growing sizes then rarely grow it again
+            # (each growth is fresh memory, faulted in page by page).
+            more = 0 if buf is None else buf.shape[0] + buf.shape[0] // 4
+            grown = torch.empty((max(rows, group_rows, more), width), dtype=torch.float32, device=device)
             if buf is not None and self._rows.get(name, 0):
                 grown[: self._rows[name]] = buf[: self._rows[name]]
             self._buffers[name] = buf = grown
@@ -209,10 +213,25 @@ class ScorePass(Pass):
         if self._pending and (self._pending_bytes + size > self.group_bytes or sum(self._sizes) + B > target):
             self._ready.append(self._dot_pending())  # kept if this batch fails (out of memory) and is retried
         group_rows = max(B, min(target, B * max(1, self.group_bytes // max(1, size))))
+        # A batch whose sequence gradients alone exceed the group (many short sequences on wide
+        # layers: 1.3 GB for 800 sequences of a 2 x 128 GPT-2) is dotted now, a slice of its
+        # sequences at a time: the buffers stay within the group's bytes.
+        whole = size <= self.group_bytes
+        rows_at_once = B if whole else max(1, self.group_bytes // max(1, 4 * sum(widths.values())))
         per: list[torch.Tensor | None] = []
         for name in qg.names:
             cap = captures[name]
-            if ways[name] == "dw":
+            if ways[name] == "dw" and not whole:
+                # (Nothing is pending here: the group was dotted above, so the buffer is free.)
+                buf = self._buffer(name, rows_at_once, widths[name], rows_at_once, engine.device)
+                parts = []
+                for s in range(0, B, rows_at_once):
+                    e = min(B, s + rows_at_once)
+                    part = Captured(cap.activations[s:e], cap.gradients[s:e])
+                    part.sequence_gradients(out=buf[: e - s].view(e - s, cap.gradients.shape[-1], -1))
+                    parts.append(qg.dot(name, buf[: e - s]))
+                per.append(torch.cat(parts))
+            elif ways[name] == "dw":
                 # DW[b] = Σ_t g_t ā_tᵀ, written straight into the module's buffer.
                 r = self._rows.get(name, 0)
                 buf = self._buffer(name, r + B, widths[name], group_rows, engine.device)
@@ -220,11 +239,12 @@ class ScorePass(Pass):
                 per.append(None)
             else:
                 per.append(qg.lowrank_scores(name, cap))
-        for name in dw_names:  # only now, so a batch that failed half-way leaves no rows behind
-            self._rows[name] = self._rows.get(name, 0) + B
+        if whole:
+            for name in dw_names:  # only now, so a batch that failed half-way leaves no rows behind
+                self._rows[name] = self._rows.get(name, 0) + B
         self._pending.append(per)
         self._sizes.append(B)
-        self._pending_bytes += size
+        self._pending_bytes += size if whole else 0
         if self._pending_bytes >= self.group_bytes or sum(self._sizes) >= target:
             return self.flush()
         ready, self._ready = self._ready, []

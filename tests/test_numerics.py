@@ -279,6 +279,30 @@ def test_eigenvalue_correction_equals_its_definition(gpt2, monkeypatch):
             assert rel_err(out[f"L/{n}"] / len(idx), want[n]) < 1e-4, (rotate_first, n)
 
 
+def test_work_buffers_last_one_phase(gpt2):
+    """The engine's work buffers are kept across the shards of a phase (the same memory every
+    shard) and dropped when another phase's pass starts, so the covariance pass's Gram matrices
+    are not carried through the eigenvalue correction; the sums do not depend on it."""
+    est, engine, _ = fitted(gpt2, "ekfac")
+    idx = np.arange(len(gpt2.runtime.corpus))
+    halves = [Shard(0, idx[: len(idx) // 2]), Shard(1, idx[len(idx) // 2 :])]
+    cov = builtin_estimators.CovariancePass()
+    sums = run_shard(engine, gpt2.runtime.corpus.many, cov, halves[0], gpt2.runtime.pad_id, 5)
+    grams = {k: v.data_ptr() for k, v in engine._buffers.items() if k[0] == "gram"}
+    assert grams
+    run_shard(engine, gpt2.runtime.corpus.many, cov, halves[1], gpt2.runtime.pad_id, 5, into=sums)
+    assert {k: v.data_ptr() for k, v in engine._buffers.items() if k[0] == "gram"} == grams  # reused, not remade
+    qa = {n: est.factors[f"qa/{n}"] for n in engine.names}
+    qs = {n: est.factors[f"qs/{n}"] for n in engine.names}
+    corr = builtin_estimators.EigenCorrectionPass(qa, qs)
+    after = run_shard(engine, gpt2.runtime.corpus.many, corr, Shard(0, idx), gpt2.runtime.pad_id, 5)
+    assert engine._buffers and not any(k[0] == "gram" for k in engine._buffers)
+    engine.release_buffers()
+    alone = run_shard(engine, gpt2.runtime.corpus.many, corr, Shard(0, idx), gpt2.runtime.pad_id, 5)
+    for k in alone:
+        assert torch.equal(after[k], alone[k]), k
+
+
 # -- 3. covariances by hand, with padding -----------------------------------------------------------
 def hand_covariances(project: Project, indices, seed: int = 0) -> tuple[dict, dict, int]:
     """``Σ ā āᵀ`` and ``Σ g gᵀ`` with plain hooks, one unpadded sequence at a time, labels sampled
@@ -560,6 +584,17 @@ def test_layer_and_token_attributions_sum_to_the_score(gpt2, monkeypatch):
     for g, out in grouped.items():
         assert rel_err(out["scores"].T.numpy(), S) < 1e-5, g
         torch.testing.assert_close(out["module_scores"], grouped[0]["module_scores"], rtol=1e-5, atol=1e-6 * scale)
+
+    # A batch whose sequence gradients exceed the group is dotted a slice of sequences at a time
+    # (uneven slices here: two sequences of every module's gradients fit, batches hold five), its
+    # buffers staying within the group.
+    monkeypatch.setattr(QueryGradients, "contraction", lambda self, name, b, t: "dw")
+    every_dw = 4 * sum(int(np.prod(session.qg.dense(n).shape[1:])) for n in session.qg.names)
+    sliced = ScorePass(session.qg, per_module=True, group_bytes=2 * every_dw + 1)
+    out = worker.run(sliced, every, 5, None)
+    assert rel_err(out["scores"].T.numpy(), S) < 1e-5
+    torch.testing.assert_close(out["module_scores"], grouped[0]["module_scores"], rtol=1e-5, atol=1e-6 * scale)
+    assert sum(b.numel() * 4 for b in sliced._buffers.values()) <= 1.25 * (2 * every_dw + 1)
 
 
 @pytest.mark.parametrize("older_shards", [False, True])
