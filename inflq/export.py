@@ -16,7 +16,7 @@ from .errors import InflqError
 from .project import Project
 
 SIGN_NOTE = "Sign convention: a positive score means the training sequence makes the completion more likely; negative, less likely."
-FIELDS = ("result_set_id", "query_id", "prompt", "completion", "side", "rank", "seq_id", "seq_idx", "source", "score", "text")
+FIELDS = ("result_set_id", "query_id", "prompt", "completion", "measurement", "alternative", "side", "rank", "seq_id", "seq_idx", "source", "score", "text")
 
 
 def _rows(project: Project, investigation: str, result_set_id: int | None) -> tuple[dict, list[dict]]:

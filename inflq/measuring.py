@@ -69,17 +69,22 @@ def describe(query: dict) -> str:
     return f"{spec} vs {alt!r}" if alt else spec
 
 
+def formula(query: dict) -> str:
+    """What the query's measurement computes (``log p(completion) - log p(alternative)``), or its
+    spec when its plugin is no longer installed."""
+    spec = measurement_spec(query)
+    try:
+        return make_measurement(spec).formula()
+    except InflqError:
+        return spec
+
+
 def sign_note(query: dict) -> str:
     """What a positive score means for this query, for headers: the completion made more likely,
     or (another measurement) the measurement raised."""
-    spec = measurement_spec(query)
-    if spec == default_measurement():
+    if measurement_spec(query) == default_measurement():
         return "positive = makes the completion more likely"
-    try:
-        formula = make_measurement(spec).formula()
-    except InflqError:  # its plugin is no longer installed
-        formula = spec
-    return f"measuring {describe(query)}; positive = raises {formula}"
+    return f"measuring {describe(query)}; positive = raises {formula(query)}"
 
 
 def measure(runtime, query: dict) -> list[MeasurementTerm]:

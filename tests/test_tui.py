@@ -1827,3 +1827,34 @@ def test_query_tab_chooses_the_measurement_and_shows_it(project_dir):
         assert select.value == "margin" and alt.display and alt.value == "velmora"
 
     drive(project_dir, (100, 30), go)
+
+
+def test_a_margin_querys_tabs_and_export_say_what_a_positive_score_raises(project_dir, tmp_path):
+    """The sign notes under the Results and Probes tabs (and the sequence view) are about the
+    query's measurement: for a margin, a positive score raises log p(completion) - log p(alternative),
+    not "makes the completion more likely"; a log p(completion) query keeps the plain note. An export
+    names each row's measurement."""
+    from textual.widgets import Label
+
+    from inflq.export import export_csv
+    from inflq.tui import render
+
+    p = Project.open(project_dir)
+    qid = add_query(p, "default", PROMPT, COMPLETION, measurement="margin", alternative=" velmora")
+    rs = run_investigation(p, "default", RunSettings(estimator="identity", rank=4)).result_set_id
+    rows = list(csv.DictReader(export_csv(p, "default", rs, tmp_path / "out.csv").read_text(encoding="utf-8").splitlines()))
+    assert rows and {(r["measurement"], r["alternative"]) for r in rows} == {("margin", " velmora")}
+    p.close()
+
+    async def go(app, pilot):
+        await pilot.press("4")
+        await settle(pilot)
+        results = str(app.screen.query_one("#res-sign", Label).render())
+        await pilot.press("6")
+        await settle(pilot)
+        return results, str(app.screen.query_one("#probe-sign", Label).render())
+
+    results, probes = drive(project_dir, (120, 40), go)
+    want = "margin vs ' velmora': score > 0 (red) raises log p(completion) - log p(alternative) · < 0 (blue) lowers it"
+    assert results == want and probes == want, (results, probes)
+    assert render.sign_note({"id": qid, "measurement": "logprob", "alternative": None}) == render.SIGN_NOTE

@@ -6,10 +6,10 @@ import sqlite_utils
 
 
 def export_rows(db: sqlite_utils.Database, result_set_id: int) -> list[dict]:
-    """Every stored (query, side, rank) of a result set with its query's prompt and completion and the
+    """Every stored (query, side, rank) of a result set with its query's prompt, completion, measurement and the
     sequence's source, by query position, top side first, then rank."""
     return list(db.query(
-        "SELECT r.*, q.prompt, q.completion, s.source FROM results r JOIN queries q ON q.id = r.query_id "
+        "SELECT r.*, q.prompt, q.completion, q.measurement, q.alternative, s.source FROM results r JOIN queries q ON q.id = r.query_id "
         "LEFT JOIN sequences s ON s.idx = r.seq_idx WHERE r.result_set_id = ? "
         "ORDER BY q.position, r.side DESC, r.rank", [result_set_id],
     ))

@@ -16,6 +16,16 @@ from rich.text import Text
 SIGN_NOTE = "score > 0 (red): makes the completion more likely · < 0 (blue): less likely"
 
 
+def sign_note(query: dict | None) -> str:
+    """:data:`SIGN_NOTE` for a query that measures log p(completion) (or none chosen); for another
+    measurement, what a positive score raises (a margin: log p(completion) - log p(alternative))."""
+    from ..measuring import default_measurement, describe, formula, measurement_spec
+
+    if query is None or measurement_spec(query) == default_measurement():
+        return SIGN_NOTE
+    return f"{describe(query)}: score > 0 (red) raises {formula(query)} · < 0 (blue) lowers it"
+
+
 def _sep(tokens: list[str]) -> str:
     # BPE tokens carry their own leading spaces; word-level tokens do not.
     return "" if any(t[:1].isspace() for t in tokens) else " "

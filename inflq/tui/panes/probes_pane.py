@@ -41,7 +41,7 @@ class ProbesPane(Pane):
         with Horizontal(classes="field"):
             yield CInput(placeholder="a hand-written candidate training sequence", id="probe-text", select_on_focus=False)
             yield CButton("Add + score (ctrl+s)", variant="primary", id="probe-add")
-        yield Label(render.SIGN_NOTE, classes="hint")
+        yield Label(render.SIGN_NOTE, id="probe-sign", classes="hint")
         # One Static holds the whole list, replaced in one update: no widgets are mounted per
         # probe, so two quick reloads cannot meet half-removed children (DuplicateIds).
         with VerticalScroll(id="probe-list"):
@@ -51,6 +51,8 @@ class ProbesPane(Pane):
         ctx = self.context
         if self.project is None:
             return
+        query = catalog.query(self.project.db, ctx.query_id) if ctx.query_id is not None else None
+        self.query_one("#probe-sign", Label).update(render.sign_note(query))
         sel = self.query_one("#probe-estimator", Select)
         names = list(get_registry().names("estimator"))
         if names != self._estimators:  # the select's options: the registry's estimators

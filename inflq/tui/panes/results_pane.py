@@ -48,7 +48,7 @@ class ResultsPane(Pane):
         yield CInput(placeholder="/ search the stored top K by text or id (enter: back to the table)", id="res-search")
         yield Label("", id="res-status", classes="hint")
         yield RowTable(id="results", cursor_type="row", zebra_stripes=True)
-        yield Label(render.SIGN_NOTE, classes="hint")
+        yield Label(render.SIGN_NOTE, id="res-sign", classes="hint")
 
     def reload(self) -> None:
         if self.project is None or self.context.investigation is None:
@@ -144,6 +144,7 @@ class ResultsPane(Pane):
             + ("\nSTALE: the query was edited after this result set scored it; run the investigation again (tab 3)" if stale else "")
         )
         status.set_class(stale, "stale")
+        self.query_one("#res-sign", Label).update(render.sign_note(catalog.query(self.project.db, ctx.query_id)))
 
     def _estimator_line(self, result_set_id: int) -> str:
         """The damping used (and an iterative estimator's residual), as every result must show."""

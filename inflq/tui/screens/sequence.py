@@ -45,7 +45,7 @@ class SequenceScreen(WorkerFailures, Screen):
             head.append(f"{r['score']:+.4g}", style="bold red" if r["score"] > 0 else "bold blue")
             head.append(f"  query {r['query_id']} · result set {r['result_set_id']}")
             yield Static(head, id="seq-head")
-            yield Label(render.SIGN_NOTE, classes="hint")
+            yield Label(render.sign_note(self.inflq.project and catalog.query(self.inflq.project.db, r["query_id"])), classes="hint")
             yield Label("Token heat map (per-token influence)", classes="section")
             yield Static("computing the per-token attribution…", id="heat")
             yield Label("Tokens carrying most of the score", classes="section")
