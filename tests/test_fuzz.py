@@ -5,7 +5,6 @@ cases per property is printed at the end of the module."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -68,16 +67,10 @@ def _one_line(exc: BaseException) -> None:
 
 
 def _cli(*args) -> tuple[int, str, str]:
-    from inflq.cli import main
+    from inflq.testing import cli
 
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
+    got = cli(*args)
+    return got.code, got.out, got.err
 
 
 def _assert_cli_error(code: int, err: str) -> None:
