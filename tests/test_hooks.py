@@ -82,6 +82,15 @@ def test_register_trainers_reaches_the_builtin_trainer():
     assert get_registry().default("trainer") == "adamw"
 
 
+def test_register_measurements_reaches_the_builtin_measurements():
+    from inflq import Measurement
+    from inflq.plugins import get_registry
+
+    got = collect(get_registry().pm.hook.register_measurements)
+    assert {"logprob", "mean-logprob", "margin"} <= set(got) and all(issubclass(c, Measurement) and c.description for c in got.values())
+    assert get_registry().default("measurement") == "logprob"
+
+
 def test_register_commands_adds_commands_to_a_group():
     from inflq.plugins import get_registry
 
