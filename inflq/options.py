@@ -12,6 +12,18 @@ from typing import Any
 from .errors import InflqError
 
 
+def parse_bool(raw: Any) -> bool:
+    """A bool, or a word for one (1/true/yes/on, 0/false/no/off, any case); ValueError otherwise.
+    Plugins' options and the core's settings parse booleans with it alike."""
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
 @dataclass(frozen=True)
 class Option:
     """One setting a plugin accepts.
@@ -33,14 +45,7 @@ class Option:
             return None
         try:
             if self.type is bool:
-                if isinstance(raw, bool):
-                    return raw
-                value = str(raw).strip().lower()
-                if value in ("1", "true", "yes", "on"):
-                    return True
-                if value in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(raw)
+                return parse_bool(raw)
             value = self.type(raw)
         except (TypeError, ValueError):
             raise InflqError(

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .batching import Batching, auto_batching
 from .errors import InflqError
-from .options import Option
+from .options import Option, parse_bool
 
 if TYPE_CHECKING:
     from .engine import GradientEngine
@@ -114,14 +114,7 @@ class Setting(Option):
     def _convert(self, raw: Any, owner: str, whole: Any) -> Any:
         try:
             if self.type is bool:
-                if isinstance(raw, bool):
-                    return raw
-                word = str(raw).strip().lower()
-                if word in ("1", "true", "yes", "on"):
-                    return True
-                if word in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(raw)
+                return parse_bool(raw)
             if self.type is int and isinstance(raw, float) and not raw.is_integer():
                 raise ValueError(raw)
             return self.type(raw.strip() if isinstance(raw, str) else raw)
